@@ -1,0 +1,109 @@
+"""End-to-end generation: Loom vs Hugging Face transformers, in one run.
+
+Same random Qwen3-shaped model (~58M parameters, float32), same prompt token
+ids, same number of new tokens (sampling, EOS ignored); n in {1, 8}. Loom
+prefills the prompt once for all n threads; transformers'
+``generate(num_return_sequences=n)`` prefills it n times and keeps n caches.
+
+    python bench/bench_generate.py [--prompt-len 1024] [--new-tokens 64] [--n 1 8] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.demo import make_random_model  # noqa: E402
+
+MODEL = dict(hidden=512, layers=13, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
+             vocab_size=32768, tie_word_embeddings=True, max_pos=8192)
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"cpu: {cpu} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
+            f"torch {torch.__version__} | python {platform.python_version()}")
+
+
+def run_loom(llm: LLM, prompt: list[int], n: int, new: int, seed: int):
+    p = SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, seed=seed)
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], p)[0]
+    dt = time.perf_counter() - t0
+    assert all(len(c.token_ids) == new for c in out.outputs)
+    page_bytes = llm.cache.page_size * llm.config.kv_bytes_per_token
+    return dt, out.metrics.kv_pages_peak * page_bytes
+
+
+def run_hf(hf, cfg, prompt: list[int], n: int, new: int, seed: int):
+    torch.manual_seed(seed)
+    ids = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                          temperature=1.0, max_new_tokens=new, min_new_tokens=new,
+                          num_return_sequences=n, pad_token_id=0)
+    dt = time.perf_counter() - t0
+    assert out.shape == (n, len(prompt) + new)
+    # DynamicCache: n sequences of (prompt + new - 1) tokens, K and V, every layer.
+    kv = n * (len(prompt) + new - 1) * cfg.kv_bytes_per_token
+    return dt, kv
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--n", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    print(machine_info())
+    with tempfile.TemporaryDirectory() as d:
+        make_random_model(d, **MODEL)
+        llm = LLM(d, attention_backend=a.backend, seed=0)
+        nparams = sum(t.numel() for t in [llm.model.embed, llm.model.norm] +
+                      [w for L in llm.model.layers for w in vars(L).values() if w is not None])
+        print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, float32 | "
+              f"loom backend: {llm.attention_backend} | prompt {a.prompt_len} tokens, "
+              f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
+        hf = None
+        if not a.no_hf:
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        prompt = torch.randint(0, MODEL["vocab_size"], (a.prompt_len,),
+                               generator=torch.Generator().manual_seed(1)).tolist()
+        print(f"{'n':>3} {'engine':>13} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8}")
+        for n in a.n:
+            run_loom(llm, prompt[:32], n, 4, 0)  # warm-up
+            rows = {}
+            lt = [run_loom(llm, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
+            rows["loom"] = (statistics.median(t for t, _ in lt), lt[0][1])
+            if hf is not None:
+                ht = [run_hf(hf, llm.config, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
+                rows["transformers"] = (statistics.median(t for t, _ in ht), ht[0][1])
+            base = rows.get("transformers", rows["loom"])[0]
+            for name, (t, kv) in rows.items():
+                tps = n * a.new_tokens / t
+                print(f"{n:>3} {name:>13} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The attention plan: what each new query row of one step attends to.
+
+A plan is built once per step (``build_plan``) and reused by every layer. It is
+CSR over *jobs*: one job per segment read in this step, holding every query row
+that reads that segment, so a shared prompt's K/V is read once for all threads.
+
+Tensors (all int32, on the CPU or the model's device):
+
+    kv_indptr    [J+1]  job j reads pages kv_page_ids[kv_indptr[j]:kv_indptr[j+1]]
+    kv_page_ids  [P]    page ids in the pool, in token order
+    kv_len       [J]    valid tokens of job j's segment (<= pages * page_size)
+    q_indptr     [J+1]  job j owns entries e in [q_indptr[j], q_indptr[j+1])
+    q_rows       [E]    query row (index into q's first dim) of entry e
+    shift        [E]    the segment's shift in that row's view (DESIGN.md §3):
+                        the row's query is used rotated at (home position - shift)
+    causal_limit [E]    entry e sees keys [0, causal_limit[e]) of the segment
+    merge_indptr [T+1]  row t merges the partial states of entries
+    merge_entries[E]    merge_entries[merge_indptr[t]:merge_indptr[t+1]]
+
+Semantics of ``segment_attention(q, k_pool, v_pool, plan, inv_freq, scale)``:
+for each entry e of job j, with row r = q_rows[e], query head h and kv head
+h // (Hq // Hkv):  q' = rotate(q[r, h], -shift[e] * inv_freq) (rotate-half
+RoPE convention, as Hugging Face); keys/values: the first causal_limit[e]
+tokens of the segment; partial state (o_e, lse_e) = softmax attention with
+``scale``. Row t's output is the log-sum-exp merge of its entries' states; a
+row with no visible key gets zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class AttentionPlan:
+    kv_indptr: torch.Tensor
+    kv_page_ids: torch.Tensor
+    kv_len: torch.Tensor
+    q_indptr: torch.Tensor
+    q_rows: torch.Tensor
+    shift: torch.Tensor
+    causal_limit: torch.Tensor
+    merge_indptr: torch.Tensor
+    merge_entries: torch.Tensor
+    # Host-side facts the backends use to pick fast paths (not tensors).
+    num_rows: int = 0
+    has_shift: bool = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    def to(self, device) -> "AttentionPlan":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v.to(device, non_blocking=True)
+        return AttentionPlan(**kw)
+
+    @property
+    def num_jobs(self) -> int:
+        return self.kv_len.numel()
+
+    @property
+    def num_entries(self) -> int:
+        return self.q_rows.numel()
+
+
+@dataclass
+class ThreadStep:
+    """One thread's part of a step, as the plan builder sees it.
+
+    ``view`` lists (segment id, shift) pairs the thread attends to, its own
+    segment included; ``own`` is the segment its ``num_new`` new tokens were
+    appended to (already counted in ``seg_len``).
+    """
+    view: list[tuple[int, int]]
+    own: int
+    num_new: int
+
+
+def build_plan_py(threads: list[ThreadStep], seg_len: dict[int, int],
+                  seg_pages: dict[int, list[int]]) -> AttentionPlan:
+    """Plain-Python plan builder: the oracle for the C++ one.
+
+    Rows are numbered thread by thread in order. Jobs are ordered by first
+    appearance of their segment; entries inside a job by row.
+    """
+    job_of: dict[int, int] = {}
+    job_entries: list[list[tuple[int, int, int]]] = []  # (row, shift, limit)
+    row = 0
+    for th in threads:
+        own_len = seg_len[th.own]
+        for seg, shift in th.view:
+            if seg not in job_of:
+                job_of[seg] = len(job_entries)
+                job_entries.append([])
+            ents = job_entries[job_of[seg]]
+            for i in range(th.num_new):
+                if seg == th.own:
+                    limit = own_len - th.num_new + i + 1
+                else:
+                    limit = seg_len[seg]
+                ents.append((row + i, shift, limit))
+        row += th.num_new
+    num_rows = row
+    segs = list(job_of)
+    kv_indptr, kv_pages, kv_len = [0], [], []
+    q_indptr, q_rows, shifts, limits = [0], [], [], []
+    per_row: list[list[int]] = [[] for _ in range(num_rows)]
+    for j, seg in enumerate(segs):
+        kv_pages.extend(seg_pages[seg])
+        kv_indptr.append(len(kv_pages))
+        kv_len.append(seg_len[seg])
+        for (r, s, lim) in sorted(job_entries[j], key=lambda t: t[0]):
+            per_row[r].append(len(q_rows))
+            q_rows.append(r)
+            shifts.append(s)
+            limits.append(lim)
+        q_indptr.append(len(q_rows))
+    merge_indptr, merge_entries = [0], []
+    for r in range(num_rows):
+        merge_entries.extend(per_row[r])
+        merge_indptr.append(len(merge_entries))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int32)
+    return AttentionPlan(t(kv_indptr), t(kv_pages), t(kv_len), t(q_indptr), t(q_rows),
+                         t(shifts), t(limits), t(merge_indptr), t(merge_entries),
+                         num_rows=num_rows, has_shift=any(s != 0 for s in shifts))

@@ -1,0 +1,141 @@
+"""Paged KV cache: a page pool, ref-counted segments, and page reservations.
+
+A *page* holds ``page_size`` token slots of K and V for every layer (one pool
+tensor per layer, ``[num_pages, page_size, n_kv_heads, head_dim]``). A *segment*
+is an append-only run of tokens owning its pages; token ``i`` sits at home
+position ``base + i``. Segments are ref-counted by the threads and views that
+hold them and give their pages back when the last holder lets go.
+
+Admission reserves the worst-case pages a request can need, so a running
+request never finds the pool empty; pages are taken from the reservation
+lazily as tokens arrive, so ``pages_used`` is what is really written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Segment:
+    id: int
+    base: int                       # home position of token 0
+    pages: list[int] = field(default_factory=list)
+    length: int = 0
+    refs: int = 1
+    owner_reservation: "Reservation | None" = None
+
+
+@dataclass
+class Reservation:
+    pages: int                      # pages still reserved (not yet taken)
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device):
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} must be >= 1.")
+        if num_pages < 1:
+            raise ValueError(f"The KV cache needs at least one page (got {num_pages}); "
+                             "raise kv_cache_tokens.")
+        self.page_size, self.num_pages = page_size, num_pages
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        # torch.empty does not touch memory: the OS maps pages as they are first written.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free_pages = list(range(num_pages - 1, -1, -1))
+        self._page_refs = [0] * num_pages
+        self._reserved = 0
+        self.segments: dict[int, Segment] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 0
+
+    # ---- reservations ----------------------------------------------------------------------
+    @property
+    def pages_free(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def pages_used(self) -> int:
+        return self.num_pages - len(self._free_pages)
+
+    @property
+    def pages_unreserved(self) -> int:
+        return len(self._free_pages) - self._reserved
+
+    def can_reserve(self, pages: int) -> bool:
+        return pages <= self.pages_unreserved
+
+    def reserve(self, pages: int) -> Reservation:
+        assert self.can_reserve(pages), "reserve() without can_reserve()"
+        self._reserved += pages
+        return Reservation(pages)
+
+    def release(self, res: Reservation):
+        self._reserved -= res.pages
+        res.pages = 0
+        assert self._reserved >= 0
+
+    # ---- pages -----------------------------------------------------------------------------
+    def _take_page(self, res: Reservation | None) -> int:
+        if res is not None and res.pages > 0:
+            res.pages -= 1
+            self._reserved -= 1
+        elif not self.pages_unreserved > 0:
+            raise RuntimeError("KV cache is full: no unreserved page left (engine bug: a thread "
+                               "wrote past its reservation).")
+        page = self._free_pages.pop()
+        assert self._page_refs[page] == 0, "a free page still has references"
+        self._page_refs[page] = 1
+        return page
+
+    def _drop_page(self, page: int):
+        assert self._page_refs[page] > 0
+        self._page_refs[page] -= 1
+        if self._page_refs[page] == 0:
+            self._free_pages.append(page)
+
+    # ---- segments --------------------------------------------------------------------------
+    def new_segment(self, base: int, reservation: Reservation | None = None) -> Segment:
+        sid = self._free_ids.pop() if self._free_ids else self._next_id
+        if sid == self._next_id:
+            self._next_id += 1
+        seg = Segment(id=sid, base=base, owner_reservation=reservation)
+        self.segments[sid] = seg
+        return seg
+
+    def retain(self, seg: Segment) -> Segment:
+        assert seg.refs > 0, "retain() on a freed segment"
+        seg.refs += 1
+        return seg
+
+    def release_segment(self, seg: Segment):
+        assert seg.refs > 0, "segment released twice"
+        seg.refs -= 1
+        if seg.refs == 0:
+            for p in seg.pages:
+                self._drop_page(p)
+            seg.pages = []
+            del self.segments[seg.id]
+            self._free_ids.append(seg.id)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def append_slots(self, seg: Segment, n: int) -> list[int]:
+        """Grow ``seg`` by ``n`` tokens; return their flat slot indices (page * page_size + off)."""
+        slots = []
+        ps = self.page_size
+        for i in range(seg.length, seg.length + n):
+            if i // ps == len(seg.pages):
+                seg.pages.append(self._take_page(seg.owner_reservation))
+            slots.append(seg.pages[i // ps] * ps + i % ps)
+        seg.length += n
+        return slots
+
+    def stats(self) -> dict:
+        return {"pages_total": self.num_pages, "pages_free": self.pages_free,
+                "pages_used": self.pages_used, "pages_reserved": self._reserved,
+                "page_size": self.page_size, "segments": len(self.segments)}

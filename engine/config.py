@@ -1,0 +1,139 @@
+"""Model configuration read from a Hugging Face ``config.json``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    """``"auto"`` -> ``default``; a name or a ``torch.dtype`` -> that dtype."""
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'.")
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    torch_dtype: torch.dtype
+    hidden_act: str = "silu"
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_attention_heads={self.num_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}.")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+        if self.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; Loom implements 'silu'.")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers in the model dtype."""
+        elem = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> "ModelConfig":
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"Model directory {model_dir!r} does not exist; pass a local "
+                                    "Hugging Face model directory (config.json + *.safetensors).")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a Hugging Face model "
+                                    "directory (it needs config.json and *.safetensors).")
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else raw.get("model_type", "<missing>")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"Architecture {arch!r} is not supported by Loom; supported: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+        try:
+            hidden = raw["hidden_size"]
+            heads = raw["num_attention_heads"]
+            cfg = dict(
+                architecture=arch,
+                vocab_size=raw["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=raw["intermediate_size"],
+                num_layers=raw["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=raw.get("head_dim") or hidden // heads,
+                rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+                max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks the required field {e.args[0]!r}.") from None
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope = dict(rope)
+        theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        rtype = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
+        sliding = raw.get("sliding_window")
+        if raw.get("use_sliding_window", arch == "MistralForCausalLM") and sliding:
+            # Mistral checkpoints name a window; Loom attends the full context, which is
+            # exact only while sequences stay within the window.
+            cfg["max_position_embeddings"] = min(cfg["max_position_embeddings"], int(sliding))
+        dt = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        return cls(
+            **cfg,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            torch_dtype=parse_dtype(dt, torch.float32),
+            hidden_act=raw.get("hidden_act", "silu"),
+            eos_token_ids=_as_list(raw.get("eos_token_id")),
+        )
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]

@@ -1,0 +1,211 @@
+"""The user-facing engine: ``LLM(model).generate(prompts, SamplingParams(...))``.
+
+Flow of one step (each arrow one object):
+    threads --Scheduler.schedule--> StepBatch --ModelRunner.run--> logits [R, V]
+    --sampler--> tokens --Scheduler.postprocess--> finished RequestOutputs
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .cache import KVCache
+from .config import ModelConfig, parse_dtype
+from .model import CausalLM
+from .outputs import RequestOutput
+from .runner import ModelRunner
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Request, Scheduler, Thread
+from .step import StepBatch, StepItem
+from .tokenizer import Tokenizer
+
+DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is None
+DEFAULT_KV_TOKENS_MAX = 1 << 18
+
+
+class LLM:
+    def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
+                 page_size: int = 16, attention_backend: str = "auto", seed: int | None = None):
+        model = os.fspath(model)
+        self.model_dir = model
+        self.config = ModelConfig.from_dir(model)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'.")
+        self.dtype = parse_dtype(dtype, self.config.torch_dtype)
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size={page_size!r} must be an integer >= 1.")
+        self.tokenizer = Tokenizer(model)
+        self.eos_ids = self._eos_ids(model)
+        self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
+        if kv_cache_tokens is None:
+            per_tok = self.config.num_layers * 2 * self.config.num_kv_heads * self.config.head_dim * \
+                torch.empty((), dtype=self.dtype).element_size()
+            kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
+        if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < page_size:
+            raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
+                             f"({page_size}).")
+        self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
+                             self.config.num_kv_heads, self.config.head_dim, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache, attention_backend)
+        self.attention_backend = self.runner.backend_name
+        self.scheduler = Scheduler(self.cache, self.tokenizer, self.eos_ids,
+                                   self.config.max_position_embeddings)
+        self._rng = torch.Generator().manual_seed(seed if seed is not None else
+                                                  int.from_bytes(os.urandom(8), "little") >> 1)
+        self._next_id = 0
+
+    @staticmethod
+    def _eos_ids_from(path: str) -> list[int]:
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            v = json.load(f).get("eos_token_id")
+        return [] if v is None else ([int(x) for x in v] if isinstance(v, list) else [int(v)])
+
+    def _eos_ids(self, model_dir: str) -> list[int]:
+        ids = self._eos_ids_from(os.path.join(model_dir, "generation_config.json"))
+        if not ids:
+            ids = list(self.config.eos_token_ids)
+        if not ids and self.tokenizer.eos_token is not None:
+            tid = self.tokenizer.token_to_id(self.tokenizer.eos_token)
+            ids = [] if tid is None else [tid]
+        return ids
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, list) and prompts and all(isinstance(x, int) for x in prompts):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append((p, self.tokenizer.encode(p)))
+            elif isinstance(p, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                      for x in p):
+                out.append((None, list(p)))
+            else:
+                raise ValueError(f"Prompt {p!r:.60} is neither a string nor a list of token ids.")
+        V = self.config.vocab_size
+        for text, ids in out:
+            if not ids:
+                raise ValueError("A prompt is empty (no tokens); give at least one token.")
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {V}).")
+        return out
+
+    def _check_fits(self, ids: list[int], params: SamplingParams) -> int:
+        P, c = len(ids), self.cache
+        maxpos = self.config.max_position_embeddings
+        if P >= maxpos:
+            raise ValueError(f"The prompt has {P} tokens but the model's context is {maxpos} "
+                             "(max_position_embeddings); shorten the prompt.")
+        need = self.scheduler.pages_needed(P, params)
+        if need > c.num_pages:
+            raise ValueError(
+                f"This request can never fit the KV cache: it needs up to {need} pages "
+                f"({P}-token prompt + n={params.n} x max_tokens={params.max_tokens}) but the cache "
+                f"has {c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens "
+                f"(now {c.num_pages * c.page_size}) or lower max_tokens / n.")
+        return need
+
+    def _thread_generator(self, params: SamplingParams, i: int) -> torch.Generator:
+        if params.seed is not None:
+            seed = (params.seed * 1_000_003 + i) & ((1 << 63) - 1)
+        else:
+            seed = int(torch.randint(0, 1 << 62, (1,), generator=self._rng))
+        return torch.Generator().manual_seed(seed)
+
+    # ---- generate --------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        items = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        if len(plist) != len(items):
+            raise ValueError(f"Got {len(plist)} SamplingParams for {len(items)} prompts.")
+        for p in plist:
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
+            p.verify()
+        reqs = []
+        for (text, ids), p in zip(items, plist):
+            need = self._check_fits(ids, p)
+            req = Request(self._next_id, text, ids, p, [], need)
+            req.metrics.prompt_tokens = len(ids)
+            req.threads = [Thread(i, self._thread_generator(p, i), request=req) for i in range(p.n)]
+            self._next_id += 1
+            reqs.append(req)
+        return self._run(reqs, use_tqdm)
+
+    def _run(self, reqs: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+        sched = self.scheduler
+        for r in reqs:
+            sched.add(r)
+        done: dict[int, RequestOutput] = {}
+        try:
+            while sched.has_work():
+                batch = sched.schedule()
+                if not len(batch):
+                    raise RuntimeError("scheduler made no progress (a waiting request cannot be "
+                                       "admitted while nothing runs): engine bug.")
+                logits = self.runner.run(batch)
+                for out in sched.postprocess(batch, logits, sample):
+                    done[out.request_id] = out
+                if use_tqdm:
+                    print(f"\rloom: {len(done)}/{len(reqs)} requests done", end="", file=sys.stderr)
+        except BaseException:
+            sched.abort_all()
+            raise
+        if use_tqdm:
+            print(file=sys.stderr)
+        return [done[r.id] for r in reqs]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = False,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            convs = [messages]
+        elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
+            convs = messages
+        else:
+            raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
+                             "or a list of conversations.")
+        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt),
+                                     add_special_tokens=False) for c in convs]
+        return self.generate(ids, sampling_params, use_tqdm)
+
+    # ---- scoring ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, token_ids) -> list[torch.Tensor]:
+        """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
+        is the next-token distribution after token i."""
+        seqs = self._normalize_prompts(token_ids if token_ids and isinstance(token_ids[0], list)
+                                       else [token_ids])
+        outs = []
+        for _, ids in seqs:
+            self._check_fits(ids, SamplingParams(max_tokens=1))
+            c = self.cache
+            res = c.reserve(c.pages_for(len(ids))) if c.can_reserve(c.pages_for(len(ids))) else None
+            if res is None:
+                raise ValueError("The KV cache is busy; score() needs free pages for the sequence.")
+            seg = c.new_segment(0, res)
+            try:
+                batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
+                outs.append(self.runner.run(batch).log_softmax(-1))
+            finally:
+                c.release_segment(seg)
+                c.release(res)
+        return outs
+
+    def cache_stats(self) -> dict:
+        return self.cache.stats()

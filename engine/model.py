@@ -1,0 +1,151 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over Loom's paged cache.
+
+``forward(input_ids [T], positions [T], batch: ForwardBatch) -> logits [R, V]``:
+embed → [qkv → (q/k norm) → RoPE at home position → append K,V to pages →
+segment attention(plan) → o_proj → MLP] × layers → logits of the rows to sample.
+Weights are plain tensors; q/k/v and gate/up are fused into one matmul each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention.plan import AttentionPlan
+from .config import ModelConfig
+from .loader import iter_tensors
+from .rope import Rotary, apply_rotary, compute_inv_freq
+
+
+@dataclass
+class ForwardBatch:
+    """Everything a forward step needs besides token ids and positions."""
+    plan: AttentionPlan
+    slots: torch.Tensor          # [T] int64: page_id * page_size + offset of each new token
+    logits_rows: torch.Tensor    # [R] int64: rows whose next-token logits are wanted
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    w_qkv: torch.Tensor
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    b_o: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    ln2: torch.Tensor
+    w_gate_up: torch.Tensor
+    w_down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # As Hugging Face: normalise in float32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+class CausalLM:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device, dtype):
+        self.cfg = cfg
+        self.device, self.dtype = torch.device(device), dtype
+        self.scale = cfg.head_dim ** -0.5
+        self.inv_freq = compute_inv_freq(cfg).to(self.device)
+        self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype)
+        self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
+        self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
+        self._build(weights)
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dir(cls, model_dir: str, cfg: ModelConfig, device, dtype) -> "CausalLM":
+        weights = {}
+        for name, t in iter_tensors(model_dir):
+            if name.startswith("model.") or name.startswith("lm_head."):
+                weights[name] = t
+        return cls(cfg, weights, device, dtype)
+
+    def _take(self, w: dict, name: str, required: bool = True) -> torch.Tensor | None:
+        t = w.pop(name, None)
+        if t is None:
+            if required:
+                raise ValueError(f"Checkpoint is missing tensor {name!r}; is it a complete "
+                                 f"{self.cfg.architecture} checkpoint?")
+            return None
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _build(self, w: dict[str, torch.Tensor]):
+        c = self.cfg
+        self.embed = self._take(w, "model.embed_tokens.weight")
+        if self.embed.shape != (c.vocab_size, c.hidden_size):
+            raise ValueError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says "
+                             f"({c.vocab_size}, {c.hidden_size}).")
+        self.norm = self._take(w, "model.norm.weight")
+        lm = self._take(w, "lm_head.weight", required=not c.tie_word_embeddings)
+        self.lm_head = lm if lm is not None else self.embed
+        self.layers: list[Layer] = []
+        qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            q, k, v = (self._take(w, f"{a}{n}_proj.weight") for n in "qkv")
+            if q.shape != (qd, c.hidden_size) or k.shape != (kvd, c.hidden_size):
+                raise ValueError(f"layer {i}: q/k projection shapes {tuple(q.shape)}, {tuple(k.shape)} "
+                                 "do not match the config's heads and head_dim.")
+            bq, bk, bv = (self._take(w, f"{a}{n}_proj.bias", required=False) for n in "qkv")
+            b_qkv = None
+            if bq is not None or bk is not None or bv is not None:
+                z = lambda b, n: b if b is not None else torch.zeros(n, device=self.device, dtype=self.dtype)
+                b_qkv = torch.cat([z(bq, qd), z(bk, kvd), z(bv, kvd)])
+            qn = self._take(w, a + "q_norm.weight", required=c.qk_norm)
+            kn = self._take(w, a + "k_norm.weight", required=c.qk_norm)
+            gate = self._take(w, p + "mlp.gate_proj.weight")
+            up = self._take(w, p + "mlp.up_proj.weight")
+            self.layers.append(Layer(
+                ln1=self._take(w, p + "input_layernorm.weight"),
+                w_qkv=torch.cat([q, k, v]).contiguous(), b_qkv=b_qkv,
+                w_o=self._take(w, a + "o_proj.weight"),
+                b_o=self._take(w, a + "o_proj.bias", required=False),
+                q_norm=qn, k_norm=kn,
+                ln2=self._take(w, p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([gate, up]).contiguous(),
+                w_down=self._take(w, p + "mlp.down_proj.weight"),
+            ))
+        leftover = [n for n in w if not n.endswith("rotary_emb.inv_freq")]
+        if leftover:
+            raise ValueError(f"Checkpoint has tensors Loom does not use, e.g. {leftover[0]!r}; "
+                             "the config and weights disagree.")
+
+    # ---- forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> torch.Tensor:
+        c = self.cfg
+        T = input_ids.shape[0]
+        qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        cos, sin = self.rotary.tables(positions)
+        h = F.embedding(input_ids, self.embed)  # h: [T, hidden]
+        for li, L in enumerate(self.layers):
+            x = rms_norm(h, L.ln1, c.rms_norm_eps)
+            qkv = F.linear(x, L.w_qkv, L.b_qkv)  # [T, qd + 2 kvd]
+            q = qkv[:, :qd].view(T, c.num_heads, c.head_dim)
+            k = qkv[:, qd:qd + kvd].view(T, c.num_kv_heads, c.head_dim)
+            v = qkv[:, qd + kvd:].view(T, c.num_kv_heads, c.head_dim)
+            if L.q_norm is not None:
+                q = rms_norm(q, L.q_norm, c.rms_norm_eps)
+                k = rms_norm(k, L.k_norm, c.rms_norm_eps)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+            self.append_kv(k_pools[li], v_pools[li], k, v.contiguous(), batch.slots)
+            o = self.attention(q, k_pools[li], v_pools[li], batch.plan, self.inv_freq, self.scale)
+            h = h + F.linear(o.reshape(T, qd), L.w_o, L.b_o)
+            x = rms_norm(h, L.ln2, c.rms_norm_eps)
+            gu = F.linear(x, L.w_gate_up)
+            g, u = gu.chunk(2, dim=-1)
+            h = h + F.linear(F.silu(g) * u, L.w_down)
+        h = h[batch.logits_rows]
+        h = rms_norm(h, self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()  # [R, vocab]

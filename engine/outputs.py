@@ -1,0 +1,33 @@
+"""What ``LLM.generate`` returns (vLLM-style names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    forward_steps: int = 0        # forward passes this request took part in
+    generated_tokens: int = 0     # tokens sampled over all its threads
+    kv_pages_peak: int = 0        # most KV pages the request held at once
+    wall_s: float = 0.0           # admission to finish
+    prompt_tokens: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None                     # "stop" | "length"
+    logprobs: list[dict[int, float]] | None = None
+    stop_reason: int | str | None = None          # the stop string or token that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    finished: bool = True

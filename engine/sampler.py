@@ -1,0 +1,55 @@
+"""Batched sampling with per-thread parameters and per-thread generators.
+
+Each thread draws from its own ``torch.Generator`` so a seeded request gives the
+same tokens whatever else shares its batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p applied to one row; returns log-probs
+    with disallowed tokens at -inf."""
+    x = logits / p.temperature
+    if p.top_k != -1 and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, idx = torch.sort(x, descending=True)
+        probs = sorted_x.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    if p.min_p > 0.0:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return x.log_softmax(-1)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor]:
+    """logits [R, V] float32 -> (one token per row, raw log-probs [R, V])."""
+    logprobs = logits.log_softmax(-1)
+    greedy = logits.argmax(-1).tolist()
+    tokens = []
+    for r, p in enumerate(params):
+        if p.greedy or p.top_k == 1:
+            tokens.append(greedy[r])
+            continue
+        lp = _filtered_logprobs(logits[r], p)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with probability p_i.
+        e = torch.empty_like(lp).exponential_(generator=generators[r])
+        tokens.append(int(torch.argmax(lp.exp() / e)))
+    return tokens, logprobs
+
+
+def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, float]:
+    out = {}
+    if k > 0:
+        vals, idx = torch.topk(logprobs_row, min(k, logprobs_row.numel()))
+        out = dict(zip(idx.tolist(), vals.tolist()))
+    out[chosen] = float(logprobs_row[chosen])
+    return out
