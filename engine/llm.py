@@ -16,11 +16,12 @@ import torch
 from .cache import KVCache
 from .config import ModelConfig, parse_dtype
 from .model import CausalLM
+from .core import EngineCore
 from .outputs import RequestOutput
+from .protocols import ParallelSampling, Protocol
 from .runner import ModelRunner
-from .sampler import sample
 from .sampling_params import SamplingParams
-from .scheduler import Request, Scheduler, Thread
+from .scheduler import Request, Scheduler
 from .step import StepBatch, StepItem
 from .tokenizer import Tokenizer
 
@@ -54,8 +55,9 @@ class LLM:
                              self.config.num_kv_heads, self.config.head_dim, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.cache, attention_backend)
         self.attention_backend = self.runner.backend_name
-        self.scheduler = Scheduler(self.cache, self.tokenizer, self.eos_ids,
-                                   self.config.max_position_embeddings)
+        self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
+                               self.config.max_position_embeddings)
+        self.scheduler = Scheduler(self.core, self._thread_generator)
         self._rng = torch.Generator().manual_seed(seed if seed is not None else
                                                   int.from_bytes(os.urandom(8), "little") >> 1)
         self._next_id = 0
@@ -103,13 +105,16 @@ class LLM:
                 raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {V}).")
         return out
 
-    def _check_fits(self, ids: list[int], params: SamplingParams) -> int:
-        P, c = len(ids), self.cache
+    def _check_prompt_len(self, P: int):
         maxpos = self.config.max_position_embeddings
         if P >= maxpos:
             raise ValueError(f"The prompt has {P} tokens but the model's context is {maxpos} "
                              "(max_position_embeddings); shorten the prompt.")
-        need = self.scheduler.pages_needed(P, params)
+
+    def _check_fits(self, ids: list[int], params: SamplingParams, protocol: Protocol) -> int:
+        P, c = len(ids), self.cache
+        self._check_prompt_len(P)
+        need = protocol.pages_needed(c, P, params, self.config.max_position_embeddings)
         if need > c.num_pages:
             raise ValueError(
                 f"This request can never fit the KV cache: it needs up to {need} pages "
@@ -127,7 +132,10 @@ class LLM:
 
     # ---- generate --------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, protocol: Protocol | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; all threads of all prompts advance in one batched
+        forward pass per step. ``protocol`` (engine.protocols) drives each request's
+        threads; the default is plain parallel sampling of ``n`` completions."""
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -138,12 +146,15 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
             p.verify()
+        if protocol is None:
+            protocol = ParallelSampling()
+        if not isinstance(protocol, Protocol):
+            raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
         reqs = []
         for (text, ids), p in zip(items, plist):
-            need = self._check_fits(ids, p)
-            req = Request(self._next_id, text, ids, p, [], need)
+            need = self._check_fits(ids, p, protocol)
+            req = Request(self._next_id, text, ids, p, protocol, need)
             req.metrics.prompt_tokens = len(ids)
-            req.threads = [Thread(i, self._thread_generator(p, i), request=req) for i in range(p.n)]
             self._next_id += 1
             reqs.append(req)
         return self._run(reqs, use_tqdm)
@@ -155,12 +166,7 @@ class LLM:
         done: dict[int, RequestOutput] = {}
         try:
             while sched.has_work():
-                batch = sched.schedule()
-                if not len(batch):
-                    raise RuntimeError("scheduler made no progress (a waiting request cannot be "
-                                       "admitted while nothing runs): engine bug.")
-                logits = self.runner.run(batch)
-                for out in sched.postprocess(batch, logits, sample):
+                for out in sched.step():
                     done[out.request_id] = out
                 if use_tqdm:
                     print(f"\rloom: {len(done)}/{len(reqs)} requests done", end="", file=sys.stderr)
@@ -193,7 +199,7 @@ class LLM:
                                        else [token_ids])
         outs = []
         for _, ids in seqs:
-            self._check_fits(ids, SamplingParams(max_tokens=1))
+            self._check_prompt_len(len(ids))
             c = self.cache
             res = c.reserve(c.pages_for(len(ids))) if c.can_reserve(c.pages_for(len(ids))) else None
             if res is None:
@@ -206,6 +212,13 @@ class LLM:
                 c.release_segment(seg)
                 c.release(res)
         return outs
+
+    def session(self, prompt) -> "Session":
+        """A programmable thread tree over ``prompt`` (str or token ids); see engine.session."""
+        from .session import Session
+        (text, ids), = self._normalize_prompts([prompt] if isinstance(prompt, str) else [list(prompt)])
+        self._check_prompt_len(len(ids))
+        return Session(self, ids)
 
     def cache_stats(self) -> dict:
         return self.cache.stats()

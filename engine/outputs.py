@@ -21,6 +21,10 @@ class CompletionOutput:
     finish_reason: str | None                     # "stop" | "length"
     logprobs: list[dict[int, float]] | None = None
     stop_reason: int | str | None = None          # the stop string or token that ended it
+    answer: str | None = None                     # extracted answer (answer-selecting protocols)
+    tree: list[dict] | None = None                # protocol runs: the thread tree, per thread
+    metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...
+    events: list[dict] | None = None              # protocol runs: fork/join/malformed events
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""EngineCore: one batched step over threads of any number of trees.
+
+    threads --step()--> StepBatch --ModelRunner.run--> logits [R, V] --sampler--> tokens
+
+Every thread with pending tokens is fed (prefill, injected headers, last
+sampled tokens); every thread in ``samplers`` draws one token from the logits
+after its last token. A freshly forked thread with an empty header samples from
+its parent's logits (that is how n samples share one prompt).
+"""
+from __future__ import annotations
+
+import torch
+
+from .runner import ModelRunner
+from .sampler import sample, top_logprobs
+from .sampling_params import SamplingParams
+from .step import StepBatch, StepItem
+from .threads import Thread
+
+
+class CacheFullError(ValueError):
+    """The KV cache has no room for this step's tokens (nothing was changed)."""
+
+
+class EngineCore:
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], max_positions: int):
+        self.runner, self.cache = runner, runner.cache
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.max_positions = max_positions
+        self.forward_steps = 0
+
+    # ---- one step --------------------------------------------------------------------------
+    def _check_room(self, feed: list[Thread]):
+        c = self.cache
+        need, reserved = 0, {}
+        for t in feed:
+            need += c.pages_for(t.seg.length + len(t.pending)) - len(t.seg.pages)
+            res = t.seg.owner_reservation
+            if res is not None:
+                reserved[id(res)] = res.pages
+        have = c.pages_unreserved + sum(reserved.values())
+        if need > have:
+            raise CacheFullError(
+                f"The KV cache is full: this step needs {need} more pages but {have} are free "
+                f"({c.num_pages} pages of {c.page_size} tokens in all). Close finished sessions, "
+                f"or raise kv_cache_tokens.")
+
+    def step(self, feed: list[Thread], samplers: list[Thread]) -> list[int]:
+        """Feed ``feed``'s pending tokens, then sample one token for each of ``samplers``
+        (returned in order; the caller applies them with ``accept``)."""
+        self._check_room(feed)
+        for t in samplers:
+            if t.pending or t.tokens:
+                continue
+            if t.parent is None or (t.parent.last_logits is None and t.parent not in feed):
+                raise ValueError(f"thread {t.id} has no tokens and no parent logits to sample from.")
+        items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
+        if items:
+            logits = self.runner.run(StepBatch(items))
+            self.forward_steps += 1
+            sampling = {id(t) for t in samplers}
+            for i, t in enumerate(feed):
+                t.pending = []
+                # Keep a private copy for idle threads (a view would pin the whole batch).
+                t.last_logits = logits[i] if id(t) in sampling else logits[i].clone()
+        if not samplers:
+            return []
+        rows = []
+        for t in samplers:
+            src = t if t.tokens else t.parent
+            if src.last_logits is None:
+                raise AssertionError(f"thread {src.id} has no logits: feed it first")
+            rows.append(src.last_logits)
+        tokens, logprobs = sample(torch.stack(rows), [t.params for t in samplers],
+                                  [t.generator for t in samplers])
+        for t, lp in zip(samplers, logprobs):
+            t._lp_row = lp
+        return tokens
+
+    # ---- applying a sampled token ----------------------------------------------------------
+    def begin(self, t: Thread, params: SamplingParams, generator: torch.Generator):
+        """Reset ``t``'s sampling state for a new generate call."""
+        t.params, t.generator = params, generator
+        t.generated, t.finish_reason, t.stop_reason, t.stop_text = [], None, None, None
+        t.logprobs = [] if params.logprobs is not None else None
+
+    def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
+        """Append a sampled token and apply the stop rules of ``t.params``."""
+        p: SamplingParams = t.params
+        t.tokens.append(tok)
+        t.pending.append(tok)
+        t.generated.append(tok)
+        t.path_tokens += 1
+        lp = getattr(t, "_lp_row", None)
+        if t.logprobs is not None and lp is not None:
+            t.logprobs.append(top_logprobs(lp, tok, p.logprobs))
+        t._lp_row = None
+        if not p.ignore_eos and tok in self.eos_ids:
+            t.finish_reason, t.stop_reason = "stop", tok
+        elif tok in p.stop_token_ids:
+            t.finish_reason, t.stop_reason = "stop", tok
+        elif p.stop and self._stop_string(t, p):
+            pass
+        elif len(t.generated) >= p.max_tokens or t.end >= self.max_positions or \
+                (path_limit is not None and t.path_tokens >= path_limit):
+            t.finish_reason = "length"
+
+    def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
+        # Only the tail can hold a new match: decode enough tokens to cover the longest stop.
+        longest = max(len(s) for s in p.stop)
+        tail_toks = t.generated[-(longest + 8):]
+        tail = self.tokenizer.decode(tail_toks)
+        if not any(s in tail for s in p.stop):
+            return False
+        text = self.tokenizer.decode(t.generated)
+        pos, s = min((text.find(s), s) for s in p.stop if s in text)
+        t.finish_reason, t.stop_reason, t.stop_text = "stop", s, text[:pos]
+        return True
+
+    def text_of(self, t: Thread) -> str:
+        return t.stop_text if t.stop_text is not None else self.tokenizer.decode(t.generated)

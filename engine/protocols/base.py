@@ -1,0 +1,52 @@
+"""Protocols drive threads through the engine verbs (fork, join, inject, finish).
+
+A ``Protocol`` is user-facing configuration (``Multiverse()``, ``ParallelSampling(8)``);
+``Protocol.start(tree, core, params, make_generator)`` returns a per-request
+``ProtocolRun``, a state machine the scheduler asks each step which threads
+sample (``samplers``) and tells each sampled token (``on_token``).
+"""
+from __future__ import annotations
+
+from ..core import EngineCore
+from ..outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from ..threads import Thread, ThreadTree
+
+
+class Protocol:
+    name = "protocol"
+
+    def pages_needed(self, cache, prompt_len: int, params: SamplingParams, max_positions: int) -> int:
+        raise NotImplementedError
+
+    def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
+              make_generator) -> "ProtocolRun":
+        raise NotImplementedError
+
+
+class ProtocolRun:
+    def __init__(self, tree: ThreadTree, core: EngineCore, params: SamplingParams, make_generator):
+        self.tree, self.core, self.params = tree, core, params
+        self.make_generator = make_generator
+        self.active: list[Thread] = []
+
+    def activate(self, t: Thread, params: SamplingParams | None = None):
+        """Make ``t`` sample from now on."""
+        self.core.begin(t, params or self.params, self.make_generator(t.id))
+        self.active.append(t)
+
+    def samplers(self) -> list[Thread]:
+        return [t for t in self.active if not t.finished]
+
+    def on_token(self, t: Thread, tok: int):
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def outputs(self) -> list[CompletionOutput]:
+        raise NotImplementedError
+
+    def completion(self, t: Thread, index: int) -> CompletionOutput:
+        return CompletionOutput(index, self.core.text_of(t), list(t.generated), t.finish_reason,
+                                t.logprobs, t.stop_reason)

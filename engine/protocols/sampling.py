@@ -1,0 +1,92 @@
+"""Parallel sampling over one shared prompt: plain n-sample generation,
+self-consistency (majority vote) and first-finish search."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from ..outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from .base import Protocol, ProtocolRun
+
+SELECT = ("all", "first_finish", "majority")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None."""
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, j = 0, i + len("\\boxed{")
+    for k in range(j, len(text)):
+        if text[k] == "{":
+            depth += 1
+        elif text[k] == "}":
+            if depth == 0:
+                return text[j:k].strip()
+            depth -= 1
+    return None
+
+
+class ParallelSampling(Protocol):
+    """n threads forked from the prompt with empty headers: the prompt is prefilled once
+    and its pages are shared. ``select``: "all" (every sample), "first_finish" (the first
+    sample to stop; the others are cut off), "majority" (all, the majority answer first)."""
+    name = "parallel_sampling"
+
+    def __init__(self, n: int | None = None, select: str = "all", extract_answer=last_boxed):
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"ParallelSampling n={n!r} must be an integer >= 1.")
+        if select not in SELECT:
+            raise ValueError(f"select={select!r} must be one of {SELECT}.")
+        self.n, self.select, self.extract_answer = n, select, extract_answer
+
+    def _n(self, params: SamplingParams) -> int:
+        return self.n if self.n is not None else params.n
+
+    def pages_needed(self, cache, prompt_len, params, max_positions):
+        gen = min(params.max_tokens, max(max_positions - prompt_len, 1))
+        return cache.pages_for(prompt_len) + self._n(params) * cache.pages_for(gen - 1)
+
+    def start(self, tree, core, params, make_generator):
+        return _SamplingRun(self, tree, core, params, make_generator)
+
+
+class _SamplingRun(ProtocolRun):
+    def __init__(self, proto: ParallelSampling, tree, core, params, make_generator):
+        super().__init__(tree, core, params, make_generator)
+        self.proto = proto
+        self.kids = tree.fork(tree.root, [[] for _ in range(proto._n(params))])
+        for k in self.kids:
+            self.activate(k)
+        self.first: int | None = None
+
+    def on_token(self, t, tok):
+        self.core.accept(t, tok)
+        if t.finished:
+            if self.first is None and t.finish_reason == "stop":
+                self.first = self.kids.index(t)
+            self.tree.discard(t)  # its pages go back now
+            if self.proto.select == "first_finish" and self.first is not None:
+                for k in self.kids:
+                    if not k.finished:
+                        k.finish_reason = "abort"
+                        self.tree.discard(k)
+
+    def done(self):
+        return all(k.finished for k in self.kids)
+
+    def outputs(self) -> list[CompletionOutput]:
+        outs = [self.completion(k, i) for i, k in enumerate(self.kids)]
+        sel = self.proto.select
+        if sel == "all":
+            return outs
+        for o in outs:
+            o.answer = self.proto.extract_answer(o.text)
+        if sel == "first_finish":
+            return [outs[self.first if self.first is not None else 0]]
+        votes = Counter(o.answer for o in outs if o.answer is not None)
+        if votes:
+            best = votes.most_common(1)[0][0]
+            outs.sort(key=lambda o: o.answer != best)
+        return outs

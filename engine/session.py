@@ -1,0 +1,170 @@
+"""The programmable thread API.
+
+    s = llm.session(prompt)                                   # s.root: ThreadHandle
+    a, b = s.fork(s.root, ["\\n<Path>\\n1:", "\\n<Path>\\n2:"])
+    outs = s.generate([a, b], SamplingParams(...))            # one batched pass per step
+    c = s.join([a, b], header="<Conclusion>", positions="max")
+    out = s.generate([c], SamplingParams(...))[0]
+    s.close()                                                 # frees every page it holds
+
+Forks and max/sequential joins never copy or recompute K/V: a child's view names
+its ancestors' segments; a continuation's view names the joined threads' ones.
+"""
+from __future__ import annotations
+
+from .outputs import CompletionOutput
+from .sampling_params import SamplingParams
+from .threads import Thread, ThreadTree
+
+
+class ThreadHandle:
+    """A user's handle on one thread of a session."""
+
+    def __init__(self, session: "Session", thread: Thread):
+        self._s, self._t = session, thread
+
+    @property
+    def id(self) -> int:
+        return self._t.id
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens of this thread's own segment (header, injected and sampled)."""
+        return list(self._t.tokens)
+
+    @property
+    def text(self) -> str:
+        return self._s._llm.tokenizer.decode(self._t.tokens, skip_special_tokens=False)
+
+    @property
+    def parent(self) -> "ThreadHandle | None":
+        return self._s._handle(self._t.parent) if self._t.parent is not None else None
+
+    @property
+    def children(self) -> list["ThreadHandle"]:
+        return [self._s._handle(c) for c in self._t.children]
+
+    @property
+    def position(self) -> int:
+        """Home position of this thread's next token."""
+        return self._t.end
+
+    def __repr__(self):
+        return f"ThreadHandle(id={self.id}, tokens={len(self._t.tokens)})"
+
+
+class Session:
+    def __init__(self, llm, prompt_ids: list[int]):
+        self._llm = llm
+        self.tree = ThreadTree(llm.cache)
+        self._handles: dict[int, ThreadHandle] = {}
+        self.root = self._handle(self.tree.new_root(prompt_ids))
+        self.forward_steps = 0
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _handle(self, t: Thread) -> ThreadHandle:
+        if t.id not in self._handles:
+            self._handles[t.id] = ThreadHandle(self, t)
+        return self._handles[t.id]
+
+    def _thread(self, h) -> Thread:
+        if not isinstance(h, ThreadHandle) or h._s is not self:
+            raise ValueError(f"{h!r} is not a thread of this session.")
+        return h._t
+
+    def _tokens(self, x) -> list[int]:
+        if x is None:
+            return []
+        if isinstance(x, str):
+            return self._llm.tokenizer.encode(x, add_special_tokens=False)
+        ids = list(x)
+        V = self._llm.config.vocab_size
+        if not all(isinstance(i, int) and 0 <= i < V for i in ids):
+            raise ValueError(f"header {x!r:.60} must be a string or token ids in [0, {V}).")
+        return ids
+
+    def _check_open(self):
+        if self.tree is None:
+            raise ValueError("This session is closed.")
+
+    # ---- verbs -----------------------------------------------------------------------------
+    def fork(self, parent: ThreadHandle, headers) -> list[ThreadHandle]:
+        """One child per header (str or token ids; "" or [] for none)."""
+        self._check_open()
+        if isinstance(headers, (str, int)) or not isinstance(headers, (list, tuple)):
+            raise ValueError("fork() takes a list of headers, one per child.")
+        kids = self.tree.fork(self._thread(parent), [self._tokens(h) for h in headers])
+        return [self._handle(k) for k in kids]
+
+    def join(self, threads: list[ThreadHandle], header=None, positions: str = "max") -> ThreadHandle:
+        """A continuation that sees every joined thread. ``positions``: "max" (all siblings
+        start at the fork position; the continuation after the longest), "sequential"
+        (siblings placed one after another by shifts) or "reprefill" (joined text prefilled
+        again causally). The header must not be empty: the continuation's first token is
+        sampled after it, seeing all joined threads."""
+        self._check_open()
+        hdr = self._tokens(header)
+        if not hdr:
+            raise ValueError("join() needs a non-empty header (e.g. '<Conclusion>') so that the "
+                             "continuation's first token is computed with every joined thread in view.")
+        t = self.tree.join([self._thread(h) for h in threads], hdr, positions)
+        return self._handle(t)
+
+    def inject(self, thread: ThreadHandle, tokens):
+        """Append tokens (str or ids) to a thread; written by the next step's extend pass."""
+        self._check_open()
+        self.tree.inject(self._thread(thread), self._tokens(tokens))
+
+    def generate(self, threads: list[ThreadHandle], sampling_params: SamplingParams | None = None
+                 ) -> list[CompletionOutput]:
+        """Advance ``threads`` together, one batched forward per step, until each stops.
+        Returns one CompletionOutput per thread (the tokens generated by this call)."""
+        self._check_open()
+        p = sampling_params or SamplingParams()
+        p.verify()
+        if p.n != 1:
+            raise ValueError("Session.generate runs each given thread once (n=1); fork the thread "
+                             "to get several samples.")
+        ts = [self._thread(h) for h in threads]
+        if len({t.id for t in ts}) != len(ts):
+            raise ValueError("A thread appears twice in generate().")
+        for t in ts:
+            if t.closed:
+                raise ValueError(f"thread {t.id} is closed.")
+            if not t.tokens and t.parent is None:
+                raise ValueError(f"thread {t.id} has no tokens to continue from.")
+        core, llm = self._llm.core, self._llm
+        for t in ts:
+            core.begin(t, p, llm._thread_generator(p, t.id))
+        try:
+            while True:
+                active = [t for t in ts if not t.finished]
+                if not active:
+                    break
+                feed = [t for t in self.tree.threads if t.pending and not t.closed]
+                tokens = core.step(feed, active)
+                self.forward_steps += 1
+                for t, tok in zip(active, tokens):
+                    core.accept(t, tok)
+        except BaseException:
+            for t in ts:  # leave the threads consistent: stopped where they are
+                if not t.finished:
+                    t.finish_reason = "abort"
+            raise
+        return [CompletionOutput(i, core.text_of(t), list(t.generated), t.finish_reason,
+                                 t.logprobs, t.stop_reason) for i, t in enumerate(ts)]
+
+    def pages_held(self) -> int:
+        return self.tree.pages_held() if self.tree is not None else 0
+
+    def close(self):
+        """Free every page this session holds. Idempotent."""
+        if self.tree is not None:
+            self.tree.close()
+            self.tree = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

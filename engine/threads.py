@@ -1,0 +1,173 @@
+"""Threads and the engine verbs over them: fork, join, inject, finish.
+
+A ``Thread`` writes into its own segment and attends a view: an ordered list of
+(segment, shift) pairs, its own segment last. A ``ThreadTree`` owns the threads
+of one request or session and their segment references. No verb copies or
+recomputes K/V, except a ``reprefill`` join, whose point is to recompute.
+
+Positions (DESIGN.md §3): a thread's tokens sit at home positions
+``seg.base + i``; its *end* is ``seg.base + len(tokens)``. A view entry (s, shift)
+shows segment s at positions ``s.base + shift + i``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache, Reservation, Segment
+
+JOIN_SCHEMES = ("max", "sequential", "reprefill")
+
+
+@dataclass(eq=False)
+class Thread:
+    id: int
+    seg: Segment
+    view: list[tuple[Segment, int]]          # own segment last
+    tokens: list[int] = field(default_factory=list)   # own segment: written + pending
+    pending: list[int] = field(default_factory=list)  # not yet in the cache
+    parent: "Thread | None" = None
+    children: list["Thread"] = field(default_factory=list)
+    joined_into: "Thread | None" = None
+    header_len: int = 0                       # leading tokens that were injected, not sampled
+    path_tokens: int = 0                      # sampled tokens on the chain root..this thread
+    last_logits: torch.Tensor | None = None   # next-token logits after the last written token
+    closed: bool = False
+    events: list[dict] = field(default_factory=list)
+    # sampling state of the current generate call
+    params: object = None
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    stop_text: str | None = None
+    tag: object = None                        # free slot for the protocol driving it
+
+    @property
+    def end(self) -> int:
+        return self.seg.base + len(self.tokens)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self):
+        return f"Thread({self.id}, seg={self.seg.id}, len={len(self.tokens)}, view={len(self.view)})"
+
+
+class ThreadTree:
+    """The threads of one request or session, and the segment references they hold."""
+
+    def __init__(self, cache: KVCache, reservation: Reservation | None = None):
+        self.cache, self.reservation = cache, reservation
+        self.threads: list[Thread] = []
+        self._ids = itertools.count()
+        self.root: Thread | None = None
+
+    # ---- creation --------------------------------------------------------------------------
+    def _new_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
+                    header: list[int]) -> Thread:
+        seg = self.cache.new_segment(base, self.reservation)
+        for s, _ in view:
+            self.cache.retain(s)
+        th = Thread(next(self._ids), seg, list(view) + [(seg, 0)], parent=parent)
+        self.threads.append(th)
+        if parent is not None:
+            parent.children.append(th)
+        self.inject(th, header, header=True)
+        return th
+
+    def new_root(self, prompt_ids: list[int]) -> Thread:
+        assert self.root is None, "a tree has one root"
+        self.root = self._new_thread(0, [], None, list(prompt_ids))
+        return self.root
+
+    def fork(self, parent: Thread, headers: list[list[int]]) -> list[Thread]:
+        """k children of ``parent``: each sees the parent's view (its own segment included)
+        and starts at the parent's end position with its header pending."""
+        self._check_open(parent)
+        if not headers:
+            raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
+        kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
+        for k in kids:
+            k.path_tokens = parent.path_tokens
+        parent.events.append({"event": "fork", "children": [k.id for k in kids]})
+        return kids
+
+    def join(self, threads: list[Thread], header: list[int], positions: str = "max") -> Thread:
+        """A continuation whose view is the ordered union of the joined threads' views."""
+        if positions not in JOIN_SCHEMES:
+            raise ValueError(f"positions={positions!r} is not a join scheme; use one of {JOIN_SCHEMES}.")
+        if not threads:
+            raise ValueError("join() needs at least one thread.")
+        for t in threads:
+            self._check_open(t)
+            if t.joined_into is not None:
+                raise ValueError(f"thread {t.id} was already joined into thread {t.joined_into.id}.")
+        common = set.intersection(*({s.id for s, _ in t.view[:-1]} for t in threads))
+        ctx = [(s, sh) for s, sh in threads[0].view if s.id in common]
+        fork_pos = min(min((s.base for s, _ in t.view if s.id not in common), default=t.end)
+                       for t in threads)
+        parent = threads[0].parent if all(t.parent is threads[0].parent for t in threads) else None
+        if positions == "reprefill":
+            text = [tok for t in threads for s, _ in t.view if s.id not in common
+                    for tok in self._seg_tokens(s)]
+            cont = self._new_thread(fork_pos, ctx, parent, text + list(header))
+            cont.header_len = len(cont.tokens)
+        else:
+            view, seen, offset = list(ctx), set(common), 0
+            for t in threads:
+                for s, sh in t.view:
+                    if s.id not in seen:
+                        seen.add(s.id)
+                        view.append((s, sh + (offset if positions == "sequential" else 0)))
+                offset += t.end - fork_pos
+            base = fork_pos + offset if positions == "sequential" else max(t.end for t in threads)
+            cont = self._new_thread(base, view, parent, list(header))
+        cont.path_tokens = max(t.path_tokens for t in threads)
+        for t in threads:
+            t.joined_into = cont
+            t.events.append({"event": "join", "into": cont.id, "positions": positions})
+        return cont
+
+    def _seg_tokens(self, seg: Segment) -> list[int]:
+        for t in self.threads:
+            if t.seg is seg:
+                return t.tokens
+        raise AssertionError("segment without a thread")
+
+    def inject(self, th: Thread, tokens: list[int], header: bool = False):
+        """Queue tokens into ``th``'s own segment (written by the next step's extend pass)."""
+        self._check_open(th)
+        th.tokens.extend(tokens)
+        th.pending.extend(tokens)
+        if header:
+            th.header_len += len(tokens)
+
+    def _check_open(self, th: Thread):
+        if th.closed:
+            raise ValueError(f"thread {th.id} is closed.")
+
+    # ---- release ---------------------------------------------------------------------------
+    def discard(self, th: Thread):
+        """Drop a thread's references (its segment survives while any view holds it)."""
+        if th.closed:
+            return
+        th.closed = True
+        th.last_logits = None
+        for s, _ in th.view:
+            self.cache.release_segment(s)
+
+    def close(self):
+        for th in self.threads:
+            self.discard(th)
+        if self.reservation is not None:
+            self.cache.release(self.reservation)
+            self.reservation = None
+
+    def pages_held(self) -> int:
+        segs = {s.id: s for t in self.threads if not t.closed for s, _ in t.view}
+        return sum(len(s.pages) for s in segs.values())
