@@ -29,6 +29,8 @@ class EngineCore:
         self.eos_ids = set(eos_ids)
         self.max_positions = max_positions
         self.forward_steps = 0
+        # Tests and tools may script the tokens: fn(threads) -> one token per thread.
+        self.token_source = None
 
     # ---- one step --------------------------------------------------------------------------
     def _check_room(self, feed: list[Thread]):
@@ -66,6 +68,8 @@ class EngineCore:
                 t.last_logits = logits[i] if id(t) in sampling else logits[i].clone()
         if not samplers:
             return []
+        if self.token_source is not None:
+            return [int(x) for x in self.token_source(samplers)]
         rows = []
         for t in samplers:
             src = t if t.tokens else t.parent

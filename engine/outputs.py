@@ -11,6 +11,7 @@ class RequestMetrics:
     kv_pages_peak: int = 0        # most KV pages the request held at once
     wall_s: float = 0.0           # admission to finish
     prompt_tokens: int = 0
+    max_parallel_threads: int = 0 # most threads sampling in one step
 
 
 @dataclass

@@ -17,6 +17,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +49,9 @@ class SamplingParams:
             bad("ignore_eos", "must be True or False")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be None or an integer")
+        if self.max_total_tokens is not None and (not _is_int(self.max_total_tokens)
+                                                  or self.max_total_tokens < 1):
+            bad("max_total_tokens", "must be None or an integer >= 1")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
             bad("logprobs", "must be None or an integer in [0, 100]")
 

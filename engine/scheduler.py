@@ -60,6 +60,7 @@ class Scheduler:
             req.tree.new_root(req.prompt_ids)
             req.run = req.protocol.start(req.tree, self.core, req.params,
                                          lambda i, r=req: self.make_generator(r.params, i))
+            req.run.metrics = req.metrics
             req.t_start = time.perf_counter()
             self.running.append(req)
             budget -= P
@@ -76,6 +77,7 @@ class Scheduler:
             owner += [req] * len(s)
             if f or s:
                 req.metrics.forward_steps += 1
+            req.metrics.max_parallel_threads = max(req.metrics.max_parallel_threads, len(s))
         if not feed and not samplers:
             if self.running:
                 raise RuntimeError("no thread can advance: protocol bug")

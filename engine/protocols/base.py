@@ -8,7 +8,7 @@ sample (``samplers``) and tells each sampled token (``on_token``).
 from __future__ import annotations
 
 from ..core import EngineCore
-from ..outputs import CompletionOutput
+from ..outputs import CompletionOutput, RequestMetrics
 from ..sampling_params import SamplingParams
 from ..threads import Thread, ThreadTree
 
@@ -29,6 +29,7 @@ class ProtocolRun:
         self.tree, self.core, self.params = tree, core, params
         self.make_generator = make_generator
         self.active: list[Thread] = []
+        self.metrics = RequestMetrics()   # the scheduler shares the request's metrics here
 
     def activate(self, t: Thread, params: SamplingParams | None = None):
         """Make ``t`` sample from now on."""

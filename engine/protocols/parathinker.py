@@ -1,0 +1,70 @@
+"""ParaThinker: P forced paths from the prompt, first-finish cut-off, a summary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..threads import Thread
+from .tagged import Tags
+from .tree import TagTreeProtocol, ThreadState, TreeLimits, TreeRun
+
+
+class ParaThinkerRun(TreeRun):
+    def begin(self):
+        root = self.tree.root
+        root.tag = ThreadState("main", 0)
+        P, tg = self.proto.paths, self.proto.tags
+        self.paths = self.fork(root, [tg.path_header.format(i=i + 1, num=i + 1) for i in range(P)])
+        self.first_len: int | None = None
+
+    def scan(self, t: Thread, st: ThreadState):
+        tag = self.proto.tags.path_close
+        if st.role == "path" and tag in st.text[max(0, st.scan - len(tag) + 1):]:
+            t.finish_reason, t.stop_reason = "stop", "close"
+        st.scan = len(st.text)
+
+    def on_token(self, t: Thread, tok: int):
+        if t.tag.role == "path":
+            self.core.accept(t, tok, path_limit=self.params.max_tokens)
+            self.total += 1
+            t.tag.text += self.tok.decode([tok], skip_special_tokens=False)
+            if not t.finished:
+                self.scan(t, t.tag)
+            if t.finished and self.first_len is None:
+                self.first_len = len(t.generated)
+                self.event("first_finish", t, tokens=self.first_len)
+            if self.first_len is not None:
+                cut = self.proto.cutoff_ratio * self.first_len
+                for p in self.paths:
+                    if not p.finished and len(p.generated) >= cut:
+                        p.finish_reason = "length"
+                        self.event("cutoff", p, tokens=len(p.generated))
+            if self.total >= self.max_total:
+                for a in self.samplers():
+                    a.finish_reason = a.finish_reason or "length"
+            g = t.tag.group
+            if g is not None:
+                self.maybe_join(g)
+        else:
+            super().on_token(t, tok)
+
+
+class ParaThinker(TagTreeProtocol):
+    """``paths`` reasoning paths forced from the prompt (each opened by its own start tag,
+    ``<think1>``…), ended at ``</think>``; once the first path ends, the others are cut
+    off when they reach ``cutoff_ratio`` × its length (1.0: at once); then a summary
+    thread attends every path (``max`` positions, no padding of paths)."""
+    name = "parathinker"
+    run_cls = ParaThinkerRun
+    DEFAULT_TAGS = Tags(fork="<think>", path_header="<think{i}>", path_close="</think>",
+                        join_header="\n<summary>\n")
+
+    def __init__(self, paths: int = 4, cutoff_ratio: float = 1.0, tags: Tags | None = None,
+                 positions: str = "max", limits: TreeLimits | None = None):
+        if not isinstance(paths, int) or paths < 1:
+            raise ValueError(f"paths={paths!r} must be an integer >= 1.")
+        if not isinstance(cutoff_ratio, (int, float)) or cutoff_ratio < 1.0:
+            raise ValueError(f"cutoff_ratio={cutoff_ratio!r} must be a number >= 1.0 (1.0 cuts "
+                             "the other paths off as soon as the first one finishes).")
+        limits = limits or TreeLimits(max_paths=max(paths, 8))
+        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
+        self.paths, self.cutoff_ratio = paths, float(cutoff_ratio)

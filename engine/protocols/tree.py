@@ -1,0 +1,237 @@
+"""Model-triggered fork/join: the shared state machine of Multiverse, ThreadWeaver
+and Parallel-R1 style protocols, and the bookkeeping every tree protocol needs
+(budgets, forks, joins, outputs, events).
+
+Threads have a *role*: ``main`` (the request's sequential thread; its end ends the
+request) or ``path`` (a child of a fork; it ends at the path close tag, EOS, or
+its budget). When every child of a fork has ended, they are joined into a
+continuation that takes over the parent's role. Tags are plain strings matched
+on decoded text, so they work whether the tokenizer has them as special tokens
+or spells them out.
+
+Malformed output never crashes or hangs; each case is recorded in the output's
+``events`` with what was done:
+
+| case | behaviour |
+| --- | --- |
+| close tag in a ``main`` thread (nothing open) | ``stray_close``: ignored, continue |
+| fork tag with no outline items | ``empty_outline``: continue sequentially |
+| more items than ``max_paths`` | ``too_many_items``: fork the first ``max_paths`` |
+| fork at depth ``max_depth`` | ``depth_limit``: continue sequentially |
+| fork within ``fork_margin`` of the budget or past ``max_threads`` | ``budget``: continue sequentially |
+| path ends without its close tag (EOS, budget) | ``unclosed_path``: close tag injected, then join |
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from ..threads import Thread
+from .base import Protocol, ProtocolRun
+
+
+@dataclass
+class TreeLimits:
+    max_depth: int = 2            # nesting levels of forks
+    max_paths: int = 8            # children per fork
+    max_threads: int = 64         # threads per request
+    fork_margin: int = 16         # no fork with fewer budget tokens than this left
+
+    def __post_init__(self):
+        for k in ("max_depth", "max_paths", "max_threads"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"{k}={getattr(self, k)!r} must be an integer >= 1.")
+        if not isinstance(self.fork_margin, int) or self.fork_margin < 0:
+            raise ValueError(f"fork_margin={self.fork_margin!r} must be an integer >= 0.")
+
+
+@dataclass(eq=False)
+class ThreadState:
+    role: str                     # "main" | "path"
+    depth: int
+    text: str = ""                # decoded text of this thread's sampled tokens
+    scan: int = 0                 # text already scanned for tags
+    block_at: int | None = None   # where the current fork block opened
+    skip: int = 0                 # leading own tokens that re-read joined text (reprefill)
+    group: "ForkGroup | None" = None  # the fork this thread is a child of
+
+
+@dataclass(eq=False)
+class ForkGroup:
+    parent: Thread
+    children: list[Thread]
+    role: str
+    depth: int
+    cont: Thread | None = None     # the continuation, once joined
+
+
+class TreeRun(ProtocolRun):
+    """Budgets, joins and outputs common to tree protocols."""
+    join_positions = "max"
+
+    def __init__(self, proto, tree, core, params: SamplingParams, make_generator):
+        super().__init__(tree, core, params, make_generator)
+        self.proto, self.limits = proto, proto.limits
+        self.tok = core.tokenizer
+        self.total = 0
+        self.events: list[dict] = []
+        self.main: Thread | None = None
+        self.max_total = params.max_total_tokens or params.max_tokens * self.limits.max_paths
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def event(self, kind: str, t: Thread, **kw):
+        e = {"event": kind, "thread": t.id, **kw}
+        self.events.append(e)
+        t.events.append(e)
+
+    def spawn_main(self, header: list[int]) -> Thread:
+        (m,) = self.tree.fork(self.tree.root, [header])
+        m.tag = ThreadState("main", 0)
+        self.main = m
+        self.activate(m)
+        return m
+
+    # ---- per token -------------------------------------------------------------------------
+    def samplers(self):
+        return super().samplers()
+
+    def on_token(self, t: Thread, tok: int):
+        self.core.accept(t, tok, path_limit=self.params.max_tokens)
+        self.total += 1
+        st: ThreadState = t.tag
+        st.text += self.tok.decode([tok], skip_special_tokens=False)
+        if not t.finished:
+            self.scan(t, st)
+        if self.total >= self.max_total:
+            for a in self.samplers():
+                a.finish_reason = a.finish_reason or "length"
+        for a in list(self.active):
+            if a.finished and a.tag.role == "path" and a.tag.group is not None:
+                self.maybe_join(a.tag.group)
+
+    def scan(self, t: Thread, st: ThreadState):
+        raise NotImplementedError
+
+    def end_path(self, t: Thread, closed: bool):
+        """A path thread stopped; drop a trailing EOS so the join does not see it."""
+        if t.finish_reason == "stop" and t.stop_reason in self.core.eos_ids and t.pending:
+            t.tokens.pop(), t.pending.pop()
+        if not closed:
+            self.event("unclosed_path", t, action="close tag injected")
+            self.tree.inject(t, self.encode(self.proto.tags.path_close))
+
+    # ---- fork / join -----------------------------------------------------------------------
+    def can_fork(self, t: Thread, k: int) -> bool:
+        st: ThreadState = t.tag
+        if st.depth >= self.limits.max_depth:
+            self.event("depth_limit", t, action="continue sequentially")
+            return False
+        left = min(self.params.max_tokens - t.path_tokens, self.max_total - self.total)
+        if left < self.limits.fork_margin or len(self.tree.threads) + k + 1 > self.limits.max_threads:
+            self.event("budget", t, action="continue sequentially")
+            return False
+        return True
+
+    def fork(self, t: Thread, headers: list[str]) -> list[Thread]:
+        st: ThreadState = t.tag
+        t.finish_reason = "fork"  # the parent stops sampling; its continuation takes over
+        if t in self.active:
+            self.active.remove(t)
+        kids = self.tree.fork(t, [self.encode(h) for h in headers])
+        g = ForkGroup(t, kids, st.role, st.depth)
+        for k in kids:
+            k.tag = ThreadState("path", st.depth + 1, group=g)
+            self.activate(k)
+        self.event("fork", t, children=[k.id for k in kids])
+        return kids
+
+    def maybe_join(self, g: ForkGroup):
+        if any(not c.finished for c in g.children) or g.cont is not None:
+            return
+        for c in g.children:
+            self.active.remove(c)
+            self.end_path(c, closed=c.stop_reason == "close")
+        cont = self.tree.join(g.children, self.encode(self.proto.tags.join_header), self.join_positions)
+        hdr = len(self.encode(self.proto.tags.join_header))
+        skip = len(cont.tokens) - hdr if self.join_positions == "reprefill" else 0
+        outer = g.parent.tag.group
+        cont.tag = ThreadState(g.role, g.depth, group=outer, skip=skip)
+        g.cont = cont
+        if outer is not None:  # the continuation is now that slot's tip in the outer fork
+            outer.children[outer.children.index(g.parent)] = cont
+        self.event("join", g.parent, into=cont.id, positions=self.join_positions)
+        if g.role == "main":
+            self.main = cont
+        self.activate(cont)
+        if cont.path_tokens >= self.params.max_tokens or self.total >= self.max_total:
+            cont.finish_reason = "length"
+            if g.role == "path":
+                self.maybe_join(cont.tag.group)
+
+    def done(self) -> bool:
+        return not self.samplers()
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def flatten(self, t: Thread, out: list[int]):
+        """The linear text of ``t``'s subtree: its own tokens, then each child's subtree,
+        then the continuation of its children (the layout the tags describe)."""
+        skip = len(t.tokens) if t is self.tree.root else (t.tag.skip if t.tag else 0)
+        out.extend(t.tokens[skip:])
+        conts = {id(c.joined_into) for c in t.children if c.joined_into is not None}
+        for c in t.children:
+            if id(c) not in conts:  # a continuation is the parent's child too: it comes last
+                self.flatten(c, out)
+        for c in t.children:
+            if id(c) in conts:
+                self.flatten(c, out)
+
+    def outputs(self) -> list[CompletionOutput]:
+        ids: list[int] = []
+        self.flatten(self.tree.root, ids)
+        threads = self.tree.threads
+        tree = [{"id": t.id, "parent": t.parent.id if t.parent else None,
+                 "role": t.tag.role if t.tag else "prompt",
+                 "text": self.tok.decode(t.tokens, skip_special_tokens=False),
+                 "token_ids": list(t.tokens), "generated": len(t.generated),
+                 "joined_into": t.joined_into.id if t.joined_into else None,
+                 "view": [[s.id, sh] for s, sh in t.view], "events": list(t.events)}
+                for t in threads]
+        metrics = {"critical_path_tokens": max((t.path_tokens for t in threads), default=0),
+                   "total_tokens": self.total, "forward_steps": self.metrics.forward_steps,
+                   "max_parallel_threads": self.metrics.max_parallel_threads, "threads": len(threads)}
+        last = self.main
+        reason = "length" if last is None or last.finish_reason == "length" else "stop"
+        shown = ids[:-1] if ids and last is not None and last.stop_reason == ids[-1] else ids
+        out = CompletionOutput(0, self.tok.decode(shown, skip_special_tokens=False), ids, reason,
+                               None, last.stop_reason if last is not None else None)
+        out.tree, out.metrics, out.events = tree, metrics, list(self.events)
+        return [out]
+
+
+class TagTreeProtocol(Protocol):
+    """Base of tag-triggered tree protocols (see TreeRun)."""
+    run_cls = None
+
+    def __init__(self, tags, positions: str, limits: TreeLimits | None):
+        from ..threads import JOIN_SCHEMES
+        if positions not in JOIN_SCHEMES:
+            raise ValueError(f"positions={positions!r} must be one of {JOIN_SCHEMES}.")
+        self.tags, self.positions = tags, positions
+        self.limits = limits or TreeLimits()
+
+    def pages_needed(self, cache, prompt_len, params, max_positions):
+        L = self.limits
+        total = params.max_total_tokens or params.max_tokens * L.max_paths
+        headers = 64 * L.max_threads  # generous bound on injected header/close tokens
+        mult = 2 if self.positions == "reprefill" else 1  # a reprefill copies the joined text
+        return cache.pages_for(prompt_len) + cache.pages_for(mult * (total + headers)) + L.max_threads
+
+    def start(self, tree, core, params, make_generator):
+        run = self.run_cls(self, tree, core, params, make_generator)
+        run.join_positions = self.positions
+        run.begin()
+        return run
