@@ -163,6 +163,12 @@ class Session:
             self.tree.close()
             self.tree = None
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the cache may be gone already
+            pass
+
     def __enter__(self):
         return self
 

@@ -29,6 +29,8 @@ class ProtocolRun:
         self.tree, self.core, self.params = tree, core, params
         self.make_generator = make_generator
         self.active: list[Thread] = []
+        self.total = 0                        # tokens sampled over all threads
+        self.max_total = params.max_total_tokens
         self.metrics = RequestMetrics()   # the scheduler shares the request's metrics here
 
     def activate(self, t: Thread, params: SamplingParams | None = None):
@@ -37,7 +39,15 @@ class ProtocolRun:
         self.active.append(t)
 
     def samplers(self) -> list[Thread]:
-        return [t for t in self.active if not t.finished]
+        s = [t for t in self.active if not t.finished]
+        if self.max_total is not None and len(s) > self.max_total - self.total:
+            # The total budget cannot cover one more token for every thread: the first
+            # ones (in creation order) take what is left, the others end here.
+            left = max(self.max_total - self.total, 0)
+            for t in s[left:]:
+                t.finish_reason = "length"
+            s = s[:left]
+        return s
 
     def on_token(self, t: Thread, tok: int):
         raise NotImplementedError

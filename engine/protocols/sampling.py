@@ -63,6 +63,7 @@ class _SamplingRun(ProtocolRun):
 
     def on_token(self, t, tok):
         self.core.accept(t, tok)
+        self.total += 1
         if t.finished:
             if self.first is None and t.finish_reason == "stop":
                 self.first = self.kids.index(t)
@@ -74,6 +75,9 @@ class _SamplingRun(ProtocolRun):
                         self.tree.discard(k)
 
     def done(self):
+        if not self.samplers():  # also ends threads the total budget cannot cover
+            for k in self.kids:
+                self.tree.discard(k)
         return all(k.finished for k in self.kids)
 
     def outputs(self) -> list[CompletionOutput]:

@@ -75,7 +75,6 @@ class TreeRun(ProtocolRun):
         super().__init__(tree, core, params, make_generator)
         self.proto, self.limits = proto, proto.limits
         self.tok = core.tokenizer
-        self.total = 0
         self.events: list[dict] = []
         self.main: Thread | None = None
         self.max_total = params.max_total_tokens or params.max_tokens * self.limits.max_paths
@@ -150,7 +149,7 @@ class TreeRun(ProtocolRun):
         return kids
 
     def maybe_join(self, g: ForkGroup):
-        if any(not c.finished for c in g.children) or g.cont is not None:
+        if any(not c.finished or c.finish_reason == "fork" for c in g.children) or g.cont is not None:
             return
         for c in g.children:
             self.active.remove(c)

@@ -1,0 +1,218 @@
+"""Fork/join sessions against transformers.
+
+* ``max`` trees: every generated token's logprob equals transformers run on the
+  packed sequence (``engine.trie.pack``) with a 4D ancestor mask and position ids.
+* ``sequential`` joins: equal to transformers continuing from a cache whose
+  sibling keys were explicitly re-rotated to their sequential positions.
+* ``reprefill`` joins: equal to transformers on the plain concatenated text.
+* Forks and max/sequential joins write no K/V; closing frees every page.
+"""
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import torch
+
+from conftest import hf_logprobs, random_ids
+from engine import SamplingParams
+from engine.attention.reference import rotate_by
+from engine.trie import pack
+
+ATOL = 1e-4
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+
+
+def grow(s, th, depth: int, max_depth: int, rng: random.Random, vocab: int, record: list):
+    """Randomly fork ``th`` into 1..5 children, grow each, join them (max); returns the tip."""
+    if depth >= max_depth or rng.random() < 0.25:
+        return th
+    k = rng.randint(1, 5)
+    hdrs = [random_ids(rng.randint(1, 3), vocab, rng.randint(0, 10**6)) for _ in range(k)]
+    kids = s.fork(th, hdrs)
+    outs = s.generate(kids, greedy(rng.randint(1, 5)))
+    record += list(zip(kids, outs))
+    tips = [grow(s, kid, depth + 1, max_depth, rng, vocab, record) for kid in kids]
+    c = s.join(tips, header=random_ids(rng.randint(1, 2), vocab, rng.randint(0, 10**6)))
+    record.append((c, s.generate([c], greedy(rng.randint(1, 4)))[0]))
+    return c
+
+
+def packed_logprobs(hf, s) -> tuple[torch.Tensor, dict[int, int]]:
+    ids, pos, mask = pack(s)
+    m = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        lp = hf(ids[None], position_ids=pos[None], attention_mask=m[None, None]).logits[0].log_softmax(-1)
+    start, off = {}, 0
+    for t in s.tree.threads:
+        if t.tokens:
+            start[t.id], off = off, off + len(t.tokens)
+    return lp, start
+
+
+def check_record(hf, s, record):
+    lp, start = packed_logprobs(hf, s)
+    n = 0
+    for h, out in record:
+        t = h._t
+        # a generate call's tokens follow everything the thread held before it
+        k0 = start[t.id] + _end_of(t, out) - len(out.token_ids)
+        for i, tok in enumerate(out.token_ids):
+            assert abs(lp[k0 + i - 1, tok].item() - out.logprobs[i][tok]) < ATOL, (t.id, i)
+            n += 1
+    return n
+
+
+def _end_of(t, out) -> int:
+    """Index just past ``out``'s tokens in ``t.tokens`` (later calls may have appended more)."""
+    toks = t.tokens
+    L = len(out.token_ids)
+    for e in range(len(toks), L - 1, -1):
+        if toks[e - L:e] == out.token_ids:
+            return e
+    raise AssertionError("generated tokens not found in the thread")
+
+
+@pytest.mark.parametrize("name,page_size,max_depth,seed", [
+    ("qwen3", 16, 1, 0), ("qwen3", 1, 2, 1), ("llama3_rope", 16, 3, 2), ("qwen2", 5, 2, 3),
+])
+def test_max_trees_match_packed_transformers(make_llm, hf_ref, name, page_size, max_depth, seed):
+    llm = make_llm(name, page_size=page_size, attention_backend="torch")
+    hf = hf_ref(name)
+    rng = random.Random(seed)
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(rng.randint(3, 20), V, seed))
+    record = []
+    (main,) = s.fork(s.root, [[]])
+    record.append((main, s.generate([main], greedy(3))[0]))
+    grow(s, main, 0, max_depth, rng, V, record)
+    if len(record) == 1:  # make sure there is at least one fork
+        grow(s, main, 0, 1, random.Random(seed + 100), V, record)
+    assert check_record(hf, s, record) > 0
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_fork_and_join_write_no_kv(make_llm, backend):
+    llm = make_llm("qwen3", attention_backend=backend)
+    s = llm.session(random_ids(40, llm.config.vocab_size, 0))
+    a, b = s.fork(s.root, [[5], [6, 7]])
+    s.generate([a, b], greedy(20))
+    used = llm.cache_stats()["pages_used"]
+    held = s.pages_held()
+    c = s.join([a, b], header=[9], positions="max")
+    assert llm.cache_stats()["pages_used"] == used == held   # a join allocates nothing
+    e, f = s.fork(c, [[1], [2]])
+    assert llm.cache_stats()["pages_used"] == used           # nor does a fork
+    s.generate([e, f], greedy(2))
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def _hf_cache_for(hf, ids, positions):
+    """transformers K/V (post-RoPE) of ``ids`` at ``positions``: list per layer of (k, v)."""
+    with torch.no_grad():
+        out = hf(torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=True)
+    cache = out.past_key_values
+    return [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(cache.layers))]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama"])
+def test_sequential_join_matches_rerotated_keys(make_llm, hf_ref, name):
+    """Siblings placed one after another by shifts == transformers over a cache in which the
+    second sibling's keys are explicitly re-rotated to the sequential positions."""
+    from transformers import DynamicCache
+    llm = make_llm(name, page_size=4, attention_backend="torch")
+    hf = hf_ref(name)
+    V = llm.config.vocab_size
+    prompt = random_ids(11, V, 1)
+    s = llm.session(prompt)
+    a, b = s.fork(s.root, [[3], [4, 5]])
+    s.generate([a, b], greedy(6))
+    c = s.join([a, b], header=[7, 8], positions="sequential")
+    out = s.generate([c], greedy(5))[0]
+    P, A, B = len(prompt), a.token_ids, b.token_ids
+    # reference K/V: prompt+a causally; b computed at its home positions after the prompt only
+    kv_a = _hf_cache_for(hf, prompt + A, list(range(P + len(A))))
+    kv_b = _hf_cache_for(hf, prompt + B, list(range(P + len(B))))
+    inv_freq = llm.model.inv_freq
+    cache = DynamicCache()
+    for li, ((ka, va), (kb, vb)) in enumerate(zip(kv_a, kv_b)):
+        kb_own = kb[:, :, P:]  # [1, Hkv, len(B), D], rotated at P + i
+        kb_seq = rotate_by(kb_own[0].transpose(0, 1), torch.full((len(B),), len(A)), inv_freq)
+        kb_seq = kb_seq.transpose(0, 1)[None]  # now rotated at P + len(A) + i
+        cache.update(torch.cat([ka, kb_seq], 2), torch.cat([va, vb[:, :, P:]], 2), li)
+    cont = c.token_ids  # header + generated
+    base = P + len(A) + len(B)
+    with torch.no_grad():
+        logits = hf(torch.tensor([cont]), position_ids=torch.arange(base, base + len(cont))[None],
+                    past_key_values=cache).logits[0].log_softmax(-1)
+    h = 2  # header length
+    for i, tok in enumerate(out.token_ids):
+        assert abs(logits[h - 1 + i, tok].item() - out.logprobs[i][tok]) < ATOL
+    s.close()
+
+
+def test_reprefill_join_matches_plain_text(make_llm, hf_ref):
+    llm = make_llm("qwen3", attention_backend="torch")
+    hf = hf_ref("qwen3")
+    V = llm.config.vocab_size
+    prompt = random_ids(9, V, 2)
+    s = llm.session(prompt)
+    a, b, c = s.fork(s.root, [[3], [4], [5, 6]])
+    s.generate([a, b, c], greedy(4))
+    j = s.join([a, b, c], header=[8], positions="reprefill")
+    out = s.generate([j], greedy(6))[0]
+    text = prompt + a.token_ids + b.token_ids + c.token_ids + [8]
+    ref = hf_logprobs(hf, text + out.token_ids)
+    for i, tok in enumerate(out.token_ids):
+        assert abs(ref[len(text) - 1 + i, tok].item() - out.logprobs[i][tok]) < ATOL
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_session_errors_leave_it_usable(make_llm):
+    llm = make_llm("qwen3", attention_backend="torch")
+    s = llm.session([1, 2, 3])
+    a, b = s.fork(s.root, [[4], [5]])
+    with pytest.raises(ValueError, match="header"):
+        s.join([a, b], header=[])
+    with pytest.raises(ValueError, match="join scheme"):
+        s.join([a, b], header=[1], positions="diagonal")
+    with pytest.raises(ValueError, match="n=1"):
+        s.generate([a], SamplingParams(n=2))
+    other = llm.session([1])
+    with pytest.raises(ValueError, match="not a thread of this session"):
+        s.generate([other.root])
+    other.close()
+    outs = s.generate([a, b], greedy(3))
+    assert [len(o.token_ids) for o in outs] == [3, 3]
+    s.close()
+    with pytest.raises(ValueError, match="closed"):
+        s.fork(a, [[1]])
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_many_random_sessions_free_every_page(make_llm, backend):
+    llm = make_llm("qwen3", page_size=3, attention_backend=backend)
+    V = llm.config.vocab_size
+    rng = random.Random(7)
+    for it in range(6):
+        s = llm.session(random_ids(rng.randint(1, 30), V, it))
+        (m,) = s.fork(s.root, [[]])
+        s.generate([m], greedy(2))
+        grow(s, m, 0, 2, rng, V, [])
+        assert s.pages_held() == llm.cache_stats()["pages_used"] > 0
+        if it % 2:
+            s.close()
+        else:
+            del s, m  # a dropped session gives its pages back too
+            gc.collect()
+        assert llm.cache_stats()["pages_used"] == 0
+        assert llm.cache_stats()["segments"] == 0

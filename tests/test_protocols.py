@@ -1,0 +1,222 @@
+"""Protocol state machines driven by a scripted token source (no sampling), on a
+real tiny model so that every fork/join also runs through the engine's step.
+
+Scripts map a thread's header text to what that thread "generates"; EOS follows
+the script unless it ends with ``...`` (then the filler repeats until a budget).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.demo import make_random_model
+from engine.protocols import (Multiverse, ParallelR1, ParallelSampling, ParaThinker, Tags,
+                              ThreadWeaver, TreeLimits)
+
+TAGS = ["<Parallel>", "</Parallel>", "<Goal>", "</Goal>", "<Outline>", "</Outline>", "<Path>",
+        "</Path>", "<Conclusion>", "</Conclusion>"]
+
+
+@pytest.fixture(scope="module", params=["plain", "special"])
+def llm(request):
+    d = tempfile.mkdtemp()
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+    if request.param == "special":  # the tags as special tokens of the tokenizer
+        from engine.demo import write_byte_tokenizer
+        write_byte_tokenizer(d, extra_special=TAGS)
+        import json
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        cfg["vocab_size"] = 259 + len(TAGS) + 8
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+        from engine.demo import random_weights
+        from safetensors.torch import save_file
+        save_file(random_weights(cfg), os.path.join(d, "model.safetensors"))
+    m = LLM(d, attention_backend="torch", page_size=4, seed=0)
+    yield m
+    m.core.token_source = None
+
+
+class Script:
+    def __init__(self, llm, scripts: dict[str, str]):
+        self.llm, self.scripts = llm, scripts
+        self.eos = llm.eos_ids[0]
+
+    def enc(self, s):
+        return self.llm.tokenizer.encode(s, add_special_tokens=False)
+
+    def __call__(self, threads):
+        out = []
+        for t in threads:
+            head = self.llm.tokenizer.decode(t.tokens[:t.header_len], skip_special_tokens=False)
+            key = max((k for k in self.scripts if k in head), key=len)
+            text = self.scripts[key]
+            loop = text.endswith("...")
+            toks = self.enc(text[:-3] if loop else text)
+            i = len(t.generated)
+            out.append(toks[i] if i < len(toks) else (toks[-1] if loop else self.eos))
+        return out
+
+
+def run(llm, scripts, protocol, **sp):
+    llm.core.token_source = Script(llm, scripts)
+    try:
+        params = SamplingParams(max_tokens=sp.pop("max_tokens", 400), **sp)
+        out = llm.generate("Q: 1+2, 3*4?", params, protocol=protocol)[0]
+    finally:
+        llm.core.token_source = None
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+    return out.outputs[0], out
+
+
+def kinds(c):
+    return [e["event"] for e in c.events]
+
+
+MV = {"": "<Parallel><Goal><Outline>1: add</Outline><Outline>2: mul</Outline></Goal>",
+      "1:": " 1+2=3</Path>", "2:": " 3*4=12, a longer path</Path>",
+      "<Conclusion>": "3 and 12</Conclusion></Parallel> answer \\boxed{15}"}
+
+
+def test_multiverse_forks_runs_side_by_side_and_joins(llm):
+    c, out = run(llm, MV, Multiverse())
+    assert c.text.startswith(MV[""] + "\n<Path>\n1: 1+2=3</Path>\n<Path>\n2: 3*4=12")
+    assert c.text.endswith("<Conclusion>\n3 and 12</Conclusion></Parallel> answer \\boxed{15}")
+    assert kinds(c) == ["fork", "join"]
+    roles = [t["role"] for t in c.tree]
+    assert roles == ["prompt", "main", "path", "path", "main"]
+    cont = c.tree[4]
+    assert {v[0] for v in cont["view"]} >= {c.tree[2]["view"][-1][0], c.tree[3]["view"][-1][0]}
+    m = c.metrics
+    assert m["max_parallel_threads"] == 2
+    assert m["critical_path_tokens"] < m["total_tokens"]
+    # the critical path: main + the longer path + conclusion, in forward steps too
+    assert out.metrics.forward_steps < m["total_tokens"]
+    assert c.finish_reason == "stop"
+
+
+def test_multiverse_nested_and_depth_limit(llm):
+    scripts = dict(MV)
+    scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    scripts["\n<Path>\n1:"] = " x</Path>"
+    c, _ = run(llm, scripts, Multiverse(limits=TreeLimits(max_depth=2)))
+    assert kinds(c).count("fork") == 2 and kinds(c).count("join") == 2
+    assert max(t["role"] == "path" for t in c.tree)
+    c, _ = run(llm, scripts, Multiverse(limits=TreeLimits(max_depth=1)))
+    assert "depth_limit" in kinds(c) and kinds(c).count("fork") == 1
+
+
+@pytest.mark.parametrize("case,script,expect", [
+    ("stray_close", {"": "text </Path> more"}, "stray_close"),
+    ("empty_outline", {"": "<Goal>nothing</Goal> go on"}, "empty_outline"),
+    ("unbalanced", {"": "</Goal> no open"}, "unbalanced"),
+    ("unknown_tags", {"": "<Foo><Path></Bar> done"}, None),
+    ("unclosed_path", {"": "<Goal><Outline>1: a</Outline></Goal>", "1:": " never closes",
+                       "<Conclusion>": "ok"}, "unclosed_path"),
+    ("endless_path", {"": "<Goal><Outline>1: a</Outline></Goal>", "1:": " loop...",
+                      "<Conclusion>": "ok"}, "unclosed_path"),
+])
+def test_multiverse_malformed_output(llm, case, script, expect):
+    c, _ = run(llm, script, Multiverse(), max_tokens=60)
+    if expect is not None:
+        assert expect in kinds(c)
+    assert c.finish_reason in ("stop", "length")
+    if case == "unclosed_path":
+        assert "</Path>" in c.tree[2]["text"]  # closed by the engine before the join
+
+
+def test_multiverse_too_many_items(llm):
+    s = {"": "<Goal>" + "".join(f"<Outline>{i}: x</Outline>" for i in range(1, 6)) + "</Goal>",
+         "1:": " a</Path>", "2:": " b</Path>", "3:": " c</Path>", "<Conclusion>": "done"}
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(max_paths=3)))
+    assert "too_many_items" in kinds(c)
+    assert sum(t["role"] == "path" for t in c.tree) == 3
+
+
+def test_budgets_bound_critical_path_and_total(llm):
+    s = {"": "<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>", "1:": " loop...",
+         "2:": " loop...", "<Conclusion>": "end..."}
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(fork_margin=4)), max_tokens=70)
+    assert c.metrics["critical_path_tokens"] <= 70
+    assert c.finish_reason == "length"
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(fork_margin=4)), max_tokens=500,
+               max_total_tokens=90)
+    assert c.metrics["total_tokens"] <= 90
+
+
+def test_no_fork_near_budget(llm):
+    c, _ = run(llm, MV, Multiverse(limits=TreeLimits(fork_margin=1000)))
+    assert "budget" in kinds(c) and "fork" not in kinds(c)
+
+
+def test_threadweaver_closes_unterminated_threads(llm):
+    s = {"": "<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>",
+         "1:": " first</Thread>", "2:": " second, unterminated", "</Parallel>": "after"}
+    for positions in ("sequential", "reprefill", "max"):
+        c, _ = run(llm, s, ThreadWeaver(positions=positions))
+        assert kinds(c).count("fork") == 1 and "unclosed_path" in kinds(c)
+        assert "\n<Thread>\n2: second, unterminated</Thread>\n</Parallel>\nafter" in c.text
+        assert c.text.count("first") == 1  # a reprefilled join is not shown twice
+
+
+def test_parallel_r1(llm):
+    s = {"": "think <Parallel>", "<Path>": " idea</Path>", "<Summary>": "sum"}
+    c, _ = run(llm, s, ParallelR1(num_paths=3))
+    assert sum(t["role"] == "path" for t in c.tree) == 3
+    assert c.text.endswith("</Parallel>\n<Summary>\nsum")
+
+
+def test_parathinker_first_finish_cutoff(llm):
+    s = {"<think1>": " short</think>", "<think2>": " long...", "<think3>": " longer...",
+         "<summary>": "final"}
+    c, _ = run(llm, s, ParaThinker(paths=3, cutoff_ratio=2.0))
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert len(paths) == 3
+    first = paths[0]["generated"]
+    assert all(p["generated"] <= 2 * first for p in paths)
+    assert "cutoff" in kinds(c) and c.text.endswith("<summary>\nfinal")
+    summary = c.tree[-1]
+    assert len(summary["view"]) == 1 + 3 + 1  # prompt, every path, itself
+
+
+def test_parallel_sampling_select(llm):
+    answers = iter(["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "no answer"])
+    table = {}
+
+    def src(threads):
+        out = []
+        for t in threads:
+            if t.id not in table:
+                table[t.id] = llm.tokenizer.encode(next(answers), add_special_tokens=False)
+            toks = table[t.id]
+            out.append(toks[len(t.generated)] if len(t.generated) < len(toks) else llm.eos_ids[0])
+        return out
+    llm.core.token_source = src
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=50), protocol=ParallelSampling(4, "majority"))[0]
+        assert len(out.outputs) == 4 and out.outputs[0].answer == "7"
+        table.clear()
+        answers = iter(["\\boxed{1} long answer", "\\boxed{2}", "x" * 30, "y" * 40])
+        out = llm.generate("Q", SamplingParams(max_tokens=50),
+                           protocol=ParallelSampling(4, "first_finish"))[0]
+        assert len(out.outputs) == 1 and out.outputs[0].answer == "2"
+    finally:
+        llm.core.token_source = None
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_protocol_arguments_are_validated():
+    with pytest.raises(ValueError, match="positions"):
+        Multiverse(positions="zigzag")
+    with pytest.raises(ValueError, match="num_paths"):
+        ParallelR1(num_paths=0)
+    with pytest.raises(ValueError, match="cutoff_ratio"):
+        ParaThinker(cutoff_ratio=0.5)
+    with pytest.raises(ValueError, match="select"):
+        ParallelSampling(2, select="best")
+    with pytest.raises(ValueError, match="max_depth"):
+        TreeLimits(max_depth=0)
+    with pytest.raises(ValueError, match="block_open"):
+        Tags(fork="x", path_header="y", path_close="z", join_header="w", block_open="a")
