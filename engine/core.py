@@ -15,7 +15,7 @@ from .runner import ModelRunner
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
-from .threads import Thread
+from .threads import Thread, refresh_view
 
 
 class CacheFullError(ValueError):
@@ -52,6 +52,9 @@ class EngineCore:
         """Feed ``feed``'s pending tokens, then sample one token for each of ``samplers``
         (returned in order; the caller applies them with ``accept``)."""
         self._check_room(feed)
+        for t in feed + samplers:
+            if t.live is not None:
+                refresh_view(t)
         for t in samplers:
             if t.pending or t.tokens:
                 continue

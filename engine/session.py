@@ -110,6 +110,24 @@ class Session:
         t = self.tree.join([self._thread(h) for h in threads], hdr, positions)
         return self._handle(t)
 
+    def spawn(self, view: list[ThreadHandle], header=None) -> ThreadHandle:
+        """A new thread that attends ``view`` live (each named thread's segment, laid out one
+        after another as it grows) and then its own segment, which starts with ``header``."""
+        self._check_open()
+        if not isinstance(view, (list, tuple)) or not view:
+            raise ValueError("spawn() needs a non-empty view: a list of this session's threads.")
+        t = self.tree.spawn([self._thread(h) for h in view], self._tokens(header))
+        return self._handle(t)
+
+    def set_view(self, thread: ThreadHandle, view: list[ThreadHandle]):
+        """Replace what a spawned thread attends; cycles between threads are allowed."""
+        self._check_open()
+        t = self._thread(thread)
+        if t.live is None:
+            raise ValueError(f"thread {t.id} was not spawned with a live view; only spawn()ed "
+                             "threads can change their view.")
+        self.tree.set_view(t, [self._thread(h) for h in view])
+
     def inject(self, thread: ThreadHandle, tokens):
         """Append tokens (str or ids) to a thread; written by the next step's extend pass."""
         self._check_open()

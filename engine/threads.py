@@ -45,6 +45,8 @@ class Thread:
     stop_reason: int | str | None = None
     stop_text: str | None = None
     tag: object = None                        # free slot for the protocol driving it
+    live: "list[Thread] | None" = None        # live view: these threads' segments, laid out
+                                              # one after another, then its own (Hogwild!)
 
     @property
     def end(self) -> int:
@@ -133,6 +135,38 @@ class ThreadTree:
             t.events.append({"event": "join", "into": cont.id, "positions": positions})
         return cont
 
+    # ---- live views (Hogwild!) -------------------------------------------------------------
+    def spawn(self, view: list[Thread], header: list[int]) -> Thread:
+        """A thread whose view is ``view`` (threads, read live as they grow) then its own
+        segment, which starts where the view's layout ends now."""
+        if not header and not (len(view) == 1 and view[0] is self.root):
+            raise ValueError("spawn() needs a non-empty header unless the view is just the root.")
+        for u in view:
+            self._check_open(u)
+        base = layout_end(view)
+        th = self._new_thread(base, [(u.seg, 0) for u in view],
+                              self.root if not header else None, list(header))
+        th.live = list(view)
+        refresh_view(th)
+        return th
+
+    def set_view(self, th: Thread, view: list[Thread]):
+        """Replace a live thread's view (cycles between threads are allowed)."""
+        self._check_open(th)
+        if any(u is th for u in view):
+            raise ValueError(f"thread {th.id}'s view cannot contain itself (its own segment is "
+                             "always last).")
+        if len({u.id for u in view}) != len(view):
+            raise ValueError("a view names the same thread twice.")
+        for u in view:
+            self._check_open(u)
+            self.cache.retain(u.seg)
+        for s, _ in th.view[:-1]:
+            self.cache.release_segment(s)
+        th.live = list(view)
+        th.view = [(u.seg, 0) for u in view] + [(th.seg, 0)]
+        refresh_view(th)
+
     def _seg_tokens(self, seg: Segment) -> list[int]:
         for t in self.threads:
             if t.seg is seg:
@@ -171,3 +205,30 @@ class ThreadTree:
     def pages_held(self) -> int:
         segs = {s.id: s for t in self.threads if not t.closed for s, _ in t.view}
         return sum(len(s.pages) for s in segs.values())
+
+
+def written_after_step(t: Thread) -> int:
+    """Tokens ``t``'s segment holds once this step's pending tokens are written."""
+    return len(t.tokens) if not t.closed else t.seg.length
+
+
+def layout_end(view: list[Thread]) -> int:
+    pos = view[0].seg.base if view else 0
+    for u in view:
+        pos += written_after_step(u)
+    return pos
+
+
+def refresh_view(t: Thread):
+    """Recompute a live view's shifts from current lengths so that the thread sees its
+    view as one contiguous text: view threads one after another, then its own tokens.
+    Shifts are relative to the own segment's (whose home positions never change)."""
+    if t.live is None:
+        return
+    pos = t.live[0].seg.base if t.live else 0
+    starts = []
+    for u in t.live:
+        starts.append(pos)
+        pos += written_after_step(u)
+    own = pos - t.seg.base
+    t.view = [(u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)] + [(t.seg, 0)]

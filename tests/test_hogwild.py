@@ -1,0 +1,175 @@
+"""Hogwild! live views against independent oracles.
+
+* The shift rule: attention with the query rotated by -shift equals attention over
+  keys explicitly re-rotated by +shift (random tensors, many shifts, every backend).
+* End to end: scripted 2- and 3-worker greedy runs whose workers see each other
+  live. An oracle built from the transformers model's own modules recomputes every
+  step layer by layer, rebuilding each worker's current view as one contiguous
+  cache (pre-RoPE keys rotated at their view positions; tokens written in the same
+  step visible to all), and must give the same log-prob for every sampled token.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import random_ids
+from engine import SamplingParams
+from engine.attention import get_backend
+from engine.attention.plan import ThreadStep, build_plan_py
+from engine.attention.reference import rotate_by
+
+ATOL = 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("shift", [-37, -1, 1, 5, 64, 1000])
+def test_shift_rule(backend, shift):
+    g = torch.Generator().manual_seed(abs(shift))
+    Hq, Hkv, D, ps, L, R = 4, 2, 64, 16, 45, 3
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    pages = torch.randperm(8, generator=g)[:3].tolist()
+    k_pool = torch.randn(8, ps, Hkv, D, generator=g)
+    v_pool = torch.randn(8, ps, Hkv, D, generator=g)
+    q = torch.randn(R, Hq, D, generator=g)
+    # rows 0..2 of one thread read segment 0 (shifted) and their own segment 1 (empty view part)
+    plan = build_plan_py([ThreadStep([(0, shift), (1, 0)], 1, R)], {0: L, 1: R},
+                         {0: pages, 1: [pages[-1]]})
+    _, fn = get_backend(backend, torch.device("cpu"))
+    out = fn(q, k_pool, v_pool, plan, inv_freq, 0.125)
+    # explicit: segment 0's keys re-rotated by +shift, own rows causal
+    k0 = k_pool[pages].reshape(-1, Hkv, D)[:L]
+    k0 = rotate_by(k0, torch.full((L,), shift), inv_freq)
+    v0 = v_pool[pages].reshape(-1, Hkv, D)[:L]
+    k1 = k_pool[pages[-1]][:R]
+    v1 = v_pool[pages[-1]][:R]
+    for r in range(R):
+        k = torch.cat([k0, k1[:r + 1]]).repeat_interleave(Hq // Hkv, 1)
+        v = torch.cat([v0, v1[:r + 1]]).repeat_interleave(Hq // Hkv, 1)
+        s = torch.einsum("hd,lhd->hl", q[r], k) * 0.125
+        ref = torch.einsum("hl,lhd->hd", s.softmax(-1), v)
+        torch.testing.assert_close(out[r], ref, atol=1e-5, rtol=1e-5)
+
+
+class Oracle:
+    """A transformers-module forward over explicit per-view contiguous caches."""
+
+    def __init__(self, hf):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        self.hf, self.m = hf, hf.model
+        self.rope = apply_rotary_pos_emb
+        self.kraw: dict[tuple[int, int], list[torch.Tensor]] = {}  # (thread, idx) -> per-layer k
+        self.vals: dict[tuple[int, int], list[torch.Tensor]] = {}
+        cfg = hf.config
+        self.Hq, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.Hq
+
+    def _rot(self, x, pos):  # x [n, H, D] pre-RoPE -> rotated at pos [n]
+        cos, sin = self.m.rotary_emb(x, pos[None])
+        xr, _ = self.rope(x.transpose(0, 1)[None], x.transpose(0, 1)[None], cos, sin)
+        return xr[0].transpose(0, 1)
+
+    @torch.no_grad()
+    def step(self, new: list[tuple[int, int, int]], views: dict[int, list[tuple[int, int]]]):
+        """new: (thread, idx, token) written this step; views[thread]: the (thread, length)
+        runs it sees in order, its own last (lengths after this step). Returns the
+        log-probs after each thread's last new token."""
+        h = self.m.embed_tokens(torch.tensor([tok for _, _, tok in new]))
+        for li, layer in enumerate(self.m.layers):
+            a = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = a.q_proj(x).view(len(new), self.Hq, self.D)
+            k = a.k_proj(x).view(len(new), self.Hkv, self.D)
+            v = a.v_proj(x).view(len(new), self.Hkv, self.D)
+            if hasattr(a, "q_norm"):
+                q, k = a.q_norm(q), a.k_norm(k)
+            for n, (t, i, _) in enumerate(new):
+                self.kraw.setdefault((t, i), []).append(k[n])
+                self.vals.setdefault((t, i), []).append(v[n])
+            outs = []
+            for n, (t, i, _) in enumerate(new):
+                keys, pos, = [], []
+                p = 0
+                for u, length in views[t]:
+                    lim = i + 1 if u == t else length
+                    for j in range(lim):
+                        keys.append((u, j))
+                        pos.append(p + j)
+                    if u == t:
+                        qpos = p + i
+                    p += length
+                K = self._rot(torch.stack([self.kraw[kk][li] for kk in keys]), torch.tensor(pos))
+                V = torch.stack([self.vals[kk][li] for kk in keys])
+                qq = self._rot(q[n][None], torch.tensor([qpos]))[0]
+                K = K.repeat_interleave(self.Hq // self.Hkv, 1)
+                V = V.repeat_interleave(self.Hq // self.Hkv, 1)
+                s = torch.einsum("hd,lhd->hl", qq, K) / math.sqrt(self.D)
+                outs.append(torch.einsum("hl,lhd->hd", s.softmax(-1), V).reshape(-1))
+            h = h + a.o_proj(torch.stack(outs))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.hf.lm_head(self.m.norm(h)).float().log_softmax(-1)
+        last = {}
+        for n, (t, _, _) in enumerate(new):
+            last[t] = logits[n]
+        return last
+
+
+def _views(workers, lengths):
+    return {w.id: [(u.id, lengths[u.id]) for u in w._t.live] + [(w.id, lengths[w.id])]
+            for w in workers}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("name,nworkers,page_size", [("qwen3", 2, 16), ("llama", 3, 1),
+                                                      ("qwen3", 3, 5)])
+def test_live_views_match_oracle(make_llm, hf_ref, name, nworkers, page_size, backend):
+    llm = make_llm(name, page_size=page_size, attention_backend=backend)
+    V = llm.config.vocab_size
+    prompt = random_ids(7, V, 3)
+    s = llm.session(prompt)
+    names = ["Alice", "Bob", "Carol"][:nworkers]
+    hdrs = [random_ids(len(n) // 2 + 1, V, 10 + i) for i, n in enumerate(names)]
+    ws = [s.spawn(view=[s.root], header=hdrs[0])]
+    for i in range(1, nworkers):
+        ws.append(s.spawn(view=[s.root] + ws[:i], header=hdrs[i]))
+    for i in range(nworkers):  # every worker sees all the others: cycles through live views
+        s.set_view(ws[i], [s.root] + [w for w in ws if w is not ws[i]])
+    T = 6
+    outs = s.generate(ws, SamplingParams(temperature=0, max_tokens=T, ignore_eos=True, logprobs=0))
+
+    oracle = Oracle(hf_ref(name))
+    root = s.root._t.id
+    oracle.step([(root, i, tok) for i, tok in enumerate(prompt)], {root: [(root, len(prompt))]})
+    lengths = {root: len(prompt)}
+    for k in range(T):
+        new = []
+        for w, h, o in zip(ws, hdrs, outs):
+            toks = h if k == 0 else [o.token_ids[k - 1]]
+            base = 0 if k == 0 else len(h) + k - 1
+            new += [(w.id, base + j, tok) for j, tok in enumerate(toks)]
+            lengths[w.id] = len(h) + k
+        lp = oracle.step(new, _views(ws, lengths))
+        for w, o in zip(ws, outs):
+            tok = o.token_ids[k]
+            assert abs(lp[w.id][tok].item() - o.logprobs[k][tok]) < ATOL, (w.id, k)
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_spawn_errors(make_llm):
+    llm = make_llm("qwen3", attention_backend="torch")
+    s = llm.session([1, 2, 3])
+    a = s.spawn(view=[s.root], header=[4])
+    with pytest.raises(ValueError, match="itself"):
+        s.set_view(a, [s.root, a])
+    with pytest.raises(ValueError, match="twice"):
+        s.set_view(a, [s.root, s.root])
+    (f,) = s.fork(s.root, [[5]])
+    with pytest.raises(ValueError, match="spawn"):
+        s.set_view(f, [s.root])
+    with pytest.raises(ValueError, match="non-empty view"):
+        s.spawn(view=[], header=[1])
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
