@@ -71,16 +71,18 @@ class EngineCore:
                 t.last_logits = logits[i] if id(t) in sampling else logits[i].clone()
         if not samplers:
             return []
-        if self.token_source is not None:
-            return [int(x) for x in self.token_source(samplers)]
         rows = []
         for t in samplers:
             src = t if t.tokens else t.parent
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
             rows.append(src.last_logits)
-        tokens, logprobs = sample(torch.stack(rows), [t.params for t in samplers],
-                                  [t.generator for t in samplers])
+        if self.token_source is not None:
+            tokens = [int(x) for x in self.token_source(samplers)]
+            logprobs = torch.stack(rows).log_softmax(-1)
+        else:
+            tokens, logprobs = sample(torch.stack(rows), [t.params for t in samplers],
+                                      [t.generator for t in samplers])
         for t, lp in zip(samplers, logprobs):
             t._lp_row = lp
         return tokens

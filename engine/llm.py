@@ -150,6 +150,8 @@ class LLM:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):
             raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
+        if hasattr(protocol, "prepare_prompt"):
+            items = [(text, protocol.prepare_prompt(self.tokenizer, text, ids)) for text, ids in items]
         reqs = []
         for (text, ids), p in zip(items, plist):
             need = self._check_fits(ids, p, protocol)

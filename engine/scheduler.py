@@ -86,6 +86,8 @@ class Scheduler:
         for req in self.running:
             req.metrics.kv_pages_peak = max(req.metrics.kv_pages_peak, req.tree.pages_held())
         for req, t, tok in zip(owner, samplers, tokens):
+            if t.finished:  # ended by its protocol earlier in this step: the token is dropped
+                continue
             req.metrics.generated_tokens += 1
             req.run.on_token(t, tok)
         done = [r for r in self.running if r.run.done()]

@@ -167,6 +167,37 @@ class ThreadTree:
         th.view = [(u.seg, 0) for u in view] + [(th.seg, 0)]
         refresh_view(th)
 
+    def compact(self, threads: list[Thread], base: int, inv_freq: torch.Tensor) -> Thread:
+        """Rewrite the segments of ``threads`` (fully written, in order) once into one new
+        contiguous segment starting at home position ``base``: V copied, K re-rotated from
+        each token's old home position to its new one. Returns a finished thread owning it;
+        callers re-point views to it and discard the old threads."""
+        from .attention.reference import rotate_by
+        for t in threads:
+            if t.pending:
+                raise ValueError(f"thread {t.id} has unwritten tokens; compact after they are written.")
+        th = self._new_thread(base, [], None, [])
+        th.tokens = [tok for t in threads for tok in t.tokens]
+        total = len(th.tokens)
+        slots = torch.tensor(self.cache.append_slots(th.seg, total), dtype=torch.long)
+        ps = self.cache.page_size
+        src, delta = [], []
+        pos = base
+        for t in threads:
+            n = t.seg.length
+            src += [t.seg.pages[i // ps] * ps + i % ps for i in range(n)]
+            delta += [pos - t.seg.base] * n
+            pos += n
+        src_t, delta_t = torch.tensor(src, dtype=torch.long), torch.tensor(delta)
+        for kp, vp in zip(self.cache.k, self.cache.v):
+            Hkv, D = kp.shape[2], kp.shape[3]
+            kf, vf = kp.view(-1, Hkv, D), vp.view(-1, Hkv, D)
+            k = rotate_by(kf[src_t], delta_t, inv_freq.to(kf.device)).to(kf.dtype)
+            kf.index_copy_(0, slots.to(kf.device), k)
+            vf.index_copy_(0, slots.to(kf.device), vf[src_t])
+        th.finish_reason = "compacted"
+        return th
+
     def _seg_tokens(self, seg: Segment) -> list[int]:
         for t in self.threads:
             if t.seg is seg:

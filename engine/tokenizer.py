@@ -69,6 +69,7 @@ class Tokenizer:
                 raise ValueError(f"Chat message {m!r} must be a dict with 'role' and 'content'.")
         if self._compiled is None:
             import jinja2
+            import jinja2.ext
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(msg):

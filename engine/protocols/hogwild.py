@@ -1,0 +1,263 @@
+"""Hogwild! collaborative workers: N workers of one model see each other's tokens
+live through one shared cache, in one batched forward pass per step.
+
+Layouts (every worker's view, read as one contiguous text through shifts):
+* ``contiguous``: the prompt, the other workers' whole outputs, then its own.
+* ``combined``: the prompt, the shared history of finished steps (in commit order),
+  the other workers' steps in progress, then its own step. A step ends at a
+  paragraph break after a sentence end (never inside a code fence or display
+  math); it then joins the history by reference (no copy) and the worker opens a
+  new step under a fresh header. When views hold more than ``compact_after``
+  segments, the written history is rewritten once into one contiguous segment
+  (keys re-rotated to their new positions), so attention cost stops growing with
+  the number of steps.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..outputs import CompletionOutput
+from ..sampling_params import SamplingParams
+from ..threads import Thread, layout_end
+from .base import Protocol, ProtocolRun
+from .sampling import last_boxed
+
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
+
+COLLAB_PROMPT = (
+    "You are {names}: {n} assistants solving one problem together, in parallel. Each of you "
+    "writes in your own turn, and each of you sees what the others write as soon as they "
+    "write it. Split the work: take a part nobody else is doing, build on the others' "
+    "findings, and do not repeat what someone has already done. Check each other's work "
+    "when it helps. Write in short steps, each ending with a blank line. When the problem "
+    "is solved, one of you writes the final answer as \\boxed{{answer}}."
+)
+CHECKIN = "(Quick check: am I duplicating another worker's work? If so, I switch to another part.) "
+FINISHER = "\n\nAll workers have stopped. Based on all of the work above, the final answer is \\boxed{"
+
+
+def step_ended(text: str) -> bool:
+    """A paragraph break right after a sentence end, outside code fences and display math."""
+    if not text.endswith("\n\n"):
+        return False
+    body = text.rstrip()
+    if not re.search(r"[.!?][\"')\]*_]*$", body):
+        return False
+    return text.count("```") % 2 == 0 and text.count("$$") % 2 == 0 and \
+        text.count("\\[") == text.count("\\]")
+
+
+@dataclass(eq=False)
+class Worker:
+    index: int
+    name: str
+    steps: list[Thread] = field(default_factory=list)   # its step threads, in order
+    generated: int = 0
+    done: bool = False
+
+    @property
+    def current(self) -> Thread:
+        return self.steps[-1]
+
+
+class Hogwild(Protocol):
+    name = "hogwild"
+
+    def __init__(self, workers: int = 2, layout: str = "combined", names: list[str] | None = None,
+                 header: str = "{name}: ", collab_prompt: str | None = COLLAB_PROMPT,
+                 checkin_every: int | None = None, checkin: str = CHECKIN,
+                 compact_after: int = 32, finisher: bool = True, finisher_tokens: int = 24,
+                 stop_on_answer: bool = True):
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers={workers!r} must be an integer >= 1.")
+        if layout not in ("combined", "contiguous"):
+            raise ValueError(f"layout={layout!r} must be 'combined' or 'contiguous'.")
+        names = list(names) if names is not None else (NAMES + [f"Worker{i}" for i in range(9, 65)])
+        if len(names) < workers:
+            raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
+        if checkin_every is not None and (not isinstance(checkin_every, int) or checkin_every < 1):
+            raise ValueError(f"checkin_every={checkin_every!r} must be None or an integer >= 1.")
+        if not isinstance(compact_after, int) or compact_after < workers + 2:
+            raise ValueError(f"compact_after={compact_after!r} must be an integer >= workers + 2.")
+        self.workers, self.layout, self.names = workers, layout, names[:workers]
+        self.header, self.collab_prompt = header, collab_prompt
+        self.checkin_every, self.checkin = checkin_every, checkin
+        self.compact_after, self.finisher = compact_after, finisher
+        self.finisher_tokens, self.stop_on_answer = finisher_tokens, stop_on_answer
+
+    def prepare_prompt(self, tokenizer, text: str | None, ids: list[int]) -> list[int]:
+        """Render the collaboration prompt around a text prompt (token ids pass unchanged)."""
+        if text is None or self.collab_prompt is None:
+            return ids
+        system = self.collab_prompt.format(names=", ".join(self.names), n=self.workers)
+        if tokenizer.chat_template:
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+            return tokenizer.encode(tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+        return tokenizer.encode(f"{system}\n\nProblem: {text}\n")
+
+    def pages_needed(self, cache, prompt_len, params, max_positions):
+        total = params.max_total_tokens or params.max_tokens * self.workers
+        steps = total // 4 + self.workers + 2       # every step may start a fresh page
+        hdr = 64 * steps                            # headers and check-ins
+        # compaction writes the history once more before the old pages go back
+        return cache.pages_for(prompt_len) + 2 * (cache.pages_for(total + hdr + self.finisher_tokens)
+                                                  + steps)
+
+    def start(self, tree, core, params, make_generator):
+        return HogwildRun(self, tree, core, params, make_generator)
+
+
+class HogwildRun(ProtocolRun):
+    def __init__(self, proto: Hogwild, tree, core, params: SamplingParams, make_generator):
+        super().__init__(tree, core, params, make_generator)
+        self.proto, self.tok = proto, core.tokenizer
+        # workers' budget; the finisher's few tokens come on top
+        self.max_total = params.max_total_tokens or params.max_tokens * proto.workers
+        self.history: list[Thread] = []      # committed steps (or one compacted segment first)
+        self.commits: list[tuple[int, Thread]] = []  # (worker, step) in commit order
+        self.finisher: Thread | None = None
+        self.workers = [Worker(i, n) for i, n in enumerate(proto.names)]
+        self.compactions = 0
+        # a worker's budget is counted over all its steps, not per step thread
+        self.step_params = SamplingParams(**{**vars(params), "max_tokens": 1 << 30})
+        for w in self.workers:
+            t = tree.spawn([tree.root], self._header(w))
+            w.steps.append(t)
+            self.activate(t, self.step_params)
+        self._update_views()
+
+    # ---- views -----------------------------------------------------------------------------
+    def _header(self, w: Worker) -> list[int]:
+        text = self.proto.header.format(name=w.name)
+        k = self.proto.checkin_every
+        if k is not None and len(w.steps) > 0 and len(w.steps) % k == 0:
+            text += self.proto.checkin
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def _view_of(self, w: Worker) -> list[Thread]:
+        root = self.tree.root
+        if self.proto.layout == "contiguous":
+            return [root] + [o.current for o in self.workers if o is not w]
+        return [root] + self.history + [o.current for o in self.workers if o is not w]
+
+    def _update_views(self):
+        for w in self.workers:
+            if not w.current.closed:
+                self.tree.set_view(w.current, self._view_of(w))
+
+    # ---- per token -------------------------------------------------------------------------
+    def on_token(self, t: Thread, tok: int):
+        if t is self.finisher:
+            self.core.accept(t, tok)
+            if "}" in self.tok.decode(t.generated):
+                t.finish_reason = "stop"
+            return
+        w = next(w for w in self.workers if w.current is t)
+        self.core.accept(t, tok)
+        self.total += 1
+        w.generated += 1
+        if w.generated >= self.params.max_tokens and not t.finished:
+            t.finish_reason = "length"
+        text = self.tok.decode(t.generated)
+        if t.finished:
+            w.done = True
+            self._commit(w)
+        elif self.proto.stop_on_answer and last_boxed(text) is not None:
+            t.finish_reason, w.done = "stop", True
+            self._commit(w)
+            for o in self.workers:  # an answer ends the collaboration
+                if not o.done:
+                    o.current.finish_reason, o.done = "stop", True
+                    self._commit(o)
+        elif self.proto.layout == "combined" and step_ended(text):
+            t.finish_reason = "step"
+            self._commit(w)
+            nxt = self.tree.spawn([self.tree.root], self._header(w))
+            w.steps.append(nxt)
+            self.activate(nxt, self.step_params)
+            self._update_views()
+            self._maybe_compact()
+        if all(o.done for o in self.workers) and self.finisher is None:
+            self._finish()
+
+    def _commit(self, w: Worker):
+        self.commits.append((w.index, w.current))
+        if self.proto.layout == "combined" and w.current.generated:
+            self.history.append(w.current)
+
+    def _maybe_compact(self):
+        segs = 1 + len(self.history) + len(self.workers)
+        if segs <= self.proto.compact_after:
+            return
+        ready = [h for h in self.history if not h.pending]
+        if len(ready) < 2:
+            return
+        # The written prefix of the history becomes one segment placed right after the prompt.
+        k = 0
+        while k < len(self.history) and not self.history[k].pending:
+            k += 1
+        old = self.history[:k]
+        merged = self.tree.compact(old, self.tree.root.end, self.core.runner.model.inv_freq)
+        self.history = [merged] + self.history[k:]
+        self._update_views()
+        for h in old:
+            self.tree.discard(h)
+        self.compactions += 1
+
+    def _finish(self):
+        transcript = self.tok.decode([x for _, t in self.commits for x in t.tokens])
+        if not self.proto.finisher or last_boxed(transcript) is not None:
+            return
+        if self.proto.layout == "contiguous":
+            view = [self.tree.root] + [t for _, t in self.commits]
+        else:
+            view = [self.tree.root] + self.history
+        self.finisher = self.tree.spawn(view, self.tok.encode(FINISHER, add_special_tokens=False))
+        fp = SamplingParams(**{**vars(self.params), "max_tokens": self.proto.finisher_tokens,
+                               "n": 1, "stop": None})
+        self.activate(self.finisher, fp)
+
+    def samplers(self) -> list[Thread]:
+        ws = [w.current for w in self.workers if not w.done and not w.current.finished]
+        left = max(self.max_total - self.total, 0)
+        for t in ws[left:]:  # the total budget cannot give these workers another token
+            w = next(w for w in self.workers if w.current is t)
+            t.finish_reason, w.done = "length", True
+            self._commit(w)
+        if all(w.done for w in self.workers) and self.finisher is None:
+            self._finish()
+        s = ws[:left]
+        if self.finisher is not None and not self.finisher.finished:
+            s.append(self.finisher)
+        return s
+
+    def done(self) -> bool:
+        return not self.samplers()
+
+    # ---- outputs ---------------------------------------------------------------------------
+    def outputs(self) -> list[CompletionOutput]:
+        order = [t for _, t in self.commits]
+        if self.finisher is not None:
+            order.append(self.finisher)
+        ids = [x for t in order for x in t.tokens]
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        answer = last_boxed(text)
+        if answer is None and self.finisher is not None:
+            answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")
+        workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
+                    "text": self.tok.decode([x for s in w.steps for x in s.tokens]),
+                    "steps": len(w.steps), "generated": w.generated,
+                    # log-prob of each sampled token (when SamplingParams.logprobs is set)
+                    "logprobs": [d[tok] for s in w.steps
+                                 for tok, d in zip(s.generated, s.logprobs or [])]}
+                   for w in self.workers]
+        metrics = {"forward_steps": self.metrics.forward_steps, "total_tokens": self.total,
+                   "steps_committed": len(self.commits), "compactions": self.compactions,
+                   "max_parallel_threads": self.metrics.max_parallel_threads}
+        reason = "length" if any(w.current.finish_reason == "length" for w in self.workers) and \
+            answer is None else "stop"
+        out = CompletionOutput(0, text, ids, reason)
+        out.answer, out.metrics, out.workers = answer, metrics, workers
+        out.events = [{"event": "commit", "worker": wi, "thread": t.id} for wi, t in self.commits]
+        return [out]

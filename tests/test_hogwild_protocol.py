@@ -1,0 +1,162 @@
+"""The Hogwild protocol: layouts, step commits, compaction, budgets, pages."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import pages, random_ids
+from engine import SamplingParams
+from engine.protocols import Hogwild
+from engine.protocols.hogwild import step_ended
+
+
+def test_step_boundaries():
+    assert step_ended("We add them. The sum is 7.\n\n")
+    assert step_ended("Is it prime?\n\n")
+    assert not step_ended("no sentence end\n\n")
+    assert not step_ended("Done.\n")
+    assert not step_ended("```python\nx = 1.\n\n")           # inside a code fence
+    assert not step_ended("$$\na = b.\n\n")                   # inside display math
+    assert step_ended("```python\nx = 1\n```\nThat runs.\n\n")
+
+
+def test_one_worker_contiguous_is_plain_greedy(make_llm):
+    llm = make_llm("qwen3", attention_backend="cpu")
+    prompt = random_ids(12, llm.config.vocab_size, 4)
+    hw = Hogwild(workers=1, layout="contiguous", header="", finisher=False)
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    out = llm.generate([prompt], p, protocol=hw)[0].outputs[0]
+    ref = llm.generate([prompt], p)[0].outputs[0]
+    assert out.token_ids == ref.token_ids
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def _scripted(llm, scripts):
+    """Each worker (by name in its header) types its script across steps, then '.' forever."""
+    typed = {}
+
+    def src(threads):
+        out = []
+        for t in threads:
+            head = llm.tokenizer.decode(t.tokens[:t.header_len])
+            name = next((n for n in scripts if n in head), None)
+            if name is None:
+                out.append(llm.tokenizer.encode("7", add_special_tokens=False)[0])
+                continue
+            toks = llm.tokenizer.encode(scripts[name], add_special_tokens=False)
+            i = typed.get(name, 0)
+            typed[name] = i + 1
+            out.append(toks[i] if i < len(toks) else toks[-2])
+        return out
+    return src
+
+
+SCRIPTS = {"Alice": "I take part one. It is 3.\n\nThen part three. It is 5.\n\nMore. Yes.\n\n" * 2,
+           "Bob": "I take part two. It is 4.\n\nChecking Alice. Fine.\n\nGood. Go.\n\n" * 2,
+           "Carol": "I verify. All good.\n\nStill checking. Ok.\n\n" * 3}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_combined_layout_commits_and_compaction_are_exact(make_llm, workers):
+    """Compaction rewrites the history's keys once; attention must not notice: every
+    token's logprob is the same with and without it. With one worker the view is the
+    plain transcript, so logprobs also equal teacher-forced scoring of it."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    names = ["Alice", "Bob", "Carol"][:workers]
+    scripts = {n: SCRIPTS[n] for n in names}
+    p = SamplingParams(temperature=0, max_tokens=60, logprobs=0, ignore_eos=True)
+    prompt = random_ids(9, llm.config.vocab_size, 5)
+    runs = {}
+    for compact_after in (workers + 2, 1000):
+        llm.core.token_source = _scripted(llm, scripts)
+        try:
+            hw = Hogwild(workers=workers, names=names, compact_after=compact_after, finisher=False,
+                         stop_on_answer=False)
+            runs[compact_after] = out = llm.generate([prompt], p, protocol=hw)[0].outputs[0]
+        finally:
+            llm.core.token_source = None
+        assert llm.cache_stats()["pages_used"] == 0
+        assert out.metrics["steps_committed"] >= 3 * workers
+    small, big = runs[workers + 2], runs[1000]
+    assert small.metrics["compactions"] > 0 and big.metrics["compactions"] == 0
+    assert small.text == big.text
+    for ws, wb in zip(small.workers, big.workers):
+        assert ws["token_ids"] == wb["token_ids"]
+        assert max(abs(a - b) for a, b in zip(ws["logprobs"], wb["logprobs"])) < 1e-4
+    if workers == 1:
+        lp = llm.score(prompt + small.token_ids)[0]
+        w = small.workers[0]
+        # the generated tokens, in transcript order, are the worker's non-header tokens
+        gen_pos = []
+        i = len(prompt)
+        hdr = llm.tokenizer.encode("Alice: ", add_special_tokens=False)
+        while i < len(prompt) + len(small.token_ids):
+            ids = (prompt + small.token_ids)
+            if ids[i:i + len(hdr)] == hdr:
+                i += len(hdr)
+                continue
+            gen_pos.append(i)
+            i += 1
+        assert len(gen_pos) == len(w["logprobs"])
+        for k, (pos, got) in enumerate(zip(gen_pos, w["logprobs"])):
+            tok = (prompt + small.token_ids)[pos]
+            assert abs(lp[pos - 1, tok].item() - got) < 1e-4, k
+
+
+def test_history_pages_are_shared_and_steps_scale(make_llm):
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    prompt = random_ids(30, llm.config.vocab_size, 6)
+    p = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    steps = {}
+    for workers in (1, 2, 4):
+        names = ["Alice", "Bob", "Carol", "Dave"][:workers]
+        llm.core.token_source = _scripted(llm, {n: SCRIPTS.get(n, SCRIPTS["Carol"]) for n in names})
+        try:
+            ro = llm.generate([prompt], p, protocol=Hogwild(workers=workers, names=names,
+                                                           finisher=False, stop_on_answer=False))[0]
+        finally:
+            llm.core.token_source = None
+        out = ro.outputs[0]
+        steps[workers] = out.metrics["forward_steps"]
+        assert out.metrics["total_tokens"] == 40 * workers
+        # every worker's view holds the whole history, but each page exists once:
+        hist_pages = sum(pages(len(t), 4) for t in
+                         [w["token_ids"] for w in out.workers]) + out.metrics["steps_committed"]
+        assert ro.metrics.kv_pages_peak <= pages(30, 4) + hist_pages + workers
+        if workers > 1:
+            assert workers * hist_pages > ro.metrics.kv_pages_peak
+        assert llm.cache_stats()["pages_used"] == 0
+    # workers advance together: forward steps do not grow with the number of workers
+    assert steps[1] == steps[2] == steps[4]
+
+
+def test_finisher_asks_for_the_answer(make_llm):
+    llm = make_llm("qwen3", attention_backend="cpu")
+    prompt = random_ids(10, llm.config.vocab_size, 8)
+    llm.core.token_source = _scripted(llm, {"Alice": "Thinking. Hard.\n\n" * 9, "Bob": "Me too.\n\n" * 9})
+    try:
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                           protocol=Hogwild(workers=2, finisher_tokens=3))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert "the final answer is \\boxed{" in out.text
+    assert out.answer is not None
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_hogwild_arguments_are_validated():
+    with pytest.raises(ValueError, match="workers"):
+        Hogwild(workers=0)
+    with pytest.raises(ValueError, match="layout"):
+        Hogwild(layout="grid")
+    with pytest.raises(ValueError, match="names"):
+        Hogwild(workers=3, names=["A"])
+    with pytest.raises(ValueError, match="checkin_every"):
+        Hogwild(checkin_every=0)
+
+
+def test_collaboration_prompt_uses_chat_template(make_llm):
+    llm = make_llm("qwen3", attention_backend="cpu")
+    hw = Hogwild(workers=3)
+    ids = hw.prepare_prompt(llm.tokenizer, "What is 2+2?", [])
+    text = llm.tokenizer.decode(ids, skip_special_tokens=False)
+    assert "Alice, Bob, Carol" in text and "What is 2+2?" in text and "<|im_start|>" in text
