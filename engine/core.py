@@ -118,7 +118,7 @@ class EngineCore:
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
         # Only the tail can hold a new match: decode enough tokens to cover the longest stop.
         longest = max(len(s) for s in p.stop)
-        tail_toks = t.generated[-(longest + 8):]
+        tail_toks = t.generated[-(4 * longest + 8):]  # a character may take several tokens
         tail = self.tokenizer.decode(tail_toks)
         if not any(s in tail for s in p.stop):
             return False
