@@ -39,6 +39,61 @@ def machine_info() -> str:
             f"torch {torch.__version__} | python {platform.python_version()}")
 
 
+def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
+    """Measured memory read bandwidth (bytes/s): a large float32 sum, median of repeats."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(ts)
+
+
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """FLOP/s of torch.mm on [m, k] x [k, n] float32, median of repeats."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(ts)
+
+
+def model_flops_per_token(cfg, ctx: int) -> float:
+    """Matmul FLOPs of one token: the linears, plus attention over ``ctx`` keys."""
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    lin = L * (H * (qd + 2 * kvd) + qd * H + 3 * H * I) + H * cfg.vocab_size
+    attn = L * 2 * cfg.num_heads * cfg.head_dim * ctx
+    return 2 * (lin + attn)
+
+
+def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int):
+    """Loom's prefill against the matmul rate and its decode step against the
+    bandwidth floor, measured in this run."""
+    cfg, P = llm.config, len(prompt)
+    bw = read_bandwidth()
+    mm = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size)
+    pre = statistics.median(run_loom(llm, prompt, 1, 1, r)[0] for r in range(repeats))
+    full = statistics.median(run_loom(llm, prompt, n, new, r)[0] for r in range(repeats))
+    step = (full - pre) / max(new - 1, 1)
+    pre_flops = sum(model_flops_per_token(cfg, (i + 1) / 2) for i in range(0, P, 64)) * 64
+    weights = llm.model.weight_bytes()
+    kv_step = (P + n * new / 2) * cfg.kv_bytes_per_token  # prompt once + own tokens, mid-run
+    floor = (weights + kv_step) / bw
+    print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s | torch.mm [{P}x{cfg.hidden_size}]x"
+          f"[{cfg.hidden_size}x{cfg.intermediate_size}] {mm / 1e9:.0f} GFLOP/s")
+    print(f"prefill {P} tokens: {pre * 1e3:.0f} ms = {pre_flops / pre / 1e9:.0f} GFLOP/s "
+          f"({100 * pre_flops / pre / mm:.0f}% of torch.mm; goal >= 50%)")
+    print(f"decode step (n={n}): {step * 1e3:.1f} ms vs floor {floor * 1e3:.1f} ms "
+          f"(weights {weights / 2**20:.0f} MB + KV {kv_step / 2**20:.0f} MB at {bw / 1e9:.1f} GB/s): "
+          f"{step / floor:.2f}x the floor (goal <= 1.5x)")
+
+
 def run_loom(llm: LLM, prompt: list[int], n: int, new: int, seed: int):
     p = SamplingParams(n=n, temperature=1.0, max_tokens=new, ignore_eos=True, seed=seed)
     t0 = time.perf_counter()
@@ -72,14 +127,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--limits", action="store_true", help="also compare with the machine's limits")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(machine_info())
     with tempfile.TemporaryDirectory() as d:
         make_random_model(d, **MODEL)
         llm = LLM(d, attention_backend=a.backend, seed=0)
-        nparams = sum(t.numel() for t in [llm.model.embed, llm.model.norm] +
-                      [w for L in llm.model.layers for w in vars(L).values() if w is not None])
+        nparams = (llm.model.weight_bytes() // 4 + (0 if llm.config.tie_word_embeddings
+                                                    else llm.model.embed.numel()))
         print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, float32 | "
               f"loom backend: {llm.attention_backend} | prompt {a.prompt_len} tokens, "
               f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
@@ -103,6 +159,8 @@ def main():
                 tps = n * a.new_tokens / t
                 print(f"{n:>3} {name:>13} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x")
             sys.stdout.flush()
+        if a.limits:
+            physical_limits(llm, prompt, max(a.n), a.new_tokens, a.repeats)
 
 
 if __name__ == "__main__":

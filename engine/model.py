@@ -27,18 +27,36 @@ class ForwardBatch:
     logits_rows: torch.Tensor    # [R] int64: rows whose next-token logits are wanted
 
 
+class Linear:
+    """y = x W^T + b. On the CPU in float32 the weight is packed once into panels for
+    Loom's GEMM (csrc/linear_cpu.cpp), which outruns the BLAS behind F.linear here;
+    elsewhere it is F.linear."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = False):
+        self.out_features, self.in_features = w.shape
+        self.b = b
+        self.packed = pack and w.dtype == torch.float32 and w.device.type == "cpu"
+        self.w = torch.ops.loom.pack_linear_weight(w) if self.packed else w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.loom.linear_packed(x, self.w, self.b, self.out_features)
+        return F.linear(x, self.w, self.b)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.w, self.b) if t is not None]
+
+
 @dataclass
 class Layer:
     ln1: torch.Tensor
-    w_qkv: torch.Tensor
-    b_qkv: torch.Tensor | None
-    w_o: torch.Tensor
-    b_o: torch.Tensor | None
+    qkv: Linear
+    o: Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     ln2: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,6 +75,7 @@ class CausalLM:
         self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype)
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
+        self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype == torch.float32
         self._build(weights)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -85,7 +104,7 @@ class CausalLM:
                              f"({c.vocab_size}, {c.hidden_size}).")
         self.norm = self._take(w, "model.norm.weight")
         lm = self._take(w, "lm_head.weight", required=not c.tie_word_embeddings)
-        self.lm_head = lm if lm is not None else self.embed
+        self.lm_head = Linear(lm if lm is not None else self.embed, pack=self.pack)
         self.layers: list[Layer] = []
         qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for i in range(c.num_layers):
@@ -104,15 +123,16 @@ class CausalLM:
             kn = self._take(w, a + "k_norm.weight", required=c.qk_norm)
             gate = self._take(w, p + "mlp.gate_proj.weight")
             up = self._take(w, p + "mlp.up_proj.weight")
+            pk = self.pack
             self.layers.append(Layer(
                 ln1=self._take(w, p + "input_layernorm.weight"),
-                w_qkv=torch.cat([q, k, v]).contiguous(), b_qkv=b_qkv,
-                w_o=self._take(w, a + "o_proj.weight"),
-                b_o=self._take(w, a + "o_proj.bias", required=False),
+                qkv=Linear(torch.cat([q, k, v]).contiguous(), b_qkv, pk),
+                o=Linear(self._take(w, a + "o_proj.weight"),
+                         self._take(w, a + "o_proj.bias", required=False), pk),
                 q_norm=qn, k_norm=kn,
                 ln2=self._take(w, p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([gate, up]).contiguous(),
-                w_down=self._take(w, p + "mlp.down_proj.weight"),
+                gate_up=Linear(torch.cat([gate, up]).contiguous(), None, pk),
+                down=Linear(self._take(w, p + "mlp.down_proj.weight"), None, pk),
             ))
         leftover = [n for n in w if not n.endswith("rotary_emb.inv_freq")]
         if leftover:
@@ -130,7 +150,7 @@ class CausalLM:
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden]
         for li, L in enumerate(self.layers):
             x = rms_norm(h, L.ln1, c.rms_norm_eps)
-            qkv = F.linear(x, L.w_qkv, L.b_qkv)  # [T, qd + 2 kvd]
+            qkv = L.qkv(x)  # [T, qd + 2 kvd]
             q = qkv[:, :qd].view(T, c.num_heads, c.head_dim)
             k = qkv[:, qd:qd + kvd].view(T, c.num_kv_heads, c.head_dim)
             v = qkv[:, qd + kvd:].view(T, c.num_kv_heads, c.head_dim)
@@ -141,11 +161,27 @@ class CausalLM:
             k = apply_rotary(k, cos, sin)
             self.append_kv(k_pools[li], v_pools[li], k, v.contiguous(), batch.slots)
             o = self.attention(q, k_pools[li], v_pools[li], batch.plan, self.inv_freq, self.scale)
-            h = h + F.linear(o.reshape(T, qd), L.w_o, L.b_o)
+            h = h + L.o(o.reshape(T, qd))
             x = rms_norm(h, L.ln2, c.rms_norm_eps)
-            gu = F.linear(x, L.w_gate_up)
-            g, u = gu.chunk(2, dim=-1)
-            h = h + F.linear(F.silu(g) * u, L.w_down)
+            g, u = L.gate_up(x).chunk(2, dim=-1)
+            h = h + L.down(F.silu(g) * u)
         h = h[batch.logits_rows]
         h = rms_norm(h, self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()  # [R, vocab]
+        return self.lm_head(h).float()  # [R, vocab]
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights a decode step reads (the embedding table only by lookup)."""
+        ts = [self.norm] + self.lm_head.tensors()
+        for L in self.layers:
+            ts += [L.ln1, L.ln2] + [t for t in (L.q_norm, L.k_norm) if t is not None]
+            for lin in (L.qkv, L.o, L.gate_up, L.down):
+                ts += lin.tensors()
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _packed_linear_available() -> bool:
+    try:
+        from . import _ops  # noqa: F401  (loads engine._C when built)
+    except ImportError:
+        pass
+    return hasattr(torch.ops.loom, "linear_packed")

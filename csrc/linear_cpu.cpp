@@ -1,0 +1,121 @@
+// Packed-panel float32 GEMM for the model's linear layers on the CPU.
+//
+// Why: on this project's CPUs the BLAS behind torch.nn.functional.linear reaches a
+// small fraction of both the memory bandwidth (decode: a few rows against large
+// weights) and the FMA peak (prefill); bench/bench_linear.py measures it. Here the
+// weight [N, K] is packed once, at load time, into panels [N/32][K][32] so that
+// each panel streams contiguously; a register-blocked micro-kernel keeps 4 rows x
+// 32 outputs in registers while the panel passes once per 4 rows (it stays in L2).
+// Inner loops are plain C++ that the compiler vectorises; target_clones builds
+// AVX-512, AVX2 and baseline versions and picks one at run time.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+namespace loom {
+namespace {
+
+constexpr int64_t kNB = 32;  // outputs per panel
+
+template <int MB>
+inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
+                                                 const float* __restrict panel,
+                                                 const float* __restrict bias,
+                                                 float* __restrict out, int64_t ldo, int64_t n0,
+                                                 int64_t nvalid) {
+  float acc[MB][kNB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < kNB; ++j) acc[i][j] = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * kNB;
+    for (int i = 0; i < MB; ++i) {
+      const float a = x[i * ldx + k];
+      for (int j = 0; j < kNB; ++j) acc[i][j] += a * w[j];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* o = out + i * ldo + n0;
+    for (int64_t j = 0; j < nvalid; ++j) o[j] = acc[i][j] + (bias ? bias[n0 + j] : 0.f);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp,
+                const float* bias, float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* panel = wp + b * K * kNB;
+    const int64_t n0 = b * kNB, nvalid = std::min(kNB, N - n0);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      micro<4>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+    for (; m < M; ++m) micro<1>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+  }
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be 2-D [out, in], got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "pack_linear_weight: weight must be float32, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.device().is_cpu(), "pack_linear_weight: weight must be on the CPU");
+  const int64_t N = w.size(0), K = w.size(1), Np = (N + kNB - 1) / kNB * kNB;
+  at::Tensor padded = w;
+  if (Np != N) padded = at::cat({w, at::zeros({Np - N, K}, w.options())});
+  // [Np, K] -> [Np/NB, NB, K] -> [Np/NB, K, NB]
+  return padded.contiguous().view({Np / kNB, kNB, K}).transpose(1, 2).contiguous();
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
+                         int64_t n_out) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && wp.scalar_type() == at::kFloat,
+              "linear_packed: x and the packed weight must be float32");
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors only");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kNB, "linear_packed: weight is not packed (use pack_linear_weight)");
+  const int64_t K = wp.size(1);
+  TORCH_CHECK(x.size(-1) == K, "linear_packed: x has ", x.size(-1), " features, weight expects ", K);
+  TORCH_CHECK(n_out > (wp.size(0) - 1) * kNB && n_out <= wp.size(0) * kNB,
+              "linear_packed: n_out=", n_out, " does not match the packed weight");
+  const float* bp = nullptr;
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == n_out, "linear_packed: bad bias");
+    bp = b.data_ptr<float>();
+  }
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = n_out;
+  at::Tensor out = at::empty({M, n_out}, x.options());
+  if (M == 0) return out.view(out_sizes);
+  const float* xp = x2.data_ptr<float>();
+  const float* w = wp.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t nblocks = wp.size(0);
+  // Rows split too when there are many (prefill), so both cores work on small N.
+  const int64_t mchunk = M >= 256 ? 64 : M;
+  const int64_t mtiles = (M + mchunk - 1) / mchunk;
+  at::parallel_for(0, nblocks * mtiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mt = t / nblocks, blk = t % nblocks;
+      const int64_t m0 = mt * mchunk, mm = std::min(mchunk, M - m0);
+      run_panels(xp + m0 * K, K, mm, K, w, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
+    }
+  });
+  return out.view(out_sizes);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.def("pack_linear_weight(Tensor w) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor wp, Tensor? bias, int n_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loom, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("linear_packed", &linear_packed);
+}
+
+}  // namespace loom

@@ -1,0 +1,199 @@
+"""Every supported architecture against Hugging Face transformers on random tiny checkpoints.
+
+Float32 teacher-forced log-probabilities must agree within 1e-4, greedy generation token for
+token, generate's own log-probabilities with the teacher-forced ones, a batch with each of
+its requests alone; bfloat16 must run and agree loosely.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VARIANTS, hf_greedy, hf_logprobs, random_ids
+
+BACKENDS = ["torch", "cpu"]
+ATOL = 1e-4
+KV_TOKENS = 4096
+
+
+def _sp(**kw):
+    from engine import SamplingParams
+    return SamplingParams(**kw)
+
+
+def _greedy(max_tokens=32, **kw):
+    return _sp(temperature=0.0, ignore_eos=True, max_tokens=max_tokens, **kw)
+
+
+def _assert_close_logprobs(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert isinstance(got, torch.Tensor), f"{what}: score returned {type(got)}"
+    assert got.dtype == torch.float32, f"{what}: dtype {got.dtype}, want float32"
+    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    diff = (got - want).abs()
+    err = diff.max().item()
+    if not err <= ATOL:
+        pos, tok = divmod(int(diff.argmax()), want.shape[1])
+        per_pos = diff.max(dim=1).values
+        bad_rows = (per_pos > ATOL).nonzero().flatten().tolist()
+        raise AssertionError(
+            f"{what}: max |logprob diff| = {err:.3e} > {ATOL} at position {pos}, token {tok} "
+            f"(engine {got[pos, tok].item():.6f}, HF {want[pos, tok].item():.6f}); "
+            f"positions over tolerance: {bad_rows}")
+
+
+def _assert_same_tokens(got: list[int], want: list[int], ref, prompt: list[int], what: str) -> None:
+    """Token equality; on failure say where and how close the reference's top-2 were there."""
+    if got == want:
+        return
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    note = ""
+    if i < min(len(got), len(want)):
+        lp = hf_logprobs(ref, prompt + want[:i])[-1]
+        top2 = lp.topk(2)
+        note = (f"; HF at that step: top-2 {top2.indices.tolist()} logprobs "
+                f"{[round(v, 6) for v in top2.values.tolist()]}, engine's token {got[i]} has HF "
+                f"logprob {lp[got[i]].item():.6f}")
+    raise AssertionError(f"{what}: first difference at generated token {i} "
+                         f"(engine {got[i] if i < len(got) else 'END'}, HF {want[i] if i < len(want) else 'END'}); "
+                         f"lengths {len(got)} vs {len(want)}{note}\nengine {got}\nHF     {want}")
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(hf_ref):
+    """``greedy_ref(name, prompt, n)`` -> HF greedy continuation, cached."""
+    cache: dict = {}
+
+    def get(name, prompt, n):
+        key = (name, tuple(prompt), n)
+        if key not in cache:
+            cache[key] = hf_greedy(hf_ref(name), list(prompt), n)
+        return cache[key]
+    return get
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-forced log-probabilities
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_score_matches_hf(name, backend, make_llm, hf_ref):
+    vocab = VARIANTS[name]["vocab"]
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS)
+    ids = random_ids(41, vocab, seed=11)
+    out = llm.score(ids)
+    assert isinstance(out, list) and len(out) == 1
+    _assert_close_logprobs(out[0], hf_logprobs(hf_ref(name), ids), f"{name}/{backend} score(41 tokens)")
+    # several sequences in one call, each against its own reference
+    seqs = [random_ids(17, vocab, seed=12), random_ids(3, vocab, seed=13), ids[:33]]
+    outs = llm.score(seqs)
+    assert len(outs) == len(seqs)
+    for s, o in zip(seqs, outs):
+        _assert_close_logprobs(o, hf_logprobs(hf_ref(name), s), f"{name}/{backend} batched score({len(s)} tokens)")
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("page_size", [1, 5])
+def test_score_and_greedy_odd_page_sizes(page_size, backend, make_llm, hf_ref, greedy_ref):
+    name = "qwen2"
+    vocab = VARIANTS[name]["vocab"]
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS, page_size=page_size)
+    assert llm.cache_stats()["page_size"] == page_size
+    ids = random_ids(41, vocab, seed=11)
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(hf_ref(name), ids),
+                           f"{name}/{backend}/page_size={page_size} score")
+    prompt = random_ids(23, vocab, seed=21)
+    out = llm.generate([prompt], _greedy(32))[0].outputs[0]
+    _assert_same_tokens(list(out.token_ids), greedy_ref(name, prompt, 32), hf_ref(name), prompt,
+                        f"{name}/{backend}/page_size={page_size} greedy")
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_greedy_matches_hf(name, backend, make_llm, hf_ref, greedy_ref):
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS)
+    prompt = random_ids(23, VARIANTS[name]["vocab"], seed=21)
+    res = llm.generate([prompt], _greedy(32))
+    assert len(res) == 1 and len(res[0].outputs) == 1
+    assert list(res[0].prompt_token_ids) == prompt
+    out = res[0].outputs[0]
+    _assert_same_tokens(list(out.token_ids), greedy_ref(name, prompt, 32), hf_ref(name), prompt,
+                        f"{name}/{backend} greedy")
+    assert out.finish_reason == "length"
+    assert out.logprobs is None
+    assert res[0].metrics.generated_tokens == 32
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_generate_logprobs_match_hf(name, backend, make_llm, hf_ref, greedy_ref):
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS)
+    prompt = random_ids(23, VARIANTS[name]["vocab"], seed=21)
+    out = llm.generate([prompt], _greedy(32, logprobs=3))[0].outputs[0]
+    toks = list(out.token_ids)
+    _assert_same_tokens(toks, greedy_ref(name, prompt, 32), hf_ref(name), prompt,
+                        f"{name}/{backend} greedy with logprobs=3")
+    assert out.logprobs is not None and len(out.logprobs) == len(toks)
+    ref = hf_logprobs(hf_ref(name), prompt + toks[:-1])[len(prompt) - 1:]  # [32, vocab]
+    for i, (t, lp) in enumerate(zip(toks, out.logprobs)):
+        assert t in lp, f"step {i}: chosen token {t} missing from logprobs {lp}"
+        top3 = ref[i].topk(3).indices.tolist()
+        assert set(top3) <= set(lp), f"step {i}: HF top-3 {top3} not all in returned keys {sorted(lp)}"
+        assert len(lp) <= 4, f"step {i}: {len(lp)} entries for logprobs=3 (top-3 plus the chosen at most)"
+        for tok, v in lp.items():
+            assert isinstance(v, float), f"step {i}: logprob of {tok} is {type(v)}, want float"
+            want = ref[i, tok].item()
+            assert abs(v - want) <= ATOL, (f"{name}/{backend} step {i} token {tok}: engine logprob "
+                                           f"{v:.6f}, HF {want:.6f} (diff {abs(v - want):.2e})")
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_batching_invariance(name, backend, make_llm, hf_ref, greedy_ref):
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS)
+    vocab = VARIANTS[name]["vocab"]
+    # lengths around page boundaries (page_size 16)
+    prompts = [random_ids(n, vocab, seed=100 + n) for n in (1, 7, 16, 17, 33)]
+    sp = _greedy(16)
+    together = [r.outputs[0].token_ids for r in llm.generate(prompts, sp)]
+    assert len(together) == len(prompts)
+    for p, got in zip(prompts, together):
+        alone = llm.generate([p], sp)[0].outputs[0].token_ids
+        assert list(got) == list(alone), (f"{name}/{backend}: prompt of {len(p)} tokens: batched "
+                                           f"{list(got)} != alone {list(alone)}")
+        _assert_same_tokens(list(got), greedy_ref(name, p, 16), hf_ref(name), p,
+                            f"{name}/{backend} batched prompt of {len(p)} tokens")
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_bfloat16_runs_and_agrees_loosely(name, backend, make_llm, hf_ref):
+    dtype = torch.bfloat16 if name == "llama" else "bfloat16"  # both spellings
+    llm = make_llm(name, attention_backend=backend, kv_cache_tokens=KV_TOKENS, dtype=dtype)
+    vocab = VARIANTS[name]["vocab"]
+    ids = random_ids(41, vocab, seed=11)
+    got = llm.score(ids)[0]
+    want = hf_logprobs(hf_ref(name), ids)
+    assert tuple(got.shape) == tuple(want.shape)
+    assert got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    err = (got - want).abs().max().item()
+    assert agree >= 0.8, f"{name}/{backend} bf16: top-1 agreement {agree:.2f} < 0.8 (max |diff| {err:.3f})"
+    assert err < 1.0, f"{name}/{backend} bf16: max |logprob diff| {err:.3f} >= 1.0 (top-1 agreement {agree:.2f})"
+    out = llm.generate([ids[:20]], _greedy(8))[0].outputs[0]
+    assert len(out.token_ids) == 8 and all(0 <= t < vocab for t in out.token_ids)
+    assert llm.cache_stats()["pages_used"] == 0
