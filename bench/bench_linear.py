@@ -1,0 +1,61 @@
+"""Linear layers: Loom's packed-panel GEMM vs torch.nn.functional.linear, same run.
+
+Shapes of the Qwen3-shaped benchmark model (hidden 512, heads 8x64, kv 4x64,
+intermediate 1536, vocab 32768); rows M = 1 and 8 (decode), 33, 1024 (prefill).
+Median of repeats; GB/s counts the weight bytes read once, GFLOP/s the FMAs.
+
+    python bench/bench_linear.py [--repeats 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_generate import machine_info, read_bandwidth  # noqa: E402
+
+SHAPES = {"qkv": (1024, 512), "o_proj": (512, 512), "gate_up": (3072, 512), "down": (512, 1536),
+          "lm_head": (32768, 512)}
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    a = ap.parse_args()
+    import engine._ops  # noqa: F401  registers torch.ops.loom.*
+    print(machine_info())
+    print(f"read bandwidth: {read_bandwidth() / 1e9:.1f} GB/s")
+    print(f"{'layer':>8} {'M':>5} {'F.linear ms':>12} {'loom ms':>9} {'speedup':>8} "
+          f"{'loom GB/s':>10} {'loom GFLOP/s':>13}")
+    for M in (1, 8, 33, 1024):
+        for name, (n, k) in SHAPES.items():
+            w, x = torch.randn(n, k), torch.randn(M, k)
+            wp = torch.ops.loom.pack_linear_weight(w)
+            torch.testing.assert_close(torch.ops.loom.linear_packed(x, wp, None, n), F.linear(x, w),
+                                       atol=1e-3, rtol=1e-4)
+            t_ref = median_time(lambda: F.linear(x, w), a.repeats)
+            t = median_time(lambda: torch.ops.loom.linear_packed(x, wp, None, n), a.repeats)
+            print(f"{name:>8} {M:>5} {t_ref * 1e3:>12.3f} {t * 1e3:>9.3f} {t_ref / t:>7.2f}x "
+                  f"{w.numel() * 4 / t / 1e9:>10.1f} {2 * M * n * k / t / 1e9:>13.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Loom's packed-panel GEMM (torch.ops.loom.linear_packed) against F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine._ops  # noqa: F401  registers torch.ops.loom.*
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 17, 300])
+@pytest.mark.parametrize("N,K", [(32, 16), (37, 99), (1000, 77), (96, 512), (5, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_packed_matches_f_linear(M, N, K, bias):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    wp = torch.ops.loom.pack_linear_weight(w)
+    y = torch.ops.loom.linear_packed(x, wp, b, N)
+    torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5 * K ** 0.5, rtol=1e-5)
+
+
+def test_linear_packed_batched_shape_and_errors():
+    w = torch.randn(40, 24)
+    wp = torch.ops.loom.pack_linear_weight(w)
+    x = torch.randn(2, 3, 24)
+    torch.testing.assert_close(torch.ops.loom.linear_packed(x, wp, None, 40), F.linear(x, w))
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.loom.linear_packed(torch.randn(2, 23), wp, None, 40)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.loom.pack_linear_weight(w.double())
+    with pytest.raises(RuntimeError, match="n_out"):
+        torch.ops.loom.linear_packed(torch.randn(2, 24), wp, None, 70)
+
+
+def test_linear_packed_opcheck():
+    w = torch.randn(40, 24)
+    torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w,))
+    wp = torch.ops.loom.pack_linear_weight(w)
+    torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24), wp, torch.randn(40), 40))
