@@ -181,7 +181,7 @@ class CausalLM:
 
 def _packed_linear_available() -> bool:
     try:
-        from . import _ops  # noqa: F401  (loads engine._C when built)
+        from . import linear_ops  # noqa: F401  (loads engine._C when built)
     except ImportError:
         pass
     return hasattr(torch.ops.loom, "linear_packed")

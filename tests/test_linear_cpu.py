@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine._ops  # noqa: F401  registers torch.ops.loom.*
+import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
 
 
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 17, 300])
