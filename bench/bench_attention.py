@@ -1,0 +1,236 @@
+"""Decode attention over a shared prompt: Loom's CPU op against what engines without
+sharing do, plus the C++ plan builder.
+
+N threads share one prompt of `shared` tokens and each has `own` tokens of its own;
+every thread decodes one query. Qwen3-like heads (Hq=16, Hkv=8, D=128), float32,
+pages of 16 tokens. Methods (one aligned line per configuration):
+
+  loom        torch.ops.loom.segment_attention (cpu): the prompt's K/V read once
+  torch       the reference backend (engine/attention/reference.py)
+  sdpa/thr    F.scaled_dot_product_attention, batched over threads, each thread's K/V
+              concatenated (prompt copy + own tokens; built outside the timing)
+  sdpa+mask   one SDPA call over all tokens once, with a dense boolean mask
+
+Bytes = K/V bytes the method must read at least (plus the mask); GB/s = bytes / time;
+%bw = that over the machine's read bandwidth measured at start; speedup = sdpa/thr
+time over loom time. Median over --repeats after warm-up.
+
+    python bench/bench_attention.py [--repeats 10] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import _ops  # noqa: E402
+from engine.attention.plan import ThreadStep, build_plan_py  # noqa: E402
+from engine.attention.reference import segment_attention_torch  # noqa: E402
+
+HQ, HKV, D, PAGE = 16, 8, 128, 16
+SCALE = D ** -0.5
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_bandwidth(repeats: int) -> tuple[float, float]:
+    """(read GB/s of a 512 MB sum, copy GB/s counting read + write of a 256 MB copy)."""
+    x = torch.ones(128 * 1024 * 1024)
+    read = x.numel() * 4 / timed(lambda: x.sum(), repeats)
+    src, dst = x[: 64 * 1024 * 1024], torch.empty(64 * 1024 * 1024)
+    copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), repeats)
+    return read / 1e9, copy / 1e9
+
+
+class Case:
+    """Pools, plan and per-method inputs of one configuration."""
+
+    def __init__(self, n: int, shared: int, own: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        seg_len = {0: shared, **{i + 1: own for i in range(n)}}
+        n_pages = sum(-(-L // PAGE) for L in seg_len.values())
+        order = list(range(n_pages))
+        random.Random(seed).shuffle(order)  # pages scattered over the pool, as in a live cache
+        seg_pages, i = {}, 0
+        for s, L in seg_len.items():
+            k = -(-L // PAGE)
+            seg_pages[s] = order[i:i + k]
+            i += k
+        self.plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len,
+                                  seg_pages)
+        self.k_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g)
+        self.v_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g)
+        self.q = torch.randn(n, HQ, D, generator=g)
+        self.inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2).float() / D)
+
+        def tokens(pool, s):  # [L, Hkv, D] of segment s
+            return pool[seg_pages[s]].reshape(-1, HKV, D)[: seg_len[s]]
+
+        self.n, self.shared, self.own = n, shared, own
+        kv_bytes = HKV * D * 4 * 2
+        self.unique_bytes = (shared + n * own) * kv_bytes
+        self.per_thread_bytes = n * (shared + own) * kv_bytes
+        # sdpa/thr: [N, Hkv, S+O, D] per-thread copies
+        k_s, v_s = tokens(self.k_pool, 0), tokens(self.v_pool, 0)
+        self.k_thr = torch.stack([torch.cat([k_s, tokens(self.k_pool, t + 1)]) for t in range(n)]).transpose(1, 2)
+        self.v_thr = torch.stack([torch.cat([v_s, tokens(self.v_pool, t + 1)]) for t in range(n)]).transpose(1, 2)
+        self.k_thr, self.v_thr = self.k_thr.contiguous(), self.v_thr.contiguous()
+        self.q_thr = self.q[:, :, None, :]  # [N, Hq, 1, D]
+        # sdpa+mask: all tokens once [1, Hkv, S + N*O, D], mask [1, 1, N, S + N*O]
+        self.k_all = torch.cat([k_s] + [tokens(self.k_pool, t + 1) for t in range(n)]).transpose(0, 1)[None]
+        self.v_all = torch.cat([v_s] + [tokens(self.v_pool, t + 1) for t in range(n)]).transpose(0, 1)[None]
+        self.k_all, self.v_all = self.k_all.contiguous(), self.v_all.contiguous()
+        mask = torch.zeros(n, shared + n * own, dtype=torch.bool)
+        mask[:, :shared] = True
+        for t in range(n):
+            mask[t, shared + t * own: shared + (t + 1) * own] = True
+        self.mask = mask[None, None]
+        self.q_all = self.q.transpose(0, 1)[None]  # [1, Hq, N, D]
+        self.mask_bytes = self.unique_bytes + self.mask.numel()
+
+    def loom(self):
+        return _ops.segment_attention_cpu(self.q, self.k_pool, self.v_pool, self.plan, self.inv_freq, SCALE)
+
+    def torch_ref(self):
+        return segment_attention_torch(self.q, self.k_pool, self.v_pool, self.plan, self.inv_freq, SCALE)
+
+    def sdpa_threads(self):
+        return F.scaled_dot_product_attention(self.q_thr, self.k_thr, self.v_thr, scale=SCALE, enable_gqa=True)
+
+    def sdpa_mask(self):
+        return F.scaled_dot_product_attention(self.q_all, self.k_all, self.v_all, attn_mask=self.mask, scale=SCALE,
+                                              enable_gqa=True)
+
+    def check(self):
+        """All four agree (a benchmark of wrong answers is worthless)."""
+        ref = self.torch_ref()
+        for name, out in (("loom", self.loom()), ("sdpa/thr", self.sdpa_threads()[:, :, 0]),
+                          ("sdpa+mask", self.sdpa_mask()[0].transpose(0, 1))):
+            err = (out - ref).abs().max().item()
+            assert err < 1e-4, f"{name} differs from the reference by {err}"
+
+
+def bench_plan_builder(repeats: int) -> str:
+    """1,000 threads, each viewing 49 shared segments (random shifts) + its own."""
+    rng = random.Random(0)
+    n_threads, n_shared = 1000, 200
+    seg_len = {s: rng.randint(1, 500) for s in range(n_shared + n_threads)}
+    seg_pages, nxt = {}, 0
+    for s, L in seg_len.items():
+        seg_pages[s] = list(range(nxt, nxt + -(-L // PAGE)))
+        nxt += len(seg_pages[s])
+    threads = []
+    for t in range(n_threads):
+        own = n_shared + t
+        view = [(s, rng.randint(-50, 50)) for s in rng.sample(range(n_shared), 49)] + [(own, 0)]
+        threads.append(ThreadStep(view, own, 1))
+    # the array entry point: what the C++ op itself costs
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    indptr = [0]
+    for th in threads:
+        indptr.append(indptr[-1] + len(th.view))
+    page_indptr = [0]
+    for s in range(len(seg_len)):
+        page_indptr.append(page_indptr[-1] + len(seg_pages[s]))
+    arrays = (i32(indptr), i32([s for th in threads for s, _ in th.view]),
+              i32([x for th in threads for _, x in th.view]), i32([th.own for th in threads]),
+              i32([th.num_new for th in threads]), i32([seg_len[s] for s in range(len(seg_len))]),
+              i32(page_indptr), i32([p for s in range(len(seg_len)) for p in seg_pages[s]]))
+    t_op = timed(lambda: _ops.build_plan_arrays(*arrays), max(repeats, 20))
+    t_cpp = timed(lambda: _ops.build_plan_cpp(threads, seg_len, seg_pages), max(repeats, 5))
+    t_py = timed(lambda: build_plan_py(threads, seg_len, seg_pages), 3, warmup=1)
+    return (f"plan builder, 1,000 threads x 50-segment views (50,000 entries): C++ op {t_op * 1e3:.3f} ms | "
+            f"from ThreadStep lists {t_cpp * 1e3:.2f} ms | build_plan_py {t_py * 1e3:.1f} ms")
+
+
+def bench_prefill(repeats: int) -> str:
+    """One thread prefilling 1,024 tokens into its own segment (causal), 8 heads, D=128."""
+    T, H = 1024, 8
+    g = torch.Generator().manual_seed(1)
+    seg_pages = {0: list(range(T // PAGE))}
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, T)], {0: T}, seg_pages)
+    q = torch.randn(T, H, D, generator=g)
+    k_pool, v_pool = torch.randn(T // PAGE, PAGE, H, D, generator=g), torch.randn(T // PAGE, PAGE, H, D, generator=g)
+    qs, ks, vs = q.transpose(0, 1)[None], k_pool.reshape(T, H, D).transpose(0, 1)[None], \
+        v_pool.reshape(T, H, D).transpose(0, 1)[None]
+    t_loom = timed(lambda: _ops.segment_attention_cpu(q, k_pool, v_pool, plan, None, SCALE), repeats)
+    t_ref = timed(lambda: segment_attention_torch(q, k_pool, v_pool, plan, None, SCALE), max(3, repeats // 3))
+    t_sdpa = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=SCALE), repeats)
+    flops = 4 * H * D * T * (T + 1) / 2  # QK and PV over the causal half
+    return (f"prefill 1,024 rows x 1,024 keys causal, 8 heads, D=128: loom {t_loom * 1e3:.1f} ms "
+            f"({flops / t_loom / 1e9:.0f} GFLOP/s) | torch {t_ref * 1e3:.1f} ms | "
+            f"sdpa causal (contiguous K/V) {t_sdpa * 1e3:.1f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
+    ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
+    args = ap.parse_args()
+    repeats = 3 if args.quick else args.repeats
+    torch.manual_seed(0)
+
+    read_bw, copy_bw = machine_bandwidth(repeats)
+    print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
+          f"torch {torch.__version__} | loom kernel: {_ops.cpu_isa()}")
+    print(f"measured bandwidth: read {read_bw:.1f} GB/s (sum of 512 MB), copy {copy_bw:.1f} GB/s "
+          f"(read + write of 256 MB)")
+    print(f"decode, Hq={HQ} Hkv={HKV} D={D} float32, page {PAGE}; ms = median of {repeats}; "
+          f"MB = K/V bytes the method must read")
+    configs = [(n, s, o) for n in (1, 8, 32) for s in (1024, 8192) for o in (64, 512)]
+    if args.quick:
+        configs = [(1, 1024, 64), (8, 8192, 512), (32, 8192, 512)]
+    head = (f"{'N':>3} {'shared':>6} {'own':>4} | {'loom ms':>8} {'MB':>6} {'GB/s':>5} {'%bw':>4} | "
+            f"{'torch ms':>8} | {'sdpa/thr ms':>11} {'MB':>6} {'GB/s':>5} | {'sdpa+mask ms':>12} {'GB/s':>5} | "
+            f"{'speedup':>7}")
+    print(head)
+    print("-" * len(head))
+    for n, s, o in configs:
+        case = Case(n, s, o)
+        case.check()
+        t_loom = timed(case.loom, repeats)
+        t_ref = timed(case.torch_ref, max(3, repeats // 3))
+        t_thr = timed(case.sdpa_threads, repeats)
+        t_mask = timed(case.sdpa_mask, max(3, repeats // 3))
+        gbs = case.unique_bytes / t_loom / 1e9
+        print(f"{n:>3} {s:>6} {o:>4} | {t_loom * 1e3:>8.2f} {case.unique_bytes / 1e6:>6.0f} {gbs:>5.1f} "
+              f"{100 * gbs / read_bw:>3.0f}% | {t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
+              f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
+              f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
+        del case
+    print(bench_prefill(repeats))
+    print(bench_plan_builder(repeats))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+// The CPU attention kernel built for AVX-512 (picked at run time when the CPU has it).
+#include "loom/attn_cpu.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2,prefer-vector-width=512")
+#include "loom/attn_math.h"
+namespace loom {
+namespace cpu {
+namespace avx512 {
+#define LOOM_VL 16
+#define LOOM_QK_KEYS 4
+#define LOOM_PV_ROWS 6
+#define LOOM_PV_VECS 4
+#include "attn_cpu_impl.h"
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace loom
+#pragma GCC pop_options
+#else
+#include "attn_cpu_stub.h"
+LOOM_ISA_STUB(avx512)
+#endif

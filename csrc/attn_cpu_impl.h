@@ -1,0 +1,144 @@
+// The CPU segment-attention compute, included once per instruction set by
+// attn_cpu_{base,avx2,avx512}.cpp inside `namespace loom::cpu::<isa>` after a
+// `#pragma GCC target`. Nothing from the standard library's templates is used here:
+// their inline code must not be compiled for a wider instruction set than the caller's.
+//
+// Needs LOOM_VL (floats per vector register), LOOM_QK_KEYS (keys per QK register
+// block), LOOM_PV_ROWS (queries, <= 8) and LOOM_PV_VECS (head-dim vectors, <= 4) per PV
+// register block.
+//
+// A work item (see attn_cpu.h) holds M = rows x group query vectors of one kv head
+// (or of every kv head when M is small). Per tile of keys:
+//   scores  S[k][m] = K[k] . Q[m]            (queries pre-scaled and, for shifted
+//                                              entries, pre-rotated)
+//   mask    keys at or past an entry's causal limit -> -inf
+//   softmax running max / sum per query
+//   values  O[m][:] = O[m][:] * alpha[m] + sum_k P[k][m] V[k][:]
+// Inner loops have compile-time trip counts so the compiler keeps the accumulators
+// in vector registers (no intrinsics: plain loops the auto-vectoriser handles, with
+// `omp simd` / `GCC unroll` where it would otherwise pick the wrong loop).
+
+constexpr int VL = LOOM_VL;
+constexpr int QK_KEYS = LOOM_QK_KEYS;
+constexpr int QK_VECS = 4;    // query vectors (of VL queries) per QK register block
+constexpr int PV_ROWS = LOOM_PV_ROWS;
+constexpr int PV_VECS = LOOM_PV_VECS;
+constexpr int SMALL_M = kSmallQueries;  // up to this many queries: scores are dot products over D
+
+static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+static inline int min_int(int a, int b) { return a < b ? a : b; }
+static inline int max_int(int a, int b) { return a > b ? a : b; }
+
+// ------------------------------------------------------------------ element access
+
+template <DType DT> struct Elem;
+template <> struct Elem<DType::F32> {
+  using T = float;
+  static inline float load(const T* p, int64_t i) { return p[i]; }
+};
+template <> struct Elem<DType::BF16> {
+  using T = uint16_t;
+  static inline float load(const T* p, int64_t i) { return loom::bf16_to_float(p[i]); }
+};
+template <> struct Elem<DType::F16> {
+  using T = uint16_t;
+  static inline float load(const T* p, int64_t i) { return loom::f16_to_float(p[i]); }
+};
+
+template <DType DT>
+static inline void load_row(const typename Elem<DT>::T* src, float* dst, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = Elem<DT>::load(src, i);
+}
+
+// ------------------------------------------------------------------ per-thread scratch
+
+// Running state of one kv head's queries within a work item.
+struct HeadState {
+  float* q;       // packed queries: [D][mpad] (large path) or [M][D] (small path)
+  float* o;       // accumulators [M][D]
+  float* m_run;   // [mpad] running max
+  float* l_run;   // [mpad] running sum
+  float* alpha;   // [mpad] rescale factor of this tile
+  float* m_use;   // [mpad] max to subtract (0 while nothing was seen)
+};
+
+// Per-thread scratch. A work item covers one kv head, or all of them when its queries
+// are few (decode): then keys are read token by token across heads, so the reads stay
+// contiguous (one token of all heads is often exactly one memory page) instead of
+// taking one row from every page, which halves the achieved memory bandwidth.
+struct Scratch {
+  float* q;       // HeadState::q of every head slot
+  float* o;
+  float* m_run;   // HeadState vectors of every head slot
+  float* l_run;
+  float* alpha;
+  float* m_use;
+  float* s;       // S^T [kKeyTile][mpad] (large path) or S [head][M][kSmallTile] (small path)
+  float* kbuf;    // keys / values of one tile converted to float (16-bit inputs)
+  float* vbuf;
+  float* tmp;     // one query row [D]
+  float* t_max;   // [mpad]
+  float* t_sum;   // [mpad]
+  int* lim;       // [mpad] causal limit of each query
+  const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
+  const float** vrow;
+  void* block;
+};
+
+static inline size_t pad64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+static inline size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+// Room for one head of up to max_m queries, or `heads` heads of up to SMALL_M queries.
+static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
+  const size_t mp = static_cast<size_t>(round_up(max_m, VL));
+  const size_t Dp = static_cast<size_t>(round_up(D, VL));
+  const size_t hq = static_cast<size_t>(heads) * SMALL_M;  // queries over all head slots
+  const size_t qo = max_size(mp * Dp, hq * Dp);
+  const size_t vec = max_size(mp, hq);
+  const size_t rows = max_size(kKeyTile, static_cast<size_t>(heads) * kSmallTile);
+  const size_t f = sizeof(float);
+  const size_t sizes[] = {pad64(qo * f),
+                          pad64(qo * f),
+                          pad64(vec * f),
+                          pad64(vec * f),
+                          pad64(vec * f),
+                          pad64(vec * f),
+                          pad64(max_size(kKeyTile * mp, hq * kSmallTile) * f),
+                          pad64(rows * Dp * f),
+                          pad64(rows * Dp * f),
+                          pad64(Dp * f),
+                          pad64(mp * f),
+                          pad64(mp * f),
+                          pad64(mp * sizeof(int)),
+                          pad64(rows * sizeof(float*)),
+                          pad64(rows * sizeof(float*))};
+  size_t total = 0;
+  for (size_t b : sizes) total += b;
+  char* p = static_cast<char*>(aligned_alloc(64, total));
+  sc.block = p;
+  if (p == nullptr) return false;
+  float** fl[] = {&sc.q, &sc.o, &sc.m_run, &sc.l_run, &sc.alpha, &sc.m_use,
+                  &sc.s, &sc.kbuf, &sc.vbuf, &sc.tmp, &sc.t_max, &sc.t_sum};
+  int i = 0;
+  for (float** dst : fl) {
+    *dst = reinterpret_cast<float*>(p);
+    p += sizes[i++];
+  }
+  sc.lim = reinterpret_cast<int*>(p);
+  p += sizes[i++];
+  sc.krow = reinterpret_cast<const float**>(p);
+  p += sizes[i++];
+  sc.vrow = reinterpret_cast<const float**>(p);
+  return true;
+}
+
+static inline HeadState head_state(const Scratch& sc, int slot, int M, int mpad, int D) {
+  const int64_t qo = static_cast<int64_t>(slot) * mpad * round_up(D, VL);
+  const int64_t v = static_cast<int64_t>(slot) * mpad;
+  (void)M;
+  return HeadState{sc.q + qo, sc.o + qo, sc.m_run + v, sc.l_run + v, sc.alpha + v, sc.m_use + v};
+}
+
+// The tile kernels (scores, softmax, values), then work items, merge and entry points.
+#include "attn_cpu_tiles.h"
+#include "attn_cpu_items.h"

@@ -1,0 +1,292 @@
+// Work items, the log-sum-exp merge and the entry points of the CPU attention.
+// A fragment of attn_cpu_impl.h (included inside namespace loom::cpu::<isa>).
+
+// ------------------------------------------------------------------ one work item
+
+// Queries of kv head `kvh`, in float, rotated for shifted entries and multiplied by
+// scale: [M][D] when small, else transposed to [D][mpad] with zero padding queries.
+template <DType DT>
+static void pack_queries(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, int kvh, Scratch& sc,
+                         float* qdst, bool small, int mpad) {
+  using T = typename Elem<DT>::T;
+  const int D = a.head_dim, G = a.num_q_heads / a.num_kv_heads;
+  const T* q = static_cast<const T*>(a.q);
+  const int half = D / 2;
+  int m = 0;
+  for (int e = it.e_begin; e < it.e_end; ++e) {
+    const int64_t row = a.q_rows[e];
+    const int rot = sv.entry_rot[e];
+    for (int g = 0; g < G; ++g, ++m) {
+      const int head = kvh * G + g;
+      load_row<DT>(q + row * a.q_stride_t + head * a.q_stride_h, sc.tmp, D);
+      if (rot >= 0)
+        loom::rope_rotate_cs(sc.tmp, sc.tmp, D, sv.rot_cos + static_cast<int64_t>(rot) * half,
+                             sv.rot_sin + static_cast<int64_t>(rot) * half);
+      if (small) {
+        for (int d = 0; d < D; ++d) qdst[m * D + d] = sc.tmp[d] * a.scale;
+      } else {
+        for (int d = 0; d < D; ++d) qdst[static_cast<int64_t>(d) * mpad + m] = sc.tmp[d] * a.scale;
+      }
+    }
+  }
+  if (!small)
+    for (int d = 0; d < D; ++d)
+      for (int mm = m; mm < mpad; ++mm) qdst[static_cast<int64_t>(d) * mpad + mm] = 0.f;
+}
+
+// Row pointers of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): krow[h * stride + k].
+// 16-bit inputs are converted into kbuf / vbuf (same layout, rows of round_up(D, VL)).
+// Token-major: all heads of a token before the next token (contiguous reads).
+template <DType DT>
+static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
+                        Scratch& sc) {
+  using T = typename Elem<DT>::T;
+  const int D = a.head_dim, Hkv = a.num_kv_heads, ps = a.page_size, Dp = round_up(D, VL);
+  const T* kp = static_cast<const T*>(a.k_pool);
+  const T* vp = static_cast<const T*>(a.v_pool);
+  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
+  for (int k = 0; k < nk; ++k) {
+    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
+    if (++off == ps) {
+      off = 0;
+      ++page;
+    }
+    for (int h = 0; h < nh; ++h) {
+      const int64_t at = (slot * Hkv + kvh + h) * D;
+      const int x = h * stride + k;
+      if constexpr (DT == DType::F32) {
+        sc.krow[x] = kp + at;
+        sc.vrow[x] = vp + at;
+      } else {
+        float* kb = sc.kbuf + static_cast<int64_t>(x) * Dp;
+        float* vb = sc.vbuf + static_cast<int64_t>(x) * Dp;
+        load_row<DT>(kp + at, kb, D);
+        load_row<DT>(vp + at, vb, D);
+        sc.krow[x] = kb;
+        sc.vrow[x] = vb;
+      }
+    }
+  }
+}
+
+// Few queries (M <= SMALL_M), every kv head: memory-bound, so keys are consumed in
+// small token-major blocks across heads.
+template <DType DT>
+static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
+                      int k_end) {
+  const int D = a.head_dim, nh = it.kvh_end - it.kvh;
+  constexpr int QK_BLOCK = 4, PV_BLOCK = 8;
+  for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
+    const int nk = min_int(kSmallTile, k_end - t0);
+    gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    for (int k0 = 0; k0 < nk; k0 += QK_BLOCK) {
+      for (int h = 0; h < nh; ++h)
+        qk_small(sc.krow + h * kSmallTile + k0, min_int(QK_BLOCK, nk - k0), head_state(sc, h, M, M, D).q, M, D,
+                 sc.s + h * M * kSmallTile + k0);
+    }
+    for (int h = 0; h < nh; ++h) {
+      HeadState hs = head_state(sc, h, M, M, D);
+      float* sh = sc.s + h * M * kSmallTile;
+      if (t0 + nk > lo) mask_rows(sh, nk, M, t0, sc.lim);
+      softmax_rows(sh, hs, nk, M);
+      for (int m = 0; m < M; ++m)
+        for (int d = 0; d < D; ++d) hs.o[m * D + d] *= hs.alpha[m];
+    }
+    for (int k0 = 0; k0 < nk; k0 += PV_BLOCK) {
+      for (int h = 0; h < nh; ++h)
+        pv_tile(sc.s + h * M * kSmallTile + k0, 1, kSmallTile, M, sc.vrow + h * kSmallTile + k0,
+                min_int(PV_BLOCK, nk - k0), head_state(sc, h, M, M, D).o, D, nullptr);
+    }
+  }
+}
+
+// Many queries, one kv head: compute-bound register-blocked tiles of kKeyTile keys.
+template <DType DT>
+static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int mpad,
+                      int lo, int k_end) {
+  const int D = a.head_dim;
+  HeadState hs = head_state(sc, 0, M, mpad, D);
+  for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
+    const int nk = min_int(kKeyTile, k_end - t0);
+    gather_rows<DT>(a, pages, it.kvh, 1, t0, nk, kKeyTile, sc);
+    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s);
+    if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
+    softmax_cols(sc, hs, nk, mpad);
+    pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha);
+  }
+}
+
+template <DType DT>
+static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, Scratch& sc,
+                     float* o_buf, float* lse_buf) {
+  const int D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads;
+  const int j = it.job, nh = it.kvh_end - it.kvh;
+  const int e0 = a.q_indptr[j], Ej = a.q_indptr[j + 1] - e0;
+  const int nrows = it.e_end - it.e_begin, M = nrows * G;
+  const bool small = M <= SMALL_M;
+  const int mpad = small ? M : round_up(M, VL);
+  const int L = a.kv_len[j];
+
+  int lo = L, hi = 0;  // smallest / largest causal limit of the item's queries
+  for (int r = 0; r < nrows; ++r) {
+    const int lim = max_int(0, min_int(a.causal_limit[it.e_begin + r], L));
+    lo = min_int(lo, lim);
+    hi = max_int(hi, lim);
+    for (int g = 0; g < G; ++g) sc.lim[r * G + g] = lim;
+  }
+  for (int m = M; m < mpad; ++m) sc.lim[m] = hi;  // padding queries never force a mask
+  for (int h = 0; h < nh; ++h) {
+    HeadState hs = head_state(sc, h, M, mpad, D);
+    for (int m = 0; m < mpad; ++m) {
+      hs.m_run[m] = -INFINITY;
+      hs.l_run[m] = 0.f;
+    }
+    for (int64_t x = 0; x < static_cast<int64_t>(M) * D; ++x) hs.o[x] = 0.f;
+  }
+
+  const int k_end = min_int(it.k_end, hi);
+  if (k_end > it.k_begin) {
+    for (int h = 0; h < nh; ++h)
+      pack_queries<DT>(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small, mpad);
+    const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
+    if (small)
+      run_small<DT>(a, it, sc, pages, M, lo, k_end);
+    else
+      run_large<DT>(a, it, sc, pages, M, mpad, lo, k_end);
+  }
+
+  // Partial states (o normalised, lse natural log) of this chunk.
+  const int64_t base = sv.job_state_base[j] + static_cast<int64_t>(it.chunk) * Ej - e0;
+  for (int h = 0; h < nh; ++h) {
+    const HeadState hs = head_state(sc, h, M, mpad, D);
+    for (int r = 0; r < nrows; ++r) {
+      const int64_t st = base + it.e_begin + r;
+      for (int g = 0; g < G; ++g) {
+        const int m = r * G + g, head = (it.kvh + h) * G + g;
+        float* dst = o_buf + (st * Hq + head) * D;
+        const float* acc = hs.o + static_cast<int64_t>(m) * D;
+        const float l = hs.l_run[m];
+        if (l > 0.f) {
+          const float inv = 1.f / l;
+          for (int d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+          lse_buf[st * Hq + head] = hs.m_run[m] + logf(l);
+        } else {
+          for (int d = 0; d < D; ++d) dst[d] = 0.f;
+          lse_buf[st * Hq + head] = -INFINITY;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ merge
+
+// out[H][D] = log-sum-exp merge of n states; state(i) gives the index into o [*, H, D] /
+// lse [*, H]. No finite state: zeros.
+template <class StateAt>
+static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, int n, StateAt state,
+                      float* out) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* dst = out + h * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = 0.f;
+    float mx = -INFINITY;
+    for (int i = 0; i < n; ++i) {
+      const float v = lse[state(i) * H + h];
+      mx = v > mx ? v : mx;
+    }
+    if (mx == -INFINITY) continue;
+    float wsum = 0.f;
+    for (int i = 0; i < n; ++i) {
+      const int64_t st = state(i);
+      const float w = expf(lse[st * H + h] - mx);
+      if (!(w > 0.f)) continue;
+      wsum += w;
+      const float* src = o + (st * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] += w * src[d];
+    }
+    const float inv = 1.f / wsum;
+    for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+  }
+}
+
+// ------------------------------------------------------------------ entry points
+
+// State indices of row t of a segment attention: every chunk of every entry in its merge
+// list. Returns how many; `buf` grows as needed (false: out of memory).
+static bool row_states(const AttnArgs& a, const ScheduleView& sv, int64_t t, int64_t** buf, int64_t* cap,
+                       int* n_out) {
+  const int32_t* ents = a.merge_entries + a.merge_indptr[t];
+  const int ne = a.merge_indptr[t + 1] - a.merge_indptr[t];
+  int64_t n = 0;
+  for (int i = 0; i < ne; ++i) n += sv.job_chunks[sv.entry_job[ents[i]]];
+  if (n > *cap) {
+    int64_t* grown = static_cast<int64_t*>(realloc(*buf, static_cast<size_t>(n) * sizeof(int64_t)));
+    if (grown == nullptr) return false;
+    *buf = grown;
+    *cap = n;
+  }
+  int64_t k = 0;
+  for (int i = 0; i < ne; ++i) {
+    const int e = ents[i], j = sv.entry_job[e];
+    const int e0 = a.q_indptr[j], ej = a.q_indptr[j + 1] - e0;
+    for (int c = 0; c < sv.job_chunks[j]; ++c)
+      (*buf)[k++] = sv.job_state_base[j] + static_cast<int64_t>(c) * ej + (e - e0);
+  }
+  *n_out = static_cast<int>(n);
+  return true;
+}
+
+template <DType DT>
+static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_buf, float* lse_buf) {
+  const int64_t Hq = a.num_q_heads, D = a.head_dim;
+  bool failed = false;
+#pragma omp parallel num_threads(sv.num_threads)
+  {
+    Scratch sc;
+    bool ok = scratch_alloc(sc, sv.max_queries, a.num_kv_heads, a.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < sv.num_items; ++i)
+      if (ok) run_item<DT>(a, sv, sv.items[i], sc, o_buf, lse_buf);
+    free(sc.block);
+    // (implicit barrier: every partial state is written)
+    int64_t* states = nullptr;
+    int64_t cap = 0;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < a.num_rows; ++t) {
+      int n = 0;
+      if (ok && row_states(a, sv, t, &states, &cap, &n)) {
+        const int64_t* st = states;
+        merge_row(o_buf, lse_buf, Hq, D, n, [st](int i) { return st[i]; }, a.out + t * Hq * D);
+      } else {
+        ok = false;
+      }
+    }
+    free(states);
+    if (!ok) {
+#pragma omp atomic write
+      failed = true;
+    }
+  }
+  return !failed;
+}
+
+bool segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf) {
+  switch (a.dtype) {
+    case DType::F32: return run_attention<DType::F32>(a, s, o_buf, lse_buf);
+    case DType::BF16: return run_attention<DType::BF16>(a, s, o_buf, lse_buf);
+    case DType::F16: return run_attention<DType::F16>(a, s, o_buf, lse_buf);
+  }
+  return false;
+}
+
+void merge_states(const float* o, const float* lse, int64_t heads, int64_t dim, const int32_t* merge_indptr,
+                  const int32_t* merge_entries, int64_t num_rows, float* out, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t t = 0; t < num_rows; ++t) {
+    const int32_t* ents = merge_entries + merge_indptr[t];
+    auto state = [ents](int i) -> int64_t { return ents[i]; };
+    merge_row(o, lse, heads, dim, merge_indptr[t + 1] - merge_indptr[t], state, out + t * heads * dim);
+  }
+}
+
+bool compiled() { return true; }

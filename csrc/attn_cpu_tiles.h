@@ -1,0 +1,270 @@
+// Tile kernels of the CPU attention: scores, masking + online softmax, values.
+// A fragment of attn_cpu_impl.h (included inside namespace loom::cpu::<isa>).
+
+// ------------------------------------------------------------------ scores
+//
+// Two layouts of the score tile: the large path keeps S^T [key][mpad] (queries in
+// vector lanes, softmax vectorised over queries); the small path (M <= SMALL_M, e.g. one
+// decode row with a GQA group of 2) keeps S [M][kSmallTile] (keys contiguous, softmax
+// vectorised over keys). PV reads either through (stride per key, stride per query).
+
+// S^T[r][m] for KR keys x MV*VL queries; qt is [D][mpad] (offset to the first query).
+template <int KR, int MV>
+static inline void qk_block(const float* const* krow, const float* qt, int mpad, int D, float* s) {
+  float acc[KR][MV * VL];
+  for (int r = 0; r < KR; ++r)
+    for (int m = 0; m < MV * VL; ++m) acc[r][m] = 0.f;
+  for (int d = 0; d < D; ++d) {
+    const float* q = qt + static_cast<int64_t>(d) * mpad;
+#pragma GCC unroll 8
+    for (int r = 0; r < KR; ++r) {
+      const float kv = krow[r][d];
+#pragma omp simd
+      for (int m = 0; m < MV * VL; ++m) acc[r][m] += kv * q[m];
+    }
+  }
+  for (int r = 0; r < KR; ++r)
+    for (int m = 0; m < MV * VL; ++m) s[r * mpad + m] = acc[r][m];
+}
+
+#define LOOM_QK_CASE(kr, mv) \
+  case (kr) * 8 + (mv): qk_block<kr, mv>(krow + k0, qt + m0, mpad, D, s + k0 * mpad + m0); break;
+
+// Large path: every key element is broadcast against VL queries. With a single query
+// vector, twice the keys per block keep enough independent FMA chains in flight.
+static void qk_large(const float* const* krow, int nk, const float* qt, int mpad, int D, float* s) {
+  for (int m0 = 0; m0 < mpad; m0 += QK_VECS * VL) {
+    const int mv = min_int(QK_VECS, (mpad - m0) / VL);
+    const int kmax = mv == 1 ? 2 * QK_KEYS : QK_KEYS;
+    for (int k0 = 0; k0 < nk; k0 += kmax) {
+      const int kr = min_int(kmax, nk - k0);
+      switch (kr * 8 + mv) {
+        LOOM_QK_CASE(1, 1) LOOM_QK_CASE(2, 1) LOOM_QK_CASE(3, 1) LOOM_QK_CASE(4, 1)
+        LOOM_QK_CASE(5, 1) LOOM_QK_CASE(6, 1) LOOM_QK_CASE(7, 1)
+        LOOM_QK_CASE(1, 2) LOOM_QK_CASE(2, 2) LOOM_QK_CASE(3, 2) LOOM_QK_CASE(4, 2)
+        LOOM_QK_CASE(1, 3) LOOM_QK_CASE(2, 3) LOOM_QK_CASE(3, 3) LOOM_QK_CASE(4, 3)
+        LOOM_QK_CASE(1, 4) LOOM_QK_CASE(2, 4) LOOM_QK_CASE(3, 4) LOOM_QK_CASE(4, 4)
+        LOOM_QK_CASE(8, 1)
+        default: break;  // unreachable: kr <= 2 * QK_KEYS <= 8 and kr <= QK_KEYS when mv > 1
+      }
+    }
+  }
+}
+#undef LOOM_QK_CASE
+
+// Sums each row of acc[N][VL] into acc[n][0] by halving: stays in vector registers.
+template <int N>
+static inline void fold_lanes(float (*acc)[VL]) {
+  if constexpr (VL >= 16)
+    for (int n = 0; n < N; ++n)
+      for (int l = 0; l < 8; ++l) acc[n][l] += acc[n][l + 8];
+  if constexpr (VL >= 8)
+    for (int n = 0; n < N; ++n)
+      for (int l = 0; l < 4; ++l) acc[n][l] += acc[n][l + 4];
+  for (int n = 0; n < N; ++n)
+    for (int l = 0; l < 2; ++l) acc[n][l] += acc[n][l + 2];
+  for (int n = 0; n < N; ++n) acc[n][0] += acc[n][1];
+}
+
+// S[m][r] for KR keys x MS queries as dot products over D (lanes along D); qs is [MS][D].
+template <int KR, int MS>
+static inline void qk_dot_block(const float* const* krow, const float* qs, int D, float* s) {
+  const float* kp[KR];
+  const float* qp[MS];
+  for (int r = 0; r < KR; ++r) kp[r] = krow[r];
+  for (int m = 0; m < MS; ++m) qp[m] = qs + m * D;
+  float acc[KR * MS][VL];
+  for (int n = 0; n < KR * MS; ++n)
+    for (int l = 0; l < VL; ++l) acc[n][l] = 0.f;
+  int d = 0;
+  for (; d + VL <= D; d += VL)
+#pragma GCC unroll 8
+    for (int r = 0; r < KR; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < MS; ++m)
+#pragma omp simd
+        for (int l = 0; l < VL; ++l) acc[r * MS + m][l] += kp[r][d + l] * qp[m][d + l];
+  fold_lanes<KR * MS>(acc);
+  for (int r = 0; r < KR; ++r)
+    for (int m = 0; m < MS; ++m) {
+      float tail = 0.f;
+      for (int dd = d; dd < D; ++dd) tail += kp[r][dd] * qp[m][dd];
+      s[m * kSmallTile + r] = acc[r * MS + m][0] + tail;
+    }
+}
+
+template <int MS>
+static void qk_small_ms(const float* const* krow, int nk, const float* qs, int D, float* s) {
+  constexpr int KR = MS <= 2 ? 4 : 2;  // KR x MS accumulators, <= 8 vector registers
+  int k0 = 0;
+  for (; k0 + KR <= nk; k0 += KR) qk_dot_block<KR, MS>(krow + k0, qs, D, s + k0);
+  for (; k0 < nk; ++k0) qk_dot_block<1, MS>(krow + k0, qs, D, s + k0);
+}
+
+static void qk_small(const float* const* krow, int nk, const float* qs, int M, int D, float* s) {
+  switch (M) {
+    case 1: qk_small_ms<1>(krow, nk, qs, D, s); break;
+    case 2: qk_small_ms<2>(krow, nk, qs, D, s); break;
+    case 3: qk_small_ms<3>(krow, nk, qs, D, s); break;
+    default: qk_small_ms<4>(krow, nk, qs, D, s); break;
+  }
+}
+
+// ------------------------------------------------------------------ softmax
+
+// Keys at or past a query's causal limit get score -inf (t0 = first key of the tile).
+static void mask_cols(float* __restrict s, int nk, int mpad, int t0, const int* __restrict lim) {
+  for (int k = 0; k < nk; ++k) {
+    float* row = s + k * mpad;
+    const int key = t0 + k;
+#pragma omp simd
+    for (int m = 0; m < mpad; ++m) row[m] = key >= lim[m] ? -INFINITY : row[m];
+  }
+}
+
+static void mask_rows(float* s, int nk, int M, int t0, const int* lim) {
+  for (int m = 0; m < M; ++m)
+    for (int k = max_int(0, lim[m] - t0); k < nk; ++k) s[m * kSmallTile + k] = -INFINITY;
+}
+
+// New running max of query m given its tile max; sets alpha / m_use.
+static inline void advance_max(HeadState& hs, int m, float tile_max) {
+  const float m_old = hs.m_run[m];
+  const float m_new = tile_max > m_old ? tile_max : m_old;
+  const bool empty = m_new == -INFINITY;
+  hs.alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);  // exp(-inf) = 0
+  hs.m_use[m] = empty ? 0.f : m_new;  // nothing seen: scores are -inf, exp(-inf - 0) = 0
+  hs.m_run[m] = m_new;
+}
+
+// Large path: S^T [nk][mpad] scores -> probabilities in place, vectorised over queries.
+// (restrict: the scratch arrays never overlap; without it the loops stay scalar.)
+static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
+  float* __restrict s = sc.s;
+  float* __restrict t_max = sc.t_max;
+  float* __restrict t_sum = sc.t_sum;
+  float* __restrict alpha = hs.alpha;
+  float* __restrict m_use = hs.m_use;
+  float* __restrict m_run = hs.m_run;
+  float* __restrict l_run = hs.l_run;
+#pragma omp simd
+  for (int m = 0; m < mpad; ++m) {
+    t_max[m] = -INFINITY;
+    t_sum[m] = 0.f;
+  }
+  for (int k = 0; k < nk; ++k)
+#pragma omp simd
+    for (int m = 0; m < mpad; ++m) {
+      const float v = s[k * mpad + m];
+      t_max[m] = v > t_max[m] ? v : t_max[m];
+    }
+#pragma omp simd
+  for (int m = 0; m < mpad; ++m) {
+    const float m_old = m_run[m];
+    const float m_new = t_max[m] > m_old ? t_max[m] : m_old;
+    const bool empty = m_new == -INFINITY;
+    alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);
+    m_use[m] = empty ? 0.f : m_new;
+    m_run[m] = m_new;
+  }
+  for (int k = 0; k < nk; ++k)
+#pragma omp simd
+    for (int m = 0; m < mpad; ++m) {
+      const float p = loom::exp_approx(s[k * mpad + m] - m_use[m]);
+      s[k * mpad + m] = p;
+      t_sum[m] += p;
+    }
+#pragma omp simd
+  for (int m = 0; m < mpad; ++m) l_run[m] = l_run[m] * alpha[m] + t_sum[m];
+}
+
+// Small path: S [M][kSmallTile] -> probabilities in place, vectorised over keys.
+static void softmax_rows(float* s, HeadState& hs, int nk, int M) {
+  for (int m = 0; m < M; ++m) {
+    float* row = s + m * kSmallTile;
+    float lane[1][VL];
+    for (int l = 0; l < VL; ++l) lane[0][l] = -INFINITY;
+    int k = 0;
+    for (; k + VL <= nk; k += VL)
+      for (int l = 0; l < VL; ++l) lane[0][l] = row[k + l] > lane[0][l] ? row[k + l] : lane[0][l];
+    float mx = -INFINITY;
+    for (int l = 0; l < VL; ++l) mx = lane[0][l] > mx ? lane[0][l] : mx;
+    for (int kk = k; kk < nk; ++kk) mx = row[kk] > mx ? row[kk] : mx;
+    advance_max(hs, m, mx);
+    const float mu = hs.m_use[m];
+    for (int l = 0; l < VL; ++l) lane[0][l] = 0.f;
+    for (k = 0; k + VL <= nk; k += VL)
+      for (int l = 0; l < VL; ++l) {
+        const float p = loom::exp_approx(row[k + l] - mu);
+        row[k + l] = p;
+        lane[0][l] += p;
+      }
+    fold_lanes<1>(lane);
+    float sum = lane[0][0];
+    for (; k < nk; ++k) {
+      const float p = loom::exp_approx(row[k] - mu);
+      row[k] = p;
+      sum += p;
+    }
+    hs.l_run[m] = hs.l_run[m] * hs.alpha[m] + sum;
+  }
+}
+
+// ------------------------------------------------------------------ values
+
+// O[i][d0 : d0 + DV*VL] = O * alpha[i] + sum_k P[k, i] V[k][...] for MR queries, where
+// P[k, i] = p[k * sk + i * sm]; no alpha: 1.
+template <int MR, int DV>
+static inline void pv_block(const float* p, int sk, int sm, const float* const* vrow, int nk, int d0,
+                            float* o, int D, const float* alpha) {
+  float acc[MR][DV * VL];
+  for (int i = 0; i < MR; ++i)
+    for (int x = 0; x < DV * VL; ++x) acc[i][x] = alpha ? o[i * D + d0 + x] * alpha[i] : o[i * D + d0 + x];
+  for (int k = 0; k < nk; ++k) {
+    const float* v = vrow[k] + d0;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const float pk = p[k * sk + i * sm];
+#pragma omp simd
+      for (int x = 0; x < DV * VL; ++x) acc[i][x] += pk * v[x];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int x = 0; x < DV * VL; ++x) o[i * D + d0 + x] = acc[i][x];
+}
+
+template <int MR>
+static void pv_rows(const float* p, int sk, int sm, const float* const* vrow, int nk, float* o, int D,
+                    const float* alpha) {
+  int d0 = 0;
+  for (; d0 + PV_VECS * VL <= D; d0 += PV_VECS * VL)
+    pv_block<MR, PV_VECS>(p, sk, sm, vrow, nk, d0, o, D, alpha);
+  const int nv = (D - d0) / VL;
+  switch (nv) {
+    case 1: pv_block<MR, 1>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    case 2: pv_block<MR, 2>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    case 3: pv_block<MR, 3>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    default: break;  // PV_VECS <= 4, so at most 3 whole vectors remain
+  }
+  for (int d = d0 + nv * VL; d < D; ++d)
+    for (int i = 0; i < MR; ++i) {
+      float acc = alpha ? o[i * D + d] * alpha[i] : o[i * D + d];
+      for (int k = 0; k < nk; ++k) acc += p[k * sk + i * sm] * vrow[k][d];
+      o[i * D + d] = acc;
+    }
+}
+
+static void pv_tile(const float* p, int sk, int sm, int M, const float* const* vrow, int nk, float* o, int D,
+                    const float* alpha) {
+  int m0 = 0;
+  for (; m0 + PV_ROWS <= M; m0 += PV_ROWS)
+    pv_rows<PV_ROWS>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha);
+#define LOOM_PV_CASE(mr) \
+  case mr: pv_rows<mr>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha); break;
+  switch (M - m0) {
+    LOOM_PV_CASE(1) LOOM_PV_CASE(2) LOOM_PV_CASE(3) LOOM_PV_CASE(4) LOOM_PV_CASE(5) LOOM_PV_CASE(6)
+    LOOM_PV_CASE(7)
+    default: break;
+  }
+#undef LOOM_PV_CASE
+}

@@ -1,0 +1,64 @@
+"""Builds Loom's extension engine._C from csrc/: C++ (OpenMP) always, CUDA sources too
+when torch has CUDA and nvcc is found. Metadata lives in pyproject.toml.
+
+LOOM_NATIVE=1 compiles for this machine's CPU (-march=native): faster baseline code,
+but the result may not run on another machine. The default build is portable; the
+attention kernel still uses AVX2 / AVX-512 where the CPU has them (run-time dispatch).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern: str) -> list[str]:
+    # setuptools wants paths relative to setup.py
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def _nvcc_found(cuda_home) -> bool:
+    if shutil.which("nvcc"):
+        return True
+    return bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+
+
+def _extension():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    # No -std: torch adds the standard its headers need (C++20 for torch 2.13; the code is C++17).
+    # -fno-wrapv undoes Python's -fwrapv (in its CFLAGS): with wrapping int arithmetic the
+    # compiler cannot widen loop indices, and the attention kernel runs 2-4x slower.
+    cxx = ["-O3", "-fno-wrapv", "-fopenmp", "-ffp-contract=fast"]
+    if os.environ.get("LOOM_NATIVE") == "1":
+        cxx.append("-march=native")
+    kw = dict(
+        name="engine._C",
+        sources=_sources("csrc/*.cpp"),
+        include_dirs=[os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")],
+        extra_link_args=["-fopenmp"],
+        libraries=["gomp"],
+    )
+    if torch.version.cuda is not None and _nvcc_found(CUDA_HOME):
+        kw["sources"] += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        kw["define_macros"] = [("LOOM_WITH_CUDA", "1")]
+        kw["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}
+        ext = CUDAExtension(**kw)
+    else:
+        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found"
+        print(f"loom: building engine._C for the CPU only ({why})")
+        kw["extra_compile_args"] = {"cxx": cxx}
+        ext = CppExtension(**kw)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension()
+
+setup(
+    packages=find_packages(where=HERE, include=["engine", "engine.*", "triton_kernels", "triton_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,309 @@
+"""The C++ ops (torch.ops.loom.*) against the torch reference backend.
+
+Plans come from ``build_plan_py`` over random segments whose pages are a random
+permutation of a larger pool (so pages are never in order), with partly filled last
+pages, an occasional empty extra page, shifts of both signs and causal own segments.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from engine.attention.plan import AttentionPlan, ThreadStep, build_plan_py
+from engine.attention.reference import merge_states as merge_states_ref
+from engine.attention.reference import segment_attention_torch
+
+_ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _isas() -> list[str]:
+    """Every distinct CPU build this machine can run (avx512 / avx2 / base)."""
+    found = []
+    for name in ("avx512", "avx2", "base"):
+        got = _ops.cpu_isa(name)
+        if got not in found:
+            found.append(got)
+    _ops.cpu_isa("")
+    return found
+
+
+ISAS = _isas()
+
+
+@pytest.fixture
+def isa(request):
+    _ops.cpu_isa(request.param)
+    yield request.param
+    _ops.cpu_isa("")
+
+
+def inv_freq_of(D: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+
+
+def make_pool(seg_len: dict[int, int], page_size: int, rng: random.Random, extra_pages: int = 3):
+    """Pages for each segment, drawn from a shuffled pool; sometimes one unused page more."""
+    need = {s: -(-n // page_size) + (1 if rng.random() < 0.3 else 0) for s, n in seg_len.items()}
+    total = sum(need.values()) + extra_pages
+    ids = list(range(total))
+    rng.shuffle(ids)
+    seg_pages, i = {}, 0
+    for s, n in need.items():
+        seg_pages[s] = ids[i:i + n]
+        i += n
+    return seg_pages, total
+
+
+def random_case(seed: int, *, lens=(1, 15, 16, 17, 100), n_threads=3, page_size=16, num_new=(1, 3),
+                shifts=True, view_size=None, n_seg=None):
+    rng = random.Random(seed)
+    n_seg = n_seg or max(len(lens), n_threads)
+    seg_len = {s: lens[s % len(lens)] for s in range(n_seg)}
+    threads = []
+    owns = rng.sample(range(n_seg), n_threads)
+    for own in owns:
+        others = [s for s in range(n_seg) if s != own]
+        k = rng.randint(0, len(others)) if view_size is None else min(view_size - 1, len(others))
+        view = [(s, rng.randint(-300, 300) if shifts else 0) for s in rng.sample(others, k)]
+        view.insert(rng.randint(0, len(view)), (own, 0))
+        n = min(rng.choice(num_new), seg_len[own])
+        threads.append(ThreadStep(view, own, n))
+    seg_pages, num_pages = make_pool(seg_len, page_size, rng)
+    return build_plan_py(threads, seg_len, seg_pages), num_pages
+
+
+def make_tensors(plan: AttentionPlan, num_pages: int, page_size: int, Hq: int, Hkv: int, D: int, dtype,
+                 seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(plan.num_rows, Hq, D, generator=g).to(dtype)
+    k_pool = torch.randn(num_pages, page_size, Hkv, D, generator=g).to(dtype)
+    v_pool = torch.randn(num_pages, page_size, Hkv, D, generator=g).to(dtype)
+    return q, k_pool, v_pool
+
+
+def check(plan, q, k_pool, v_pool, inv_freq=None, scale=None):
+    D = q.shape[-1]
+    inv_freq = inv_freq_of(D) if inv_freq is None else inv_freq
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ref = segment_attention_torch(q, k_pool, v_pool, plan, inv_freq, scale)
+    out = _ops.segment_attention_cpu(q, k_pool, v_pool, plan, inv_freq, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# segment attention
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq,Hkv,D,page_size", [(4, 4, 64, 1), (8, 4, 80, 16), (8, 2, 128, 64), (7, 1, 64, 16)])
+def test_random_plans(isa, dtype, Hq, Hkv, D, page_size):
+    for seed in range(2):
+        plan, num_pages = random_case(seed, page_size=page_size)
+        check(plan, *make_tensors(plan, num_pages, page_size, Hq, Hkv, D, dtype, seed))
+
+
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 100, 1000])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_segment_lengths_and_rows(L, rows):
+    """One prompt of L tokens shared by `rows` decode rows plus their own causal segments."""
+    rng = random.Random(L * 31 + rows)
+    seg_len = {0: L}
+    threads = []
+    for i in range(rows):
+        seg_len[i + 1] = rng.randint(1, 20)
+        threads.append(ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1))
+    seg_pages, num_pages = make_pool(seg_len, 16, rng)
+    plan = build_plan_py(threads, seg_len, seg_pages)
+    check(plan, *make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, L + rows))
+
+
+@pytest.mark.parametrize("n_new", [1, 17, 100])
+def test_prefill_causal(n_new):
+    """Many rows of one thread in its own segment: per-row causal limits inside tiles."""
+    seg_len = {0: 40, 1: 37 + n_new}
+    rng = random.Random(n_new)
+    seg_pages, num_pages = make_pool(seg_len, 16, rng)
+    plan = build_plan_py([ThreadStep([(0, 0), (1, 0)], 1, n_new)], seg_len, seg_pages)
+    check(plan, *make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32, n_new))
+
+
+def test_long_prefill_many_rows():
+    """Rows beyond one block of queries and keys beyond one chunk (1k x 1k causal)."""
+    seg_len = {0: 1030}
+    rng = random.Random(5)
+    seg_pages, num_pages = make_pool(seg_len, 16, rng)
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 1030)], seg_len, seg_pages)
+    check(plan, *make_tensors(plan, num_pages, 16, 2, 2, 64, torch.float32, 5))
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 7])
+def test_gqa_ratios(G):
+    plan, num_pages = random_case(G, lens=(17, 100, 33), n_threads=4, num_new=(1, 2, 5))
+    check(plan, *make_tensors(plan, num_pages, 16, 2 * G, 2, 64, torch.float32, G))
+
+
+@pytest.mark.parametrize("shift", [-5000, -7, 3, 100000])
+def test_shifts(shift):
+    """Queries rotated by -shift * inv_freq before attending a shifted segment."""
+    seg_len = {0: 50, 1: 9}
+    rng = random.Random(abs(shift))
+    seg_pages, num_pages = make_pool(seg_len, 16, rng)
+    threads = [ThreadStep([(0, shift), (1, 0)], 1, 3), ThreadStep([(0, -shift)], 0, 1)]
+    plan = build_plan_py(threads, seg_len, seg_pages)
+    assert plan.has_shift
+    D = 128
+    check(plan, *make_tensors(plan, num_pages, 16, 4, 2, D, torch.float32, 1), inv_freq=inv_freq_of(D, 1e6))
+
+
+def test_view_of_40_segments():
+    plan, num_pages = random_case(40, lens=(1, 5, 16, 17, 33, 64, 2), n_threads=6, view_size=40,
+                                  num_new=(1, 2), n_seg=45)
+    assert plan.num_jobs >= 40
+    check(plan, *make_tensors(plan, num_pages, 16, 8, 2, 64, torch.float32, 40))
+    check(plan, *make_tensors(plan, num_pages, 16, 8, 2, 64, torch.bfloat16, 41))
+
+
+def test_empty_segment_and_rows_without_keys():
+    """A zero-length segment (no key) and a row that sees no key at all give zeros."""
+    seg_len = {0: 0, 1: 5, 2: 0}
+    seg_pages = {0: [], 1: [3], 2: [1]}  # segment 2: an allocated but empty page
+    threads = [ThreadStep([(0, 0), (1, 0)], 1, 1), ThreadStep([(2, 0)], 2, 0)]
+    plan = build_plan_py(threads, seg_len, seg_pages)
+    check(plan, *make_tensors(plan, 4, 16, 4, 2, 64, torch.float32))
+    # a row whose only entry is an empty segment
+    lonely = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=1)
+    assert plan.q_rows.tolist() == [0, 0] and plan.kv_len[0] == 0
+    lonely.merge_indptr = torch.tensor([0, 1], dtype=torch.int32)  # row 0 merges entry 0 only
+    q, k, v = make_tensors(plan, 4, 16, 4, 2, 64, torch.float32)
+    out = _ops.segment_attention_cpu(q, k, v, lonely, None, 0.125)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_agree(threads):
+    """Chunking depends on the thread count; results must not (beyond rounding)."""
+    plan, num_pages = random_case(9, lens=(700, 1000, 3), n_threads=3, num_new=(1, 4))
+    tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, 9)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(plan, *tensors)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_strided_q():
+    """q may be a view (e.g. split from a fused qkv projection): last dim contiguous."""
+    plan, num_pages = random_case(3)
+    _, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    qkv = torch.randn(plan.num_rows, 8, 64)
+    check(plan, qkv[:, :4], k, v)
+
+
+def test_errors_are_actionable():
+    plan, num_pages = random_case(1)
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        _ops.segment_attention_cpu(q, k.half(), v.half(), plan, None, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        _ops.segment_attention_cpu(q[:, :3], k, v, plan, None, 0.1)
+    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
+    bad.kv_page_ids[0] = num_pages
+    with pytest.raises(RuntimeError, match="kv_page_ids"):
+        _ops.segment_attention_cpu(q, k, v, bad, None, 0.1)
+    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
+    bad.q_rows = bad.q_rows.long()
+    with pytest.raises(RuntimeError, match="q_rows must be int32"):
+        _ops.segment_attention_cpu(q, k, v, bad, None, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# append_kv and merge_states
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_append_kv(dtype, slot_dtype):
+    g = torch.Generator().manual_seed(0)
+    k_pool = torch.randn(7, 16, 2, 80, generator=g).to(dtype)
+    v_pool = torch.randn(7, 16, 2, 80, generator=g).to(dtype)
+    T = 37
+    slots = torch.randperm(7 * 16, generator=g)[:T].to(slot_dtype)
+    k = torch.randn(T, 2, 80, generator=g).to(dtype)
+    v = torch.randn(T, 2, 80, generator=g).to(dtype)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    k_ref.view(-1, 2, 80).index_copy_(0, slots.long(), k)
+    v_ref.view(-1, 2, 80).index_copy_(0, slots.long(), v)
+    _ops.append_kv(k_pool, v_pool, k, v, slots)
+    assert torch.equal(k_pool, k_ref) and torch.equal(v_pool, v_ref)
+
+
+def test_append_kv_strided_and_errors():
+    k_pool = torch.zeros(2, 4, 2, 8)
+    v_pool = torch.zeros(2, 4, 2, 8)
+    kv = torch.randn(3, 2, 2, 8)  # [T, 2, Hkv, D]: k and v interleaved, non-contiguous views
+    torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0], kv[:, 1], torch.tensor([7, 0, 3]))
+    assert torch.equal(k_pool.view(-1, 2, 8)[[7, 0, 3]], kv[:, 0])
+    assert torch.equal(v_pool.view(-1, 2, 8)[[7, 0, 3]], kv[:, 1])
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0], kv[:, 1], torch.tensor([8, 0, 3]))
+    with pytest.raises(RuntimeError, match="pool's dtype"):
+        torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0].double(), kv[:, 1].double(), torch.tensor([1, 0, 3]))
+    with pytest.raises(RuntimeError, match="k must be"):
+        torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0, :1], kv[:, 1, :1], torch.tensor([1, 0, 3]))
+
+
+def test_merge_states():
+    g = torch.Generator().manual_seed(3)
+    E, H, D, rows = 23, 3, 20, 9
+    o = torch.randn(E, H, D, generator=g)
+    lse = torch.randn(E, H, generator=g) * 5
+    lse[4] = -math.inf  # an empty state
+    lse[7, 1] = -math.inf
+    counts = [3, 0, 1, 5, 2, 4, 0, 6, 2]  # row 1 and row 6 merge nothing
+    perm = torch.randperm(E, generator=g).to(torch.int32)
+    indptr = torch.tensor([0] + list(torch.tensor(counts).cumsum(0)), dtype=torch.int32)
+    ref = merge_states_ref(o, lse, indptr, perm, rows)
+    out = _ops.merge_states(o, lse, indptr, perm, rows)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[1], torch.zeros(H, D)) and torch.equal(out[6], torch.zeros(H, D))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library.opcheck: schemas, fake kernels, aliasing
+# ---------------------------------------------------------------------------------------------
+
+def test_opcheck_segment_attention():
+    plan, num_pages = random_case(2)
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    args = (q, k, v, *plan.tensors(), inv_freq_of(64), 0.125)
+    torch.library.opcheck(torch.ops.loom.segment_attention.default, args)
+
+
+def test_opcheck_append_kv():
+    k_pool, v_pool = torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8)
+    args = (k_pool, v_pool, torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.tensor([0, 5, 6, 11, 2]))
+    torch.library.opcheck(torch.ops.loom.append_kv.default, args)
+
+
+def test_opcheck_merge_states():
+    o, lse = torch.randn(6, 2, 8), torch.randn(6, 2)
+    args = (o, lse, torch.tensor([0, 2, 2, 6], dtype=torch.int32),
+            torch.tensor([5, 0, 1, 2, 3, 4], dtype=torch.int32), 3)
+    torch.library.opcheck(torch.ops.loom.merge_states.default, args)
+
+
+def test_opcheck_build_plan():
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    args = (i32([0, 2, 3]), i32([0, 1, 0]), i32([0, 0, 4]), i32([1, 2]), i32([2, 1]), i32([10, 4, 3]),
+            i32([0, 1, 2, 3]), i32([5, 6, 7]))
+    torch.library.opcheck(torch.ops.loom.build_plan.default, args)

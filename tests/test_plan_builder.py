@@ -1,0 +1,97 @@
+"""The C++ plan builder (torch.ops.loom.build_plan) against build_plan_py, exactly."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.attention.plan import AttentionPlan, ThreadStep, build_plan_py
+
+_ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
+
+
+def random_tree(seed: int, n_threads: int, max_len: int = 300, page_size: int = 16):
+    """Segments form a tree (prompt -> forks); each thread owns a leaf and views its root
+    path, plus random other segments (Hogwild-style), with random shifts."""
+    rng = random.Random(seed)
+    parent = {0: None}
+    while len(parent) < 2 * n_threads + 1:
+        parent[len(parent)] = rng.randrange(len(parent))
+    seg_len = {s: rng.randint(1, max_len) for s in parent}
+    pages = list(range(sum(-(-n // page_size) for n in seg_len.values()) + 5))
+    rng.shuffle(pages)
+    seg_pages, i = {}, 0
+    for s, n in seg_len.items():
+        k = -(-n // page_size)
+        seg_pages[s] = pages[i:i + k]
+        i += k
+    threads = []
+    for own in rng.sample(sorted(parent), n_threads):
+        path, s = [], own
+        while s is not None:
+            path.append(s)
+            s = parent[s]
+        view = [(s, 0) for s in reversed(path)]
+        extra = rng.sample(sorted(set(parent) - set(path)), rng.randint(0, min(5, len(parent) - len(path))))
+        for s in extra:
+            view.insert(rng.randint(0, len(view)), (s, rng.randint(-1000, 1000)))
+        threads.append(ThreadStep(view, own, rng.randint(1, min(5, seg_len[own]))))
+    return threads, seg_len, seg_pages
+
+
+def assert_same(a: AttentionPlan, b: AttentionPlan):
+    for name in ("kv_indptr", "kv_page_ids", "kv_len", "q_indptr", "q_rows", "shift", "causal_limit",
+                 "merge_indptr", "merge_entries"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype == torch.int32, name
+        assert torch.equal(x, y), name
+    assert a.num_rows == b.num_rows and a.has_shift == b.has_shift
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_trees(seed):
+    threads, seg_len, seg_pages = random_tree(seed, n_threads=1 + seed % 9)
+    assert_same(_ops.build_plan_cpp(threads, seg_len, seg_pages), build_plan_py(threads, seg_len, seg_pages))
+
+
+def test_large_tree():
+    threads, seg_len, seg_pages = random_tree(123, n_threads=200, max_len=40)
+    assert_same(_ops.build_plan_cpp(threads, seg_len, seg_pages), build_plan_py(threads, seg_len, seg_pages))
+
+
+def test_edge_cases():
+    """Duplicate segments in one view, a thread with no new rows, sparse segment ids."""
+    seg_len = {10: 5, 7000000: 3, 42: 9}
+    seg_pages = {10: [4], 7000000: [1], 42: [0, 2]}
+    threads = [ThreadStep([(10, 0), (42, 3), (10, -2)], 42, 2),
+               ThreadStep([(7000000, 0)], 7000000, 0),
+               ThreadStep([(7000000, 1), (10, 0)], 10, 1)]
+    assert_same(_ops.build_plan_cpp(threads, seg_len, seg_pages), build_plan_py(threads, seg_len, seg_pages))
+    assert_same(_ops.build_plan_cpp([], {}, {}), build_plan_py([], {}, {}))
+
+
+def test_unknown_segment_is_an_error():
+    with pytest.raises(KeyError):
+        _ops.build_plan_cpp([ThreadStep([(3, 0)], 0, 1)], {0: 1}, {0: [0]})
+    with pytest.raises(KeyError, match="not a known segment"):
+        _ops.build_plan_cpp([ThreadStep([(2, 0)], 0, 1)], {0: 1, 1: 1, 3: 1}, {0: [0], 1: [1], 3: [2]})
+
+
+def test_array_entry_point():
+    threads, seg_len, seg_pages = random_tree(7, n_threads=6)
+    ref = build_plan_py(threads, seg_len, seg_pages)
+    n_seg = max(seg_len) + 1
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    indptr = [0]
+    for th in threads:
+        indptr.append(indptr[-1] + len(th.view))
+    page_indptr = [0]
+    for s in range(n_seg):
+        page_indptr.append(page_indptr[-1] + len(seg_pages[s]))
+    plan = _ops.build_plan_arrays(
+        i32(indptr), i32([s for th in threads for s, _ in th.view]), i32([x for th in threads for _, x in th.view]),
+        i32([th.own for th in threads]), i32([th.num_new for th in threads]),
+        i32([seg_len[s] for s in range(n_seg)]), i32(page_indptr),
+        i32([p for s in range(n_seg) for p in seg_pages[s]]))
+    assert_same(plan, ref)
