@@ -2,10 +2,13 @@
 
 Backends share the semantics in ``plan.py``: ``torch`` (the reference, the oracle
 for every test), ``cpu`` (C++/OpenMP, ``torch.ops.loom.segment_attention``).
-``auto`` picks ``cpu`` for CPU tensors.
+``auto`` picks ``cpu`` for CPU tensors; ``triton`` (Triton kernels, GPU; CPU only
+under ``TRITON_INTERPRET=1``) for CUDA tensors.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -13,7 +16,7 @@ import torch
 from .plan import AttentionPlan, ThreadStep, build_plan_py
 from .reference import segment_attention_torch
 
-BACKENDS = ("auto", "torch", "cpu")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def _ops():
@@ -28,13 +31,36 @@ def ops_available() -> bool:
         return False
 
 
+def triton_available() -> bool:
+    """Is triton installed? (checked without importing it: importing it fixes the
+    interpreter mode, TRITON_INTERPRET, for the whole process)"""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_kernels(device: torch.device, what: str):
+    """The ``triton_kernels`` package, imported on first use; CPU tensors only under the
+    Triton interpreter."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{what}='triton' on device=cpu needs the Triton interpreter: set "
+                         "TRITON_INTERPRET=1 before Python imports triton, or use device='cuda'.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}='triton' supports CUDA devices (and CPU under "
+                         f"TRITON_INTERPRET=1), not device={device}.")
+    if not triton_available():
+        raise ValueError(f"{what}='triton' needs the triton package: `pip install triton`.")
+    import triton_kernels
+    return triton_kernels
+
+
 def get_backend(name: str, device: torch.device):
     """(resolved name, fn(q, k_pool, v_pool, plan, inv_freq, scale) -> o)."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not available; choose one of "
                          f"{', '.join(BACKENDS)}.")
     if name == "auto":
-        if device.type == "cpu" and ops_available():
+        if device.type == "cuda" and triton_available():
+            name = "triton"
+        elif device.type == "cpu" and ops_available():
             name = "cpu"
         else:
             if device.type == "cpu":
@@ -50,6 +76,8 @@ def get_backend(name: str, device: torch.device):
             raise ValueError("attention_backend='cpu' needs the C++ extension engine._C, which is not "
                              "built; reinstall with `pip install -e .`.")
         return name, _ops().segment_attention_cpu
+    if name == "triton":
+        return name, _triton_kernels(device, "attention_backend").attention
     raise AssertionError(name)
 
 
@@ -60,6 +88,8 @@ def _append_kv_torch(k_pool, v_pool, k, v, slots):
 
 
 def get_append_kv(device: torch.device):
+    if device.type == "cuda" and triton_available():
+        return _triton_kernels(device, "append_kv").append_kv
     if device.type == "cpu" and ops_available():
         return _ops().append_kv
     return _append_kv_torch
