@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import tempfile
-import time
 
 
 def _print_outputs(outs, show_tokens: bool = False):
@@ -38,33 +36,16 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_demo(a) -> int:
-    from . import LLM, SamplingParams
-    from .demo import make_random_model
-    print("loom demo: a tiny RANDOM-WEIGHT Qwen3-shaped model built on the fly (no trained demo "
-          "model ships yet), so the text is gibberish; what it shows is the engine: n threads "
-          "sampled from one shared prompt in one batched forward pass per step.")
+    from .demo_run import run_demo
+    if a.problems < 1:
+        print("loom: error: --problems must be >= 1.", file=sys.stderr)
+        return 2
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
-    with tempfile.TemporaryDirectory() as d:
-        make_random_model(d, seed=a.seed)
-        llm = LLM(d, seed=a.seed)
-        prompt = "Loom runs many reasoning threads over one shared KV cache. " * 4
-        params = SamplingParams(n=a.n, temperature=0.8, max_tokens=a.max_tokens, ignore_eos=True,
-                                seed=a.seed)
-        t0 = time.perf_counter()
-        out = llm.generate(prompt, params)[0]
-        wall = time.perf_counter() - t0
-        for c in out.outputs:
-            print(f"[thread {c.index}] {c.text!r}")
-        m = out.metrics
-        prompt_pages = llm.cache.pages_for(len(out.prompt_token_ids))
-        print(f"attention backend: {llm.attention_backend}")
-        print(f"threads: {a.n}, prompt tokens: {len(out.prompt_token_ids)} (prefilled once, "
-              f"{prompt_pages} pages shared by all threads)")
-        print(f"forward steps: {m.forward_steps} (one thread at a time would take "
-              f"{a.n * m.forward_steps}); kv pages peak: {m.kv_pages_peak}")
-        print(f"generated tokens: {m.generated_tokens} in {wall:.2f}s = "
-              f"{m.generated_tokens / wall:.1f} tokens/s")
-        print(f"pages in use after generate: {llm.cache_stats()['pages_used']}")
+    try:
+        run_demo(a.problems, a.seed, live=False if a.plain else None)
+    except FileNotFoundError as e:
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -86,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--attention-backend", default="auto")
     g.set_defaults(fn=_cmd_generate)
-    d = sub.add_parser("demo", help="run the built-in demo")
-    d.add_argument("-n", type=int, default=4)
-    d.add_argument("--max-tokens", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="the shipped demo model solves problems with fork/join threads")
+    d.add_argument("--problems", type=int, default=5, help="fresh problems, solved in one batch")
+    d.add_argument("--seed", type=int, default=0, help="draws the problems")
+    d.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     d.set_defaults(fn=_cmd_demo)
     return ap
 
