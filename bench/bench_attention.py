@@ -16,6 +16,8 @@ Bytes = K/V bytes the method must read at least (plus the mask); GB/s = bytes / 
 time over loom time. Median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
+    python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
+                                                          # vs SDPA (bench_attention_gpu.py)
 """
 from __future__ import annotations
 
@@ -193,7 +195,17 @@ def bench_prefill(repeats: int) -> str:
 
 
 def main() -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu")
+    dev, rest = pre.parse_known_args()
+    if dev.device != "cpu":  # the GPU table lives in its own script, same arguments
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        sys.argv = [sys.argv[0], "--device", dev.device, *rest]
+        import bench_attention_gpu  # parses sys.argv on import
+        bench_attention_gpu.main()
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu (this table) or cuda (bench_attention_gpu.py)")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
     args = ap.parse_args()
