@@ -31,18 +31,37 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor]:
-    """logits [R, V] float32 -> (one token per row, raw log-probs [R, V])."""
+    """logits [R, V] float32 -> (one token per row, raw log-probs [R, V]).
+
+    Random rows are drawn by inverse CDF: one uniform number per row from the row's
+    own generator, then a search in the cumulative probabilities, all rows at once.
+    (An exponential race would need V random numbers per row: on a CPU drawing them
+    cost more than the whole forward pass of a small model.)
+    """
     logprobs = logits.log_softmax(-1)
     greedy = logits.argmax(-1).tolist()
-    tokens = []
-    for r, p in enumerate(params):
-        if p.greedy or p.top_k == 1:
-            tokens.append(greedy[r])
-            continue
-        lp = _filtered_logprobs(logits[r], p)
-        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with probability p_i.
-        e = torch.empty_like(lp).exponential_(generator=generators[r])
-        tokens.append(int(torch.argmax(lp.exp() / e)))
+    rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
+    if not rows:
+        return greedy, logprobs
+    plain = all(params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0
+                for r in rows)
+    if plain:
+        temps = torch.tensor([params[r].temperature for r in rows], dtype=logits.dtype,
+                             device=logits.device)
+        probs = (logits[rows] / temps[:, None]).softmax(-1)
+    else:
+        probs = torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp()
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=generators[r], device=generators[r].device)
+                   for r in rows]).to(cdf.device, cdf.dtype)
+    # The first index whose cumulative mass exceeds u * total: tokens of zero probability
+    # (equal consecutive sums) are never chosen.
+    total = cdf[:, -1]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    picked = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].tolist()
+    tokens = list(greedy)
+    for r, tok in zip(rows, picked):
+        tokens[r] = tok
     return tokens, logprobs
 
 
