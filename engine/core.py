@@ -83,8 +83,8 @@ class EngineCore:
         else:
             tokens, logprobs = sample(torch.stack(rows), [t.params for t in samplers],
                                       [t.generator for t in samplers])
-        for t, lp in zip(samplers, logprobs):
-            t._lp_row = lp
+        for i, t in enumerate(samplers):
+            t._lp_row = logprobs[i] if logprobs is not None else None
         return tokens
 
     # ---- applying a sampled token ----------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Fake (meta) kernels for the packed-GEMM ops of csrc/linear_cpu.cpp, so that
-``torch.compile`` can trace a model that uses them. Importing loads engine._C."""
+"""Fake (meta) kernels for the model-layer ops of csrc/linear_cpu.cpp (packed GEMM) and
+csrc/fused_cpu.cpp (RMSNorm, residual + RMSNorm, q/k/v preparation with RoPE, SiLU-gate),
+so that ``torch.compile`` can trace a model that uses them. Importing loads engine._C."""
 from __future__ import annotations
 
 import torch
@@ -18,3 +19,25 @@ def _pack_fake(w):
 @torch.library.register_fake("loom::linear_packed")
 def _linear_packed_fake(x, wp, bias, n_out):
     return x.new_empty((*x.shape[:-1], n_out))
+
+
+@torch.library.register_fake("loom::rms_norm")
+def _rms_norm_fake(x, w, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("loom::add_rms_norm")
+def _add_rms_norm_fake(h, r, w, eps):
+    return torch.empty_like(h)
+
+
+@torch.library.register_fake("loom::qkv_prep")
+def _qkv_prep_fake(qkv, q_norm, k_norm, cos, sin, positions, num_heads, num_kv_heads, head_dim, eps):
+    t = qkv.shape[0]
+    return (qkv.new_empty((t, num_heads, head_dim)), qkv.new_empty((t, num_kv_heads, head_dim)),
+            qkv.new_empty((t, num_kv_heads, head_dim)))
+
+
+@torch.library.register_fake("loom::silu_mul")
+def _silu_mul_fake(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))

@@ -76,6 +76,8 @@ class CausalLM:
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
         self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype == torch.float32
+        # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition; False -> ATen ops.
+        self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep")
         self._build(weights)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -143,6 +145,8 @@ class CausalLM:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> torch.Tensor:
+        if self.fused:
+            return self._forward_fused(input_ids, positions, batch, k_pools, v_pools)
         c = self.cfg
         T = input_ids.shape[0]
         qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -168,6 +172,30 @@ class CausalLM:
         h = h[batch.logits_rows]
         h = rms_norm(h, self.norm, c.rms_norm_eps)
         return self.lm_head(h).float()  # [R, vocab]
+
+    def _forward_fused(self, input_ids, positions, batch: ForwardBatch, k_pools, v_pools) -> torch.Tensor:
+        """``forward`` with one op per element-wise step (float32, CPU): the residual add
+        is fused with the next RMSNorm, q/k norms with RoPE and the q/k/v split, SiLU
+        with the gate product."""
+        ops, c = torch.ops.loom, self.cfg
+        T, eps = input_ids.shape[0], c.rms_norm_eps
+        qd = c.num_heads * c.head_dim
+        cos, sin = self.rotary.covering(positions)
+        h = F.embedding(input_ids, self.embed)  # h: [T, hidden], updated in place below
+        x = ops.rms_norm(h, self.layers[0].ln1, eps)
+        for li, L in enumerate(self.layers):
+            q, k, v = ops.qkv_prep(L.qkv(x), L.q_norm, L.k_norm, cos, sin, positions, c.num_heads,
+                                   c.num_kv_heads, c.head_dim, eps)
+            self.append_kv(k_pools[li], v_pools[li], k, v, batch.slots)
+            o = self.attention(q, k_pools[li], v_pools[li], batch.plan, self.inv_freq, self.scale)
+            x = ops.add_rms_norm(h, L.o(o.reshape(T, qd)), L.ln2, eps)
+            mlp = L.down(ops.silu_mul(L.gate_up(x)))
+            if li + 1 < len(self.layers):
+                x = ops.add_rms_norm(h, mlp, self.layers[li + 1].ln1, eps)
+            else:
+                h += mlp
+        h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
+        return self.lm_head(h)  # [R, vocab] float32
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the embedding table only by lookup)."""

@@ -59,12 +59,17 @@ class Rotary:
         self.cos = freqs.cos().to(self.dtype)
         self.sin = freqs.sin().to(self.dtype)
 
-    def tables(self, positions: torch.Tensor):
-        """cos, sin [T, 1, D/2] for ``positions [T]`` (int64)."""
+    def covering(self, positions: torch.Tensor):
+        """The whole cos, sin tables [n, D/2], extended first to cover ``positions``."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._extend(max(need, 2 * self.cos.shape[0]))
-        return self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        return self.cos, self.sin
+
+    def tables(self, positions: torch.Tensor):
+        """cos, sin [T, 1, D/2] for ``positions [T]`` (int64)."""
+        cos, sin = self.covering(positions)
+        return cos[positions][:, None, :], sin[positions][:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

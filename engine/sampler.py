@@ -30,15 +30,17 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor]:
-    """logits [R, V] float32 -> (one token per row, raw log-probs [R, V]).
+           generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor | None]:
+    """logits [R, V] float32 -> (one token per row, raw log-probs [R, V], or None when no
+    row asked for log-probs).
 
     Random rows are drawn by inverse CDF: one uniform number per row from the row's
     own generator, then a search in the cumulative probabilities, all rows at once.
     (An exponential race would need V random numbers per row: on a CPU drawing them
     cost more than the whole forward pass of a small model.)
     """
-    logprobs = logits.log_softmax(-1)
+    want_lp = any(p.logprobs is not None for p in params)
+    logprobs = logits.log_softmax(-1) if want_lp else None
     greedy = logits.argmax(-1).tolist()
     rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
     if not rows:

@@ -1,0 +1,206 @@
+// Fused element-wise steps of the decoder layer for the CPU, float32.
+//
+// Why: in a decode step the model runs a few rows through ~50 small ATen ops per
+// layer (RMSNorm alone is six); at a few microseconds of dispatch each they cost more
+// than the layer's attention. These ops do the same math in one pass each:
+//   rms_norm        y = w * (x / sqrt(mean(x^2) + eps))
+//   add_rms_norm    h += r (in place), then rms_norm(h)      (residual + next norm)
+//   qkv_prep        split the fused qkv rows, optional q/k RMSNorm per head, RoPE
+//                   (rotate-half) at each row's position from cos/sin tables
+//   silu_mul        silu(gate) * up from the fused gate_up rows
+// Semantics follow the Hugging Face Llama-family code in float32 (norm statistics in
+// float32, then the weight). Rows are split across threads only when there are many
+// (prefill): for a few decode rows a parallel region costs more than the work.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace loom {
+namespace {
+
+inline int64_t grain_for(int64_t row_elems) {
+  // ~32k elements per task: below that one thread does everything
+  return std::max<int64_t>(1, (32768 + row_elems - 1) / row_elems);
+}
+
+inline void norm_row(const float* __restrict x, const float* __restrict w, float* __restrict y,
+                     int64_t D, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+void check_f32_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  check_f32_cpu(x, "rms_norm", "x");
+  check_f32_cpu(w, "rms_norm", "w");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "rms_norm: weight has shape ", w.sizes(), ", x has ", D,
+              " features");
+  at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t R = D ? xc.numel() / D : 0;
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp, yp + r * D, D, static_cast<float>(eps));
+  });
+  return y;
+}
+
+at::Tensor add_rms_norm(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps) {
+  check_f32_cpu(h, "add_rms_norm", "h");
+  check_f32_cpu(r, "add_rms_norm", "r");
+  check_f32_cpu(w, "add_rms_norm", "w");
+  TORCH_CHECK(h.is_contiguous(), "add_rms_norm: h must be contiguous (it is updated in place)");
+  TORCH_CHECK(r.sizes() == h.sizes(), "add_rms_norm: h ", h.sizes(), " and r ", r.sizes(), " differ");
+  const int64_t D = h.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "add_rms_norm: weight has shape ", w.sizes(), ", h has ", D,
+              " features");
+  at::Tensor rc = r.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(h);
+  const int64_t R = D ? h.numel() / D : 0;
+  float* hp = h.data_ptr<float>();
+  const float* rp = rc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      float* hr = hp + i * D;
+      const float* rr = rp + i * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) hr[j] += rr[j];
+      norm_row(hr, wp, yp + i * D, D, static_cast<float>(eps));
+    }
+  });
+  return y;
+}
+
+// One head row: optional RMSNorm, then rotate-half RoPE with cos/sin [D/2].
+inline void prep_head(const float* __restrict x, const float* __restrict nw, const float* __restrict c,
+                      const float* __restrict s, float* __restrict y, int64_t D, float eps) {
+  const int64_t h = D / 2;
+  float buf[1024];
+  const float* src = x;
+  if (nw != nullptr) {
+    norm_row(x, nw, buf, D, eps);
+    src = buf;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = src[i], b = src[i + h];
+    y[i] = a * c[i] - b * s[i];
+    y[i + h] = b * c[i] + a * s[i];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                                                        const c10::optional<at::Tensor>& k_norm,
+                                                        const at::Tensor& cos, const at::Tensor& sin,
+                                                        const at::Tensor& positions, int64_t num_heads,
+                                                        int64_t num_kv_heads, int64_t head_dim, double eps) {
+  check_f32_cpu(qkv, "qkv_prep", "qkv");
+  check_f32_cpu(cos, "qkv_prep", "cos");
+  check_f32_cpu(sin, "qkv_prep", "sin");
+  const int64_t D = head_dim, Hq = num_heads, Hk = num_kv_heads;
+  TORCH_CHECK(D > 0 && D % 2 == 0 && D <= 1024, "qkv_prep: head_dim must be even and <= 1024, got ", D);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hk) * D, "qkv_prep: qkv must be [T, (", Hq, " + 2 x ",
+              Hk, ") x ", D, "], got ", qkv.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D / 2 && sin.sizes() == cos.sizes(),
+              "qkv_prep: cos/sin tables must be [positions, head_dim / 2], got ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == qkv.size(0),
+              "qkv_prep: positions must be int64 [T]");
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "qkv_prep: give both q_norm and k_norm or neither");
+  const float *qn = nullptr, *kn = nullptr;
+  at::Tensor qnc, knc;
+  if (q_norm.has_value()) {
+    check_f32_cpu(*q_norm, "qkv_prep", "q_norm");
+    check_f32_cpu(*k_norm, "qkv_prep", "k_norm");
+    TORCH_CHECK(q_norm->numel() == D && k_norm->numel() == D, "qkv_prep: q/k norm weights must have head_dim=",
+                D, " elements");
+    qnc = q_norm->contiguous();
+    knc = k_norm->contiguous();
+    qn = qnc.data_ptr<float>();
+    kn = knc.data_ptr<float>();
+  }
+  at::Tensor x = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor pos = positions.contiguous();
+  const int64_t T = x.size(0), P = cc.size(0);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < P, "qkv_prep: position ", pp[t], " is outside the rotary tables (", P,
+                " positions)");
+  at::Tensor q = at::empty({T, Hq, D}, x.options());
+  at::Tensor k = at::empty({T, Hk, D}, x.options());
+  at::Tensor v = at::empty({T, Hk, D}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* cp = cc.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const int64_t W = (Hq + 2 * Hk) * D;
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, grain_for(W), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* row = xp + t * W;
+      const float* c = cp + pp[t] * (D / 2);
+      const float* s = sp + pp[t] * (D / 2);
+      for (int64_t h = 0; h < Hq; ++h) prep_head(row + h * D, qn, c, s, qp + (t * Hq + h) * D, D, e);
+      for (int64_t h = 0; h < Hk; ++h) prep_head(row + (Hq + h) * D, kn, c, s, kp + (t * Hk + h) * D, D, e);
+      std::memcpy(vp + t * Hk * D, row + (Hq + Hk) * D, sizeof(float) * Hk * D);
+    }
+  });
+  return {q, k, v};
+}
+
+at::Tensor silu_mul(const at::Tensor& gu) {
+  check_f32_cpu(gu, "silu_mul", "gate_up");
+  TORCH_CHECK(gu.size(-1) % 2 == 0, "silu_mul: the last dimension (gate | up) must be even, got ", gu.size(-1));
+  at::Tensor x = gu.contiguous();
+  const int64_t I = x.size(-1) / 2, R = I ? x.numel() / (2 * I) : 0;
+  auto sizes = x.sizes().vec();
+  sizes.back() = I;
+  at::Tensor y = at::empty(sizes, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, R, grain_for(2 * I), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = xp + r * 2 * I;
+      const float* u = g + I;
+      float* o = yp + r * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) h, Tensor r, Tensor w, float eps) -> Tensor");
+  m.def("qkv_prep(Tensor qkv, Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, Tensor positions, "
+        "int num_heads, int num_kv_heads, int head_dim, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loom, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("qkv_prep", &qkv_prep);
+  m.impl("silu_mul", &silu_mul);
+}
+
+}  // namespace loom

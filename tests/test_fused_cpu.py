@@ -1,0 +1,106 @@
+"""Fused layer ops (csrc/fused_cpu.cpp) against the ATen code they replace, and the
+fused model forward against the unfused one."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
+from engine.model import rms_norm as rms_norm_ref
+from engine.rope import Rotary, apply_rotary
+
+ops = torch.ops.loom
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 96), (300, 64), (2, 1000)])
+def test_rms_norm(shape):
+    g = _g(sum(shape))
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,d", [(1, 64), (9, 96), (257, 33)])
+def test_add_rms_norm_updates_residual_in_place(rows, d):
+    g = _g(rows * d)
+    h, r, w = torch.randn(rows, d, generator=g), torch.randn(rows, d, generator=g), torch.randn(d, generator=g)
+    want_h = h + r
+    want = rms_norm_ref(want_h, w, 1e-5)
+    y = ops.add_rms_norm(h, r, w, 1e-5)
+    torch.testing.assert_close(h, want_h)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3, 40])
+@pytest.mark.parametrize("hq,hk,d", [(4, 4, 16), (6, 2, 64), (7, 1, 80), (8, 4, 128)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_qkv_prep_matches_norm_and_rotary(T, hq, hk, d, norm):
+    g = _g(T * 100 + hq * 10 + d + norm)
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g)
+    qn, kn = (torch.randn(d, generator=g), torch.randn(d, generator=g)) if norm else (None, None)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    rot = Rotary(inv_freq, 64, "cpu", torch.float32)
+    pos = torch.randint(0, 500, (T,), generator=g)  # past the table: covering() extends it
+    cos_all, sin_all = rot.covering(pos)
+    q, k, v = ops.qkv_prep(qkv, qn, kn, cos_all, sin_all, pos, hq, hk, d, 1e-6)
+    q_ref = qkv[:, :hq * d].view(T, hq, d)
+    k_ref = qkv[:, hq * d:(hq + hk) * d].view(T, hk, d)
+    if norm:
+        q_ref, k_ref = rms_norm_ref(q_ref, qn, 1e-6), rms_norm_ref(k_ref, kn, 1e-6)
+    cos, sin = rot.tables(pos)
+    torch.testing.assert_close(q, apply_rotary(q_ref, cos, sin), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, apply_rotary(k_ref, cos, sin), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, qkv[:, (hq + hk) * d:].view(T, hk, d), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (5, 3072), (2, 3, 70)])
+def test_silu_mul(shape):
+    x = torch.randn(*shape, generator=_g(shape[-1])) * 4
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-6)
+    with pytest.raises(RuntimeError, match="features"):
+        ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(RuntimeError, match="differ"):
+        ops.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.randn(8), 1e-6)
+    cos = sin = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="outside the rotary tables"):
+        ops.qkv_prep(torch.randn(1, 48), None, None, cos, sin, torch.tensor([10]), 1, 1, 16, 1e-6)
+    with pytest.raises(RuntimeError, match=r"qkv must be \[T"):
+        ops.qkv_prep(torch.randn(1, 47), None, None, cos, sin, torch.tensor([0]), 1, 1, 16, 1e-6)
+    with pytest.raises(RuntimeError, match="even"):
+        ops.silu_mul(torch.randn(2, 7))
+
+
+def test_opcheck():
+    g = _g(0)
+    torch.library.opcheck(ops.rms_norm, (torch.randn(3, 16, generator=g), torch.randn(16, generator=g), 1e-6))
+    torch.library.opcheck(ops.add_rms_norm, (torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g),
+                                             torch.randn(16, generator=g), 1e-6))
+    cos, sin = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    torch.library.opcheck(ops.qkv_prep, (torch.randn(3, 64, generator=g), torch.randn(16, generator=g),
+                                         torch.randn(16, generator=g), cos, sin, torch.tensor([0, 5, 19]),
+                                         2, 1, 16, 1e-6))
+    torch.library.opcheck(ops.silu_mul, (torch.randn(3, 10, generator=g),))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen2", "llama3_rope"])
+def test_fused_forward_matches_aten_forward(name, make_llm):
+    llm = make_llm(name)
+    assert llm.model.fused, "float32 on the CPU with engine._C built should take the fused path"
+    ids = list(range(3, 40))
+    fused = llm.score(ids)[0]
+    llm.model.fused = False
+    try:
+        aten = llm.score(ids)[0]
+    finally:
+        llm.model.fused = True
+    torch.testing.assert_close(fused, aten, atol=1e-4, rtol=1e-4)
