@@ -63,13 +63,14 @@ def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
     return 2 * m * k * n / statistics.median(ts)
 
 
-def model_flops_per_token(cfg, ctx: int) -> float:
-    """Matmul FLOPs of one token: the linears, plus attention over ``ctx`` keys."""
+def prefill_flops(cfg, P: int) -> float:
+    """Matmul FLOPs of prefilling P tokens: the layers' linears for every token, causal
+    attention (token i reads i + 1 keys: QK and PV), the LM head for the last token only."""
     H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    lin = L * (H * (qd + 2 * kvd) + qd * H + 3 * H * I) + H * cfg.vocab_size
-    attn = L * 2 * cfg.num_heads * cfg.head_dim * ctx
-    return 2 * (lin + attn)
+    lin = L * (H * (qd + 2 * kvd) + qd * H + 3 * H * I)
+    attn_keys = P * (P + 1) / 2
+    return 2 * (P * lin + L * 2 * cfg.num_heads * cfg.head_dim * attn_keys + H * cfg.vocab_size)
 
 
 def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int):
@@ -81,7 +82,7 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     pre = statistics.median(run_loom(llm, prompt, 1, 1, r)[0] for r in range(repeats))
     full = statistics.median(run_loom(llm, prompt, n, new, r)[0] for r in range(repeats))
     step = (full - pre) / max(new - 1, 1)
-    pre_flops = sum(model_flops_per_token(cfg, (i + 1) / 2) for i in range(0, P, 64)) * 64
+    pre_flops = prefill_flops(cfg, P)
     weights = llm.model.weight_bytes()
     kv_step = (P + n * new / 2) * cfg.kv_bytes_per_token  # prompt once + own tokens, mid-run
     floor = (weights + kv_step) / bw

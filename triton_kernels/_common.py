@@ -74,6 +74,20 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
                          f"{t.stride()}; call .contiguous() first.")
 
 
+def check_pools(k_pool: torch.Tensor, v_pool: torch.Tensor, device: torch.device,
+                dtype: torch.dtype | None = None) -> None:
+    """Both K/V pools: [num_pages, page_size, Hkv, D], on ``device``, float (``dtype`` if
+    given), unit stride in the last dimension, the same shape."""
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [num_pages, page_size, Hkv, D], got shape {tuple(t.shape)}.")
+        check_device(name, t, device)
+        check_float(name, t, dtype)
+        check_last_dim_contiguous(name, t)
+    if k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ in shape.")
+
+
 def check_inv_freq(inv_freq: torch.Tensor, head_dim: int, device) -> torch.Tensor:
     """inv_freq [D/2], returned as contiguous float32 on ``device``."""
     if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1 or inv_freq.numel() != head_dim // 2:

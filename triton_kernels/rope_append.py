@@ -67,14 +67,7 @@ def _rope_append_kernel(
 
 
 def _check(k_pool, v_pool, k, v, slots):
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [num_pages, page_size, Hkv, D], got {tuple(t.shape)}.")
-        C.check_device(name, t, k_pool.device)
-        C.check_float(name, t, k_pool.dtype)
-        C.check_last_dim_contiguous(name, t)
-    if k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ in shape.")
+    C.check_pools(k_pool, v_pool, k_pool.device, k_pool.dtype)
     _, _, H, D = k_pool.shape
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 3 or tuple(t.shape[1:]) != (H, D):

@@ -163,18 +163,11 @@ def _segment_attn_kernel(
 def _check(q, k_pool, v_pool, plan: AttentionPlan, inv_freq, scale):
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}.")
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [num_pages, page_size, Hkv, D], got shape {tuple(t.shape)}.")
-        C.check_device(name, t, q.device)
-        C.check_float(name, t, q.dtype)
-        C.check_last_dim_contiguous(name, t)
+    C.check_pools(k_pool, v_pool, q.device, q.dtype)
     C.check_device("q", q)
     C.check_float("q", q)
     C.check_last_dim_contiguous("q", q)
     T, Hq, D = q.shape
-    if k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ in shape.")
     Hkv = k_pool.shape[2]
     if k_pool.shape[3] != D:
         raise ValueError(f"head_dim of q ({D}) and of the KV pool ({k_pool.shape[3]}) differ.")
