@@ -25,7 +25,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.demo import make_random_model  # noqa: E402
 
 MODEL = dict(hidden=512, layers=13, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
-             vocab_size=32768, tie_word_embeddings=True, max_pos=8192)
+             vocab_size=32768, tie_word_embeddings=True, max_pos=32768)
 
 
 def machine_info() -> str:
@@ -105,6 +105,20 @@ def run_loom(llm: LLM, prompt: list[int], n: int, new: int, seed: int):
     return dt, out.metrics.kv_pages_peak * page_bytes
 
 
+def decode_step(llm: LLM, prompt: list[int], n: int, steps: int, repeats: int) -> float:
+    """Seconds of one decode step of n threads over the prompt, timed apart from the
+    prefill: a session prefills and samples a first token, then ``steps`` more are timed."""
+    ts = []
+    for r in range(repeats):
+        with llm.session(prompt) as s:
+            kids = s.fork(s.root, [""] * n)
+            s.generate(kids, SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True, seed=r))
+            t0 = time.perf_counter()
+            s.generate(kids, SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=True, seed=r))
+            ts.append((time.perf_counter() - t0) / steps)
+    return statistics.median(ts)
+
+
 def run_hf(hf, cfg, prompt: list[int], n: int, new: int, seed: int):
     torch.manual_seed(seed)
     ids = torch.tensor([prompt])
@@ -146,19 +160,22 @@ def main():
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         prompt = torch.randint(0, MODEL["vocab_size"], (a.prompt_len,),
                                generator=torch.Generator().manual_seed(1)).tolist()
-        print(f"{'n':>3} {'engine':>13} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8}")
+        print(f"{'n':>3} {'engine':>13} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "
+              f"{'decode ms/step':>15}")
         for n in a.n:
             run_loom(llm, prompt[:32], n, 4, 0)  # warm-up
             rows = {}
             lt = [run_loom(llm, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
             rows["loom"] = (statistics.median(t for t, _ in lt), lt[0][1])
+            step = {"loom": decode_step(llm, prompt, n, a.new_tokens, a.repeats)}
             if hf is not None:
                 ht = [run_hf(hf, llm.config, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
                 rows["transformers"] = (statistics.median(t for t, _ in ht), ht[0][1])
             base = rows.get("transformers", rows["loom"])[0]
             for name, (t, kv) in rows.items():
                 tps = n * a.new_tokens / t
-                print(f"{n:>3} {name:>13} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x")
+                st = f"{step[name] * 1e3:.2f}" if name in step else "-"
+                print(f"{n:>3} {name:>13} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x {st:>15}")
             sys.stdout.flush()
         if a.limits:
             physical_limits(llm, prompt, max(a.n), a.new_tokens, a.repeats)
