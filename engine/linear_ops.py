@@ -1,5 +1,6 @@
 """Fake (meta) kernels for the model-layer ops of csrc/linear_cpu.cpp (packed GEMM) and
-csrc/fused_cpu.cpp (RMSNorm, residual + RMSNorm, q/k/v preparation with RoPE, SiLU-gate),
+csrc/fused_cpu.cpp (RMSNorm, residual + RMSNorm, q/k/v preparation with RoPE, SiLU-gate)
+and csrc/sample_cpu.cpp (inverse-CDF pick),
 so that ``torch.compile`` can trace a model that uses them. Importing loads engine._C."""
 from __future__ import annotations
 
@@ -41,3 +42,8 @@ def _qkv_prep_fake(qkv, q_norm, k_norm, cos, sin, positions, num_heads, num_kv_h
 @torch.library.register_fake("loom::silu_mul")
 def _silu_mul_fake(gate_up):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.register_fake("loom::pick_from_probs")
+def _pick_from_probs_fake(probs, u):
+    return probs.new_empty((probs.shape[0],), dtype=torch.int64)

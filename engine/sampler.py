@@ -29,22 +29,52 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x.log_softmax(-1)
 
 
+def _pick_op():
+    """torch.ops.loom.pick_from_probs when engine._C is built, else None."""
+    global _PICK
+    if _PICK is False:
+        try:
+            from . import linear_ops  # noqa: F401  (loads engine._C and its fakes)
+            _PICK = torch.ops.loom.pick_from_probs
+        except (ImportError, AttributeError, RuntimeError):
+            _PICK = None
+    return _PICK
+
+
+_PICK = False
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """Inverse-CDF draw: per row, the first index whose prefix sum exceeds u * row sum
+    (rows need not be normalised; tokens of zero probability are never picked)."""
+    op = _pick_op()
+    if op is not None and probs.device.type == "cpu" and probs.dtype == torch.float32:
+        return op(probs, u).tolist()
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1]
+    target = torch.minimum(u.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].tolist()
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor | None]:
     """logits [R, V] float32 -> (one token per row, raw log-probs [R, V], or None when no
     row asked for log-probs).
 
-    Random rows are drawn by inverse CDF: one uniform number per row from the row's
-    own generator, then a search in the cumulative probabilities, all rows at once.
-    (An exponential race would need V random numbers per row: on a CPU drawing them
-    cost more than the whole forward pass of a small model.)
+    Random rows are drawn by inverse CDF (``pick``): one uniform number per row from the
+    row's own generator. (An exponential race would need V random numbers per row: on a
+    CPU drawing them cost more than the whole forward pass of a small model.)
     """
     want_lp = any(p.logprobs is not None for p in params)
     logprobs = logits.log_softmax(-1) if want_lp else None
-    greedy = logits.argmax(-1).tolist()
+    tokens = [0] * len(params)
+    greedy = [r for r, p in enumerate(params) if p.greedy or p.top_k == 1]
     rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
+    if greedy:
+        for r, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
+            tokens[r] = tok
     if not rows:
-        return greedy, logprobs
+        return tokens, logprobs
     plain = all(params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0
                 for r in rows)
     if plain:
@@ -53,16 +83,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         probs = (logits[rows] / temps[:, None]).softmax(-1)
     else:
         probs = torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp()
-    cdf = probs.cumsum(-1)
     u = torch.cat([torch.rand(1, generator=generators[r], device=generators[r].device)
-                   for r in rows]).to(cdf.device, cdf.dtype)
-    # The first index whose cumulative mass exceeds u * total: tokens of zero probability
-    # (equal consecutive sums) are never chosen.
-    total = cdf[:, -1]
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    picked = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].tolist()
-    tokens = list(greedy)
-    for r, tok in zip(rows, picked):
+                   for r in rows]).to(probs.device)
+    for r, tok in zip(rows, pick(probs, u)):
         tokens[r] = tok
     return tokens, logprobs
 

@@ -1,0 +1,84 @@
+// Inverse-CDF draw from rows of probabilities, for the sampler (engine/sampler.py).
+//
+// pick_from_probs(probs [R, V] float32 >= 0, u [R] float32 in [0, 1)) -> int64 [R]:
+// row r's token is the first index whose inclusive prefix sum exceeds u[r] * total,
+// where total is the row's sum (rows need not be normalised). Tokens of zero
+// probability are never picked. Instead of a cumulative sum (a serial chain of V
+// dependent adds per row) it sums blocks of 256 with vector adds, walks the block sums,
+// then scans inside one block.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace loom {
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+int64_t pick_row(const float* p, int64_t V, float u, float* block_sums) {
+  const int64_t nb = (V + kBlock - 1) / kBlock;
+  double total = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t i0 = b * kBlock, i1 = std::min(V, i0 + kBlock);
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < i1; ++i) s += p[i];
+    block_sums[b] = s;
+    total += s;
+  }
+  int64_t last_nonzero = -1;
+  for (int64_t i = V - 1; i >= 0; --i)
+    if (p[i] > 0.f) {
+      last_nonzero = i;
+      break;
+    }
+  if (last_nonzero < 0) return -1;  // an all-zero row: the caller reports it
+  const double target = static_cast<double>(u) * total;
+  double acc = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (acc + block_sums[b] > target) {
+      const int64_t i0 = b * kBlock, i1 = std::min(V, i0 + kBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        acc += p[i];
+        if (p[i] > 0.f && acc > target) return i;
+      }
+      // rounding: the block's own sum said the target lies inside; take its last token
+      for (int64_t i = i1 - 1; i >= i0; --i)
+        if (p[i] > 0.f) return i;
+    }
+    acc += block_sums[b];
+  }
+  return last_nonzero;  // u * total rounded up to total
+}
+
+at::Tensor pick_from_probs(const at::Tensor& probs, const at::Tensor& u) {
+  TORCH_CHECK(probs.device().is_cpu() && u.device().is_cpu(), "pick_from_probs: CPU tensors only");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat,
+              "pick_from_probs: probs and u must be float32");
+  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0, "pick_from_probs: probs must be [rows, vocab], got ",
+              probs.sizes());
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == probs.size(0), "pick_from_probs: u must have one number per row");
+  at::Tensor p = probs.contiguous(), uc = u.contiguous();
+  const int64_t R = p.size(0), V = p.size(1);
+  at::Tensor out = at::empty({R}, p.options().dtype(at::kLong));
+  const float* pp = p.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sums((V + kBlock - 1) / kBlock);
+    for (int64_t r = r0; r < r1; ++r) op[r] = pick_row(pp + r * V, V, up[r], sums.data());
+  });
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(op[r] >= 0, "pick_from_probs: row ", r, " has no token of positive probability");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(loom, m) { m.def("pick_from_probs(Tensor probs, Tensor u) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(loom, CPU, m) { m.impl("pick_from_probs", &pick_from_probs); }
+
+}  // namespace loom

@@ -1,0 +1,76 @@
+"""The sampler's inverse-CDF pick: the C++ op (csrc/sample_cpu.cpp) against the plain
+cumulative-sum search, zero-probability tokens, and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
+from engine import sampler
+
+
+def _reference(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """First index whose prefix sum (float64) exceeds u * total."""
+    out = []
+    for p, x in zip(probs.double(), u.double()):
+        cdf = p.cumsum(0)
+        out.append(int((cdf > x * cdf[-1]).nonzero()[0]))
+    return out
+
+
+@pytest.mark.parametrize("V", [1, 7, 256, 257, 1000, 32768])
+def test_pick_matches_prefix_sum_search(V):
+    g = torch.Generator().manual_seed(V)
+    probs = torch.rand(12, V, generator=g) ** 4
+    probs[:, ::3] = 0.0  # zero-probability tokens
+    probs[:, -1] = 0.0
+    if V == 1:
+        probs[:] = 1.0
+    u = torch.rand(12, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2 ** -24
+    got = torch.ops.loom.pick_from_probs(probs, u).tolist()
+    want = _reference(probs, u)
+    for r, (a, b) in enumerate(zip(got, want)):
+        assert probs[r, a] > 0, f"row {r}: picked a token of zero probability"
+        if a != b:  # only where float32 and float64 prefix sums straddle the target
+            cdf = probs[r].double().cumsum(0)
+            gap = (cdf[min(a, b)] - u[r].double() * cdf[-1]).abs().item()
+            assert gap < 1e-5 * cdf[-1].item(), f"row {r}: picked {a}, prefix sums say {b}"
+
+
+def test_pick_fallback_agrees_and_frequencies_follow_probs():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.0, 0.4])
+    u = torch.rand(20000, generator=g)
+    probs = p.expand(20000, -1).contiguous()
+    op = torch.ops.loom.pick_from_probs(probs, u)
+    counts = torch.bincount(op, minlength=6).double() / 20000
+    assert counts[1] == 0 and counts[4] == 0
+    torch.testing.assert_close(counts, p.double(), atol=0.015, rtol=0)
+    # the torch fallback (used without engine._C or off the CPU) is the same rule
+    cdf = probs.cumsum(-1)
+    fallback = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert (fallback != op).sum().item() <= 5
+
+
+def test_pick_errors_and_opcheck():
+    with pytest.raises(RuntimeError, match="no token of positive probability"):
+        torch.ops.loom.pick_from_probs(torch.zeros(2, 5), torch.rand(2))
+    with pytest.raises(RuntimeError, match="one number per row"):
+        torch.ops.loom.pick_from_probs(torch.rand(2, 5), torch.rand(3))
+    torch.library.opcheck(torch.ops.loom.pick_from_probs, (torch.rand(3, 300), torch.rand(3)))
+
+
+def test_sample_mixes_greedy_and_random_rows():
+    from engine.sampling_params import SamplingParams
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 50, generator=g) * 3
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(top_k=1), SamplingParams(temperature=1.0, top_k=5, seed=2)]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    tokens, lp = sampler.sample(logits, params, gens)
+    assert lp is None  # nobody asked for log-probs
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
+    assert tokens[3] in logits[3].topk(5).indices.tolist()
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    assert sampler.sample(logits, params, gens)[0] == tokens  # same generators, same draw
