@@ -32,7 +32,9 @@ def _extension():
     # No -std: torch adds the standard its headers need (C++20 for torch 2.13; the code is C++17).
     # -fno-wrapv undoes Python's -fwrapv (in its CFLAGS): with wrapping int arithmetic the
     # compiler cannot widen loop indices, and the attention kernel runs 2-4x slower.
-    cxx = ["-O3", "-fno-wrapv", "-fopenmp", "-ffp-contract=fast"]
+    # -fno-trapping-math: nothing here reads floating-point exception flags, and without it
+    # GCC will not vectorise float -> int conversions (the exp in csrc/fused_cpu.cpp).
+    cxx = ["-O3", "-fno-wrapv", "-fno-trapping-math", "-fopenmp", "-ffp-contract=fast"]
     if os.environ.get("LOOM_NATIVE") == "1":
         cxx.append("-march=native")
     kw = dict(

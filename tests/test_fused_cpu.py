@@ -64,6 +64,15 @@ def test_silu_mul(shape):
     torch.testing.assert_close(ops.silu_mul(x), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
 
 
+def test_silu_mul_extreme_gates():
+    gate = torch.tensor([[-1e4, -100.0, -88.5, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.5, 100.0, 1e4]])
+    x = torch.cat([gate, torch.full_like(gate, 1.5)], dim=-1)
+    want = F.silu(gate) * 1.5
+    got = ops.silu_mul(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(RuntimeError, match="float32"):
         ops.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-6)
