@@ -69,6 +69,26 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   }
 }
 
+// Ask for the K/V of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh) ahead of use: pages
+// are scattered over the pool, and each page boundary would otherwise stall the stream
+// until the hardware prefetcher catches up.
+template <DType DT>
+static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk) {
+  using T = typename Elem<DT>::T;
+  const int D = a.head_dim, Hkv = a.num_kv_heads, ps = a.page_size;
+  const char* kp = static_cast<const char*>(a.k_pool);
+  const char* vp = static_cast<const char*>(a.v_pool);
+  const int64_t bytes = static_cast<int64_t>(nh) * D * sizeof(T);
+  for (int t = t0; t < t0 + nk; ++t) {
+    const int64_t slot = static_cast<int64_t>(pages[t / ps]) * ps + t % ps;
+    const int64_t at = (slot * Hkv + kvh) * D * static_cast<int64_t>(sizeof(T));
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(kp + at + b, 0, 1);
+      __builtin_prefetch(vp + at + b, 0, 1);
+    }
+  }
+}
+
 // Few queries (M <= SMALL_M), every kv head: memory-bound, so keys are consumed in
 // small token-major blocks across heads.
 template <DType DT>
@@ -79,6 +99,8 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    if (t0 + nk < k_end)
+      prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk));
     for (int k0 = 0; k0 < nk; k0 += QK_BLOCK) {
       for (int h = 0; h < nh; ++h)
         qk_small(sc.krow + h * kSmallTile + k0, min_int(QK_BLOCK, nk - k0), head_state(sc, h, M, M, D).q, M, D,
@@ -109,6 +131,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
     const int nk = min_int(kKeyTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, 1, t0, nk, kKeyTile, sc);
+    if (t0 + nk < k_end) prefetch_rows<DT>(a, pages, it.kvh, 1, t0 + nk, min_int(kKeyTile, k_end - t0 - nk));
     qk_large(sc.krow, nk, hs.q, mpad, D, sc.s);
     if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
     softmax_cols(sc, hs, nk, mpad);

@@ -59,7 +59,7 @@ Schedule make_schedule(const AttnArgs& a) {
   job_block0[J] = static_cast<int32_t>(blocks.size());
 
   // Threads: all of them unless the whole step is tiny (a fork costs a few microseconds).
-  s.num_threads = (total < 2.0e5) ? 1 : std::max(1, a.num_threads);
+  s.num_threads = (total < 2.0e4) ? 1 : std::max(1, a.num_threads);
   // Chunk a job when its largest item exceeds ~1/8 of a thread's fair share.
   const double target = total / (8.0 * s.num_threads);
 
