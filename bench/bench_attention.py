@@ -12,7 +12,10 @@ pages of 16 tokens. Methods (one aligned line per configuration):
   sdpa+mask   one SDPA call over all tokens once, with a dense boolean mask
 
 Bytes = K/V bytes the method must read at least (plus the mask); GB/s = bytes / time;
-%bw = that over the machine's read bandwidth measured at start; speedup = sdpa/thr
+%bw = that over the machine's read bandwidth measured at start; GFLOP/s = the QK and PV
+multiply-adds over the time; %roof = the roofline time max(bytes / read bandwidth,
+FLOPs / measured matmul peak) over loom's time (100% = as fast as this machine allows,
+whichever of memory or arithmetic binds); speedup = sdpa/thr
 time over loom time. Median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
@@ -63,6 +66,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def matmul_peak(repeats: int) -> float:
+    """Best float32 matmul rate (GFLOP/s) measured here: torch.mm on 2048^3 and Loom's
+    packed GEMM on [1024 x 512] x [512 x 1536]."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = 2 * 2048 ** 3 / timed(lambda: torch.mm(a, b), repeats)
+    if hasattr(torch.ops.loom, "linear_packed"):
+        x, wp = torch.randn(1024, 512), torch.ops.loom.pack_linear_weight(torch.randn(1536, 512))
+        best = max(best, 2 * 1024 * 512 * 1536 / timed(lambda: torch.ops.loom.linear_packed(x, wp, None, 1536),
+                                                          repeats))
+    return best / 1e9
 
 
 def machine_bandwidth(repeats: int) -> tuple[float, float]:
@@ -213,16 +228,19 @@ def main() -> None:
     torch.manual_seed(0)
 
     read_bw, copy_bw = machine_bandwidth(repeats)
+    peak = matmul_peak(repeats)
     print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
           f"torch {torch.__version__} | loom kernel: {_ops.cpu_isa()}")
     print(f"measured bandwidth: read {read_bw:.1f} GB/s (sum of 512 MB), copy {copy_bw:.1f} GB/s "
           f"(read + write of 256 MB)")
+    print(f"measured float32 matmul peak: {peak:.0f} GFLOP/s (best of torch.mm 2048^3 and loom's GEMM)")
     print(f"decode, Hq={HQ} Hkv={HKV} D={D} float32, page {PAGE}; ms = median of {repeats}; "
           f"MB = K/V bytes the method must read")
     configs = [(n, s, o) for n in (1, 8, 32) for s in (1024, 8192) for o in (64, 512)]
     if args.quick:
         configs = [(1, 1024, 64), (8, 8192, 512), (32, 8192, 512)]
-    head = (f"{'N':>3} {'shared':>6} {'own':>4} | {'loom ms':>8} {'MB':>6} {'GB/s':>5} {'%bw':>4} | "
+    head = (f"{'N':>3} {'shared':>6} {'own':>4} | {'loom ms':>8} {'MB':>6} {'GB/s':>5} {'%bw':>4} "
+            f"{'GFLOP/s':>7} {'%roof':>5} | "
             f"{'torch ms':>8} | {'sdpa/thr ms':>11} {'MB':>6} {'GB/s':>5} | {'sdpa+mask ms':>12} {'GB/s':>5} | "
             f"{'speedup':>7}")
     print(head)
@@ -235,8 +253,11 @@ def main() -> None:
         t_thr = timed(case.sdpa_threads, repeats)
         t_mask = timed(case.sdpa_mask, max(3, repeats // 3))
         gbs = case.unique_bytes / t_loom / 1e9
+        flops = 4 * HQ * D * n * (s + o)
+        roof = max(case.unique_bytes / (read_bw * 1e9), flops / (peak * 1e9))
         print(f"{n:>3} {s:>6} {o:>4} | {t_loom * 1e3:>8.2f} {case.unique_bytes / 1e6:>6.0f} {gbs:>5.1f} "
-              f"{100 * gbs / read_bw:>3.0f}% | {t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
+              f"{100 * gbs / read_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * roof / t_loom:>4.0f}% | "
+              f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
         del case
