@@ -125,6 +125,13 @@ class CausalLM:
             kn = self._take(w, a + "k_norm.weight", required=c.qk_norm)
             gate = self._take(w, p + "mlp.gate_proj.weight")
             up = self._take(w, p + "mlp.up_proj.weight")
+            # Llama's mlp_bias: biases on gate / up / down (all or none)
+            b_gate = self._take(w, p + "mlp.gate_proj.bias", required=False)
+            b_up = self._take(w, p + "mlp.up_proj.bias", required=False)
+            if (b_gate is None) != (b_up is None):
+                raise ValueError(f"layer {i}: the checkpoint has a bias for only one of gate_proj / "
+                                 "up_proj; is it a complete checkpoint?")
+            b_gate_up = torch.cat([b_gate, b_up]) if b_gate is not None else None
             pk = self.pack
             self.layers.append(Layer(
                 ln1=self._take(w, p + "input_layernorm.weight"),
@@ -133,8 +140,9 @@ class CausalLM:
                          self._take(w, a + "o_proj.bias", required=False), pk),
                 q_norm=qn, k_norm=kn,
                 ln2=self._take(w, p + "post_attention_layernorm.weight"),
-                gate_up=Linear(torch.cat([gate, up]).contiguous(), None, pk),
-                down=Linear(self._take(w, p + "mlp.down_proj.weight"), None, pk),
+                gate_up=Linear(torch.cat([gate, up]).contiguous(), b_gate_up, pk),
+                down=Linear(self._take(w, p + "mlp.down_proj.weight"),
+                            self._take(w, p + "mlp.down_proj.bias", required=False), pk),
             ))
         leftover = [n for n in w if not n.endswith("rotary_emb.inv_freq")]
         if leftover:

@@ -63,6 +63,10 @@ VARIANTS: dict[str, dict] = {
     # GQA 2, head_dim 32 != hidden / heads = 16, random q/k RMSNorm weights
     "qwen3": dict(arch="Qwen3ForCausalLM", vocab=384, hidden=64, heads=4, kv_heads=2, head_dim=32,
                   tie=False, rope={"rope_type": "default", "rope_theta": 1000000.0}),
+    # GQA 2, biases on every attention projection (o_proj too) and on the MLP
+    "llama_bias": dict(arch="LlamaForCausalLM", vocab=320, hidden=64, heads=4, kv_heads=2, tie=True,
+                       rope={"rope_type": "default", "rope_theta": 10000.0},
+                       extra=dict(attention_bias=True, mlp_bias=True)),
     # GQA 4 (one KV head), no chat template
     "mistral": dict(arch="MistralForCausalLM", vocab=320, hidden=64, heads=4, kv_heads=1, tie=False,
                     rope={"rope_type": "default", "rope_theta": 10000.0}, chat_template=False),
@@ -153,6 +157,7 @@ def build_model_dir(path: str, spec: dict, seed: int = 0) -> str:
         rms_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=spec["tie"],
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None,
         rope_parameters=dict(spec["rope"]),
+        **spec.get("extra", {}),
     )
     config = cfg_cls(**kw)
     config.architectures = [spec["arch"]]
