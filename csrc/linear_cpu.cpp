@@ -1,4 +1,5 @@
-// Packed-panel float32 GEMM for the model's linear layers on the CPU.
+// Packed-panel GEMM for the model's linear layers on the CPU (float32, or bfloat16
+// weights and activations with float32 accumulation).
 //
 // Why: on this project's CPUs the BLAS behind torch.nn.functional.linear reaches a
 // small fraction of both the memory bandwidth (decode: a few rows against large
@@ -8,6 +9,10 @@
 // 32 outputs in registers while the panel passes once per 4 rows (it stays in L2).
 // Inner loops are plain C++ that the compiler vectorises; target_clones builds
 // AVX-512, AVX2 and baseline versions and picks one at run time.
+// bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
+// pays for) and are widened to float32 in registers; activations are widened once per
+// call; outputs are rounded to bfloat16 (nearest even), as a float32-accumulating
+// bfloat16 GEMM does.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,9 +23,14 @@ namespace {
 constexpr int64_t kNB = 32;  // outputs per panel
 constexpr int64_t kPrefetch = 64;  // k steps ahead (8 KB of panel)
 
-template <int MB>
+inline __attribute__((always_inline)) float widen(float w) { return w; }
+inline __attribute__((always_inline)) float widen(uint16_t w) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(w) << 16);
+}
+
+template <int MB, class W>
 inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
-                                                 const float* __restrict panel,
+                                                 const W* __restrict panel,
                                                  const float* __restrict bias,
                                                  float* __restrict out, int64_t ldo, int64_t n0,
                                                  int64_t nvalid) {
@@ -28,7 +38,7 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < kNB; ++j) acc[i][j] = 0.f;
   for (int64_t k = 0; k < K; ++k) {
-    const float* w = panel + k * kNB;
+    const W* w = panel + k * kNB;
     // Ask for the panel well ahead: at several rows per pass the multiply-adds hide less
     // of the memory latency than the hardware prefetcher expects (reading past the
     // panel's end is harmless: prefetches do not fault).
@@ -36,7 +46,7 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
     __builtin_prefetch(w + kPrefetch * kNB + 16, 0, 0);
     for (int i = 0; i < MB; ++i) {
       const float a = x[i * ldx + k];
-      for (int j = 0; j < kNB; ++j) acc[i][j] += a * w[j];
+      for (int j = 0; j < kNB; ++j) acc[i][j] += a * widen(w[j]);
     }
   }
   for (int i = 0; i < MB; ++i) {
@@ -45,13 +55,12 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp,
-                const float* bias, float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+template <class W>
+inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                                        const W* wp, const float* bias, float* out, int64_t ldo,
+                                                        int64_t N, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
-    const float* panel = wp + b * K * kNB;
+    const W* panel = wp + b * K * kNB;
     const int64_t n0 = b * kNB, nvalid = std::min(kNB, N - n0);
     int64_t m = 0;
     for (; m + 8 <= M; m += 8)
@@ -62,10 +71,26 @@ void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* 
   }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LOOM_CLONES
+#endif
+
+LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
+                            float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+  run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
+}
+
+LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp,
+                            const float* bias, float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+  run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
+}
+
 at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be 2-D [out, in], got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat, "pack_linear_weight: weight must be float32, got ",
-              w.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "pack_linear_weight: weight must be float32 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), "pack_linear_weight: weight must be on the CPU");
   const int64_t N = w.size(0), K = w.size(1), Np = (N + kNB - 1) / kNB * kNB;
   at::Tensor padded = w;
@@ -76,8 +101,11 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
                          int64_t n_out) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && wp.scalar_type() == at::kFloat,
-              "linear_packed: x and the packed weight must be float32");
+  const bool bf16 = wp.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(wp.scalar_type() == at::kFloat || bf16, "linear_packed: the packed weight must be float32 or "
+              "bfloat16, got ", wp.scalar_type());
+  TORCH_CHECK(x.scalar_type() == wp.scalar_type(), "linear_packed: x is ", x.scalar_type(),
+              " but the packed weight is ", wp.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors only");
   TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kNB, "linear_packed: weight is not packed (use pack_linear_weight)");
   const int64_t K = wp.size(1);
@@ -87,18 +115,18 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   const float* bp = nullptr;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == n_out, "linear_packed: bad bias");
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == n_out, "linear_packed: bias has ", b.numel(), " elements for ", n_out, " outputs");
     bp = b.data_ptr<float>();
   }
-  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  // Activations in float32 (a copy only for bfloat16: a few rows in decode).
+  at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = n_out;
-  at::Tensor out = at::empty({M, n_out}, x.options());
-  if (M == 0) return out.view(out_sizes);
+  at::Tensor out = at::empty({M, n_out}, x2.options());
+  if (M == 0) return out.to(x.scalar_type()).view(out_sizes);
   const float* xp = x2.data_ptr<float>();
-  const float* w = wp.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t nblocks = wp.size(0);
   // Rows split too when there are many (prefill), so both cores work on small N.
@@ -108,10 +136,14 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mt = t / nblocks, blk = t % nblocks;
       const int64_t m0 = mt * mchunk, mm = std::min(mchunk, M - m0);
-      run_panels(xp + m0 * K, K, mm, K, w, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
+      if (bf16)
+        run_panels(xp + m0 * K, K, mm, K, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
+                   op + m0 * n_out, n_out, n_out, blk, blk + 1);
+      else
+        run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
     }
   });
-  return out.view(out_sizes);
+  return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);
 }
 
 }  // namespace

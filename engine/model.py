@@ -27,15 +27,18 @@ class ForwardBatch:
     logits_rows: torch.Tensor    # [R] int64: rows whose next-token logits are wanted
 
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/linear_cpu.cpp packs
+
+
 class Linear:
-    """y = x W^T + b. On the CPU in float32 the weight is packed once into panels for
-    Loom's GEMM (csrc/linear_cpu.cpp), which outruns the BLAS behind F.linear here;
-    elsewhere it is F.linear."""
+    """y = x W^T + b. On the CPU in float32 or bfloat16 the weight is packed once into
+    panels for Loom's GEMM (csrc/linear_cpu.cpp), which outruns the BLAS behind F.linear
+    here; elsewhere it is F.linear."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = False):
         self.out_features, self.in_features = w.shape
         self.b = b
-        self.packed = pack and w.dtype == torch.float32 and w.device.type == "cpu"
+        self.packed = pack and w.dtype in PACKED_DTYPES and w.device.type == "cpu"
         self.w = torch.ops.loom.pack_linear_weight(w) if self.packed else w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +78,9 @@ class CausalLM:
         self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype)
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
-        self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype == torch.float32
-        # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition; False -> ATen ops.
-        self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep")
+        self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype in PACKED_DTYPES
+        # Fused element-wise ops (csrc/fused_cpu.cpp), float32 only; False -> ATen ops.
+        self.fused = self.pack and dtype == torch.float32 and hasattr(torch.ops.loom, "qkv_prep")
         self._build(weights)
 
     # ---- loading ---------------------------------------------------------------------------

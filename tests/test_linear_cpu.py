@@ -20,6 +20,20 @@ def test_linear_packed_matches_f_linear(M, N, K, bias):
     torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5 * K ** 0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 4, 9, 300])
+@pytest.mark.parametrize("N,K", [(37, 99), (1000, 77), (5, 3)])
+def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K):
+    """bfloat16 weights and activations, float32 accumulation, output rounded once."""
+    g = torch.Generator().manual_seed(M + N + K)
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), b, N)
+    assert y.dtype == torch.bfloat16
+    want = F.linear(x.float(), w.float(), b.float())
+    # at most one bfloat16 rounding step apart (summation order differs in float32)
+    torch.testing.assert_close(y.float(), want, atol=1e-4 * K ** 0.5, rtol=2 ** -8)
+
+
 def test_linear_packed_batched_shape_and_errors():
     w = torch.randn(40, 24)
     wp = torch.ops.loom.pack_linear_weight(w)
@@ -27,8 +41,10 @@ def test_linear_packed_batched_shape_and_errors():
     torch.testing.assert_close(torch.ops.loom.linear_packed(x, wp, None, 40), F.linear(x, w))
     with pytest.raises(RuntimeError, match="features"):
         torch.ops.loom.linear_packed(torch.randn(2, 23), wp, None, 40)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         torch.ops.loom.pack_linear_weight(w.double())
+    with pytest.raises(RuntimeError, match="but the packed weight is"):
+        torch.ops.loom.linear_packed(torch.randn(2, 24).bfloat16(), wp, None, 40)
     with pytest.raises(RuntimeError, match="n_out"):
         torch.ops.loom.linear_packed(torch.randn(2, 24), wp, None, 70)
 
@@ -38,3 +54,5 @@ def test_linear_packed_opcheck():
     torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w,))
     wp = torch.ops.loom.pack_linear_weight(w)
     torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24), wp, torch.randn(40), 40))
+    wb = torch.ops.loom.pack_linear_weight(w.bfloat16())
+    torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24).bfloat16(), wb, None, 40))
