@@ -1,4 +1,4 @@
-// Fused element-wise steps of the decoder layer for the CPU, float32.
+// Fused element-wise steps of the decoder layer for the CPU, float32 or bfloat16.
 //
 // Why: in a decode step the model runs a few rows through ~50 small ATen ops per
 // layer (RMSNorm alone is six); at a few microseconds of dispatch each they cost more
@@ -8,9 +8,12 @@
 //   qkv_prep        split the fused qkv rows, optional q/k RMSNorm per head, RoPE
 //                   (rotate-half) at each row's position from cos/sin tables
 //   silu_mul        silu(gate) * up from the fused gate_up rows
-// Semantics follow the Hugging Face Llama-family code in float32 (norm statistics in
-// float32, then the weight). Rows are split across threads only when there are many
-// (prefill): for a few decode rows a parallel region costs more than the work.
+// Semantics follow the Hugging Face Llama-family code: statistics in float32, and in
+// bfloat16 a rounding to bfloat16 wherever the ATen ops of that code produce a
+// bfloat16 tensor (the norm before its weight, each RoPE product, the SiLU before the
+// gate product), so that the fused model computes what the unfused one does. Rows are
+// split across threads only when there are many (prefill): for a few decode rows a
+// parallel region costs more than the work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,87 +24,142 @@
 namespace loom {
 namespace {
 
+// Element type: load as float, store rounded; rnd = the rounding of a stored value.
+template <class T> struct Num;
+template <> struct Num<float> {
+  static inline float ld(float x) { return x; }
+  static inline float st(float x) { return x; }
+  static inline float rnd(float x) { return x; }
+};
+template <> struct Num<at::BFloat16> {
+  static inline float ld(at::BFloat16 x) { return static_cast<float>(x); }
+  static inline at::BFloat16 st(float x) { return at::BFloat16(x); }  // round to nearest even
+  static inline float rnd(float x) { return static_cast<float>(at::BFloat16(x)); }
+};
+
 inline int64_t grain_for(int64_t row_elems) {
   // ~32k elements per task: below that one thread does everything
   return std::max<int64_t>(1, (32768 + row_elems - 1) / row_elems);
 }
 
-inline void norm_row(const float* __restrict x, const float* __restrict w, float* __restrict y,
-                     int64_t D, float eps) {
+// y = w * round(x / rms(x)), all as floats (y is rounded by the caller when stored).
+template <class T>
+inline void norm_row(const T* __restrict x, const T* __restrict w, float* __restrict y, int64_t D, float eps) {
+  using N = Num<T>;
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < D; ++i) ss += x[i] * x[i];
+  for (int64_t i = 0; i < D; ++i) ss += N::ld(x[i]) * N::ld(x[i]);
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
 #pragma omp simd
-  for (int64_t i = 0; i < D; ++i) y[i] = w[i] * (x[i] * inv);
+  for (int64_t i = 0; i < D; ++i) y[i] = N::ld(w[i]) * N::rnd(N::ld(x[i]) * inv);
 }
 
-void check_f32_cpu(const at::Tensor& t, const char* op, const char* name) {
+template <class T>
+inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = Num<T>::st(src[i]);
+}
+
+constexpr int64_t kMaxRow = 16384;  // features per row the fused norms handle on the stack
+
+void check_cpu(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " is ", t.scalar_type(), ", expected ", dtype,
+              " like the other inputs");
+}
+
+// Calls f with a value of the element type (float or at::BFloat16).
+template <class F>
+inline void dispatch(at::ScalarType dt, F&& f) {
+  if (dt == at::kBFloat16)
+    f(at::BFloat16());
+  else
+    f(0.f);
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  check_f32_cpu(x, "rms_norm", "x");
-  check_f32_cpu(w, "rms_norm", "w");
+  const auto dt = x.scalar_type();
+  check_cpu(x, "rms_norm", "x", dt);
+  check_cpu(w, "rms_norm", "w", dt);
   const int64_t D = x.size(-1);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "rms_norm: weight has shape ", w.sizes(), ", x has ", D,
               " features");
+  TORCH_CHECK(D <= kMaxRow, "rms_norm: at most ", kMaxRow, " features, got ", D);
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(xc);
   const int64_t R = D ? xc.numel() / D : 0;
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * D, wp, yp + r * D, D, static_cast<float>(eps));
+  dispatch(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
+      float buf[kMaxRow];
+      for (int64_t r = r0; r < r1; ++r) {
+        norm_row(xp + r * D, wp, buf, D, static_cast<float>(eps));
+        store_row(buf, yp + r * D, D);
+      }
+    });
   });
   return y;
 }
 
 at::Tensor add_rms_norm(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps) {
-  check_f32_cpu(h, "add_rms_norm", "h");
-  check_f32_cpu(r, "add_rms_norm", "r");
-  check_f32_cpu(w, "add_rms_norm", "w");
+  const auto dt = h.scalar_type();
+  check_cpu(h, "add_rms_norm", "h", dt);
+  check_cpu(r, "add_rms_norm", "r", dt);
+  check_cpu(w, "add_rms_norm", "w", dt);
   TORCH_CHECK(h.is_contiguous(), "add_rms_norm: h must be contiguous (it is updated in place)");
   TORCH_CHECK(r.sizes() == h.sizes(), "add_rms_norm: h ", h.sizes(), " and r ", r.sizes(), " differ");
   const int64_t D = h.size(-1);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "add_rms_norm: weight has shape ", w.sizes(), ", h has ", D,
               " features");
+  TORCH_CHECK(D <= kMaxRow, "add_rms_norm: at most ", kMaxRow, " features, got ", D);
   at::Tensor rc = r.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(h);
   const int64_t R = D ? h.numel() / D : 0;
-  float* hp = h.data_ptr<float>();
-  const float* rp = rc.data_ptr<float>();
-  const float* wp = wc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      float* hr = hp + i * D;
-      const float* rr = rp + i * D;
+  dispatch(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* rp = rc.data_ptr<scalar_t>();
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
+      float buf[kMaxRow];
+      for (int64_t i = r0; i < r1; ++i) {
+        scalar_t* hr = hp + i * D;
+        const scalar_t* rr = rp + i * D;
 #pragma omp simd
-      for (int64_t j = 0; j < D; ++j) hr[j] += rr[j];
-      norm_row(hr, wp, yp + i * D, D, static_cast<float>(eps));
-    }
+        for (int64_t j = 0; j < D; ++j) hr[j] = Num<scalar_t>::st(Num<scalar_t>::ld(hr[j]) + Num<scalar_t>::ld(rr[j]));
+        norm_row(hr, wp, buf, D, static_cast<float>(eps));
+        store_row(buf, yp + i * D, D);
+      }
+    });
   });
   return y;
 }
 
-// One head row: optional RMSNorm, then rotate-half RoPE with cos/sin [D/2].
-inline void prep_head(const float* __restrict x, const float* __restrict nw, const float* __restrict c,
-                      const float* __restrict s, float* __restrict y, int64_t D, float eps) {
+// One head row: optional RMSNorm (rounded as stored), then rotate-half RoPE with
+// cos/sin [D/2], each product and the sum rounded as the ATen ops round them.
+template <class T>
+inline void prep_head(const T* __restrict x, const T* __restrict nw, const T* __restrict c, const T* __restrict s,
+                      T* __restrict y, int64_t D, float eps) {
+  using N = Num<T>;
   const int64_t h = D / 2;
   float buf[1024];
-  const float* src = x;
   if (nw != nullptr) {
     norm_row(x, nw, buf, D, eps);
-    src = buf;
+    for (int64_t i = 0; i < D; ++i) buf[i] = N::rnd(buf[i]);
+  } else {
+    for (int64_t i = 0; i < D; ++i) buf[i] = N::ld(x[i]);
   }
 #pragma omp simd
   for (int64_t i = 0; i < h; ++i) {
-    const float a = src[i], b = src[i + h];
-    y[i] = a * c[i] - b * s[i];
-    y[i + h] = b * c[i] + a * s[i];
+    const float a = buf[i], b = buf[i + h], ci = N::ld(c[i]), si = N::ld(s[i]);
+    y[i] = N::st(N::rnd(a * ci) - N::rnd(b * si));
+    y[i + h] = N::st(N::rnd(b * ci) + N::rnd(a * si));
   }
 }
 
@@ -110,9 +168,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, c
                                                         const at::Tensor& cos, const at::Tensor& sin,
                                                         const at::Tensor& positions, int64_t num_heads,
                                                         int64_t num_kv_heads, int64_t head_dim, double eps) {
-  check_f32_cpu(qkv, "qkv_prep", "qkv");
-  check_f32_cpu(cos, "qkv_prep", "cos");
-  check_f32_cpu(sin, "qkv_prep", "sin");
+  const auto dt = qkv.scalar_type();
+  check_cpu(qkv, "qkv_prep", "qkv", dt);
+  check_cpu(cos, "qkv_prep", "cos", dt);
+  check_cpu(sin, "qkv_prep", "sin", dt);
   const int64_t D = head_dim, Hq = num_heads, Hk = num_kv_heads;
   TORCH_CHECK(D > 0 && D % 2 == 0 && D <= 1024, "qkv_prep: head_dim must be even and <= 1024, got ", D);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hk) * D, "qkv_prep: qkv must be [T, (", Hq, " + 2 x ",
@@ -123,17 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, c
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == qkv.size(0),
               "qkv_prep: positions must be int64 [T]");
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "qkv_prep: give both q_norm and k_norm or neither");
-  const float *qn = nullptr, *kn = nullptr;
   at::Tensor qnc, knc;
   if (q_norm.has_value()) {
-    check_f32_cpu(*q_norm, "qkv_prep", "q_norm");
-    check_f32_cpu(*k_norm, "qkv_prep", "k_norm");
+    check_cpu(*q_norm, "qkv_prep", "q_norm", dt);
+    check_cpu(*k_norm, "qkv_prep", "k_norm", dt);
     TORCH_CHECK(q_norm->numel() == D && k_norm->numel() == D, "qkv_prep: q/k norm weights must have head_dim=",
                 D, " elements");
     qnc = q_norm->contiguous();
     knc = k_norm->contiguous();
-    qn = qnc.data_ptr<float>();
-    kn = knc.data_ptr<float>();
   }
   at::Tensor x = qkv.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
   at::Tensor pos = positions.contiguous();
@@ -145,21 +201,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, c
   at::Tensor q = at::empty({T, Hq, D}, x.options());
   at::Tensor k = at::empty({T, Hk, D}, x.options());
   at::Tensor v = at::empty({T, Hk, D}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* cp = cc.data_ptr<float>();
-  const float* sp = sc.data_ptr<float>();
-  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t W = (Hq + 2 * Hk) * D;
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, T, grain_for(W), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* row = xp + t * W;
-      const float* c = cp + pp[t] * (D / 2);
-      const float* s = sp + pp[t] * (D / 2);
-      for (int64_t h = 0; h < Hq; ++h) prep_head(row + h * D, qn, c, s, qp + (t * Hq + h) * D, D, e);
-      for (int64_t h = 0; h < Hk; ++h) prep_head(row + (Hq + h) * D, kn, c, s, kp + (t * Hk + h) * D, D, e);
-      std::memcpy(vp + t * Hk * D, row + (Hq + Hk) * D, sizeof(float) * Hk * D);
-    }
+  dispatch(dt, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* cp = cc.data_ptr<scalar_t>();
+    const scalar_t* sp = sc.data_ptr<scalar_t>();
+    const scalar_t* qn = qnc.defined() ? qnc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* kn = knc.defined() ? knc.data_ptr<scalar_t>() : nullptr;
+    scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_for(W), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = xp + t * W;
+        const scalar_t* c = cp + pp[t] * (D / 2);
+        const scalar_t* s = sp + pp[t] * (D / 2);
+        for (int64_t h = 0; h < Hq; ++h) prep_head(row + h * D, qn, c, s, qp + (t * Hq + h) * D, D, e);
+        for (int64_t h = 0; h < Hk; ++h) prep_head(row + (Hq + h) * D, kn, c, s, kp + (t * Hk + h) * D, D, e);
+        std::memcpy(vp + t * Hk * D, row + (Hq + Hk) * D, sizeof(scalar_t) * Hk * D);
+      }
+    });
   });
   return {q, k, v};
 }
@@ -184,29 +245,48 @@ static inline __attribute__((always_inline)) float vexp(float x) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LOOM_CLONES
 #endif
-void silu_mul_rows(const float* xp, float* yp, int64_t r0, int64_t r1, int64_t I) {
+
+template <class T>
+inline __attribute__((always_inline)) void silu_mul_rows_t(const T* xp, T* yp, int64_t r0, int64_t r1, int64_t I) {
+  using N = Num<T>;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* g = xp + r * 2 * I;
-    const float* u = g + I;
-    float* o = yp + r * I;
+    const T* g = xp + r * 2 * I;
+    const T* u = g + I;
+    T* o = yp + r * I;
 #pragma omp simd
-    for (int64_t i = 0; i < I; ++i) o[i] = g[i] / (1.f + vexp(-g[i])) * u[i];
+    for (int64_t i = 0; i < I; ++i) {
+      const float gi = N::ld(g[i]);
+      o[i] = N::st(N::rnd(gi / (1.f + vexp(-gi))) * N::ld(u[i]));
+    }
   }
 }
 
+LOOM_CLONES void silu_mul_rows(const float* xp, float* yp, int64_t r0, int64_t r1, int64_t I) {
+  silu_mul_rows_t(xp, yp, r0, r1, I);
+}
+
+LOOM_CLONES void silu_mul_rows(const at::BFloat16* xp, at::BFloat16* yp, int64_t r0, int64_t r1, int64_t I) {
+  silu_mul_rows_t(xp, yp, r0, r1, I);
+}
+
 at::Tensor silu_mul(const at::Tensor& gu) {
-  check_f32_cpu(gu, "silu_mul", "gate_up");
+  check_cpu(gu, "silu_mul", "gate_up", gu.scalar_type());
   TORCH_CHECK(gu.size(-1) % 2 == 0, "silu_mul: the last dimension (gate | up) must be even, got ", gu.size(-1));
   at::Tensor x = gu.contiguous();
   const int64_t I = x.size(-1) / 2, R = I ? x.numel() / (2 * I) : 0;
   auto sizes = x.sizes().vec();
   sizes.back() = I;
   at::Tensor y = at::empty(sizes, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, R, grain_for(2 * I), [&](int64_t r0, int64_t r1) { silu_mul_rows(xp, yp, r0, r1, I); });
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, R, grain_for(2 * I), [&](int64_t r0, int64_t r1) { silu_mul_rows(xp, yp, r0, r1, I); });
+  });
   return y;
 }
 

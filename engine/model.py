@@ -79,8 +79,8 @@ class CausalLM:
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
         self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype in PACKED_DTYPES
-        # Fused element-wise ops (csrc/fused_cpu.cpp), float32 only; False -> ATen ops.
-        self.fused = self.pack and dtype == torch.float32 and hasattr(torch.ops.loom, "qkv_prep")
+        # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition; False -> ATen ops.
+        self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep")
         self._build(weights)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class CausalLM:
         return self.lm_head(h).float()  # [R, vocab]
 
     def _forward_fused(self, input_ids, positions, batch: ForwardBatch, k_pools, v_pools) -> torch.Tensor:
-        """``forward`` with one op per element-wise step (float32, CPU): the residual add
+        """``forward`` with one op per element-wise step (CPU): the residual add
         is fused with the next RMSNorm, q/k norms with RoPE and the q/k/v split, SiLU
         with the gate product."""
         ops, c = torch.ops.loom, self.cfg
@@ -206,7 +206,7 @@ class CausalLM:
             else:
                 h += mlp
         h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
-        return self.lm_head(h)  # [R, vocab] float32
+        return self.lm_head(h).float()  # [R, vocab]
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the embedding table only by lookup)."""
