@@ -1,4 +1,4 @@
-// Inverse-CDF draw from rows of probabilities, for the sampler (engine/sampler.py).
+// Inverse-CDF draws for the sampler (engine/sampler.py).
 //
 // pick_from_probs(probs [R, V] float32 >= 0, u [R] float32 in [0, 1)) -> int64 [R]:
 // row r's token is the first index whose inclusive prefix sum exceeds u[r] * total,
@@ -6,11 +6,17 @@
 // probability are never picked. Instead of a cumulative sum (a serial chain of V
 // dependent adds per row) it sums blocks of 256 with vector adds, walks the block sums,
 // then scans inside one block.
+//
+// pick_from_logits(logits [R, V] float32, temperature [R] > 0, u [R]) -> int64 [R]: the
+// same draw from softmax(logits / temperature), with the exponentials computed in one
+// pass per row into a scratch row (no [R, V] probability tensor, no normalisation).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
+
+#include "loom/attn_math.h"
 
 namespace loom {
 namespace {
@@ -53,6 +59,49 @@ int64_t pick_row(const float* p, int64_t V, float u, float* block_sums) {
   return last_nonzero;  // u * total rounded up to total
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void exp_row(const float* x, int64_t V, float inv_t, float* p) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < V; ++i) m = x[i] > m ? x[i] : m;
+  if (m == -INFINITY) m = 0.f;  // an all -inf row: every p is 0 (reported by pick_row)
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) p[i] = loom::exp_approx((x[i] - m) * inv_t);
+}
+
+at::Tensor pick_from_logits(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& u) {
+  TORCH_CHECK(logits.device().is_cpu() && temperature.device().is_cpu() && u.device().is_cpu(),
+              "pick_from_logits: CPU tensors only");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && temperature.scalar_type() == at::kFloat &&
+                  u.scalar_type() == at::kFloat,
+              "pick_from_logits: logits, temperature and u must be float32");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "pick_from_logits: logits must be [rows, vocab], got ",
+              logits.sizes());
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == R && temperature.dim() == 1 && temperature.size(0) == R,
+              "pick_from_logits: temperature and u must have one number per row");
+  at::Tensor x = logits.contiguous(), tc = temperature.contiguous(), uc = u.contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* tp = tc.data_ptr<float>();
+  const float* up = uc.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(tp[r] > 0.f, "pick_from_logits: temperature must be > 0 (row ", r, " has ", tp[r], ")");
+  at::Tensor out = at::empty({R}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, R, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> p(V), sums((V + kBlock - 1) / kBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      exp_row(xp + r * V, V, 1.f / tp[r], p.data());
+      op[r] = pick_row(p.data(), V, up[r], sums.data());
+    }
+  });
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(op[r] >= 0, "pick_from_logits: row ", r, " has no token of finite logit");
+  return out;
+}
+
 at::Tensor pick_from_probs(const at::Tensor& probs, const at::Tensor& u) {
   TORCH_CHECK(probs.device().is_cpu() && u.device().is_cpu(), "pick_from_probs: CPU tensors only");
   TORCH_CHECK(probs.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat,
@@ -77,8 +126,14 @@ at::Tensor pick_from_probs(const at::Tensor& probs, const at::Tensor& u) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(loom, m) { m.def("pick_from_probs(Tensor probs, Tensor u) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.def("pick_from_probs(Tensor probs, Tensor u) -> Tensor");
+  m.def("pick_from_logits(Tensor logits, Tensor temperature, Tensor u) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(loom, CPU, m) { m.impl("pick_from_probs", &pick_from_probs); }
+TORCH_LIBRARY_IMPL(loom, CPU, m) {
+  m.impl("pick_from_probs", &pick_from_probs);
+  m.impl("pick_from_logits", &pick_from_logits);
+}
 
 }  // namespace loom

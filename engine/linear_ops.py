@@ -1,6 +1,6 @@
 """Fake (meta) kernels for the model-layer ops of csrc/linear_cpu.cpp (packed GEMM) and
 csrc/fused_cpu.cpp (RMSNorm, residual + RMSNorm, q/k/v preparation with RoPE, SiLU-gate)
-and csrc/sample_cpu.cpp (inverse-CDF pick),
+and csrc/sample_cpu.cpp (inverse-CDF picks),
 so that ``torch.compile`` can trace a model that uses them. Importing loads engine._C."""
 from __future__ import annotations
 
@@ -47,3 +47,8 @@ def _silu_mul_fake(gate_up):
 @torch.library.register_fake("loom::pick_from_probs")
 def _pick_from_probs_fake(probs, u):
     return probs.new_empty((probs.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("loom::pick_from_logits")
+def _pick_from_logits_fake(logits, temperature, u):
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)

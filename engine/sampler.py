@@ -29,25 +29,24 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x.log_softmax(-1)
 
 
-def _pick_op():
-    """torch.ops.loom.pick_from_probs when engine._C is built, else None."""
-    global _PICK
-    if _PICK is False:
+def _loom_op(name: str):
+    """torch.ops.loom.<name> when engine._C is built, else None."""
+    if name not in _OPS:
         try:
             from . import linear_ops  # noqa: F401  (loads engine._C and its fakes)
-            _PICK = torch.ops.loom.pick_from_probs
+            _OPS[name] = getattr(torch.ops.loom, name)
         except (ImportError, AttributeError, RuntimeError):
-            _PICK = None
-    return _PICK
+            _OPS[name] = None
+    return _OPS[name]
 
 
-_PICK = False
+_OPS: dict = {}
 
 
 def pick(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
     """Inverse-CDF draw: per row, the first index whose prefix sum exceeds u * row sum
     (rows need not be normalised; tokens of zero probability are never picked)."""
-    op = _pick_op()
+    op = _loom_op("pick_from_probs")
     if op is not None and probs.device.type == "cpu" and probs.dtype == torch.float32:
         return op(probs, u).tolist()
     cdf = probs.cumsum(-1)
@@ -71,23 +70,35 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [r for r, p in enumerate(params) if p.greedy or p.top_k == 1]
     rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
     if greedy:
-        for r, tok in zip(greedy, logits[greedy].argmax(-1).tolist()):
+        for r, tok in zip(greedy, _take_rows(logits, greedy).argmax(-1).tolist()):
             tokens[r] = tok
     if not rows:
         return tokens, logprobs
+    u = torch.cat([torch.rand(1, generator=generators[r], device=generators[r].device)
+                   for r in rows]).to(logits.device)
     plain = all(params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0
                 for r in rows)
     if plain:
-        temps = torch.tensor([params[r].temperature for r in rows], dtype=logits.dtype,
+        temps = torch.tensor([params[r].temperature for r in rows], dtype=torch.float32,
                              device=logits.device)
-        probs = (logits[rows] / temps[:, None]).softmax(-1)
+        sub = _take_rows(logits, rows)
+        op = _loom_op("pick_from_logits")
+        if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
+            picked = op(sub, temps, u).tolist()  # softmax(x / T) and the draw in one pass
+        else:
+            picked = pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), u)
     else:
-        probs = torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp()
-    u = torch.cat([torch.rand(1, generator=generators[r], device=generators[r].device)
-                   for r in rows]).to(probs.device)
-    for r, tok in zip(rows, pick(probs, u)):
+        picked = pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp(), u)
+    for r, tok in zip(rows, picked):
         tokens[r] = tok
     return tokens, logprobs
+
+
+def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] without a copy when rows are all of x in order."""
+    if len(rows) == x.shape[0] and rows == list(range(x.shape[0])):
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
 def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, float]:

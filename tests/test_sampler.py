@@ -74,3 +74,37 @@ def test_sample_mixes_greedy_and_random_rows():
     assert tokens[3] in logits[3].topk(5).indices.tolist()
     gens = [torch.Generator().manual_seed(i) for i in range(4)]
     assert sampler.sample(logits, params, gens)[0] == tokens  # same generators, same draw
+
+
+@pytest.mark.parametrize("V", [1, 255, 4097, 32768])
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_pick_from_logits_is_softmax_then_pick(V, temperature):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(9, V, generator=g) * 4
+    logits[:, 1::5] = float("-inf")  # masked tokens
+    if V == 1:
+        logits[:] = 0.3
+    u = torch.rand(9, generator=g)
+    temps = torch.full((9,), temperature)
+    got = torch.ops.loom.pick_from_logits(logits, temps, u).tolist()
+    probs = (logits / temperature).softmax(-1)
+    want = _reference(probs, u)
+    for r, (a, b) in enumerate(zip(got, want)):
+        assert probs[r, a] > 0, f"row {r}: picked a masked token"
+        if a != b:  # only where the two exponentials straddle the target
+            cdf = probs[r].double().cumsum(0)
+            assert abs(cdf[min(a, b)].item() - u[r].item()) < 1e-5, f"row {r}: picked {a}, softmax says {b}"
+
+
+def test_pick_from_logits_frequencies_and_errors():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.tensor([1.0, float("-inf"), 0.0, 2.0, -1.0])
+    temps = torch.full((20000,), 0.7)
+    got = torch.ops.loom.pick_from_logits(logits.expand(20000, -1).contiguous(), temps, torch.rand(20000, generator=g))
+    freq = torch.bincount(got, minlength=5).double() / 20000
+    torch.testing.assert_close(freq, (logits / 0.7).softmax(-1).double(), atol=0.015, rtol=0)
+    with pytest.raises(RuntimeError, match="temperature must be > 0"):
+        torch.ops.loom.pick_from_logits(torch.randn(2, 5), torch.tensor([1.0, 0.0]), torch.rand(2))
+    with pytest.raises(RuntimeError, match="no token of finite logit"):
+        torch.ops.loom.pick_from_logits(torch.full((1, 4), float("-inf")), torch.ones(1), torch.rand(1))
+    torch.library.opcheck(torch.ops.loom.pick_from_logits, (torch.randn(3, 300), torch.ones(3), torch.rand(3)))
