@@ -79,64 +79,59 @@ inline void dispatch(at::ScalarType dt, F&& f) {
     f(0.f);
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const auto dt = x.scalar_type();
-  check_cpu(x, "rms_norm", "x", dt);
-  check_cpu(w, "rms_norm", "w", dt);
+// Rows of y = rms_norm(h (+ r)) * w; with r, h += r first, in place.
+template <class T>
+void norm_rows(T* h, const T* r, const T* w, T* y, int64_t R, int64_t D, float eps) {
+  using N = Num<T>;
+  at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
+    float buf[kMaxRow];
+    for (int64_t i = r0; i < r1; ++i) {
+      T* hr = h + i * D;
+      if (r != nullptr) {
+        const T* rr = r + i * D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) hr[j] = N::st(N::ld(hr[j]) + N::ld(rr[j]));
+      }
+      norm_row(hr, w, buf, D, eps);
+      store_row(buf, y + i * D, D);
+    }
+  });
+}
+
+// Checks shared by the norms; returns the number of features.
+int64_t check_norm(const char* op, const at::Tensor& x, const at::Tensor& w) {
+  check_cpu(x, op, "x", x.scalar_type());
+  check_cpu(w, op, "w", x.scalar_type());
   const int64_t D = x.size(-1);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "rms_norm: weight has shape ", w.sizes(), ", x has ", D,
-              " features");
-  TORCH_CHECK(D <= kMaxRow, "rms_norm: at most ", kMaxRow, " features, got ", D);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, op, ": weight has shape ", w.sizes(), ", x has ", D, " features");
+  TORCH_CHECK(D <= kMaxRow, op, ": at most ", kMaxRow, " features, got ", D);
+  return D;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const int64_t D = check_norm("rms_norm", x, w);
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(xc);
-  const int64_t R = D ? xc.numel() / D : 0;
-  dispatch(dt, [&](auto tag) {
+  dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    const scalar_t* wp = wc.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
-      float buf[kMaxRow];
-      for (int64_t r = r0; r < r1; ++r) {
-        norm_row(xp + r * D, wp, buf, D, static_cast<float>(eps));
-        store_row(buf, yp + r * D, D);
-      }
-    });
+    // h is only read when there is no residual
+    norm_rows<scalar_t>(const_cast<scalar_t*>(xc.data_ptr<scalar_t>()), nullptr, wc.data_ptr<scalar_t>(),
+                        y.data_ptr<scalar_t>(), D ? xc.numel() / D : 0, D, static_cast<float>(eps));
   });
   return y;
 }
 
 at::Tensor add_rms_norm(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps) {
-  const auto dt = h.scalar_type();
-  check_cpu(h, "add_rms_norm", "h", dt);
-  check_cpu(r, "add_rms_norm", "r", dt);
-  check_cpu(w, "add_rms_norm", "w", dt);
+  const int64_t D = check_norm("add_rms_norm", h, w);
+  check_cpu(r, "add_rms_norm", "r", h.scalar_type());
   TORCH_CHECK(h.is_contiguous(), "add_rms_norm: h must be contiguous (it is updated in place)");
   TORCH_CHECK(r.sizes() == h.sizes(), "add_rms_norm: h ", h.sizes(), " and r ", r.sizes(), " differ");
-  const int64_t D = h.size(-1);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == D, "add_rms_norm: weight has shape ", w.sizes(), ", h has ", D,
-              " features");
-  TORCH_CHECK(D <= kMaxRow, "add_rms_norm: at most ", kMaxRow, " features, got ", D);
   at::Tensor rc = r.contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty_like(h);
-  const int64_t R = D ? h.numel() / D : 0;
-  dispatch(dt, [&](auto tag) {
+  dispatch(h.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    scalar_t* hp = h.data_ptr<scalar_t>();
-    const scalar_t* rp = rc.data_ptr<scalar_t>();
-    const scalar_t* wp = wc.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, R, grain_for(D), [&](int64_t r0, int64_t r1) {
-      float buf[kMaxRow];
-      for (int64_t i = r0; i < r1; ++i) {
-        scalar_t* hr = hp + i * D;
-        const scalar_t* rr = rp + i * D;
-#pragma omp simd
-        for (int64_t j = 0; j < D; ++j) hr[j] = Num<scalar_t>::st(Num<scalar_t>::ld(hr[j]) + Num<scalar_t>::ld(rr[j]));
-        norm_row(hr, wp, buf, D, static_cast<float>(eps));
-        store_row(buf, yp + i * D, D);
-      }
-    });
+    norm_rows<scalar_t>(h.data_ptr<scalar_t>(), rc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                        y.data_ptr<scalar_t>(), D ? h.numel() / D : 0, D, static_cast<float>(eps));
   });
   return y;
 }

@@ -15,12 +15,7 @@ import warnings
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # engine/ and triton_kernels/ live at the repo root
-    sys.path.insert(0, _ROOT)
-pytest.importorskip("triton", reason="triton is not installed")
+import _triton_env  # noqa: E402,F401  (TRITON_INTERPRET=1 without CUDA, before triton is imported)
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.attention import get_backend, get_append_kv  # noqa: E402

@@ -1,0 +1,15 @@
+"""Imported first by the Triton test modules: without a CUDA device the kernels run on
+CPU tensors under the Triton interpreter, which must be switched on before triton is
+first imported; the repo root (engine/, triton_kernels/) is made importable."""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+pytest.importorskip("triton", reason="triton is not installed")
