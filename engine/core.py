@@ -61,31 +61,44 @@ class EngineCore:
             if t.parent is None or (t.parent.last_logits is None and t.parent not in feed):
                 raise ValueError(f"thread {t.id} has no tokens and no parent logits to sample from.")
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
+        logits, row_of = None, {}
         if items:
             logits = self.runner.run(StepBatch(items))
             self.forward_steps += 1
             sampling = {id(t) for t in samplers}
             for i, t in enumerate(feed):
                 t.pending = []
+                row_of[id(t)] = i
                 # Keep a private copy for idle threads (a view would pin the whole batch).
                 t.last_logits = logits[i] if id(t) in sampling else logits[i].clone()
         if not samplers:
             return []
-        rows = []
-        for t in samplers:
-            src = t if t.tokens else t.parent
+        srcs = [t if t.tokens else t.parent for t in samplers]
+        for src in srcs:
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
-            rows.append(src.last_logits)
+        table = self._logits_rows(srcs, logits, row_of)
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
-            logprobs = torch.stack(rows).log_softmax(-1)
+            logprobs = table.log_softmax(-1)
         else:
-            tokens, logprobs = sample(torch.stack(rows), [t.params for t in samplers],
+            tokens, logprobs = sample(table, [t.params for t in samplers],
                                       [t.generator for t in samplers])
         for i, t in enumerate(samplers):
             t._lp_row = logprobs[i] if logprobs is not None else None
         return tokens
+
+    @staticmethod
+    def _logits_rows(srcs: list[Thread], logits, row_of: dict) -> torch.Tensor:
+        """[len(srcs), V]: each source thread's last logits. Rows of this step's forward
+        are taken with one index (or none when they are all of it, in order) instead of
+        stacking one row at a time."""
+        idx = [row_of.get(id(s), -1) for s in srcs]
+        if logits is not None and min(idx) >= 0:
+            if idx == list(range(logits.shape[0])):
+                return logits
+            return logits.index_select(0, torch.tensor(idx, device=logits.device))
+        return torch.stack([s.last_logits for s in srcs])
 
     # ---- applying a sampled token ----------------------------------------------------------
     def begin(self, t: Thread, params: SamplingParams, generator: torch.Generator):
