@@ -66,11 +66,12 @@ class EngineCore:
             logits = self.runner.run(StepBatch(items))
             self.forward_steps += 1
             sampling = {id(t) for t in samplers}
+            views = logits.unbind(0)  # all row views in one call
             for i, t in enumerate(feed):
                 t.pending = []
                 row_of[id(t)] = i
                 # Keep a private copy for idle threads (a view would pin the whole batch).
-                t.last_logits = logits[i] if id(t) in sampling else logits[i].clone()
+                t.last_logits = views[i] if id(t) in sampling else views[i].clone()
         if not samplers:
             return []
         srcs = [t if t.tokens else t.parent for t in samplers]
