@@ -248,14 +248,21 @@ static inline __attribute__((always_inline)) float vexp(float x) {
 template <class T>
 inline __attribute__((always_inline)) void silu_mul_rows_t(const T* xp, T* yp, int64_t r0, int64_t r1, int64_t I) {
   using N = Num<T>;
+  // Two passes per chunk (1 + exp(-g), then the quotient): in one fused loop GCC 12
+  // if-converts vexp's input clamps into masked divisions that ran ~10x slower
+  // (13 cycles per element) on an Intel Xeon.
+  constexpr int64_t kChunk = 256;
+  float t[kChunk];
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = xp + r * 2 * I;
     const T* u = g + I;
     T* o = yp + r * I;
+    for (int64_t c = 0; c < I; c += kChunk) {
+      const int64_t n = std::min(kChunk, I - c);
 #pragma omp simd
-    for (int64_t i = 0; i < I; ++i) {
-      const float gi = N::ld(g[i]);
-      o[i] = N::st(N::rnd(gi / (1.f + vexp(-gi))) * N::ld(u[i]));
+      for (int64_t i = 0; i < n; ++i) t[i] = 1.f + vexp(-N::ld(g[c + i]));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[c + i] = N::st(N::rnd(N::ld(g[c + i]) / t[i]) * N::ld(u[c + i]));
     }
   }
 }
