@@ -79,8 +79,13 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   const char* kp = static_cast<const char*>(a.k_pool);
   const char* vp = static_cast<const char*>(a.v_pool);
   const int64_t bytes = static_cast<int64_t>(nh) * D * sizeof(T);
+  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
   for (int t = t0; t < t0 + nk; ++t) {
-    const int64_t slot = static_cast<int64_t>(pages[t / ps]) * ps + t % ps;
+    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
+    if (++off == ps) {
+      off = 0;
+      ++page;
+    }
     const int64_t at = (slot * Hkv + kvh) * D * static_cast<int64_t>(sizeof(T));
     for (int64_t b = 0; b < bytes; b += 64) {
       __builtin_prefetch(kp + at + b, 0, 1);
