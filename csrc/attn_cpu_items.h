@@ -100,17 +100,14 @@ template <DType DT>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end) {
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
-  constexpr int QK_BLOCK = 4, PV_BLOCK = 8;
+  constexpr int PV_BLOCK = 8;
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
     if (t0 + nk < k_end)
       prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk));
-    for (int k0 = 0; k0 < nk; k0 += QK_BLOCK) {
-      for (int h = 0; h < nh; ++h)
-        qk_small(sc.krow + h * kSmallTile + k0, min_int(QK_BLOCK, nk - k0), head_state(sc, h, M, M, D).q, M, D,
-                 sc.s + h * M * kSmallTile + k0);
-    }
+    for (int h = 0; h < nh; ++h)
+      qk_small(sc.krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile);
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
       float* sh = sc.s + h * M * kSmallTile;

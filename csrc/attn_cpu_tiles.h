@@ -66,46 +66,100 @@ static inline void fold_lanes(float (*acc)[VL]) {
   for (int n = 0; n < N; ++n) acc[n][0] += acc[n][1];
 }
 
-// S[m][r] for KR keys x MS queries as dot products over D (lanes along D); qs is [MS][D].
+// Vector types of VL floats (GCC vector extensions: portable across the builds, and
+// __builtin_shuffle becomes one permute instruction); loads through vfu are unaligned.
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int vi __attribute__((vector_size(VL * 4)));
+
+static inline vf load_vf(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+
+// One level of a transpose-reduce: x holds C channels of W partial sums each (channel
+// j in lanes [j*W, (j+1)*W)), y C more; returns those 2C channels (x's first) with W/2
+// partial sums each, by two permutes and an add.
+template <int C, int W>
+static inline vf fold_pair(vf x, vf y) {
+  vi lo, hi;
+  for (int jp = 0; jp < 2 * C; ++jp)
+    for (int i = 0; i < W / 2; ++i) {
+      const int src = (jp < C ? 0 : VL) + (jp % C) * W + i;
+      lo[jp * (W / 2) + i] = src;
+      hi[jp * (W / 2) + i] = src + W / 2;
+    }
+  return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
+}
+
+// out[n] = the sum of v[n]'s lanes, for N (a power of two) vectors: pairs are folded
+// level by level, N/2 + N/4 + ... permute pairs in all, instead of log2(VL) levels and
+// a scalar extract per vector.
+template <int N, int C = 1, int W = VL>
+static inline void transpose_reduce(vf* v, float* out) {
+  if constexpr (N > 1 && W > 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < N / 2; ++i) v[i] = fold_pair<C, W>(v[2 * i], v[2 * i + 1]);
+    transpose_reduce<N / 2, 2 * C, W / 2>(v, out);
+  } else {
+    for (int i = 0; i < N; ++i)  // vector i: channels [i*C, (i+1)*C), W partial sums each
+      for (int j = 0; j < C; ++j) {
+        float t = 0.f;
+        for (int w = 0; w < W; ++w) t += v[i][j * W + w];
+        out[i * C + j] = t;
+      }
+  }
+}
+
+// Scores of KR keys x MS queries as dot products over D (lanes along D), qs [MS][D];
+// S[m][r] at s[m * kSmallTile + r]. KR * MS must be a power of two.
 template <int KR, int MS>
 static inline void qk_dot_block(const float* const* krow, const float* qs, int D, float* s) {
-  const float* kp[KR];
-  const float* qp[MS];
-  for (int r = 0; r < KR; ++r) kp[r] = krow[r];
-  for (int m = 0; m < MS; ++m) qp[m] = qs + m * D;
-  float acc[KR * MS][VL];
-  for (int n = 0; n < KR * MS; ++n)
-    for (int l = 0; l < VL; ++l) acc[n][l] = 0.f;
+  constexpr int N = KR * MS;
+  vf acc[N];
+#pragma GCC unroll 16
+  for (int n = 0; n < N; ++n) acc[n] = vf{};
   int d = 0;
-  for (; d + VL <= D; d += VL)
-#pragma GCC unroll 8
-    for (int r = 0; r < KR; ++r)
-#pragma GCC unroll 8
-      for (int m = 0; m < MS; ++m)
-#pragma omp simd
-        for (int l = 0; l < VL; ++l) acc[r * MS + m][l] += kp[r][d + l] * qp[m][d + l];
-  fold_lanes<KR * MS>(acc);
+  for (; d + VL <= D; d += VL) {
+    vf qv[MS];
+#pragma GCC unroll 4
+    for (int m = 0; m < MS; ++m) qv[m] = load_vf(qs + m * D + d);
+#pragma GCC unroll 16
+    for (int r = 0; r < KR; ++r) {
+      const vf kv = load_vf(krow[r] + d);
+#pragma GCC unroll 4
+      for (int m = 0; m < MS; ++m) acc[r * MS + m] += kv * qv[m];
+    }
+  }
+  float sum[N];
+  transpose_reduce<N>(acc, sum);
   for (int r = 0; r < KR; ++r)
     for (int m = 0; m < MS; ++m) {
       float tail = 0.f;
-      for (int dd = d; dd < D; ++dd) tail += kp[r][dd] * qp[m][dd];
-      s[m * kSmallTile + r] = acc[r * MS + m][0] + tail;
+      for (int dd = d; dd < D; ++dd) tail += krow[r][dd] * qs[m * D + dd];
+      s[m * kSmallTile + r] = sum[r * MS + m] + tail;
     }
 }
 
+// All nk keys of one head: blocks of KR keys (KR * MS accumulators: 16 with 32 vector
+// registers, 8 with 16), then pairs and single keys.
 template <int MS>
 static void qk_small_ms(const float* const* krow, int nk, const float* qs, int D, float* s) {
-  constexpr int KR = MS <= 2 ? 4 : 2;  // KR x MS accumulators, <= 8 vector registers
+  constexpr int NACC = VL >= 16 ? 16 : 8;
+  constexpr int KR = NACC / MS;  // MS in {1, 2, 4}
   int k0 = 0;
   for (; k0 + KR <= nk; k0 += KR) qk_dot_block<KR, MS>(krow + k0, qs, D, s + k0);
+  if constexpr (KR >= 4)
+    for (; k0 + KR / 2 <= nk; k0 += KR / 2) qk_dot_block<KR / 2, MS>(krow + k0, qs, D, s + k0);
   for (; k0 < nk; ++k0) qk_dot_block<1, MS>(krow + k0, qs, D, s + k0);
 }
 
+// Small path: scores of nk keys of one head for M <= SMALL_M queries, S [M][kSmallTile].
 static void qk_small(const float* const* krow, int nk, const float* qs, int M, int D, float* s) {
   switch (M) {
     case 1: qk_small_ms<1>(krow, nk, qs, D, s); break;
     case 2: qk_small_ms<2>(krow, nk, qs, D, s); break;
-    case 3: qk_small_ms<3>(krow, nk, qs, D, s); break;
+    case 3:  // as two queries, then one
+      qk_small_ms<2>(krow, nk, qs, D, s);
+      qk_small_ms<1>(krow, nk, qs + 2 * D, D, s + 2 * kSmallTile);
+      break;
     default: qk_small_ms<4>(krow, nk, qs, D, s); break;
   }
 }
