@@ -94,13 +94,13 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   }
 }
 
-// Few queries (M <= SMALL_M), every kv head: memory-bound, so keys are consumed in
-// small token-major blocks across heads.
+// Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
+// gathered token by token across heads (contiguous reads), then each head's scores,
+// softmax and values over the whole tile.
 template <DType DT>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end) {
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
-  constexpr int PV_BLOCK = 8;
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
@@ -113,13 +113,12 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
       float* sh = sc.s + h * M * kSmallTile;
       if (t0 + nk > lo) mask_rows(sh, nk, M, t0, sc.lim);
       softmax_rows(sh, hs, nk, M);
-      for (int m = 0; m < M; ++m)
-        for (int d = 0; d < D; ++d) hs.o[m * D + d] *= hs.alpha[m];
     }
-    for (int k0 = 0; k0 < nk; k0 += PV_BLOCK) {
-      for (int h = 0; h < nh; ++h)
-        pv_tile(sc.s + h * M * kSmallTile + k0, 1, kSmallTile, M, sc.vrow + h * kSmallTile + k0,
-                min_int(PV_BLOCK, nk - k0), head_state(sc, h, M, M, D).o, D, nullptr);
+    // Values, a head's whole tile per call (the rescale by alpha folded into the
+    // accumulator load).
+    for (int h = 0; h < nh; ++h) {
+      HeadState hs = head_state(sc, h, M, M, D);
+      pv_tile(sc.s + h * M * kSmallTile, 1, kSmallTile, M, sc.vrow + h * kSmallTile, nk, hs.o, D, hs.alpha);
     }
   }
 }
