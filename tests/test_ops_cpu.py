@@ -111,6 +111,16 @@ def test_random_plans(isa, dtype, Hq, Hkv, D, page_size):
         check(plan, *make_tensors(plan, num_pages, page_size, Hq, Hkv, D, dtype, seed))
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("Hq,Hkv,D", [(4, 4, 40), (6, 2, 72), (3, 1, 100)])
+def test_head_dims_off_the_vector_width(isa, Hq, Hkv, D):
+    """Head dims with a remainder past the vector width (16 / 8 / 4 floats per build):
+    the kernels' scalar tails, on the few-query and the many-query path."""
+    for seed in range(2):
+        plan, num_pages = random_case(seed, page_size=16, num_new=(1, 2, 9))
+        check(plan, *make_tensors(plan, num_pages, 16, Hq, Hkv, D, torch.float32, seed))
+
+
 @pytest.mark.parametrize("L", [1, 15, 16, 17, 100, 1000])
 @pytest.mark.parametrize("rows", [1, 3, 17])
 def test_segment_lengths_and_rows(L, rows):
