@@ -294,6 +294,20 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 
 }  // namespace
 
+// Direct entry points for csrc/layer_cpu.cpp (no dispatcher in between).
+at::Tensor add_rms_norm_cpu(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps) {
+  return add_rms_norm(h, r, w, eps);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep_cpu(const at::Tensor& qkv,
+                                                            const c10::optional<at::Tensor>& q_norm,
+                                                            const c10::optional<at::Tensor>& k_norm,
+                                                            const at::Tensor& cos, const at::Tensor& sin,
+                                                            const at::Tensor& positions, int64_t num_heads,
+                                                            int64_t num_kv_heads, int64_t head_dim, double eps) {
+  return qkv_prep(qkv, q_norm, k_norm, cos, sin, positions, num_heads, num_kv_heads, head_dim, eps);
+}
+at::Tensor silu_mul_cpu(const at::Tensor& gate_up) { return silu_mul(gate_up); }
+
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) h, Tensor r, Tensor w, float eps) -> Tensor");

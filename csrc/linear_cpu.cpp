@@ -150,6 +150,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
 
 }  // namespace
 
+// Direct entry point for csrc/layer_cpu.cpp (no dispatcher in between).
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
+                             int64_t n_out) {
+  return linear_packed(x, wp, bias, n_out);
+}
+
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("pack_linear_weight(Tensor w) -> Tensor");
   m.def("linear_packed(Tensor x, Tensor wp, Tensor? bias, int n_out) -> Tensor");

@@ -38,8 +38,15 @@ static PyObject* cpu_isa(PyObject*, PyObject* args) {
   return PyUnicode_FromString(loom::cpu::active_isa());
 }
 
+namespace loom {
+PyObject* decoder_layer_py(PyObject* self, PyObject* args);  // csrc/layer_cpu.cpp
+}
+
 static PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_VARARGS, "cpu_isa(name=None) -> str: the CPU attention build in use."},
+    {"decoder_layer", loom::decoder_layer_py, METH_VARARGS,
+     "decoder_layer(h, x, layer, step, k_pool, v_pool, next_ln) -> Tensor: one fused CPU decoder layer "
+     "(see csrc/layer_cpu.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

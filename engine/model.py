@@ -78,6 +78,9 @@ class CausalLM:
         self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype)
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
+        # engine._C.decoder_layer, set by the engine with the 'cpu' attention backend: the
+        # fused forward's per-layer ops in one call (same kernels, same order).
+        self.layer_step: Callable | None = None
         self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype in PACKED_DTYPES
         # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition; False -> ATen ops.
         self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep")
@@ -194,6 +197,16 @@ class CausalLM:
         cos, sin = self.rotary.covering(positions)
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden], updated in place below
         x = ops.rms_norm(h, self.layers[0].ln1, eps)
+        if self.layer_step is not None:
+            p, n = batch.plan, len(self.layers)
+            step = (cos, sin, positions, batch.slots, p.kv_indptr, p.kv_page_ids, p.kv_len, p.q_indptr, p.q_rows,
+                    p.shift, p.causal_limit, p.merge_indptr, p.merge_entries, self.inv_freq, float(self.scale),
+                    c.num_heads, c.num_kv_heads, c.head_dim, float(eps))
+            for li, args in enumerate(self._layer_args()):
+                x = self.layer_step(h, x, args, step, k_pools[li], v_pools[li],
+                                    self.layers[li + 1].ln1 if li + 1 < n else None)
+            h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
+            return self.lm_head(h).float()  # [R, vocab]
         for li, L in enumerate(self.layers):
             q, k, v = ops.qkv_prep(L.qkv(x), L.q_norm, L.k_norm, cos, sin, positions, c.num_heads,
                                    c.num_kv_heads, c.head_dim, eps)
@@ -207,6 +220,15 @@ class CausalLM:
                 h += mlp
         h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
         return self.lm_head(h).float()  # [R, vocab]
+
+    def _layer_args(self) -> list[tuple]:
+        """Per layer, the weights tuple of engine._C.decoder_layer (built once)."""
+        if getattr(self, "_layer_args_cache", None) is None:
+            self._layer_args_cache = [
+                (L.qkv.w, L.qkv.b, L.qkv.out_features, L.q_norm, L.k_norm, L.o.w, L.o.b, L.o.out_features, L.ln2,
+                 L.gate_up.w, L.gate_up.b, L.gate_up.out_features, L.down.w, L.down.b, L.down.out_features)
+                for L in self.layers]
+        return self._layer_args_cache
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the embedding table only by lookup)."""

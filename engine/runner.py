@@ -17,6 +17,11 @@ class ModelRunner:
         self.backend_name, attn_fn = attention.get_backend(backend, self.device)
         model.attention = attn_fn
         model.append_kv = attention.get_append_kv(self.device)
+        # One call per decoder layer when every op of the fused forward is Loom's own CPU op.
+        model.layer_step = None
+        if self.backend_name == "cpu" and model.fused:
+            from . import _ops
+            model.layer_step = getattr(_ops._C, "decoder_layer", None)
         self._build_plan = attention.get_plan_builder()
 
     def run(self, batch: StepBatch) -> torch.Tensor:

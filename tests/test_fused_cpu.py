@@ -140,3 +140,40 @@ def test_fused_forward_matches_aten_forward(name, dtype, make_llm):
     else:  # same rounding points; only rare one-step bfloat16 differences may propagate
         assert (fused.argmax(-1) == aten.argmax(-1)).float().mean() >= 0.95
         assert (fused - aten).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["qwen3", "llama_bias"])
+def test_one_call_per_layer_matches_per_op_forward(name, dtype, make_llm):
+    """engine._C.decoder_layer runs the fused forward's per-layer ops in one call: same
+    kernels in the same order, so the logits and the sampled tokens are identical."""
+    from engine import SamplingParams
+
+    llm = make_llm(name, dtype=dtype)
+    step = llm.model.layer_step
+    assert step is not None, "the 'cpu' backend with engine._C built should take the one-call-per-layer path"
+    ids = list(range(3, 40))
+    try:
+        got = [llm.score(ids)[0]]
+        got.append([c.token_ids for c in llm.generate(
+            [ids], SamplingParams(n=3, temperature=1.0, max_tokens=6, ignore_eos=True, seed=5))[0].outputs])
+        llm.model.layer_step = None
+        want = [llm.score(ids)[0]]
+        want.append([c.token_ids for c in llm.generate(
+            [ids], SamplingParams(n=3, temperature=1.0, max_tokens=6, ignore_eos=True, seed=5))[0].outputs])
+    finally:
+        llm.model.layer_step = step
+    assert torch.equal(got[0], want[0])
+    assert got[1] == want[1]
+
+
+def test_decoder_layer_rejects_bad_arguments():
+    from engine import _C
+
+    h = torch.zeros(2, 8)
+    with pytest.raises(TypeError, match="takes"):
+        _C.decoder_layer(h, h)
+    with pytest.raises(TypeError, match="layer must be a tuple of 15"):
+        _C.decoder_layer(h, h, (), (), h, h, None)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        _C.decoder_layer(h, "x", (), (), h, h, None)
