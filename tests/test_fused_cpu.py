@@ -177,3 +177,16 @@ def test_decoder_layer_rejects_bad_arguments():
         _C.decoder_layer(h, h, (), (), h, h, None)
     with pytest.raises(TypeError, match="x must be a tensor"):
         _C.decoder_layer(h, "x", (), (), h, h, None)
+
+
+def test_decoder_layer_kernel_errors_are_runtime_errors(make_llm):
+    """A check failing inside the layer (here: x has the wrong width for the qkv weight)
+    comes back as one RuntimeError naming it, and the engine stays usable."""
+    from engine import _C
+
+    llm = make_llm("qwen3")
+    t = torch.zeros(1)
+    step = (t,) * 14 + (1.0, 1, 1, 16, 1e-6)
+    with pytest.raises(RuntimeError, match="features"):
+        _C.decoder_layer(torch.zeros(2, 7), torch.zeros(2, 7), llm.model._layer_args()[0], step, t, t, None)
+    assert llm.score(list(range(3, 12)))[0].isfinite().all()
