@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "ops.h"
+
 namespace loom {
 namespace {
 
@@ -108,6 +110,87 @@ int64_t check_norm(const char* op, const at::Tensor& x, const at::Tensor& w) {
   return D;
 }
 
+// One head row: optional RMSNorm (rounded as stored), then rotate-half RoPE with
+// cos/sin [D/2], each product and the sum rounded as the ATen ops round them.
+template <class T>
+inline void prep_head(const T* __restrict x, const T* __restrict nw, const T* __restrict c, const T* __restrict s,
+                      T* __restrict y, int64_t D, float eps) {
+  using N = Num<T>;
+  const int64_t h = D / 2;
+  float buf[1024];
+  if (nw != nullptr) {
+    norm_row(x, nw, buf, D, eps);
+    for (int64_t i = 0; i < D; ++i) buf[i] = N::rnd(buf[i]);
+  } else {
+    for (int64_t i = 0; i < D; ++i) buf[i] = N::ld(x[i]);
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = buf[i], b = buf[i + h], ci = N::ld(c[i]), si = N::ld(s[i]);
+    y[i] = N::st(N::rnd(a * ci) - N::rnd(b * si));
+    y[i + h] = N::st(N::rnd(b * ci) + N::rnd(a * si));
+  }
+}
+
+// exp(x) for float32 in a form the compiler vectorises (std::exp is a scalar libm call):
+// Cephes' range reduction x = n ln2 + r and degree-6 polynomial, about 1 ulp.
+static inline __attribute__((always_inline)) float vexp(float x) {
+  x = x < -87.33654f ? -87.33654f : x;
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  return y * __builtin_bit_cast(float, bits);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LOOM_CLONES
+#endif
+
+template <class T>
+inline __attribute__((always_inline)) void silu_mul_rows_t(const T* xp, T* yp, int64_t r0, int64_t r1, int64_t I) {
+  using N = Num<T>;
+  // Two passes per chunk (1 + exp(-g), then the quotient): in one fused loop GCC 12
+  // if-converts vexp's input clamps into masked divisions that ran ~10x slower
+  // (13 cycles per element) on an Intel Xeon.
+  constexpr int64_t kChunk = 256;
+  float t[kChunk];
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = xp + r * 2 * I;
+    const T* u = g + I;
+    T* o = yp + r * I;
+    for (int64_t c = 0; c < I; c += kChunk) {
+      const int64_t n = std::min(kChunk, I - c);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) t[i] = 1.f + vexp(-N::ld(g[c + i]));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) o[c + i] = N::st(N::rnd(N::ld(g[c + i]) / t[i]) * N::ld(u[c + i]));
+    }
+  }
+}
+
+LOOM_CLONES void silu_mul_rows(const float* xp, float* yp, int64_t r0, int64_t r1, int64_t I) {
+  silu_mul_rows_t(xp, yp, r0, r1, I);
+}
+
+LOOM_CLONES void silu_mul_rows(const at::BFloat16* xp, at::BFloat16* yp, int64_t r0, int64_t r1, int64_t I) {
+  silu_mul_rows_t(xp, yp, r0, r1, I);
+}
+
+}  // namespace
+
+// The ops (declared in ops.h: csrc/layer_cpu.cpp calls them directly).
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t D = check_norm("rms_norm", x, w);
   at::Tensor xc = x.contiguous(), wc = w.contiguous();
@@ -134,28 +217,6 @@ at::Tensor add_rms_norm(at::Tensor& h, const at::Tensor& r, const at::Tensor& w,
                         y.data_ptr<scalar_t>(), D ? h.numel() / D : 0, D, static_cast<float>(eps));
   });
   return y;
-}
-
-// One head row: optional RMSNorm (rounded as stored), then rotate-half RoPE with
-// cos/sin [D/2], each product and the sum rounded as the ATen ops round them.
-template <class T>
-inline void prep_head(const T* __restrict x, const T* __restrict nw, const T* __restrict c, const T* __restrict s,
-                      T* __restrict y, int64_t D, float eps) {
-  using N = Num<T>;
-  const int64_t h = D / 2;
-  float buf[1024];
-  if (nw != nullptr) {
-    norm_row(x, nw, buf, D, eps);
-    for (int64_t i = 0; i < D; ++i) buf[i] = N::rnd(buf[i]);
-  } else {
-    for (int64_t i = 0; i < D; ++i) buf[i] = N::ld(x[i]);
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < h; ++i) {
-    const float a = buf[i], b = buf[i + h], ci = N::ld(c[i]), si = N::ld(s[i]);
-    y[i] = N::st(N::rnd(a * ci) - N::rnd(b * si));
-    y[i + h] = N::st(N::rnd(b * ci) + N::rnd(a * si));
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
@@ -220,61 +281,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, c
   return {q, k, v};
 }
 
-// exp(x) for float32 in a form the compiler vectorises (std::exp is a scalar libm call):
-// Cephes' range reduction x = n ln2 + r and degree-6 polynomial, about 1 ulp.
-static inline __attribute__((always_inline)) float vexp(float x) {
-  x = x < -87.33654f ? -87.33654f : x;
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  return y * __builtin_bit_cast(float, bits);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOOM_CLONES
-#endif
-
-template <class T>
-inline __attribute__((always_inline)) void silu_mul_rows_t(const T* xp, T* yp, int64_t r0, int64_t r1, int64_t I) {
-  using N = Num<T>;
-  // Two passes per chunk (1 + exp(-g), then the quotient): in one fused loop GCC 12
-  // if-converts vexp's input clamps into masked divisions that ran ~10x slower
-  // (13 cycles per element) on an Intel Xeon.
-  constexpr int64_t kChunk = 256;
-  float t[kChunk];
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* g = xp + r * 2 * I;
-    const T* u = g + I;
-    T* o = yp + r * I;
-    for (int64_t c = 0; c < I; c += kChunk) {
-      const int64_t n = std::min(kChunk, I - c);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) t[i] = 1.f + vexp(-N::ld(g[c + i]));
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) o[c + i] = N::st(N::rnd(N::ld(g[c + i]) / t[i]) * N::ld(u[c + i]));
-    }
-  }
-}
-
-LOOM_CLONES void silu_mul_rows(const float* xp, float* yp, int64_t r0, int64_t r1, int64_t I) {
-  silu_mul_rows_t(xp, yp, r0, r1, I);
-}
-
-LOOM_CLONES void silu_mul_rows(const at::BFloat16* xp, at::BFloat16* yp, int64_t r0, int64_t r1, int64_t I) {
-  silu_mul_rows_t(xp, yp, r0, r1, I);
-}
-
 at::Tensor silu_mul(const at::Tensor& gu) {
   check_cpu(gu, "silu_mul", "gate_up", gu.scalar_type());
   TORCH_CHECK(gu.size(-1) % 2 == 0, "silu_mul: the last dimension (gate | up) must be even, got ", gu.size(-1));
@@ -292,21 +298,6 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return y;
 }
 
-}  // namespace
-
-// Direct entry points for csrc/layer_cpu.cpp (no dispatcher in between).
-at::Tensor add_rms_norm_cpu(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps) {
-  return add_rms_norm(h, r, w, eps);
-}
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep_cpu(const at::Tensor& qkv,
-                                                            const c10::optional<at::Tensor>& q_norm,
-                                                            const c10::optional<at::Tensor>& k_norm,
-                                                            const at::Tensor& cos, const at::Tensor& sin,
-                                                            const at::Tensor& positions, int64_t num_heads,
-                                                            int64_t num_kv_heads, int64_t head_dim, double eps) {
-  return qkv_prep(qkv, q_norm, k_norm, cos, sin, positions, num_heads, num_kv_heads, head_dim, eps);
-}
-at::Tensor silu_mul_cpu(const at::Tensor& gate_up) { return silu_mul(gate_up); }
 
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");

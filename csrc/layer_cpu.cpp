@@ -118,17 +118,17 @@ LayerCall parse(PyObject* args) {
 // The fused forward's per-layer ops, in CausalLM._forward_fused's order.
 at::Tensor run(LayerCall& c) {
   const int64_t T = c.x.size(0);
-  const at::Tensor qkv = linear_packed_cpu(c.x, c.qkv_w, c.qkv_b, c.qkv_n);
-  auto [q, k, v] = qkv_prep_cpu(qkv, c.q_norm, c.k_norm, c.cos, c.sin, c.positions, c.Hq, c.Hkv, c.D, c.eps);
+  const at::Tensor qkv = linear_packed(c.x, c.qkv_w, c.qkv_b, c.qkv_n);
+  auto [q, k, v] = qkv_prep(qkv, c.q_norm, c.k_norm, c.cos, c.sin, c.positions, c.Hq, c.Hkv, c.D, c.eps);
   append_kv(c.k_pool, c.v_pool, k, v, c.slots);
   const at::Tensor* p = c.plan;
   const at::Tensor o = segment_attention(q, c.k_pool, c.v_pool, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
                                          p[8], c.inv_freq, c.scale);
-  const at::Tensor attn_out = linear_packed_cpu(o.reshape({T, c.Hq * c.D}), c.o_w, c.o_b, c.o_n);
-  const at::Tensor xn = add_rms_norm_cpu(c.h, attn_out, c.ln2, c.eps);
-  const at::Tensor gu = linear_packed_cpu(xn, c.gu_w, c.gu_b, c.gu_n);
-  const at::Tensor mlp = linear_packed_cpu(silu_mul_cpu(gu), c.down_w, c.down_b, c.down_n);
-  if (c.next_ln.has_value()) return add_rms_norm_cpu(c.h, mlp, *c.next_ln, c.eps);
+  const at::Tensor attn_out = linear_packed(o.reshape({T, c.Hq * c.D}), c.o_w, c.o_b, c.o_n);
+  const at::Tensor xn = add_rms_norm(c.h, attn_out, c.ln2, c.eps);
+  const at::Tensor gu = linear_packed(xn, c.gu_w, c.gu_b, c.gu_n);
+  const at::Tensor mlp = linear_packed(silu_mul(gu), c.down_w, c.down_b, c.down_n);
+  if (c.next_ln.has_value()) return add_rms_norm(c.h, mlp, *c.next_ln, c.eps);
   c.h.add_(mlp);
   return c.h;
 }

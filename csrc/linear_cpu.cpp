@@ -17,6 +17,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "ops.h"
+
 namespace loom {
 namespace {
 
@@ -89,6 +91,10 @@ LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, c
   run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
 }
 
+}  // namespace
+
+// The ops (declared in ops.h: csrc/layer_cpu.cpp calls linear_packed directly).
+
 at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "pack_linear_weight: weight must be 2-D [out, in], got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
@@ -146,14 +152,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     }
   });
   return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);
-}
-
-}  // namespace
-
-// Direct entry point for csrc/layer_cpu.cpp (no dispatcher in between).
-at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
-                             int64_t n_out) {
-  return linear_packed(x, wp, bias, n_out);
 }
 
 TORCH_LIBRARY_FRAGMENT(loom, m) {

@@ -27,18 +27,18 @@ std::vector<at::Tensor> build_plan(const at::Tensor& thread_view_indptr, const a
                                    const at::Tensor& thread_num_new, const at::Tensor& seg_len,
                                    const at::Tensor& seg_page_indptr, const at::Tensor& seg_page_ids);
 
-// The fused CPU layer ops and the packed GEMM (csrc/fused_cpu.cpp, csrc/linear_cpu.cpp),
-// for direct calls from csrc/layer_cpu.cpp.
-at::Tensor add_rms_norm_cpu(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep_cpu(const at::Tensor& qkv,
-                                                            const c10::optional<at::Tensor>& q_norm,
-                                                            const c10::optional<at::Tensor>& k_norm,
-                                                            const at::Tensor& cos, const at::Tensor& sin,
-                                                            const at::Tensor& positions, int64_t num_heads,
-                                                            int64_t num_kv_heads, int64_t head_dim, double eps);
-at::Tensor silu_mul_cpu(const at::Tensor& gate_up);
-at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
-                             int64_t n_out);
+// The fused CPU layer ops (csrc/fused_cpu.cpp) and the packed GEMM (csrc/linear_cpu.cpp).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
+at::Tensor add_rms_norm(at::Tensor& h, const at::Tensor& r, const at::Tensor& w, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                                                        const c10::optional<at::Tensor>& k_norm,
+                                                        const at::Tensor& cos, const at::Tensor& sin,
+                                                        const at::Tensor& positions, int64_t num_heads,
+                                                        int64_t num_kv_heads, int64_t head_dim, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor pack_linear_weight(const at::Tensor& w);
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
+                         int64_t n_out);
 
 // Shared argument checks.
 void check_cpu_int32_1d(const at::Tensor& t, const char* name);

@@ -150,6 +150,11 @@ class CausalLM:
                 down=Linear(self._take(w, p + "mlp.down_proj.weight"),
                             self._take(w, p + "mlp.down_proj.bias", required=False), pk),
             ))
+        # Per layer, the weights argument of engine._C.decoder_layer.
+        self.layer_args = [
+            (L.qkv.w, L.qkv.b, L.qkv.out_features, L.q_norm, L.k_norm, L.o.w, L.o.b, L.o.out_features, L.ln2,
+             L.gate_up.w, L.gate_up.b, L.gate_up.out_features, L.down.w, L.down.b, L.down.out_features)
+            for L in self.layers]
         leftover = [n for n in w if not n.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise ValueError(f"Checkpoint has tensors Loom does not use, e.g. {leftover[0]!r}; "
@@ -191,22 +196,32 @@ class CausalLM:
         """``forward`` with one op per element-wise step (CPU): the residual add
         is fused with the next RMSNorm, q/k norms with RoPE and the q/k/v split, SiLU
         with the gate product."""
-        ops, c = torch.ops.loom, self.cfg
-        T, eps = input_ids.shape[0], c.rms_norm_eps
-        qd = c.num_heads * c.head_dim
+        ops, eps = torch.ops.loom, self.cfg.rms_norm_eps
         cos, sin = self.rotary.covering(positions)
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden], updated in place below
         x = ops.rms_norm(h, self.layers[0].ln1, eps)
         if self.layer_step is not None:
-            p, n = batch.plan, len(self.layers)
-            step = (cos, sin, positions, batch.slots, p.kv_indptr, p.kv_page_ids, p.kv_len, p.q_indptr, p.q_rows,
-                    p.shift, p.causal_limit, p.merge_indptr, p.merge_entries, self.inv_freq, float(self.scale),
-                    c.num_heads, c.num_kv_heads, c.head_dim, float(eps))
-            for li, args in enumerate(self._layer_args()):
-                x = self.layer_step(h, x, args, step, k_pools[li], v_pools[li],
-                                    self.layers[li + 1].ln1 if li + 1 < n else None)
-            h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
-            return self.lm_head(h).float()  # [R, vocab]
+            self._layers_in_one_call_each(h, x, positions, cos, sin, batch, k_pools, v_pools)
+        else:
+            self._layers_op_by_op(h, x, positions, cos, sin, batch, k_pools, v_pools)
+        h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
+        return self.lm_head(h).float()  # [R, vocab]
+
+    def _layers_in_one_call_each(self, h, x, positions, cos, sin, batch: ForwardBatch, k_pools, v_pools):
+        """The layers through engine._C.decoder_layer: ``_layers_op_by_op`` in one C++
+        call per layer (same kernels, same order); h is updated in place."""
+        c, p, n = self.cfg, batch.plan, len(self.layers)
+        step = (cos, sin, positions, batch.slots, p.kv_indptr, p.kv_page_ids, p.kv_len, p.q_indptr, p.q_rows,
+                p.shift, p.causal_limit, p.merge_indptr, p.merge_entries, self.inv_freq, float(self.scale),
+                c.num_heads, c.num_kv_heads, c.head_dim, float(c.rms_norm_eps))
+        for li, args in enumerate(self.layer_args):
+            x = self.layer_step(h, x, args, step, k_pools[li], v_pools[li],
+                                self.layers[li + 1].ln1 if li + 1 < n else None)
+
+    def _layers_op_by_op(self, h, x, positions, cos, sin, batch: ForwardBatch, k_pools, v_pools):
+        """The layers one fused op at a time; h is updated in place."""
+        ops, c = torch.ops.loom, self.cfg
+        T, eps, qd = h.shape[0], c.rms_norm_eps, c.num_heads * c.head_dim
         for li, L in enumerate(self.layers):
             q, k, v = ops.qkv_prep(L.qkv(x), L.q_norm, L.k_norm, cos, sin, positions, c.num_heads,
                                    c.num_kv_heads, c.head_dim, eps)
@@ -218,17 +233,6 @@ class CausalLM:
                 x = ops.add_rms_norm(h, mlp, self.layers[li + 1].ln1, eps)
             else:
                 h += mlp
-        h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
-        return self.lm_head(h).float()  # [R, vocab]
-
-    def _layer_args(self) -> list[tuple]:
-        """Per layer, the weights tuple of engine._C.decoder_layer (built once)."""
-        if getattr(self, "_layer_args_cache", None) is None:
-            self._layer_args_cache = [
-                (L.qkv.w, L.qkv.b, L.qkv.out_features, L.q_norm, L.k_norm, L.o.w, L.o.b, L.o.out_features, L.ln2,
-                 L.gate_up.w, L.gate_up.b, L.gate_up.out_features, L.down.w, L.down.b, L.down.out_features)
-                for L in self.layers]
-        return self._layer_args_cache
 
     def weight_bytes(self) -> int:
         """Bytes of weights a decode step reads (the embedding table only by lookup)."""

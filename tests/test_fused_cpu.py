@@ -188,5 +188,5 @@ def test_decoder_layer_kernel_errors_are_runtime_errors(make_llm):
     t = torch.zeros(1)
     step = (t,) * 14 + (1.0, 1, 1, 16, 1e-6)
     with pytest.raises(RuntimeError, match="features"):
-        _C.decoder_layer(torch.zeros(2, 7), torch.zeros(2, 7), llm.model._layer_args()[0], step, t, t, None)
+        _C.decoder_layer(torch.zeros(2, 7), torch.zeros(2, 7), llm.model.layer_args[0], step, t, t, None)
     assert llm.score(list(range(3, 12)))[0].isfinite().all()
