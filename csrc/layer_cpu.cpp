@@ -47,14 +47,22 @@ c10::optional<at::Tensor> opt_tensor_at(PyObject* tup, Py_ssize_t i, const char*
 
 int64_t int_at(PyObject* tup, Py_ssize_t i, const char* what) {
   PyObject* o = PyTuple_GET_ITEM(tup, i);
-  if (!PyLong_Check(o)) throw BadArg{std::string(what) + " must be an int"};
-  return PyLong_AsLongLong(o);
+  const long long v = PyLong_Check(o) ? PyLong_AsLongLong(o) : -1;
+  if (!PyLong_Check(o) || (v == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw BadArg{std::string(what) + " must be an int (of 64 bits)"};
+  }
+  return v;
 }
 
 double float_at(PyObject* tup, Py_ssize_t i, const char* what) {
   PyObject* o = PyTuple_GET_ITEM(tup, i);
-  if (!PyFloat_Check(o) && !PyLong_Check(o)) throw BadArg{std::string(what) + " must be a float"};
-  return PyFloat_AsDouble(o);
+  const double v = PyFloat_Check(o) || PyLong_Check(o) ? PyFloat_AsDouble(o) : -1.0;
+  if ((!PyFloat_Check(o) && !PyLong_Check(o)) || (v == -1.0 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw BadArg{std::string(what) + " must be a float"};
+  }
+  return v;
 }
 
 // The arguments, unpacked while the GIL is held.

@@ -177,6 +177,9 @@ def test_decoder_layer_rejects_bad_arguments():
         _C.decoder_layer(h, h, (), (), h, h, None)
     with pytest.raises(TypeError, match="x must be a tensor"):
         _C.decoder_layer(h, "x", (), (), h, h, None)
+    layer = (h, None, 2 ** 70) + (None,) * 12
+    with pytest.raises(TypeError, match="qkv_n must be an int"):
+        _C.decoder_layer(h, h, layer, (h,) * 14 + (1.0, 1, 1, 8, 1e-6), h, h, None)
 
 
 def test_decoder_layer_kernel_errors_are_runtime_errors(make_llm):
