@@ -82,8 +82,25 @@ struct Scratch {
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
+  const char** lines;  // cache lines of the next tile's K then V (large path), see LinePrefetch
   void* block;
 };
+
+// Cache lines to prefetch, issued a few at a time between register blocks of the tile
+// before them, so that the next tile's K/V stream in while this one computes. (Issued
+// all at once, they queue behind the core's few outstanding misses and stall it.)
+struct LinePrefetch {
+  const char* const* line;
+  int n = 0;  // lines listed
+  int i = 0;  // lines issued
+  inline void issue(int count, int upto) {
+    const int e = upto < i + count ? upto : i + count;
+    for (; i < e; ++i) __builtin_prefetch(line[i], 0, 3);
+  }
+};
+
+// Lines per row of D elements of `elem` bytes (a row may straddle one more line).
+static inline int lines_per_row(int D, int elem) { return (D * elem + 63) / 64 + 1; }
 
 static inline size_t pad64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 static inline size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
@@ -111,7 +128,8 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(mp * f),
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
-                          pad64(rows * sizeof(float*))};
+                          pad64(rows * sizeof(float*)),
+                          pad64(2 * static_cast<size_t>(kKeyTile) * lines_per_row(D, 4) * sizeof(char*))};
   size_t total = 0;
   for (size_t b : sizes) total += b;
   char* p = static_cast<char*>(aligned_alloc(64, total));
@@ -129,6 +147,8 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   sc.krow = reinterpret_cast<const float**>(p);
   p += sizes[i++];
   sc.vrow = reinterpret_cast<const float**>(p);
+  p += sizes[i++];
+  sc.lines = reinterpret_cast<const char**>(p);
   return true;
 }
 

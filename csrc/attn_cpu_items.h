@@ -94,6 +94,30 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   }
 }
 
+// Appends to out the cache lines that rows [t0, t0 + nk) of kv head kvh of `pool`
+// touch (a row may start mid-line); returns the new count.
+template <DType DT>
+static int list_lines(const AttnArgs& a, const void* pool, const int32_t* pages, int kvh, int t0, int nk,
+                      const char** out, int n) {
+  using T = typename Elem<DT>::T;
+  const int ps = a.page_size;
+  const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(T);
+  const char* base = static_cast<const char*>(pool);
+  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
+  for (int t = t0; t < t0 + nk; ++t) {
+    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
+    if (++off == ps) {
+      off = 0;
+      ++page;
+    }
+    const char* row = base + (slot * a.num_kv_heads + kvh) * bytes;
+    const uintptr_t last = reinterpret_cast<uintptr_t>(row + bytes - 1);
+    for (uintptr_t l = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}; l <= last; l += 64)
+      out[n++] = reinterpret_cast<const char*>(l);
+  }
+  return n;
+}
+
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
 // softmax and values over the whole tile.
@@ -129,14 +153,22 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
                       int lo, int k_end) {
   const int D = a.head_dim;
   HeadState hs = head_state(sc, 0, M, mpad, D);
+  LinePrefetch pf{sc.lines};
   for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
     const int nk = min_int(kKeyTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, 1, t0, nk, kKeyTile, sc);
-    if (t0 + nk < k_end) prefetch_rows<DT>(a, pages, it.kvh, 1, t0 + nk, min_int(kKeyTile, k_end - t0 - nk));
-    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s);
+    // The next tile's K lines go out during this tile's scores, its V lines during the values.
+    int k_lines = 0;
+    pf.n = pf.i = 0;
+    if (t0 + nk < k_end) {
+      const int nk2 = min_int(kKeyTile, k_end - t0 - nk);
+      k_lines = list_lines<DT>(a, a.k_pool, pages, it.kvh, t0 + nk, nk2, sc.lines, 0);
+      pf.n = list_lines<DT>(a, a.v_pool, pages, it.kvh, t0 + nk, nk2, sc.lines, k_lines);
+    }
+    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, k_lines);
     if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
     softmax_cols(sc, hs, nk, mpad);
-    pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha);
+    pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
   }
 }
 

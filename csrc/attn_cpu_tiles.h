@@ -32,12 +32,16 @@ static inline void qk_block(const float* const* krow, const float* qt, int mpad,
 
 // Large path: every key element is broadcast against VL queries. With a single query
 // vector, twice the keys per block keep enough independent FMA chains in flight.
-static void qk_large(const float* const* krow, int nk, const float* qt, int mpad, int D, float* s) {
+// Issues the first `upto` lines of pf spread over the first query group's key blocks.
+static void qk_large(const float* const* krow, int nk, const float* qt, int mpad, int D, float* s,
+                     LinePrefetch& pf, int upto) {
   for (int m0 = 0; m0 < mpad; m0 += QK_VECS * VL) {
     const int mv = min_int(QK_VECS, (mpad - m0) / VL);
     const int kmax = mv == 1 ? 2 * QK_KEYS : QK_KEYS;
+    const int per = (upto + (nk + kmax - 1) / kmax - 1) / ((nk + kmax - 1) / kmax);
     for (int k0 = 0; k0 < nk; k0 += kmax) {
       const int kr = min_int(kmax, nk - k0);
+      pf.issue(per, upto);
       switch (kr * 8 + mv) {
         LOOM_QK_CASE(1, 1) LOOM_QK_CASE(2, 1) LOOM_QK_CASE(3, 1) LOOM_QK_CASE(4, 1)
         LOOM_QK_CASE(5, 1) LOOM_QK_CASE(6, 1) LOOM_QK_CASE(7, 1)
@@ -308,11 +312,17 @@ static void pv_rows(const float* p, int sk, int sm, const float* const* vrow, in
     }
 }
 
+// pf (optional): its remaining lines are issued spread over the row blocks.
 static void pv_tile(const float* p, int sk, int sm, int M, const float* const* vrow, int nk, float* o, int D,
-                    const float* alpha) {
+                    const float* alpha, LinePrefetch* pf = nullptr) {
+  const int blocks = (M + PV_ROWS - 1) / PV_ROWS;
+  const int per = pf ? (pf->n - pf->i + blocks - 1) / blocks : 0;
   int m0 = 0;
-  for (; m0 + PV_ROWS <= M; m0 += PV_ROWS)
+  for (; m0 + PV_ROWS <= M; m0 += PV_ROWS) {
+    if (pf) pf->issue(per, pf->n);
     pv_rows<PV_ROWS>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha);
+  }
+  if (pf) pf->issue(pf->n, pf->n);
 #define LOOM_PV_CASE(mr) \
   case mr: pv_rows<mr>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha); break;
   switch (M - m0) {
