@@ -77,18 +77,16 @@ struct Scratch {
   float* kbuf;    // keys / values of one tile converted to float (16-bit inputs)
   float* vbuf;
   float* tmp;     // one query row [D]
-  float* t_max;   // [mpad]
-  float* t_sum;   // [mpad]
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
-  const char** lines;  // cache lines of the next tile's K then V (large path), see LinePrefetch
+  const char** lines;  // cache lines to prefetch (large path): this tile's V, the next tile's K
   void* block;
 };
 
-// Cache lines to prefetch, issued a few at a time between register blocks of the tile
-// before them, so that the next tile's K/V stream in while this one computes. (Issued
-// all at once, they queue behind the core's few outstanding misses and stall it.)
+// Cache lines to prefetch, issued a few at a time between the register blocks of the
+// compute before their use, so that K/V stream in while the core computes. (Issued all
+// at once, they queue behind the core's few outstanding misses and stall it.)
 struct LinePrefetch {
   const char* const* line;
   int n = 0;  // lines listed
@@ -124,8 +122,6 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(rows * Dp * f),
                           pad64(rows * Dp * f),
                           pad64(Dp * f),
-                          pad64(mp * f),
-                          pad64(mp * f),
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
                           pad64(rows * sizeof(float*)),
@@ -136,7 +132,7 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   sc.block = p;
   if (p == nullptr) return false;
   float** fl[] = {&sc.q, &sc.o, &sc.m_run, &sc.l_run, &sc.alpha, &sc.m_use,
-                  &sc.s, &sc.kbuf, &sc.vbuf, &sc.tmp, &sc.t_max, &sc.t_sum};
+                  &sc.s, &sc.kbuf, &sc.vbuf, &sc.tmp};
   int i = 0;
   for (float** dst : fl) {
     *dst = reinterpret_cast<float*>(p);

@@ -157,15 +157,15 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
     const int nk = min_int(kKeyTile, k_end - t0);
     gather_rows<DT>(a, pages, it.kvh, 1, t0, nk, kKeyTile, sc);
-    // The next tile's K lines go out during this tile's scores, its V lines during the values.
-    int k_lines = 0;
+    // This tile's V lines go out during its scores, the next tile's K lines during its
+    // values: L1 then holds two half-tiles (K and V, or V and the next K), not three.
     pf.n = pf.i = 0;
-    if (t0 + nk < k_end) {
-      const int nk2 = min_int(kKeyTile, k_end - t0 - nk);
-      k_lines = list_lines<DT>(a, a.k_pool, pages, it.kvh, t0 + nk, nk2, sc.lines, 0);
-      pf.n = list_lines<DT>(a, a.v_pool, pages, it.kvh, t0 + nk, nk2, sc.lines, k_lines);
-    }
-    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, k_lines);
+    const int v_lines = list_lines<DT>(a, a.v_pool, pages, it.kvh, t0, nk, sc.lines, 0);
+    pf.n = v_lines;
+    if (t0 + nk < k_end)
+      pf.n = list_lines<DT>(a, a.k_pool, pages, it.kvh, t0 + nk, min_int(kKeyTile, k_end - t0 - nk), sc.lines,
+                            v_lines);
+    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, v_lines);
     if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
     softmax_cols(sc, hs, nk, mpad);
     pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);

@@ -173,10 +173,12 @@ static void qk_small(const float* const* krow, int nk, const float* qs, int M, i
 // Keys at or past a query's causal limit get score -inf (t0 = first key of the tile).
 static void mask_cols(float* __restrict s, int nk, int mpad, int t0, const int* __restrict lim) {
   for (int k = 0; k < nk; ++k) {
-    float* row = s + k * mpad;
     const int key = t0 + k;
+    for (int m0 = 0; m0 < mpad; m0 += VL) {
+      float* __restrict row = s + k * mpad + m0;
 #pragma omp simd
-    for (int m = 0; m < mpad; ++m) row[m] = key >= lim[m] ? -INFINITY : row[m];
+      for (int m = 0; m < VL; ++m) row[m] = key >= lim[m0 + m] ? -INFINITY : row[m];
+    }
   }
 }
 
@@ -195,45 +197,48 @@ static inline void advance_max(HeadState& hs, int m, float tile_max) {
   hs.m_run[m] = m_new;
 }
 
-// Large path: S^T [nk][mpad] scores -> probabilities in place, vectorised over queries.
-// (restrict: the scratch arrays never overlap; without it the loops stay scalar.)
+// Large path: S^T [nk][mpad] scores -> probabilities in place, vectorised over queries,
+// VL queries at a time (compile-time inner trip counts: a runtime one costs a peeled
+// loop per key). (restrict: the scratch arrays never overlap; without it the loops stay
+// scalar.)
 static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
-  float* __restrict s = sc.s;
-  float* __restrict t_max = sc.t_max;
-  float* __restrict t_sum = sc.t_sum;
-  float* __restrict alpha = hs.alpha;
-  float* __restrict m_use = hs.m_use;
-  float* __restrict m_run = hs.m_run;
-  float* __restrict l_run = hs.l_run;
+  for (int m0 = 0; m0 < mpad; m0 += VL) {
+    float* __restrict s = sc.s + m0;
+    float* __restrict alpha = hs.alpha + m0;
+    float* __restrict m_use = hs.m_use + m0;
+    float* __restrict m_run = hs.m_run + m0;
+    float* __restrict l_run = hs.l_run + m0;
+    float t_max[VL], t_sum[VL];
 #pragma omp simd
-  for (int m = 0; m < mpad; ++m) {
-    t_max[m] = -INFINITY;
-    t_sum[m] = 0.f;
-  }
-  for (int k = 0; k < nk; ++k)
-#pragma omp simd
-    for (int m = 0; m < mpad; ++m) {
-      const float v = s[k * mpad + m];
-      t_max[m] = v > t_max[m] ? v : t_max[m];
+    for (int m = 0; m < VL; ++m) {
+      t_max[m] = -INFINITY;
+      t_sum[m] = 0.f;
     }
+    for (int k = 0; k < nk; ++k)
 #pragma omp simd
-  for (int m = 0; m < mpad; ++m) {
-    const float m_old = m_run[m];
-    const float m_new = t_max[m] > m_old ? t_max[m] : m_old;
-    const bool empty = m_new == -INFINITY;
-    alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);
-    m_use[m] = empty ? 0.f : m_new;
-    m_run[m] = m_new;
-  }
-  for (int k = 0; k < nk; ++k)
+      for (int m = 0; m < VL; ++m) {
+        const float v = s[k * mpad + m];
+        t_max[m] = v > t_max[m] ? v : t_max[m];
+      }
 #pragma omp simd
-    for (int m = 0; m < mpad; ++m) {
-      const float p = loom::exp_approx(s[k * mpad + m] - m_use[m]);
-      s[k * mpad + m] = p;
-      t_sum[m] += p;
+    for (int m = 0; m < VL; ++m) {
+      const float m_old = m_run[m];
+      const float m_new = t_max[m] > m_old ? t_max[m] : m_old;
+      const bool empty = m_new == -INFINITY;
+      alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);
+      m_use[m] = empty ? 0.f : m_new;
+      m_run[m] = m_new;
     }
+    for (int k = 0; k < nk; ++k)
 #pragma omp simd
-  for (int m = 0; m < mpad; ++m) l_run[m] = l_run[m] * alpha[m] + t_sum[m];
+      for (int m = 0; m < VL; ++m) {
+        const float p = loom::exp_approx(s[k * mpad + m] - m_use[m]);
+        s[k * mpad + m] = p;
+        t_sum[m] += p;
+      }
+#pragma omp simd
+    for (int m = 0; m < VL; ++m) l_run[m] = l_run[m] * alpha[m] + t_sum[m];
+  }
 }
 
 // Small path: S [M][kSmallTile] -> probabilities in place, vectorised over keys.
