@@ -180,6 +180,15 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
   const int e0 = a.q_indptr[j], Ej = a.q_indptr[j + 1] - e0;
   const int nrows = it.e_end - it.e_begin, M = nrows * G;
   const bool small = M <= SMALL_M;
+  if (!small && nh > 1) {  // many queries: one kv head at a time (scratch holds one)
+    for (int h = it.kvh; h < it.kvh_end; ++h) {
+      WorkItem one = it;
+      one.kvh = h;
+      one.kvh_end = h + 1;
+      run_item<DT>(a, sv, one, sc, o_buf, lse_buf);
+    }
+    return;
+  }
   const int mpad = small ? M : round_up(M, VL);
   const int L = a.kv_len[j];
 

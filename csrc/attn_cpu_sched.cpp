@@ -1,7 +1,7 @@
 // Splits a plan into CPU work items (attn_cpu.h) and picks the instruction-set build.
 //
-// Work item = (job, kv head, block of rows, key chunk). Rows of one job are blocked so
-// that rows x group <= kMaxQueries query vectors share each K/V tile. Long segments are
+// Work item = (job, block of rows, key chunk), every kv head. Rows of one job are blocked
+// so that rows x group <= kMaxQueries query vectors share each K/V tile. Long segments are
 // cut into key chunks (Flash-Decoding) when the job would otherwise leave threads idle:
 // e.g. one 8k-token shared prompt read by a few rows still keeps every core busy; the
 // chunks' extra partial states are merged with the others.
@@ -50,9 +50,9 @@ Schedule make_schedule(const AttnArgs& a) {
       RowBlock rb{b, std::min(e1, b + rows_per_block), 0};
       for (int e = rb.e_begin; e < rb.e_end; ++e)
         rb.max_limit = std::max(rb.max_limit, std::min(std::max(a.causal_limit[e], 0), L));
-      const float c = item_cost(rb.max_limit, (rb.e_end - rb.e_begin) * G);
+      const float c = item_cost(rb.max_limit, (rb.e_end - rb.e_begin) * G) * a.num_kv_heads;
       job_max_cost[j] = std::max(job_max_cost[j], c);
-      total += static_cast<double>(c) * a.num_kv_heads;
+      total += static_cast<double>(c);
       blocks.push_back(rb);
     }
   }
@@ -84,18 +84,36 @@ Schedule make_schedule(const AttnArgs& a) {
         const RowBlock& rb = blocks[b];
         const int keys = std::max(0, std::min(ke, rb.max_limit) - kb);
         const int queries = (rb.e_end - rb.e_begin) * G;
-        const float cost = item_cost(keys, queries);
-        if (queries <= kSmallQueries) {
-          s.items.push_back(WorkItem{j, 0, a.num_kv_heads, rb.e_begin, rb.e_end, c, kb, ke,
-                                     cost * a.num_kv_heads});
-        } else {
-          for (int h = 0; h < a.num_kv_heads; ++h)
-            s.items.push_back(WorkItem{j, h, h + 1, rb.e_begin, rb.e_end, c, kb, ke, cost});
-        }
+        // All kv heads in one item: with few queries the kernel reads a token's heads
+        // together; with many it takes one head after the other, and the lines of the
+        // other heads that the hardware prefetcher brings along are then this core's.
+        s.items.push_back(WorkItem{j, 0, a.num_kv_heads, rb.e_begin, rb.e_end, c, kb, ke,
+                                   item_cost(keys, queries) * a.num_kv_heads});
       }
     }
   }
   s.num_states = states;
+  // Too few items with many queries to keep every thread busy (short segments that were
+  // not worth chunking): those take one kv head each instead.
+  auto many = [G](const WorkItem& it) { return (it.e_end - it.e_begin) * G > kSmallQueries; };
+  const int64_t n_many = std::count_if(s.items.begin(), s.items.end(), many);
+  if (s.num_threads > 1 && a.num_kv_heads > 1 && n_many > 0 && n_many < 2 * s.num_threads) {
+    std::vector<WorkItem> split;
+    for (const WorkItem& it : s.items) {
+      if (!many(it)) {
+        split.push_back(it);
+        continue;
+      }
+      for (int h = 0; h < a.num_kv_heads; ++h) {
+        WorkItem one = it;
+        one.kvh = h;
+        one.kvh_end = h + 1;
+        one.cost = it.cost / a.num_kv_heads;
+        split.push_back(one);
+      }
+    }
+    s.items.swap(split);
+  }
   // Largest first, so dynamic scheduling ends with small items (balanced finish).
   std::stable_sort(s.items.begin(), s.items.end(),
                    [](const WorkItem& x, const WorkItem& y) { return x.cost > y.cost; });
