@@ -34,6 +34,23 @@ static void pack_queries(const AttnArgs& a, const ScheduleView& sv, const WorkIt
       for (int mm = m; mm < mpad; ++mm) qdst[static_cast<int64_t>(d) * mpad + mm] = 0.f;
 }
 
+// Pool slots of a segment's keys t0, t0 + 1, ...: walks its pages instead of dividing
+// per key.
+struct PageWalk {
+  const int32_t* pages;
+  int ps, page, off;
+  PageWalk(const int32_t* p, int page_size, int t0)
+      : pages(p), ps(page_size), page(t0 / page_size), off(t0 % page_size) {}
+  inline int64_t next() {
+    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
+    if (++off == ps) {
+      off = 0;
+      ++page;
+    }
+    return slot;
+  }
+};
+
 // Row pointers of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): krow[h * stride + k].
 // 16-bit inputs are converted into kbuf / vbuf (same layout, rows of round_up(D, VL)).
 // Token-major: all heads of a token before the next token (contiguous reads).
@@ -44,13 +61,9 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   const int D = a.head_dim, Hkv = a.num_kv_heads, ps = a.page_size, Dp = round_up(D, VL);
   const T* kp = static_cast<const T*>(a.k_pool);
   const T* vp = static_cast<const T*>(a.v_pool);
-  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
+  PageWalk walk(pages, ps, t0);
   for (int k = 0; k < nk; ++k) {
-    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
-    if (++off == ps) {
-      off = 0;
-      ++page;
-    }
+    const int64_t slot = walk.next();
     for (int h = 0; h < nh; ++h) {
       const int64_t at = (slot * Hkv + kvh + h) * D;
       const int x = h * stride + k;
@@ -79,13 +92,9 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   const char* kp = static_cast<const char*>(a.k_pool);
   const char* vp = static_cast<const char*>(a.v_pool);
   const int64_t bytes = static_cast<int64_t>(nh) * D * sizeof(T);
-  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
+  PageWalk walk(pages, ps, t0);
   for (int t = t0; t < t0 + nk; ++t) {
-    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
-    if (++off == ps) {
-      off = 0;
-      ++page;
-    }
+    const int64_t slot = walk.next();
     const int64_t at = (slot * Hkv + kvh) * D * static_cast<int64_t>(sizeof(T));
     for (int64_t b = 0; b < bytes; b += 64) {
       __builtin_prefetch(kp + at + b, 0, 1);
@@ -103,13 +112,9 @@ static int list_lines(const AttnArgs& a, const void* pool, const int32_t* pages,
   const int ps = a.page_size;
   const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(T);
   const char* base = static_cast<const char*>(pool);
-  int page = t0 / ps, off = t0 % ps;  // walk pages instead of dividing per key
+  PageWalk walk(pages, ps, t0);
   for (int t = t0; t < t0 + nk; ++t) {
-    const int64_t slot = static_cast<int64_t>(pages[page]) * ps + off;
-    if (++off == ps) {
-      off = 0;
-      ++page;
-    }
+    const int64_t slot = walk.next();
     const char* row = base + (slot * a.num_kv_heads + kvh) * bytes;
     const uintptr_t last = reinterpret_cast<uintptr_t>(row + bytes - 1);
     for (uintptr_t l = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}; l <= last; l += 64)
