@@ -211,6 +211,27 @@ def test_thread_counts_agree(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shared", [100, 2000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prompt_decode(threads, shared, dtype):
+    """8 decode threads over one shared segment (16 queries per kv head: the large path).
+    2,000 keys: chunked into enough items that each takes every kv head in turn; 100 keys:
+    one chunk, so the schedule splits it into one item per kv head to use both threads."""
+    n = 8
+    seg_len = {0: shared, **{t + 1: 5 + t for t in range(n)}}
+    rng = random.Random(shared)
+    seg_pages, num_pages = make_pool(seg_len, 16, rng)
+    plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
+    tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, dtype, shared)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check(plan, *tensors)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_strided_q():
     """q may be a view (e.g. split from a fused qkv projection): last dim contiguous."""
     plan, num_pages = random_case(3)
