@@ -198,17 +198,21 @@ def test_empty_segment_and_rows_without_keys():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_thread_counts_agree(threads):
-    """Chunking depends on the thread count; results must not (beyond rounding)."""
-    plan, num_pages = random_case(9, lens=(700, 1000, 3), n_threads=3, num_new=(1, 4))
-    tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, 9)
+def check_with_threads(threads: int, plan, *tensors):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         check(plan, *tensors)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_agree(threads):
+    """Chunking depends on the thread count; results must not (beyond rounding)."""
+    plan, num_pages = random_case(9, lens=(700, 1000, 3), n_threads=3, num_new=(1, 4))
+    tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, 9)
+    check_with_threads(threads, plan, *tensors)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -224,12 +228,7 @@ def test_shared_prompt_decode(threads, shared, dtype):
     seg_pages, num_pages = make_pool(seg_len, 16, rng)
     plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
     tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, dtype, shared)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        check(plan, *tensors)
-    finally:
-        torch.set_num_threads(old)
+    check_with_threads(threads, plan, *tensors)
 
 
 def test_strided_q():
