@@ -47,6 +47,17 @@ cpu::DType kernel_dtype(const at::Tensor& q) {
 
 }  // namespace
 
+// The partial states (o, lse) of a call, in a buffer kept for the calling thread's next
+// call: allocated afresh, the pages of a large one (100 MB at 1,000 threads x 50
+// segments) fault in on every call, which took a fifth of the call's time. It shrinks
+// when a call needs less than an eighth of it (say, decode after a long prefill).
+static float* state_buffer(int64_t floats) {
+  thread_local at::Tensor buf;
+  if (buf.defined() && (buf.numel() < floats || buf.numel() / 8 > floats)) buf = at::Tensor();  // free it first
+  if (!buf.defined()) buf = at::empty({floats + floats / 4}, at::TensorOptions().dtype(at::kFloat));
+  return buf.data_ptr<float>();
+}
+
 at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& kv_indptr, const at::Tensor& kv_page_ids,
                              const at::Tensor& kv_len, const at::Tensor& q_indptr, const at::Tensor& q_rows,
@@ -150,10 +161,9 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
   a.num_threads = at::get_num_threads();
 
   const cpu::Schedule sched = cpu::make_schedule(a);
-  at::Tensor o_buf = at::empty({std::max<int64_t>(sched.num_states, 1) * Hq * D}, out.options());
-  at::Tensor lse_buf = at::empty({std::max<int64_t>(sched.num_states, 1) * Hq}, out.options());
-  const bool ok = cpu::run_segment_attention(a, cpu::view_of(sched), o_buf.data_ptr<float>(),
-                                             lse_buf.data_ptr<float>());
+  const int64_t S = std::max<int64_t>(sched.num_states, 1);
+  float* o_buf = state_buffer(S * Hq * D + S * Hq);
+  const bool ok = cpu::run_segment_attention(a, cpu::view_of(sched), o_buf, o_buf + S * Hq * D);
   TORCH_CHECK(ok, "segment_attention: out of memory for the kernel's scratch buffers");
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
