@@ -186,12 +186,7 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
   const int nrows = it.e_end - it.e_begin, M = nrows * G;
   const bool small = M <= SMALL_M;
   if (!small && nh > 1) {  // many queries: one kv head at a time (scratch holds one)
-    for (int h = it.kvh; h < it.kvh_end; ++h) {
-      WorkItem one = it;
-      one.kvh = h;
-      one.kvh_end = h + 1;
-      run_item<DT>(a, sv, one, sc, o_buf, lse_buf);
-    }
+    for (int h = it.kvh; h < it.kvh_end; ++h) run_item<DT>(a, sv, head_of(it, h), sc, o_buf, lse_buf);
     return;
   }
   const int mpad = small ? M : round_up(M, VL);

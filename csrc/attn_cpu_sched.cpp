@@ -104,13 +104,7 @@ Schedule make_schedule(const AttnArgs& a) {
         split.push_back(it);
         continue;
       }
-      for (int h = 0; h < a.num_kv_heads; ++h) {
-        WorkItem one = it;
-        one.kvh = h;
-        one.kvh_end = h + 1;
-        one.cost = it.cost / a.num_kv_heads;
-        split.push_back(one);
-      }
+      for (int h = it.kvh; h < it.kvh_end; ++h) split.push_back(head_of(it, h));
     }
     s.items.swap(split);
   }

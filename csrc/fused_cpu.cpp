@@ -151,12 +151,6 @@ static inline __attribute__((always_inline)) float vexp(float x) {
   return y * __builtin_bit_cast(float, bits);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOOM_CLONES
-#endif
-
 template <class T>
 inline __attribute__((always_inline)) void silu_mul_rows_t(const T* xp, T* yp, int64_t r0, int64_t r1, int64_t I) {
   using N = Num<T>;
@@ -297,7 +291,6 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   });
   return y;
 }
-
 
 TORCH_LIBRARY_FRAGMENT(loom, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");

@@ -75,12 +75,6 @@ inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t 
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOOM_CLONES
-#endif
-
 LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
                             float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);

@@ -7,6 +7,13 @@
 #include <tuple>
 #include <vector>
 
+// Kernels compiled for AVX-512, AVX2 and baseline x86-64, one picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LOOM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LOOM_CLONES
+#endif
+
 namespace loom {
 
 void append_kv(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k, const at::Tensor& v,

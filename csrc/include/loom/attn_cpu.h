@@ -51,6 +51,15 @@ struct WorkItem {
   float cost;
 };
 
+// The part of item `it` that is kv head h alone (its share of the cost).
+inline WorkItem head_of(const WorkItem& it, int h) {
+  WorkItem one = it;
+  one.kvh = h;
+  one.kvh_end = h + 1;
+  one.cost = it.cost / static_cast<float>(it.kvh_end - it.kvh);
+  return one;
+}
+
 // Tiles shared by the schedule and every kernel build.
 constexpr int kKeyTile = 64;      // keys per online-softmax step
 constexpr int kMaxQueries = 64;   // query vectors (rows x GQA group) per work item
