@@ -4,6 +4,10 @@ Same random Qwen3-shaped model (~58M parameters, float32), same prompt token
 ids, same number of new tokens (sampling, EOS ignored); n in {1, 8}. Loom
 prefills the prompt once for all n threads; transformers'
 ``generate(num_return_sequences=n)`` prefills it n times and keeps n caches.
+llama.cpp (when ``llama-cpp-python`` and ``gguf`` are installed; see
+bench/llamacpp_baseline.py) runs the same weights from a float32 GGUF, prefills once
+and shares the prompt's cache cells between its n sequences; it is run with flash
+attention on (its CPU default) and off, and checked to compute the same logits first.
 
     python bench/bench_generate.py [--prompt-len 1024] [--new-tokens 64] [--n 1 8] [--repeats 3]
 """
@@ -126,6 +130,52 @@ def decode_step(llm: LLM, prompt: list[int], n: int, steps: int, repeats: int) -
     return statistics.median(ts)
 
 
+def run_llama(runner, prompt: list[int], n: int, new: int, seed: int):
+    steps: list[float] = []
+    t0 = time.perf_counter()
+    out = runner.generate(prompt, n, new, seed, steps)
+    dt = time.perf_counter() - t0
+    assert all(len(o) == new for o in out)
+    cells = len(prompt) + n * (new - 1)  # unified cache: the prompt once, then n rows per step
+    kv = cells * runner.kv_bytes_per_token
+    return dt, kv, statistics.median(steps)
+
+
+def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode: str):
+    """{row name: LlamaCppRunner} for llama.cpp with flash attention on and off, or {}
+    (saying why) when it is not installed or not wanted."""
+    if mode == "off":
+        return {}
+    import llamacpp_baseline as lb
+    why = lb.available()
+    if why is not None:
+        if mode == "on":
+            raise SystemExit(f"--llama-cpp on: {why}")
+        print(f"llama.cpp: skipped, {why}")
+        return {}
+    path = lb.write_gguf(model_dir, os.path.join(model_dir, "model-f32.gguf"))
+    runners = {}
+    for name, fa in (("llama.cpp", True), ("llama.cpp -fa off", False)):
+        r = lb.LlamaCppRunner(path, n_ctx=prompt_len + n_max * new + 16, n_seq=n_max,
+                              n_threads=torch.get_num_threads(), flash_attn=fa)
+        r.kv_bytes_per_token = cfg.kv_bytes_per_token * r.kv_elem_bytes // 4
+        runners[name] = r
+    return runners
+
+
+def check_same_model(llm: LLM, runners: dict, prompt: list[int]):
+    """llama.cpp's next-token log-probs after the prompt against Loom's (float32 both)."""
+    ref = llm.score(prompt)[0][-1]  # log-probs
+    for name, r in runners.items():
+        got = torch.from_numpy(r.prefill_logits(prompt)).log_softmax(-1)
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
+        same = got.argmax().item() == ref.argmax().item()
+        print(f"{name}: next-token log-probs after the prompt vs Loom's: max |diff| / max |log-prob| "
+              f"= {err:.1e}, same argmax: {same}")
+        if err > 1e-3 or not same:
+            raise SystemExit(f"{name} does not compute the same model as Loom (GGUF export bug?)")
+
+
 def run_hf(hf, cfg, prompt: list[int], n: int, new: int, seed: int):
     torch.manual_seed(seed)
     ids = torch.tensor([prompt])
@@ -150,6 +200,8 @@ def main():
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--limits", action="store_true", help="also compare with the machine's limits")
+    ap.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp rows: when installed (auto), required (on) or skipped (off)")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(machine_info())
@@ -167,7 +219,10 @@ def main():
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         prompt = torch.randint(0, MODEL["vocab_size"], (a.prompt_len,),
                                generator=torch.Generator().manual_seed(1)).tolist()
-        print(f"{'n':>3} {'engine':>13} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "
+        llama = start_llama(d, llm.config, a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
+        if llama:
+            check_same_model(llm, llama, prompt)
+        print(f"{'n':>3} {'engine':>17} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "
               f"{'decode ms/step':>15}")
         for n in a.n:
             run_loom(llm, prompt[:32], n, 4, 0)  # warm-up
@@ -178,12 +233,18 @@ def main():
             if hf is not None:
                 ht = [run_hf(hf, llm.config, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
                 rows["transformers"] = (statistics.median(t for t, _ in ht), ht[0][1])
+            for name, r in llama.items():
+                runs = [run_llama(r, prompt, n, a.new_tokens, s) for s in range(a.repeats)]
+                rows[name] = (statistics.median(t for t, _, _ in runs), runs[0][1])
+                step[name] = statistics.median(st for _, _, st in runs)
             base = rows.get("transformers", rows["loom"])[0]
             for name, (t, kv) in rows.items():
                 tps = n * a.new_tokens / t
                 st = f"{step[name] * 1e3:.2f}" if name in step else "-"
-                print(f"{n:>3} {name:>13} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x {st:>15}")
+                print(f"{n:>3} {name:>17} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x {st:>15}")
             sys.stdout.flush()
+        for r in llama.values():
+            r.close()
         if a.limits:
             physical_limits(llm, prompt, max(a.n), a.new_tokens, a.repeats)
 
