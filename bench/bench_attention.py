@@ -30,6 +30,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -191,9 +192,40 @@ def bench_plan_builder(repeats: int) -> str:
     t_op = timed(lambda: _ops.build_plan_arrays(*arrays), max(repeats, 100), warmup=20)
     t_cpp = timed(lambda: _ops.build_plan_cpp(threads, seg_len, seg_pages), max(repeats, 5))
     t_py = timed(lambda: build_plan_py(threads, seg_len, seg_pages), 3, warmup=1)
+    t_run, t_run_first = runner_plan(threads, seg_len, repeats)
     return (f"plan builder, 1,000 threads x 50-segment views (50,000 entries): C++ op {t_op * 1e3:.3f} ms "
-            f"(first call {t_first * 1e3:.2f} ms) | "
-            f"from ThreadStep lists {t_cpp * 1e3:.2f} ms | build_plan_py {t_py * 1e3:.1f} ms")
+            f"(first call {t_first * 1e3:.2f} ms) | the engine's step plan (ModelRunner: flat arrays "
+            f"from the threads' views, Python included) {t_run * 1e3:.2f} ms, {t_run_first * 1e3:.1f} ms "
+            f"in a step after every view changed | from ThreadStep lists {t_cpp * 1e3:.2f} ms | "
+            f"build_plan_py {t_py * 1e3:.1f} ms")
+
+
+def runner_plan(threads, seg_len, repeats: int) -> tuple[float, float]:
+    """The same threads as live engine objects (segments in a KVCache, views as the engine
+    keeps them): seconds of ModelRunner's step plan, steady and in a step after every view
+    was reassigned."""
+    from engine import LLM
+    from engine.demo import make_random_model
+    from engine.step import StepBatch, StepItem
+
+    with tempfile.TemporaryDirectory() as d:
+        make_random_model(d, hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, intermediate=64)
+        total = sum(seg_len.values())
+        llm = LLM(d, kv_cache_tokens=total + 16 * len(seg_len), page_size=PAGE)
+    segs = {}
+    for sid in sorted(seg_len):
+        segs[sid] = llm.cache.new_segment(0)
+        llm.cache.append_slots(segs[sid], seg_len[sid])
+    views = [tuple((segs[s], sh) for s, sh in th.view) for th in threads]
+    batch = StepBatch([StepItem(segs[th.own], [1], v) for th, v in zip(threads, views)])
+    runner = llm.runner
+    run = runner._plan_flat
+
+    def fresh():  # forget the views' arrays, as after every thread's view was reassigned
+        runner._views, runner._batch_key = {}, None
+        run(batch)
+    t_first = timed(fresh, 5, warmup=1)
+    return timed(lambda: run(batch), max(repeats, 20), warmup=3), t_first
 
 
 def bench_prefill(repeats: int) -> str:

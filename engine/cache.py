@@ -12,6 +12,7 @@ lazily as tokens arrive, so ``pages_used`` is what is really written.
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ import torch
 class Segment:
     id: int
     base: int                       # home position of token 0
-    pages: list[int] = field(default_factory=list)
+    pages: array = field(default_factory=lambda: array("i"))  # int32 page ids, in order
     length: int = 0
     refs: int = 1
     owner_reservation: "Reservation | None" = None
@@ -117,7 +118,7 @@ class KVCache:
         if seg.refs == 0:
             for p in seg.pages:
                 self._drop_page(p)
-            seg.pages = []
+            seg.pages = array("i")
             del self.segments[seg.id]
             self._free_ids.append(seg.id)
 

@@ -1,6 +1,8 @@
 """ModelRunner: StepBatch -> (append slots, AttentionPlan) -> one forward -> logits."""
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from . import attention
@@ -23,12 +25,21 @@ class ModelRunner:
             from . import _ops
             model.layer_step = getattr(_ops._C, "decoder_layer", None)
         self._build_plan = attention.get_plan_builder()
+        self._plan_arrays = None
+        if attention.ops_available():
+            from . import _ops
+            self._plan_arrays = getattr(_ops, "build_plan_arrays", None)
+        # id(view) -> (view, segment ids, shifts) for the tuple views of the last step: a
+        # thread's view changes only when it is reassigned (fork, join, set_view, a live
+        # view's re-layout), so most steps reuse its flat arrays.
+        self._views: dict[int, tuple] = {}
+        self._batch_key, self._flat = None, None
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Append every item's tokens, attend, and return logits [R, V] (float32) for the
         wanted rows in item order (all rows of an ``all_logits`` item, else its last)."""
         cache = self.cache
-        ids, pos, slots, logits_rows, threads = [], [], [], [], []
+        ids, pos, slots, logits_rows = [], [], [], []
         row = 0
         for it in batch.items:
             n = len(it.token_ids)
@@ -42,11 +53,8 @@ class ModelRunner:
                 logits_rows.extend(range(row, row + n))
             elif it.want_logits:
                 logits_rows.append(row + n - 1)
-            threads.append(ThreadStep([(s.id, sh) for s, sh in it.view], it.own.id, n))
             row += n
-        segs = {s.id: s for it in batch.items for s, _ in it.view}
-        plan = self._build_plan(threads, {i: s.length for i, s in segs.items()},
-                                {i: s.pages for i, s in segs.items()})
+        plan = self._plan_flat(batch) if self._plan_arrays is not None else self._plan_threads(batch)
         dev = self.device
         fb = ForwardBatch(plan=plan.to(dev) if dev.type != "cpu" else plan,
                           slots=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -54,3 +62,59 @@ class ModelRunner:
         return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
                                   torch.tensor(pos, dtype=torch.int64, device=dev),
                                   fb, cache.k, cache.v)
+
+    def _plan_threads(self, batch: StepBatch):
+        """The plan through ThreadStep lists (the plain-Python builder)."""
+        threads = [ThreadStep([(s.id, sh) for s, sh in it.view], it.own.id, len(it.token_ids))
+                   for it in batch.items]
+        segs = {s.id: s for it in batch.items for s, _ in it.view}
+        return self._build_plan(threads, {i: s.length for i, s in segs.items()},
+                                {i: s.pages for i, s in segs.items()})
+
+    def _plan_flat(self, batch: StepBatch):
+        """The plan from flat int32 arrays, built without a Python loop over view entries:
+        each view's (segment id, shift) arrays are kept from step to step, and the segment
+        table is the cache's (every live segment, so no union over the views). At 1,000
+        threads with views of 50 segments: ~1-2 ms with the op (0.5-0.9 ms) instead of ~18."""
+        items = batch.items
+        key = [id(it.view) for it in items]
+        if key != self._batch_key:  # else: the same (immutable) views as last step, in order
+            views, old = {}, self._views
+            indptr, vseg, vshift = array("i", [0]), array("i"), array("i")
+            for it in items:
+                v = it.view
+                ent = old.get(id(v))
+                if ent is None or ent[0] is not v:
+                    ent = (v, array("i", [s.id for s, _ in v]), array("i", [sh for _, sh in v]))
+                if isinstance(v, tuple):  # immutable: safe to keep by identity
+                    views[id(v)] = ent
+                vseg.extend(ent[1])
+                vshift.extend(ent[2])
+                indptr.append(len(vseg))
+            self._views, self._flat = views, (indptr, vseg, vshift)
+            # Reuse by identity only while every view is kept alive (and so its id unique).
+            self._batch_key = key if len(views) == len(items) else None
+        indptr, vseg, vshift = self._flat
+        own = array("i", [it.own.id for it in items])
+        num_new = array("i", [len(it.token_ids) for it in items])
+        segs = self.cache.segments
+        nseg = max(segs, default=-1) + 1
+        lens, page_indptr, pages = array("i", [-1]) * nseg, array("i", [0]) * (nseg + 1), array("i")
+        for sid in range(nseg):
+            s = segs.get(sid)
+            if s is not None:
+                lens[sid] = s.length
+                pages.extend(s.pages)
+            page_indptr[sid + 1] = len(pages)
+        i32 = _i32
+        try:
+            return self._plan_arrays(i32(indptr), i32(vseg), i32(vshift), i32(own), i32(num_new), i32(lens),
+                                     i32(page_indptr), i32(pages))
+        except RuntimeError as e:  # a segment not in this cache: as the other builders
+            if "is not a known segment" in str(e):
+                raise KeyError(str(e).splitlines()[0]) from None
+            raise
+
+
+def _i32(a: array) -> torch.Tensor:
+    return torch.frombuffer(a, dtype=torch.int32) if len(a) else torch.empty(0, dtype=torch.int32)

@@ -25,7 +25,7 @@ JOIN_SCHEMES = ("max", "sequential", "reprefill")
 class Thread:
     id: int
     seg: Segment
-    view: list[tuple[Segment, int]]          # own segment last
+    view: tuple[tuple[Segment, int], ...]    # own segment last; immutable: assign a new tuple
     tokens: list[int] = field(default_factory=list)   # own segment: written + pending
     pending: list[int] = field(default_factory=list)  # not yet in the cache
     parent: "Thread | None" = None
@@ -75,7 +75,7 @@ class ThreadTree:
         seg = self.cache.new_segment(base, self.reservation)
         for s, _ in view:
             self.cache.retain(s)
-        th = Thread(next(self._ids), seg, list(view) + [(seg, 0)], parent=parent)
+        th = Thread(next(self._ids), seg, tuple(view) + ((seg, 0),), parent=parent)
         self.threads.append(th)
         if parent is not None:
             parent.children.append(th)
@@ -164,7 +164,7 @@ class ThreadTree:
         for s, _ in th.view[:-1]:
             self.cache.release_segment(s)
         th.live = list(view)
-        th.view = [(u.seg, 0) for u in view] + [(th.seg, 0)]
+        th.view = tuple((u.seg, 0) for u in view) + ((th.seg, 0),)
         refresh_view(th)
 
     def compact(self, threads: list[Thread], base: int, inv_freq: torch.Tensor) -> Thread:
@@ -262,4 +262,4 @@ def refresh_view(t: Thread):
         starts.append(pos)
         pos += written_after_step(u)
     own = pos - t.seg.base
-    t.view = [(u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)] + [(t.seg, 0)]
+    t.view = tuple((u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)) + ((t.seg, 0),)

@@ -95,3 +95,47 @@ def test_array_entry_point():
         i32([seg_len[s] for s in range(n_seg)]), i32(page_indptr),
         i32([p for s in range(n_seg) for p in seg_pages[s]]))
     assert_same(plan, ref)
+
+
+def _plans_equal(a: AttentionPlan, b: AttentionPlan):
+    for f in ("kv_indptr", "kv_page_ids", "kv_len", "q_indptr", "q_rows", "shift", "causal_limit",
+              "merge_indptr", "merge_entries"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert (a.num_rows, a.has_shift) == (b.num_rows, b.has_shift)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_runner_flat_plan_matches_threadstep_plan(model_dir, seed):
+    """The runner's step plan from flat arrays (views' arrays kept between steps, the
+    cache's whole segment table) equals the ThreadStep-list plan, over steps in which
+    segments grow, views are reassigned, list views are mixed in, and the cache holds
+    segments no view names."""
+    from engine import LLM
+    from engine.step import StepBatch, StepItem
+
+    llm = LLM(model_dir("qwen3"), kv_cache_tokens=4096, page_size=4)
+    runner, cache = llm.runner, llm.cache
+    assert runner._plan_arrays is not None
+    rng = random.Random(seed)
+    segs = [cache.new_segment(rng.randint(0, 50)) for _ in range(12)]
+    for s in segs:
+        cache.append_slots(s, rng.randint(1, 9))
+    cache.release_segment(segs.pop(3))  # a free id below the highest
+    owners = segs[:5]
+    views = {o.id: tuple((s, rng.randint(-20, 20)) for s in rng.sample(segs[5:], 3)) + ((o, 0),) for o in owners}
+    for step in range(4):
+        if step == 2:  # reassign one view; make another a list
+            o = owners[0]
+            views[o.id] = tuple((s, 0) for s in rng.sample(segs[5:], 2)) + ((o, 0),)
+            views[owners[1].id] = list(views[owners[1].id])
+        items = [StepItem(o, [1] * rng.randint(1, 3), views[o.id]) for o in owners]
+        for it in items:
+            cache.append_slots(it.own, len(it.token_ids))
+        _plans_equal(runner._plan_flat(StepBatch(items)), runner._plan_threads(StepBatch(items)))
+    # Only the tuple views of the last step are kept.
+    assert {id(v) for v, _, _ in runner._views.values()} == {id(views[o.id]) for o in owners
+                                                               if isinstance(views[o.id], tuple)}
+    stranger = cache.new_segment(0)
+    cache.release_segment(stranger)  # gone from the cache, still named by a view
+    with pytest.raises(KeyError, match="not a known segment"):
+        runner._plan_flat(StepBatch([StepItem(owners[0], [1], ((stranger, 0), (owners[0], 0)))]))
