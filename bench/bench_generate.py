@@ -153,13 +153,22 @@ def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode
             raise SystemExit(f"--llama-cpp on: {why}")
         print(f"llama.cpp: skipped, {why}")
         return {}
-    path = lb.write_gguf(model_dir, os.path.join(model_dir, "model-f32.gguf"))
     runners = {}
-    for name, fa in (("llama.cpp", True), ("llama.cpp -fa off", False)):
-        r = lb.LlamaCppRunner(path, n_ctx=prompt_len + n_max * new + 16, n_seq=n_max,
-                              n_threads=torch.get_num_threads(), flash_attn=fa)
-        r.kv_bytes_per_token = cfg.kv_bytes_per_token * r.kv_elem_bytes // 4
-        runners[name] = r
+    try:
+        path = lb.write_gguf(model_dir, os.path.join(model_dir, "model-f32.gguf"))
+        for name, fa in (("llama.cpp", True), ("llama.cpp -fa off", False)):
+            r = lb.LlamaCppRunner(path, n_ctx=prompt_len + n_max * new + 16, n_seq=n_max,
+                                  n_threads=torch.get_num_threads(), flash_attn=fa)
+            r.kv_bytes_per_token = cfg.kv_bytes_per_token * r.kv_elem_bytes // 4
+            runners[name] = r
+    except (AttributeError, RuntimeError, ValueError) as e:  # another llama-cpp-python API
+        for r in runners.values():
+            r.close()
+        if mode == "on":
+            raise
+        print(f"llama.cpp: skipped, could not set it up ({type(e).__name__}: {e}); this script "
+              f"was written against llama-cpp-python 0.3.36")
+        return {}
     return runners
 
 
