@@ -87,7 +87,7 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     pre = statistics.median(run_loom(llm, prompt, 1, 1, r)[0] for r in range(repeats))
     pre_flops = prefill_flops(cfg, P)
     weights = llm.model.weight_bytes()
-    kv_step = (P + n * new / 2) * cfg.kv_bytes_per_token  # prompt once + own tokens, mid-run
+    kv_step = (P + n * new / 2) * llm.cache.bytes_per_token  # prompt once + own tokens, mid-run
     pairs = []  # (bandwidth, decode step)
     for r in range(max(repeats, 5)):
         bw = read_bandwidth(repeats=3)
@@ -112,7 +112,7 @@ def run_loom(llm: LLM, prompt: list[int], n: int, new: int, seed: int):
     out = llm.generate([prompt], p)[0]
     dt = time.perf_counter() - t0
     assert all(len(c.token_ids) == new for c in out.outputs)
-    page_bytes = llm.cache.page_size * llm.config.kv_bytes_per_token
+    page_bytes = llm.cache.page_size * llm.cache.bytes_per_token
     return dt, out.metrics.kv_pages_peak * page_bytes
 
 
@@ -207,6 +207,8 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="Loom's KV cache: auto (float32, the model's) or bfloat16 / float16")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--limits", action="store_true", help="also compare with the machine's limits")
     ap.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
@@ -216,11 +218,11 @@ def main():
     print(machine_info())
     with tempfile.TemporaryDirectory() as d:
         make_random_model(d, **MODEL)
-        llm = LLM(d, attention_backend=a.backend, seed=0)
+        llm = LLM(d, attention_backend=a.backend, seed=0, kv_cache_dtype=a.kv_cache_dtype)
         nparams = (llm.model.weight_bytes() // 4 + (0 if llm.config.tie_word_embeddings
                                                     else llm.model.embed.numel()))
         print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, float32 | "
-              f"loom backend: {llm.attention_backend} | prompt {a.prompt_len} tokens, "
+              f"loom backend: {llm.attention_backend}, KV cache {str(llm.kv_cache_dtype)[6:]} | prompt {a.prompt_len} tokens, "
               f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
         hf = None
         if not a.no_hf:

@@ -5,12 +5,18 @@
 
 // Queries of kv head `kvh`, in float, rotated for shifted entries and multiplied by
 // scale: [M][D] when small, else transposed to [D][mpad] with zero padding queries.
-template <DType DT>
+// (q's dtype is a.q_dtype, which may differ from the cache's DT.)
+static inline void load_query(const AttnArgs& a, int64_t at, float* dst, int D) {
+  switch (a.q_dtype) {
+    case DType::F32: load_row<DType::F32>(static_cast<const float*>(a.q) + at, dst, D); break;
+    case DType::BF16: load_row<DType::BF16>(static_cast<const uint16_t*>(a.q) + at, dst, D); break;
+    case DType::F16: load_row<DType::F16>(static_cast<const uint16_t*>(a.q) + at, dst, D); break;
+  }
+}
+
 static void pack_queries(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, int kvh, Scratch& sc,
                          float* qdst, bool small, int mpad) {
-  using T = typename Elem<DT>::T;
   const int D = a.head_dim, G = a.num_q_heads / a.num_kv_heads;
-  const T* q = static_cast<const T*>(a.q);
   const int half = D / 2;
   int m = 0;
   for (int e = it.e_begin; e < it.e_end; ++e) {
@@ -18,7 +24,7 @@ static void pack_queries(const AttnArgs& a, const ScheduleView& sv, const WorkIt
     const int rot = sv.entry_rot[e];
     for (int g = 0; g < G; ++g, ++m) {
       const int head = kvh * G + g;
-      load_row<DT>(q + row * a.q_stride_t + head * a.q_stride_h, sc.tmp, D);
+      load_query(a, row * a.q_stride_t + head * a.q_stride_h, sc.tmp, D);
       if (rot >= 0)
         loom::rope_rotate_cs(sc.tmp, sc.tmp, D, sv.rot_cos + static_cast<int64_t>(rot) * half,
                              sv.rot_sin + static_cast<int64_t>(rot) * half);
@@ -212,7 +218,7 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
   const int k_end = min_int(it.k_end, hi);
   if (k_end > it.k_begin) {
     for (int h = 0; h < nh; ++h)
-      pack_queries<DT>(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small, mpad);
+      pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small, mpad);
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
     if (small)
       run_small<DT>(a, it, sc, pages, M, lo, k_end);

@@ -41,7 +41,9 @@ cpu::DType kernel_dtype(const at::Tensor& q) {
     case at::kFloat: return cpu::DType::F32;
     case at::kBFloat16: return cpu::DType::BF16;
     case at::kHalf: return cpu::DType::F16;
-    default: TORCH_CHECK(false, "segment_attention: q must be float32, bfloat16 or float16, got ", q.scalar_type());
+    default:
+      TORCH_CHECK(false, "segment_attention: q, k_pool and v_pool must be float32, bfloat16 or float16, got ",
+                  q.scalar_type());
   }
 }
 
@@ -71,12 +73,14 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
               k_pool.sizes());
   TORCH_CHECK(v_pool.sizes() == k_pool.sizes(), "segment_attention: v_pool shape ", v_pool.sizes(),
               " differs from k_pool shape ", k_pool.sizes());
-  TORCH_CHECK(k_pool.scalar_type() == q_in.scalar_type() && v_pool.scalar_type() == q_in.scalar_type(),
-              "segment_attention: k_pool and v_pool must have q's dtype ", q_in.scalar_type(), ", got ",
-              k_pool.scalar_type(), " and ", v_pool.scalar_type());
+  TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type(), "segment_attention: v_pool dtype ",
+              v_pool.scalar_type(), " differs from k_pool dtype ", k_pool.scalar_type());
+  TORCH_CHECK(k_pool.scalar_type() == q_in.scalar_type() || q_in.scalar_type() == at::kFloat,
+              "segment_attention: k_pool and v_pool must have q's dtype ", q_in.scalar_type(),
+              " (or q float32 over a bfloat16 / float16 cache), got ", k_pool.scalar_type());
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(),
               "segment_attention: k_pool and v_pool must be contiguous");
-  const cpu::DType dtype = kernel_dtype(q_in);
+  const cpu::DType q_dtype = kernel_dtype(q_in), dtype = kernel_dtype(k_pool);
   const int64_t T = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t N = k_pool.size(0), ps = k_pool.size(1), Hkv = k_pool.size(2);
   TORCH_CHECK(k_pool.size(3) == D, "segment_attention: head_dim of q (", D, ") and k_pool (", k_pool.size(3),
@@ -133,6 +137,7 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
 
   cpu::AttnArgs a{};
   a.dtype = dtype;
+  a.q_dtype = q_dtype;
   a.q = q.data_ptr();
   a.q_stride_t = q.stride(0);
   a.q_stride_h = q.stride(1);

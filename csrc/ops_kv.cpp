@@ -35,9 +35,11 @@ void append_kv(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k, cons
   TORCH_CHECK(k.dim() == 3 && k.size(1) == Hkv && k.size(2) == D, "append_kv: k must be [T, ", Hkv, ", ", D,
               "] to match the pool, got shape ", k.sizes());
   TORCH_CHECK(v.sizes() == k.sizes(), "append_kv: v shape ", v.sizes(), " differs from k shape ", k.sizes());
-  TORCH_CHECK(k.scalar_type() == k_pool.scalar_type() && v.scalar_type() == k_pool.scalar_type(),
-              "append_kv: k and v must have the pool's dtype ", k_pool.scalar_type(), ", got ", k.scalar_type(),
-              " and ", v.scalar_type());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "append_kv: k and v dtypes differ: ", k.scalar_type(), " and ",
+              v.scalar_type());
+  TORCH_CHECK(k.scalar_type() == k_pool.scalar_type() || k.scalar_type() == at::kFloat,
+              "append_kv: k and v must have the pool's dtype ", k_pool.scalar_type(),
+              " (or be float32, rounded to the pool's), got ", k.scalar_type());
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), "append_kv: slots must be [T] with T = ",
               k.size(0), ", got shape ", slots.sizes());
   TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt,
@@ -45,7 +47,8 @@ void append_kv(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k, cons
 
   const int64_t T = k.size(0);
   if (T == 0) return;
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
+  // A float32 model over a 16-bit cache: rounded to nearest even, as Tensor.to does.
+  const at::Tensor kc = k.to(k_pool.scalar_type()).contiguous(), vc = v.to(k_pool.scalar_type()).contiguous();
   const at::Tensor sl = slots.to(at::kLong).contiguous();
   const int64_t* sp = sl.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)

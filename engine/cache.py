@@ -42,6 +42,9 @@ class KVCache:
             raise ValueError(f"The KV cache needs at least one page (got {num_pages}); "
                              "raise kv_cache_tokens.")
         self.page_size, self.num_pages = page_size, num_pages
+        self.dtype = dtype
+        # K and V of one token in every layer.
+        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # torch.empty does not touch memory: the OS maps pages as they are first written.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

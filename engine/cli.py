@@ -25,7 +25,7 @@ def _cmd_generate(a) -> int:
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                 max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
         llm = LLM(a.model, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
-                  attention_backend=a.attention_backend, seed=a.seed)
+                  attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype)
         prompts = a.prompt or [sys.stdin.read()]
         outs = llm.generate(prompts, params)
     except (ValueError, FileNotFoundError) as e:
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="auto")
     g.add_argument("--kv-cache-tokens", type=int, default=None)
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--attention-backend", default="auto")
     g.set_defaults(fn=_cmd_generate)

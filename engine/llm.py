@@ -31,7 +31,8 @@ DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 class LLM:
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
-                 page_size: int = 16, attention_backend: str = "auto", seed: int | None = None):
+                 page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,
+                 kv_cache_dtype="auto"):
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)
@@ -39,6 +40,15 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'.")
         self.dtype = parse_dtype(dtype, self.config.torch_dtype)
+        try:
+            self.kv_cache_dtype = parse_dtype(kv_cache_dtype, self.dtype)
+        except ValueError:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported; use 'auto' (the model's "
+                             "dtype), 'bfloat16' or 'float16'.") from None
+        if self.kv_cache_dtype != self.dtype and self.dtype != torch.float32:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a {self.dtype} model: the cache keeps the "
+                             "model's dtype, or bfloat16 / float16 for a float32 model; use "
+                             "kv_cache_dtype='auto'.")
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size={page_size!r} must be an integer >= 1.")
         self.tokenizer = Tokenizer(model)
@@ -46,15 +56,19 @@ class LLM:
         self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
         if kv_cache_tokens is None:
             per_tok = self.config.num_layers * 2 * self.config.num_kv_heads * self.config.head_dim * \
-                torch.empty((), dtype=self.dtype).element_size()
+                torch.empty((), dtype=self.kv_cache_dtype).element_size()
             kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < page_size:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
                              f"({page_size}).")
         self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
-                             self.config.num_kv_heads, self.config.head_dim, self.dtype, self.device)
+                             self.config.num_kv_heads, self.config.head_dim, self.kv_cache_dtype, self.device)
         self.runner = ModelRunner(self.model, self.cache, attention_backend)
         self.attention_backend = self.runner.backend_name
+        if self.kv_cache_dtype != self.dtype and self.attention_backend not in ("cpu", "torch"):
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a {self.dtype} model needs the 'cpu' or "
+                             f"'torch' attention backend (the {self.attention_backend!r} kernels read the "
+                             "cache in the model's dtype); use kv_cache_dtype='auto'.")
         self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
                                self.config.max_position_embeddings)
         self.scheduler = Scheduler(self.core, self._thread_generator)

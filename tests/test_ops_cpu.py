@@ -231,6 +231,22 @@ def test_shared_prompt_decode(threads, shared, dtype):
     check_with_threads(threads, plan, *tensors)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float16])
+def test_float32_queries_over_16bit_cache(isa, kv_dtype):
+    """A float32 model with a bfloat16 / float16 KV cache: q stays float32 (not rounded to
+    the cache's dtype), the output is float32, both paths (few and many queries)."""
+    for seed in range(2):
+        plan, num_pages = random_case(seed, page_size=16, num_new=(1, 2, 9))
+        q, k, v = make_tensors(plan, num_pages, 16, 8, 2, 64, torch.float32, seed)
+        check(plan, q, k.to(kv_dtype), v.to(kv_dtype))
+    n, seg_len = 8, {0: 300, **{t + 1: 5 + t for t in range(8)}}
+    seg_pages, num_pages = make_pool(seg_len, 16, random.Random(1))
+    plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
+    q, k, v = make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, 1)
+    check(plan, q, k.to(kv_dtype), v.to(kv_dtype))
+
+
 def test_strided_q():
     """q may be a view (e.g. split from a fused qkv projection): last dim contiguous."""
     plan, num_pages = random_case(3)
@@ -243,7 +259,11 @@ def test_errors_are_actionable():
     plan, num_pages = random_case(1)
     q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
     with pytest.raises(RuntimeError, match="must have q's dtype"):
-        _ops.segment_attention_cpu(q, k.half(), v.half(), plan, None, 0.1)
+        _ops.segment_attention_cpu(q.half(), k, v, plan, None, 0.1)
+    with pytest.raises(RuntimeError, match="must have q's dtype"):
+        _ops.segment_attention_cpu(q.bfloat16(), k.half(), v.half(), plan, None, 0.1)
+    with pytest.raises(RuntimeError, match="v_pool dtype"):
+        _ops.segment_attention_cpu(q, k.half(), v, plan, None, 0.1)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
         _ops.segment_attention_cpu(q[:, :3], k, v, plan, None, 0.1)
     bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
@@ -275,6 +295,18 @@ def test_append_kv(dtype, slot_dtype):
     v_ref.view(-1, 2, 80).index_copy_(0, slots.long(), v)
     _ops.append_kv(k_pool, v_pool, k, v, slots)
     assert torch.equal(k_pool, k_ref) and torch.equal(v_pool, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_append_kv_float32_into_16bit_pool(dtype):
+    """A float32 model's K/V into a 16-bit cache: rounded as Tensor.to rounds."""
+    g = torch.Generator().manual_seed(1)
+    k_pool, v_pool = torch.zeros(5, 4, 2, 24, dtype=dtype), torch.zeros(5, 4, 2, 24, dtype=dtype)
+    k, v = torch.randn(6, 2, 24, generator=g), torch.randn(6, 2, 24, generator=g)
+    slots = torch.tensor([19, 0, 7, 8, 3, 12])
+    _ops.append_kv(k_pool, v_pool, k, v, slots)
+    assert torch.equal(k_pool.view(-1, 2, 24)[slots], k.to(dtype))
+    assert torch.equal(v_pool.view(-1, 2, 24)[slots], v.to(dtype))
 
 
 def test_append_kv_strided_and_errors():

@@ -16,11 +16,12 @@ namespace cpu {
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 struct AttnArgs {
-  DType dtype;
+  DType dtype;            // of k_pool and v_pool
+  DType q_dtype;          // of q: dtype, or F32 over a 16-bit cache (a float32 model's)
   const void* q;          // [T, Hq, D], last dim contiguous
   int64_t q_stride_t;     // in elements
   int64_t q_stride_h;
-  const void* k_pool;     // [num_pages, page_size, Hkv, D] contiguous, q's dtype
+  const void* k_pool;     // [num_pages, page_size, Hkv, D] contiguous
   const void* v_pool;
   int64_t num_pages;
   int page_size, num_q_heads, num_kv_heads, head_dim;
