@@ -76,7 +76,7 @@ struct Scratch {
   float* s;       // S^T [kKeyTile][mpad] (large path) or S [head][M][kSmallTile] (small path)
   float* kbuf;    // keys / values of one tile converted to float (16-bit inputs)
   float* vbuf;
-  float* tmp;     // one query row [D]
+  float* tmp;     // VL query rows [VL][round_up(D, VL)]
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
@@ -121,7 +121,7 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(max_size(kKeyTile * mp, hq * kSmallTile) * f),
                           pad64(rows * Dp * f),
                           pad64(rows * Dp * f),
-                          pad64(Dp * f),
+                          pad64(VL * Dp * f),
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
                           pad64(rows * sizeof(float*)),

@@ -16,28 +16,44 @@ static inline void load_query(const AttnArgs& a, int64_t at, float* dst, int D) 
 
 static void pack_queries(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, int kvh, Scratch& sc,
                          float* qdst, bool small, int mpad) {
-  const int D = a.head_dim, G = a.num_q_heads / a.num_kv_heads;
+  const int D = a.head_dim, G = a.num_q_heads / a.num_kv_heads, Dp = round_up(D, VL);
   const int half = D / 2;
-  int m = 0;
+  const float scale = a.scale;
+  // Large path: VL query rows are gathered in sc.tmp, then written column by column
+  // (whole vectors) instead of one scattered element per (query, d).
+  int m = 0, nb = 0;
+  auto flush = [&]() {
+    const int m0 = m - nb;
+    for (int d = 0; d < D; ++d) {
+      float* dst = qdst + static_cast<int64_t>(d) * mpad + m0;
+      for (int j = 0; j < nb; ++j) dst[j] = sc.tmp[j * Dp + d] * scale;
+    }
+    nb = 0;
+  };
   for (int e = it.e_begin; e < it.e_end; ++e) {
     const int64_t row = a.q_rows[e];
     const int rot = sv.entry_rot[e];
-    for (int g = 0; g < G; ++g, ++m) {
+    for (int g = 0; g < G; ++g) {
       const int head = kvh * G + g;
-      load_query(a, row * a.q_stride_t + head * a.q_stride_h, sc.tmp, D);
+      float* r = sc.tmp + static_cast<int64_t>(small ? 0 : nb) * Dp;
+      load_query(a, row * a.q_stride_t + head * a.q_stride_h, r, D);
       if (rot >= 0)
-        loom::rope_rotate_cs(sc.tmp, sc.tmp, D, sv.rot_cos + static_cast<int64_t>(rot) * half,
+        loom::rope_rotate_cs(r, r, D, sv.rot_cos + static_cast<int64_t>(rot) * half,
                              sv.rot_sin + static_cast<int64_t>(rot) * half);
       if (small) {
-        for (int d = 0; d < D; ++d) qdst[m * D + d] = sc.tmp[d] * a.scale;
+        for (int d = 0; d < D; ++d) qdst[m * D + d] = r[d] * scale;
+        ++m;
       } else {
-        for (int d = 0; d < D; ++d) qdst[static_cast<int64_t>(d) * mpad + m] = sc.tmp[d] * a.scale;
+        ++m;
+        if (++nb == VL) flush();
       }
     }
   }
-  if (!small)
+  if (!small) {
+    if (nb > 0) flush();
     for (int d = 0; d < D; ++d)
       for (int mm = m; mm < mpad; ++mm) qdst[static_cast<int64_t>(d) * mpad + mm] = 0.f;
+  }
 }
 
 // Pool slots of a segment's keys t0, t0 + 1, ...: walks its pages instead of dividing
