@@ -25,6 +25,8 @@ class ForwardBatch:
     plan: AttentionPlan
     slots: torch.Tensor          # [T] int64: page_id * page_size + offset of each new token
     logits_rows: torch.Tensor    # [R] int64: rows whose next-token logits are wanted
+    all_rows: bool = False       # logits_rows is every row in order (no gather needed)
+    max_position: int | None = None  # the largest position, when the caller knows it
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/linear_cpu.cpp packs
@@ -197,14 +199,14 @@ class CausalLM:
         is fused with the next RMSNorm, q/k norms with RoPE and the q/k/v split, SiLU
         with the gate product."""
         ops, eps = torch.ops.loom, self.cfg.rms_norm_eps
-        cos, sin = self.rotary.covering(positions)
+        cos, sin = self.rotary.covering(positions, batch.max_position)
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden], updated in place below
         x = ops.rms_norm(h, self.layers[0].ln1, eps)
         if self.layer_step is not None:
             self._layers_in_one_call_each(h, x, positions, cos, sin, batch, k_pools, v_pools)
         else:
             self._layers_op_by_op(h, x, positions, cos, sin, batch, k_pools, v_pools)
-        h = ops.rms_norm(h[batch.logits_rows], self.norm, eps)
+        h = ops.rms_norm(h if batch.all_rows else h[batch.logits_rows], self.norm, eps)
         return self.lm_head(h).float()  # [R, vocab]
 
     def _layers_in_one_call_each(self, h, x, positions, cos, sin, batch: ForwardBatch, k_pools, v_pools):

@@ -59,9 +59,13 @@ class Rotary:
         self.cos = freqs.cos().to(self.dtype)
         self.sin = freqs.sin().to(self.dtype)
 
-    def covering(self, positions: torch.Tensor):
-        """The whole cos, sin tables [n, D/2], extended first to cover ``positions``."""
-        need = int(positions.max()) + 1 if positions.numel() else 0
+    def covering(self, positions: torch.Tensor, max_position: int | None = None):
+        """The whole cos, sin tables [n, D/2], extended first to cover ``positions`` (whose
+        largest value the caller may pass as ``max_position``, sparing a reduction)."""
+        if max_position is not None:
+            need = max_position + 1
+        else:
+            need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._extend(max(need, 2 * self.cos.shape[0]))
         return self.cos, self.sin

@@ -40,7 +40,7 @@ class ModelRunner:
         wanted rows in item order (all rows of an ``all_logits`` item, else its last)."""
         cache = self.cache
         ids, pos, slots, logits_rows = [], [], [], []
-        row = 0
+        row, max_pos = 0, -1
         for it in batch.items:
             n = len(it.token_ids)
             if n == 0:
@@ -49,6 +49,7 @@ class ModelRunner:
             slots.extend(cache.append_slots(it.own, n))
             ids.extend(it.token_ids)
             pos.extend(range(start, start + n))
+            max_pos = max(max_pos, start + n - 1)
             if it.all_logits:
                 logits_rows.extend(range(row, row + n))
             elif it.want_logits:
@@ -58,7 +59,9 @@ class ModelRunner:
         dev = self.device
         fb = ForwardBatch(plan=plan.to(dev) if dev.type != "cpu" else plan,
                           slots=torch.tensor(slots, dtype=torch.int64, device=dev),
-                          logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev))
+                          logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+                          all_rows=len(logits_rows) == row and logits_rows == list(range(row)),
+                          max_position=max_pos)
         return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
                                   torch.tensor(pos, dtype=torch.int64, device=dev),
                                   fb, cache.k, cache.v)
