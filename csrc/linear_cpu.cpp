@@ -99,10 +99,12 @@ inline __attribute__((always_inline)) void run_pairs_t(const float* x, int64_t l
     const W* pa = wp + b * K * kNB;
     const W* pb = pa + K * kNB;
     const int64_t n0 = b * kNB, nvalid_b = std::min(kNB, N - n0 - kNB);
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      micro_pair<4>(x + m * ldx, ldx, K, pa, pb, bias, out + m * ldo, ldo, n0, nvalid_b);
-    for (; m < M; ++m) micro_pair<1>(x + m * ldx, ldx, K, pa, pb, bias, out + m * ldo, ldo, n0, nvalid_b);
+    switch (M) {  // every row in one pass over the pair
+      case 4: micro_pair<4>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+      case 3: micro_pair<3>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+      case 2: micro_pair<2>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+      default: micro_pair<1>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+    }
   }
   for (; b < b1; ++b) {
     const W* panel = wp + b * K * kNB;
@@ -131,9 +133,19 @@ inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t 
     int64_t m = 0;
     for (; m + 8 <= M; m += 8)
       micro<8>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
-    for (; m + 4 <= M; m += 4)
-      micro<4>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
-    for (; m < M; ++m) micro<1>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+    // The remaining rows in one more pass over the panel (not one pass per row).
+    const float* xr = x + m * ldx;
+    float* orr = out + m * ldo;
+    switch (M - m) {
+      case 7: micro<7>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 6: micro<6>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 5: micro<5>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 4: micro<4>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 3: micro<3>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 2: micro<2>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      case 1: micro<1>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+      default: break;
+    }
   }
 }
 
