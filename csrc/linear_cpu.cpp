@@ -90,63 +90,48 @@ inline __attribute__((always_inline)) void micro_pair(const float* __restrict x,
   }
 }
 
+// All M rows against one panel: blocks of 8 rows, then the rest in one more pass (not one
+// pass per leftover row: each pass re-reads the panel).
 template <class W>
-inline __attribute__((always_inline)) void run_pairs_t(const float* x, int64_t ldx, int64_t M, int64_t K,
-                                                       const W* wp, const float* bias, float* out, int64_t ldo,
-                                                       int64_t N, int64_t b0, int64_t b1) {
-  int64_t b = b0;
-  for (; b + 2 <= b1; b += 2) {
-    const W* pa = wp + b * K * kNB;
-    const W* pb = pa + K * kNB;
-    const int64_t n0 = b * kNB, nvalid_b = std::min(kNB, N - n0 - kNB);
-    switch (M) {  // every row in one pass over the pair
-      case 4: micro_pair<4>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-      case 3: micro_pair<3>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-      case 2: micro_pair<2>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-      default: micro_pair<1>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-    }
-  }
-  for (; b < b1; ++b) {
-    const W* panel = wp + b * K * kNB;
-    const int64_t n0 = b * kNB, nvalid = std::min(kNB, N - n0);
-    for (int64_t m = 0; m < M; ++m) micro<1>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                                      const W* panel, const float* bias, float* out, int64_t ldo,
+                                                      int64_t n0, int64_t nvalid) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) micro<8>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+  const float* xr = x + m * ldx;
+  float* orr = out + m * ldo;
+  switch (M - m) {
+    case 7: micro<7>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 6: micro<6>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 5: micro<5>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 4: micro<4>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 3: micro<3>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 2: micro<2>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    case 1: micro<1>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    default: break;
   }
 }
 
-LOOM_CLONES void run_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
-                           float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
-  run_pairs_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
-}
-
-LOOM_CLONES void run_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp,
-                           const float* bias, float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
-  run_pairs_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
-}
-
+// Panels [b0, b1) for M rows; up to 4 rows, two adjacent panels at a time.
 template <class W>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
                                                         const W* wp, const float* bias, float* out, int64_t ldo,
                                                         int64_t N, int64_t b0, int64_t b1) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const W* panel = wp + b * K * kNB;
-    const int64_t n0 = b * kNB, nvalid = std::min(kNB, N - n0);
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8)
-      micro<8>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
-    // The remaining rows in one more pass over the panel (not one pass per row).
-    const float* xr = x + m * ldx;
-    float* orr = out + m * ldo;
-    switch (M - m) {
-      case 7: micro<7>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 6: micro<6>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 5: micro<5>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 4: micro<4>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 3: micro<3>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 2: micro<2>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      case 1: micro<1>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-      default: break;
+  int64_t b = b0;
+  if (M <= 4)
+    for (; b + 2 <= b1; b += 2) {
+      const W* pa = wp + b * K * kNB;
+      const W* pb = pa + K * kNB;
+      const int64_t n0 = b * kNB, nvalid_b = std::min(kNB, N - n0 - kNB);
+      switch (M) {  // every row in one pass over the pair
+        case 4: micro_pair<4>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+        case 3: micro_pair<3>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+        case 2: micro_pair<2>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+        default: micro_pair<1>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
+      }
     }
-  }
+  for (; b < b1; ++b)
+    panel_rows(x, ldx, M, K, wp + b * K * kNB, bias, out, ldo, b * kNB, std::min(kNB, N - b * kNB));
 }
 
 LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
@@ -208,30 +193,30 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   // Rows split too when there are many (prefill), so both cores work on small N.
   const int64_t mchunk = M >= 256 ? 64 : M;
   const int64_t mtiles = (M + mchunk - 1) / mchunk;
-  // Up to 4 rows (decode of a few threads): two adjacent panels at a time, two memory
-  // streams per core. A core's own misses (L1 fill buffers) cap one stream at ~9 GB/s on
-  // the Intel CI machine; with two the hardware prefetcher runs ahead on both. Decode step
-  // in one process, interleaved (median of per-pair ratios): n=1 -10%, n=4 -12%, bfloat16
-  // n=1 -11%. Not above 4 rows: 8 rows need two passes over the pair (the accumulators of 8
-  // rows x 64 outputs do not fit the registers), and the second pass cost more (n=8 +12%).
-  const bool pairs = M <= 4;
+  // Up to 4 rows (decode of a few threads), run_panels reads two adjacent panels at a time:
+  // two memory streams per core. A core's own misses (L1 fill buffers) cap one stream at
+  // ~9 GB/s on the Intel CI machine; with two the hardware prefetcher runs ahead on both.
+  // Decode step in one process, interleaved (median of per-pair ratios): n=1 -10%, n=4 -12%,
+  // bfloat16 n=1 -11%. Not above 4 rows: 8 rows need two passes over the pair (the
+  // accumulators of 8 rows x 64 outputs do not fit the registers), and the second pass cost
+  // more (n=8 +12%).
+  const uint16_t* w16 = bf16 ? reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()) : nullptr;
+  const float* w32 = bf16 ? nullptr : wp.data_ptr<float>();
   at::parallel_for(0, nblocks * mtiles, 1, [&](int64_t t0, int64_t t1) {
-    if (pairs) {  // mtiles == 1
+    if (mtiles == 1) {  // a thread's panels in one call (pairs need neighbours)
       if (bf16)
-        run_pairs(xp, K, M, K, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp, op, n_out,
-                  n_out, t0, t1);
+        run_panels(xp, K, M, K, w16, bp, op, n_out, n_out, t0, t1);
       else
-        run_pairs(xp, K, M, K, wp.data_ptr<float>(), bp, op, n_out, n_out, t0, t1);
+        run_panels(xp, K, M, K, w32, bp, op, n_out, n_out, t0, t1);
       return;
     }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t mt = t / nblocks, blk = t % nblocks;
       const int64_t m0 = mt * mchunk, mm = std::min(mchunk, M - m0);
       if (bf16)
-        run_panels(xp + m0 * K, K, mm, K, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
-                   op + m0 * n_out, n_out, n_out, blk, blk + 1);
+        run_panels(xp + m0 * K, K, mm, K, w16, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
       else
-        run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
+        run_panels(xp + m0 * K, K, mm, K, w32, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
     }
   });
   return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);
