@@ -156,13 +156,17 @@ class LlamaCppRunner:
     def reset(self):
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
 
-    def prefill_logits(self, prompt: list[int]) -> np.ndarray:
-        """Next-token logits after ``prompt`` (sequence 0), float32 [vocab]."""
+    def _prefill(self, prompt: list[int]):
+        """An empty cache, then ``prompt`` as sequence 0 (logits of its last token only)."""
         self.reset()
         P = len(prompt)
         self._fill(prompt, list(range(P)), [0] * P, [False] * (P - 1) + [True])
         self._decode()
-        return self._logits(P - 1).copy()
+
+    def prefill_logits(self, prompt: list[int]) -> np.ndarray:
+        """Next-token logits after ``prompt`` (sequence 0), float32 [vocab]."""
+        self._prefill(prompt)
+        return self._logits(len(prompt) - 1).copy()
 
     def generate(self, prompt: list[int], n: int, new: int, seed: int,
                  step_times: list[float] | None = None) -> list[list[int]]:
@@ -171,13 +175,11 @@ class LlamaCppRunner:
         if n > self.n_seq:
             raise ValueError(f"n={n} exceeds the context's n_seq_max={self.n_seq}")
         lc, P = self.lc, len(prompt)
-        self.reset()
         # llama.cpp's own sampler (as its batched example): softmax over the full vocabulary
         # at temperature 1, then a draw.
         smpl = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         lc.llama_sampler_chain_add(smpl, lc.llama_sampler_init_dist(seed))
-        self._fill(prompt, list(range(P)), [0] * P, [False] * (P - 1) + [True])
-        self._decode()
+        self._prefill(prompt)
         mem = lc.llama_get_memory(self.ctx)
         for s in range(1, n):
             lc.llama_memory_seq_cp(mem, 0, s, -1, -1)

@@ -200,23 +200,19 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   // bfloat16 n=1 -11%. Not above 4 rows: 8 rows need two passes over the pair (the
   // accumulators of 8 rows x 64 outputs do not fit the registers), and the second pass cost
   // more (n=8 +12%).
-  const uint16_t* w16 = bf16 ? reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()) : nullptr;
-  const float* w32 = bf16 ? nullptr : wp.data_ptr<float>();
+  // Rows [m0, m0 + mm) against panels [b0, b1).
+  auto run = [&](int64_t m0, int64_t mm, int64_t b0, int64_t b1) {
+    if (bf16)
+      run_panels(xp + m0 * K, K, mm, K, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
+                 op + m0 * n_out, n_out, n_out, b0, b1);
+    else
+      run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, b0, b1);
+  };
   at::parallel_for(0, nblocks * mtiles, 1, [&](int64_t t0, int64_t t1) {
-    if (mtiles == 1) {  // a thread's panels in one call (pairs need neighbours)
-      if (bf16)
-        run_panels(xp, K, M, K, w16, bp, op, n_out, n_out, t0, t1);
-      else
-        run_panels(xp, K, M, K, w32, bp, op, n_out, n_out, t0, t1);
-      return;
-    }
+    if (mtiles == 1) return run(0, M, t0, t1);  // a thread's panels in one call (pairs need neighbours)
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mt = t / nblocks, blk = t % nblocks;
-      const int64_t m0 = mt * mchunk, mm = std::min(mchunk, M - m0);
-      if (bf16)
-        run_panels(xp + m0 * K, K, mm, K, w16, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
-      else
-        run_panels(xp + m0 * K, K, mm, K, w32, bp, op + m0 * n_out, n_out, n_out, blk, blk + 1);
+      const int64_t m0 = (t / nblocks) * mchunk;
+      run(m0, std::min(mchunk, M - m0), t % nblocks, t % nblocks + 1);
     }
   });
   return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);

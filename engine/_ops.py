@@ -101,16 +101,22 @@ def build_plan_arrays(thread_view_indptr: torch.Tensor, view_seg: torch.Tensor, 
     owns segment ``thread_own_seg[i]`` and adds ``thread_num_new[i]`` rows. Segment ids index
     ``seg_len`` and ``seg_page_indptr``; a negative length marks an unknown segment.
     """
-    t = _ops.build_plan(thread_view_indptr, view_seg, view_shift, thread_own_seg, thread_num_new, seg_len,
-                        seg_page_indptr, seg_page_ids)
+    try:
+        t = _ops.build_plan(thread_view_indptr, view_seg, view_shift, thread_own_seg, thread_num_new, seg_len,
+                            seg_page_indptr, seg_page_ids)
+    except RuntimeError as e:  # an unknown segment is a KeyError, as in build_plan_py
+        if "is not a known segment" in str(e):
+            raise KeyError(str(e).splitlines()[0]) from None
+        raise
     # numpy, not torch: a torch reduction here would wake the intra-op thread pool for a
     # few microseconds of work (milliseconds when the cores are busy).
     return AttentionPlan(*t, num_rows=t[7].numel() - 1, has_shift=bool(t[5].numpy().any()))
 
 
-def _i32(values) -> torch.Tensor:
-    return torch.frombuffer(array("i", values), dtype=torch.int32) if len(values) else \
-        torch.empty(0, dtype=torch.int32)
+def i32_tensor(values) -> torch.Tensor:
+    """int32 tensor of ``values`` (an ``array('i')`` is used without a copy)."""
+    a = values if isinstance(values, array) and values.typecode == "i" else array("i", values)
+    return torch.frombuffer(a, dtype=torch.int32) if len(a) else torch.empty(0, dtype=torch.int32)
 
 
 def build_plan_cpp(threads: Sequence[ThreadStep], seg_len: Mapping[int, int],
@@ -142,10 +148,6 @@ def build_plan_cpp(threads: Sequence[ThreadStep], seg_len: Mapping[int, int],
         if n >= 0:
             pages.extend(seg_pages[sid])
         page_indptr.append(len(pages))
-    try:
-        return build_plan_arrays(_i32(indptr), _i32(segs), _i32(shifts), _i32(own), _i32(num_new), _i32(lens),
-                                 _i32(page_indptr), _i32(pages))
-    except RuntimeError as e:  # an unknown segment is a KeyError, as in build_plan_py
-        if "is not a known segment" in str(e):
-            raise KeyError(str(e).splitlines()[0]) from None
-        raise
+    i32 = i32_tensor
+    return build_plan_arrays(i32(indptr), i32(segs), i32(shifts), i32(own), i32(num_new), i32(lens),
+                             i32(page_indptr), i32(pages))

@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 
+def kv_token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V of one token over all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass
 class Segment:
     id: int
@@ -42,9 +47,7 @@ class KVCache:
             raise ValueError(f"The KV cache needs at least one page (got {num_pages}); "
                              "raise kv_cache_tokens.")
         self.page_size, self.num_pages = page_size, num_pages
-        self.dtype = dtype
-        # K and V of one token in every layer.
-        self.bytes_per_token = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = kv_token_bytes(num_layers, num_kv_heads, head_dim, dtype)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # torch.empty does not touch memory: the OS maps pages as they are first written.
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

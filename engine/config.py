@@ -65,9 +65,9 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers in the model dtype."""
-        elem = torch.empty((), dtype=self.torch_dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        """Bytes of K and V per token over all layers in the checkpoint's dtype."""
+        from .cache import kv_token_bytes
+        return kv_token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.torch_dtype)
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":

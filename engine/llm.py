@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, kv_token_bytes
 from .config import ModelConfig, parse_dtype
 from .model import CausalLM
 from .core import EngineCore
@@ -55,8 +55,8 @@ class LLM:
         self.eos_ids = self._eos_ids(model)
         self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
         if kv_cache_tokens is None:
-            per_tok = self.config.num_layers * 2 * self.config.num_kv_heads * self.config.head_dim * \
-                torch.empty((), dtype=self.kv_cache_dtype).element_size()
+            c = self.config
+            per_tok = kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype)
             kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < page_size:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "

@@ -25,10 +25,10 @@ class ModelRunner:
             from . import _ops
             model.layer_step = getattr(_ops._C, "decoder_layer", None)
         self._build_plan = attention.get_plan_builder()
-        self._plan_arrays = None
+        self._plan_arrays = self._i32 = None  # the C++ plan builder's flat entry point
         if attention.ops_available():
             from . import _ops
-            self._plan_arrays = getattr(_ops, "build_plan_arrays", None)
+            self._plan_arrays, self._i32 = _ops.build_plan_arrays, _ops.i32_tensor
         # id(view) -> (view, segment ids, shifts) for the tuple views of the last step: a
         # thread's view changes only when it is reassigned (fork, join, set_view, a live
         # view's re-layout), so most steps reuse its flat arrays.
@@ -109,15 +109,6 @@ class ModelRunner:
                 lens[sid] = s.length
                 pages.extend(s.pages)
             page_indptr[sid + 1] = len(pages)
-        i32 = _i32
-        try:
-            return self._plan_arrays(i32(indptr), i32(vseg), i32(vshift), i32(own), i32(num_new), i32(lens),
-                                     i32(page_indptr), i32(pages))
-        except RuntimeError as e:  # a segment not in this cache: as the other builders
-            if "is not a known segment" in str(e):
-                raise KeyError(str(e).splitlines()[0]) from None
-            raise
-
-
-def _i32(a: array) -> torch.Tensor:
-    return torch.frombuffer(a, dtype=torch.int32) if len(a) else torch.empty(0, dtype=torch.int32)
+        i32 = self._i32
+        return self._plan_arrays(i32(indptr), i32(vseg), i32(vshift), i32(own), i32(num_new), i32(lens),
+                                 i32(page_indptr), i32(pages))
