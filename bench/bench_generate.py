@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.cache import kv_token_bytes  # noqa: E402
 from engine.demo import make_random_model  # noqa: E402
 
 MODEL = dict(hidden=512, layers=13, heads=8, kv_heads=4, head_dim=64, intermediate=1536,
@@ -130,20 +131,19 @@ def decode_step(llm: LLM, prompt: list[int], n: int, steps: int, repeats: int) -
     return statistics.median(ts)
 
 
-def run_llama(runner, prompt: list[int], n: int, new: int, seed: int):
+def run_llama(runner, kv_token: int, prompt: list[int], n: int, new: int, seed: int):
     steps: list[float] = []
     t0 = time.perf_counter()
     out = runner.generate(prompt, n, new, seed, steps)
     dt = time.perf_counter() - t0
     assert all(len(o) == new for o in out)
     cells = len(prompt) + n * (new - 1)  # unified cache: the prompt once, then n rows per step
-    kv = cells * runner.kv_bytes_per_token
-    return dt, kv, statistics.median(steps)
+    return dt, cells * kv_token, statistics.median(steps)
 
 
 def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode: str):
-    """{row name: LlamaCppRunner} for llama.cpp with flash attention on and off, or {}
-    (saying why) when it is not installed or not wanted."""
+    """{row name: (LlamaCppRunner, its K/V bytes per token)} for llama.cpp with flash
+    attention on and off, or {} (saying why) when it is not installed or not wanted."""
     if mode == "off":
         return {}
     import llamacpp_baseline as lb
@@ -159,10 +159,10 @@ def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode
         for name, fa in (("llama.cpp", True), ("llama.cpp -fa off", False)):
             r = lb.LlamaCppRunner(path, n_ctx=prompt_len + n_max * new + 16, n_seq=n_max,
                                   n_threads=torch.get_num_threads(), flash_attn=fa)
-            r.kv_bytes_per_token = cfg.kv_bytes_per_token * r.kv_elem_bytes // 4
-            runners[name] = r
+            kv_dtype = torch.float16 if r.kv_elem_bytes == 2 else torch.float32
+            runners[name] = (r, kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype))
     except (AttributeError, RuntimeError, ValueError) as e:  # another llama-cpp-python API
-        for r in runners.values():
+        for r, _ in runners.values():
             r.close()
         if mode == "on":
             raise
@@ -175,7 +175,7 @@ def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode
 def check_same_model(llm: LLM, runners: dict, prompt: list[int]):
     """llama.cpp's next-token log-probs after the prompt against Loom's (float32 both)."""
     ref = llm.score(prompt)[0][-1]  # log-probs
-    for name, r in runners.items():
+    for name, (r, _) in runners.items():
         got = torch.from_numpy(r.prefill_logits(prompt)).log_softmax(-1)
         err = (got - ref).abs().max().item() / ref.abs().max().item()
         same = got.argmax().item() == ref.argmax().item()
@@ -222,7 +222,7 @@ def main():
         nparams = (llm.model.weight_bytes() // 4 + (0 if llm.config.tie_word_embeddings
                                                     else llm.model.embed.numel()))
         print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, float32 | "
-              f"loom backend: {llm.attention_backend}, KV cache {str(llm.kv_cache_dtype)[6:]} | prompt {a.prompt_len} tokens, "
+              f"loom backend: {llm.attention_backend}, KV cache {str(llm.kv_cache_dtype).removeprefix('torch.')} | prompt {a.prompt_len} tokens, "
               f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
         hf = None
         if not a.no_hf:
@@ -244,8 +244,8 @@ def main():
             if hf is not None:
                 ht = [run_hf(hf, llm.config, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
                 rows["transformers"] = (statistics.median(t for t, _ in ht), ht[0][1])
-            for name, r in llama.items():
-                runs = [run_llama(r, prompt, n, a.new_tokens, s) for s in range(a.repeats)]
+            for name, (r, kv_token) in llama.items():
+                runs = [run_llama(r, kv_token, prompt, n, a.new_tokens, s) for s in range(a.repeats)]
                 rows[name] = (statistics.median(t for t, _, _ in runs), runs[0][1])
                 step[name] = statistics.median(st for _, _, st in runs)
             base = rows.get("transformers", rows["loom"])[0]
@@ -254,7 +254,7 @@ def main():
                 st = f"{step[name] * 1e3:.2f}" if name in step else "-"
                 print(f"{n:>3} {name:>17} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x {st:>15}")
             sys.stdout.flush()
-        for r in llama.values():
+        for r, _ in llama.values():
             r.close()
         if a.limits:
             physical_limits(llm, prompt, max(a.n), a.new_tokens, a.repeats)
