@@ -215,6 +215,14 @@ def test_thread_counts_agree(threads):
     check_with_threads(threads, plan, *tensors)
 
 
+def shared_prompt_plan(shared: int, seed: int, n: int = 8):
+    """n decode threads, each viewing one shared segment of `shared` keys and its own."""
+    seg_len = {0: shared, **{t + 1: 5 + t for t in range(n)}}
+    seg_pages, num_pages = make_pool(seg_len, 16, random.Random(seed))
+    plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
+    return plan, num_pages
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shared", [100, 2000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -222,11 +230,7 @@ def test_shared_prompt_decode(threads, shared, dtype):
     """8 decode threads over one shared segment (16 queries per kv head: the large path).
     2,000 keys: chunked into enough items that each takes every kv head in turn; 100 keys:
     one chunk, so the schedule splits it into one item per kv head to use both threads."""
-    n = 8
-    seg_len = {0: shared, **{t + 1: 5 + t for t in range(n)}}
-    rng = random.Random(shared)
-    seg_pages, num_pages = make_pool(seg_len, 16, rng)
-    plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
+    plan, num_pages = shared_prompt_plan(shared, seed=shared)
     tensors = make_tensors(plan, num_pages, 16, 8, 4, 64, dtype, shared)
     check_with_threads(threads, plan, *tensors)
 
@@ -240,9 +244,7 @@ def test_float32_queries_over_16bit_cache(isa, kv_dtype):
         plan, num_pages = random_case(seed, page_size=16, num_new=(1, 2, 9))
         q, k, v = make_tensors(plan, num_pages, 16, 8, 2, 64, torch.float32, seed)
         check(plan, q, k.to(kv_dtype), v.to(kv_dtype))
-    n, seg_len = 8, {0: 300, **{t + 1: 5 + t for t in range(8)}}
-    seg_pages, num_pages = make_pool(seg_len, 16, random.Random(1))
-    plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len, seg_pages)
+    plan, num_pages = shared_prompt_plan(300, seed=1)
     q, k, v = make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, 1)
     check(plan, q, k.to(kv_dtype), v.to(kv_dtype))
 
