@@ -125,26 +125,6 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   }
 }
 
-// Appends to out the cache lines that rows [t0, t0 + nk) of kv head kvh of `pool`
-// touch (a row may start mid-line); returns the new count.
-template <DType DT>
-static int list_lines(const AttnArgs& a, const void* pool, const int32_t* pages, int kvh, int t0, int nk,
-                      const char** out, int n) {
-  using T = typename Elem<DT>::T;
-  const int ps = a.page_size;
-  const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(T);
-  const char* base = static_cast<const char*>(pool);
-  PageWalk walk(pages, ps, t0);
-  for (int t = t0; t < t0 + nk; ++t) {
-    const int64_t slot = walk.next();
-    const char* row = base + (slot * a.num_kv_heads + kvh) * bytes;
-    const uintptr_t last = reinterpret_cast<uintptr_t>(row + bytes - 1);
-    for (uintptr_t l = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63}; l <= last; l += 64)
-      out[n++] = reinterpret_cast<const char*>(l);
-  }
-  return n;
-}
-
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
 // softmax and values over the whole tile.
@@ -174,28 +154,70 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
 }
 
+// Byte offsets (the same in the K and the V pool) of keys [t0, t0 + nk) of kv head kvh.
+template <DType DT>
+static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh, int t0, int nk, int64_t* off) {
+  const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(typename Elem<DT>::T);
+  PageWalk walk(pages, a.page_size, t0);
+  for (int k = 0; k < nk; ++k) off[k] = (walk.next() * a.num_kv_heads + kvh) * bytes;
+}
+
+// Row pointers (float32) or converted rows (16-bit) of one head's tile from its offsets.
+template <DType DT>
+static inline void gather_tile(const AttnArgs& a, const int64_t* off, int nk, Scratch& sc) {
+  using T = typename Elem<DT>::T;
+  const char* kp = static_cast<const char*>(a.k_pool);
+  const char* vp = static_cast<const char*>(a.v_pool);
+  const int D = a.head_dim, Dp = round_up(D, VL);
+  for (int k = 0; k < nk; ++k) {
+    if constexpr (DT == DType::F32) {
+      sc.krow[k] = reinterpret_cast<const float*>(kp + off[k]);
+      sc.vrow[k] = reinterpret_cast<const float*>(vp + off[k]);
+    } else {
+      float* kb = sc.kbuf + static_cast<int64_t>(k) * Dp;
+      float* vb = sc.vbuf + static_cast<int64_t>(k) * Dp;
+      load_row<DT>(reinterpret_cast<const T*>(kp + off[k]), kb, D);
+      load_row<DT>(reinterpret_cast<const T*>(vp + off[k]), vb, D);
+      sc.krow[k] = kb;
+      sc.vrow[k] = vb;
+    }
+  }
+}
+
 // Many queries, one kv head: compute-bound register-blocked tiles of kKeyTile keys.
 template <DType DT>
 static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int mpad,
                       int lo, int k_end) {
   const int D = a.head_dim;
   HeadState hs = head_state(sc, 0, M, mpad, D);
-  LinePrefetch pf{sc.lines};
+  // This tile's V lines go out during its scores, the next tile's K lines during its
+  // values: L1 then holds two half-tiles (K and V, or V and the next K), not three.
+  // (16-bit rows were just read by their conversion: only the next K is prefetched.)
+  // Row offsets are computed one tile ahead, for the prefetch and then the gather.
+  const int64_t bytes = static_cast<int64_t>(D) * sizeof(typename Elem<DT>::T);
+  LinePrefetch pf{static_cast<const char*>(a.v_pool), static_cast<const char*>(a.k_pool)};
+  const bool aligned = bytes % 64 == 0 && reinterpret_cast<uintptr_t>(a.k_pool) % 64 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.v_pool) % 64 == 0;
+  pf.lpr = static_cast<int>(aligned ? bytes / 64 : (bytes + 126) / 64);  // a row may straddle a line
+  int64_t* cur = sc.off;
+  int64_t* nxt = sc.off + kKeyTile;
+  row_offsets<DT>(a, pages, it.kvh, it.k_begin, min_int(kKeyTile, k_end - it.k_begin), cur);
   for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
     const int nk = min_int(kKeyTile, k_end - t0);
-    gather_rows<DT>(a, pages, it.kvh, 1, t0, nk, kKeyTile, sc);
-    // This tile's V lines go out during its scores, the next tile's K lines during its
-    // values: L1 then holds two half-tiles (K and V, or V and the next K), not three.
-    pf.n = pf.i = 0;
-    const int v_lines = list_lines<DT>(a, a.v_pool, pages, it.kvh, t0, nk, sc.lines, 0);
-    pf.n = v_lines;
-    if (t0 + nk < k_end)
-      pf.n = list_lines<DT>(a, a.k_pool, pages, it.kvh, t0 + nk, min_int(kKeyTile, k_end - t0 - nk), sc.lines,
-                            v_lines);
-    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, v_lines);
+    const int nk_next = min_int(kKeyTile, k_end - t0 - nk);
+    gather_tile<DT>(a, cur, nk, sc);
+    if (nk_next > 0) row_offsets<DT>(a, pages, it.kvh, t0 + nk, nk_next, nxt);
+    const int nv = DT == DType::F32 ? nk : 0;
+    pf.voff = cur;
+    pf.koff = nxt;
+    pf.reset(nv, nv + max_int(nk_next, 0));
+    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, nv * pf.lpr);
     if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
     softmax_cols(sc, hs, nk, mpad);
     pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
+    int64_t* t = cur;
+    cur = nxt;
+    nxt = t;
   }
 }
 
