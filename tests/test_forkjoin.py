@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import random
 
 import pytest
@@ -114,11 +115,17 @@ def test_fork_and_join_write_no_kv(make_llm, backend):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def _cache_name(hf) -> str:
+    """The forward's K/V cache argument and output field: ``cache`` since transformers 5.2x
+    (``past_key_values`` still works there but is deprecated, to be removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 def _hf_cache_for(hf, ids, positions):
     """transformers K/V (post-RoPE) of ``ids`` at ``positions``: list per layer of (k, v)."""
     with torch.no_grad():
         out = hf(torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, _cache_name(hf))
     return [(cache.layers[i].keys, cache.layers[i].values) for i in range(len(cache.layers))]
 
 
@@ -151,7 +158,7 @@ def test_sequential_join_matches_rerotated_keys(make_llm, hf_ref, name):
     base = P + len(A) + len(B)
     with torch.no_grad():
         logits = hf(torch.tensor([cont]), position_ids=torch.arange(base, base + len(cont))[None],
-                    past_key_values=cache).logits[0].log_softmax(-1)
+                    **{_cache_name(hf): cache}).logits[0].log_softmax(-1)
     h = 2  # header length
     for i, tok in enumerate(out.token_ids):
         assert abs(logits[h - 1 + i, tok].item() - out.logprobs[i][tok]) < ATOL
