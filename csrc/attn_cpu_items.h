@@ -73,34 +73,40 @@ struct PageWalk {
   }
 };
 
-// Row pointers of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): krow[h * stride + k].
-// 16-bit inputs are converted into kbuf / vbuf (same layout, rows of round_up(D, VL)).
+// Tile row x of K and V from element offset `at` of the pools kp / vp: a pointer into
+// them (float32), or the row converted into kbuf / vbuf (16-bit; rows of round_up(D, VL)).
+template <DType DT>
+static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, int D, Scratch& sc,
+                           int x, int64_t at) {
+  if constexpr (DT == DType::F32) {
+    sc.krow[x] = kp + at;
+    sc.vrow[x] = vp + at;
+  } else {
+    float* kb = sc.kbuf + static_cast<int64_t>(x) * round_up(D, VL);
+    float* vb = sc.vbuf + static_cast<int64_t>(x) * round_up(D, VL);
+    load_row<DT>(kp + at, kb, D);
+    load_row<DT>(vp + at, vb, D);
+    sc.krow[x] = kb;
+    sc.vrow[x] = vb;
+  }
+}
+
+template <DType DT>
+static inline const typename Elem<DT>::T* pool(const void* p) {
+  return static_cast<const typename Elem<DT>::T*>(p);
+}
+
+// Rows of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): row h * stride + k.
 // Token-major: all heads of a token before the next token (contiguous reads).
 template <DType DT>
 static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
                         Scratch& sc) {
-  using T = typename Elem<DT>::T;
-  const int D = a.head_dim, Hkv = a.num_kv_heads, ps = a.page_size, Dp = round_up(D, VL);
-  const T* kp = static_cast<const T*>(a.k_pool);
-  const T* vp = static_cast<const T*>(a.v_pool);
-  PageWalk walk(pages, ps, t0);
+  const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
+  const int D = a.head_dim, Hkv = a.num_kv_heads;
+  PageWalk walk(pages, a.page_size, t0);
   for (int k = 0; k < nk; ++k) {
     const int64_t slot = walk.next();
-    for (int h = 0; h < nh; ++h) {
-      const int64_t at = (slot * Hkv + kvh + h) * D;
-      const int x = h * stride + k;
-      if constexpr (DT == DType::F32) {
-        sc.krow[x] = kp + at;
-        sc.vrow[x] = vp + at;
-      } else {
-        float* kb = sc.kbuf + static_cast<int64_t>(x) * Dp;
-        float* vb = sc.vbuf + static_cast<int64_t>(x) * Dp;
-        load_row<DT>(kp + at, kb, D);
-        load_row<DT>(vp + at, vb, D);
-        sc.krow[x] = kb;
-        sc.vrow[x] = vb;
-      }
-    }
+    for (int h = 0; h < nh; ++h) put_row<DT>(kp, vp, D, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
   }
 }
 
@@ -162,26 +168,12 @@ static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh,
   for (int k = 0; k < nk; ++k) off[k] = (walk.next() * a.num_kv_heads + kvh) * bytes;
 }
 
-// Row pointers (float32) or converted rows (16-bit) of one head's tile from its offsets.
+// One head's tile rows from their byte offsets (row_offsets).
 template <DType DT>
 static inline void gather_tile(const AttnArgs& a, const int64_t* off, int nk, Scratch& sc) {
-  using T = typename Elem<DT>::T;
-  const char* kp = static_cast<const char*>(a.k_pool);
-  const char* vp = static_cast<const char*>(a.v_pool);
-  const int D = a.head_dim, Dp = round_up(D, VL);
-  for (int k = 0; k < nk; ++k) {
-    if constexpr (DT == DType::F32) {
-      sc.krow[k] = reinterpret_cast<const float*>(kp + off[k]);
-      sc.vrow[k] = reinterpret_cast<const float*>(vp + off[k]);
-    } else {
-      float* kb = sc.kbuf + static_cast<int64_t>(k) * Dp;
-      float* vb = sc.vbuf + static_cast<int64_t>(k) * Dp;
-      load_row<DT>(reinterpret_cast<const T*>(kp + off[k]), kb, D);
-      load_row<DT>(reinterpret_cast<const T*>(vp + off[k]), vb, D);
-      sc.krow[k] = kb;
-      sc.vrow[k] = vb;
-    }
-  }
+  constexpr int64_t elem = sizeof(typename Elem<DT>::T);
+  const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
+  for (int k = 0; k < nk; ++k) put_row<DT>(kp, vp, a.head_dim, sc, k, off[k] / elem);
 }
 
 // Many queries, one kv head: compute-bound register-blocked tiles of kKeyTile keys.
