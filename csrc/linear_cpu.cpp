@@ -4,12 +4,13 @@
 // Why: on this project's CPUs the BLAS behind torch.nn.functional.linear reaches a
 // small fraction of both the memory bandwidth (decode: a few rows against large
 // weights) and the FMA peak (prefill); bench/bench_linear.py measures it. Here the
-// weight [N, K] is packed once, at load time, into panels [N/32][K][32] so that
-// each panel streams contiguously; a register-blocked micro-kernel keeps 8 rows x
-// 32 outputs in registers while the panel passes once per 8 rows (it stays in L2); up to
-// 4 rows, two panels are read side by side (two memory streams per core).
-// Inner loops are plain C++ that the compiler vectorises; target_clones builds
-// AVX-512, AVX2 and baseline versions and picks one at run time.
+// weight [N, K] is packed once, at load time, into panels [N/NB][K][NB] whose rows (one
+// k step) are one 64-byte cache line: NB = 16 float32 or 32 bfloat16 outputs. A
+// register-blocked micro-kernel reads several adjacent panels side by side (one memory
+// stream each) and keeps 16 vector accumulators: up to 4 rows x 64 outputs, else 8 rows
+// x 32 outputs per pass (a panel passes once per 8 rows and stays in L2).
+// Inner loops are plain C++ on GCC vector types; target_clones builds AVX-512, AVX2 and
+// baseline versions and picks one at run time.
 // bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
 // pays for) and are widened to float32 in registers; activations are widened once per
 // call; outputs are rounded to bfloat16 (nearest even), as a float32-accumulating
@@ -23,115 +24,146 @@
 namespace loom {
 namespace {
 
-constexpr int64_t kNB = 32;  // outputs per panel
-constexpr int64_t kPrefetch = 64;  // k steps ahead (8 KB of panel)
+constexpr int64_t kPrefetch = 128;  // panel rows ahead (8 KB of each panel)
 
-inline __attribute__((always_inline)) float widen(float w) { return w; }
-inline __attribute__((always_inline)) float widen(uint16_t w) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(w) << 16);
-}
-
-template <int MB, class W>
-inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
-                                                 const W* __restrict panel,
-                                                 const float* __restrict bias,
-                                                 float* __restrict out, int64_t ldo, int64_t n0,
-                                                 int64_t nvalid) {
-  float acc[MB][kNB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < kNB; ++j) acc[i][j] = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const W* w = panel + k * kNB;
-    // Ask for the panel well ahead: at several rows per pass the multiply-adds hide less
-    // of the memory latency than the hardware prefetcher expects (reading past the
-    // panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0), not 0:
-    // prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM, where
-    // it stalled on every k step even for panels already in L2.
-    __builtin_prefetch(w + kPrefetch * kNB, 0, 3);
-    __builtin_prefetch(w + kPrefetch * kNB + 16, 0, 3);
-    for (int i = 0; i < MB; ++i) {
-      const float a = x[i * ldx + k];
-      for (int j = 0; j < kNB; ++j) acc[i][j] += a * widen(w[j]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    float* o = out + i * ldo + n0;
-    for (int64_t j = 0; j < nvalid; ++j) o[j] = acc[i][j] + (bias ? bias[n0 + j] : 0.f);
-  }
-}
-
-// Two adjacent panels at once: two memory streams per core instead of one.
-template <int MB, class W>
-inline __attribute__((always_inline)) void micro_pair(const float* __restrict x, int64_t ldx, int64_t K,
-                                                      const W* __restrict pa, const W* __restrict pb,
-                                                      const float* __restrict bias, float* __restrict out,
-                                                      int64_t ldo, int64_t n0, int64_t nvalid_b) {
-  float acc[2][MB][kNB];
-  for (int p = 0; p < 2; ++p)
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < kNB; ++j) acc[p][i][j] = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const W* wa = pa + k * kNB;
-    const W* wb = pb + k * kNB;
-    __builtin_prefetch(wa + kPrefetch * kNB, 0, 3);
-    __builtin_prefetch(wa + kPrefetch * kNB + 16, 0, 3);
-    __builtin_prefetch(wb + kPrefetch * kNB, 0, 3);
-    __builtin_prefetch(wb + kPrefetch * kNB + 16, 0, 3);
-    for (int i = 0; i < MB; ++i) {
-      const float a = x[i * ldx + k];
-      for (int j = 0; j < kNB; ++j) acc[0][i][j] += a * widen(wa[j]);
-      for (int j = 0; j < kNB; ++j) acc[1][i][j] += a * widen(wb[j]);
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    float* o = out + i * ldo + n0;
-    for (int64_t j = 0; j < kNB; ++j) o[j] = acc[0][i][j] + (bias ? bias[n0 + j] : 0.f);
-    for (int64_t j = 0; j < nvalid_b; ++j) o[kNB + j] = acc[1][i][j] + (bias ? bias[n0 + kNB + j] : 0.f);
-  }
-}
-
-// All M rows against one panel: blocks of 8 rows, then the rest in one more pass (not one
-// pass per leftover row: each pass re-reads the panel).
+// A panel row (one k step of a panel) is one cache line: 16 float32 or 32 bfloat16
+// outputs.
 template <class W>
-inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K,
-                                                      const W* panel, const float* bias, float* out, int64_t ldo,
-                                                      int64_t n0, int64_t nvalid) {
+constexpr int64_t panel_width() {
+  return 64 / sizeof(W);
+}
+inline int64_t panel_width_of(at::ScalarType t) { return t == at::kBFloat16 ? 32 : 16; }
+
+// 16 floats (one AVX-512 register, two AVX2 ones; GCC vector extensions, so each
+// target_clones build uses its own registers).
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint32_t v16u_u __attribute__((vector_size(64), aligned(2)));
+
+// One panel row (64 bytes) as NV float vectors. bfloat16: the 32 weights are read as 16
+// 32-bit words holding an even and an odd weight each; a shift gives the even ones, a
+// mask the odd ones (bfloat16 -> float32 is a 16-bit shift), so outputs 2j and 2j+1 are
+// lane j of vectors 0 and 1 (out_at undoes that).
+inline __attribute__((always_inline)) void load_row(const float* p, v16f* w) {
+  w[0] = *reinterpret_cast<const v16f_u*>(p);
+}
+inline __attribute__((always_inline)) void load_row(const uint16_t* p, v16f* w) {
+  const v16u u = *reinterpret_cast<const v16u_u*>(p);
+  const v16u even = u << 16, odd = u & 0xFFFF0000u;
+  w[0] = __builtin_bit_cast(v16f, even);
+  w[1] = __builtin_bit_cast(v16f, odd);
+}
+// Output j of a panel row: vector j % NV, lane j / NV.
+template <int NV>
+inline __attribute__((always_inline)) float out_at(const v16f* acc, int64_t j) {
+  return acc[j % NV][j / NV];
+}
+
+// MB rows against NP adjacent panels in one pass: NP memory streams per core. A core's
+// own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
+// several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors
+// (NV = vectors per panel row), kept at 16 by the callers.
+template <int MB, int NP, class W>
+inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
+                                                 const W* __restrict p0, const float* __restrict bias,
+                                                 float* __restrict out, int64_t ldo, int64_t n0,
+                                                 int64_t nvalid_last) {
+  constexpr int64_t NB = panel_width<W>();
+  constexpr int NV = NB / 16;
+  v16f acc[NP][MB][NV];
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 32
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[p][i][v] = v16f{};
+  const int64_t ps = K * NB;  // elements per panel
+  for (int64_t k = 0; k < K; ++k) {
+    v16f w[NP][NV];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const W* row = p0 + p * ps + k * NB;
+      // Ask for the panel well ahead: at several rows per pass the multiply-adds hide
+      // less of the memory latency than the hardware prefetcher expects (reading past
+      // the panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0),
+      // not 0: prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM,
+      // where it stalled on every k step even for panels already in L2.
+      __builtin_prefetch(row + kPrefetch * NB, 0, 3);
+      load_row(row, w[p]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const float a = x[i * ldx + k];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[p][i][v] += a * w[p][v];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* o = out + i * ldo + n0;
+    for (int p = 0; p < NP; ++p) {
+      const int64_t nv = p == NP - 1 ? nvalid_last : NB;
+      for (int64_t j = 0; j < nv; ++j) o[p * NB + j] = out_at<NV>(acc[p][i], j) + (bias ? bias[n0 + p * NB + j] : 0.f);
+    }
+  }
+}
+
+// All M rows against NP adjacent panels: passes of 16 / (NP * NV) rows (at most 8),
+// then the rest in one more pass (not one pass per leftover row: each pass re-reads
+// the panels).
+template <int NP, class W>
+inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* p0,
+                                                      const float* bias, float* out, int64_t ldo, int64_t n0,
+                                                      int64_t nvalid_last) {
+  constexpr int R0 = 16 / (NP * (panel_width<W>() / 16)), R = R0 < 8 ? R0 : 8;
+  static_assert(R >= 1, "rows per pass");
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) micro<8>(x + m * ldx, ldx, K, panel, bias, out + m * ldo, ldo, n0, nvalid);
+  for (; m + R <= M; m += R) micro<R, NP>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
   const float* xr = x + m * ldx;
   float* orr = out + m * ldo;
+#define LOOM_ROWS_CASE(r) \
+  case r:                 \
+    if constexpr (R > r) micro<r, NP>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+    break;
   switch (M - m) {
-    case 7: micro<7>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 6: micro<6>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 5: micro<5>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 4: micro<4>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 3: micro<3>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 2: micro<2>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
-    case 1: micro<1>(xr, ldx, K, panel, bias, orr, ldo, n0, nvalid); break;
+    LOOM_ROWS_CASE(7) LOOM_ROWS_CASE(6) LOOM_ROWS_CASE(5) LOOM_ROWS_CASE(4)
+    LOOM_ROWS_CASE(3) LOOM_ROWS_CASE(2) LOOM_ROWS_CASE(1)
     default: break;
   }
+#undef LOOM_ROWS_CASE
 }
 
-// Panels [b0, b1) for M rows; up to 4 rows, two adjacent panels at a time.
+// Panels per pass: up to 4 rows, 64 outputs (float32: 4 panels; bfloat16: 2); more
+// rows, 32 outputs (float32: 2 panels; bfloat16: 1), so 8 rows fit the accumulators.
+// A/B in one process against the previous layout (32-output float32 panels, one panel
+// per pass above 4 rows, two up to 4), the benchmark model's 53 linears with 8 rows:
+// -11..-23%; 4 rows -2..-9%, 1 row -3..-6%; bfloat16 unchanged; prefill (1024 rows)
+// +5..10%, which the decode gain pays for many times over.
+template <class W>
+constexpr int group_small() {
+  return 64 / panel_width<W>();
+}
+template <class W>
+constexpr int group_large() {
+  return 32 / panel_width<W>() > 0 ? 32 / panel_width<W>() : 1;
+}
+
+// Panels [b0, b1) for M rows.
 template <class W>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
                                                         const W* wp, const float* bias, float* out, int64_t ldo,
                                                         int64_t N, int64_t b0, int64_t b1) {
+  constexpr int64_t NB = panel_width<W>();
+  constexpr int GS = group_small<W>(), GL = group_large<W>();
+  auto last = [&](int64_t b) { return std::min<int64_t>(NB, N - b * NB); };  // valid outputs of panel b
   int64_t b = b0;
   if (M <= 4)
-    for (; b + 2 <= b1; b += 2) {
-      const W* pa = wp + b * K * kNB;
-      const W* pb = pa + K * kNB;
-      const int64_t n0 = b * kNB, nvalid_b = std::min(kNB, N - n0 - kNB);
-      switch (M) {  // every row in one pass over the pair
-        case 4: micro_pair<4>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-        case 3: micro_pair<3>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-        case 2: micro_pair<2>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-        default: micro_pair<1>(x, ldx, K, pa, pb, bias, out, ldo, n0, nvalid_b); break;
-      }
-    }
-  for (; b < b1; ++b)
-    panel_rows(x, ldx, M, K, wp + b * K * kNB, bias, out, ldo, b * kNB, std::min(kNB, N - b * kNB));
+    for (; b + GS <= b1; b += GS) panel_rows<GS>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GS - 1));
+  if constexpr (GL > 1)
+    for (; b + GL <= b1; b += GL) panel_rows<GL>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GL - 1));
+  for (; b < b1; ++b) panel_rows<1>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b));
 }
 
 LOOM_CLONES void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
@@ -153,11 +185,12 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "pack_linear_weight: weight must be float32 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), "pack_linear_weight: weight must be on the CPU");
-  const int64_t N = w.size(0), K = w.size(1), Np = (N + kNB - 1) / kNB * kNB;
+  const int64_t nb = panel_width_of(w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), Np = (N + nb - 1) / nb * nb;
   at::Tensor padded = w;
   if (Np != N) padded = at::cat({w, at::zeros({Np - N, K}, w.options())});
   // [Np, K] -> [Np/NB, NB, K] -> [Np/NB, K, NB]
-  return padded.contiguous().view({Np / kNB, kNB, K}).transpose(1, 2).contiguous();
+  return padded.contiguous().view({Np / nb, nb, K}).transpose(1, 2).contiguous();
 }
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::optional<at::Tensor>& bias,
@@ -168,10 +201,11 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   TORCH_CHECK(x.scalar_type() == wp.scalar_type(), "linear_packed: x is ", x.scalar_type(),
               " but the packed weight is ", wp.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors only");
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kNB, "linear_packed: weight is not packed (use pack_linear_weight)");
+  const int64_t nb = panel_width_of(wp.scalar_type());
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == nb, "linear_packed: weight is not packed (use pack_linear_weight)");
   const int64_t K = wp.size(1);
   TORCH_CHECK(x.size(-1) == K, "linear_packed: x has ", x.size(-1), " features, weight expects ", K);
-  TORCH_CHECK(n_out > (wp.size(0) - 1) * kNB && n_out <= wp.size(0) * kNB,
+  TORCH_CHECK(n_out > (wp.size(0) - 1) * nb && n_out <= wp.size(0) * nb,
               "linear_packed: n_out=", n_out, " does not match the packed weight");
   const float* bp = nullptr;
   at::Tensor b;
@@ -193,13 +227,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   // Rows split too when there are many (prefill), so both cores work on small N.
   const int64_t mchunk = M >= 256 ? 64 : M;
   const int64_t mtiles = (M + mchunk - 1) / mchunk;
-  // Up to 4 rows (decode of a few threads), run_panels reads two adjacent panels at a time:
-  // two memory streams per core. A core's own misses (L1 fill buffers) cap one stream at
-  // ~9 GB/s on the Intel CI machine; with two the hardware prefetcher runs ahead on both.
-  // Decode step in one process, interleaved (median of per-pair ratios): n=1 -10%, n=4 -12%,
-  // bfloat16 n=1 -11%. Not above 4 rows: 8 rows need two passes over the pair (the
-  // accumulators of 8 rows x 64 outputs do not fit the registers), and the second pass cost
-  // more (n=8 +12%).
   // Rows [m0, m0 + mm) against panels [b0, b1).
   auto run = [&](int64_t m0, int64_t mm, int64_t b0, int64_t b1) {
     if (bf16)
@@ -208,11 +235,17 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     else
       run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, b0, b1);
   };
-  at::parallel_for(0, nblocks * mtiles, 1, [&](int64_t t0, int64_t t1) {
-    if (mtiles == 1) return run(0, M, t0, t1);  // a thread's panels in one call (pairs need neighbours)
+  // Work is split in groups of the panels run_panels takes in one pass (so that a
+  // thread's share never breaks a group): all of a thread's groups in one call for few
+  // rows, (row chunk, group) tasks for many.
+  const int64_t g = mtiles == 1 ? (bf16 ? group_small<uint16_t>() : group_small<float>())
+                                : (bf16 ? group_large<uint16_t>() : group_large<float>());
+  const int64_t ngroups = (nblocks + g - 1) / g;
+  at::parallel_for(0, ngroups * mtiles, 1, [&](int64_t t0, int64_t t1) {
+    if (mtiles == 1) return run(0, M, t0 * g, std::min(t1 * g, nblocks));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = (t / nblocks) * mchunk;
-      run(m0, std::min(mchunk, M - m0), t % nblocks, t % nblocks + 1);
+      const int64_t m0 = (t / ngroups) * mchunk, b0 = (t % ngroups) * g;
+      run(m0, std::min(mchunk, M - m0), b0, std::min(b0 + g, nblocks));
     }
   });
   return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);

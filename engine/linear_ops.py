@@ -8,13 +8,17 @@ import torch
 
 from . import _ops  # noqa: F401  registers torch.ops.loom.* (raises ImportError if not built)
 
-_NB = 32  # outputs per panel, as kNB in csrc/linear_cpu.cpp
+
+def _panel_width(dtype) -> int:
+    """Outputs per panel, as panel_width in csrc/linear_cpu.cpp: a 64-byte row per k step."""
+    return 32 if dtype == torch.bfloat16 else 16
 
 
 @torch.library.register_fake("loom::pack_linear_weight")
 def _pack_fake(w):
     n, k = w.shape
-    return w.new_empty(((n + _NB - 1) // _NB, k, _NB))
+    nb = _panel_width(w.dtype)
+    return w.new_empty(((n + nb - 1) // nb, k, nb))
 
 
 @torch.library.register_fake("loom::linear_packed")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 17, 300])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 300])
 @pytest.mark.parametrize("N,K", [(32, 16), (37, 99), (1000, 77), (96, 512), (5, 3)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_packed_matches_f_linear(M, N, K, bias):
@@ -20,7 +20,7 @@ def test_linear_packed_matches_f_linear(M, N, K, bias):
     torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5 * K ** 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 9, 300])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 8, 9, 300])
 @pytest.mark.parametrize("N,K", [(37, 99), (1000, 77), (5, 3)])
 def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K):
     """bfloat16 weights and activations, float32 accumulation, output rounded once."""
