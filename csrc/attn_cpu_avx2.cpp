@@ -15,6 +15,7 @@ namespace cpu {
 namespace avx2 {
 #define LOOM_VL 8
 #define LOOM_QK_KEYS 2
+#define LOOM_QK_KEYS1 4
 #define LOOM_PV_ROWS 4
 #define LOOM_PV_VECS 2
 #include "attn_cpu_impl.h"

@@ -14,7 +14,8 @@ namespace loom {
 namespace cpu {
 namespace avx512 {
 #define LOOM_VL 16
-#define LOOM_QK_KEYS 4
+#define LOOM_QK_KEYS 6
+#define LOOM_QK_KEYS1 8
 #define LOOM_PV_ROWS 6
 #define LOOM_PV_VECS 4
 #include "attn_cpu_impl.h"

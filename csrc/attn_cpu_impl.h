@@ -3,9 +3,9 @@
 // `#pragma GCC target`. Nothing from the standard library's templates is used here:
 // their inline code must not be compiled for a wider instruction set than the caller's.
 //
-// Needs LOOM_VL (floats per vector register), LOOM_QK_KEYS (keys per QK register
-// block), LOOM_PV_ROWS (queries, <= 8) and LOOM_PV_VECS (head-dim vectors, <= 4) per PV
-// register block.
+// Needs LOOM_VL (floats per vector register), LOOM_QK_KEYS / LOOM_QK_KEYS1 (keys per
+// QK register block; the latter when the queries fill one vector), LOOM_PV_ROWS
+// (queries, <= 8) and LOOM_PV_VECS (head-dim vectors, <= 4) per PV register block.
 //
 // A work item (see attn_cpu.h) holds M = rows x group query vectors of one kv head
 // (or of every kv head when M is small). Per tile of keys:
@@ -20,6 +20,8 @@
 
 constexpr int VL = LOOM_VL;
 constexpr int QK_KEYS = LOOM_QK_KEYS;
+constexpr int QK_KEYS1 = LOOM_QK_KEYS1;  // keys per QK block when the queries fill one vector
+static_assert(QK_KEYS <= 6 && QK_KEYS1 <= 8, "qk_large has register blocks up to 6 (8) keys");
 constexpr int QK_VECS = 4;    // query vectors (of VL queries) per QK register block
 constexpr int PV_ROWS = LOOM_PV_ROWS;
 constexpr int PV_VECS = LOOM_PV_VECS;

@@ -30,26 +30,29 @@ static inline void qk_block(const float* const* krow, const float* qt, int mpad,
 #define LOOM_QK_CASE(kr, mv) \
   case (kr) * 8 + (mv): qk_block<kr, mv>(krow + k0, qt + m0, mpad, D, s + k0 * mpad + m0); break;
 
-// Large path: every key element is broadcast against VL queries. With a single query
-// vector, twice the keys per block keep enough independent FMA chains in flight.
+// Large path: every key element is broadcast against VL queries; QK_KEYS keys x up to
+// QK_VECS query vectors per block, or QK_KEYS1 keys when the queries fill one vector
+// (more keys keep enough independent FMA chains in flight).
 // Issues the first `upto` lines of pf spread over the first query group's key blocks.
 static void qk_large(const float* const* krow, int nk, const float* qt, int mpad, int D, float* s,
                      LinePrefetch& pf, int upto) {
   for (int m0 = 0; m0 < mpad; m0 += QK_VECS * VL) {
     const int mv = min_int(QK_VECS, (mpad - m0) / VL);
-    const int kmax = mv == 1 ? 2 * QK_KEYS : QK_KEYS;
+    const int kmax = mv == 1 ? QK_KEYS1 : QK_KEYS;
     const int per = (upto + (nk + kmax - 1) / kmax - 1) / ((nk + kmax - 1) / kmax);
     for (int k0 = 0; k0 < nk; k0 += kmax) {
       const int kr = min_int(kmax, nk - k0);
       pf.issue(per, upto);
       switch (kr * 8 + mv) {
         LOOM_QK_CASE(1, 1) LOOM_QK_CASE(2, 1) LOOM_QK_CASE(3, 1) LOOM_QK_CASE(4, 1)
-        LOOM_QK_CASE(5, 1) LOOM_QK_CASE(6, 1) LOOM_QK_CASE(7, 1)
+        LOOM_QK_CASE(5, 1) LOOM_QK_CASE(6, 1) LOOM_QK_CASE(7, 1) LOOM_QK_CASE(8, 1)
         LOOM_QK_CASE(1, 2) LOOM_QK_CASE(2, 2) LOOM_QK_CASE(3, 2) LOOM_QK_CASE(4, 2)
+        LOOM_QK_CASE(5, 2) LOOM_QK_CASE(6, 2)
         LOOM_QK_CASE(1, 3) LOOM_QK_CASE(2, 3) LOOM_QK_CASE(3, 3) LOOM_QK_CASE(4, 3)
+        LOOM_QK_CASE(5, 3) LOOM_QK_CASE(6, 3)
         LOOM_QK_CASE(1, 4) LOOM_QK_CASE(2, 4) LOOM_QK_CASE(3, 4) LOOM_QK_CASE(4, 4)
-        LOOM_QK_CASE(8, 1)
-        default: break;  // unreachable: kr <= 2 * QK_KEYS <= 8 and kr <= QK_KEYS when mv > 1
+        LOOM_QK_CASE(5, 4) LOOM_QK_CASE(6, 4)
+        default: break;  // unreachable: QK_KEYS <= 6 and QK_KEYS1 <= 8 (static_assert)
       }
     }
   }
