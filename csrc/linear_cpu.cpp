@@ -64,7 +64,7 @@ inline __attribute__((always_inline)) float out_at(const v16f* acc, int64_t j) {
 // own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
 // several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors
 // (NV = vectors per panel row), kept at 16 by the callers.
-template <int MB, int NP, class W>
+template <int MB, int NP, bool PF = true, class W>
 inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
                                                  const W* __restrict p0, const float* __restrict bias,
                                                  float* __restrict out, int64_t ldo, int64_t n0,
@@ -89,7 +89,7 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
       // the panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0),
       // not 0: prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM,
       // where it stalled on every k step even for panels already in L2.
-      __builtin_prefetch(row + kPrefetch * NB, 0, 3);
+      if constexpr (PF) __builtin_prefetch(row + kPrefetch * NB, 0, 3);
       load_row(row, w[p]);
     }
 #pragma GCC unroll 8
@@ -120,12 +120,19 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
   constexpr int R0 = 16 / (NP * (panel_width<W>() / 16)), R = R0 < 8 ? R0 : 8;
   static_assert(R >= 1, "rows per pass");
   int64_t m = 0;
-  for (; m + R <= M; m += R) micro<R, NP>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
+  // Only the first pass prefetches: the later ones find the panels in L2, where the
+  // prefetches only cost (prefill, 1024 rows: -6..-9% in an A/B in one process).
+  for (; m + R <= M; m += R)
+    if (m == 0) micro<R, NP>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
+    else micro<R, NP, false>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
   const float* xr = x + m * ldx;
   float* orr = out + m * ldo;
-#define LOOM_ROWS_CASE(r) \
-  case r:                 \
-    if constexpr (R > r) micro<r, NP>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+#define LOOM_ROWS_CASE(r)                                                      \
+  case r:                                                                      \
+    if constexpr (R > r) {                                                     \
+      if (m == 0) micro<r, NP>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+      else micro<r, NP, false>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+    }                                                                          \
     break;
   switch (M - m) {
     LOOM_ROWS_CASE(7) LOOM_ROWS_CASE(6) LOOM_ROWS_CASE(5) LOOM_ROWS_CASE(4)
@@ -140,7 +147,7 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
 // A/B in one process against the previous layout (32-output float32 panels, one panel
 // per pass above 4 rows, two up to 4), the benchmark model's 53 linears with 8 rows:
 // -11..-23%; 4 rows -2..-9%, 1 row -3..-6%; bfloat16 unchanged; prefill (1024 rows)
-// +5..10%, which the decode gain pays for many times over.
+// +1% (with the first-pass-only prefetch of panel_rows).
 template <class W>
 constexpr int group_small() {
   return 64 / panel_width<W>();
