@@ -7,8 +7,8 @@
 // weight [N, K] is packed once, at load time, into panels [N/NB][K][NB] whose rows (one
 // k step) are one 64-byte cache line: NB = 16 float32 or 32 bfloat16 outputs. A
 // register-blocked micro-kernel reads several adjacent panels side by side (one memory
-// stream each) and keeps 16 vector accumulators: up to 4 rows x 64 outputs, else 8 rows
-// x 32 outputs per pass (a panel passes once per 8 rows and stays in L2).
+// stream each) and keeps up to 24 vector accumulators: up to 4 rows x 64 outputs, else
+// 8 rows x 48 outputs per pass (a panel passes once per 8 rows and stays in L2).
 // Inner loops are plain C++ on GCC vector types; target_clones builds AVX-512, AVX2 and
 // baseline versions and picks one at run time.
 // bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
@@ -63,7 +63,7 @@ inline __attribute__((always_inline)) float out_at(const v16f* acc, int64_t j) {
 // MB rows against NP adjacent panels in one pass: NP memory streams per core. A core's
 // own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
 // several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors
-// (NV = vectors per panel row), kept at 16 by the callers.
+// (NV = vectors per panel row), at most 24 (panel_rows).
 template <int MB, int NP, bool PF = true, class W>
 inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
                                                  const W* __restrict p0, const float* __restrict bias,
@@ -110,14 +110,14 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
   }
 }
 
-// All M rows against NP adjacent panels: passes of 16 / (NP * NV) rows (at most 8),
-// then the rest in one more pass (not one pass per leftover row: each pass re-reads
-// the panels).
+// All M rows against NP adjacent panels: passes of up to 8 rows that keep at most 24
+// accumulator vectors, then the rest in one more pass (not one pass per leftover row:
+// each pass re-reads the panels).
 template <int NP, class W>
 inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* p0,
                                                       const float* bias, float* out, int64_t ldo, int64_t n0,
                                                       int64_t nvalid_last) {
-  constexpr int R0 = 16 / (NP * (panel_width<W>() / 16)), R = R0 < 8 ? R0 : 8;
+  constexpr int R0 = 24 / (NP * (panel_width<W>() / 16)), R = R0 < 8 ? R0 : 8;
   static_assert(R >= 1, "rows per pass");
   int64_t m = 0;
   // Only the first pass prefetches: the later ones find the panels in L2, where the
@@ -142,19 +142,21 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
 #undef LOOM_ROWS_CASE
 }
 
-// Panels per pass: up to 4 rows, 64 outputs (float32: 4 panels; bfloat16: 2); more
-// rows, 32 outputs (float32: 2 panels; bfloat16: 1), so 8 rows fit the accumulators.
+// Panels per pass: up to 4 rows, 64 outputs (float32: 4 panels, 16 accumulators;
+// bfloat16: 2); more rows, float32 3 panels (8 rows x 48 outputs, 24 accumulators),
+// bfloat16 1 panel (8 rows x 32 outputs, 16).
 // A/B in one process against the previous layout (32-output float32 panels, one panel
 // per pass above 4 rows, two up to 4), the benchmark model's 53 linears with 8 rows:
-// -11..-23%; 4 rows -2..-9%, 1 row -3..-6%; bfloat16 unchanged; prefill (1024 rows)
-// +1% (with the first-pass-only prefetch of panel_rows).
+// -11..-23% with 2 panels per pass, then 3 panels: another -6% (8 and 6 rows), -2..-7%
+// for 16-1024 rows; 4 rows -2..-9%, 1 row -3..-6%; bfloat16 unchanged. Tried: 4 rows
+// with 6 or 8 panels (+4%, +25%), 12 rows x 2 panels (spills: 2x slower).
 template <class W>
 constexpr int group_small() {
   return 64 / panel_width<W>();
 }
 template <class W>
 constexpr int group_large() {
-  return 32 / panel_width<W>() > 0 ? 32 / panel_width<W>() : 1;
+  return sizeof(W) == 4 ? 3 : 1;
 }
 
 // Panels [b0, b1) for M rows.
