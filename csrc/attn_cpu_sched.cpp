@@ -182,6 +182,8 @@ int current_isa() {
 
 const char* active_isa() { return isa_name(current_isa()); }
 
+int active_isa_level() { return current_isa(); }
+
 bool set_isa(const char* name) {
   if (name == nullptr || name[0] == '\0') {
     forced_isa.store(-1);

@@ -25,8 +25,9 @@ TORCH_LIBRARY_IMPL(loom, CPU, m) {
   m.impl("build_plan", &loom::build_plan);
 }
 
-// engine._C.cpu_isa(name=None) -> str: the CPU kernel build in use ("avx512", "avx2",
-// "base"). A name lowers it (for tests and benchmarks); "" restores the automatic choice.
+// engine._C.cpu_isa(name=None) -> str: the CPU kernel build in use by the segment attention
+// and the packed GEMM ("avx512", "avx2", "base"). A name lowers it (for tests and
+// benchmarks); "" restores the automatic choice.
 static PyObject* cpu_isa(PyObject*, PyObject* args) {
   const char* name = nullptr;
   if (!PyArg_ParseTuple(args, "|z", &name)) return nullptr;
@@ -43,7 +44,7 @@ PyObject* decoder_layer_py(PyObject* self, PyObject* args);  // csrc/layer_cpu.c
 }
 
 static PyMethodDef kMethods[] = {
-    {"cpu_isa", cpu_isa, METH_VARARGS, "cpu_isa(name=None) -> str: the CPU attention build in use."},
+    {"cpu_isa", cpu_isa, METH_VARARGS, "cpu_isa(name=None) -> str: the CPU kernel build in use (attention, packed GEMM)."},
     {"decoder_layer", loom::decoder_layer_py, METH_VARARGS,
      "decoder_layer(h, x, layer, step, k_pool, v_pool, next_ln) -> Tensor: one fused CPU decoder layer "
      "(see csrc/layer_cpu.cpp)."},

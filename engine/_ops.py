@@ -28,7 +28,8 @@ def ops_available() -> bool:
 
 
 def cpu_isa(name: str | None = None) -> str:
-    """The CPU attention build in use ("avx512", "avx2" or "base"); ``name`` lowers it, "" resets."""
+    """The CPU kernel build in use (attention and packed GEMM: "avx512", "avx2" or "base");
+    ``name`` lowers it, "" resets."""
     return _C.cpu_isa(name)
 
 

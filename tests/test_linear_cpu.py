@@ -6,12 +6,32 @@ import torch
 import torch.nn.functional as F
 
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
+from engine import _ops
+
+
+def _isas() -> list[str]:
+    """Every distinct CPU build this machine can run (avx512 / avx2 / base): the GEMM's
+    micro-kernels are built per instruction set and follow engine._C.cpu_isa."""
+    found = []
+    for name in ("avx512", "avx2", "base"):
+        got = _ops.cpu_isa(name)
+        if got not in found:
+            found.append(got)
+    _ops.cpu_isa("")
+    return found
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    _ops.cpu_isa(request.param)
+    yield request.param
+    _ops.cpu_isa("")
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 300])
 @pytest.mark.parametrize("N,K", [(32, 16), (37, 99), (1000, 77), (96, 512), (5, 3)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_packed_matches_f_linear(M, N, K, bias):
+def test_linear_packed_matches_f_linear(M, N, K, bias, isa):
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
     b = torch.randn(N, generator=g) if bias else None
@@ -22,7 +42,7 @@ def test_linear_packed_matches_f_linear(M, N, K, bias):
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 8, 9, 300])
 @pytest.mark.parametrize("N,K", [(37, 99), (1000, 77), (5, 3)])
-def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K):
+def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K, isa):
     """bfloat16 weights and activations, float32 accumulation, output rounded once."""
     g = torch.Generator().manual_seed(M + N + K)
     w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()

@@ -1,0 +1,43 @@
+// The packed GEMM's micro-kernels built for AVX-512 (picked at run time when the CPU has it).
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "linear_cpu_isa.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2,prefer-vector-width=512")
+namespace loom {
+namespace lin {
+namespace avx512 {
+// 32 vector registers: up to 24 accumulators. Up to 4 rows 4 float32 panels (4 rows x
+// 64 outputs), else 3 (8 rows x 48 outputs); bfloat16 panels are twice as wide.
+// A/B in one process against 32-output float32 panels read one per pass above 4 rows
+// and two up to 4 (the benchmark model's 53 linears): 8 rows -25% (2 panels per pass:
+// -11..-23%, then 3: another -6%), 16 rows -13%, 4 rows -2..-9%, 1 row -3..-6%, 1024
+// rows -2%; bfloat16 unchanged. Tried: 4 rows with 6 or 8 panels (+4%, +25%), 12 rows x
+// 2 panels (spills: 2x slower).
+constexpr int LVL = 16, LACC = 24, GS32 = 4, GL32 = 3, GS16 = 2, GL16 = 1;
+#include "linear_cpu_impl.h"
+}  // namespace avx512
+}  // namespace lin
+}  // namespace loom
+#pragma GCC pop_options
+#else
+// Not built here: the dispatcher never picks it (loom::cpu::active_isa_level).
+namespace loom {
+namespace lin {
+namespace avx512 {
+void run_panels(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
+                int64_t, int64_t) {
+  abort();
+}
+void run_panels(const float*, int64_t, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t,
+                int64_t, int64_t) {
+  abort();
+}
+int panel_group(bool, bool) { abort(); }
+}  // namespace avx512
+}  // namespace lin
+}  // namespace loom
+#endif

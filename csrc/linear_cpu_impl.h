@@ -1,0 +1,178 @@
+// The packed-panel GEMM's micro-kernels (see linear_cpu.cpp), included once per
+// instruction set by linear_cpu_{base,avx2,avx512}.cpp inside `namespace
+// loom::lin::<isa>` after a `#pragma GCC target`.
+//
+// Needs LVL (floats per vector register), LACC (accumulator vectors per pass), GS32 /
+// GL32 (float32 panels per pass up to 4 rows / above) and GS16 / GL16 (bfloat16).
+// Nothing from the standard library's templates is used here: their inline code must
+// not be compiled for a wider instruction set than its other callers'.
+
+constexpr int64_t kPrefetch = 128;  // panel rows ahead (8 KB of each panel)
+
+// A panel row (one k step of a panel) is one cache line: 16 float32 or 32 bfloat16
+// outputs.
+template <class W>
+constexpr int64_t panel_width() {
+  return 64 / sizeof(W);
+}
+
+// Native vectors of LVL floats (GCC vector extensions: wider ones are lowered badly,
+// through memory, on a narrower instruction set) and of LVL 32-bit words.
+typedef float vf __attribute__((vector_size(LVL * 4)));
+typedef float vf_u __attribute__((vector_size(LVL * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(LVL * 4)));
+typedef uint32_t vu_u __attribute__((vector_size(LVL * 4), aligned(2)));
+
+// Vectors per panel row: 64 bytes of float32, or of bfloat16 widened to float32.
+template <class W>
+constexpr int row_vectors() {
+  return static_cast<int>(panel_width<W>()) / LVL;
+}
+
+// One panel row (64 bytes) as row_vectors<W>() float vectors. bfloat16: the 32 weights
+// are read as 16 32-bit words holding an even and an odd weight each; a shift gives the
+// even ones, a mask the odd ones (bfloat16 -> float32 is a 16-bit shift): word vector u
+// gives vectors 2u (even outputs) and 2u + 1 (odd). out_at undoes that.
+inline __attribute__((always_inline)) void load_row(const float* p, vf* w) {
+#pragma GCC unroll 4
+  for (int v = 0; v < 16 / LVL; ++v) w[v] = *reinterpret_cast<const vf_u*>(p + v * LVL);
+}
+inline __attribute__((always_inline)) void load_row(const uint16_t* p, vf* w) {
+#pragma GCC unroll 4
+  for (int u = 0; u < 16 / LVL; ++u) {
+    const vu x = *reinterpret_cast<const vu_u*>(p + 2 * u * LVL);
+    const vu even = x << 16, odd = x & 0xFFFF0000u;
+    w[2 * u] = __builtin_bit_cast(vf, even);
+    w[2 * u + 1] = __builtin_bit_cast(vf, odd);
+  }
+}
+// Output j of a panel row.
+inline __attribute__((always_inline)) float out_at(const vf* acc, int64_t j, float) {
+  return acc[j / LVL][j % LVL];
+}
+inline __attribute__((always_inline)) float out_at(const vf* acc, int64_t j, uint16_t) {
+  const int64_t word = j / 2;
+  return acc[2 * (word / LVL) + j % 2][word % LVL];
+}
+
+// MB rows against NP adjacent panels in one pass: NP memory streams per core. A core's
+// own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
+// several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors
+// (NV = vectors per panel row), at most LACC (panel_rows).
+template <int MB, int NP, bool PF = true, class W>
+inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
+                                                 const W* __restrict p0, const float* __restrict bias,
+                                                 float* __restrict out, int64_t ldo, int64_t n0,
+                                                 int64_t nvalid_last) {
+  constexpr int64_t NB = panel_width<W>();
+  constexpr int NV = row_vectors<W>();
+  vf acc[NP][MB][NV];
+#pragma GCC unroll 32
+  for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 32
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[p][i][v] = vf{};
+  const int64_t ps = K * NB;  // elements per panel
+  for (int64_t k = 0; k < K; ++k) {
+    vf w[NP][NV];
+#pragma GCC unroll 8
+    for (int p = 0; p < NP; ++p) {
+      const W* row = p0 + p * ps + k * NB;
+      // Ask for the panel well ahead: at several rows per pass the multiply-adds hide
+      // less of the memory latency than the hardware prefetcher expects (reading past
+      // the panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0),
+      // not 0: prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM,
+      // where it stalled on every k step even for panels already in L2.
+      if constexpr (PF) __builtin_prefetch(row + kPrefetch * NB, 0, 3);
+      load_row(row, w[p]);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const float a = x[i * ldx + k];
+#pragma GCC unroll 8
+      for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[p][i][v] += a * w[p][v];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* o = out + i * ldo + n0;
+    for (int p = 0; p < NP; ++p) {
+      const int64_t nv = p == NP - 1 ? nvalid_last : NB;
+      for (int64_t j = 0; j < nv; ++j) o[p * NB + j] = out_at(acc[p][i], j, W{}) + (bias ? bias[n0 + p * NB + j] : 0.f);
+    }
+  }
+}
+
+// All M rows against NP adjacent panels: passes of up to 8 rows that keep at most LACC
+// accumulator vectors, then the rest in one more pass (not one pass per leftover row:
+// each pass re-reads the panels).
+template <int NP, class W>
+inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* p0,
+                                                      const float* bias, float* out, int64_t ldo, int64_t n0,
+                                                      int64_t nvalid_last) {
+  constexpr int R0 = LACC / (NP * row_vectors<W>()), R = R0 < 1 ? 1 : R0 < 8 ? R0 : 8;
+  int64_t m = 0;
+  // Only the first pass prefetches: the later ones find the panels in L2, where the
+  // prefetches only cost (prefill, 1024 rows: -6..-9% in an A/B in one process).
+  for (; m + R <= M; m += R)
+    if (m == 0) micro<R, NP>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
+    else micro<R, NP, false>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
+  const float* xr = x + m * ldx;
+  float* orr = out + m * ldo;
+#define LOOM_ROWS_CASE(r)                                                      \
+  case r:                                                                      \
+    if constexpr (R > r) {                                                     \
+      if (m == 0) micro<r, NP>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+      else micro<r, NP, false>(xr, ldx, K, p0, bias, orr, ldo, n0, nvalid_last); \
+    }                                                                          \
+    break;
+  switch (M - m) {
+    LOOM_ROWS_CASE(7) LOOM_ROWS_CASE(6) LOOM_ROWS_CASE(5) LOOM_ROWS_CASE(4)
+    LOOM_ROWS_CASE(3) LOOM_ROWS_CASE(2) LOOM_ROWS_CASE(1)
+    default: break;
+  }
+#undef LOOM_ROWS_CASE
+}
+
+// Panels per pass (set per instruction set): GROUP_SMALL up to 4 rows, GROUP_LARGE
+// above (float32 / bfloat16).
+template <class W>
+constexpr int group_small() {
+  return sizeof(W) == 4 ? GS32 : GS16;
+}
+template <class W>
+constexpr int group_large() {
+  return sizeof(W) == 4 ? GL32 : GL16;
+}
+
+// Panels [b0, b1) for M rows.
+template <class W>
+inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
+                                                        const W* wp, const float* bias, float* out, int64_t ldo,
+                                                        int64_t N, int64_t b0, int64_t b1) {
+  constexpr int64_t NB = panel_width<W>();
+  constexpr int GS = group_small<W>(), GL = group_large<W>();
+  auto last = [&](int64_t b) { return N - b * NB < NB ? N - b * NB : NB; };  // valid outputs of panel b
+  int64_t b = b0;
+  if (M <= 4)
+    for (; b + GS <= b1; b += GS) panel_rows<GS>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GS - 1));
+  if constexpr (GL > 1)
+    for (; b + GL <= b1; b += GL) panel_rows<GL>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GL - 1));
+  for (; b < b1; ++b) panel_rows<1>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b));
+}
+
+void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,
+                float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+  run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
+}
+
+void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
+                float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+  run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
+}
+
+int panel_group(bool bf16, bool small) {
+  return bf16 ? (small ? GS16 : GL16) : (small ? GS32 : GL32);
+}

@@ -1,0 +1,28 @@
+// The packed GEMM's per-instruction-set builds (linear_cpu_{base,avx2,avx512}.cpp, the
+// code in linear_cpu_impl.h); linear_cpu.cpp picks one with the CPU attention's choice
+// (loom::cpu::active_isa_level, lowered by engine._C.cpu_isa for tests).
+#pragma once
+
+#include <stdint.h>
+
+namespace loom {
+namespace lin {
+
+// Rows M of x [M, ldx] against panels [b0, b1) of the packed weight wp (float32 or
+// bfloat16 panels of N outputs), out [M, ldo]; panel_group: panels per pass, which
+// callers keep together when they split the panels between threads.
+#define LOOM_LIN_DECLARE(isa)                                                                            \
+  namespace isa {                                                                                        \
+  void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, const float* bias,  \
+                  float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1);                            \
+  void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp,                  \
+                  const float* bias, float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1);         \
+  int panel_group(bool bf16, bool small);                                                                \
+  }
+LOOM_LIN_DECLARE(base)
+LOOM_LIN_DECLARE(avx2)
+LOOM_LIN_DECLARE(avx512)
+#undef LOOM_LIN_DECLARE
+
+}  // namespace lin
+}  // namespace loom
