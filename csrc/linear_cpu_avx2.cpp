@@ -1,6 +1,5 @@
 // The packed GEMM's micro-kernels built for AVX2 + FMA (picked at run time when the CPU has it).
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "linear_cpu_isa.h"
 
@@ -22,20 +21,5 @@ constexpr int LVL = 8, LACC = 16, GS32 = 2, GL32 = 1, GS16 = 2, GL16 = 1;
 }  // namespace loom
 #pragma GCC pop_options
 #else
-// Not built here: the dispatcher never picks it (loom::cpu::active_isa_level).
-namespace loom {
-namespace lin {
-namespace avx2 {
-void run_panels(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
-                int64_t, int64_t) {
-  abort();
-}
-void run_panels(const float*, int64_t, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t,
-                int64_t, int64_t) {
-  abort();
-}
-int panel_group(bool, bool) { abort(); }
-}  // namespace avx2
-}  // namespace lin
-}  // namespace loom
+LOOM_LIN_STUB(avx2)
 #endif

@@ -1,6 +1,5 @@
 // The packed GEMM's micro-kernels built for AVX-512 (picked at run time when the CPU has it).
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "linear_cpu_isa.h"
 
@@ -26,20 +25,5 @@ constexpr int LVL = 16, LACC = 24, GS32 = 4, GL32 = 3, GS16 = 3, GL16 = 2;
 }  // namespace loom
 #pragma GCC pop_options
 #else
-// Not built here: the dispatcher never picks it (loom::cpu::active_isa_level).
-namespace loom {
-namespace lin {
-namespace avx512 {
-void run_panels(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t,
-                int64_t, int64_t) {
-  abort();
-}
-void run_panels(const float*, int64_t, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, int64_t,
-                int64_t, int64_t) {
-  abort();
-}
-int panel_group(bool, bool) { abort(); }
-}  // namespace avx512
-}  // namespace lin
-}  // namespace loom
+LOOM_LIN_STUB(avx512)
 #endif

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <stdlib.h>
 
 namespace loom {
 namespace lin {
@@ -26,3 +27,22 @@ LOOM_LIN_DECLARE(avx512)
 
 }  // namespace lin
 }  // namespace loom
+
+// Placeholder for a build this compiler / architecture lacks: loom::cpu::active_isa_level
+// never picks it.
+#define LOOM_LIN_STUB(isa)                                                                                \
+  namespace loom {                                                                                        \
+  namespace lin {                                                                                         \
+  namespace isa {                                                                                         \
+  void run_panels(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t,    \
+                  int64_t, int64_t, int64_t) {                                                            \
+    abort();                                                                                              \
+  }                                                                                                       \
+  void run_panels(const float*, int64_t, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t, \
+                  int64_t, int64_t, int64_t) {                                                            \
+    abort();                                                                                              \
+  }                                                                                                       \
+  int panel_group(bool, bool) { abort(); }                                                                \
+  }                                                                                                       \
+  }                                                                                                       \
+  }

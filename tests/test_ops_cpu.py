@@ -17,29 +17,9 @@ from engine.attention.reference import merge_states as merge_states_ref
 from engine.attention.reference import segment_attention_torch
 
 _ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
+from _cpu_isa import ISAS, isa  # noqa: E402,F401  (isa: the fixture)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-def _isas() -> list[str]:
-    """Every distinct CPU build this machine can run (avx512 / avx2 / base)."""
-    found = []
-    for name in ("avx512", "avx2", "base"):
-        got = _ops.cpu_isa(name)
-        if got not in found:
-            found.append(got)
-    _ops.cpu_isa("")
-    return found
-
-
-ISAS = _isas()
-
-
-@pytest.fixture
-def isa(request):
-    _ops.cpu_isa(request.param)
-    yield request.param
-    _ops.cpu_isa("")
 
 
 def inv_freq_of(D: int, theta: float = 10000.0) -> torch.Tensor:

@@ -1,0 +1,27 @@
+"""The CPU kernel builds (avx512 / avx2 / base) this machine can run, and a fixture that
+switches engine._C to one of them for a test: the segment attention and the packed GEMM
+are built per instruction set and follow engine._C.cpu_isa."""
+import pytest
+
+_ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
+
+
+def _isas() -> list[str]:
+    found = []
+    for name in ("avx512", "avx2", "base"):
+        got = _ops.cpu_isa(name)
+        if got not in found:
+            found.append(got)
+    _ops.cpu_isa("")
+    return found
+
+
+ISAS = _isas()
+
+
+@pytest.fixture
+def isa(request):
+    """Use with ``@pytest.mark.parametrize("isa", ISAS, indirect=True)``."""
+    _ops.cpu_isa(request.param)
+    yield request.param
+    _ops.cpu_isa("")
