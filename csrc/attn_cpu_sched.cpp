@@ -148,7 +148,8 @@ ScheduleView view_of(const Schedule& s) {
 
 namespace {
 
-enum Isa : int { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+constexpr int kBase = static_cast<int>(IsaLevel::base), kAvx2 = static_cast<int>(IsaLevel::avx2),
+              kAvx512 = static_cast<int>(IsaLevel::avx512);
 
 int detect_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -182,7 +183,7 @@ int current_isa() {
 
 const char* active_isa() { return isa_name(current_isa()); }
 
-int active_isa_level() { return current_isa(); }
+IsaLevel active_isa_level() { return static_cast<IsaLevel>(current_isa()); }
 
 bool set_isa(const char* name) {
   if (name == nullptr || name[0] == '\0') {

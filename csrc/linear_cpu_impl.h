@@ -136,24 +136,15 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
 #undef LOOM_ROWS_CASE
 }
 
-// Panels per pass (set per instruction set): GROUP_SMALL up to 4 rows, GROUP_LARGE
-// above (float32 / bfloat16).
-template <class W>
-constexpr int group_small() {
-  return sizeof(W) == 4 ? GS32 : GS16;
-}
-template <class W>
-constexpr int group_large() {
-  return sizeof(W) == 4 ? GL32 : GL16;
-}
-
-// Panels [b0, b1) for M rows.
+// Panels [b0, b1) for M rows: groups of GS32 / GS16 panels per pass up to 4 rows, of
+// GL32 / GL16 above (float32 / bfloat16), then single panels.
 template <class W>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
                                                         const W* wp, const float* bias, float* out, int64_t ldo,
                                                         int64_t N, int64_t b0, int64_t b1) {
   constexpr int64_t NB = panel_width<W>();
-  constexpr int GS = group_small<W>(), GL = group_large<W>();
+  constexpr bool bf16 = sizeof(W) == 2;
+  constexpr int GS = bf16 ? GS16 : GS32, GL = bf16 ? GL16 : GL32;
   auto last = [&](int64_t b) { return N - b * NB < NB ? N - b * NB : NB; };  // valid outputs of panel b
   int64_t b = b0;
   if (M <= 4)

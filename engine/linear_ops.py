@@ -10,7 +10,7 @@ from . import _ops  # noqa: F401  registers torch.ops.loom.* (raises ImportError
 
 
 def _panel_width(dtype) -> int:
-    """Outputs per panel, as panel_width in csrc/linear_cpu.cpp: a 64-byte row per k step."""
+    """Outputs per panel, as panel_width_of in csrc/linear_cpu.cpp: a 64-byte row per k step."""
     return 32 if dtype == torch.bfloat16 else 16
 
 

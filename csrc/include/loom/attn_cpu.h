@@ -119,8 +119,9 @@ LOOM_DECLARE_ISA(avx512)
 // ("avx512", "avx2", "base"; "" restores the automatic choice). Returns its name.
 const char* active_isa();
 bool set_isa(const char* name);
-// The same as a number: 0 base, 1 avx2, 2 avx512 (the packed GEMM follows it too).
-int active_isa_level();
+// The same as a level (the packed GEMM's dispatch follows it too).
+enum class IsaLevel : int { base = 0, avx2 = 1, avx512 = 2 };
+IsaLevel active_isa_level();
 
 // The active build's entry points.
 bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf);
