@@ -27,6 +27,15 @@ constexpr int PV_ROWS = LOOM_PV_ROWS;
 constexpr int PV_VECS = LOOM_PV_VECS;
 constexpr int SMALL_M = kSmallQueries;  // up to this many queries: scores are dot products over D
 
+// Keys per step of the amx path (a multiple of kKeyTile: key chunks are): longer value
+// products per load and store of the accumulator tiles.
+#ifdef LOOM_AMX
+constexpr int kAmxKeys = LOOM_AMX_KEYS;
+#else
+constexpr int kAmxKeys = kKeyTile;
+#endif
+static_assert(kAmxKeys % kKeyTile == 0, "amx key tiles hold whole kKeyTile tiles");
+
 static inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 static inline int min_int(int a, int b) { return a < b ? a : b; }
 static inline int max_int(int a, int b) { return a > b ? a : b; }
@@ -75,14 +84,18 @@ struct Scratch {
   float* l_run;
   float* alpha;
   float* m_use;
-  float* s;       // S^T [kKeyTile][mpad] (large path) or S [head][M][kSmallTile] (small path)
+  float* s;       // S^T [kKeyTile][mpad] (large path; kAmxKeys on amx) or S [head][M][kSmallTile] (small path)
   float* kbuf;    // keys / values of one tile converted to float (16-bit inputs)
   float* vbuf;
   float* tmp;     // VL query rows [VL][round_up(D, VL)]
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
-  int64_t* off;        // byte offsets of the K/V rows of this tile and the next (large path): [2][kKeyTile]
+  int64_t* off;        // byte offsets of the K/V rows of this tile and the next (large path): [2][kAmxKeys]
+  uint16_t* qp;        // amx build: Q^T tiles (and split parts) [head][3][mpad][D]
+  uint16_t* pp;        // amx build: P tiles (and remainders) [2][mpad][kAmxKeys]
+  uint16_t* kp;        // amx build: gathered key rows [kAmxKeys][D]
+  uint16_t* vp;        // amx build: V tiles [kAmxKeys][D]
   void* block;
 };
 
@@ -129,13 +142,19 @@ struct LinePrefetch {
 static inline size_t pad64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 static inline size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
-// Room for one head of up to max_m queries, or `heads` heads of up to SMALL_M queries.
+// Room for one head of up to max_m queries (every head's in the amx build), or `heads`
+// heads of up to SMALL_M queries.
 static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   const size_t mp = static_cast<size_t>(round_up(max_m, VL));
   const size_t Dp = static_cast<size_t>(round_up(D, VL));
   const size_t hq = static_cast<size_t>(heads) * SMALL_M;  // queries over all head slots
-  const size_t qo = max_size(mp * Dp, hq * Dp);
-  const size_t vec = max_size(mp, hq);
+#ifdef LOOM_AMX
+  const size_t mh = static_cast<size_t>(heads) * mp;  // the amx path: every head's queries
+#else
+  const size_t mh = mp;
+#endif
+  const size_t qo = max_size(mh * Dp, hq * Dp);
+  const size_t vec = max_size(mh, hq);
   const size_t rows = max_size(kKeyTile, static_cast<size_t>(heads) * kSmallTile);
   const size_t f = sizeof(float);
   const size_t sizes[] = {pad64(qo * f),
@@ -144,14 +163,18 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(vec * f),
                           pad64(vec * f),
                           pad64(vec * f),
-                          pad64(max_size(kKeyTile * mp, hq * kSmallTile) * f),
+                          pad64(max_size(kAmxKeys * mp, hq * kSmallTile) * f),
                           pad64(rows * Dp * f),
                           pad64(rows * Dp * f),
                           pad64(VL * Dp * f),
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
                           pad64(rows * sizeof(float*)),
-                          pad64(2 * static_cast<size_t>(kKeyTile) * sizeof(int64_t))};
+                          pad64(2 * static_cast<size_t>(kAmxKeys) * sizeof(int64_t)),
+                          pad64(3 * mh * Dp * 2),
+                          pad64(2 * mp * kAmxKeys * 2),
+                          pad64(kAmxKeys * Dp * 2),
+                          pad64(kAmxKeys * Dp * 2)};
   size_t total = 0;
   for (size_t b : sizes) total += b;
   char* p = static_cast<char*>(aligned_alloc(64, total));
@@ -171,6 +194,12 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   sc.vrow = reinterpret_cast<const float**>(p);
   p += sizes[i++];
   sc.off = reinterpret_cast<int64_t*>(p);
+  p += sizes[i++];
+  uint16_t** hw[] = {&sc.qp, &sc.pp, &sc.kp, &sc.vp};
+  for (uint16_t** dst : hw) {
+    *dst = reinterpret_cast<uint16_t*>(p);
+    p += sizes[i++];
+  }
   return true;
 }
 

@@ -213,6 +213,10 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
 }
 
+#ifdef LOOM_AMX
+#include "attn_cpu_amx.h"
+#endif
+
 template <DType DT>
 static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, Scratch& sc,
                      float* o_buf, float* lse_buf) {
@@ -221,7 +225,12 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
   const int e0 = a.q_indptr[j], Ej = a.q_indptr[j + 1] - e0;
   const int nrows = it.e_end - it.e_begin, M = nrows * G;
   const bool small = M <= SMALL_M;
-  if (!small && nh > 1) {  // many queries: one kv head at a time (scratch holds one)
+#ifdef LOOM_AMX
+  const bool amx = DT == DType::BF16 && !small && amx_head_dim(D);  // every head per key tile
+#else
+  const bool amx = false;
+#endif
+  if (!small && !amx && nh > 1) {  // many queries: one kv head at a time (scratch holds one)
     for (int h = it.kvh; h < it.kvh_end; ++h) run_item<DT>(a, sv, head_of(it, h), sc, o_buf, lse_buf);
     return;
   }
@@ -242,16 +251,20 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
       hs.m_run[m] = -INFINITY;
       hs.l_run[m] = 0.f;
     }
-    for (int64_t x = 0; x < static_cast<int64_t>(M) * D; ++x) hs.o[x] = 0.f;
+    for (int64_t x = 0; x < static_cast<int64_t>(mpad) * D; ++x) hs.o[x] = 0.f;
   }
 
   const int k_end = min_int(it.k_end, hi);
   if (k_end > it.k_begin) {
-    for (int h = 0; h < nh; ++h)
-      pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small, mpad);
+    for (int h = 0; h < nh; ++h)  // (the amx path takes the queries as [M][D] too)
+      pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
     if (small)
       run_small<DT>(a, it, sc, pages, M, lo, k_end);
+#ifdef LOOM_AMX
+    else if (amx)
+      run_large_amx(a, it, sc, pages, M, mpad, lo, k_end);
+#endif
     else
       run_large<DT>(a, it, sc, pages, M, mpad, lo, k_end);
   }

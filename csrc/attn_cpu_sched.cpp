@@ -13,6 +13,14 @@
 
 #include "loom/attn_cpu.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace loom {
 namespace cpu {
 
@@ -149,7 +157,24 @@ ScheduleView view_of(const Schedule& s) {
 namespace {
 
 constexpr int kBase = static_cast<int>(IsaLevel::base), kAvx2 = static_cast<int>(IsaLevel::avx2),
-              kAvx512 = static_cast<int>(IsaLevel::avx512);
+              kAvx512 = static_cast<int>(IsaLevel::avx512), kAmx = static_cast<int>(IsaLevel::amx);
+
+// AMX-TILE, AMX-BF16 and AVX512-BF16 on the CPU, and the kernel's permission for this
+// process to use the tile registers (Linux asks each process to request them).
+bool amx_usable() {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tiles = (d >> 24) & 1u, tile_bf16 = (d >> 22) & 1u;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool avx512_bf16 = (a >> 5) & 1u;
+  if (!(tiles && tile_bf16 && avx512_bf16)) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // arch_prctl, asm/prctl.h
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 int detect_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -157,7 +182,7 @@ int detect_isa() {
   if (avx512::compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
-    return kAvx512;
+    return amx::compiled() && amx_usable() ? kAmx : kAvx512;
   if (avx2::compiled() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("bmi2"))
     return kAvx2;
@@ -172,7 +197,9 @@ int best_isa() {
 
 std::atomic<int> forced_isa{-1};
 
-const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "base"; }
+const char* isa_name(int isa) {
+  return isa == kAmx ? "amx" : isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "base";
+}
 
 int current_isa() {
   const int f = forced_isa.load();
@@ -190,7 +217,7 @@ bool set_isa(const char* name) {
     forced_isa.store(-1);
     return true;
   }
-  for (int isa : {kBase, kAvx2, kAvx512})
+  for (int isa : {kBase, kAvx2, kAvx512, kAmx})
     if (std::strcmp(name, isa_name(isa)) == 0) {
       forced_isa.store(isa);
       return true;
@@ -200,6 +227,7 @@ bool set_isa(const char* name) {
 
 bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf) {
   switch (current_isa()) {
+    case kAmx: return amx::segment_attention(a, s, o_buf, lse_buf);
     case kAvx512: return avx512::segment_attention(a, s, o_buf, lse_buf);
     case kAvx2: return avx2::segment_attention(a, s, o_buf, lse_buf);
     default: return base::segment_attention(a, s, o_buf, lse_buf);
@@ -210,6 +238,7 @@ void run_merge_states(const float* o, const float* lse, int64_t heads, int64_t d
                       const int32_t* merge_indptr, const int32_t* merge_entries, int64_t num_rows,
                       float* out, int num_threads) {
   switch (current_isa()) {
+    case kAmx:  // (the merge has no tile work: the avx512 build's)
     case kAvx512:
       return avx512::merge_states(o, lse, heads, dim, merge_indptr, merge_entries, num_rows, out, num_threads);
     case kAvx2:

@@ -37,6 +37,7 @@ template <class W>
 void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, const float* bias, float* out,
                 int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   switch (cpu::active_isa_level()) {
+    case cpu::IsaLevel::amx:  // (no tile GEMM yet: the avx512 micro-kernels)
     case cpu::IsaLevel::avx512: return lin::avx512::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     case cpu::IsaLevel::avx2: return lin::avx2::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     default: return lin::base::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
@@ -45,6 +46,7 @@ void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, 
 
 int panel_group(bool bf16, bool small) {
   switch (cpu::active_isa_level()) {
+    case cpu::IsaLevel::amx:
     case cpu::IsaLevel::avx512: return lin::avx512::panel_group(bf16, small);
     case cpu::IsaLevel::avx2: return lin::avx2::panel_group(bf16, small);
     default: return lin::base::panel_group(bf16, small);

@@ -26,13 +26,13 @@ TORCH_LIBRARY_IMPL(loom, CPU, m) {
 }
 
 // engine._C.cpu_isa(name=None) -> str: the CPU kernel build in use by the segment attention
-// and the packed GEMM ("avx512", "avx2", "base"). A name lowers it (for tests and
+// and the packed GEMM ("amx", "avx512", "avx2", "base"). A name lowers it (for tests and
 // benchmarks); "" restores the automatic choice.
 static PyObject* cpu_isa(PyObject*, PyObject* args) {
   const char* name = nullptr;
   if (!PyArg_ParseTuple(args, "|z", &name)) return nullptr;
   if (name != nullptr && !loom::cpu::set_isa(name)) {
-    PyErr_Format(PyExc_ValueError, "cpu_isa(%R): choose one of 'avx512', 'avx2', 'base' or ''.",
+    PyErr_Format(PyExc_ValueError, "cpu_isa(%R): choose one of 'amx', 'avx512', 'avx2', 'base' or ''.",
                  PyTuple_GET_ITEM(args, 0));
     return nullptr;
   }

@@ -28,8 +28,8 @@ def ops_available() -> bool:
 
 
 def cpu_isa(name: str | None = None) -> str:
-    """The CPU kernel build in use (attention and packed GEMM: "avx512", "avx2" or "base");
-    ``name`` lowers it, "" resets."""
+    """The CPU kernel build in use (attention and packed GEMM): "amx" (avx512 plus AMX tiles
+    for bfloat16 caches), "avx512", "avx2" or "base"; ``name`` lowers it, "" resets."""
     return _C.cpu_isa(name)
 
 

@@ -1,4 +1,4 @@
-"""The CPU kernel builds (avx512 / avx2 / base) this machine can run, and a fixture that
+"""The CPU kernel builds (amx / avx512 / avx2 / base) this machine can run, and a fixture that
 switches engine._C to one of them for a test: the segment attention and the packed GEMM
 are built per instruction set and follow engine._C.cpu_isa."""
 import pytest
@@ -8,7 +8,7 @@ _ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip in
 
 def _isas() -> list[str]:
     found = []
-    for name in ("avx512", "avx2", "base"):
+    for name in ("amx", "avx512", "avx2", "base"):
         got = _ops.cpu_isa(name)
         if got not in found:
             found.append(got)
@@ -17,6 +17,8 @@ def _isas() -> list[str]:
 
 
 ISAS = _isas()
+# The packed GEMM's builds: amx runs the avx512 GEMM (its tiles serve the attention only).
+GEMM_ISAS = [i for i in ISAS if i != "amx"]
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
-from _cpu_isa import ISAS, isa  # noqa: F401  (isa: the fixture)
+from _cpu_isa import GEMM_ISAS, isa  # noqa: F401  (isa: the fixture)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 17, 300])
 @pytest.mark.parametrize("N,K", [(32, 16), (37, 99), (1000, 77), (96, 512), (5, 3)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -22,7 +22,7 @@ def test_linear_packed_matches_f_linear(M, N, K, bias, isa):
     torch.testing.assert_close(y, F.linear(x, w, b), atol=2e-5 * K ** 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 8, 9, 300])
 @pytest.mark.parametrize("N,K", [(37, 99), (1000, 77), (5, 3)])
 def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K, isa):

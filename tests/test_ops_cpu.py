@@ -229,6 +229,71 @@ def test_float32_queries_over_16bit_cache(isa, kv_dtype):
     check(plan, q, k.to(kv_dtype), v.to(kv_dtype))
 
 
+# The many-query path on AMX tiles (the "amx" build, bfloat16 caches; ISAS has it where the
+# CPU and the OS allow the tiles): tiles of 16 queries / keys / dims with partial ones,
+# key rows read in place (pages of whole 16-key blocks) or gathered (other page sizes),
+# head dims that are (or are not: the FMA path) multiples of 32.
+MANY_QUERY_CASES = [  # (shared keys, rows, G, D, page size)
+    (1, 3, 2, 64, 16), (15, 17, 2, 64, 16), (16, 3, 7, 128, 16), (17, 40, 2, 64, 64),
+    (100, 17, 4, 128, 1), (1000, 40, 2, 128, 16), (300, 9, 7, 256, 16), (200, 17, 2, 32, 64),
+    (130, 17, 2, 80, 16),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("L,rows,G,D,page_size", MANY_QUERY_CASES)
+def test_many_queries_16bit_cache(isa, q_dtype, L, rows, G, D, page_size):
+    """rows decode rows over one shared segment of L keys plus 40 causal rows of one
+    thread's own prefill: bfloat16 K/V; queries bfloat16 (a bfloat16 model) or float32 (a
+    float32 model over a bfloat16 cache, held to float32's tolerance)."""
+    rng = random.Random(L * 7 + rows + D)
+    seg_len = {0: L, **{i + 1: rng.randint(1, 20) for i in range(rows)}, rows + 1: 45}
+    threads = [ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1) for i in range(rows)]
+    threads.append(ThreadStep([(0, 0), (rows + 1, 0)], rows + 1, 40))
+    seg_pages, num_pages = make_pool(seg_len, page_size, rng)
+    plan = build_plan_py(threads, seg_len, seg_pages)
+    q, k, v = make_tensors(plan, num_pages, page_size, 2 * G, 2, D, torch.float32, L + rows)
+    check(plan, q.to(q_dtype), k.bfloat16(), v.bfloat16())
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+def test_running_max_that_moves(isa, q_dtype, trend):
+    """Scores that rise (or fall) from ~15 to ~130 along 2,000 keys: the amx path's lazy
+    running max (moved only when a tile's max passes it by 8) is moved, and the
+    accumulators rescaled, over a dozen times, or never."""
+    L, rows = 2000, 12
+    seg_len = {0: L, **{i + 1: 3 for i in range(rows)}}
+    seg_pages, num_pages = make_pool(seg_len, 16, random.Random(3))
+    plan = build_plan_py([ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1) for i in range(rows)], seg_len, seg_pages)
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32, 11)
+    q = q.abs() * 3  # positive queries: scores follow the keys' common offset
+    ramp = torch.linspace(0, 6, L) if trend == "rising" else torch.linspace(6, 0, L)
+    keys = k.view(-1, 2, 64)
+    for i, page in enumerate(seg_pages[0]):  # segment 0's key t: + ramp[t] in every dim
+        n = min(16, L - 16 * i)
+        keys[page * 16: page * 16 + n] += ramp[16 * i: 16 * i + n, None, None]
+    q, k, v = q.to(q_dtype), k.bfloat16(), v.bfloat16()
+    ref = segment_attention_torch(q, k, v, plan, inv_freq_of(64), 0.125)
+    out = _ops.segment_attention_cpu(q, k, v, plan, inv_freq_of(64), 0.125)
+    # Scores reach ~130 here: float32 rounds them to ~1e-5 absolute, so even two float32
+    # kernels differ by more than the usual 1e-5.
+    tol = 1e-4 if q_dtype == torch.float32 else TOL[q_dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_cpu_isa_names():
+    """The build in use is one of the four; a bad name is refused with the choices, and
+    leaves the build as it was."""
+    assert _ops.cpu_isa() in ("amx", "avx512", "avx2", "base")
+    before = _ops.cpu_isa()
+    with pytest.raises(ValueError, match="'amx', 'avx512', 'avx2', 'base'"):
+        _ops.cpu_isa("avx1024")
+    assert _ops.cpu_isa() == before
+
+
 def test_strided_q():
     """q may be a view (e.g. split from a fused qkv projection): last dim contiguous."""
     plan, num_pages = random_case(3)

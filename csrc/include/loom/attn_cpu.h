@@ -113,14 +113,16 @@ ScheduleView view_of(const Schedule& s);
 LOOM_DECLARE_ISA(base)
 LOOM_DECLARE_ISA(avx2)
 LOOM_DECLARE_ISA(avx512)
+LOOM_DECLARE_ISA(amx)
 #undef LOOM_DECLARE_ISA
 
 // The build to run: the best the CPU supports, unless lowered by set_isa
-// ("avx512", "avx2", "base"; "" restores the automatic choice). Returns its name.
+// ("amx", "avx512", "avx2", "base"; "" restores the automatic choice). Returns its name.
+// (amx = avx512 plus AMX tiles for bfloat16 caches; the packed GEMM runs avx512 there.)
 const char* active_isa();
 bool set_isa(const char* name);
 // The same as a level (the packed GEMM's dispatch follows it too).
-enum class IsaLevel : int { base = 0, avx2 = 1, avx512 = 2 };
+enum class IsaLevel : int { base = 0, avx2 = 1, avx512 = 2, amx = 3 };
 IsaLevel active_isa_level();
 
 // The active build's entry points.
