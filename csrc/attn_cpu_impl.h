@@ -91,6 +91,8 @@ struct Scratch {
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
+  const uint16_t** krow16;  // small path over a bfloat16 pool: rows in place [head][kSmallTile]
+  const uint16_t** vrow16;
   int64_t* off;        // byte offsets of the K/V rows of this tile and the next (large path): [2][kAmxKeys]
   uint16_t* qp;        // amx build: Q^T tiles (and split parts) [head][3][mpad][D]
   uint16_t* pp;        // amx build: P tiles (and remainders) [2][mpad][kAmxKeys]
@@ -170,6 +172,8 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
                           pad64(rows * sizeof(float*)),
+                          pad64(rows * sizeof(uint16_t*)),
+                          pad64(rows * sizeof(uint16_t*)),
                           pad64(2 * static_cast<size_t>(kAmxKeys) * sizeof(int64_t)),
                           pad64(3 * mh * Dp * 2),
                           pad64(2 * mp * kAmxKeys * 2),
@@ -192,6 +196,10 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   sc.krow = reinterpret_cast<const float**>(p);
   p += sizes[i++];
   sc.vrow = reinterpret_cast<const float**>(p);
+  p += sizes[i++];
+  sc.krow16 = reinterpret_cast<const uint16_t**>(p);
+  p += sizes[i++];
+  sc.vrow16 = reinterpret_cast<const uint16_t**>(p);
   p += sizes[i++];
   sc.off = reinterpret_cast<int64_t*>(p);
   p += sizes[i++];

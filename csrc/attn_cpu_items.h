@@ -110,6 +110,21 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   }
 }
 
+// The same rows of a bfloat16 pool as pointers into it (no conversion).
+static void gather_rows16(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
+                          Scratch& sc) {
+  const auto *kp = static_cast<const uint16_t*>(a.k_pool), *vp = static_cast<const uint16_t*>(a.v_pool);
+  const int D = a.head_dim, Hkv = a.num_kv_heads;
+  PageWalk walk(pages, a.page_size, t0);
+  for (int k = 0; k < nk; ++k) {
+    const int64_t at = walk.next() * Hkv + kvh;
+    for (int h = 0; h < nh; ++h) {
+      sc.krow16[h * stride + k] = kp + (at + h) * D;
+      sc.vrow16[h * stride + k] = vp + (at + h) * D;
+    }
+  }
+}
+
 // Ask for the K/V of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh) ahead of use: pages
 // are scattered over the pool, and each page boundary would otherwise stall the stream
 // until the hardware prefetcher catches up.
@@ -133,18 +148,33 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
 
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
-// softmax and values over the whole tile.
+// softmax and values over the whole tile. bfloat16 rows are read from the pool in place
+// (widened in registers); float16 rows are converted into scratch.
 template <DType DT>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end) {
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
+  constexpr bool in_place = DT == DType::BF16;
+  using R = typename Elem<in_place ? DT : DType::F32>::T;  // row element the kernels read
+  const R* const* krow;
+  const R* const* vrow;
+  if constexpr (in_place) {
+    krow = sc.krow16;
+    vrow = sc.vrow16;
+  } else {
+    krow = sc.krow;
+    vrow = sc.vrow;
+  }
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
-    gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    if constexpr (in_place)
+      gather_rows16(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    else
+      gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
     if (t0 + nk < k_end)
       prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk));
     for (int h = 0; h < nh; ++h)
-      qk_small(sc.krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile);
+      qk_small<R>(krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile);
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
       float* sh = sc.s + h * M * kSmallTile;
@@ -155,7 +185,7 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
     // accumulator load).
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
-      pv_tile(sc.s + h * M * kSmallTile, 1, kSmallTile, M, sc.vrow + h * kSmallTile, nk, hs.o, D, hs.alpha);
+      pv_tile<R>(sc.s + h * M * kSmallTile, 1, kSmallTile, M, vrow + h * kSmallTile, nk, hs.o, D, hs.alpha);
     }
   }
 }
@@ -206,7 +236,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
     qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, nv * pf.lpr);
     if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
     softmax_cols(sc, hs, nk, mpad);
-    pv_tile(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
+    pv_tile<float>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
     int64_t* t = cur;
     cur = nxt;
     nxt = t;

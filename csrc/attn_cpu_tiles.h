@@ -81,6 +81,28 @@ typedef int vi __attribute__((vector_size(VL * 4)));
 
 static inline vf load_vf(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 
+// K/V rows as the small path reads them: float32 rows (the pool's, or 16-bit ones converted
+// into scratch), or bfloat16 rows of the pool itself, widened in registers (a shift):
+// converting them into scratch first wrote and re-read twice the pool's bytes.
+template <class T> struct Row;
+template <> struct Row<float> {
+  static constexpr bool kWiden = false;
+  static inline vf vec(const float* p) { return load_vf(p); }
+  static inline float one(const float* p) { return *p; }
+};
+template <> struct Row<uint16_t> {  // bfloat16
+  static constexpr bool kWiden = true;
+  typedef uint16_t vh __attribute__((vector_size(VL * 2), aligned(2)));
+  typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+  static inline vf vec(const uint16_t* p) {
+    const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static inline float one(const uint16_t* p) { return loom::bf16_to_float(*p); }
+};
+
 // One level of a transpose-reduce: x holds C channels of W partial sums each (channel
 // j in lanes [j*W, (j+1)*W)), y C more; returns those 2C channels (x's first) with W/2
 // partial sums each, by two permutes and an add.
@@ -117,8 +139,8 @@ static inline void transpose_reduce(vf* v, float* out) {
 
 // Scores of KR keys x MS queries as dot products over D (lanes along D), qs [MS][D];
 // S[m][r] at s[m * kSmallTile + r]. KR * MS must be a power of two.
-template <int KR, int MS>
-static inline void qk_dot_block(const float* const* krow, const float* qs, int D, float* s) {
+template <int KR, int MS, class T>
+static inline void qk_dot_block(const T* const* krow, const float* qs, int D, float* s) {
   constexpr int N = KR * MS;
   vf acc[N];
 #pragma GCC unroll 16
@@ -130,7 +152,7 @@ static inline void qk_dot_block(const float* const* krow, const float* qs, int D
     for (int m = 0; m < MS; ++m) qv[m] = load_vf(qs + m * D + d);
 #pragma GCC unroll 16
     for (int r = 0; r < KR; ++r) {
-      const vf kv = load_vf(krow[r] + d);
+      const vf kv = Row<T>::vec(krow[r] + d);
 #pragma GCC unroll 4
       for (int m = 0; m < MS; ++m) acc[r * MS + m] += kv * qv[m];
     }
@@ -140,34 +162,35 @@ static inline void qk_dot_block(const float* const* krow, const float* qs, int D
   for (int r = 0; r < KR; ++r)
     for (int m = 0; m < MS; ++m) {
       float tail = 0.f;
-      for (int dd = d; dd < D; ++dd) tail += krow[r][dd] * qs[m * D + dd];
+      for (int dd = d; dd < D; ++dd) tail += Row<T>::one(krow[r] + dd) * qs[m * D + dd];
       s[m * kSmallTile + r] = sum[r * MS + m] + tail;
     }
 }
 
 // All nk keys of one head: blocks of KR keys (KR * MS accumulators: 16 with 32 vector
 // registers, 8 with 16), then pairs and single keys.
-template <int MS>
-static void qk_small_ms(const float* const* krow, int nk, const float* qs, int D, float* s) {
+template <int MS, class T>
+static void qk_small_ms(const T* const* krow, int nk, const float* qs, int D, float* s) {
   constexpr int NACC = VL >= 16 ? 16 : 8;
   constexpr int KR = NACC / MS;  // MS in {1, 2, 4}
   int k0 = 0;
-  for (; k0 + KR <= nk; k0 += KR) qk_dot_block<KR, MS>(krow + k0, qs, D, s + k0);
+  for (; k0 + KR <= nk; k0 += KR) qk_dot_block<KR, MS, T>(krow + k0, qs, D, s + k0);
   if constexpr (KR >= 4)
-    for (; k0 + KR / 2 <= nk; k0 += KR / 2) qk_dot_block<KR / 2, MS>(krow + k0, qs, D, s + k0);
-  for (; k0 < nk; ++k0) qk_dot_block<1, MS>(krow + k0, qs, D, s + k0);
+    for (; k0 + KR / 2 <= nk; k0 += KR / 2) qk_dot_block<KR / 2, MS, T>(krow + k0, qs, D, s + k0);
+  for (; k0 < nk; ++k0) qk_dot_block<1, MS, T>(krow + k0, qs, D, s + k0);
 }
 
 // Small path: scores of nk keys of one head for M <= SMALL_M queries, S [M][kSmallTile].
-static void qk_small(const float* const* krow, int nk, const float* qs, int M, int D, float* s) {
+template <class T>
+static void qk_small(const T* const* krow, int nk, const float* qs, int M, int D, float* s) {
   switch (M) {
-    case 1: qk_small_ms<1>(krow, nk, qs, D, s); break;
-    case 2: qk_small_ms<2>(krow, nk, qs, D, s); break;
+    case 1: qk_small_ms<1, T>(krow, nk, qs, D, s); break;
+    case 2: qk_small_ms<2, T>(krow, nk, qs, D, s); break;
     case 3:  // as two queries, then one
-      qk_small_ms<2>(krow, nk, qs, D, s);
-      qk_small_ms<1>(krow, nk, qs + 2 * D, D, s + 2 * kSmallTile);
+      qk_small_ms<2, T>(krow, nk, qs, D, s);
+      qk_small_ms<1, T>(krow, nk, qs + 2 * D, D, s + 2 * kSmallTile);
       break;
-    default: qk_small_ms<4>(krow, nk, qs, D, s); break;
+    default: qk_small_ms<4, T>(krow, nk, qs, D, s); break;
   }
 }
 
@@ -280,59 +303,72 @@ static void softmax_rows(float* s, HeadState& hs, int nk, int M) {
 
 // O[i][d0 : d0 + DV*VL] = O * alpha[i] + sum_k P[k, i] V[k][...] for MR queries, where
 // P[k, i] = p[k * sk + i * sm]; no alpha: 1.
-template <int MR, int DV>
-static inline void pv_block(const float* p, int sk, int sm, const float* const* vrow, int nk, int d0,
+template <int MR, int DV, class T>
+static inline void pv_block(const float* p, int sk, int sm, const T* const* vrow, int nk, int d0,
                             float* o, int D, const float* alpha) {
   float acc[MR][DV * VL];
   for (int i = 0; i < MR; ++i)
     for (int x = 0; x < DV * VL; ++x) acc[i][x] = alpha ? o[i * D + d0 + x] * alpha[i] : o[i * D + d0 + x];
   for (int k = 0; k < nk; ++k) {
-    const float* v = vrow[k] + d0;
+    if constexpr (Row<T>::kWiden) {
+      vf vk[DV];
+      for (int x = 0; x < DV; ++x) vk[x] = Row<T>::vec(vrow[k] + d0 + x * VL);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const float pk = p[k * sk + i * sm];
+      for (int i = 0; i < MR; ++i) {
+        const float pk = p[k * sk + i * sm];
+        for (int x = 0; x < DV; ++x)
 #pragma omp simd
-      for (int x = 0; x < DV * VL; ++x) acc[i][x] += pk * v[x];
+          for (int l = 0; l < VL; ++l) acc[i][x * VL + l] += pk * vk[x][l];
+      }
+    } else {
+      const float* v = vrow[k] + d0;
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const float pk = p[k * sk + i * sm];
+#pragma omp simd
+        for (int x = 0; x < DV * VL; ++x) acc[i][x] += pk * v[x];
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int x = 0; x < DV * VL; ++x) o[i * D + d0 + x] = acc[i][x];
 }
 
-template <int MR>
-static void pv_rows(const float* p, int sk, int sm, const float* const* vrow, int nk, float* o, int D,
+template <int MR, class T>
+static void pv_rows(const float* p, int sk, int sm, const T* const* vrow, int nk, float* o, int D,
                     const float* alpha) {
   int d0 = 0;
   for (; d0 + PV_VECS * VL <= D; d0 += PV_VECS * VL)
-    pv_block<MR, PV_VECS>(p, sk, sm, vrow, nk, d0, o, D, alpha);
+    pv_block<MR, PV_VECS, T>(p, sk, sm, vrow, nk, d0, o, D, alpha);
   const int nv = (D - d0) / VL;
   switch (nv) {
-    case 1: pv_block<MR, 1>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
-    case 2: pv_block<MR, 2>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
-    case 3: pv_block<MR, 3>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    case 1: pv_block<MR, 1, T>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    case 2: pv_block<MR, 2, T>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
+    case 3: pv_block<MR, 3, T>(p, sk, sm, vrow, nk, d0, o, D, alpha); break;
     default: break;  // PV_VECS <= 4, so at most 3 whole vectors remain
   }
   for (int d = d0 + nv * VL; d < D; ++d)
     for (int i = 0; i < MR; ++i) {
       float acc = alpha ? o[i * D + d] * alpha[i] : o[i * D + d];
-      for (int k = 0; k < nk; ++k) acc += p[k * sk + i * sm] * vrow[k][d];
+      for (int k = 0; k < nk; ++k) acc += p[k * sk + i * sm] * Row<T>::one(vrow[k] + d);
       o[i * D + d] = acc;
     }
 }
 
 // pf (optional): its remaining lines are issued spread over the row blocks.
-static void pv_tile(const float* p, int sk, int sm, int M, const float* const* vrow, int nk, float* o, int D,
+template <class T>
+static void pv_tile(const float* p, int sk, int sm, int M, const T* const* vrow, int nk, float* o, int D,
                     const float* alpha, LinePrefetch* pf = nullptr) {
   const int blocks = (M + PV_ROWS - 1) / PV_ROWS;
   const int per = pf ? (pf->n - pf->i + blocks - 1) / blocks : 0;
   int m0 = 0;
   for (; m0 + PV_ROWS <= M; m0 += PV_ROWS) {
     if (pf) pf->issue(per, pf->n);
-    pv_rows<PV_ROWS>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha);
+    pv_rows<PV_ROWS, T>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha);
   }
   if (pf) pf->issue(pf->n, pf->n);
 #define LOOM_PV_CASE(mr) \
-  case mr: pv_rows<mr>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha); break;
+  case mr: pv_rows<mr, T>(p + m0 * sm, sk, sm, vrow, nk, o + m0 * D, D, alpha ? alpha + m0 : alpha); break;
   switch (M - m0) {
     LOOM_PV_CASE(1) LOOM_PV_CASE(2) LOOM_PV_CASE(3) LOOM_PV_CASE(4) LOOM_PV_CASE(5) LOOM_PV_CASE(6)
     LOOM_PV_CASE(7)
