@@ -2,8 +2,8 @@
 sharing do, plus the C++ plan builder.
 
 N threads share one prompt of `shared` tokens and each has `own` tokens of its own;
-every thread decodes one query. Qwen3-like heads (Hq=16, Hkv=8, D=128), float32,
-pages of 16 tokens. Methods (one aligned line per configuration):
+every thread decodes one query. Qwen3-like heads (Hq=16, Hkv=8, D=128), float32 (or
+--dtype bfloat16: q, K/V and every method in bfloat16), pages of 16 tokens. Methods (one aligned line per configuration):
 
   loom        torch.ops.loom.segment_attention (cpu): the prompt's K/V read once
   torch       the reference backend (engine/attention/reference.py)
@@ -69,12 +69,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def matmul_peak(repeats: int) -> float:
-    """Best float32 matmul rate (GFLOP/s) measured here: torch.mm on 2048^3 and Loom's
-    packed GEMM on [1024 x 512] x [512 x 1536]."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak(repeats: int, dtype=torch.float32) -> float:
+    """Best matmul rate (GFLOP/s) measured here in dtype: torch.mm on 2048^3 and (float32)
+    Loom's packed GEMM on [1024 x 512] x [512 x 1536]."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     best = 2 * 2048 ** 3 / timed(lambda: torch.mm(a, b), repeats)
-    if hasattr(torch.ops.loom, "linear_packed"):
+    if dtype == torch.float32 and hasattr(torch.ops.loom, "linear_packed"):
         x, wp = torch.randn(1024, 512), torch.ops.loom.pack_linear_weight(torch.randn(1536, 512))
         best = max(best, 2 * 1024 * 512 * 1536 / timed(lambda: torch.ops.loom.linear_packed(x, wp, None, 1536),
                                                           repeats))
@@ -93,7 +93,7 @@ def machine_bandwidth(repeats: int) -> tuple[float, float]:
 class Case:
     """Pools, plan and per-method inputs of one configuration."""
 
-    def __init__(self, n: int, shared: int, own: int, seed: int = 0):
+    def __init__(self, n: int, shared: int, own: int, seed: int = 0, dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
         seg_len = {0: shared, **{i + 1: own for i in range(n)}}
         n_pages = sum(-(-L // PAGE) for L in seg_len.values())
@@ -106,16 +106,17 @@ class Case:
             i += k
         self.plan = build_plan_py([ThreadStep([(0, 0), (t + 1, 0)], t + 1, 1) for t in range(n)], seg_len,
                                   seg_pages)
-        self.k_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g)
-        self.v_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g)
-        self.q = torch.randn(n, HQ, D, generator=g)
+        self.k_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g).to(dtype)
+        self.v_pool = torch.randn(n_pages, PAGE, HKV, D, generator=g).to(dtype)
+        self.q = torch.randn(n, HQ, D, generator=g).to(dtype)
+        self.tol = 1e-4 if dtype == torch.float32 else 3e-2
         self.inv_freq = 1.0 / 1e6 ** (torch.arange(0, D, 2).float() / D)
 
         def tokens(pool, s):  # [L, Hkv, D] of segment s
             return pool[seg_pages[s]].reshape(-1, HKV, D)[: seg_len[s]]
 
         self.n, self.shared, self.own = n, shared, own
-        kv_bytes = HKV * D * 4 * 2
+        kv_bytes = HKV * D * self.k_pool.element_size() * 2
         self.unique_bytes = (shared + n * own) * kv_bytes
         self.per_thread_bytes = n * (shared + own) * kv_bytes
         # sdpa/thr: [N, Hkv, S+O, D] per-thread copies
@@ -154,8 +155,8 @@ class Case:
         ref = self.torch_ref()
         for name, out in (("loom", self.loom()), ("sdpa/thr", self.sdpa_threads()[:, :, 0]),
                           ("sdpa+mask", self.sdpa_mask()[0].transpose(0, 1))):
-            err = (out - ref).abs().max().item()
-            assert err < 1e-4, f"{name} differs from the reference by {err}"
+            err = (out.float() - ref.float()).abs().max().item()
+            assert err < self.tol, f"{name} differs from the reference by {err}"
 
 
 def bench_plan_builder(repeats: int) -> str:
@@ -226,21 +227,22 @@ def runner_plan(threads, seg_len, repeats: int) -> tuple[float, float]:
     return timed(lambda: run(batch), max(repeats, 20), warmup=3), t_first
 
 
-def bench_prefill(repeats: int) -> str:
+def bench_prefill(repeats: int, dtype=torch.float32) -> str:
     """One thread prefilling 1,024 tokens into its own segment (causal), 8 heads, D=128."""
     T, H = 1024, 8
     g = torch.Generator().manual_seed(1)
     seg_pages = {0: list(range(T // PAGE))}
     plan = build_plan_py([ThreadStep([(0, 0)], 0, T)], {0: T}, seg_pages)
-    q = torch.randn(T, H, D, generator=g)
-    k_pool, v_pool = torch.randn(T // PAGE, PAGE, H, D, generator=g), torch.randn(T // PAGE, PAGE, H, D, generator=g)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k_pool = torch.randn(T // PAGE, PAGE, H, D, generator=g).to(dtype)
+    v_pool = torch.randn(T // PAGE, PAGE, H, D, generator=g).to(dtype)
     qs, ks, vs = q.transpose(0, 1)[None], k_pool.reshape(T, H, D).transpose(0, 1)[None], \
         v_pool.reshape(T, H, D).transpose(0, 1)[None]
     t_loom = timed(lambda: _ops.segment_attention_cpu(q, k_pool, v_pool, plan, None, SCALE), repeats)
     t_ref = timed(lambda: segment_attention_torch(q, k_pool, v_pool, plan, None, SCALE), max(3, repeats // 3))
     t_sdpa = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=SCALE), repeats)
     flops = 4 * H * D * T * (T + 1) / 2  # QK and PV over the causal half
-    return (f"prefill 1,024 rows x 1,024 keys causal, 8 heads, D=128: loom {t_loom * 1e3:.1f} ms "
+    return (f"prefill 1,024 rows x 1,024 keys causal, 8 heads, D=128, {str(dtype)[6:]}: loom {t_loom * 1e3:.1f} ms "
             f"({flops / t_loom / 1e9:.0f} GFLOP/s) | torch {t_ref * 1e3:.1f} ms | "
             f"sdpa causal (contiguous K/V) {t_sdpa * 1e3:.1f} ms")
 
@@ -259,18 +261,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (this table) or cuda (bench_attention_gpu.py)")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="of q, K/V and every method (bfloat16: the amx build's tiles where the CPU has them)")
     args = ap.parse_args()
     repeats = 3 if args.quick else args.repeats
     torch.manual_seed(0)
 
     read_bw, copy_bw = machine_bandwidth(repeats)
-    peak = matmul_peak(repeats)
+    dtype = getattr(torch, args.dtype)
+    peak = matmul_peak(repeats, dtype)
     print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
           f"torch {torch.__version__} | loom kernel: {_ops.cpu_isa()}")
     print(f"measured bandwidth: read {read_bw:.1f} GB/s (sum of 512 MB), copy {copy_bw:.1f} GB/s "
           f"(read + write of 256 MB)")
-    print(f"measured float32 matmul peak: {peak:.0f} GFLOP/s (best of torch.mm 2048^3 and loom's GEMM)")
-    print(f"decode, Hq={HQ} Hkv={HKV} D={D} float32, page {PAGE}; ms = median of {repeats}; "
+    print(f"measured {args.dtype} matmul peak: {peak:.0f} GFLOP/s (torch.mm 2048^3"
+          f"{' and loom' + chr(39) + 's GEMM' if dtype == torch.float32 else ''})")
+    print(f"decode, Hq={HQ} Hkv={HKV} D={D} {args.dtype}, page {PAGE}; ms = median of {repeats}; "
           f"MB = K/V bytes the method must read")
     configs = [(n, s, o) for n in (1, 8, 32) for s in (1024, 8192) for o in (64, 512)]
     if args.quick:
@@ -282,7 +288,7 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for n, s, o in configs:
-        case = Case(n, s, o)
+        case = Case(n, s, o, dtype=dtype)
         case.check()
         t_loom = timed(case.loom, repeats)
         t_ref = timed(case.torch_ref, max(3, repeats // 3))
@@ -297,7 +303,7 @@ def main() -> None:
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
         del case
-    print(bench_prefill(repeats))
+    print(bench_prefill(repeats, dtype))
     print(bench_plan_builder(repeats))
 
 
