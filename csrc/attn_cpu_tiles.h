@@ -95,10 +95,17 @@ template <> struct Row<uint16_t> {  // bfloat16
   typedef uint16_t vh __attribute__((vector_size(VL * 2), aligned(2)));
   typedef uint32_t vu __attribute__((vector_size(VL * 4)));
   static inline vf vec(const uint16_t* p) {
+    // (GCC lowers the generic form for 16 lanes to four instructions more than this)
+#if LOOM_VL == 16
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif LOOM_VL == 8
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
     const vu u = __builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16;
     vf f;
     memcpy(&f, &u, sizeof f);
     return f;
+#endif
   }
   static inline float one(const uint16_t* p) { return loom::bf16_to_float(*p); }
 };
