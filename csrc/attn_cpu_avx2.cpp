@@ -9,6 +9,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC push_options
+// GCC 12's intrinsic headers trip these on _mm512_undefined_* (a false positive).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #include "loom/attn_math.h"
 namespace loom {
