@@ -15,10 +15,13 @@
 // bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
 // pays for) and are widened to float32 in registers; activations are widened once per
 // call; outputs are rounded to bfloat16 (nearest even), as a float32-accumulating
-// bfloat16 GEMM does.
+// bfloat16 GEMM does. From 16 rows, on CPUs with AMX tiles, bfloat16 layers run on the
+// tiles instead (linear_cpu_amx.cpp: the same products and float32 sums).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <atomic>
 
 #include "linear_cpu_isa.h"
 #include "loom/attn_cpu.h"
@@ -30,6 +33,11 @@ namespace {
 // A panel row (one k step of a panel) is one cache line: 16 float32 or 32 bfloat16
 // outputs (as panel_width in linear_cpu_impl.h).
 inline int64_t panel_width_of(at::ScalarType t) { return t == at::kBFloat16 ? 32 : 16; }
+
+// Rows from which a bfloat16 layer runs on AMX tiles (when the CPU has them).
+// A/B in one process, the benchmark model's 52 linears in bfloat16 (cold weights), AMX
+// time over the FMA kernels': 8 rows 0.96, 16 rows 0.66, 32 0.49, 64 0.35, 128 0.32.
+constexpr int64_t kAmxMinRows = 16;
 
 // The micro-kernels of the instruction set the CPU attention runs (the best the CPU has,
 // unless lowered by engine._C.cpu_isa).
@@ -91,16 +99,31 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     TORCH_CHECK(b.numel() == n_out, "linear_packed: bias has ", b.numel(), " elements for ", n_out, " outputs");
     bp = b.data_ptr<float>();
   }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = n_out;
+  const int64_t nblocks = wp.size(0);
+  // Many rows of a bfloat16 layer (prefill, or decode of 16+ threads) on AMX tiles,
+  // where the CPU attention runs its amx build. (Fewer rows stay on the FMA kernels.)
+  if (bf16 && K % 32 == 0 && x.numel() / K >= kAmxMinRows && cpu::active_isa_level() == cpu::IsaLevel::amx) {
+    at::Tensor xb = x.reshape({-1, K}).contiguous();
+    const int64_t M = xb.size(0);
+    at::Tensor out = at::empty({M, n_out}, xb.options().dtype(at::kFloat));
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+    const auto* w = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
+    float* op = out.data_ptr<float>();
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, nblocks, 1, [&](int64_t p0, int64_t p1) {
+      if (!lin::amx::run_panels_bf16(xp, K, M, K, w, bp, op, n_out, n_out, p0, p1)) ok = false;
+    });
+    if (ok.load()) return out.to(at::kBFloat16).view(out_sizes);
+  }
   // Activations in float32 (a copy only for bfloat16: a few rows in decode).
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = n_out;
   at::Tensor out = at::empty({M, n_out}, x2.options());
   if (M == 0) return out.to(x.scalar_type()).view(out_sizes);
   const float* xp = x2.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t nblocks = wp.size(0);
   // Rows split too when there are many (prefill), so both cores work on small N.
   const int64_t mchunk = M >= 256 ? 64 : M;
   const int64_t mtiles = (M + mchunk - 1) / mchunk;

@@ -17,7 +17,8 @@ def _isas() -> list[str]:
 
 
 ISAS = _isas()
-# The packed GEMM's builds: amx runs the avx512 GEMM (its tiles serve the attention only).
+# The packed float32 GEMM's builds (amx runs the avx512 one; its bfloat16 GEMM from 16 rows
+# is on tiles: the bfloat16 tests take ISAS).
 GEMM_ISAS = [i for i in ISAS if i != "amx"]
 
 
