@@ -107,15 +107,15 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   if (bf16 && K % 32 == 0 && x.numel() / K >= kAmxMinRows && cpu::active_isa_level() == cpu::IsaLevel::amx) {
     at::Tensor xb = x.reshape({-1, K}).contiguous();
     const int64_t M = xb.size(0);
-    at::Tensor out = at::empty({M, n_out}, xb.options().dtype(at::kFloat));
+    at::Tensor out = at::empty({M, n_out}, xb.options());
     const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
     const auto* w = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
-    float* op = out.data_ptr<float>();
+    auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     std::atomic<bool> ok{true};
     at::parallel_for(0, nblocks, 1, [&](int64_t p0, int64_t p1) {
       if (!lin::amx::run_panels_bf16(xp, K, M, K, w, bp, op, n_out, n_out, p0, p1)) ok = false;
     });
-    if (ok.load()) return out.to(at::kBFloat16).view(out_sizes);
+    if (ok.load()) return out.view(out_sizes);
   }
   // Activations in float32 (a copy only for bfloat16: a few rows in decode).
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();

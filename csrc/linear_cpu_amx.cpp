@@ -9,8 +9,8 @@
 // in place; in L1 across the group's panels) is multiplied into 2 x 2 accumulator tiles
 // over all of K: each tile load feeds two products, and the accumulators stay in tiles
 // until the end. x is bfloat16 already
-// (a bfloat16 model's activations) and the sums are float32: the same numbers as the FMA
-// kernels, summed in another order.
+// (a bfloat16 model's activations) and the sums are float32, plus the bias, rounded to
+// bfloat16 once: the same numbers as the FMA kernels, summed in another order.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,7 +99,7 @@ inline void block(const uint16_t* xa, int64_t lda_bytes, int64_t nkc, const uint
 bool compiled() { return true; }
 
 bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
-                     float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+                     uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   if (K % 32 != 0) return false;
   const int64_t nkc = K / 32;
   // Panels per pass over the rows: their B tiles up to ~512 KB (in L2). A/B in one
@@ -148,14 +148,19 @@ bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const
           block<true>(xa, lda, nkc, wb + q * nkc * 1024, cbuf);
         else
           block<false>(xa, lda, nkc, wb + q * nkc * 1024, cbuf);
+        // + bias, rounded to bfloat16 (nearest even, as Tensor.to)
         const int64_t n0 = (g0 + q) * 32, nn = N - n0 < 32 ? N - n0 : 32;
+        const __mmask32 keep = nn == 32 ? ~__mmask32{0} : (__mmask32{1} << nn) - 1;
+        __m512 b_lo = _mm512_setzero_ps(), b_hi = _mm512_setzero_ps();
+        if (bias) {
+          b_lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep), bias + n0);
+          b_hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(keep >> 16), bias + n0 + 16);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (m0 + r) * ldo + n0;
           const float* c = cbuf + r * 32;
-          if (bias)
-            for (int64_t n = 0; n < nn; ++n) o[n] = c[n] + bias[n0 + n];
-          else
-            for (int64_t n = 0; n < nn; ++n) o[n] = c[n];
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_load_ps(c + 16), b_hi),
+                                                 _mm512_add_ps(_mm512_load_ps(c), b_lo));
+          _mm512_mask_storeu_epi16(out + (m0 + r) * ldo + n0, keep, (__m512i)v);
         }
       }
     }
@@ -175,7 +180,7 @@ namespace loom {
 namespace lin {
 namespace amx {
 bool compiled() { return false; }
-bool run_panels_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const float*, float*, int64_t,
+bool run_panels_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const float*, uint16_t*, int64_t,
                      int64_t, int64_t, int64_t) {
   return false;
 }

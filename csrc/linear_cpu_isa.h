@@ -25,13 +25,13 @@ LOOM_LIN_DECLARE(avx2)
 LOOM_LIN_DECLARE(avx512)
 #undef LOOM_LIN_DECLARE
 
-// bfloat16 panels on AMX tiles (linear_cpu_amx.cpp), for many rows: x bfloat16 [M, ldx].
-// False (nothing written) when it cannot run: K not a multiple of 32, no memory, or a
-// build without the tiles.
+// bfloat16 panels on AMX tiles (linear_cpu_amx.cpp), for many rows: x bfloat16 [M, ldx],
+// out bfloat16 [M, ldo]. False (nothing written) when it cannot run: K not a multiple of
+// 32, no memory, or a build without the tiles.
 namespace amx {
 bool compiled();
 bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
-                     float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1);
+                     uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1);
 }  // namespace amx
 
 }  // namespace lin
