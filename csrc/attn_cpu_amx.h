@@ -14,7 +14,8 @@
 //            transposed 16 x 16 in 32-bit key pairs); B = V in pair layout (2 keys per
 //            32-bit column: two V rows interleaved).
 // C tiles are blocked 2 x 2 (4 accumulators, 2 A + 2 B tiles: all 8 tile registers),
-// so that every tile load feeds two products.
+// so that every tile load feeds two products. Every kv head of an item per key tile: a
+// token's heads are adjacent in the pool, so the reads stay sequential.
 //
 // Float32 queries over a bfloat16 cache (a float32 model's) stay float32-accurate: q is
 // split into three bfloat16 parts and P into two (K and V are exact in bfloat16), so the
@@ -22,26 +23,7 @@
 
 constexpr float kLazyMax = 8.f;
 
-struct AmxTileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Every tile 16 rows x 64 bytes: C tiles 0-3 (16 x 16 float32), A tiles 4-5, B tiles
-// 6-7 (16 x 32 bfloat16).
-static inline void amx_configure() {
-  alignas(64) AmxTileConfig c;
-  memset(&c, 0, sizeof(c));
-  c.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
+#include "amx_tiles.h"
 
 static inline bool amx_head_dim(int D) { return D % 32 == 0; }
 
@@ -109,16 +91,6 @@ static void pack_q_amx(const float* q, int M, int mpad, int D, int parts, uint16
         for (int r = 0; r < 16; ++r) _mm512_store_si512(dst + r * 32, x[r]);
       }
     }
-}
-
-// Word index vector: out word 2n = word first + n, 2n + 1 = word second + n (n < 16).
-static inline __m512i interleave_words(int first, int second) {
-  alignas(64) uint16_t idx[32];
-  for (int n = 0; n < 16; ++n) {
-    idx[2 * n] = static_cast<uint16_t>(first + n);
-    idx[2 * n + 1] = static_cast<uint16_t>(second + n);
-  }
-  return _mm512_load_si512(idx);
 }
 
 // V of keys with byte offsets off[0, nk) in B-tile layout [kc][db][j][n][2] = V[kc*32 +

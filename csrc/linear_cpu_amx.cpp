@@ -30,37 +30,7 @@ namespace amx {
 
 namespace {
 
-
-struct TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Every tile 16 rows x 64 bytes: C tiles 0-3 (16 x 16 float32), A tiles 4-5, B tiles 6-7.
-inline void configure() {
-  alignas(64) TileConfig c;
-  memset(&c, 0, sizeof(c));
-  c.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
-
-// Word indices: word 2n of the result = word first + n of a, 2n + 1 = word n of b (b's
-// words are 32..63 of permutex2var).
-inline __m512i interleave(int first) {
-  alignas(64) uint16_t idx[32];
-  for (int n = 0; n < 16; ++n) {
-    idx[2 * n] = static_cast<uint16_t>(first + n);
-    idx[2 * n + 1] = static_cast<uint16_t>(32 + first + n);
-  }
-  return _mm512_load_si512(idx);
-}
+#include "amx_tiles.h"
 
 // Rows [m0, m0 + 32) (two A tiles: TWO = false for 16 rows or fewer) of x against one
 // panel's B tiles wb [K/32][2][16][32] -> cbuf [32][32] float32.
@@ -114,8 +84,8 @@ bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const
     return false;
   }
   alignas(64) float cbuf[32 * 32];
-  const __m512i lo = interleave(0), hi = interleave(16);
-  configure();
+  const __m512i lo = interleave_words(0, 32), hi = interleave_words(16, 48);  // rows k, k + 1
+  amx_configure();
   for (int64_t g0 = b0; g0 < b1; g0 += group) {
     const int64_t ng = b1 - g0 < group ? b1 - g0 : group;
     for (int64_t q = 0; q < ng; ++q) {
