@@ -1,7 +1,7 @@
 """End-to-end generation: Loom vs Hugging Face transformers, in one run.
 
-Same random Qwen3-shaped model (~58M parameters, float32), same prompt token
-ids, same number of new tokens (sampling, EOS ignored); n in {1, 8}. Loom
+Same random Qwen3-shaped model (~58M parameters, float32; --dtype bfloat16 runs it in
+bfloat16 in Loom and transformers), same prompt token ids, same number of new tokens (sampling, EOS ignored); n in {1, 8}. Loom
 prefills the prompt once for all n threads; transformers'
 ``generate(num_return_sequences=n)`` prefills it n times and keeps n caches.
 llama.cpp (when ``llama-cpp-python`` and ``gguf`` are installed; see
@@ -56,9 +56,9 @@ def read_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(ts)
 
 
-def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """FLOP/s of torch.mm on [m, k] x [k, n] float32, median of repeats."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5, dtype=torch.float32) -> float:
+    """FLOP/s of torch.mm on [m, k] x [k, n] in dtype, median of repeats."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     torch.mm(a, b)
     ts = []
     for _ in range(repeats):
@@ -84,7 +84,7 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     minutes, so each decode timing is paired with a bandwidth reading taken just before
     it, and the ratio is reported per pair (median and range)."""
     cfg, P = llm.config, len(prompt)
-    mm = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size)
+    mm = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size, dtype=llm.dtype)
     pre = statistics.median(run_loom(llm, prompt, 1, 1, r)[0] for r in range(repeats))
     pre_flops = prefill_flops(cfg, P)
     weights = llm.model.weight_bytes()
@@ -98,7 +98,8 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     step = statistics.median(s for _, s in pairs)
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s (median of {len(pairs)} readings, "
           f"{min(b for b, _ in pairs) / 1e9:.1f}-{max(b for b, _ in pairs) / 1e9:.1f}) | torch.mm "
-          f"[{P}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}] {mm / 1e9:.0f} GFLOP/s")
+          f"[{P}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}] {str(llm.dtype)[6:]} "
+          f"{mm / 1e9:.0f} GFLOP/s")
     print(f"prefill {P} tokens: {pre * 1e3:.0f} ms = {pre_flops / pre / 1e9:.0f} GFLOP/s "
           f"({100 * pre_flops / pre / mm:.0f}% of torch.mm; goal >= 50%)")
     print(f"decode step (n={n}): {step * 1e3:.1f} ms vs floor {(weights + kv_step) / bw * 1e3:.1f} ms "
@@ -207,6 +208,9 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights and activations, in Loom and transformers (llama.cpp rows: "
+                         "float32 only)")
     ap.add_argument("--kv-cache-dtype", default="auto",
                     help="Loom's KV cache: auto (float32, the model's) or bfloat16 / float16")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -218,19 +222,26 @@ def main():
     print(machine_info())
     with tempfile.TemporaryDirectory() as d:
         make_random_model(d, **MODEL)
-        llm = LLM(d, attention_backend=a.backend, seed=0, kv_cache_dtype=a.kv_cache_dtype)
-        nparams = (llm.model.weight_bytes() // 4 + (0 if llm.config.tie_word_embeddings
-                                                    else llm.model.embed.numel()))
-        print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, float32 | "
+        llm = LLM(d, attention_backend=a.backend, seed=0, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
+        elem = torch.empty(0, dtype=llm.dtype).element_size()
+        nparams = (llm.model.weight_bytes() // elem + (0 if llm.config.tie_word_embeddings
+                                                       else llm.model.embed.numel()))
+        print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, {a.dtype} | "
               f"loom backend: {llm.attention_backend}, KV cache {str(llm.kv_cache_dtype).removeprefix('torch.')} | prompt {a.prompt_len} tokens, "
               f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
         hf = None
         if not a.no_hf:
             from transformers import AutoModelForCausalLM
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(d, dtype=llm.dtype).eval()
         prompt = torch.randint(0, MODEL["vocab_size"], (a.prompt_len,),
                                generator=torch.Generator().manual_seed(1)).tolist()
-        llama = start_llama(d, llm.config, a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
+        llama = {}
+        if a.dtype == "float32":
+            llama = start_llama(d, llm.config, a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
+        elif a.llama_cpp == "on":
+            raise SystemExit("--llama-cpp on: its rows run the float32 GGUF; use --dtype float32")
+        elif a.llama_cpp == "auto":
+            print("llama.cpp: skipped (its rows run the float32 GGUF; use --dtype float32)")
         if llama:
             check_same_model(llm, llama, prompt)
         print(f"{'n':>3} {'engine':>17} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "
