@@ -6,6 +6,7 @@ merge_states, build_plan}`` (CPU kernels); this module adds their fake (meta) ke
 """
 from __future__ import annotations
 
+import os
 from array import array
 from collections.abc import Mapping, Sequence
 
@@ -21,6 +22,15 @@ except ImportError as e:  # not built, or built against another torch
 
 _ops = torch.ops.loom
 
+# LOOM_CPU_ISA=amx|avx512|avx2|base caps the CPU kernel build (attention and packed GEMM)
+# for the whole process, e.g. to compare builds or to avoid AMX tiles.
+if os.environ.get("LOOM_CPU_ISA"):
+    try:
+        _C.cpu_isa(os.environ["LOOM_CPU_ISA"])
+    except ValueError as e:
+        raise ValueError(f"LOOM_CPU_ISA={os.environ['LOOM_CPU_ISA']!r} is not a CPU kernel build: {e} "
+                         "Unset it for the best build this CPU has.") from None
+
 
 def ops_available() -> bool:
     """True: importing this module succeeded, so ``torch.ops.loom.*`` are registered."""
@@ -29,7 +39,8 @@ def ops_available() -> bool:
 
 def cpu_isa(name: str | None = None) -> str:
     """The CPU kernel build in use (attention and packed GEMM): "amx" (avx512 plus AMX tiles
-    for bfloat16 caches), "avx512", "avx2" or "base"; ``name`` lowers it, "" resets."""
+    for bfloat16 attention and linears), "avx512", "avx2" or "base"; ``name`` lowers it, ""
+    resets to the best the CPU has (not to ``LOOM_CPU_ISA``)."""
     return _C.cpu_isa(name)
 
 

@@ -7,6 +7,7 @@ pages, an occasional empty extra page, shifts of both signs and causal own segme
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
@@ -292,6 +293,23 @@ def test_cpu_isa_names():
     with pytest.raises(ValueError, match="'amx', 'avx512', 'avx2', 'base'"):
         _ops.cpu_isa("avx1024")
     assert _ops.cpu_isa() == before
+
+
+@pytest.mark.parametrize("value,ok", [("base", True), ("avx1024", False)])
+def test_cpu_isa_environment(value, ok):
+    """LOOM_CPU_ISA caps the build for a whole process; a bad value stops the import with
+    a message naming the variable."""
+    import subprocess
+    import sys
+    env = {**os.environ, "LOOM_CPU_ISA": value}
+    r = subprocess.run([sys.executable, "-c", "from engine import _ops; print(_ops.cpu_isa())"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    if ok:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[-1] == "base"
+    else:
+        assert r.returncode != 0
+        assert "LOOM_CPU_ISA='avx1024' is not a CPU kernel build" in r.stderr
 
 
 def test_strided_q():
