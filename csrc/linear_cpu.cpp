@@ -70,6 +70,7 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
               "pack_linear_weight: weight must be float32 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), "pack_linear_weight: weight must be on the CPU");
+  TORCH_CHECK(w.size(1) > 0, "pack_linear_weight: weight has no input features (shape ", w.sizes(), ")");
   const int64_t nb = panel_width_of(w.scalar_type());
   const int64_t N = w.size(0), K = w.size(1), Np = (N + nb - 1) / nb * nb;
   at::Tensor padded = w;
@@ -90,6 +91,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   TORCH_CHECK(wp.dim() == 3 && wp.size(2) == nb, "linear_packed: weight is not packed (use pack_linear_weight)");
   const int64_t K = wp.size(1);
   TORCH_CHECK(x.size(-1) == K, "linear_packed: x has ", x.size(-1), " features, weight expects ", K);
+  TORCH_CHECK(K > 0, "linear_packed: the packed weight has no input features");
   TORCH_CHECK(n_out > (wp.size(0) - 1) * nb && n_out <= wp.size(0) * nb,
               "linear_packed: n_out=", n_out, " does not match the packed weight");
   const float* bp = nullptr;

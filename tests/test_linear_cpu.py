@@ -54,6 +54,13 @@ def test_linear_packed_batched_shape_and_errors():
         torch.ops.loom.linear_packed(torch.randn(2, 24), wp, None, 70)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_input_features_is_a_clear_error(dtype):
+    """K = 0 (was a division by zero on the bfloat16 tile path, an ambiguous reshape else)."""
+    with pytest.raises(RuntimeError, match="no input features"):
+        torch.ops.loom.pack_linear_weight(torch.randn(40, 0).to(dtype))
+
+
 def test_linear_packed_opcheck():
     w = torch.randn(40, 24)
     torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w,))
