@@ -19,6 +19,7 @@
 namespace loom {
 namespace cpu {
 namespace amx {
+// (the FMA paths tuned as in attn_cpu_avx512.cpp)
 #define LOOM_VL 16
 #define LOOM_QK_KEYS 6
 #define LOOM_QK_KEYS1 8

@@ -116,16 +116,15 @@ static inline void pack_v_amx(const char* vbase, const int64_t* off, int nk, int
 
 // S^T blocks of NK key blocks x NQ query blocks: C0 = (k0, q0), C1 = (k1, q0), C2 = (k0,
 // q1), C3 = (k1, q1). k0 / k1: first row of each key block (row stride ks bytes); qp0 /
-// qp1: the query blocks' B tiles [dc]; with split, two more parts of q follow at +qsplit
-// and +2 qsplit.
+// qp1: the query blocks' B tiles [dc]; q_parts of them (see pack_q_amx), qsplit apart.
 template <int NK, int NQ>
 static inline void qk_amx(const char* k0, const char* k1, int64_t ks, const uint16_t* qp0, const uint16_t* qp1,
-                          int ndc, int64_t qsplit, bool split, float* s, int mpad, LinePrefetch& pf, int per_step) {
+                          int ndc, int64_t qsplit, int q_parts, float* s, int mpad, LinePrefetch& pf, int per_step) {
   _tile_zero(0);
   if constexpr (NK == 2) _tile_zero(1);
   if constexpr (NQ == 2) _tile_zero(2);
   if constexpr (NK == 2 && NQ == 2) _tile_zero(3);
-  for (int pass = 0; pass < (split ? 3 : 1); ++pass) {
+  for (int pass = 0; pass < q_parts; ++pass) {
     const int64_t qo = pass * qsplit;
     for (int dc = 0; dc < ndc; ++dc) {
       pf.issue(per_step, pf.n);
@@ -148,10 +147,10 @@ static inline void qk_amx(const char* k0, const char* k1, int64_t ks, const uint
 
 // O blocks of NQ query blocks x 2 dim blocks (C0 = (q0, d0), C1 = (q0, d1), C2 = (q1,
 // d0), C3 = (q1, d1)) += P V over nkc key chunks. p0 / p1: the query blocks' A tiles
-// [kc] (stride 512 elements; remainders at +psplit); v: B tiles of dim block d0 [kc]
+// [kc] (stride 512 elements; p_parts of them, psplit apart); v: B tiles of dim block d0 [kc]
 // (stride vstride elements; d1's follow at +512).
 template <int NQ>
-static inline void pv_amx(float* o, int D, const uint16_t* p0, const uint16_t* p1, int64_t psplit, bool split,
+static inline void pv_amx(float* o, int D, const uint16_t* p0, const uint16_t* p1, int64_t psplit, int p_parts,
                           const uint16_t* v, int64_t vstride, int nkc, LinePrefetch& pf, int per_step) {
   const int64_t os = static_cast<int64_t>(D) * 4;
   _tile_loadd(0, o, os);
@@ -160,7 +159,7 @@ static inline void pv_amx(float* o, int D, const uint16_t* p0, const uint16_t* p
     _tile_loadd(2, o + 16 * D, os);
     _tile_loadd(3, o + 16 * D + 16, os);
   }
-  for (int pass = 0; pass < (split ? 2 : 1); ++pass) {
+  for (int pass = 0; pass < p_parts; ++pass) {
     const int64_t po = pass * psplit;
     for (int kc = 0; kc < nkc; ++kc) {
       pf.issue(per_step, pf.n);
@@ -284,9 +283,9 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
   const int D = a.head_dim, ndc = D / 32, ndb = D / 16, nqb = mpad / 16, nh = it.kvh_end - it.kvh;
   const bool split = a.q_dtype == DType::F32;
   const int64_t qsplit = static_cast<int64_t>(nqb) * ndc * 512;
-  const int parts = split ? 3 : 1;
-  const int64_t qhead = parts * qsplit;  // one head's Q tiles
-  for (int h = 0; h < nh; ++h) pack_q_amx(head_state(sc, h, M, mpad, D).q, M, mpad, D, parts, sc.qp + h * qhead);
+  const int q_parts = split ? 3 : 1, p_parts = split ? 2 : 1;  // (see the top)
+  const int64_t qhead = q_parts * qsplit;  // one head's Q tiles
+  for (int h = 0; h < nh; ++h) pack_q_amx(head_state(sc, h, M, mpad, D).q, M, mpad, D, q_parts, sc.qp + h * qhead);
   constexpr int nkc_max = kAmxKeys / 32;
   const int64_t psplit = static_cast<int64_t>(nqb) * nkc_max * 512;
 
@@ -309,7 +308,7 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
   // The next tile's lines (K rows, then V rows) spread evenly over this tile's tile-product
   // steps: issued in bursts they queue behind the core's few outstanding misses and stall
   // the tiles (measured: 0.89x at N=32 x 8k+64 against a burst before each product).
-  const int steps = nh * ((nqb + 1) / 2) * ((KT / 16 + 1) / 2 * ndc * parts + ndb / 2 * (KT / 32) * (split ? 2 : 1));
+  const int steps = nh * ((nqb + 1) / 2) * ((KT / 16 + 1) / 2 * ndc * q_parts + ndb / 2 * (KT / 32) * p_parts);
   const int per_step = max_int(1, (2 * KT * pf.lpr + steps - 1) / steps);
   amx_configure();
   for (int t0 = it.k_begin; t0 < k_end; t0 += KT) {
@@ -346,14 +345,14 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
           if (kb + 1 < nkb) {
             const char* k1 = key_block(kb + 1);
             if (qb + 1 < nqb)
-              qk_amx<2, 2>(k0, k1, ks, q0, q1, ndc, qsplit, split, sb, mpad, pf, per_step);
+              qk_amx<2, 2>(k0, k1, ks, q0, q1, ndc, qsplit, q_parts, sb, mpad, pf, per_step);
             else
-              qk_amx<2, 1>(k0, k1, ks, q0, q1, ndc, qsplit, split, sb, mpad, pf, per_step);
+              qk_amx<2, 1>(k0, k1, ks, q0, q1, ndc, qsplit, q_parts, sb, mpad, pf, per_step);
           } else {
             if (qb + 1 < nqb)
-              qk_amx<1, 2>(k0, k0, ks, q0, q1, ndc, qsplit, split, sb, mpad, pf, per_step);
+              qk_amx<1, 2>(k0, k0, ks, q0, q1, ndc, qsplit, q_parts, sb, mpad, pf, per_step);
             else
-              qk_amx<1, 1>(k0, k0, ks, q0, q1, ndc, qsplit, split, sb, mpad, pf, per_step);
+              qk_amx<1, 1>(k0, k0, ks, q0, q1, ndc, qsplit, q_parts, sb, mpad, pf, per_step);
           }
         }
       }
@@ -378,9 +377,9 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
           float* o = hs.o + static_cast<int64_t>(qb) * 16 * D + db * 16;
           const uint16_t* v = sc.vp + static_cast<int64_t>(db) * 512;
           if (qb + 1 < nqb)
-            pv_amx<2>(o, D, p0, p1, psplit, split, v, vstride, nkc, pf, per_step);
+            pv_amx<2>(o, D, p0, p1, psplit, p_parts, v, vstride, nkc, pf, per_step);
           else
-            pv_amx<1>(o, D, p0, p1, psplit, split, v, vstride, nkc, pf, per_step);
+            pv_amx<1>(o, D, p0, p1, psplit, p_parts, v, vstride, nkc, pf, per_step);
         }
       }
     }

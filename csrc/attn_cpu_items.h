@@ -74,11 +74,16 @@ struct PageWalk {
 };
 
 // Tile row x of K and V from element offset `at` of the pools kp / vp: a pointer into
-// them (float32), or the row converted into kbuf / vbuf (16-bit; rows of round_up(D, VL)).
-template <DType DT>
+// them (float32; bfloat16 IN_PLACE: into krow16 / vrow16), or the row converted into kbuf
+// / vbuf (16-bit; rows of round_up(D, VL)).
+template <DType DT, bool IN_PLACE = false>
 static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, int D, Scratch& sc,
                            int x, int64_t at) {
-  if constexpr (DT == DType::F32) {
+  if constexpr (IN_PLACE) {
+    static_assert(DT == DType::BF16, "rows read in place are bfloat16 (float32 ones are always)");
+    sc.krow16[x] = kp + at;
+    sc.vrow16[x] = vp + at;
+  } else if constexpr (DT == DType::F32) {
     sc.krow[x] = kp + at;
     sc.vrow[x] = vp + at;
   } else {
@@ -98,7 +103,7 @@ static inline const typename Elem<DT>::T* pool(const void* p) {
 
 // Rows of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): row h * stride + k.
 // Token-major: all heads of a token before the next token (contiguous reads).
-template <DType DT>
+template <DType DT, bool IN_PLACE = false>
 static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
                         Scratch& sc) {
   const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
@@ -106,22 +111,8 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   PageWalk walk(pages, a.page_size, t0);
   for (int k = 0; k < nk; ++k) {
     const int64_t slot = walk.next();
-    for (int h = 0; h < nh; ++h) put_row<DT>(kp, vp, D, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
-  }
-}
-
-// The same rows of a bfloat16 pool as pointers into it (no conversion).
-static void gather_rows16(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
-                          Scratch& sc) {
-  const auto *kp = static_cast<const uint16_t*>(a.k_pool), *vp = static_cast<const uint16_t*>(a.v_pool);
-  const int D = a.head_dim, Hkv = a.num_kv_heads;
-  PageWalk walk(pages, a.page_size, t0);
-  for (int k = 0; k < nk; ++k) {
-    const int64_t at = walk.next() * Hkv + kvh;
-    for (int h = 0; h < nh; ++h) {
-      sc.krow16[h * stride + k] = kp + (at + h) * D;
-      sc.vrow16[h * stride + k] = vp + (at + h) * D;
-    }
+    for (int h = 0; h < nh; ++h)
+      put_row<DT, IN_PLACE>(kp, vp, D, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
   }
 }
 
@@ -167,10 +158,7 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
-    if constexpr (in_place)
-      gather_rows16(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
-    else
-      gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    gather_rows<DT, in_place>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
     if (t0 + nk < k_end)
       prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk));
     for (int h = 0; h < nh; ++h)

@@ -45,7 +45,7 @@ template <class W>
 void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, const float* bias, float* out,
                 int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   switch (cpu::active_isa_level()) {
-    case cpu::IsaLevel::amx:  // (no tile GEMM yet: the avx512 micro-kernels)
+    case cpu::IsaLevel::amx:  // (float32, or bfloat16 below kAmxMinRows rows: no tiles)
     case cpu::IsaLevel::avx512: return lin::avx512::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     case cpu::IsaLevel::avx2: return lin::avx2::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     default: return lin::base::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);

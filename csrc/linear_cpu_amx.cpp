@@ -66,8 +66,6 @@ inline void block(const uint16_t* xa, int64_t lda_bytes, int64_t nkc, const uint
 
 }  // namespace
 
-bool compiled() { return true; }
-
 bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
                      uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   if (K % 32 != 0) return false;
@@ -149,7 +147,6 @@ bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const
 namespace loom {
 namespace lin {
 namespace amx {
-bool compiled() { return false; }
 bool run_panels_bf16(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const float*, uint16_t*, int64_t,
                      int64_t, int64_t, int64_t) {
   return false;

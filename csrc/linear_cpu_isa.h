@@ -29,7 +29,6 @@ LOOM_LIN_DECLARE(avx512)
 // out bfloat16 [M, ldo]. False (nothing written) when it cannot run: K not a multiple of
 // 32, no memory, or a build without the tiles.
 namespace amx {
-bool compiled();
 bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
                      uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1);
 }  // namespace amx

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -299,8 +301,6 @@ def test_cpu_isa_names():
 def test_cpu_isa_environment(value, ok):
     """LOOM_CPU_ISA caps the build for a whole process; a bad value stops the import with
     a message naming the variable."""
-    import subprocess
-    import sys
     env = {**os.environ, "LOOM_CPU_ISA": value}
     r = subprocess.run([sys.executable, "-c", "from engine import _ops; print(_ops.cpu_isa())"], env=env,
                        capture_output=True, text=True, timeout=120)
