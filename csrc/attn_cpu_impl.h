@@ -7,8 +7,8 @@
 // QK register block; the latter when the queries fill one vector), LOOM_PV_ROWS
 // (queries, <= 8) and LOOM_PV_VECS (head-dim vectors, <= 4) per PV register block.
 //
-// A work item (see attn_cpu.h) holds M = rows x group query vectors of one kv head
-// (or of every kv head when M is small). Per tile of keys:
+// A work item (see attn_cpu.h) holds M = rows x group query vectors of each of its kv
+// heads (usually all of them). Per tile of keys, head after head:
 //   scores  S[k][m] = K[k] . Q[m]            (queries pre-scaled and, for shifted
 //                                              entries, pre-rotated)
 //   mask    keys at or past an entry's causal limit -> -inf
@@ -73,10 +73,10 @@ struct HeadState {
   float* m_use;   // [mpad] max to subtract (0 while nothing was seen)
 };
 
-// Per-thread scratch. A work item covers one kv head, or all of them when its queries
-// are few (decode): then keys are read token by token across heads, so the reads stay
-// contiguous (one token of all heads is often exactly one memory page) instead of
-// taking one row from every page, which halves the achieved memory bandwidth.
+// Per-thread scratch: the states of every kv head of an item. Keys are read token by
+// token across heads, so the reads stay contiguous (one token of all heads is often
+// exactly one memory page) instead of taking one row from every page, which halves
+// the achieved memory bandwidth with few queries (decode) and costs ~10% with many.
 struct Scratch {
   float* q;       // HeadState::q of every head slot
   float* o;
@@ -144,17 +144,12 @@ struct LinePrefetch {
 static inline size_t pad64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 static inline size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
-// Room for one head of up to max_m queries (every head's in the amx build), or `heads`
-// heads of up to SMALL_M queries.
+// Room for `heads` heads of up to max_m queries each, or of up to SMALL_M.
 static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   const size_t mp = static_cast<size_t>(round_up(max_m, VL));
   const size_t Dp = static_cast<size_t>(round_up(D, VL));
   const size_t hq = static_cast<size_t>(heads) * SMALL_M;  // queries over all head slots
-#ifdef LOOM_AMX
-  const size_t mh = static_cast<size_t>(heads) * mp;  // the amx path: every head's queries
-#else
-  const size_t mh = mp;
-#endif
+  const size_t mh = static_cast<size_t>(heads) * mp;  // every head's queries
   const size_t qo = max_size(mh * Dp, hq * Dp);
   const size_t vec = max_size(mh, hq);
   const size_t rows = max_size(kKeyTile, static_cast<size_t>(heads) * kSmallTile);

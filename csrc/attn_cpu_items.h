@@ -186,26 +186,33 @@ static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh,
   for (int k = 0; k < nk; ++k) off[k] = (walk.next() * a.num_kv_heads + kvh) * bytes;
 }
 
-// One head's tile rows from their byte offsets (row_offsets).
+// One head's tile rows from their byte offsets (row_offsets) plus `ho` (that head's
+// rows are ho bytes past the offsets' head).
 template <DType DT>
-static inline void gather_tile(const AttnArgs& a, const int64_t* off, int nk, Scratch& sc) {
+static inline void gather_tile(const AttnArgs& a, const int64_t* off, int64_t ho, int nk, Scratch& sc) {
   constexpr int64_t elem = sizeof(typename Elem<DT>::T);
   const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
-  for (int k = 0; k < nk; ++k) put_row<DT>(kp, vp, a.head_dim, sc, k, off[k] / elem);
+  for (int k = 0; k < nk; ++k) put_row<DT>(kp, vp, a.head_dim, sc, k, (off[k] + ho) / elem);
 }
 
-// Many queries, one kv head: compute-bound register-blocked tiles of kKeyTile keys.
+// Many queries, every kv head of the item per key tile: compute-bound register-blocked
+// tiles of kKeyTile keys. Head after head within a tile, so that a tile's K/V are read
+// in whole tokens (a token's heads are adjacent in the pool): taking one head over all
+// keys, then the next, reads 1 of every Hkv rows per pass (measured: ~1.2x the time
+// of the same compute with the rows in cache, against ~1.0x this way).
 template <DType DT>
 static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int mpad,
                       int lo, int k_end) {
-  const int D = a.head_dim;
-  HeadState hs = head_state(sc, 0, M, mpad, D);
-  // This tile's V lines go out during its scores, the next tile's K lines during its
-  // values: L1 then holds two half-tiles (K and V, or V and the next K), not three.
-  // (16-bit rows were just read by their conversion: only the next K is prefetched.)
-  // Row offsets are computed one tile ahead, for the prefetch and then the gather.
+  const int D = a.head_dim, nh = it.kvh_end - it.kvh;
+  // This head's V lines go out during its scores, the next head's (or the next tile's
+  // first head's) K lines during its values: L1 then holds two half-tiles (K and V, or
+  // V and the next K), not three. (16-bit rows were just read by their conversion: only
+  // the next K is prefetched.) Row offsets (of the item's first head) are computed one
+  // tile ahead.
   const int64_t bytes = static_cast<int64_t>(D) * sizeof(typename Elem<DT>::T);
-  LinePrefetch pf{static_cast<const char*>(a.v_pool), static_cast<const char*>(a.k_pool)};
+  const char* vpool = static_cast<const char*>(a.v_pool);
+  const char* kpool = static_cast<const char*>(a.k_pool);
+  LinePrefetch pf{vpool, kpool};
   const bool aligned = bytes % 64 == 0 && reinterpret_cast<uintptr_t>(a.k_pool) % 64 == 0 &&
                        reinterpret_cast<uintptr_t>(a.v_pool) % 64 == 0;
   pf.lpr = static_cast<int>(aligned ? bytes / 64 : (bytes + 126) / 64);  // a row may straddle a line
@@ -215,16 +222,24 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   for (int t0 = it.k_begin; t0 < k_end; t0 += kKeyTile) {
     const int nk = min_int(kKeyTile, k_end - t0);
     const int nk_next = min_int(kKeyTile, k_end - t0 - nk);
-    gather_tile<DT>(a, cur, nk, sc);
     if (nk_next > 0) row_offsets<DT>(a, pages, it.kvh, t0 + nk, nk_next, nxt);
-    const int nv = DT == DType::F32 ? nk : 0;
-    pf.voff = cur;
-    pf.koff = nxt;
-    pf.reset(nv, nv + max_int(nk_next, 0));
-    qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, nv * pf.lpr);
-    if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
-    softmax_cols(sc, hs, nk, mpad);
-    pv_tile<float>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
+    for (int h = 0; h < nh; ++h) {
+      HeadState hs = head_state(sc, h, M, mpad, D);
+      const int64_t ho = h * bytes;
+      gather_tile<DT>(a, cur, ho, nk, sc);
+      const bool last = h + 1 == nh;
+      const int nv = DT == DType::F32 ? nk : 0;
+      const int n_next_k = last ? max_int(nk_next, 0) : nk;
+      pf.vbase = vpool + ho;
+      pf.voff = cur;
+      pf.kbase = kpool + (last ? 0 : ho + bytes);
+      pf.koff = last ? nxt : cur;
+      pf.reset(nv, nv + n_next_k);
+      qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, nv * pf.lpr);
+      if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
+      softmax_cols(sc, hs, nk, mpad);
+      pv_tile<float>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
+    }
     int64_t* t = cur;
     cur = nxt;
     nxt = t;
@@ -244,14 +259,10 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
   const int nrows = it.e_end - it.e_begin, M = nrows * G;
   const bool small = M <= SMALL_M;
 #ifdef LOOM_AMX
-  const bool amx = DT == DType::BF16 && !small && amx_head_dim(D);  // every head per key tile
+  const bool amx = DT == DType::BF16 && !small && amx_head_dim(D);  // on the tiles
 #else
   const bool amx = false;
 #endif
-  if (!small && !amx && nh > 1) {  // many queries: one kv head at a time (scratch holds one)
-    for (int h = it.kvh; h < it.kvh_end; ++h) run_item<DT>(a, sv, head_of(it, h), sc, o_buf, lse_buf);
-    return;
-  }
   const int mpad = small ? M : round_up(M, VL);
   const int L = a.kv_len[j];
 

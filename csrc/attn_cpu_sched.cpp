@@ -93,9 +93,9 @@ Schedule make_schedule(const AttnArgs& a) {
         const RowBlock& rb = blocks[b];
         const int keys = std::max(0, std::min(ke, rb.max_limit) - kb);
         const int queries = (rb.e_end - rb.e_begin) * G;
-        // All kv heads in one item: with few queries the kernel reads a token's heads
-        // together; with many it takes one head after the other, and the lines of the
-        // other heads that the hardware prefetcher brings along are then this core's.
+        // All kv heads in one item: the kernel reads a token's heads together (with
+        // many queries, head after head within each key tile), so that its reads are
+        // whole tokens, adjacent in the pool.
         s.items.push_back(WorkItem{j, 0, a.num_kv_heads, rb.e_begin, rb.e_end, c, kb, ke,
                                    item_cost(keys, queries) * a.num_kv_heads});
       }

@@ -45,8 +45,8 @@ struct AttnArgs {
 // One unit of parallel work: rows [e_begin, e_end) of job `job` (entries of one job,
 // consecutive), the query heads of kv heads [kvh, kvh_end), keys [k_begin, k_end) of the
 // segment (chunk `chunk` of the job). It writes partial states of its entries for that
-// chunk. Items take every kv head (with many queries, one after the other), unless
-// there would be too few of them for the threads.
+// chunk. Items take every kv head (with many queries, head after head per key tile),
+// unless there would be too few of them for the threads.
 struct WorkItem {
   int32_t job, kvh, kvh_end, e_begin, e_end, chunk, k_begin, k_end;
   float cost;
