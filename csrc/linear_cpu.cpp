@@ -4,19 +4,21 @@
 // Why: on this project's CPUs the BLAS behind torch.nn.functional.linear reaches a
 // small fraction of both the memory bandwidth (decode: a few rows against large
 // weights) and the FMA peak (prefill); bench/bench_linear.py measures it. Here the
-// weight [N, K] is packed once, at load time, into panels [N/NB][K][NB] whose rows (one
-// k step) are one 64-byte cache line: NB = 16 float32 or 32 bfloat16 outputs. A
-// register-blocked micro-kernel reads several adjacent panels side by side (one memory
-// stream each) and keeps up to 24 vector accumulators (AVX-512): up to 4 rows x 64
-// outputs, else 8 rows x 48 outputs per pass (a panel passes once per 8 rows and stays
-// in L2). The micro-kernels (linear_cpu_impl.h) are plain C++ on GCC vector types of the
-// native width, built per instruction set (linear_cpu_{avx512,avx2,base}.cpp) and
-// picked at run time.
+// weight [N, K] is packed once, at load time, into panels of 16 outputs whose lines are
+// 64-byte cache lines: float32 [N/16][K][16] (a line per k step), bfloat16
+// [N/16][K/2][16][2] (a line per k pair, (k, k + 1) of an output side by side in a
+// 32-bit word: the layout of AMX B tiles). A register-blocked micro-kernel reads several
+// adjacent panels side by side (one memory stream each) and keeps up to 24 vector
+// accumulators (AVX-512): up to 4 rows x 64 outputs, else 8 rows x 48 outputs per pass
+// (a panel passes once per 8 rows and stays in L2). The micro-kernels
+// (linear_cpu_impl.h) are plain C++ on GCC vector types of the native width, built per
+// instruction set (linear_cpu_{avx512,avx2,base}.cpp) and picked at run time.
 // bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
 // pays for) and are widened to float32 in registers; activations are widened once per
 // call; outputs are rounded to bfloat16 (nearest even), as a float32-accumulating
-// bfloat16 GEMM does. From 16 rows, on CPUs with AMX tiles, bfloat16 layers run on the
-// tiles instead (linear_cpu_amx.cpp: the same products and float32 sums).
+// bfloat16 GEMM does. On CPUs with AMX tiles, bfloat16 layers (K a multiple of 32) run on
+// the tiles instead, the panels loaded in place (linear_cpu_amx.cpp: the same products
+// and float32 sums).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,14 +32,9 @@
 namespace loom {
 namespace {
 
-// A panel row (one k step of a panel) is one cache line: 16 float32 or 32 bfloat16
-// outputs (as panel_width in linear_cpu_impl.h).
-inline int64_t panel_width_of(at::ScalarType t) { return t == at::kBFloat16 ? 32 : 16; }
-
-// Rows from which a bfloat16 layer runs on AMX tiles (when the CPU has them).
-// A/B in one process, the benchmark model's 52 linears in bfloat16 (cold weights), AMX
-// time over the FMA kernels': 8 rows 0.96, 16 rows 0.66, 32 0.49, 64 0.35, 128 0.32.
-constexpr int64_t kAmxMinRows = 16;
+// A panel is 16 outputs; a line of it (64 bytes, linear_cpu_impl.h) one k step of
+// float32 or two of bfloat16 (k, k + 1 side by side in each 32-bit word).
+constexpr int64_t kPanel = 16;
 
 // The micro-kernels of the instruction set the CPU attention runs (the best the CPU has,
 // unless lowered by engine._C.cpu_isa).
@@ -45,7 +42,7 @@ template <class W>
 void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, const float* bias, float* out,
                 int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   switch (cpu::active_isa_level()) {
-    case cpu::IsaLevel::amx:  // (float32, or bfloat16 below kAmxMinRows rows: no tiles)
+    case cpu::IsaLevel::amx:  // (float32, or bfloat16 with K not a multiple of 32: no tiles)
     case cpu::IsaLevel::avx512: return lin::avx512::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     case cpu::IsaLevel::avx2: return lin::avx2::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
     default: return lin::base::run_panels(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
@@ -71,11 +68,17 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
               "pack_linear_weight: weight must be float32 or bfloat16, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), "pack_linear_weight: weight must be on the CPU");
   TORCH_CHECK(w.size(1) > 0, "pack_linear_weight: weight has no input features (shape ", w.sizes(), ")");
-  const int64_t nb = panel_width_of(w.scalar_type());
-  const int64_t N = w.size(0), K = w.size(1), Np = (N + nb - 1) / nb * nb;
+  const int64_t nb = kPanel, N = w.size(0), K = w.size(1), Np = (N + nb - 1) / nb * nb;
   at::Tensor padded = w;
   if (Np != N) padded = at::cat({w, at::zeros({Np - N, K}, w.options())});
-  // [Np, K] -> [Np/NB, NB, K] -> [Np/NB, K, NB]
+  if (w.scalar_type() == at::kBFloat16) {
+    // [Np, Kp] -> [Np/16, 16, Kp/2, 2] -> [Np/16, Kp/2, 16, 2]: a line per k pair
+    const int64_t Kp = K + (K & 1);
+    if (Kp != K) padded = at::cat({padded, at::zeros({Np, 1}, w.options())}, 1);
+    return padded.contiguous().view({Np / nb, nb, Kp / 2, 2}).permute({0, 2, 1, 3}).contiguous().view(
+        {Np / nb, Kp / 2, 2 * nb});
+  }
+  // [Np, K] -> [Np/16, 16, K] -> [Np/16, K, 16]
   return padded.contiguous().view({Np / nb, nb, K}).transpose(1, 2).contiguous();
 }
 
@@ -87,11 +90,19 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   TORCH_CHECK(x.scalar_type() == wp.scalar_type(), "linear_packed: x is ", x.scalar_type(),
               " but the packed weight is ", wp.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "linear_packed: CPU tensors only");
-  const int64_t nb = panel_width_of(wp.scalar_type());
-  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == nb, "linear_packed: weight is not packed (use pack_linear_weight)");
-  const int64_t K = wp.size(1);
-  TORCH_CHECK(x.size(-1) == K, "linear_packed: x has ", x.size(-1), " features, weight expects ", K);
+  const int64_t nb = kPanel;
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == (bf16 ? 2 : 1) * nb,
+              "linear_packed: weight is not packed (use pack_linear_weight)");
+  TORCH_CHECK(wp.size(1) > 0, "linear_packed: the packed weight has no input features");
+  const int64_t K = x.size(-1);
+  // (bfloat16: k pairs, the last one padded when K is odd)
+  TORCH_CHECK(bf16 ? (K + 1) / 2 == wp.size(1) : K == wp.size(1), "linear_packed: x has ", K,
+              " features, weight expects ", bf16 ? 2 * wp.size(1) : wp.size(1), bf16 ? " (or one less)" : "");
   TORCH_CHECK(K > 0, "linear_packed: the packed weight has no input features");
+  // An odd K's packing pads its last k pair with zeros: x one feature short of an even-K
+  // weight would pass the shape check and drop a real column.
+  TORCH_CHECK(!(bf16 && K % 2 == 1) || !wp.select(1, wp.size(1) - 1).slice(1, 1, 2 * nb, 2).any().item<bool>(),
+              "linear_packed: x has ", K, " features, weight expects ", K + 1);
   TORCH_CHECK(n_out > (wp.size(0) - 1) * nb && n_out <= wp.size(0) * nb,
               "linear_packed: n_out=", n_out, " does not match the packed weight");
   const float* bp = nullptr;
@@ -104,9 +115,11 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = n_out;
   const int64_t nblocks = wp.size(0);
-  // Many rows of a bfloat16 layer (prefill, or decode of 16+ threads) on AMX tiles,
-  // where the CPU attention runs its amx build. (Fewer rows stay on the FMA kernels.)
-  if (bf16 && K % 32 == 0 && x.numel() / K >= kAmxMinRows && cpu::active_isa_level() == cpu::IsaLevel::amx) {
+  // A bfloat16 layer on AMX tiles where the CPU attention runs its amx build: from one row
+  // (A/B in one process against the FMA kernels on the same panels, the benchmark model's
+  // 53 linears: 1-4 rows 0.81-0.87x the time; 5-8 rows, against the former 32-output
+  // panels, 0.70-0.88x before the tiles' prefetch, which took 0.79-0.83x more).
+  if (bf16 && K % 32 == 0 && cpu::active_isa_level() == cpu::IsaLevel::amx) {
     at::Tensor xb = x.reshape({-1, K}).contiguous();
     const int64_t M = xb.size(0);
     at::Tensor out = at::empty({M, n_out}, xb.options());
@@ -119,8 +132,11 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     });
     if (ok.load()) return out.view(out_sizes);
   }
-  // Activations in float32 (a copy only for bfloat16: a few rows in decode).
+  // Activations in float32 (a copy only for bfloat16: a few rows in decode), with a zero
+  // column for the padded k of an odd K.
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t Kx = bf16 ? 2 * wp.size(1) : K;  // k steps of the kernels
+  if (Kx != K) x2 = at::constant_pad_nd(x2, {0, 1});
   const int64_t M = x2.size(0);
   at::Tensor out = at::empty({M, n_out}, x2.options());
   if (M == 0) return out.to(x.scalar_type()).view(out_sizes);
@@ -132,7 +148,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   // Rows [m0, m0 + mm) against panels [b0, b1).
   auto run = [&](int64_t m0, int64_t mm, int64_t b0, int64_t b1) {
     if (bf16)
-      run_panels(xp + m0 * K, K, mm, K, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
+      run_panels(xp + m0 * Kx, Kx, mm, Kx, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
                  op + m0 * n_out, n_out, n_out, b0, b1);
     else
       run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, b0, b1);

@@ -7,14 +7,15 @@
 // Nothing from the standard library's templates is used here: their inline code must
 // not be compiled for a wider instruction set than its other callers'.
 
-constexpr int64_t kPrefetch = 128;  // panel rows ahead (8 KB of each panel)
+constexpr int64_t kPrefetch = 128;  // panel lines ahead (8 KB of each panel)
 
-// A panel row (one k step of a panel) is one cache line: 16 float32 or 32 bfloat16
-// outputs.
+// A panel is 16 outputs; its rows are 64-byte cache lines: one k step of float32, or
+// two of bfloat16 (a pair of consecutive k per 32-bit word, the layout of AMX B tiles).
 template <class W>
-constexpr int64_t panel_width() {
+constexpr int64_t line_elems() {
   return 64 / sizeof(W);
 }
+constexpr int64_t NB = 16;  // outputs per panel
 
 // Native vectors of LVL floats (GCC vector extensions: wider ones are lowered badly,
 // through memory, on a narrower instruction set) and of LVL 32-bit words.
@@ -23,49 +24,37 @@ typedef float vf_u __attribute__((vector_size(LVL * 4), aligned(4)));
 typedef uint32_t vu __attribute__((vector_size(LVL * 4)));
 typedef uint32_t vu_u __attribute__((vector_size(LVL * 4), aligned(2)));
 
-// Vectors per panel row: 64 bytes of float32, or of bfloat16 widened to float32.
-template <class W>
-constexpr int row_vectors() {
-  return static_cast<int>(panel_width<W>()) / LVL;
-}
+// Vectors per panel row: 16 outputs.
+constexpr int NV = 16 / LVL;
 
-// One panel row (64 bytes) as row_vectors<W>() float vectors. bfloat16: the 32 weights
-// are read as 16 32-bit words holding an even and an odd weight each; a shift gives the
-// even ones, a mask the odd ones (bfloat16 -> float32 is a 16-bit shift): word vector u
-// gives vectors 2u (even outputs) and 2u + 1 (odd). out_at undoes that.
-inline __attribute__((always_inline)) void load_row(const float* p, vf* w) {
+// One panel line (64 bytes) as NV float vectors per k step: float32, one k step;
+// bfloat16, two: the words hold (k, k + 1) of one output each, and a shift gives k's
+// weights, a mask k + 1's (bfloat16 -> float32 is a 16-bit shift).
+inline __attribute__((always_inline)) void load_line(const float* p, vf* w0, vf*) {
 #pragma GCC unroll 4
-  for (int v = 0; v < 16 / LVL; ++v) w[v] = *reinterpret_cast<const vf_u*>(p + v * LVL);
+  for (int v = 0; v < NV; ++v) w0[v] = *reinterpret_cast<const vf_u*>(p + v * LVL);
 }
-inline __attribute__((always_inline)) void load_row(const uint16_t* p, vf* w) {
+inline __attribute__((always_inline)) void load_line(const uint16_t* p, vf* w0, vf* w1) {
 #pragma GCC unroll 4
-  for (int u = 0; u < 16 / LVL; ++u) {
-    const vu x = *reinterpret_cast<const vu_u*>(p + 2 * u * LVL);
+  for (int v = 0; v < NV; ++v) {
+    const vu x = *reinterpret_cast<const vu_u*>(p + 2 * v * LVL);
     const vu even = x << 16, odd = x & 0xFFFF0000u;
-    w[2 * u] = __builtin_bit_cast(vf, even);
-    w[2 * u + 1] = __builtin_bit_cast(vf, odd);
+    w0[v] = __builtin_bit_cast(vf, even);
+    w1[v] = __builtin_bit_cast(vf, odd);
   }
-}
-// Output j of a panel row.
-inline __attribute__((always_inline)) float out_at(const vf* acc, int64_t j, float) {
-  return acc[j / LVL][j % LVL];
-}
-inline __attribute__((always_inline)) float out_at(const vf* acc, int64_t j, uint16_t) {
-  const int64_t word = j / 2;
-  return acc[2 * (word / LVL) + j % 2][word % LVL];
 }
 
 // MB rows against NP adjacent panels in one pass: NP memory streams per core. A core's
 // own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
-// several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors
-// (NV = vectors per panel row), at most LACC (panel_rows).
+// several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors,
+// at most LACC (panel_rows). K: k steps (even for bfloat16: the packing pads it, and x).
 template <int MB, int NP, bool PF = true, class W>
 inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
                                                  const W* __restrict p0, const float* __restrict bias,
                                                  float* __restrict out, int64_t ldo, int64_t n0,
                                                  int64_t nvalid_last) {
-  constexpr int64_t NB = panel_width<W>();
-  constexpr int NV = row_vectors<W>();
+  constexpr int64_t LE = line_elems<W>();
+  constexpr int KS = sizeof(W) == 2 ? 2 : 1;  // k steps per line
   vf acc[NP][MB][NV];
 #pragma GCC unroll 32
   for (int p = 0; p < NP; ++p)
@@ -74,18 +63,18 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[p][i][v] = vf{};
   const int64_t ps = K * NB;  // elements per panel
-  for (int64_t k = 0; k < K; ++k) {
-    vf w[NP][NV];
+  for (int64_t k = 0; k < K; k += KS) {
+    vf w0[NP][NV], w1[NP][NV];
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
-      const W* row = p0 + p * ps + k * NB;
+      const W* row = p0 + p * ps + (k / KS) * LE;
       // Ask for the panel well ahead: at several rows per pass the multiply-adds hide
       // less of the memory latency than the hardware prefetcher expects (reading past
       // the panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0),
       // not 0: prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM,
       // where it stalled on every k step even for panels already in L2.
-      if constexpr (PF) __builtin_prefetch(row + kPrefetch * NB, 0, 3);
-      load_row(row, w[p]);
+      if constexpr (PF) __builtin_prefetch(row + kPrefetch * LE, 0, 3);
+      load_line(row, w0[p], w1[p]);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
@@ -93,14 +82,21 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
 #pragma GCC unroll 8
       for (int p = 0; p < NP; ++p)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[p][i][v] += a * w[p][v];
+        for (int v = 0; v < NV; ++v) acc[p][i][v] += a * w0[p][v];
+      if constexpr (KS == 2) {
+        const float b = x[i * ldx + k + 1];
+#pragma GCC unroll 8
+        for (int p = 0; p < NP; ++p)
+#pragma GCC unroll 8
+          for (int v = 0; v < NV; ++v) acc[p][i][v] += b * w1[p][v];
+      }
     }
   }
   for (int i = 0; i < MB; ++i) {
     float* o = out + i * ldo + n0;
     for (int p = 0; p < NP; ++p) {
       const int64_t nv = p == NP - 1 ? nvalid_last : NB;
-      for (int64_t j = 0; j < nv; ++j) o[p * NB + j] = out_at(acc[p][i], j, W{}) + (bias ? bias[n0 + p * NB + j] : 0.f);
+      for (int64_t j = 0; j < nv; ++j) o[p * NB + j] = acc[p][i][j / LVL][j % LVL] + (bias ? bias[n0 + p * NB + j] : 0.f);
     }
   }
 }
@@ -112,7 +108,7 @@ template <int NP, class W>
 inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* p0,
                                                       const float* bias, float* out, int64_t ldo, int64_t n0,
                                                       int64_t nvalid_last) {
-  constexpr int R0 = LACC / (NP * row_vectors<W>()), R = R0 < 1 ? 1 : R0 < 8 ? R0 : 8;
+  constexpr int R0 = LACC / (NP * NV), R = R0 < 1 ? 1 : R0 < 8 ? R0 : 8;
   int64_t m = 0;
   // Only the first pass prefetches: the later ones find the panels in L2, where the
   // prefetches only cost (prefill, 1024 rows: -6..-9% in an A/B in one process).
@@ -142,7 +138,6 @@ template <class W>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
                                                         const W* wp, const float* bias, float* out, int64_t ldo,
                                                         int64_t N, int64_t b0, int64_t b1) {
-  constexpr int64_t NB = panel_width<W>();
   constexpr bool bf16 = sizeof(W) == 2;
   constexpr int GS = bf16 ? GS16 : GS32, GL = bf16 ? GL16 : GL32;
   auto last = [&](int64_t b) { return N - b * NB < NB ? N - b * NB : NB; };  // valid outputs of panel b

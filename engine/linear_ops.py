@@ -9,16 +9,14 @@ import torch
 from . import _ops  # noqa: F401  registers torch.ops.loom.* (raises ImportError if not built)
 
 
-def _panel_width(dtype) -> int:
-    """Outputs per panel, as panel_width_of in csrc/linear_cpu.cpp: a 64-byte row per k step."""
-    return 32 if dtype == torch.bfloat16 else 16
-
-
 @torch.library.register_fake("loom::pack_linear_weight")
 def _pack_fake(w):
+    """As csrc/linear_cpu.cpp: panels of 16 outputs, a 64-byte line per k step (float32)
+    or per k pair (bfloat16, K padded to even)."""
     n, k = w.shape
-    nb = _panel_width(w.dtype)
-    return w.new_empty(((n + nb - 1) // nb, k, nb))
+    if w.dtype == torch.bfloat16:
+        return w.new_empty(((n + 15) // 16, (k + 1) // 2, 32))
+    return w.new_empty(((n + 15) // 16, k, 16))
 
 
 @torch.library.register_fake("loom::linear_packed")

@@ -27,8 +27,8 @@ def test_linear_packed_matches_f_linear(M, N, K, bias, isa):
 @pytest.mark.parametrize("N,K", [(37, 99), (1000, 77), (5, 3), (33, 64), (100, 512)])
 def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K, isa):
     """bfloat16 weights and activations, float32 accumulation, output rounded once. (On
-    the amx build, 16+ rows with K a multiple of 32 run on tiles: partial row blocks,
-    partial last panels.)"""
+    the amx build, K a multiple of 32 runs on tiles from one row: partial row blocks,
+    partial and odd last panels; an odd K pads the packed k pairs.)"""
     g = torch.Generator().manual_seed(M + N + K)
     w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
     b = torch.randn(N, generator=g).bfloat16()
@@ -54,6 +54,18 @@ def test_linear_packed_batched_shape_and_errors():
         torch.ops.loom.linear_packed(torch.randn(2, 24), wp, None, 70)
 
 
+def test_bfloat16_odd_k_padding_is_not_a_feature():
+    """bfloat16 packs k pairs, an odd K padded with zeros: x one feature short of an even-K
+    weight is refused, not multiplied against all but the last column."""
+    w = torch.randn(40, 24).bfloat16()
+    with pytest.raises(RuntimeError, match="features, weight expects 24"):
+        torch.ops.loom.linear_packed(torch.randn(3, 23).bfloat16(), torch.ops.loom.pack_linear_weight(w), None, 40)
+    w = torch.randn(40, 23).bfloat16()
+    x = torch.randn(3, 23).bfloat16()
+    y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), None, 40)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), atol=1e-4 * 23 ** 0.5, rtol=2 ** -8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_input_features_is_a_clear_error(dtype):
     """K = 0 (was a division by zero on the bfloat16 tile path, an ambiguous reshape else)."""
@@ -68,3 +80,5 @@ def test_linear_packed_opcheck():
     torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24), wp, torch.randn(40), 40))
     wb = torch.ops.loom.pack_linear_weight(w.bfloat16())
     torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24).bfloat16(), wb, None, 40))
+    w_odd = torch.randn(40, 25).bfloat16()  # (k pairs: the fake's shape pads K too)
+    torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w_odd,))
