@@ -82,3 +82,5 @@ def test_linear_packed_opcheck():
     torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(5, 24).bfloat16(), wb, None, 40))
     w_odd = torch.randn(40, 25).bfloat16()  # (k pairs: the fake's shape pads K too)
     torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w_odd,))
+    wo = torch.ops.loom.pack_linear_weight(w_odd)
+    torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(3, 25).bfloat16(), wo, None, 40))
