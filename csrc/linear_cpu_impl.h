@@ -96,7 +96,8 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
     float* o = out + i * ldo + n0;
     for (int p = 0; p < NP; ++p) {
       const int64_t nv = p == NP - 1 ? nvalid_last : NB;
-      for (int64_t j = 0; j < nv; ++j) o[p * NB + j] = acc[p][i][j / LVL][j % LVL] + (bias ? bias[n0 + p * NB + j] : 0.f);
+      for (int64_t j = 0; j < nv; ++j)
+        o[p * NB + j] = acc[p][i][j / LVL][j % LVL] + (bias ? bias[n0 + p * NB + j] : 0.f);
     }
   }
 }
