@@ -1,6 +1,7 @@
-// AMX tile setup and a word-interleave index shared by the amx builds of the attention
-// (attn_cpu_amx.h) and the GEMM (linear_cpu_amx.cpp). Included inside their namespaces,
-// after <immintrin.h>, under a `#pragma GCC target` with amx-tile and avx512bw.
+// AMX tile setup shared by the amx builds of the attention (attn_cpu_amx.h) and the GEMM
+// (linear_cpu_amx.cpp), and the word-interleave index of the attention's pair layouts.
+// Included inside their namespaces, after <immintrin.h>, under a `#pragma GCC target`
+// with amx-tile and avx512bw.
 
 // The 64-byte tile configuration (palette 1) that ldtilecfg reads.
 struct AmxTileConfig {

@@ -223,12 +223,12 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
     const int nk = min_int(kKeyTile, k_end - t0);
     const int nk_next = min_int(kKeyTile, k_end - t0 - nk);
     if (nk_next > 0) row_offsets<DT>(a, pages, it.kvh, t0 + nk, nk_next, nxt);
+    const int nv = DT == DType::F32 ? nk : 0;
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, mpad, D);
       const int64_t ho = h * bytes;
       gather_tile<DT>(a, cur, ho, nk, sc);
       const bool last = h + 1 == nh;
-      const int nv = DT == DType::F32 ? nk : 0;
       const int n_next_k = last ? max_int(nk_next, 0) : nk;
       pf.vbase = vpool + ho;
       pf.voff = cur;

@@ -98,7 +98,6 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   // (bfloat16: k pairs, the last one padded when K is odd)
   TORCH_CHECK(bf16 ? (K + 1) / 2 == wp.size(1) : K == wp.size(1), "linear_packed: x has ", K,
               " features, weight expects ", bf16 ? 2 * wp.size(1) : wp.size(1), bf16 ? " (or one less)" : "");
-  TORCH_CHECK(K > 0, "linear_packed: the packed weight has no input features");
   // An odd K's packing pads its last k pair with zeros: x one feature short of an even-K
   // weight would pass the shape check and drop a real column.
   TORCH_CHECK(!(bf16 && K % 2 == 1) || !wp.select(1, wp.size(1) - 1).slice(1, 1, 2 * nb, 2).any().item<bool>(),

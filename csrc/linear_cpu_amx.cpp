@@ -86,8 +86,9 @@ bool run_panels_bf16(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const
                      uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   if (K % 32 != 0) return false;
   const int64_t nkc = K / 32, ps = K * 16;  // k chunks; elements per panel
-  // Panels per pass over the rows: ~512 KB of them (in L2), an even number.
-  const int64_t group = K >= 8192 ? 2 : (16384 / K < 16 ? (16384 / K) / 2 * 2 : 16);
+  // Panels per pass over the rows: ~512 KB of them (in L2), an even number in [2, 16].
+  int64_t group = (16384 / K) / 2 * 2;
+  group = group < 2 ? 2 : group > 16 ? 16 : group;
   // up to 32 tail rows of x padded with zero rows (tile loads read 16 or 32 rows)
   uint16_t* xpad = static_cast<uint16_t*>(aligned_alloc(64, static_cast<size_t>(32 * K) * 2));
   if (xpad == nullptr) return false;

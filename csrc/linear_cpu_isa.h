@@ -25,7 +25,7 @@ LOOM_LIN_DECLARE(avx2)
 LOOM_LIN_DECLARE(avx512)
 #undef LOOM_LIN_DECLARE
 
-// bfloat16 panels on AMX tiles (linear_cpu_amx.cpp), for many rows: x bfloat16 [M, ldx],
+// bfloat16 panels on AMX tiles (linear_cpu_amx.cpp), from one row: x bfloat16 [M, ldx],
 // out bfloat16 [M, ldo]. False (nothing written) when it cannot run: K not a multiple of
 // 32, no memory, or a build without the tiles.
 namespace amx {
