@@ -12,11 +12,15 @@ every thread decodes one query. Qwen3-like heads (Hq=16, Hkv=8, D=128), float32 
   sdpa+mask   one SDPA call over all tokens once, with a dense boolean mask
 
 Bytes = K/V bytes the method must read at least (plus the mask); GB/s = bytes / time;
-%bw = that over the machine's read bandwidth measured at start; GFLOP/s = the QK and PV
-multiply-adds over the time; %roof = the roofline time max(bytes / read bandwidth,
-FLOPs / measured matmul peak) over loom's time (100% = as fast as this machine allows,
-whichever of memory or arithmetic binds); speedup = sdpa/thr
-time over loom time. Median over --repeats after warm-up.
+GFLOP/s = the QK and PV multiply-adds over the time. This machine's speed drifts by up to
+2x within minutes (a shared VM), so loom's runs are paired with the machine's: before
+each timed loom run, one read of a 512 MB buffer (which also evicts the caches: loom
+reads its K/V from memory, and so do the other methods: each of their runs follows
+one too); %bw = the median over the pairs of loom's GB/s over that
+read bandwidth; %roof = the same median of the roofline time max(bytes / read
+bandwidth, FLOPs / measured matmul peak) over loom's time (100% = as fast as this
+machine allows, whichever of memory or arithmetic binds). speedup = sdpa/thr time over
+loom time. Times: median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -81,13 +85,38 @@ def matmul_peak(repeats: int, dtype=torch.float32) -> float:
     return best / 1e9
 
 
-def machine_bandwidth(repeats: int) -> tuple[float, float]:
+class ReadProbe:
+    """The machine's read bandwidth now: one sum of a 512 MB buffer (GB/s)."""
+
+    def __init__(self):
+        self.x = torch.ones(128 * 1024 * 1024)
+
+    def __call__(self) -> float:
+        t = time.perf_counter()
+        self.x.sum()
+        return self.x.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def machine_bandwidth(repeats: int, probe: ReadProbe) -> tuple[float, float]:
     """(read GB/s of a 512 MB sum, copy GB/s counting read + write of a 256 MB copy)."""
-    x = torch.ones(128 * 1024 * 1024)
-    read = x.numel() * 4 / timed(lambda: x.sum(), repeats)
-    src, dst = x[: 64 * 1024 * 1024], torch.empty(64 * 1024 * 1024)
+    probe()
+    read = statistics.median(probe() for _ in range(repeats))
+    src, dst = probe.x[: 64 * 1024 * 1024], torch.empty(64 * 1024 * 1024)
     copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), repeats)
-    return read / 1e9, copy / 1e9
+    return read, copy / 1e9
+
+
+def timed_paired(fn, repeats: int, probe: ReadProbe, warmup: int = 2) -> tuple[list[float], list[float]]:
+    """fn's wall times (s), each run just after a read-bandwidth sample (GB/s): both."""
+    for _ in range(warmup):
+        fn()
+    times, bws = [], []
+    for _ in range(repeats):
+        bws.append(probe())
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times, bws
 
 
 class Case:
@@ -267,7 +296,8 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     torch.manual_seed(0)
 
-    read_bw, copy_bw = machine_bandwidth(repeats)
+    probe = ReadProbe()
+    read_bw, copy_bw = machine_bandwidth(repeats, probe)
     dtype = getattr(torch, args.dtype)
     peak = matmul_peak(repeats, dtype)
     print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
@@ -290,15 +320,19 @@ def main() -> None:
     for n, s, o in configs:
         case = Case(n, s, o, dtype=dtype)
         case.check()
-        t_loom = timed(case.loom, repeats)
-        t_ref = timed(case.torch_ref, max(3, repeats // 3))
-        t_thr = timed(case.sdpa_threads, repeats)
-        t_mask = timed(case.sdpa_mask, max(3, repeats // 3))
+        loom_times, bws = timed_paired(case.loom, repeats, probe)
+        t_loom = statistics.median(loom_times)
+        # (every method from memory, as loom: each run after the probe's eviction)
+        t_ref = statistics.median(timed_paired(case.torch_ref, max(3, repeats // 3), probe, warmup=1)[0])
+        t_thr = statistics.median(timed_paired(case.sdpa_threads, repeats, probe)[0])
+        t_mask = statistics.median(timed_paired(case.sdpa_mask, max(3, repeats // 3), probe, warmup=1)[0])
         gbs = case.unique_bytes / t_loom / 1e9
         flops = 4 * HQ * D * n * (s + o)
-        roof = max(case.unique_bytes / (read_bw * 1e9), flops / (peak * 1e9))
+        pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, bw in zip(loom_times, bws))
+        pct_roof = statistics.median(max(case.unique_bytes / (bw * 1e9), flops / (peak * 1e9)) / t
+                                     for t, bw in zip(loom_times, bws))
         print(f"{n:>3} {s:>6} {o:>4} | {t_loom * 1e3:>8.2f} {case.unique_bytes / 1e6:>6.0f} {gbs:>5.1f} "
-              f"{100 * gbs / read_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * roof / t_loom:>4.0f}% | "
+              f"{100 * pct_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * pct_roof:>4.0f}% | "
               f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
