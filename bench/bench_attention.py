@@ -85,38 +85,48 @@ def matmul_peak(repeats: int, dtype=torch.float32) -> float:
     return best / 1e9
 
 
-class ReadProbe:
-    """The machine's read bandwidth now: one sum of a 512 MB buffer (GB/s)."""
+class MachineProbe:
+    """The machine's speed now: read() = GB/s of one sum of a 512 MB buffer (which also
+    evicts the caches), mm() = GFLOP/s of one [1024 x 1024]^2 torch.mm in dtype."""
 
-    def __init__(self):
+    def __init__(self, dtype=torch.float32):
         self.x = torch.ones(128 * 1024 * 1024)
+        self.a, self.b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
 
-    def __call__(self) -> float:
+    def read(self) -> float:
         t = time.perf_counter()
         self.x.sum()
         return self.x.numel() * 4 / (time.perf_counter() - t) / 1e9
 
+    def mm(self) -> float:
+        t = time.perf_counter()
+        torch.mm(self.a, self.b)
+        return 2 * 1024 ** 3 / (time.perf_counter() - t) / 1e9
 
-def machine_bandwidth(repeats: int, probe: ReadProbe) -> tuple[float, float]:
+    def both(self) -> tuple[float, float]:
+        return self.read(), self.mm()
+
+
+def machine_bandwidth(repeats: int, probe: MachineProbe) -> tuple[float, float]:
     """(read GB/s of a 512 MB sum, copy GB/s counting read + write of a 256 MB copy)."""
-    probe()
-    read = statistics.median(probe() for _ in range(repeats))
+    probe.read()
+    read = statistics.median(probe.read() for _ in range(repeats))
     src, dst = probe.x[: 64 * 1024 * 1024], torch.empty(64 * 1024 * 1024)
     copy = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), repeats)
     return read, copy / 1e9
 
 
-def timed_paired(fn, repeats: int, probe: ReadProbe, warmup: int = 2) -> tuple[list[float], list[float]]:
-    """fn's wall times (s), each run just after a read-bandwidth sample (GB/s): both."""
+def timed_paired(fn, repeats: int, before, warmup: int = 2) -> tuple[list[float], list]:
+    """fn's wall times (s), each run just after a call of `before` (a probe): both lists."""
     for _ in range(warmup):
         fn()
-    times, bws = [], []
+    times, samples = [], []
     for _ in range(repeats):
-        bws.append(probe())
+        samples.append(before())
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return times, bws
+    return times, samples
 
 
 class Case:
@@ -296,16 +306,19 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     torch.manual_seed(0)
 
-    probe = ReadProbe()
-    read_bw, copy_bw = machine_bandwidth(repeats, probe)
     dtype = getattr(torch, args.dtype)
+    probe = MachineProbe(dtype)
+    read_bw, copy_bw = machine_bandwidth(repeats, probe)
     peak = matmul_peak(repeats, dtype)
+    probe.mm()
+    mm_ref = statistics.median(probe.mm() for _ in range(repeats))  # the probe's rate when peak was taken
     print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
           f"torch {torch.__version__} | loom kernel: {_ops.cpu_isa()}")
     print(f"measured bandwidth: read {read_bw:.1f} GB/s (sum of 512 MB), copy {copy_bw:.1f} GB/s "
           f"(read + write of 256 MB)")
     print(f"measured {args.dtype} matmul peak: {peak:.0f} GFLOP/s (torch.mm 2048^3"
-          f"{' and loom' + chr(39) + 's GEMM' if dtype == torch.float32 else ''})")
+          f"{' and loom' + chr(39) + 's GEMM' if dtype == torch.float32 else ''}; scaled per run by a 1024^3 "
+          f"torch.mm just before it: {mm_ref:.0f} GFLOP/s now)")
     print(f"decode, Hq={HQ} Hkv={HKV} D={D} {args.dtype}, page {PAGE}; ms = median of {repeats}; "
           f"MB = K/V bytes the method must read")
     configs = [(n, s, o) for n in (1, 8, 32) for s in (1024, 8192) for o in (64, 512)]
@@ -320,17 +333,18 @@ def main() -> None:
     for n, s, o in configs:
         case = Case(n, s, o, dtype=dtype)
         case.check()
-        loom_times, bws = timed_paired(case.loom, repeats, probe)
+        loom_times, speeds = timed_paired(case.loom, repeats, probe.both)
         t_loom = statistics.median(loom_times)
         # (every method from memory, as loom: each run after the probe's eviction)
-        t_ref = statistics.median(timed_paired(case.torch_ref, max(3, repeats // 3), probe, warmup=1)[0])
-        t_thr = statistics.median(timed_paired(case.sdpa_threads, repeats, probe)[0])
-        t_mask = statistics.median(timed_paired(case.sdpa_mask, max(3, repeats // 3), probe, warmup=1)[0])
+        t_ref = statistics.median(timed_paired(case.torch_ref, max(3, repeats // 3), probe.read, warmup=1)[0])
+        t_thr = statistics.median(timed_paired(case.sdpa_threads, repeats, probe.read)[0])
+        t_mask = statistics.median(timed_paired(case.sdpa_mask, max(3, repeats // 3), probe.read, warmup=1)[0])
         gbs = case.unique_bytes / t_loom / 1e9
         flops = 4 * HQ * D * n * (s + o)
-        pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, bw in zip(loom_times, bws))
-        pct_roof = statistics.median(max(case.unique_bytes / (bw * 1e9), flops / (peak * 1e9)) / t
-                                     for t, bw in zip(loom_times, bws))
+        pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, (bw, _) in zip(loom_times, speeds))
+        pct_roof = statistics.median(
+            max(case.unique_bytes / (bw * 1e9), flops / (peak * mm / mm_ref * 1e9)) / t
+            for t, (bw, mm) in zip(loom_times, speeds))
         print(f"{n:>3} {s:>6} {o:>4} | {t_loom * 1e3:>8.2f} {case.unique_bytes / 1e6:>6.0f} {gbs:>5.1f} "
               f"{100 * pct_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * pct_roof:>4.0f}% | "
               f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
