@@ -80,13 +80,20 @@ def prefill_flops(cfg, P: int) -> float:
 
 def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int):
     """Loom's prefill against the matmul rate and its decode step against the
-    bandwidth floor, measured in this run. This machine's bandwidth drifts by 2x over
-    minutes, so each decode timing is paired with a bandwidth reading taken just before
-    it, and the ratio is reported per pair (median and range)."""
+    bandwidth floor, measured in this run. This machine's speed drifts by 2x over
+    minutes, so each prefill is paired with a torch.mm reading and each decode timing
+    with a bandwidth reading taken just before it, and the ratios are reported per pair
+    (median and range)."""
     cfg, P = llm.config, len(prompt)
-    mm = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size, dtype=llm.dtype)
-    pre = statistics.median(run_loom(llm, prompt, 1, 1, r)[0] for r in range(repeats))
+    # Each prefill right after a same-shape torch.mm reading, as the decode steps below.
+    pre_pairs = []  # (torch.mm FLOP/s, prefill seconds)
+    for r in range(max(repeats, 3)):
+        mm_r = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size, repeats=3, dtype=llm.dtype)
+        pre_pairs.append((mm_r, run_loom(llm, prompt, 1, 1, r)[0]))
+    mm = statistics.median(m for m, _ in pre_pairs)
+    pre = statistics.median(t for _, t in pre_pairs)
     pre_flops = prefill_flops(cfg, P)
+    pre_ratios = sorted(pre_flops / t / m for m, t in pre_pairs)
     weights = llm.model.weight_bytes()
     kv_step = (P + n * new / 2) * llm.cache.bytes_per_token  # prompt once + own tokens, mid-run
     pairs = []  # (bandwidth, decode step)
@@ -99,9 +106,11 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s (median of {len(pairs)} readings, "
           f"{min(b for b, _ in pairs) / 1e9:.1f}-{max(b for b, _ in pairs) / 1e9:.1f}) | torch.mm "
           f"[{P}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}] {str(llm.dtype)[6:]} "
-          f"{mm / 1e9:.0f} GFLOP/s")
-    print(f"prefill {P} tokens: {pre * 1e3:.0f} ms = {pre_flops / pre / 1e9:.0f} GFLOP/s "
-          f"({100 * pre_flops / pre / mm:.0f}% of torch.mm; goal >= 50%)")
+          f"{mm / 1e9:.0f} GFLOP/s (median of {len(pre_pairs)} readings, "
+          f"{min(m for m, _ in pre_pairs) / 1e9:.0f}-{max(m for m, _ in pre_pairs) / 1e9:.0f})")
+    print(f"prefill {P} tokens: {pre * 1e3:.0f} ms = {pre_flops / pre / 1e9:.0f} GFLOP/s: "
+          f"{100 * statistics.median(pre_ratios):.0f}% of torch.mm, {100 * pre_ratios[0]:.0f}-"
+          f"{100 * pre_ratios[-1]:.0f}% over {len(pre_ratios)} (torch.mm, prefill) pairs (goal >= 50%)")
     print(f"decode step (n={n}): {step * 1e3:.1f} ms vs floor {(weights + kv_step) / bw * 1e3:.1f} ms "
           f"(weights {weights / 2**20:.0f} MB + KV {kv_step / 2**20:.0f} MB at {bw / 1e9:.1f} GB/s): "
           f"{statistics.median(ratios):.2f}x the floor, {ratios[0]:.2f}-{ratios[-1]:.2f} over "
