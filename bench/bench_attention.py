@@ -13,14 +13,16 @@ every thread decodes one query. Qwen3-like heads (Hq=16, Hkv=8, D=128), float32 
 
 Bytes = K/V bytes the method must read at least (plus the mask); GB/s = bytes / time;
 GFLOP/s = the QK and PV multiply-adds over the time. This machine's speed drifts by up to
-2x within minutes (a shared VM), so loom's runs are paired with the machine's: before
-each timed loom run, one read of a 512 MB buffer (which also evicts the caches: loom
-reads its K/V from memory, and so do the other methods: each of their runs follows
-one too); %bw = the median over the pairs of loom's GB/s over that
-read bandwidth; %roof = the same median of the roofline time max(bytes / read
-bandwidth, FLOPs / measured matmul peak) over loom's time (100% = as fast as this
-machine allows, whichever of memory or arithmetic binds). speedup = sdpa/thr time over
-loom time. Times: median over --repeats after warm-up.
+2x within minutes (a shared VM), so every timed run of every method follows a probe: one
+read of a 512 MB buffer (its bandwidth; it also evicts the caches, so that K/V come from
+memory as in a model's decode step), then, for loom, one 1024^3 torch.mm (the arithmetic
+rate), then one call of the same method on a 16-token case (its code back in cache, as
+in a step). %bw = the median over loom's runs of its GB/s over the read bandwidth taken
+just before; %roof = the same median of the roofline time max(bytes / read bandwidth,
+FLOPs / matmul peak) over loom's time, the peak (measured at start) scaled by that
+torch.mm's rate against its rate at start (100% = as fast as this machine allows at
+that moment, whichever of memory or arithmetic binds). speedup = sdpa/thr time over loom
+time. Times: median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -338,14 +340,15 @@ def main() -> None:
     for n, s, o in configs:
         case = Case(n, s, o, dtype=dtype)
         case.check()
-        loom_times, speeds = timed_paired(case.loom, repeats, probe.both, tiny.loom)
+        def cold(method: str, reps: int, before=probe.read, warmup: int = 2):
+            """case.<method>'s times and probe samples, each run from memory (see the top)."""
+            return timed_paired(getattr(case, method), reps, before, getattr(tiny, method), warmup)
+
+        loom_times, speeds = cold("loom", repeats, before=probe.both)
         t_loom = statistics.median(loom_times)
-        # (every method from memory, as loom: each run after the probe's eviction)
-        t_ref = statistics.median(timed_paired(case.torch_ref, max(3, repeats // 3), probe.read, tiny.torch_ref,
-                                               warmup=1)[0])
-        t_thr = statistics.median(timed_paired(case.sdpa_threads, repeats, probe.read, tiny.sdpa_threads)[0])
-        t_mask = statistics.median(timed_paired(case.sdpa_mask, max(3, repeats // 3), probe.read, tiny.sdpa_mask,
-                                                warmup=1)[0])
+        t_ref = statistics.median(cold("torch_ref", max(3, repeats // 3), warmup=1)[0])
+        t_thr = statistics.median(cold("sdpa_threads", repeats)[0])
+        t_mask = statistics.median(cold("sdpa_mask", max(3, repeats // 3), warmup=1)[0])
         gbs = case.unique_bytes / t_loom / 1e9
         flops = 4 * HQ * D * n * (s + o)
         pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, (bw, _) in zip(loom_times, speeds))

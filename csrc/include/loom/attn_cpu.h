@@ -118,7 +118,7 @@ LOOM_DECLARE_ISA(amx)
 
 // The build to run: the best the CPU supports, unless lowered by set_isa
 // ("amx", "avx512", "avx2", "base"; "" restores the automatic choice). Returns its name.
-// (amx = avx512 plus AMX tiles: bfloat16 attention, and bfloat16 linears from 16 rows.)
+// (amx = avx512 plus AMX tiles: bfloat16 attention, and bfloat16 linears from one row.)
 const char* active_isa();
 bool set_isa(const char* name);
 // The same as a level (the packed GEMM's dispatch follows it too).
