@@ -73,6 +73,12 @@ static inline void fold_lanes(float (*acc)[VL]) {
   for (int n = 0; n < N; ++n) acc[n][0] += acc[n][1];
 }
 
+// The largest of a[0, VL) into a[0], by halving.
+static inline void fold_lanes_max(float* a) {
+  for (int w = VL / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) a[l] = a[l + w] > a[l] ? a[l + w] : a[l];
+}
+
 // Vector types of VL floats (GCC vector extensions: portable across the builds, and
 // __builtin_shuffle becomes one permute instruction); loads through vfu are unaligned.
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -274,35 +280,36 @@ static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
   }
 }
 
-// Small path: S [M][kSmallTile] -> probabilities in place, vectorised over keys.
+// Small path: S [M][kSmallTile] -> probabilities in place, vectorised over keys; keys
+// past nk get probability 0 (whole vectors: compile-time trip counts, and a lane fold
+// instead of a scalar reduction per row).
 static void softmax_rows(float* s, HeadState& hs, int nk, int M) {
+  static_assert(kSmallTile % VL == 0, "rows of whole vectors");
   for (int m = 0; m < M; ++m) {
-    float* row = s + m * kSmallTile;
+    float* __restrict row = s + m * kSmallTile;
     float lane[1][VL];
+#pragma omp simd
     for (int l = 0; l < VL; ++l) lane[0][l] = -INFINITY;
-    int k = 0;
-    for (; k + VL <= nk; k += VL)
-      for (int l = 0; l < VL; ++l) lane[0][l] = row[k + l] > lane[0][l] ? row[k + l] : lane[0][l];
-    float mx = -INFINITY;
-    for (int l = 0; l < VL; ++l) mx = lane[0][l] > mx ? lane[0][l] : mx;
-    for (int kk = k; kk < nk; ++kk) mx = row[kk] > mx ? row[kk] : mx;
-    advance_max(hs, m, mx);
-    const float mu = hs.m_use[m];
-    for (int l = 0; l < VL; ++l) lane[0][l] = 0.f;
-    for (k = 0; k + VL <= nk; k += VL)
+    for (int k0 = 0; k0 < kSmallTile; k0 += VL)
+#pragma omp simd
       for (int l = 0; l < VL; ++l) {
-        const float p = loom::exp_approx(row[k + l] - mu);
-        row[k + l] = p;
+        const float x = k0 + l < nk ? row[k0 + l] : -INFINITY;
+        lane[0][l] = x > lane[0][l] ? x : lane[0][l];
+      }
+    fold_lanes_max(lane[0]);
+    advance_max(hs, m, lane[0][0]);
+    const float mu = hs.m_use[m];
+#pragma omp simd
+    for (int l = 0; l < VL; ++l) lane[0][l] = 0.f;
+    for (int k0 = 0; k0 < kSmallTile; k0 += VL)
+#pragma omp simd
+      for (int l = 0; l < VL; ++l) {
+        const float p = k0 + l < nk ? loom::exp_approx(row[k0 + l] - mu) : 0.f;
+        row[k0 + l] = p;
         lane[0][l] += p;
       }
     fold_lanes<1>(lane);
-    float sum = lane[0][0];
-    for (; k < nk; ++k) {
-      const float p = loom::exp_approx(row[k] - mu);
-      row[k] = p;
-      sum += p;
-    }
-    hs.l_run[m] = hs.l_run[m] * hs.alpha[m] + sum;
+    hs.l_run[m] = hs.l_run[m] * hs.alpha[m] + lane[0][0];
   }
 }
 
