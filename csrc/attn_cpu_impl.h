@@ -129,10 +129,11 @@ struct LinePrefetch {
     const char* p = r < nv ? vbase + voff[r] : kbase + koff[r - nv];
     return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63});
   }
+  template <int HINT = 3>  // __builtin_prefetch's locality: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
   inline void issue(int count, int upto) {
     const int e = upto < i + count ? upto : i + count;
     for (; i < e; ++i) {
-      __builtin_prefetch(cur + 64 * line, 0, 3);
+      __builtin_prefetch(cur + 64 * line, 0, HINT);
       if (++line == lpr) {
         line = 0;
         cur = at(++row);

@@ -137,10 +137,54 @@ static inline void prefetch_rows(const AttnArgs& a, const int32_t* pages, int kv
   }
 }
 
+// Byte offsets (the same in the K and the V pool) of keys [t0, t0 + nk) of kv head kvh.
+template <DType DT>
+static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh, int t0, int nk, int64_t* off) {
+  const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(typename Elem<DT>::T);
+  PageWalk walk(pages, a.page_size, t0);
+  for (int k = 0; k < nk; ++k) off[k] = (walk.next() * a.num_kv_heads + kvh) * bytes;
+}
+
+// The small path's spread prefetch (see run_small): keys per value block, and the
+// points per tile where lines are issued (one per block of keys of the scores and of
+// the values, every head).
+constexpr int kPvKeys = 8;
+static inline int small_points(int M, int nk, int nh) {
+  const int kr = small_qk_keys(M);
+  return nh * ((nk + kr - 1) / kr + (nk + kPvKeys - 1) / kPvKeys);
+}
+
+// Sets pf to the K rows, then the V rows, of keys [t0, t0 + nk) of kv heads [kvh, kvh +
+// nh) (offsets into off); returns how many lines to issue at each of `points` points.
+template <DType DT>
+static inline int prefetch_share(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk,
+                                 int64_t* off, int points, LinePrefetch& pf) {
+  if (nk <= 0) {
+    pf.reset(0, 0);
+    return 0;
+  }
+  row_offsets<DT>(a, pages, kvh, t0, nk, off);
+  pf.voff = pf.koff = off;
+  // lines a token's rows of these heads touch (one more when they may start mid-line)
+  const int64_t span = static_cast<int64_t>(nh) * a.head_dim * sizeof(typename Elem<DT>::T);
+  const bool aligned = span % 64 == 0 && a.head_dim * sizeof(typename Elem<DT>::T) % 64 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.k_pool) % 64 == 0 && reinterpret_cast<uintptr_t>(a.v_pool) % 64 == 0;
+  pf.lpr = static_cast<int>(aligned ? span / 64 : (span + 126) / 64);
+  pf.reset(nk, 2 * nk);
+  return (pf.n + points - 1) / points;
+}
+
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
 // softmax and values over the whole tile. bfloat16 rows are read from the pool in place
 // (widened in registers); float16 rows are converted into scratch.
+// The next tile's K/V lines: for float32 and float16 asked for all at once before the
+// tile (prefetch_rows). bfloat16 rows cost twice the arithmetic per byte, and with that
+// burst a tile cost about its memory time plus its arithmetic (measured: N=32 x 512 own
+// tokens 4.9 ms, a pass that only touches the same lines 3.2 ms, the arithmetic alone
+// 1.8 ms), so theirs are spread over the tile's products into L2, a few lines before
+// every block of keys (prefetch_share; 0.86-0.94x the time). float32 rows keep the burst:
+// spread, they ran 1.2-1.4x slower (their own reads already reach the read bandwidth).
 template <DType DT>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end) {
@@ -156,13 +200,20 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
     krow = sc.krow;
     vrow = sc.vrow;
   }
+  constexpr bool spread = in_place;
+  LinePrefetch pf{static_cast<const char*>(a.k_pool), static_cast<const char*>(a.v_pool)};  // ("V" rows: K's)
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
+    const int nk_next = min_int(kSmallTile, k_end - t0 - nk);
     gather_rows<DT, in_place>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
-    if (t0 + nk < k_end)
-      prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk));
+    int per = 0;
+    if (spread)
+      per = prefetch_share<DT>(a, pages, it.kvh, nh, t0 + nk, nk_next, sc.off, small_points(M, nk, nh), pf);
+    else if (nk_next > 0)
+      prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, nk_next);
     for (int h = 0; h < nh; ++h)
-      qk_small<R>(krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile);
+      qk_small<R>(krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile,
+                  spread ? &pf : nullptr, per);
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
       float* sh = sc.s + h * M * kSmallTile;
@@ -170,20 +221,22 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
       softmax_rows(sh, hs, nk, M);
     }
     // Values, a head's whole tile per call (the rescale by alpha folded into the
-    // accumulator load).
+    // accumulator load), or in blocks of kPvKeys keys with prefetches between them.
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
-      pv_tile<R>(sc.s + h * M * kSmallTile, 1, kSmallTile, M, vrow + h * kSmallTile, nk, hs.o, D, hs.alpha);
+      const float* sh = sc.s + h * M * kSmallTile;
+      const R* const* vr = vrow + h * kSmallTile;
+      if (!spread) {
+        pv_tile<R>(sh, 1, kSmallTile, M, vr, nk, hs.o, D, hs.alpha);
+        continue;
+      }
+      for (int k0 = 0; k0 < nk; k0 += kPvKeys) {
+        pf.issue<kHintL2>(per, pf.n);
+        pv_tile<R>(sh + k0, 1, kSmallTile, M, vr + k0, min_int(kPvKeys, nk - k0), hs.o, D, k0 == 0 ? hs.alpha : nullptr);
+      }
     }
+    if (spread) pf.issue<kHintL2>(pf.n, pf.n);
   }
-}
-
-// Byte offsets (the same in the K and the V pool) of keys [t0, t0 + nk) of kv head kvh.
-template <DType DT>
-static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh, int t0, int nk, int64_t* off) {
-  const int64_t bytes = static_cast<int64_t>(a.head_dim) * sizeof(typename Elem<DT>::T);
-  PageWalk walk(pages, a.page_size, t0);
-  for (int k = 0; k < nk; ++k) off[k] = (walk.next() * a.num_kv_heads + kvh) * bytes;
 }
 
 // One head's tile rows from their byte offsets (row_offsets) plus `ho` (that head's

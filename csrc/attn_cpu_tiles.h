@@ -181,29 +181,39 @@ static inline void qk_dot_block(const T* const* krow, const float* qs, int D, fl
 }
 
 // All nk keys of one head: blocks of KR keys (KR * MS accumulators: 16 with 32 vector
-// registers, 8 with 16), then pairs and single keys.
+// registers, 8 with 16), then pairs and single keys. pf (optional): `per` of its lines
+// before each whole block, into L2.
+constexpr int kSmallAcc = VL >= 16 ? 16 : 8;
+constexpr int kHintL2 = 2;  // prefetcht1: a small tile's K/V (~128 KB in bfloat16) fit L2, not L1
 template <int MS, class T>
-static void qk_small_ms(const T* const* krow, int nk, const float* qs, int D, float* s) {
-  constexpr int NACC = VL >= 16 ? 16 : 8;
-  constexpr int KR = NACC / MS;  // MS in {1, 2, 4}
+static void qk_small_ms(const T* const* krow, int nk, const float* qs, int D, float* s, LinePrefetch* pf = nullptr,
+                        int per = 0) {
+  constexpr int KR = kSmallAcc / MS;  // MS in {1, 2, 4}
   int k0 = 0;
-  for (; k0 + KR <= nk; k0 += KR) qk_dot_block<KR, MS, T>(krow + k0, qs, D, s + k0);
+  for (; k0 + KR <= nk; k0 += KR) {
+    if (pf) pf->issue<kHintL2>(per, pf->n);
+    qk_dot_block<KR, MS, T>(krow + k0, qs, D, s + k0);
+  }
   if constexpr (KR >= 4)
     for (; k0 + KR / 2 <= nk; k0 += KR / 2) qk_dot_block<KR / 2, MS, T>(krow + k0, qs, D, s + k0);
   for (; k0 < nk; ++k0) qk_dot_block<1, MS, T>(krow + k0, qs, D, s + k0);
 }
 
+// Keys per whole block of qk_small for M queries (M = 3: of its first pass).
+static inline int small_qk_keys(int M) { return kSmallAcc / (M == 1 ? 1 : M <= 3 ? 2 : 4); }
+
 // Small path: scores of nk keys of one head for M <= SMALL_M queries, S [M][kSmallTile].
 template <class T>
-static void qk_small(const T* const* krow, int nk, const float* qs, int M, int D, float* s) {
+static void qk_small(const T* const* krow, int nk, const float* qs, int M, int D, float* s, LinePrefetch* pf = nullptr,
+                     int per = 0) {
   switch (M) {
-    case 1: qk_small_ms<1, T>(krow, nk, qs, D, s); break;
-    case 2: qk_small_ms<2, T>(krow, nk, qs, D, s); break;
+    case 1: qk_small_ms<1, T>(krow, nk, qs, D, s, pf, per); break;
+    case 2: qk_small_ms<2, T>(krow, nk, qs, D, s, pf, per); break;
     case 3:  // as two queries, then one
-      qk_small_ms<2, T>(krow, nk, qs, D, s);
-      qk_small_ms<1, T>(krow, nk, qs + 2 * D, D, s + 2 * kSmallTile);
+      qk_small_ms<2, T>(krow, nk, qs, D, s, pf, per);
+      qk_small_ms<1, T>(krow, nk, qs + 2 * D, D, s + 2 * kSmallTile, pf, per);
       break;
-    default: qk_small_ms<4, T>(krow, nk, qs, D, s); break;
+    default: qk_small_ms<4, T>(krow, nk, qs, D, s, pf, per); break;
   }
 }
 
