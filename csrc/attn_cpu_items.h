@@ -148,7 +148,7 @@ static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh,
 // The small path's spread prefetch (see run_small): keys per value block, and the
 // points per tile where lines are issued (one per block of keys of the scores and of
 // the values, every head).
-constexpr int kPvKeys = 8;
+constexpr int kPvKeys = 8;  // (even: run_small_dp's pairs of P)
 static inline int small_points(int M, int nk, int nh) {
   const int kr = small_qk_keys(M);
   return nh * ((nk + kr - 1) / kr + (nk + kPvKeys - 1) / kPvKeys);
@@ -341,8 +341,14 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
     for (int h = 0; h < nh; ++h)  // (the amx path takes the queries as [M][D] too)
       pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
-    if (small)
-      run_small<DT>(a, it, sc, pages, M, lo, k_end);
+    if (small) {
+#ifdef LOOM_AMX
+      if (DT == DType::BF16 && a.q_dtype == DType::BF16 && amx_head_dim(D))
+        run_small_dp(a, it, sc, pages, M, lo, k_end);
+      else
+#endif
+        run_small<DT>(a, it, sc, pages, M, lo, k_end);
+    }
 #ifdef LOOM_AMX
     else if (amx)
       run_large_amx(a, it, sc, pages, M, mpad, lo, k_end);
