@@ -27,7 +27,7 @@ namespace amx {
 #define LOOM_PV_VECS 4
 #define LOOM_AMX 1
 #ifndef LOOM_AMX_KEYS
-#define LOOM_AMX_KEYS 128
+#define LOOM_AMX_KEYS 64
 #endif
 #include "attn_cpu_impl.h"
 }  // namespace amx

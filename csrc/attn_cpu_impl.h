@@ -27,8 +27,11 @@ constexpr int PV_ROWS = LOOM_PV_ROWS;
 constexpr int PV_VECS = LOOM_PV_VECS;
 constexpr int SMALL_M = kSmallQueries;  // up to this many queries: scores are dot products over D
 
-// Keys per step of the amx path (a multiple of kKeyTile: key chunks are): longer value
-// products per load and store of the accumulator tiles.
+// Keys per step of the amx path (a multiple of kKeyTile: key chunks are; the amx build
+// sets it, 64). Longer steps load and store the accumulator tiles less often, but a
+// step's S, P, packed V and K then outgrow L1: from memory 128 keys ran 1.01-1.12x the
+// time of 64 (12 pairs) and 256 keys 0.98-1.10x the time of 128 (bfloat16, N=8 / 32
+// threads, in-process A/B), though with the pages in cache 64 keys are 1.04x slower.
 #ifdef LOOM_AMX
 constexpr int kAmxKeys = LOOM_AMX_KEYS;
 #else
