@@ -61,8 +61,25 @@ template <> struct Elem<DType::F16> {
 
 template <DType DT>
 static inline void load_row(const typename Elem<DT>::T* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = Elem<DT>::load(src, i);
+  int i = 0;
+  if constexpr (DT == DType::F16) {  // F16C where the build has it: 16 or 8 per instruction
+#if LOOM_VL == 16
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif LOOM_VL == 8
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  }
+  for (; i < n; ++i) dst[i] = Elem<DT>::load(src, i);
 }
+
+// An IEEE half as the small path reads it in place: its own type, so that the row kernels
+// (templated on the element) widen it as a half, not as the bfloat16 that uint16_t is.
+struct Half {
+  uint16_t bits;
+};
+static_assert(sizeof(Half) == 2, "a half is two bytes");
 
 // ------------------------------------------------------------------ per-thread scratch
 
@@ -94,7 +111,7 @@ struct Scratch {
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
   const float** vrow;
-  const uint16_t** krow16;  // small path over a bfloat16 pool: rows in place [head][kSmallTile]
+  const uint16_t** krow16;  // small path over a 16-bit pool: rows in place [head][kSmallTile]
   const uint16_t** vrow16;
   int64_t* off;        // byte offsets of the K/V rows of this tile and the next (large path): [2][kAmxKeys]
   uint16_t* qp;        // amx build: Q^T tiles (and split parts) [head][3][mpad][D]

@@ -74,13 +74,13 @@ struct PageWalk {
 };
 
 // Tile row x of K and V from element offset `at` of the pools kp / vp: a pointer into
-// them (float32; bfloat16 IN_PLACE: into krow16 / vrow16), or the row converted into kbuf
-// / vbuf (16-bit; rows of round_up(D, VL)).
+// them (float32; 16-bit IN_PLACE: into krow16 / vrow16), or the row converted into kbuf /
+// vbuf (16-bit; rows of round_up(D, VL)).
 template <DType DT, bool IN_PLACE = false>
 static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, int D, Scratch& sc,
                            int x, int64_t at) {
   if constexpr (IN_PLACE) {
-    static_assert(DT == DType::BF16, "rows read in place are bfloat16 (float32 ones are always)");
+    static_assert(DT != DType::F32, "rows read in place are 16-bit (float32 ones are always)");
     sc.krow16[x] = kp + at;
     sc.vrow16[x] = vp + at;
   } else if constexpr (DT == DType::F32) {
@@ -174,12 +174,19 @@ static inline int prefetch_share(const AttnArgs& a, const int32_t* pages, int kv
   return (pf.n + points - 1) / points;
 }
 
+// Row element of the small path's kernels: float32 rows, or 16-bit rows read from the
+// pool in place and widened in registers (bfloat16 by a shift, half by F16C's
+// conversion; converting them into float32 scratch first wrote and re-read twice the
+// pool's bytes: N=1 x 8k half rows read 9.5 GB/s that way, float32 rows 22.4).
+template <DType DT> struct SmallRow { using T = float; };
+template <> struct SmallRow<DType::BF16> { using T = uint16_t; };
+template <> struct SmallRow<DType::F16> { using T = Half; };
+
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
-// softmax and values over the whole tile. bfloat16 rows are read from the pool in place
-// (widened in registers); float16 rows are converted into scratch.
-// The next tile's K/V lines: for float32 and float16 asked for all at once before the
-// tile (prefetch_rows). bfloat16 rows cost twice the arithmetic per byte, and with that
+// softmax and values over the whole tile, the rows read in place (SmallRow).
+// The next tile's K/V lines: for float32 asked for all at once before the tile
+// (prefetch_rows). 16-bit rows cost twice the arithmetic per byte, and with that
 // burst a tile cost about its memory time plus its arithmetic (measured: N=32 x 512 own
 // tokens 4.9 ms, a pass that only touches the same lines 3.2 ms, the arithmetic alone
 // 1.8 ms), so theirs are spread over the tile's products into L2, a few lines before
@@ -189,13 +196,13 @@ template <DType DT>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end) {
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
-  constexpr bool in_place = DT == DType::BF16;
-  using R = typename Elem<in_place ? DT : DType::F32>::T;  // row element the kernels read
+  constexpr bool in_place = DT != DType::F32;
+  using R = typename SmallRow<DT>::T;  // row element the kernels read
   const R* const* krow;
   const R* const* vrow;
   if constexpr (in_place) {
-    krow = sc.krow16;
-    vrow = sc.vrow16;
+    krow = reinterpret_cast<const R* const*>(sc.krow16);
+    vrow = reinterpret_cast<const R* const*>(sc.vrow16);
   } else {
     krow = sc.krow;
     vrow = sc.vrow;

@@ -115,6 +115,21 @@ template <> struct Row<uint16_t> {  // bfloat16
   }
   static inline float one(const uint16_t* p) { return loom::bf16_to_float(*p); }
 };
+template <> struct Row<Half> {  // IEEE half: one conversion instruction per vector (F16C)
+  static constexpr bool kWiden = true;
+  static inline vf vec(const Half* p) {
+#if LOOM_VL == 16
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif LOOM_VL == 8
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vf f;
+    for (int l = 0; l < VL; ++l) f[l] = loom::f16_to_float(p[l].bits);
+    return f;
+#endif
+  }
+  static inline float one(const Half* p) { return loom::f16_to_float(p->bits); }
+};
 
 // One level of a transpose-reduce: x holds C channels of W partial sums each (channel
 // j in lanes [j*W, (j+1)*W)), y C more; returns those 2C channels (x's first) with W/2
