@@ -489,7 +489,7 @@ static void pv_dp(const uint32_t* pp, const uint16_t* const* vrow, int nk, float
 // Kv heads [it.kvh, it.kvh_end), M <= SMALL_M queries (hs.q: [M][D] float), head dim a
 // multiple of 32: run_small's tiles, softmax and spread prefetch, the products above.
 static void run_small_dp(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
-                         int k_end) {
+                         int k_end, const NextRows& nr) {
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
   for (int h = 0; h < nh; ++h) {  // q in bfloat16, [M][D] per head
     const float* q = head_state(sc, h, M, M, D).q;
@@ -503,8 +503,12 @@ static void run_small_dp(const AttnArgs& a, const WorkItem& it, Scratch& sc, con
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     gather_rows<DType::BF16, true>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
-    const int per = prefetch_share<DType::BF16>(a, pages, it.kvh, nh, t0 + nk, min_int(kSmallTile, k_end - t0 - nk),
-                                                sc.off, small_points(M, nk, nh), pf);
+    const int nk_next = min_int(kSmallTile, k_end - t0 - nk);
+    const int per = nk_next > 0  // (after the last tile: the next item's first rows)
+                        ? prefetch_share<DType::BF16>(a, pages, it.kvh, nh, t0 + nk, nk_next, sc.off,
+                                                      small_points(M, nk, nh), pf)
+                        : prefetch_share<DType::BF16>(a, nr.pages, nr.kvh, nr.nh, nr.t0, nr.nk, sc.off,
+                                                      small_points(M, nk, nh), pf);
     for (int h = 0; h < nh; ++h) {
       const uint16_t* const* kr = sc.krow16 + h * kSmallTile;
       const uint16_t* qh = sc.qp + static_cast<int64_t>(h) * M * D;

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
+
 #include "loom/attn_math.h"
 namespace loom {
 namespace cpu {
