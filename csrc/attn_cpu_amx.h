@@ -302,10 +302,7 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
   int64_t* nxt = sc.off + KT;
   row_offsets<DType::BF16>(a, pages, it.kvh, it.k_begin, min_int(KT, k_end - it.k_begin), cur);
   LinePrefetch pf{kbase, vbase};  // ("V" rows of the helper: the K pool's)
-  const int64_t span = nh * row_bytes;  // a token's rows of these heads, adjacent
-  const bool aligned = span % 64 == 0 && reinterpret_cast<uintptr_t>(kbase) % 64 == 0 &&
-                       reinterpret_cast<uintptr_t>(vbase) % 64 == 0;
-  pf.lpr = static_cast<int>(aligned ? span / 64 : (span + 126) / 64);
+  pf.set_span(kbase, vbase, nh * row_bytes, row_bytes);  // (a token's rows of these heads, adjacent)
   // The next tile's lines (K rows, then V rows) spread evenly over this tile's tile-product
   // steps: issued in bursts they queue behind the core's few outstanding misses and stall
   // the tiles (measured: 0.89x at N=32 x 8k+64 against a burst before each product).
@@ -398,9 +395,9 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
 // bfloat16 queries over a bfloat16 cache, on AVX512-BF16 dot products (VDPBF16PS: 32
 // bfloat16 products summed pairwise into 16 float32 lanes): K and V rows are used as read
 // from the pool instead of widened to float32 (two instructions per 16 elements of every
-// row, as many as the products themselves). Measured in one process against run_small
-// with the same prefetching: N=1 x 8k tokens 4-7% faster from memory (three runs), 11%
-// with the rows in cache; N=32 x 512 own tokens 0-5% (memory-bound there).
+// row, as many as the products themselves). Measured in one process against the FMA
+// products with the same prefetching: N=1 x 8k tokens 4-7% faster from memory (three
+// runs), 11% with the rows in cache; N=32 x 512 own tokens 0-5% (memory-bound there).
 //   scores  lanes along D, KR keys x MS queries per register block as qk_dot_block; q in
 //           bfloat16 (a bfloat16 model's queries, scaled and rotated: rounded once more)
 //   values  two keys per product: their V rows interleaved word by word (two permutes
@@ -486,67 +483,53 @@ static void pv_dp(const uint32_t* pp, const uint16_t* const* vrow, int nk, float
   for (; d0 < D; d0 += 32) pv_dp_block<MS, 2>(pp, vrow, nk, d0, o, D, alpha);
 }
 
-// Kv heads [it.kvh, it.kvh_end), M <= SMALL_M queries (hs.q: [M][D] float), head dim a
-// multiple of 32: run_small's tiles, softmax and spread prefetch, the products above.
-static void run_small_dp(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
-                         int k_end, const NextRows& nr) {
-  const int D = a.head_dim, nh = it.kvh_end - it.kvh;
-  for (int h = 0; h < nh; ++h) {  // q in bfloat16, [M][D] per head
+// The dot-product path's pieces of run_small<BF16, true> (which holds the tile loop):
+// q of every head in bfloat16, [M][D] per head in sc.qp (from hs.q, the small layout);
+// a head's scores; a head's values from its probabilities, in blocks of kPvKeys keys with
+// `per` prefetched lines before each.
+static void pack_q_bf16(Scratch& sc, int nh, int M, int D) {
+  for (int h = 0; h < nh; ++h) {
     const float* q = head_state(sc, h, M, M, D).q;
     uint16_t* qh = sc.qp + static_cast<int64_t>(h) * M * D;
     for (int64_t x = 0; x < static_cast<int64_t>(M) * D; x += 32)
       _mm512_storeu_si512(qh + x, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + x + 16), _mm512_loadu_ps(q + x)));
   }
+}
+
+static void scores_dp(const uint16_t* const* kr, int nk, const uint16_t* qh, int M, int D, float* sh,
+                      LinePrefetch& pf, int per) {
+  switch (M) {
+    case 1: qk_dp<1>(kr, nk, qh, D, sh, pf, per); break;
+    case 2: qk_dp<2>(kr, nk, qh, D, sh, pf, per); break;
+    case 3:  // as two queries, then one
+      qk_dp<2>(kr, nk, qh, D, sh, pf, per);
+      qk_dp<1>(kr, nk, qh + 2 * D, D, sh + 2 * kSmallTile, pf, per);
+      break;
+    default: qk_dp<4>(kr, nk, qh, D, sh, pf, per); break;
+  }
+}
+
+// sh: S [M][kSmallTile] as probabilities (0 past nk, as softmax_rows leaves them).
+static void values_dp(const float* sh, const uint16_t* const* vr, int nk, int M, HeadState& hs, int D,
+                      LinePrefetch& pf, int per) {
   static_assert(kSmallTile == 32, "a row of P is one vector of bfloat16 pairs");
+  static_assert(kPvKeys % 2 == 0, "blocks of whole key pairs");
   alignas(64) uint32_t pp[kSmallQueries * kSmallTile / 2];
-  LinePrefetch pf{static_cast<const char*>(a.k_pool), static_cast<const char*>(a.v_pool)};  // ("V" rows: K's)
-  for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
-    const int nk = min_int(kSmallTile, k_end - t0);
-    gather_rows<DType::BF16, true>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
-    const int nk_next = min_int(kSmallTile, k_end - t0 - nk);
-    const int per = nk_next > 0  // (after the last tile: the next item's first rows)
-                        ? prefetch_share<DType::BF16>(a, pages, it.kvh, nh, t0 + nk, nk_next, sc.off,
-                                                      small_points(M, nk, nh), pf)
-                        : prefetch_share<DType::BF16>(a, nr.pages, nr.kvh, nr.nh, nr.t0, nr.nk, sc.off,
-                                                      small_points(M, nk, nh), pf);
-    for (int h = 0; h < nh; ++h) {
-      const uint16_t* const* kr = sc.krow16 + h * kSmallTile;
-      const uint16_t* qh = sc.qp + static_cast<int64_t>(h) * M * D;
-      float* sh = sc.s + h * M * kSmallTile;
-      switch (M) {
-        case 1: qk_dp<1>(kr, nk, qh, D, sh, pf, per); break;
-        case 2: qk_dp<2>(kr, nk, qh, D, sh, pf, per); break;
-        case 3:  // as two queries, then one
-          qk_dp<2>(kr, nk, qh, D, sh, pf, per);
-          qk_dp<1>(kr, nk, qh + 2 * D, D, sh + 2 * kSmallTile, pf, per);
-          break;
-        default: qk_dp<4>(kr, nk, qh, D, sh, pf, per); break;
-      }
+  for (int m = 0; m < M; ++m) {
+    const float* row = sh + m * kSmallTile;
+    _mm512_store_si512(pp + m * (kSmallTile / 2),
+                       (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row)));
+  }
+  for (int k0 = 0; k0 < nk; k0 += kPvKeys) {
+    pf.issue<kHintL2>(per, pf.n);
+    const uint32_t* pk = pp + k0 / 2;
+    const int n = min_int(kPvKeys, nk - k0);
+    const float* al = k0 == 0 ? hs.alpha : nullptr;
+    switch (M) {
+      case 1: pv_dp<1>(pk, vr + k0, n, hs.o, D, al); break;
+      case 2: pv_dp<2>(pk, vr + k0, n, hs.o, D, al); break;
+      case 3: pv_dp<3>(pk, vr + k0, n, hs.o, D, al); break;
+      default: pv_dp<4>(pk, vr + k0, n, hs.o, D, al); break;
     }
-    for (int h = 0; h < nh; ++h) {
-      HeadState hs = head_state(sc, h, M, M, D);
-      float* sh = sc.s + h * M * kSmallTile;
-      if (t0 + nk > lo) mask_rows(sh, nk, M, t0, sc.lim);
-      softmax_rows(sh, hs, nk, M);  // (probabilities past nk: 0)
-      for (int m = 0; m < M; ++m) {
-        const float* row = sh + m * kSmallTile;
-        _mm512_store_si512(pp + m * (kSmallTile / 2),
-                           (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 16), _mm512_loadu_ps(row)));
-      }
-      for (int k0 = 0; k0 < nk; k0 += kPvKeys) {
-        pf.issue<kHintL2>(per, pf.n);
-        const uint16_t* const* vr = sc.vrow16 + h * kSmallTile + k0;
-        const uint32_t* pk = pp + k0 / 2;
-        const int n = min_int(kPvKeys, nk - k0);
-        const float* al = k0 == 0 ? hs.alpha : nullptr;
-        switch (M) {
-          case 1: pv_dp<1>(pk, vr, n, hs.o, D, al); break;
-          case 2: pv_dp<2>(pk, vr, n, hs.o, D, al); break;
-          case 3: pv_dp<3>(pk, vr, n, hs.o, D, al); break;
-          default: pv_dp<4>(pk, vr, n, hs.o, D, al); break;
-        }
-      }
-    }
-    pf.issue<kHintL2>(pf.n, pf.n);
   }
 }

@@ -149,6 +149,13 @@ struct LinePrefetch {
     const char* p = r < nv ? vbase + voff[r] : kbase + koff[r - nv];
     return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63});
   }
+  // Lines per prefetched row of `span` bytes (a token's rows of the item's heads, each
+  // `row` bytes), one more when a row may start mid-line.
+  inline void set_span(const void* k_pool, const void* v_pool, int64_t span, int64_t row) {
+    const bool aligned = span % 64 == 0 && row % 64 == 0 && reinterpret_cast<uintptr_t>(k_pool) % 64 == 0 &&
+                         reinterpret_cast<uintptr_t>(v_pool) % 64 == 0;
+    lpr = static_cast<int>(aligned ? span / 64 : (span + 126) / 64);
+  }
   template <int HINT = 3>  // __builtin_prefetch's locality: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
   inline void issue(int count, int upto) {
     const int e = upto < i + count ? upto : i + count;

@@ -148,7 +148,7 @@ static inline void row_offsets(const AttnArgs& a, const int32_t* pages, int kvh,
 // The small path's spread prefetch (see run_small): keys per value block, and the
 // points per tile where lines are issued (one per block of keys of the scores and of
 // the values, every head).
-constexpr int kPvKeys = 8;  // (even: run_small_dp's pairs of P)
+constexpr int kPvKeys = 8;
 static inline int small_points(int M, int nk, int nh) {
   const int kr = small_qk_keys(M);
   return nh * ((nk + kr - 1) / kr + (nk + kPvKeys - 1) / kPvKeys);
@@ -165,11 +165,8 @@ static inline int prefetch_share(const AttnArgs& a, const int32_t* pages, int kv
   }
   row_offsets<DT>(a, pages, kvh, t0, nk, off);
   pf.voff = pf.koff = off;
-  // lines a token's rows of these heads touch (one more when they may start mid-line)
-  const int64_t span = static_cast<int64_t>(nh) * a.head_dim * sizeof(typename Elem<DT>::T);
-  const bool aligned = span % 64 == 0 && a.head_dim * sizeof(typename Elem<DT>::T) % 64 == 0 &&
-                       reinterpret_cast<uintptr_t>(a.k_pool) % 64 == 0 && reinterpret_cast<uintptr_t>(a.v_pool) % 64 == 0;
-  pf.lpr = static_cast<int>(aligned ? span / 64 : (span + 126) / 64);
+  const int64_t row = static_cast<int64_t>(a.head_dim) * sizeof(typename Elem<DT>::T);
+  pf.set_span(a.k_pool, a.v_pool, nh * row, row);
   pf.reset(nk, 2 * nk);
   return (pf.n + points - 1) / points;
 }
@@ -203,6 +200,10 @@ template <DType DT> struct SmallRow { using T = float; };
 template <> struct SmallRow<DType::BF16> { using T = uint16_t; };
 template <> struct SmallRow<DType::F16> { using T = Half; };
 
+#ifdef LOOM_AMX
+#include "attn_cpu_amx.h"  // (the tile path, and the dot-product pieces run_small<BF16, true> takes)
+#endif
+
 // Few queries (M <= SMALL_M), every kv head: memory-bound. Tiles of kSmallTile tokens,
 // gathered token by token across heads (contiguous reads), then each head's scores,
 // softmax and values over the whole tile, the rows read in place (SmallRow).
@@ -213,9 +214,12 @@ template <> struct SmallRow<DType::F16> { using T = Half; };
 // 1.8 ms), so theirs are spread over the tile's products into L2, a few lines before
 // every block of keys (prefetch_share; 0.86-0.94x the time). float32 rows keep the burst:
 // spread, they ran 1.2-1.4x slower (their own reads already reach the read bandwidth).
-template <DType DT>
+// DP (amx build, bfloat16 queries over a bfloat16 cache): the products on AVX512-BF16
+// dot products (attn_cpu_amx.h: scores_dp, values_dp).
+template <DType DT, bool DP = false>
 static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const int32_t* pages, int M, int lo,
                       int k_end, const NextRows& nr) {
+  static_assert(!DP || DT == DType::BF16, "the dot-product path reads bfloat16 rows");
   const int D = a.head_dim, nh = it.kvh_end - it.kvh;
   constexpr bool in_place = DT != DType::F32;
   using R = typename SmallRow<DT>::T;  // row element the kernels read
@@ -230,6 +234,9 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
   constexpr bool spread = in_place;
   LinePrefetch pf{static_cast<const char*>(a.k_pool), static_cast<const char*>(a.v_pool)};  // ("V" rows: K's)
+#ifdef LOOM_AMX
+  if constexpr (DP) pack_q_bf16(sc, nh, M, D);
+#endif
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     const int nk_next = min_int(kSmallTile, k_end - t0 - nk);
@@ -241,9 +248,16 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
                  : prefetch_share<DT>(a, pages, it.kvh, nh, t0 + nk, nk_next, sc.off, small_points(M, nk, nh), pf);
     else if (!last)  // (float32: the next item's rows before the last tile measured no gain)
       prefetch_rows<DT>(a, pages, it.kvh, nh, t0 + nk, nk_next);
-    for (int h = 0; h < nh; ++h)
-      qk_small<R>(krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sc.s + h * M * kSmallTile,
-                  spread ? &pf : nullptr, per);
+    for (int h = 0; h < nh; ++h) {
+      float* sh = sc.s + h * M * kSmallTile;
+#ifdef LOOM_AMX
+      if constexpr (DP) {
+        scores_dp(krow + h * kSmallTile, nk, sc.qp + static_cast<int64_t>(h) * M * D, M, D, sh, pf, per);
+        continue;
+      }
+#endif
+      qk_small<R>(krow + h * kSmallTile, nk, head_state(sc, h, M, M, D).q, M, D, sh, spread ? &pf : nullptr, per);
+    }
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, M, D);
       float* sh = sc.s + h * M * kSmallTile;
@@ -260,6 +274,12 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
         pv_tile<R>(sh, 1, kSmallTile, M, vr, nk, hs.o, D, hs.alpha);
         continue;
       }
+#ifdef LOOM_AMX
+      if constexpr (DP) {
+        values_dp(sh, vr, nk, M, hs, D, pf, per);
+        continue;
+      }
+#endif
       for (int k0 = 0; k0 < nk; k0 += kPvKeys) {
         pf.issue<kHintL2>(per, pf.n);
         pv_tile<R>(sh + k0, 1, kSmallTile, M, vr + k0, min_int(kPvKeys, nk - k0), hs.o, D, k0 == 0 ? hs.alpha : nullptr);
@@ -296,9 +316,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   const char* vpool = static_cast<const char*>(a.v_pool);
   const char* kpool = static_cast<const char*>(a.k_pool);
   LinePrefetch pf{vpool, kpool};
-  const bool aligned = bytes % 64 == 0 && reinterpret_cast<uintptr_t>(a.k_pool) % 64 == 0 &&
-                       reinterpret_cast<uintptr_t>(a.v_pool) % 64 == 0;
-  pf.lpr = static_cast<int>(aligned ? bytes / 64 : (bytes + 126) / 64);  // a row may straddle a line
+  pf.set_span(a.k_pool, a.v_pool, bytes, bytes);  // (one head's rows at a time)
   int64_t* cur = sc.off;
   int64_t* nxt = sc.off + kKeyTile;
   row_offsets<DT>(a, pages, it.kvh, it.k_begin, min_int(kKeyTile, k_end - it.k_begin), cur);
@@ -329,9 +347,6 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
 }
 
-#ifdef LOOM_AMX
-#include "attn_cpu_amx.h"
-#endif
 
 template <DType DT>
 static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, const WorkItem* next,
@@ -372,12 +387,14 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
       pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
     if (small) {
+      bool dp = false;  // (run_small's DP)
 #ifdef LOOM_AMX
-      if (DT == DType::BF16 && a.q_dtype == DType::BF16 && amx_head_dim(D))
-        run_small_dp(a, it, sc, pages, M, lo, k_end, next_rows(a, next));
-      else
+      if constexpr (DT == DType::BF16) {
+        dp = a.q_dtype == DType::BF16 && amx_head_dim(D);
+        if (dp) run_small<DT, true>(a, it, sc, pages, M, lo, k_end, next_rows(a, next));
+      }
 #endif
-        run_small<DT>(a, it, sc, pages, M, lo, k_end, next_rows(a, next));
+      if (!dp) run_small<DT>(a, it, sc, pages, M, lo, k_end, next_rows(a, next));
     }
 #ifdef LOOM_AMX
     else if (amx)
