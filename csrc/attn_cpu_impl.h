@@ -159,9 +159,16 @@ struct LinePrefetch {
   template <int HINT = 3>  // __builtin_prefetch's locality: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
   inline void issue(int count, int upto) {
     const int e = upto < i + count ? upto : i + count;
-    for (; i < e; ++i) {
-      __builtin_prefetch(cur + 64 * line, 0, HINT);
-      if (++line == lpr) {
+    // A row's lines in one plain loop: per line one prefetch and an add (a check per
+    // line for the row's end cost more instructions than the products of a few-query
+    // tile: 16-bit rows with the lines in cache 0.84-0.94x the time this way).
+    while (i < e) {
+      const int take = lpr - line < e - i ? lpr - line : e - i;
+      const char* p = cur + 64 * line;
+      for (int l = 0; l < take; ++l) __builtin_prefetch(p + 64 * l, 0, HINT);
+      i += take;
+      line += take;
+      if (line == lpr) {
         line = 0;
         cur = at(++row);
       }
