@@ -21,8 +21,10 @@ in a step). %bw = the median over loom's runs of its GB/s over the read bandwidt
 just before; %roof = the same median of the roofline time max(bytes / read bandwidth,
 FLOPs / matmul peak) over loom's time, the peak (measured at start) scaled by that
 torch.mm's rate against its rate at start (100% = as fast as this machine allows at
-that moment, whichever of memory or arithmetic binds). speedup = sdpa/thr time over loom
-time. Times: median over --repeats after warm-up.
+that moment, whichever of memory or arithmetic binds). need = the share of that scaled
+peak which the row's FLOPs would take to run in the time of 50% of the read bandwidth
+(above ~80%, 50% of bandwidth is out of reach on this machine's arithmetic: the row is
+compute-bound). speedup = sdpa/thr time over loom time. Times: median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -331,7 +333,7 @@ def main() -> None:
     if args.quick:
         configs = [(1, 1024, 64), (8, 8192, 512), (32, 8192, 512)]
     head = (f"{'N':>3} {'shared':>6} {'own':>4} | {'loom ms':>8} {'MB':>6} {'GB/s':>5} {'%bw':>4} "
-            f"{'GFLOP/s':>7} {'%roof':>5} | "
+            f"{'GFLOP/s':>7} {'%roof':>5} {'need':>5} | "
             f"{'torch ms':>8} | {'sdpa/thr ms':>11} {'MB':>6} {'GB/s':>5} | {'sdpa+mask ms':>12} {'GB/s':>5} | "
             f"{'speedup':>7}")
     print(head)
@@ -355,8 +357,10 @@ def main() -> None:
         pct_roof = statistics.median(
             max(case.unique_bytes / (bw * 1e9), flops / (peak * mm / mm_ref * 1e9)) / t
             for t, (bw, mm) in zip(loom_times, speeds))
+        need = statistics.median(  # time at the scaled peak / time at 50% of the read bandwidth
+            flops / (peak * mm / mm_ref * 1e9) / (case.unique_bytes / (0.5 * bw * 1e9)) for bw, mm in speeds)
         print(f"{n:>3} {s:>6} {o:>4} | {t_loom * 1e3:>8.2f} {case.unique_bytes / 1e6:>6.0f} {gbs:>5.1f} "
-              f"{100 * pct_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * pct_roof:>4.0f}% | "
+              f"{100 * pct_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * pct_roof:>4.0f}% {100 * need:>4.0f}% | "
               f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
