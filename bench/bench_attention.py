@@ -25,7 +25,8 @@ that moment, whichever of memory or arithmetic binds). need = the share of that 
 peak which the row's FLOPs would take to run in the time of 50% of the read bandwidth
 (above ~80%, 50% of bandwidth is out of reach on this machine's arithmetic: the row is
 compute-bound). The peak is torch.mm's rate: in bfloat16 Loom's AMX tiles can beat it,
-so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom time. Times: median over --repeats after warm-up.
+so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
+time. Times: median over --repeats after warm-up.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
