@@ -458,6 +458,17 @@ static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, in
   }
 }
 
+// n floats rounded into 16-bit out of type dt (BF16 / F16).
+static void store_row(const float* src, DType dt, uint16_t* out, int64_t n) {
+  if (dt == DType::BF16) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = loom::float_to_bf16(src[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = loom::float_to_f16(src[i]);
+  }
+}
+
 // ------------------------------------------------------------------ entry points
 
 // State indices of row t of a segment attention: every chunk of every entry in its merge
@@ -507,16 +518,24 @@ static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_bu
     // (every partial state is written)
     int64_t* states = nullptr;
     int64_t cap = 0;
+    // 16-bit outputs: each row merged in float32, then rounded into out (one pass, not a
+    // float32 tensor converted afterwards).
+    const bool wide = a.out_dtype == DType::F32;
+    float* row = wide ? nullptr : static_cast<float*>(malloc(static_cast<size_t>(Hq * D) * sizeof(float)));
+    if (!wide && row == nullptr) ok = false;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < a.num_rows; ++t) {
       int n = 0;
       if (ok && row_states(a, sv, t, &states, &cap, &n)) {
         const int64_t* st = states;
-        merge_row(o_buf, lse_buf, Hq, D, n, [st](int i) { return st[i]; }, a.out + t * Hq * D);
+        float* dst = wide ? static_cast<float*>(a.out) + t * Hq * D : row;
+        merge_row(o_buf, lse_buf, Hq, D, n, [st](int i) { return st[i]; }, dst);
+        if (!wide) store_row(row, a.out_dtype, static_cast<uint16_t*>(a.out) + t * Hq * D, Hq * D);
       } else {
         ok = false;
       }
     }
+    free(row);
     free(states);
     if (!ok) {
 #pragma omp atomic write

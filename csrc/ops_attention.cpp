@@ -133,7 +133,9 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
   }
 
   const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
-  at::Tensor out = at::empty({T, Hq, D}, q.options().dtype(at::kFloat));
+  // Written by the merge in q's dtype (a float32 result converted afterwards cost an extra
+  // pass and a wake of ATen's thread pool: 5% of bfloat16 decode attention, N=1 to 32).
+  at::Tensor out = at::empty({T, Hq, D}, q.options());
 
   cpu::AttnArgs a{};
   a.dtype = dtype;
@@ -162,7 +164,8 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
   a.merge_entries = merge_entries.data_ptr<int32_t>();
   a.inv_freq = any_shift ? freq.data_ptr<float>() : nullptr;
   a.scale = static_cast<float>(scale);
-  a.out = out.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.out_dtype = q_dtype;
   a.num_threads = at::get_num_threads();
 
   const cpu::Schedule sched = cpu::make_schedule(a);
@@ -170,7 +173,7 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
   float* o_buf = state_buffer(S * Hq * D + S * Hq);
   const bool ok = cpu::run_segment_attention(a, cpu::view_of(sched), o_buf, o_buf + S * Hq * D);
   TORCH_CHECK(ok, "segment_attention: out of memory for the kernel's scratch buffers");
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  return out;
 }
 
 at::Tensor merge_states(const at::Tensor& o_in, const at::Tensor& lse_in, const at::Tensor& merge_indptr,

@@ -287,6 +287,31 @@ def test_running_max_that_moves(isa, q_dtype, trend):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_outputs_round_to_nearest_even(isa, dtype):
+    """16-bit outputs are rounded by the kernel's merge as torch's .to() rounds: q = 0 makes
+    both keys' weights 1/2, so each output is the exact mean of two V values that are one
+    unit apart, a tie half of the time, which must go to the even neighbour."""
+    seg_len = {0: 2}
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 1)], seg_len, {0: [0]})
+    Hq, Hkv, D = 4, 2, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.zeros(1, Hq, D, dtype=dtype)
+    k_pool = torch.randn(1, 16, Hkv, D, generator=g).to(dtype)
+    # normal numbers (no denormals), both signs; the second key's V one unit above the first's
+    bits = torch.randint(0x3000, 0x4800, (Hkv, D), generator=g, dtype=torch.int16)
+    bits |= torch.randint(0, 2, (Hkv, D), generator=g, dtype=torch.int16) << 15
+    v_pool = torch.zeros(1, 16, Hkv, D, dtype=dtype)
+    v_pool[0, 0] = bits.view(dtype)
+    v_pool[0, 1] = (bits + 1).view(dtype)
+    out = _ops.segment_attention_cpu(q, k_pool, v_pool, plan, inv_freq_of(D), 1.0)
+    mean = (v_pool[0, 0].float() + v_pool[0, 1].float()) / 2  # exact in float32
+    want = mean.repeat_interleave(Hq // Hkv, dim=0)[None].to(dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
 def test_cpu_isa_names():
     """The build in use is one of the four; a bad name is refused with the choices, and
     leaves the build as it was."""

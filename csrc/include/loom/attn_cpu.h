@@ -38,7 +38,8 @@ struct AttnArgs {
   const int32_t* merge_entries;
   const float* inv_freq;  // [D/2]; read only for entries with a non-zero shift
   float scale;
-  float* out;             // [T, Hq, D] float32, written in full
+  void* out;              // [T, Hq, D] of out_dtype, written in full
+  DType out_dtype;        // F32, or q's 16-bit type (rounded to nearest even in the merge)
   int num_threads;
 };
 

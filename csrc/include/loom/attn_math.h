@@ -153,4 +153,32 @@ LOOM_INLINE float f16_to_float(uint16_t h) {
   return bits_to_float(bits | sign);
 }
 
+// float to bfloat16 / IEEE half bits, rounded to nearest even (as torch's .to(): NaN
+// stays a quiet NaN, overflow gives infinity, half subnormals are rounded, not flushed).
+LOOM_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+LOOM_INLINE uint16_t float_to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  uint32_t h;
+  if (a > 0x7f800000u) {
+    h = 0x7e00u | ((a >> 13) & 0x3ffu);  // quiet NaN, payload's top bits
+  } else if (a >= 0x477ff000u) {
+    h = 0x7c00u;  // >= 65520 (and infinity): rounds past the largest half
+  } else if (a < 0x38800000u) {
+    // Below 2^-14: a half subnormal. Adding 0.5 puts the value's 2^-24 units in the low
+    // mantissa bits, rounded to nearest even by the float addition itself.
+    h = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+  } else {
+    // Rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest even.
+    h = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  }
+  return static_cast<uint16_t>(h | sign);
+}
+
 }  // namespace loom
