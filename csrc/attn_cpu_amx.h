@@ -286,7 +286,10 @@ static void run_large_amx(const AttnArgs& a, const WorkItem& it, Scratch& sc, co
   const int64_t qsplit = static_cast<int64_t>(nqb) * ndc * 512;
   const int q_parts = split ? 3 : 1, p_parts = split ? 2 : 1;  // (see the top)
   const int64_t qhead = q_parts * qsplit;  // one head's Q tiles
-  for (int h = 0; h < nh; ++h) pack_q_amx(head_state(sc, h, M, mpad, D).q, M, mpad, D, q_parts, sc.qp + h * qhead);
+  if (!sc.qp_tiles) {  // (packed already for the same rows' previous key chunk)
+    for (int h = 0; h < nh; ++h) pack_q_amx(head_state(sc, h, M, mpad, D).q, M, mpad, D, q_parts, sc.qp + h * qhead);
+    sc.qp_tiles = true;
+  }
   constexpr int nkc_max = kAmxKeys / 32;
   const int64_t psplit = static_cast<int64_t>(nqb) * nkc_max * 512;
 

@@ -119,6 +119,12 @@ struct Scratch {
   uint16_t* kp;        // amx build: gathered key rows [kAmxKeys][D]
   uint16_t* vp;        // amx build: V tiles [kAmxKeys][D]
   void* block;
+  // What q / qp hold: the queries of rows [q_e0, q_e1) of job q_job, kv heads [q_h0,
+  // q_h1), packed by pack_queries (q_job < 0: nothing); qp_tiles: qp holds them in the
+  // amx path's tiles too. A job's key chunks are items of their own, mostly claimed back to
+  // back by one thread: the queries are then packed once, not once per chunk.
+  int q_job = -1, q_e0 = 0, q_e1 = 0, q_h0 = 0, q_h1 = 0;
+  bool qp_tiles = false;
 };
 
 // Cache lines to prefetch, issued a few at a time between the register blocks of the

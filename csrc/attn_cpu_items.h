@@ -235,7 +235,10 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   constexpr bool spread = in_place;
   LinePrefetch pf{static_cast<const char*>(a.k_pool), static_cast<const char*>(a.v_pool)};  // ("V" rows: K's)
 #ifdef LOOM_AMX
-  if constexpr (DP) pack_q_bf16(sc, nh, M, D);
+  if constexpr (DP) {
+    pack_q_bf16(sc, nh, M, D);
+    sc.qp_tiles = false;
+  }
 #endif
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
@@ -383,8 +386,17 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
 
   const int k_end = min_int(it.k_end, hi);
   if (k_end > it.k_begin) {
-    for (int h = 0; h < nh; ++h)  // (the amx path takes the queries as [M][D] too)
-      pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
+    if (!(sc.q_job == j && sc.q_e0 == it.e_begin && sc.q_e1 == it.e_end && sc.q_h0 == it.kvh &&
+          sc.q_h1 == it.kvh_end)) {
+      for (int h = 0; h < nh; ++h)  // (the amx path takes the queries as [M][D] too)
+        pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
+      sc.q_job = j;
+      sc.q_e0 = it.e_begin;
+      sc.q_e1 = it.e_end;
+      sc.q_h0 = it.kvh;
+      sc.q_h1 = it.kvh_end;
+      sc.qp_tiles = false;
+    }
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
     if (small) {
       bool dp = false;  // (run_small's DP)
