@@ -97,6 +97,15 @@ struct HeadState {
 // token across heads, so the reads stay contiguous (one token of all heads is often
 // exactly one memory page) instead of taking one row from every page, which halves
 // the achieved memory bandwidth with few queries (decode) and costs ~10% with many.
+// The queries of an item: rows [e0, e1) of a job, the query heads of kv heads [h0, h1).
+struct QueryKey {
+  int job = -1, e0 = 0, e1 = 0, h0 = 0, h1 = 0;
+  static QueryKey of(const WorkItem& it) { return QueryKey{it.job, it.e_begin, it.e_end, it.kvh, it.kvh_end}; }
+  bool operator==(const QueryKey& o) const {
+    return job == o.job && e0 == o.e0 && e1 == o.e1 && h0 == o.h0 && h1 == o.h1;
+  }
+};
+
 struct Scratch {
   float* q;       // HeadState::q of every head slot
   float* o;
@@ -119,11 +128,10 @@ struct Scratch {
   uint16_t* kp;        // amx build: gathered key rows [kAmxKeys][D]
   uint16_t* vp;        // amx build: V tiles [kAmxKeys][D]
   void* block;
-  // What q / qp hold: the queries of rows [q_e0, q_e1) of job q_job, kv heads [q_h0,
-  // q_h1), packed by pack_queries (q_job < 0: nothing); qp_tiles: qp holds them in the
-  // amx path's tiles too. A job's key chunks are items of their own, mostly claimed back to
-  // back by one thread: the queries are then packed once, not once per chunk.
-  int q_job = -1, q_e0 = 0, q_e1 = 0, q_h0 = 0, q_h1 = 0;
+  // Whose queries q holds, packed by pack_queries (job < 0: nobody's); qp_tiles: qp holds
+  // them in the amx path's tiles too. A job's key chunks are items of their own, mostly
+  // claimed back to back by one thread: the queries are then packed once, not per chunk.
+  QueryKey q_of;
   bool qp_tiles = false;
 };
 

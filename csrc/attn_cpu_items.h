@@ -386,15 +386,10 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
 
   const int k_end = min_int(it.k_end, hi);
   if (k_end > it.k_begin) {
-    if (!(sc.q_job == j && sc.q_e0 == it.e_begin && sc.q_e1 == it.e_end && sc.q_h0 == it.kvh &&
-          sc.q_h1 == it.kvh_end)) {
+    if (!(sc.q_of == QueryKey::of(it))) {
       for (int h = 0; h < nh; ++h)  // (the amx path takes the queries as [M][D] too)
         pack_queries(a, sv, it, it.kvh + h, sc, head_state(sc, h, M, mpad, D).q, small || amx, mpad);
-      sc.q_job = j;
-      sc.q_e0 = it.e_begin;
-      sc.q_e1 = it.e_end;
-      sc.q_h0 = it.kvh;
-      sc.q_h1 = it.kvh_end;
+      sc.q_of = QueryKey::of(it);
       sc.qp_tiles = false;
     }
     const int32_t* pages = a.kv_page_ids + a.kv_indptr[j];
