@@ -22,8 +22,10 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop", "a non-empty string or a list of non-empty strings")
+        if _is_int(self.stop_token_ids):
+            self.stop_token_ids = [self.stop_token_ids]
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of non-negative token ids")
         self.verify()
 
     def verify(self):
@@ -58,6 +60,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _as_list(value, name: str, what: str) -> list:
+    """value (None, or an iterable that is not a string) as a new list; else one clear error."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: must be {what}.")
+    return list(value)
 
 
 def _is_int(x) -> bool:

@@ -62,7 +62,8 @@ def assert_no_leak(llm):
 BAD_PARAMS = [
     ("n", 0), ("n", -2), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1),
     ("top_k", -2), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", -3),
-    ("logprobs", -1), ("stop_token_ids", [-1]),
+    ("logprobs", -1), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
+    ("stop_token_ids", "7"), ("stop_token_ids", 2.5),
 ]
 
 
@@ -79,6 +80,8 @@ def test_sampling_params_valid_edges():
                dict(min_p=0.0), dict(min_p=1.0), dict(max_tokens=1), dict(n=1), dict(logprobs=0),
                dict(stop="x"), dict(stop=["x", "y"]), dict(stop_token_ids=[3]), dict(seed=0)]:
         SP(**kw)
+    assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
+    assert SP(stop=("x", "y")).stop == ["x", "y"]
 
 
 # ---------------------------------------------------------------------------------------------
