@@ -15,7 +15,7 @@ from .runner import ModelRunner
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
-from .threads import Thread, refresh_view
+from .threads import Thread, check_growable, refresh_view
 
 
 class CacheFullError(ValueError):
@@ -104,6 +104,7 @@ class EngineCore:
     # ---- applying a sampled token ----------------------------------------------------------
     def begin(self, t: Thread, params: SamplingParams, generator: torch.Generator):
         """Reset ``t``'s sampling state for a new generate call."""
+        check_growable(t)
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_text = [], None, None, None
         t.logprobs = [] if params.logprobs is not None else None
@@ -111,6 +112,8 @@ class EngineCore:
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
         """Append a sampled token and apply the stop rules of ``t.params``."""
         p: SamplingParams = t.params
+        if t.children or t.joined_into is not None:
+            check_growable(t)
         t.tokens.append(tok)
         t.pending.append(tok)
         t.generated.append(tok)

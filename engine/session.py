@@ -89,7 +89,9 @@ class Session:
 
     # ---- verbs -----------------------------------------------------------------------------
     def fork(self, parent: ThreadHandle, headers) -> list[ThreadHandle]:
-        """One child per header (str or token ids; "" or [] for none)."""
+        """One child per header (str or token ids; "" or [] for none). The children see the
+        parent as it is now, so the parent takes no more tokens afterwards (generate() and
+        inject() on it raise); to go on with its text, fork one more child."""
         self._check_open()
         if isinstance(headers, (str, int)) or not isinstance(headers, (list, tuple)):
             raise ValueError("fork() takes a list of headers, one per child.")
@@ -101,7 +103,7 @@ class Session:
         start at the fork position; the continuation after the longest), "sequential"
         (siblings placed one after another by shifts) or "reprefill" (joined text prefilled
         again causally). The header must not be empty: the continuation's first token is
-        sampled after it, seeing all joined threads."""
+        sampled after it, seeing all joined threads. The joined threads take no more tokens."""
         self._check_open()
         hdr = self._tokens(header)
         if not hdr:
@@ -147,8 +149,7 @@ class Session:
         if len({t.id for t in ts}) != len(ts):
             raise ValueError("A thread appears twice in generate().")
         for t in ts:
-            if t.closed:
-                raise ValueError(f"thread {t.id} is closed.")
+            self.tree.check_growable(t)  # (open; not forked or joined: see ThreadTree.check_growable)
             if not t.tokens and t.parent is None:
                 raise ValueError(f"thread {t.id} has no tokens to continue from.")
         core, llm = self._llm.core, self._llm

@@ -91,6 +91,7 @@ class ThreadTree:
         """k children of ``parent``: each sees the parent's view (its own segment included)
         and starts at the parent's end position with its header pending."""
         self._check_open(parent)
+        self._check_static(parent, "fork")
         if not headers:
             raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
         kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
@@ -107,6 +108,7 @@ class ThreadTree:
             raise ValueError("join() needs at least one thread.")
         for t in threads:
             self._check_open(t)
+            self._check_static(t, "join")
             if t.joined_into is not None:
                 raise ValueError(f"thread {t.id} was already joined into thread {t.joined_into.id}.")
         common = set.intersection(*({s.id for s, _ in t.view[:-1]} for t in threads))
@@ -207,6 +209,8 @@ class ThreadTree:
     def inject(self, th: Thread, tokens: list[int], header: bool = False):
         """Queue tokens into ``th``'s own segment (written by the next step's extend pass)."""
         self._check_open(th)
+        if tokens:
+            check_growable(th)
         th.tokens.extend(tokens)
         th.pending.extend(tokens)
         if header:
@@ -215,6 +219,21 @@ class ThreadTree:
     def _check_open(self, th: Thread):
         if th.closed:
             raise ValueError(f"thread {th.id} is closed.")
+
+    def _check_static(self, th: Thread, verb: str):
+        """Fork children and join continuations keep the view they are given: a live view's
+        threads go on growing into the positions its re-layout gives them each step, which a
+        kept copy of its shifts would not follow."""
+        if th.live is not None:
+            raise ValueError(f"thread {th.id} reads a live view (spawn / set_view), which a {verb} cannot keep; "
+                             "spawn a new thread with the view you want instead.")
+
+    def check_growable(self, th: Thread):
+        """``th`` may take more tokens: it is open, and no fork child or join continuation
+        sees its segment (they see it as it was then, a prefix: a token added later would
+        sit at the positions of their own tokens, a silent wrong context)."""
+        self._check_open(th)
+        check_growable(th)
 
     # ---- release ---------------------------------------------------------------------------
     def discard(self, th: Thread):
@@ -236,6 +255,18 @@ class ThreadTree:
     def pages_held(self) -> int:
         segs = {s.id: s for t in self.threads if not t.closed for s, _ in t.view}
         return sum(len(s.pages) for s in segs.values())
+
+
+def check_growable(t: Thread):
+    """Refuse more tokens for a thread that was joined, or forked into children that see it
+    (they see its segment as it was at the fork / join; see ThreadTree.check_growable)."""
+    if t.joined_into is not None:
+        raise ValueError(f"thread {t.id} was joined into thread {t.joined_into.id}, which sees it as it was "
+                         f"at the join; it cannot take more tokens: continue from thread {t.joined_into.id}.")
+    kids = [k.id for k in t.children if k.live is None]
+    if kids:
+        raise ValueError(f"thread {t.id} was forked: its children {kids} see it as it was at the fork, so it "
+                         "cannot take more tokens; to continue its text, fork one more child of it.")
 
 
 def written_after_step(t: Thread) -> int:

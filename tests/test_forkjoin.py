@@ -206,6 +206,53 @@ def test_session_errors_leave_it_usable(make_llm):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_forked_and_joined_threads_take_no_more_tokens(make_llm, backend):
+    """Children see their parent, and a join its threads, as they were: a token added to
+    those afterwards would sit at the positions of the viewers' own tokens (a silently
+    wrong context), so it is refused with one clear error and the session goes on."""
+    llm = make_llm("qwen3", attention_backend=backend)
+    V = llm.config.vocab_size
+    prompt = random_ids(9, V, 3)
+
+    def run(poke: bool):
+        s = llm.session(prompt)
+        a, b = s.fork(s.root, [[4], [5]])
+        if poke:
+            with pytest.raises(ValueError, match=r"thread 0 was forked: its children \[1, 2\]"):
+                s.generate([s.root], greedy(2))
+            with pytest.raises(ValueError, match="fork one more child"):
+                s.inject(s.root, [7])
+        ab = [o.token_ids for o in s.generate([a, b], greedy(4))]
+        c = s.join([a, b], header=[6])
+        if poke:
+            with pytest.raises(ValueError, match=f"thread {a.id} was joined into thread {c.id}"):
+                s.generate([c, a], greedy(2))
+            with pytest.raises(ValueError, match=f"continue from thread {c.id}"):
+                s.inject(b, [7])
+        out = s.generate([c], greedy(4))[0]
+        (d,) = s.fork(s.root, [[8]])  # the parent's text goes on in one more child
+        more = s.generate([d], greedy(2))[0]
+        s.close()
+        return ab, out.token_ids, out.logprobs, more.token_ids
+
+    assert run(True) == run(False)  # the refused calls changed nothing
+    assert llm.cache_stats()["pages_used"] == 0
+    # a live view (spawn) reads its threads as they grow: those may still take tokens
+    s = llm.session(prompt)
+    w = s.spawn([s.root], header=[4])
+    s.inject(s.root, [5, 6])
+    assert len(s.generate([w], greedy(2))[0].token_ids) == 2
+    # ... and a fork or join would keep a copy of its shifts that the growth outruns
+    with pytest.raises(ValueError, match=f"thread {w.id} reads a live view.*cannot keep"):
+        s.fork(w, [[4]])
+    with pytest.raises(ValueError, match="live view"):
+        s.join([w], header=[4])
+    assert len(s.generate([w], greedy(1))[0].token_ids) == 1
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_many_random_sessions_free_every_page(make_llm, backend):
     llm = make_llm("qwen3", page_size=3, attention_backend=backend)
     V = llm.config.vocab_size
