@@ -132,9 +132,9 @@ class LLM:
         if need > c.num_pages:
             raise ValueError(
                 f"This request can never fit the KV cache: it needs up to {need} pages "
-                f"({P}-token prompt + n={params.n} x max_tokens={params.max_tokens}) but the cache "
+                f"({P}-token prompt + {protocol.need_text(params)}) but the cache "
                 f"has {c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens "
-                f"(now {c.num_pages * c.page_size}) or lower max_tokens / n.")
+                f"(now {c.num_pages * c.page_size}) or {protocol.need_fix()}.")
         return need
 
     def _thread_generator(self, params: SamplingParams, i: int) -> torch.Generator:

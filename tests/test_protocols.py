@@ -220,3 +220,24 @@ def test_protocol_arguments_are_validated():
         TreeLimits(max_depth=0)
     with pytest.raises(ValueError, match="block_open"):
         Tags(fork="x", path_header="y", path_close="z", join_header="w", block_open="a")
+
+
+def test_request_that_can_never_fit_names_the_protocols_bound(llm):
+    """The error of a request whose worst case outgrows the cache says what that worst case
+    is for its protocol and how to lower it; the engine stays usable."""
+    llm = LLM(llm.model_dir, attention_backend="torch", page_size=4, kv_cache_tokens=64)
+    cap = 64
+    big = SamplingParams(max_tokens=cap, temperature=0)
+    cases = [(ParallelSampling(3), r"n=3 x max_tokens=\d+\) .*lower max_tokens / n"),
+             (Multiverse(), r"Multiverse: max_paths=8 x max_tokens=\d+ sampled tokens, plus headers for up to "
+                            r"max_threads=64 threads\) .*limits=TreeLimits\(max_paths=\.\.\., max_threads=\.\.\.\) "
+                            r"to Multiverse"),
+             (ParallelR1(positions="reprefill"), r"twice for reprefill joins"),
+             ]
+    for proto, pattern in cases:
+        with pytest.raises(ValueError, match=r"can never fit the KV cache.*" + pattern):
+            llm.generate(["1+1="], big, protocol=proto)
+    with pytest.raises(ValueError, match=r"max_total_tokens=\d+, plus headers"):
+        llm.generate(["1+1="], SamplingParams(max_tokens=8, max_total_tokens=cap), protocol=Multiverse())
+    assert llm.cache_stats()["pages_used"] == 0
+    assert len(llm.generate(["1+1="], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids) >= 1

@@ -19,6 +19,14 @@ class Protocol:
     def pages_needed(self, cache, prompt_len: int, params: SamplingParams, max_positions: int) -> int:
         raise NotImplementedError
 
+    def need_text(self, params: SamplingParams) -> str:
+        """What pages_needed bounds, in words, for the error of a request that cannot fit."""
+        return f"n={params.n} x max_tokens={params.max_tokens}"
+
+    def need_fix(self) -> str:
+        """How to lower that bound."""
+        return "lower max_tokens / n"
+
     def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
               make_generator) -> "ProtocolRun":
         raise NotImplementedError

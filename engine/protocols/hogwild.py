@@ -96,6 +96,14 @@ class Hogwild(Protocol):
             return tokenizer.encode(tokenizer.apply_chat_template(msgs), add_special_tokens=False)
         return tokenizer.encode(f"{system}\n\nProblem: {text}\n")
 
+    def need_text(self, params):
+        total = (f"max_total_tokens={params.max_total_tokens}" if params.max_total_tokens else
+                 f"workers={self.workers} x max_tokens={params.max_tokens}")
+        return f"Hogwild: {total}, plus step headers and one compaction copy"
+
+    def need_fix(self):
+        return "lower max_tokens or workers, or set SamplingParams(max_total_tokens=...)"
+
     def pages_needed(self, cache, prompt_len, params, max_positions):
         total = params.max_total_tokens or params.max_tokens * self.workers
         steps = total // 4 + self.workers + 2       # every step may start a fresh page

@@ -44,6 +44,9 @@ class ParallelSampling(Protocol):
     def _n(self, params: SamplingParams) -> int:
         return self.n if self.n is not None else params.n
 
+    def need_text(self, params):
+        return f"n={self._n(params)} x max_tokens={params.max_tokens}"
+
     def pages_needed(self, cache, prompt_len, params, max_positions):
         gen = min(params.max_tokens, max(max_positions - prompt_len, 1))
         return cache.pages_for(prompt_len) + self._n(params) * cache.pages_for(gen - 1)

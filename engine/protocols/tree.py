@@ -222,6 +222,17 @@ class TagTreeProtocol(Protocol):
         self.tags, self.positions = tags, positions
         self.limits = limits or TreeLimits()
 
+    def need_text(self, params):
+        L = self.limits
+        total = (f"max_total_tokens={params.max_total_tokens}" if params.max_total_tokens else
+                 f"max_paths={L.max_paths} x max_tokens={params.max_tokens} sampled tokens")
+        return (f"{type(self).__name__}: {total}, plus headers for up to max_threads={L.max_threads} threads"
+                + (", twice for reprefill joins" if self.positions == "reprefill" else ""))
+
+    def need_fix(self):
+        return (f"lower max_tokens, set SamplingParams(max_total_tokens=...), or pass "
+                f"limits=TreeLimits(max_paths=..., max_threads=...) to {type(self).__name__}")
+
     def pages_needed(self, cache, prompt_len, params, max_positions):
         L = self.limits
         total = params.max_total_tokens or params.max_tokens * L.max_paths
