@@ -9,6 +9,11 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # (older safetensors: its errors are plain exceptions)
+    SafetensorError = RuntimeError
+
 _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -17,8 +22,14 @@ def safetensor_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
+                             "download it again with the checkpoint.") from None
         files = sorted({os.path.join(model_dir, v) for v in weight_map.values()})
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
@@ -41,6 +52,10 @@ def safetensor_files(model_dir: str) -> list[str]:
 
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in safetensor_files(model_dir):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                             "corrupt: download it again.") from None

@@ -457,6 +457,28 @@ def test_unsupported_architecture(tmp_path, model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_damaged_checkpoint_files(tmp_path, model_dir, llm, baseline):
+    """A truncated or corrupt weights file, and an index without its weight map: one error
+    that names the file and says to fetch it again (not the safetensors library's own)."""
+    from engine import LLM
+    src = model_dir(NAME)
+    data = open(os.path.join(src, "model.safetensors"), "rb").read()
+    for name, content in [("truncated", data[: len(data) // 2]), ("corrupt", b"not a safetensors file" * 4)]:
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        (d / "model.safetensors").write_bytes(content)
+        with pytest.raises(ValueError, match="not a readable safetensors file.*download it again") as e:
+            LLM(str(d))
+        assert str(d / "model.safetensors") in str(e.value), str(e.value)
+    d = tmp_path / "bad_index"
+    shutil.copytree(src, d)
+    os.rename(d / "model.safetensors", d / "model-00001-of-00001.safetensors")
+    (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="index.json is not a valid safetensors index.*weight_map"):
+        LLM(str(d))
+    assert_still_works(llm, baseline)
+
+
 def test_pickled_weights_only(tmp_path, model_dir, llm, baseline):
     from engine import LLM
     from safetensors.torch import load_file
