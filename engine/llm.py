@@ -149,7 +149,10 @@ class LLM:
                  use_tqdm: bool = False, protocol: Protocol | None = None) -> list[RequestOutput]:
         """Generate for every prompt; all threads of all prompts advance in one batched
         forward pass per step. ``protocol`` (engine.protocols) drives each request's
-        threads; the default is plain parallel sampling of ``n`` completions."""
+        threads; the default is plain parallel sampling of ``n`` completions. No prompts
+        (an empty list): no outputs."""
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            return []
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

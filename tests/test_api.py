@@ -104,6 +104,7 @@ def test_prompt_forms_agree(llm):
     assert out.text == llm.tokenizer.decode(out.token_ids)
     m = a[0].metrics
     assert m.generated_tokens == 10 and m.wall_s >= 0 and m.forward_steps >= 10
+    assert llm.generate([], greedy(10)) == [] == llm.generate((), greedy(10))  # no prompts: no outputs
     assert_no_leak(llm)
 
 
