@@ -26,7 +26,8 @@ peak which the row's FLOPs would take to run in the time of 50% of the read band
 (above ~80%, 50% of bandwidth is out of reach on this machine's arithmetic: the row is
 compute-bound). The peak is torch.mm's rate: in bfloat16 Loom's AMX tiles can beat it,
 so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
-time. Times: median over --repeats after warm-up.
+time. Times: median over --repeats after warm-up. A line after the table counts the rows
+at >= 50% of read bandwidth and lists the others with their %roof and need.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -340,6 +341,7 @@ def main() -> None:
             f"{'speedup':>7}")
     print(head)
     print("-" * len(head))
+    below = []  # rows under 50% of read bandwidth: (config, %bw, %roof, need)
     tiny = Case(1, 16, 1, dtype=dtype)  # re-warms each method's code after the probe
     for n, s, o in configs:
         case = Case(n, s, o, dtype=dtype)
@@ -366,7 +368,13 @@ def main() -> None:
               f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x")
+        if pct_bw < 0.5:
+            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need))
         del case
+    print(f"rows at >= 50% of read bandwidth: {len(configs) - len(below)} of {len(configs)}"
+          + ("" if not below else "; below: " + ", ".join(
+              f"{c} {100 * b:.0f}% ({100 * r:.0f}% of its roofline, need {100 * nd:.0f}%"
+              f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd in below)))
     print(bench_prefill(repeats, dtype))
     print(bench_plan_builder(repeats))
 
