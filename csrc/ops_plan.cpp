@@ -2,7 +2,8 @@
 //
 // Same output as build_plan_py: jobs in order of first appearance of their segment;
 // entries of a job sorted by row (stable: a row's entries keep view order); each row's
-// merge list in increasing entry order. Two passes over the threads' views, no sort.
+// merge list in its view's order (written with the entries: no pass over the entries
+// by row afterwards). Two passes over the threads' views, no sort.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
@@ -105,19 +106,18 @@ std::vector<at::Tensor> build_plan(const at::Tensor& thread_view_indptr, const a
     const int32_t n = nnew[th], own_len = slen[own[th]];
     const int32_t v0 = tvi[th], v1 = tvi[th + 1];
     for (int32_t i = 0; i < n; ++i, ++row) {
+      int32_t* row_list = me + mi[row];
       for (int32_t v = v0; v < v1; ++v) {
         const int32_t seg = vseg[v];
         const int32_t e = cursor[job_of[seg]]++;
         qr[e] = row;
         sh[e] = vsh[v];
         cl[e] = seg == own[th] ? own_len - n + i + 1 : slen[seg];
+        row_list[v - v0] = e;
       }
       mi[row + 1] = mi[row] + (v1 - v0);
     }
   }
-  // Merge lists: walking entries in order fills each row's list in increasing order.
-  std::vector<int32_t> fill(mi, mi + rows);
-  for (int64_t e = 0; e < entries; ++e) me[fill[qr[e]]++] = static_cast<int32_t>(e);
 
   return {kv_indptr, kv_page_ids, kv_len, q_indptr, q_rows, shift, causal_limit, merge_indptr, merge_entries};
 }

@@ -85,13 +85,16 @@ def build_plan_py(threads: list[ThreadStep], seg_len: dict[int, int],
     """Plain-Python plan builder: the oracle for the C++ one.
 
     Rows are numbered thread by thread in order. Jobs are ordered by first
-    appearance of their segment; entries inside a job by row.
+    appearance of their segment; entries inside a job by row; a row's merge list
+    in the order of its thread's view.
     """
     job_of: dict[int, int] = {}
     job_entries: list[list[tuple[int, int, int]]] = []  # (row, shift, limit)
+    row_refs: list[list[tuple[int, int]]] = []  # per row, in view order: (job, index in its entries)
     row = 0
     for th in threads:
         own_len = seg_len[th.own]
+        refs: list[list[tuple[int, int]]] = [[] for _ in range(th.num_new)]
         for seg, shift in th.view:
             if seg not in job_of:
                 job_of[seg] = len(job_entries)
@@ -102,26 +105,30 @@ def build_plan_py(threads: list[ThreadStep], seg_len: dict[int, int],
                     limit = own_len - th.num_new + i + 1
                 else:
                     limit = seg_len[seg]
+                refs[i].append((job_of[seg], len(ents)))
                 ents.append((row + i, shift, limit))
+        row_refs += refs
         row += th.num_new
     num_rows = row
     segs = list(job_of)
     kv_indptr, kv_pages, kv_len = [0], [], []
     q_indptr, q_rows, shifts, limits = [0], [], [], []
-    per_row: list[list[int]] = [[] for _ in range(num_rows)]
     for j, seg in enumerate(segs):
         kv_pages.extend(seg_pages[seg])
         kv_indptr.append(len(kv_pages))
         kv_len.append(seg_len[seg])
-        for (r, s, lim) in sorted(job_entries[j], key=lambda t: t[0]):
-            per_row[r].append(len(q_rows))
+        ents = job_entries[j]
+        order = sorted(range(len(ents)), key=lambda k: ents[k][0])  # by row, stable
+        for pos, k in enumerate(order):
+            r, s, lim = ents[k]
             q_rows.append(r)
             shifts.append(s)
             limits.append(lim)
+            ents[k] = (pos, s, lim)  # (now: the entry's place within its job)
         q_indptr.append(len(q_rows))
     merge_indptr, merge_entries = [0], []
     for r in range(num_rows):
-        merge_entries.extend(per_row[r])
+        merge_entries.extend(q_indptr[j] + job_entries[j][k][0] for j, k in row_refs[r])
         merge_indptr.append(len(merge_entries))
 
     def t(x):
