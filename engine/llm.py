@@ -1,8 +1,8 @@
 """The user-facing engine: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
-Flow of one step (each arrow one object):
-    threads --Scheduler.schedule--> StepBatch --ModelRunner.run--> logits [R, V]
-    --sampler--> tokens --Scheduler.postprocess--> finished RequestOutputs
+Flow of one step (Scheduler.step; each arrow one object):
+    requests' threads --EngineCore.step--> StepBatch --ModelRunner.run--> logits [R, V]
+    --sampler--> tokens --protocol on_token (EngineCore.accept)--> finished RequestOutputs
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One object crosses each boundary of a step:
 
-    scheduler.schedule() -> StepBatch -> runner.run(StepBatch) -> logits [R, V]
-    -> sampler -> scheduler.postprocess(batch, tokens)
+    EngineCore.step(feed, samplers) -> StepBatch -> ModelRunner.run(StepBatch) -> logits [R, V]
+    -> sampler -> tokens, applied by the protocols (EngineCore.accept)
 
 A ``StepItem`` is one thread's part of a step: new tokens appended to its own
 segment, the view it attends, and whether the logits after its last new token
