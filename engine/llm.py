@@ -36,7 +36,12 @@ class LLM:
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            self.device = None
+        if self.device is None or self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r} is not supported; Loom runs on 'cpu' or 'cuda' (e.g. 'cuda:1').")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'.")
         self.dtype = parse_dtype(dtype, self.config.torch_dtype)

@@ -441,6 +441,17 @@ def test_missing_model_dir(tmp_path, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_unsupported_device(model_dir, llm, baseline):
+    from engine import LLM
+    for dev in ("tpu", "mps", "meta", 3.5):
+        with pytest.raises(ValueError, match=f"device={dev!r} is not supported; Loom runs on 'cpu' or 'cuda'"):
+            LLM(model_dir(NAME), device=dev)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            LLM(model_dir(NAME), device="cuda:0")
+    assert_still_works(llm, baseline)
+
+
 def test_unsupported_architecture(tmp_path, model_dir, llm, baseline):
     from engine import LLM
     d = str(tmp_path / "gpt2")
