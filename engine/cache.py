@@ -50,8 +50,16 @@ class KVCache:
         self.bytes_per_token = kv_token_bytes(num_layers, num_kv_heads, head_dim, dtype)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         # torch.empty does not touch memory: the OS maps pages as they are first written.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        try:
+            self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+            self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        except (RuntimeError, MemoryError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+            self.k = self.v = []
+            tokens = num_pages * page_size
+            raise ValueError(
+                f"The KV cache of {tokens:,} tokens ({self.bytes_per_token:,} bytes each: "
+                f"{tokens * self.bytes_per_token / 2**30:,.1f} GiB) could not be allocated on {device} "
+                f"({str(e).splitlines()[0][:120]}); lower kv_cache_tokens.") from None
         self._free_pages = list(range(num_pages - 1, -1, -1))
         self._page_refs = [0] * num_pages
         self._reserved = 0

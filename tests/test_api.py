@@ -452,6 +452,15 @@ def test_unsupported_device(model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_cache_too_large_to_allocate(model_dir, llm, baseline):
+    from engine import LLM
+    # petabytes: past any machine's memory and the address space of a process
+    with pytest.raises(ValueError, match=r"KV cache of 100,000,000,000,000 tokens .* could not be allocated on "
+                                         r"cpu .*lower kv_cache_tokens"):
+        LLM(model_dir(NAME), kv_cache_tokens=10**14)
+    assert_still_works(llm, baseline)
+
+
 def test_unsupported_architecture(tmp_path, model_dir, llm, baseline):
     from engine import LLM
     d = str(tmp_path / "gpt2")
