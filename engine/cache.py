@@ -46,6 +46,9 @@ class KVCache:
         if num_pages < 1:
             raise ValueError(f"The KV cache needs at least one page (got {num_pages}); "
                              "raise kv_cache_tokens.")
+        if num_pages >= 2**31:
+            raise ValueError(f"The KV cache would have {num_pages:,} pages; page ids are int32 (the attention "
+                             "plan's), so at most 2**31 - 1: lower kv_cache_tokens or raise page_size.")
         self.page_size, self.num_pages = page_size, num_pages
         self.bytes_per_token = kv_token_bytes(num_layers, num_kv_heads, head_dim, dtype)
         shape = (num_pages, page_size, num_kv_heads, head_dim)
