@@ -6,9 +6,11 @@ Flow of one step (Scheduler.step; each arrow one object):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -29,10 +31,24 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def serialized(fn):
+    """Run ``fn`` holding the engine's lock: calls from several Python threads take turns
+    (the cache, scheduler and step state are shared; interleaved steps corrupt them)."""
+    @functools.wraps(fn)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+    return locked
+
+
 class LLM:
+    """The engine over one model. Safe to call from several Python threads: the calls
+    (generate, chat, score, session verbs) run one after another."""
+
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
                  page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,
                  kv_cache_dtype="auto"):
+        self._lock = threading.RLock()  # (see serialized)
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)
@@ -150,6 +166,7 @@ class LLM:
         return torch.Generator().manual_seed(seed)
 
     # ---- generate --------------------------------------------------------------------------
+    @serialized
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, protocol: Protocol | None = None) -> list[RequestOutput]:
         """Generate for every prompt; all threads of all prompts advance in one batched
@@ -216,6 +233,7 @@ class LLM:
 
     # ---- scoring ---------------------------------------------------------------------------
     @torch.inference_mode()
+    @serialized
     def score(self, token_ids) -> list[torch.Tensor]:
         """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
         is the next-token distribution after token i."""
@@ -237,6 +255,7 @@ class LLM:
                 c.release(res)
         return outs
 
+    @serialized
     def session(self, prompt) -> "Session":
         """A programmable thread tree over ``prompt`` (str or token ids); see engine.session."""
         from .session import Session
@@ -244,5 +263,6 @@ class LLM:
         self._check_prompt_len(len(ids))
         return Session(self, ids)
 
+    @serialized
     def cache_stats(self) -> dict:
         return self.cache.stats()

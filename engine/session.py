@@ -12,6 +12,8 @@ its ancestors' segments; a continuation's view names the joined threads' ones.
 """
 from __future__ import annotations
 
+import functools
+
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
 from .threads import Thread, ThreadTree
@@ -53,6 +55,15 @@ class ThreadHandle:
         return f"ThreadHandle(id={self.id}, tokens={len(self._t.tokens)})"
 
 
+def serialized(fn):
+    """Hold the session's engine lock (see engine.llm.serialized)."""
+    @functools.wraps(fn)
+    def locked(self, *args, **kwargs):
+        with self._llm._lock:
+            return fn(self, *args, **kwargs)
+    return locked
+
+
 class Session:
     def __init__(self, llm, prompt_ids: list[int]):
         self._llm = llm
@@ -88,6 +99,7 @@ class Session:
             raise ValueError("This session is closed.")
 
     # ---- verbs -----------------------------------------------------------------------------
+    @serialized
     def fork(self, parent: ThreadHandle, headers) -> list[ThreadHandle]:
         """One child per header (str or token ids; "" or [] for none). The children see the
         parent as it is now, so the parent takes no more tokens afterwards (generate() and
@@ -98,6 +110,7 @@ class Session:
         kids = self.tree.fork(self._thread(parent), [self._tokens(h) for h in headers])
         return [self._handle(k) for k in kids]
 
+    @serialized
     def join(self, threads: list[ThreadHandle], header=None, positions: str = "max") -> ThreadHandle:
         """A continuation that sees every joined thread. ``positions``: "max" (all siblings
         start at the fork position; the continuation after the longest), "sequential"
@@ -112,6 +125,7 @@ class Session:
         t = self.tree.join([self._thread(h) for h in threads], hdr, positions)
         return self._handle(t)
 
+    @serialized
     def spawn(self, view: list[ThreadHandle], header=None) -> ThreadHandle:
         """A new thread that attends ``view`` live (each named thread's segment, laid out one
         after another as it grows) and then its own segment, which starts with ``header``."""
@@ -121,6 +135,7 @@ class Session:
         t = self.tree.spawn([self._thread(h) for h in view], self._tokens(header))
         return self._handle(t)
 
+    @serialized
     def set_view(self, thread: ThreadHandle, view: list[ThreadHandle]):
         """Replace what a spawned thread attends; cycles between threads are allowed."""
         self._check_open()
@@ -130,11 +145,13 @@ class Session:
                              "threads can change their view.")
         self.tree.set_view(t, [self._thread(h) for h in view])
 
+    @serialized
     def inject(self, thread: ThreadHandle, tokens):
         """Append tokens (str or ids) to a thread; written by the next step's extend pass."""
         self._check_open()
         self.tree.inject(self._thread(thread), self._tokens(tokens))
 
+    @serialized
     def generate(self, threads: list[ThreadHandle], sampling_params: SamplingParams | None = None
                  ) -> list[CompletionOutput]:
         """Advance ``threads`` together, one batched forward per step, until each stops.
@@ -173,9 +190,11 @@ class Session:
         return [CompletionOutput(i, core.text_of(t), list(t.generated), t.finish_reason,
                                  t.logprobs, t.stop_reason) for i, t in enumerate(ts)]
 
+    @serialized
     def pages_held(self) -> int:
         return self.tree.pages_held() if self.tree is not None else 0
 
+    @serialized
     def close(self):
         """Free every page this session holds. Idempotent."""
         if self.tree is not None:

@@ -441,6 +441,40 @@ def test_missing_model_dir(tmp_path, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_calls_from_several_python_threads(llm):
+    """generate / score / session calls from several Python threads take turns on the one
+    engine (they share its cache and step state): each gets the result it would get alone."""
+    import threading
+    prompts = [random_ids(5 + i, VOCAB, seed=70 + i) for i in range(4)]
+    want = [list(llm.generate([p], greedy(12))[0].outputs[0].token_ids) for p in prompts]
+    want_score = llm.score(prompts[0])[0]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for r in range(3):
+                if i == 3 and r == 1:
+                    assert torch.equal(llm.score(prompts[0])[0], want_score)
+                    with llm.session(prompts[i]) as s:
+                        (a,) = s.fork(s.root, [[]])
+                        got[(i, "session")] = list(s.generate([a], greedy(12))[0].token_ids)
+                got[(i, r)] = list(llm.generate([prompts[i]], greedy(12))[0].outputs[0].token_ids)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(4):
+        for r in range(3):
+            assert got[(i, r)] == want[i], (i, r)
+    assert got[(3, "session")] == want[3]
+    assert_no_leak(llm)
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
