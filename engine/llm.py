@@ -31,14 +31,39 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def engine_call(llm, fn, args, kwargs, exclusive: bool):
+    """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
+    cache, scheduler and step state are shared; interleaved steps corrupt them). An
+    exclusive call (one that steps the engine or changes its threads) is refused while
+    another runs in the same thread, e.g. a generate from inside a protocol's callback."""
+    with llm._lock:
+        if not exclusive:
+            return fn(*args, **kwargs)
+        if llm._busy:
+            raise RuntimeError(f"{fn.__qualname__}() was called while this LLM runs {llm._busy}() in the same "
+                               "thread (e.g. from a protocol's callback); call it after that call returns.")
+        llm._busy = fn.__qualname__
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            llm._busy = None
+
+
 def serialized(fn):
-    """Run ``fn`` holding the engine's lock: calls from several Python threads take turns
-    (the cache, scheduler and step state are shared; interleaved steps corrupt them)."""
+    """An exclusive engine call (see engine_call)."""
     @functools.wraps(fn)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return fn(self, *args, **kwargs)
-    return locked
+    def call(self, *args, **kwargs):
+        return engine_call(self, fn, (self, *args), kwargs, exclusive=True)
+    return call
+
+
+def locked(fn):
+    """A call that only reads, or frees (Session.close, which the garbage collector may run
+    at any point): the lock, without the exclusive check."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        return engine_call(self, fn, (self, *args), kwargs, exclusive=False)
+    return call
 
 
 class LLM:
@@ -48,7 +73,8 @@ class LLM:
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
                  page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,
                  kv_cache_dtype="auto"):
-        self._lock = threading.RLock()  # (see serialized)
+        self._lock = threading.RLock()  # (see engine_call)
+        self._busy = None               # the exclusive call running, if any
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)
@@ -263,6 +289,6 @@ class LLM:
         self._check_prompt_len(len(ids))
         return Session(self, ids)
 
-    @serialized
+    @locked
     def cache_stats(self) -> dict:
         return self.cache.stats()

@@ -92,7 +92,11 @@ class Scheduler:
             req.run.on_token(t, tok)
         done = [r for r in self.running if r.run.done()]
         self.running = [r for r in self.running if not r.run.done()]
-        return [self._finish(r) for r in done]
+        try:
+            return [self._finish(r) for r in done]
+        finally:  # (a protocol's outputs() may raise, e.g. a user's extract_answer: pages back anyway)
+            for r in done:
+                r.tree.close()
 
     def _finish(self, req: Request) -> RequestOutput:
         outs = req.run.outputs()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+from .llm import engine_call
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
 from .threads import Thread, ThreadTree
@@ -56,12 +57,19 @@ class ThreadHandle:
 
 
 def serialized(fn):
-    """Hold the session's engine lock (see engine.llm.serialized)."""
+    """An exclusive call on the session's engine (see engine.llm.engine_call)."""
     @functools.wraps(fn)
-    def locked(self, *args, **kwargs):
-        with self._llm._lock:
-            return fn(self, *args, **kwargs)
-    return locked
+    def call(self, *args, **kwargs):
+        return engine_call(self._llm, fn, (self, *args), kwargs, exclusive=True)
+    return call
+
+
+def locked(fn):
+    """The engine's lock only: reads, and close (which the garbage collector may run)."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        return engine_call(self._llm, fn, (self, *args), kwargs, exclusive=False)
+    return call
 
 
 class Session:
@@ -190,11 +198,11 @@ class Session:
         return [CompletionOutput(i, core.text_of(t), list(t.generated), t.finish_reason,
                                  t.logprobs, t.stop_reason) for i, t in enumerate(ts)]
 
-    @serialized
+    @locked
     def pages_held(self) -> int:
         return self.tree.pages_held() if self.tree is not None else 0
 
-    @serialized
+    @locked
     def close(self):
         """Free every page this session holds. Idempotent."""
         if self.tree is not None:

@@ -475,6 +475,32 @@ def test_calls_from_several_python_threads(llm):
     assert_no_leak(llm)
 
 
+def test_calls_from_inside_a_running_call(llm, baseline):
+    """A protocol's callback that calls the engine again (here extract_answer) is refused
+    with one clear error instead of running a step inside a step; a callback that raises
+    leaves no pages behind, and the engine goes on."""
+    from engine.protocols import ParallelSampling
+
+    def judge(text):
+        return llm.generate([baseline[0]], greedy(2))[0].outputs[0].text
+
+    def broken(text):
+        raise KeyError("no answer")
+
+    sp = SP(n=2, temperature=1.0, max_tokens=4, seed=0)
+    with pytest.raises(RuntimeError, match=r"LLM.generate\(\) was called while this LLM runs LLM.generate\(\)"):
+        llm.generate([baseline[0]], sp, protocol=ParallelSampling(select="majority", extract_answer=judge))
+    assert_no_leak(llm)
+    with pytest.raises(KeyError, match="no answer"):
+        llm.generate([baseline[0]], sp, protocol=ParallelSampling(select="majority", extract_answer=broken))
+    assert_no_leak(llm)
+    with llm.session(baseline[0]) as s:
+        (a,) = s.fork(s.root, [[]])
+        s.generate([a], greedy(2))
+        assert llm.cache_stats()["pages_used"] > 0  # (the session holds its pages until closed)
+    assert_still_works(llm, baseline)
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
