@@ -69,6 +69,7 @@ class KVCache:
         self.segments: dict[int, Segment] = {}
         self._free_ids: list[int] = []
         self._next_id = 0
+        self._journal: list | None = None  # pages taken since begin_append (see rollback_append)
 
     # ---- reservations ----------------------------------------------------------------------
     @property
@@ -98,7 +99,8 @@ class KVCache:
 
     # ---- pages -----------------------------------------------------------------------------
     def _take_page(self, res: Reservation | None) -> int:
-        if res is not None and res.pages > 0:
+        from_res = res is not None and res.pages > 0
+        if from_res:
             res.pages -= 1
             self._reserved -= 1
         elif not self.pages_unreserved > 0:
@@ -107,6 +109,8 @@ class KVCache:
         page = self._free_pages.pop()
         assert self._page_refs[page] == 0, "a free page still has references"
         self._page_refs[page] = 1
+        if self._journal is not None:
+            self._journal.append((page, res if from_res else None))
         return page
 
     def _drop_page(self, page: int):
@@ -152,6 +156,31 @@ class KVCache:
             slots.append(seg.pages[i // ps] * ps + i % ps)
         seg.length += n
         return slots
+
+    # ---- one step's appends as a unit ----------------------------------------------------
+    def begin_append(self):
+        """Record the pages the next appends take, so that rollback_append can undo them."""
+        self._journal = []
+
+    def end_append(self):
+        self._journal = None
+
+    def rollback_append(self, lengths: list[tuple[Segment, int]]):
+        """Undo the appends since begin_append (a step that failed before its tokens were
+        accepted): each segment back to its length, each page taken back to where it came
+        from (its reservation, or the free pool). Slots written past a length are unseen."""
+        for seg, length in lengths:
+            keep = self.pages_for(length)
+            del seg.pages[keep:]
+            seg.length = length
+        for page, res in reversed(self._journal or []):
+            assert self._page_refs[page] == 1, "a page taken in the failed step gained references"
+            self._page_refs[page] = 0
+            self._free_pages.append(page)
+            if res is not None:
+                res.pages += 1
+                self._reserved += 1
+        self._journal = None
 
     def stats(self) -> dict:
         return {"pages_total": self.num_pages, "pages_free": self.pages_free,

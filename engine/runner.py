@@ -37,14 +37,29 @@ class ModelRunner:
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Append every item's tokens, attend, and return logits [R, V] (float32) for the
-        wanted rows in item order (all rows of an ``all_logits`` item, else its last)."""
+        wanted rows in item order (all rows of an ``all_logits`` item, else its last).
+        A step that fails (an error, or Ctrl-C, in the forward) leaves the segments as they
+        were: its tokens stay pending and a later step writes them once, not twice."""
+        cache = self.cache
+        for it in batch.items:
+            if not it.token_ids:
+                raise ValueError("StepItem with no new tokens")
+        lengths = [(it.own, it.own.length) for it in batch.items]
+        cache.begin_append()
+        try:
+            out = self._run(batch)
+        except BaseException:
+            cache.rollback_append(lengths)
+            raise
+        cache.end_append()
+        return out
+
+    def _run(self, batch: StepBatch) -> torch.Tensor:
         cache = self.cache
         ids, pos, slots, logits_rows = [], [], [], []
         row, max_pos = 0, -1
         for it in batch.items:
             n = len(it.token_ids)
-            if n == 0:
-                raise ValueError("StepItem with no new tokens")
             start = it.own.base + it.own.length
             slots.extend(cache.append_slots(it.own, n))
             ids.extend(it.token_ids)

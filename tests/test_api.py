@@ -501,6 +501,37 @@ def test_calls_from_inside_a_running_call(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_step_interrupted_in_the_forward(llm, baseline, monkeypatch):
+    """Ctrl-C (or any error) in the middle of a step's forward: the segments go back to
+    their lengths and pages to their owners, so a session goes on exactly as if the step
+    had not run (its pending tokens are written once, not twice)."""
+    prompt = random_ids(21, VOCAB, seed=9)
+
+    def session_run(interrupt: bool):
+        with llm.session(prompt) as s:
+            a, b = s.fork(s.root, [[3, 4], [5]])
+            if interrupt:
+                real = llm.model.forward
+                calls = []
+
+                def failing(*args, **kwargs):
+                    calls.append(1)
+                    if len(calls) == 1:  # the step that writes the prompt and both headers
+                        raise KeyboardInterrupt
+                    return real(*args, **kwargs)
+                monkeypatch.setattr(llm.model, "forward", failing)
+                with pytest.raises(KeyboardInterrupt):
+                    s.generate([a, b], greedy(6))
+                assert s.root._t.seg.length == 0 and not s.root._t.seg.pages  # nothing was written
+                monkeypatch.setattr(llm.model, "forward", real)
+            out = [o.token_ids for o in s.generate([a, b], greedy(6))]
+            used = llm.cache_stats()["pages_used"]
+        return out, used
+
+    assert session_run(True) == session_run(False)
+    assert_still_works(llm, baseline)
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
