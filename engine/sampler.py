@@ -5,6 +5,8 @@ same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .sampling_params import SamplingParams
@@ -70,7 +72,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [r for r, p in enumerate(params) if p.greedy or p.top_k == 1]
     rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
     if greedy:
-        for r, tok in zip(greedy, _take_rows(logits, greedy).argmax(-1).tolist()):
+        best, idx = _take_rows(logits, greedy).max(-1)  # (max, not argmax: a NaN row shows in best)
+        _check_finite(greedy, best)
+        for r, tok in zip(greedy, idx.tolist()):
             tokens[r] = tok
     if not rows:
         return tokens, logprobs
@@ -83,15 +87,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                              device=logits.device)
         sub = _take_rows(logits, rows)
         op = _loom_op("pick_from_logits")
-        if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
-            picked = op(sub, temps, u).tolist()  # softmax(x / T) and the draw in one pass
-        else:
-            picked = pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), u)
+        try:
+            if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
+                picked = op(sub, temps, u).tolist()  # softmax(x / T) and the draw in one pass
+            else:
+                picked = pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), u)
+        except RuntimeError:
+            _check_finite(rows, sub.max(-1).values)
+            raise
     else:
-        picked = pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp(), u)
+        try:
+            picked = pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp(), u)
+        except RuntimeError:
+            _check_finite(rows, _take_rows(logits, rows).max(-1).values)
+            raise
+    bad = [i for i, tok in enumerate(picked) if not 0 <= tok < logits.shape[1]]
+    if bad:  # (the torch fallback's searchsorted on a NaN row lands past the end)
+        _check_finite(rows, _take_rows(logits, rows).max(-1).values)
     for r, tok in zip(rows, picked):
         tokens[r] = tok
     return tokens, logprobs
+
+
+def _check_finite(rows: list[int], best: torch.Tensor):
+    """One clear error when some row's largest logit is NaN or infinite: no token can be
+    chosen from it (argmax would silently return token 0 for a NaN row)."""
+    bad = [r for r, v in zip(rows, best.tolist()) if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"The model's logits are not finite (NaN or inf) in batch rows {bad[:8]}: no token can be chosen. "
+            "The weights may hold NaN / inf, or float16 activations overflowed (try dtype='bfloat16' or "
+            "'float32').")
 
 
 def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

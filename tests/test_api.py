@@ -532,6 +532,25 @@ def test_step_interrupted_in_the_forward(llm, baseline, monkeypatch):
     assert_still_works(llm, baseline)
 
 
+def test_non_finite_logits(tmp_path, model_dir, llm, baseline):
+    """A model whose logits come out NaN (here: a NaN weight) gets one clear error for greedy
+    and sampled rows alike (greedy used to return token 0 silently), and leaks nothing."""
+    from engine import LLM
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "nan_model"
+    shutil.copytree(model_dir(NAME), d)
+    w = load_file(str(d / "model.safetensors"))
+    name = next(k for k in w if k.endswith("mlp.down_proj.weight"))
+    w[name] = torch.full_like(w[name], float("nan"))
+    save_file(w, str(d / "model.safetensors"))
+    bad = LLM(str(d), kv_cache_tokens=1024)
+    for sp in (greedy(3), SP(temperature=1.0, max_tokens=3, seed=0), SP(temperature=0.7, top_p=0.9, max_tokens=3)):
+        with pytest.raises(FloatingPointError, match="logits are not finite"):
+            bad.generate([baseline[0]], sp)
+        assert_no_leak(bad)
+    assert_still_works(llm, baseline)
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
