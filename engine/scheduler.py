@@ -57,12 +57,12 @@ class Scheduler:
                 break  # FIFO: later requests wait behind the head
             self.waiting.popleft()
             req.tree = ThreadTree(self.cache, self.cache.reserve(req.pages_needed))
+            self.running.append(req)  # (first: abort_all closes its tree if start() raises)
             req.tree.new_root(req.prompt_ids)
             req.run = req.protocol.start(req.tree, self.core, req.params,
                                          lambda i, r=req: self.make_generator(r.params, i))
             req.run.metrics = req.metrics
             req.t_start = time.perf_counter()
-            self.running.append(req)
             budget -= P
 
     def step(self) -> list[RequestOutput]:

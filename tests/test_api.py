@@ -477,8 +477,9 @@ def test_calls_from_several_python_threads(llm):
 
 def test_calls_from_inside_a_running_call(llm, baseline):
     """A protocol's callback that calls the engine again (here extract_answer) is refused
-    with one clear error instead of running a step inside a step; a callback that raises
-    leaves no pages behind, and the engine goes on."""
+    with one clear error instead of running a step inside a step; a protocol that raises
+    (in start, or a callback in its outputs) leaves no pages or reservations behind, and
+    the engine goes on."""
     from engine.protocols import ParallelSampling
 
     def judge(text):
@@ -487,7 +488,15 @@ def test_calls_from_inside_a_running_call(llm, baseline):
     def broken(text):
         raise KeyError("no answer")
 
+    class NoStart(ParallelSampling):
+        def start(self, *args, **kwargs):
+            raise LookupError("cannot start")
+
     sp = SP(n=2, temperature=1.0, max_tokens=4, seed=0)
+    with pytest.raises(LookupError, match="cannot start"):  # after its pages were reserved
+        llm.generate([baseline[0], baseline[0]], sp, protocol=NoStart())
+    assert_no_leak(llm)
+    assert llm.cache_stats()["pages_reserved"] == 0
     with pytest.raises(RuntimeError, match=r"LLM.generate\(\) was called while this LLM runs LLM.generate\(\)"):
         llm.generate([baseline[0]], sp, protocol=ParallelSampling(select="majority", extract_answer=judge))
     assert_no_leak(llm)
