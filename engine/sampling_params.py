@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM's sampling epsilon)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -34,7 +37,7 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             bad("n", "must be an integer >= 1")
         if not _is_num(self.temperature) or not (0.0 <= self.temperature <= 100.0):
-            bad("temperature", "must be in [0, 100] (0 means greedy)")
+            bad("temperature", "must be in [0, 100] (0, or anything below 1e-5, means greedy)")
         if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
             bad("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
@@ -59,7 +62,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below GREEDY_BELOW pick the top token: dividing logits by them
+        overflows float32 (inf / NaN), and their distribution is the argmax anyway."""
+        return self.temperature < GREEDY_BELOW
 
 
 def _as_list(value, name: str, what: str) -> list:

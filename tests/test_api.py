@@ -81,6 +81,7 @@ def test_sampling_params_valid_edges():
                dict(stop="x"), dict(stop=["x", "y"]), dict(stop_token_ids=[3]), dict(seed=0)]:
         SP(**kw)
     assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
+    assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
     assert SP(stop=("x", "y")).stop == ["x", "y"]
 
 
@@ -106,6 +107,16 @@ def test_prompt_forms_agree(llm):
     assert m.generated_tokens == 10 and m.wall_s >= 0 and m.forward_steps >= 10
     assert llm.generate([], greedy(10)) == [] == llm.generate((), greedy(10))  # no prompts: no outputs
     assert_no_leak(llm)
+
+
+def test_tiny_temperatures_are_greedy(llm, baseline):
+    """Logits divided by a temperature of 1e-40 overflow float32: such temperatures (below
+    1e-5) pick the top token, with or without top-p, instead of failing."""
+    prompt, want = baseline
+    for t in (1e-6, 1e-30, 1e-40, 5e-45):
+        for top_p in (1.0, 0.9):
+            got = llm.generate([prompt], SP(temperature=t, top_p=top_p, max_tokens=12, ignore_eos=True, seed=1))
+            assert list(got[0].outputs[0].token_ids) == want, (t, top_p)
 
 
 def test_default_sampling_params(llm):
