@@ -75,7 +75,7 @@ def locked(fn):
 class Session:
     def __init__(self, llm, prompt_ids: list[int]):
         self._llm = llm
-        self.tree = ThreadTree(llm.cache)
+        self.tree = ThreadTree(llm.cache, max_positions=llm.config.max_position_embeddings)
         self._handles: dict[int, ThreadHandle] = {}
         self.root = self._handle(self.tree.new_root(prompt_ids))
         self.forward_steps = 0

@@ -63,15 +63,26 @@ class Thread:
 class ThreadTree:
     """The threads of one request or session, and the segment references they hold."""
 
-    def __init__(self, cache: KVCache, reservation: Reservation | None = None):
+    def __init__(self, cache: KVCache, reservation: Reservation | None = None,
+                 max_positions: int | None = None):
         self.cache, self.reservation = cache, reservation
         self.threads: list[Thread] = []
         self._ids = itertools.count()
         self.root: Thread | None = None
+        # When set (sessions): tokens placed past this position are refused up front (the
+        # model's context; a Mistral window cap keeps Loom exact only inside it).
+        self.max_positions = max_positions
+
+    def _check_positions(self, end: int, what: str):
+        if self.max_positions is not None and end > self.max_positions:
+            raise ValueError(f"{what} would reach position {end}, past the model's context of "
+                             f"{self.max_positions} tokens (max_position_embeddings); shorten it, or "
+                             "continue from a thread that has room.")
 
     # ---- creation --------------------------------------------------------------------------
     def _new_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
-                    header: list[int]) -> Thread:
+                    header: list[int], what: str = "A new thread's header") -> Thread:
+        self._check_positions(base + len(header), what)
         seg = self.cache.new_segment(base, self.reservation)
         for s, _ in view:
             self.cache.retain(s)
@@ -94,6 +105,8 @@ class ThreadTree:
         self._check_static(parent, "fork")
         if not headers:
             raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
+        for h in headers:  # (all checked before any child exists)
+            self._check_positions(parent.end + len(h), f"A header of {len(h)} tokens after thread {parent.id}")
         kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
         for k in kids:
             k.path_tokens = parent.path_tokens
@@ -119,7 +132,8 @@ class ThreadTree:
         if positions == "reprefill":
             text = [tok for t in threads for s, _ in t.view if s.id not in common
                     for tok in self._seg_tokens(s)]
-            cont = self._new_thread(fork_pos, ctx, parent, text + list(header))
+            cont = self._new_thread(fork_pos, ctx, parent, text + list(header),
+                                    "The reprefill join's continuation (the joined text and its header)")
             cont.header_len = len(cont.tokens)
         else:
             view, seen, offset = list(ctx), set(common), 0
@@ -130,7 +144,8 @@ class ThreadTree:
                         view.append((s, sh + (offset if positions == "sequential" else 0)))
                 offset += t.end - fork_pos
             base = fork_pos + offset if positions == "sequential" else max(t.end for t in threads)
-            cont = self._new_thread(base, view, parent, list(header))
+            cont = self._new_thread(base, view, parent, list(header),
+                                    f"The {positions} join's continuation (with its header)")
         cont.path_tokens = max(t.path_tokens for t in threads)
         for t in threads:
             t.joined_into = cont
@@ -147,7 +162,7 @@ class ThreadTree:
             self._check_open(u)
         base = layout_end(view)
         th = self._new_thread(base, [(u.seg, 0) for u in view],
-                              self.root if not header else None, list(header))
+                              self.root if not header else None, list(header), "The spawned thread's header")
         th.live = list(view)
         refresh_view(th)
         return th
@@ -211,6 +226,8 @@ class ThreadTree:
         self._check_open(th)
         if tokens:
             check_growable(th)
+            if not header:  # (a new thread's header was checked by _new_thread)
+                self._check_positions(th.end + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
         th.tokens.extend(tokens)
         th.pending.extend(tokens)
         if header:

@@ -252,6 +252,36 @@ def test_forked_and_joined_threads_take_no_more_tokens(make_llm, backend):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_session_tokens_past_the_context_are_refused(make_llm):
+    """Headers, injections and join continuations that would sit past the model's context
+    (max_position_embeddings) are refused before anything changes; the session goes on."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    M = llm.config.max_position_embeddings
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(M - 4, V, 1))
+    with pytest.raises(ValueError, match=rf"Injecting 5 tokens into thread 0 would reach position {M + 1}, past "
+                                         rf"the model's context of {M} tokens"):
+        s.inject(s.root, [1] * 5)
+    with pytest.raises(ValueError, match=f"header of 5 tokens after thread 0 would reach position {M + 1}"):
+        s.fork(s.root, [[1], [2] * 5])  # (the first child is not created either)
+    with pytest.raises(ValueError, match="spawned thread's header"):
+        s.spawn([s.root], header=[3] * 5)
+    assert s.root.children == [] and len(s.tree.threads) == 1
+    (a,) = s.fork(s.root, [[1, 2]])
+    out = s.generate([a], greedy(8))[0]
+    assert out.finish_reason == "length" and a.position == M  # stops at the context's end
+    s.close()
+    s = llm.session(random_ids(8, V, 2))
+    half = (M - 8) // 2 + 1
+    a, b = s.fork(s.root, [[1] * half, [2] * half])
+    with pytest.raises(ValueError, match="sequential join's continuation"):
+        s.join([a, b], header=[3], positions="sequential")
+    c = s.join([a, b], header=[3], positions="max")  # (the refused join changed nothing)
+    assert len(s.generate([c], greedy(2))[0].token_ids) == 2
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_many_random_sessions_free_every_page(make_llm, backend):
     llm = make_llm("qwen3", page_size=3, attention_backend=backend)
