@@ -49,21 +49,19 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
             llm._busy = None
 
 
-def serialized(fn):
-    """An exclusive engine call (see engine_call)."""
-    @functools.wraps(fn)
-    def call(self, *args, **kwargs):
-        return engine_call(self, fn, (self, *args), kwargs, exclusive=True)
-    return call
+def engine_method(exclusive: bool, llm_of=lambda obj: obj):
+    """Decorator: the method runs through engine_call on the LLM that ``llm_of(self)`` gives."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def call(obj, *args, **kwargs):
+            return engine_call(llm_of(obj), fn, (obj, *args), kwargs, exclusive)
+        return call
+    return decorate
 
 
-def locked(fn):
-    """A call that only reads, or frees (Session.close, which the garbage collector may run
-    at any point): the lock, without the exclusive check."""
-    @functools.wraps(fn)
-    def call(self, *args, **kwargs):
-        return engine_call(self, fn, (self, *args), kwargs, exclusive=False)
-    return call
+serialized = engine_method(True)   # steps the engine or changes its threads
+locked = engine_method(False)      # reads, or frees (Session.close, which the garbage collector
+                                   # may run at any point): the lock without the exclusive check
 
 
 class LLM:

@@ -12,9 +12,7 @@ its ancestors' segments; a continuation's view names the joined threads' ones.
 """
 from __future__ import annotations
 
-import functools
-
-from .llm import engine_call
+from .llm import engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
 from .threads import Thread, ThreadTree
@@ -56,20 +54,8 @@ class ThreadHandle:
         return f"ThreadHandle(id={self.id}, tokens={len(self._t.tokens)})"
 
 
-def serialized(fn):
-    """An exclusive call on the session's engine (see engine.llm.engine_call)."""
-    @functools.wraps(fn)
-    def call(self, *args, **kwargs):
-        return engine_call(self._llm, fn, (self, *args), kwargs, exclusive=True)
-    return call
-
-
-def locked(fn):
-    """The engine's lock only: reads, and close (which the garbage collector may run)."""
-    @functools.wraps(fn)
-    def call(self, *args, **kwargs):
-        return engine_call(self._llm, fn, (self, *args), kwargs, exclusive=False)
-    return call
+serialized = engine_method(True, lambda session: session._llm)  # (see engine.llm.engine_call)
+locked = engine_method(False, lambda session: session._llm)
 
 
 class Session:
