@@ -26,11 +26,17 @@ def _cmd_generate(a) -> int:
                                 max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
         llm = LLM(a.model, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
                   attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype)
+        if not a.prompt and sys.stdin.isatty():
+            print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
+                  file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
         outs = llm.generate(prompts, params)
     except (ValueError, FileNotFoundError) as e:
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the model's logits are NaN / inf
+        print(f"loom: error: {e}", file=sys.stderr)
+        return 1
     _print_outputs(outs)
     return 0
 
@@ -79,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        print("\nloom: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""The ``loom`` command line, run in-process (engine.cli.main) on a random tiny model."""
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.cli import main
+
+NAME = "qwen3"
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return model_dir(NAME)
+
+
+def completions(text: str) -> list[tuple[str, int, str]]:
+    """(finish reason, token count, text) of each completion the command printed."""
+    parts = re.split(r"^--- completion \d+ \((\w+), (\d+) tokens\)\n", text, flags=re.M)
+    return [(parts[i], int(parts[i + 1]), parts[i + 2].split("=== metrics")[0].rstrip("\n"))
+            for i in range(1, len(parts), 3)]
+
+
+def test_generate_prints_what_the_api_returns(model, capsys):
+    prompt = "Once upon a time"
+    assert main(["generate", "--model", model, "--prompt", prompt, "-n", "2", "--temperature", "0.9",
+                 "--max-tokens", "7", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    got = completions(out)
+    want = LLM(model).generate([prompt], SamplingParams(n=2, temperature=0.9, max_tokens=7, seed=3))[0].outputs
+    assert [(r, n, t) for r, n, t in got] == [(c.finish_reason, len(c.token_ids), c.text) for c in want], out
+    assert re.search(r"=== metrics: forward_steps=\d+ generated_tokens=\d+ kv_pages_peak=\d+", out), out
+
+
+def test_generate_reads_stdin(model, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from a pipe"))
+    assert main(["generate", "--model", model, "--max-tokens", "3", "--temperature", "0"]) == 0
+    want = LLM(model).generate(["a prompt from a pipe"], SamplingParams(max_tokens=3, temperature=0))
+    assert completions(capsys.readouterr().out)[0][2] == want[0].outputs[0].text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-n", "0"], "SamplingParams.n=0 is invalid"),
+    (["--temperature", "-1"], "SamplingParams.temperature=-1.0 is invalid"),
+    (["--dtype", "float8"], "dtype='float8' is not supported"),
+    (["--page-size", "0"], "page_size=0 must be an integer >= 1"),
+    (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
+    (["--attention-backend", "flash"], "attention_backend='flash' is not available"),
+])
+def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
+    assert main(["generate", "--model", model, "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loom: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_interrupt_exits_130(model, capsys, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LLM, "generate", interrupted)
+    assert main(["generate", "--model", model, "--prompt", "x"]) == 130
+    assert "loom: interrupted" in capsys.readouterr().err
+
+
+def test_demo_one_problem(capsys):
+    assert main(["demo", "--problems", "1", "--plain", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^accuracy\s+\d/1\s+\d/1", out, flags=re.M), out
+    assert main(["demo", "--problems", "0"]) == 2
+    assert "--problems must be >= 1" in capsys.readouterr().err
