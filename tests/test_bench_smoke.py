@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end (smallest settings) and print their tables: a
+smoke test of the deliverable, not a measurement (no timing is asserted)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str) -> str:
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p.stdout
+
+
+def test_bench_attention_quick():
+    out = run("bench/bench_attention.py", "--quick", "--repeats", "1")
+    assert re.search(r"^measured bandwidth: read [\d.]+ GB/s", out, flags=re.M), out
+    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+) \|\s+[\d.]+ ", out, flags=re.M)
+    assert rows == [("1", "1024", "64"), ("8", "8192", "512"), ("32", "8192", "512")], out
+    assert re.search(r"^rows at >= 50% of read bandwidth: \d of 3", out, flags=re.M), out
+    assert "plan builder, 1,000 threads x 50-segment views" in out and "prefill 1,024 rows" in out, out
+
+
+def test_bench_generate_smallest():
+    out = run("bench/bench_generate.py", "--prompt-len", "32", "--new-tokens", "3", "--n", "1", "2",
+              "--repeats", "1", "--no-hf", "--llama-cpp", "off", "--limits")
+    assert re.findall(r"^\s+(\d+)\s+loom\s", out, flags=re.M) == ["1", "2"], out
+    assert re.search(r"^prefill 32 tokens: .* of torch.mm", out, flags=re.M), out
+    assert re.search(r"^decode step \(n=2\): [\d.]+ ms vs floor [\d.]+ ms", out, flags=re.M), out
+
+
+def test_bench_linear_help():
+    assert "packed-panel GEMM" in run("bench/bench_linear.py", "--help")
