@@ -305,8 +305,7 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         sys.argv = [sys.argv[0], "--device", dev.device, *rest]
         import bench_attention_gpu  # parses sys.argv on import
-        bench_attention_gpu.main()
-        return
+        sys.exit(bench_attention_gpu.main())
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (this table) or cuda (bench_attention_gpu.py)")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")

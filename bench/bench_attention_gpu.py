@@ -241,5 +241,11 @@ def run(args) -> int:
     return 0
 
 
+def main() -> int:
+    """The table for the arguments parsed at import (bench_attention.py --device cuda sets
+    sys.argv before importing this module)."""
+    return run(ARGS)
+
+
 if __name__ == "__main__":
-    sys.exit(run(ARGS))
+    sys.exit(main())

@@ -7,13 +7,16 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args: str) -> str:
+def run(*args: str, code: int = 0) -> str:
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    return p.stdout
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-4000:]
+    return p.stdout + p.stderr
 
 
 def test_bench_attention_quick():
@@ -35,3 +38,16 @@ def test_bench_generate_smallest():
 
 def test_bench_linear_help():
     assert "packed-panel GEMM" in run("bench/bench_linear.py", "--help")
+
+
+def test_bench_attention_gpu_smoke():
+    """The GPU table's script on the CPU under the Triton interpreter (tiny sizes): every
+    method agrees with SDPA on per-thread K/V (it exits 1 when they do not)."""
+    out = run("bench/bench_attention_gpu.py", "--smoke")
+    assert len(re.findall(r"^\s+\d+\s+40\s+\d+\s+triton\s+[\d.]+", out, flags=re.M)) == 4, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_bench_attention_cuda_without_a_gpu():
+    out = run("bench/bench_attention.py", "--device", "cuda", code=2)
+    assert "needs a CUDA GPU" in out and "--smoke" in out, out
