@@ -267,9 +267,16 @@ class LLM:
         for _, ids in seqs:
             self._check_prompt_len(len(ids))
             c = self.cache
-            res = c.reserve(c.pages_for(len(ids))) if c.can_reserve(c.pages_for(len(ids))) else None
-            if res is None:
-                raise ValueError("The KV cache is busy; score() needs free pages for the sequence.")
+            need = c.pages_for(len(ids))
+            if need > c.num_pages:
+                raise ValueError(f"score() of {len(ids)} tokens needs {need} pages but the KV cache has "
+                                 f"{c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens (now "
+                                 f"{c.num_pages * c.page_size}).")
+            if not c.can_reserve(need):
+                raise ValueError(f"score() of {len(ids)} tokens needs {need} free pages but open sessions "
+                                 f"hold the cache ({c.pages_unreserved} free); close them, or raise "
+                                 "kv_cache_tokens.")
+            res = c.reserve(need)
             seg = c.new_segment(0, res)
             try:
                 batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])

@@ -669,6 +669,17 @@ def test_prompt_longer_than_cache(small, llm, baseline):
         small.generate([ok, too_long], greedy(12))
     assert_no_leak(small)
     assert list(small.generate([ok], greedy(12))[0].outputs[0].token_ids) == want
+    # score(): a sequence longer than the whole cache, and one that only the open sessions
+    # keep from fitting, get errors that say which
+    with pytest.raises(ValueError, match=rf"score\(\) of {cap + 1} tokens needs {total + 1} pages but the KV "
+                                         rf"cache has {total} pages .*raise kv_cache_tokens"):
+        small.score(too_long)
+    with small.session(random_ids(2 * PS, VOCAB, seed=5)) as s:
+        s.generate([s.fork(s.root, [[]])[0]], greedy(1))
+        with pytest.raises(ValueError, match="open sessions hold the cache"):
+            small.score(random_ids(cap, VOCAB, seed=6))
+    assert small.score(random_ids(cap, VOCAB, seed=6))[0].shape[0] == cap
+    assert_no_leak(small)
     assert_still_works(llm, baseline)
 
 
