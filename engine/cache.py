@@ -69,7 +69,9 @@ class KVCache:
         self.segments: dict[int, Segment] = {}
         self._free_ids: list[int] = []
         self._next_id = 0
-        self._journal: list | None = None  # pages taken since begin_append (see rollback_append)
+        # Since begin_append (see rollback_append): pages taken (page, its reservation or None)
+        # and segments grown (segment, its length before); None: not recording.
+        self._journal: tuple[list, list] | None = None
 
     # ---- reservations ----------------------------------------------------------------------
     @property
@@ -110,7 +112,7 @@ class KVCache:
         assert self._page_refs[page] == 0, "a free page still has references"
         self._page_refs[page] = 1
         if self._journal is not None:
-            self._journal.append((page, res if from_res else None))
+            self._journal[0].append((page, res if from_res else None))
         return page
 
     def _drop_page(self, page: int):
@@ -148,6 +150,8 @@ class KVCache:
 
     def append_slots(self, seg: Segment, n: int) -> list[int]:
         """Grow ``seg`` by ``n`` tokens; return their flat slot indices (page * page_size + off)."""
+        if self._journal is not None:
+            self._journal[1].append((seg, seg.length))
         slots = []
         ps = self.page_size
         for i in range(seg.length, seg.length + n):
@@ -159,28 +163,28 @@ class KVCache:
 
     # ---- one step's appends as a unit ----------------------------------------------------
     def begin_append(self):
-        """Record the pages the next appends take, so that rollback_append can undo them."""
-        self._journal = []
+        """Record the appends that follow, so that rollback_append can undo them."""
+        self._journal = ([], [])
 
     def end_append(self):
         self._journal = None
 
-    def rollback_append(self, lengths: list[tuple[Segment, int]]):
+    def rollback_append(self):
         """Undo the appends since begin_append (a step that failed before its tokens were
         accepted): each segment back to its length, each page taken back to where it came
         from (its reservation, or the free pool). Slots written past a length are unseen."""
-        for seg, length in lengths:
-            keep = self.pages_for(length)
-            del seg.pages[keep:]
+        pages, grown = self._journal
+        self._journal = None
+        for seg, length in reversed(grown):
+            del seg.pages[self.pages_for(length):]
             seg.length = length
-        for page, res in reversed(self._journal or []):
+        for page, res in reversed(pages):
             assert self._page_refs[page] == 1, "a page taken in the failed step gained references"
             self._page_refs[page] = 0
             self._free_pages.append(page)
             if res is not None:
                 res.pages += 1
                 self._reserved += 1
-        self._journal = None
 
     def stats(self) -> dict:
         return {"pages_total": self.num_pages, "pages_free": self.pages_free,

@@ -112,8 +112,7 @@ class EngineCore:
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
         """Append a sampled token and apply the stop rules of ``t.params``."""
         p: SamplingParams = t.params
-        if t.children or t.joined_into is not None:
-            check_growable(t)
+        check_growable(t)
         t.tokens.append(tok)
         t.pending.append(tok)
         t.generated.append(tok)

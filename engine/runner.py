@@ -41,15 +41,11 @@ class ModelRunner:
         A step that fails (an error, or Ctrl-C, in the forward) leaves the segments as they
         were: its tokens stay pending and a later step writes them once, not twice."""
         cache = self.cache
-        for it in batch.items:
-            if not it.token_ids:
-                raise ValueError("StepItem with no new tokens")
-        lengths = [(it.own, it.own.length) for it in batch.items]
         cache.begin_append()
         try:
             out = self._run(batch)
         except BaseException:
-            cache.rollback_append(lengths)
+            cache.rollback_append()
             raise
         cache.end_append()
         return out
@@ -60,6 +56,8 @@ class ModelRunner:
         row, max_pos = 0, -1
         for it in batch.items:
             n = len(it.token_ids)
+            if n == 0:
+                raise ValueError("StepItem with no new tokens")
             start = it.own.base + it.own.length
             slots.extend(cache.append_slots(it.own, n))
             ids.extend(it.token_ids)

@@ -82,27 +82,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                    for r in rows]).to(logits.device)
     plain = all(params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0
                 for r in rows)
-    if plain:
-        temps = torch.tensor([params[r].temperature for r in rows], dtype=torch.float32,
-                             device=logits.device)
-        sub = _take_rows(logits, rows)
-        op = _loom_op("pick_from_logits")
-        try:
+    try:
+        if plain:
+            temps = torch.tensor([params[r].temperature for r in rows], dtype=torch.float32,
+                                 device=logits.device)
+            sub = _take_rows(logits, rows)
+            op = _loom_op("pick_from_logits")
             if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
                 picked = op(sub, temps, u).tolist()  # softmax(x / T) and the draw in one pass
             else:
                 picked = pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), u)
-        except RuntimeError:
-            _check_finite(rows, sub.max(-1).values)
-            raise
-    else:
-        try:
+        else:
             picked = pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp(), u)
-        except RuntimeError:
-            _check_finite(rows, _take_rows(logits, rows).max(-1).values)
-            raise
-    bad = [i for i, tok in enumerate(picked) if not 0 <= tok < logits.shape[1]]
-    if bad:  # (the torch fallback's searchsorted on a NaN row lands past the end)
+        # (the torch fallback's searchsorted on a NaN row lands past the end instead of raising)
+        failed = any(not 0 <= tok < logits.shape[1] for tok in picked)
+    except RuntimeError:  # (the C++ draws refuse a row with no finite logit)
+        _check_finite(rows, _take_rows(logits, rows).max(-1).values)
+        raise
+    if failed:
         _check_finite(rows, _take_rows(logits, rows).max(-1).values)
     for r, tok in zip(rows, picked):
         tokens[r] = tok

@@ -99,8 +99,7 @@ class Scheduler:
                 r.tree.close()
 
     def _finish(self, req: Request) -> RequestOutput:
-        outs = req.run.outputs()
-        req.tree.close()
+        outs = req.run.outputs()  # (step() closes the tree afterwards, whether this raises or not)
         req.metrics.wall_s = time.perf_counter() - req.t_start
         return RequestOutput(req.id, req.prompt, list(req.prompt_ids), outs, req.metrics)
 

@@ -113,22 +113,25 @@ def build_plan_py(threads: list[ThreadStep], seg_len: dict[int, int],
     segs = list(job_of)
     kv_indptr, kv_pages, kv_len = [0], [], []
     q_indptr, q_rows, shifts, limits = [0], [], [], []
+    job_place: list[list[int]] = []  # per job: entry k (in appending order) -> its index in the plan
     for j, seg in enumerate(segs):
         kv_pages.extend(seg_pages[seg])
         kv_indptr.append(len(kv_pages))
         kv_len.append(seg_len[seg])
         ents = job_entries[j]
         order = sorted(range(len(ents)), key=lambda k: ents[k][0])  # by row, stable
-        for pos, k in enumerate(order):
+        place = [0] * len(ents)
+        for k in order:
+            place[k] = len(q_rows)
             r, s, lim = ents[k]
             q_rows.append(r)
             shifts.append(s)
             limits.append(lim)
-            ents[k] = (pos, s, lim)  # (now: the entry's place within its job)
+        job_place.append(place)
         q_indptr.append(len(q_rows))
     merge_indptr, merge_entries = [0], []
     for r in range(num_rows):
-        merge_entries.extend(q_indptr[j] + job_entries[j][k][0] for j, k in row_refs[r])
+        merge_entries.extend(job_place[j][k] for j, k in row_refs[r])
         merge_indptr.append(len(merge_entries))
 
     def t(x):
