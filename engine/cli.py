@@ -31,7 +31,7 @@ def _cmd_generate(a) -> int:
                   file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
         outs = llm.generate(prompts, params)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the model's logits are NaN / inf

@@ -50,9 +50,14 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
-    torch_dtype: torch.dtype
+    torch_dtype: torch.dtype | None
     hidden_act: str = "silu"
     eos_token_ids: list[int] = field(default_factory=list)
+    # what sets max_position_embeddings, for errors: the field itself, or a Mistral
+    # sliding window that caps it
+    context_source: str = "max_position_embeddings"
+    # config.json's dtype as written when torch_dtype could not take it (None: it could)
+    unsupported_dtype: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads != 0:
@@ -72,6 +77,9 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":
         path = os.path.join(model_dir, "config.json")
+        if os.path.isfile(model_dir):
+            raise FileNotFoundError(f"{model_dir!r} is a file; pass the model directory that holds it "
+                                    "(config.json + *.safetensors).")
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"Model directory {model_dir!r} does not exist; pass a local "
                                     "Hugging Face model directory (config.json + *.safetensors).")
@@ -83,15 +91,27 @@ class ModelConfig:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a JSON object (a model config), not {type(raw).__name__}.")
         return cls.from_dict(raw)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         archs = raw.get("architectures") or []
-        arch = archs[0] if archs else raw.get("model_type", "<missing>")
+        if archs:
+            arch = archs[0]
+        else:  # (as transformers: the model type names the architecture)
+            mt = raw.get("model_type")
+            arch = _MODEL_TYPES.get(mt, f"model_type={mt!r}" if mt is not None else "<missing>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"Architecture {arch!r} is not supported by Loom; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+        q = raw.get("quantization_config")
+        if q:
+            method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+            raise ValueError(f"The checkpoint is quantized (quantization_config, quant_method={method!r}); "
+                             "Loom loads float32 / bfloat16 / float16 weights only: use the unquantized "
+                             "checkpoint.")
         try:
             hidden = raw["hidden_size"]
             heads = raw["num_attention_heads"]
@@ -118,8 +138,15 @@ class ModelConfig:
         if raw.get("use_sliding_window", arch == "MistralForCausalLM") and sliding:
             # Mistral checkpoints name a window; Loom attends the full context, which is
             # exact only while sequences stay within the window.
-            cfg["max_position_embeddings"] = min(cfg["max_position_embeddings"], int(sliding))
+            if int(sliding) < cfg["max_position_embeddings"]:
+                cfg["max_position_embeddings"] = int(sliding)
+                cfg["context_source"] = (f"sliding_window: Loom attends the whole context, which is "
+                                         "exact only inside the window")
         dt = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        try:
+            torch_dtype, bad_dtype = parse_dtype(dt, torch.float32), None
+        except ValueError:  # (fails only if dtype="auto" asks for it: LLM says so)
+            torch_dtype, bad_dtype = None, str(dt)
         return cls(
             **cfg,
             rope_theta=float(theta),
@@ -127,10 +154,15 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
             qk_norm=arch == "Qwen3ForCausalLM",
-            torch_dtype=parse_dtype(dt, torch.float32),
+            torch_dtype=torch_dtype,
+            unsupported_dtype=bad_dtype,
             hidden_act=raw.get("hidden_act", "silu"),
             eos_token_ids=_as_list(raw.get("eos_token_id")),
         )
+
+
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
 def _as_list(x) -> list[int]:

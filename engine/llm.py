@@ -31,6 +31,10 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def engine_call(llm, fn, args, kwargs, exclusive: bool):
     """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
     cache, scheduler and step state are shared; interleaved steps corrupt them). An
@@ -84,6 +88,9 @@ class LLM:
             raise ValueError(f"device={device!r} is not supported; Loom runs on 'cpu' or 'cuda' (e.g. 'cuda:1').")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'.")
+        if (dtype is None or dtype == "auto") and self.config.torch_dtype is None:
+            raise ValueError(f"config.json's torch_dtype {self.config.unsupported_dtype!r} is not one Loom runs; "
+                             "pass dtype='float32', 'bfloat16' or 'float16'.")
         self.dtype = parse_dtype(dtype, self.config.torch_dtype)
         try:
             self.kv_cache_dtype = parse_dtype(kv_cache_dtype, self.dtype)
@@ -94,8 +101,13 @@ class LLM:
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a {self.dtype} model: the cache keeps the "
                              "model's dtype, or bfloat16 / float16 for a float32 model; use "
                              "kv_cache_dtype='auto'.")
-        if not isinstance(page_size, int) or page_size < 1:
+        if not _is_int(page_size) or page_size < 1:
             raise ValueError(f"page_size={page_size!r} must be an integer >= 1.")
+        if kv_cache_tokens is not None and (not _is_int(kv_cache_tokens) or kv_cache_tokens < page_size):
+            raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
+                             f"({page_size}).")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"seed={seed!r} must be an integer or None.")
         self.tokenizer = Tokenizer(model)
         self.eos_ids = self._eos_ids(model)
         self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
@@ -103,7 +115,7 @@ class LLM:
             c = self.config
             per_tok = kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype)
             kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
-        if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < page_size:
+        if kv_cache_tokens < page_size:  # (the default, for a model of huge tokens)
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
                              f"({page_size}).")
         self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
@@ -126,8 +138,15 @@ class LLM:
         if not os.path.isfile(path):
             return []
         with open(path) as f:
-            v = json.load(f).get("eos_token_id")
-        return [] if v is None else ([int(x) for x in v] if isinstance(v, list) else [int(v)])
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        v = raw.get("eos_token_id") if isinstance(raw, dict) else None
+        try:
+            return [] if v is None else ([int(x) for x in v] if isinstance(v, list) else [int(v)])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: eos_token_id={v!r} must be a token id or a list of them.") from None
 
     def _eos_ids(self, model_dir: str) -> list[int]:
         ids = self._eos_ids_from(os.path.join(model_dir, "generation_config.json"))
@@ -168,7 +187,7 @@ class LLM:
         maxpos = self.config.max_position_embeddings
         if P >= maxpos:
             raise ValueError(f"The prompt has {P} tokens but the model's context is {maxpos} "
-                             "(max_position_embeddings); shorten the prompt.")
+                             f"({self.config.context_source}); shorten the prompt.")
 
     def _check_fits(self, ids: list[int], params: SamplingParams, protocol: Protocol) -> int:
         P, c = len(ids), self.cache

@@ -21,6 +21,8 @@ def safetensor_files(model_dir: str) -> list[str]:
     """The checkpoint's ``.safetensors`` files, or a clear error."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
+    if os.path.isfile(single):  # (first, as transformers: an index may be left from a sharded save)
+        return [single]
     if os.path.isfile(index):
         try:
             with open(index) as f:
@@ -36,8 +38,6 @@ def safetensor_files(model_dir: str) -> list[str]:
             raise FileNotFoundError(f"Shard {missing[0]} named in {index} is missing; "
                                     "download every shard of the checkpoint.")
         return files
-    if os.path.isfile(single):
-        return [single]
     others = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if others:
         return others

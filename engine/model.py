@@ -97,60 +97,69 @@ class CausalLM:
                 weights[name] = t
         return cls(cfg, weights, device, dtype)
 
-    def _take(self, w: dict, name: str, required: bool = True) -> torch.Tensor | None:
+    def _take(self, w: dict, name: str, shape: tuple[int, ...], why: str,
+              required: bool = True) -> torch.Tensor | None:
+        """Tensor ``name`` of the checkpoint, which must have ``shape`` (``why``: the config
+        fields that give it, for the error)."""
         t = w.pop(name, None)
         if t is None:
             if required:
                 raise ValueError(f"Checkpoint is missing tensor {name!r}; is it a complete "
                                  f"{self.cfg.architecture} checkpoint?")
             return None
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(t.shape)}, but config.json "
+                             f"gives {tuple(shape)} ({why}); the config and the weights disagree: use "
+                             "the config.json that came with these weights.")
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     def _build(self, w: dict[str, torch.Tensor]):
         c = self.cfg
-        self.embed = self._take(w, "model.embed_tokens.weight")
-        if self.embed.shape != (c.vocab_size, c.hidden_size):
-            raise ValueError(f"embed_tokens has shape {tuple(self.embed.shape)}, config says "
-                             f"({c.vocab_size}, {c.hidden_size}).")
-        self.norm = self._take(w, "model.norm.weight")
-        lm = self._take(w, "lm_head.weight", required=not c.tie_word_embeddings)
+        H, V, I, hd = c.hidden_size, c.vocab_size, c.intermediate_size, c.head_dim
+        qd, kvd = c.num_heads * hd, c.num_kv_heads * hd
+        vh = "vocab_size, hidden_size"
+        q_why = "num_attention_heads x head_dim"
+        kv_why = "num_key_value_heads x head_dim"
+        self.embed = self._take(w, "model.embed_tokens.weight", (V, H), vh)
+        self.norm = self._take(w, "model.norm.weight", (H,), "hidden_size")
+        lm = self._take(w, "lm_head.weight", (V, H), vh, required=not c.tie_word_embeddings)
         self.lm_head = Linear(lm if lm is not None else self.embed, pack=self.pack)
         self.layers: list[Layer] = []
-        qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            q, k, v = (self._take(w, f"{a}{n}_proj.weight") for n in "qkv")
-            if q.shape != (qd, c.hidden_size) or k.shape != (kvd, c.hidden_size):
-                raise ValueError(f"layer {i}: q/k projection shapes {tuple(q.shape)}, {tuple(k.shape)} "
-                                 "do not match the config's heads and head_dim.")
-            bq, bk, bv = (self._take(w, f"{a}{n}_proj.bias", required=False) for n in "qkv")
+            q = self._take(w, a + "q_proj.weight", (qd, H), f"{q_why}, hidden_size")
+            k = self._take(w, a + "k_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
+            v = self._take(w, a + "v_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
+            bq = self._take(w, a + "q_proj.bias", (qd,), q_why, required=False)
+            bk = self._take(w, a + "k_proj.bias", (kvd,), kv_why, required=False)
+            bv = self._take(w, a + "v_proj.bias", (kvd,), kv_why, required=False)
             b_qkv = None
             if bq is not None or bk is not None or bv is not None:
                 z = lambda b, n: b if b is not None else torch.zeros(n, device=self.device, dtype=self.dtype)
                 b_qkv = torch.cat([z(bq, qd), z(bk, kvd), z(bv, kvd)])
-            qn = self._take(w, a + "q_norm.weight", required=c.qk_norm)
-            kn = self._take(w, a + "k_norm.weight", required=c.qk_norm)
-            gate = self._take(w, p + "mlp.gate_proj.weight")
-            up = self._take(w, p + "mlp.up_proj.weight")
+            qn = self._take(w, a + "q_norm.weight", (hd,), "head_dim", required=c.qk_norm)
+            kn = self._take(w, a + "k_norm.weight", (hd,), "head_dim", required=c.qk_norm)
+            gate = self._take(w, p + "mlp.gate_proj.weight", (I, H), "intermediate_size, hidden_size")
+            up = self._take(w, p + "mlp.up_proj.weight", (I, H), "intermediate_size, hidden_size")
             # Llama's mlp_bias: biases on gate / up / down (all or none)
-            b_gate = self._take(w, p + "mlp.gate_proj.bias", required=False)
-            b_up = self._take(w, p + "mlp.up_proj.bias", required=False)
+            b_gate = self._take(w, p + "mlp.gate_proj.bias", (I,), "intermediate_size", required=False)
+            b_up = self._take(w, p + "mlp.up_proj.bias", (I,), "intermediate_size", required=False)
             if (b_gate is None) != (b_up is None):
                 raise ValueError(f"layer {i}: the checkpoint has a bias for only one of gate_proj / "
                                  "up_proj; is it a complete checkpoint?")
             b_gate_up = torch.cat([b_gate, b_up]) if b_gate is not None else None
             pk = self.pack
             self.layers.append(Layer(
-                ln1=self._take(w, p + "input_layernorm.weight"),
+                ln1=self._take(w, p + "input_layernorm.weight", (H,), "hidden_size"),
                 qkv=Linear(torch.cat([q, k, v]).contiguous(), b_qkv, pk),
-                o=Linear(self._take(w, a + "o_proj.weight"),
-                         self._take(w, a + "o_proj.bias", required=False), pk),
+                o=Linear(self._take(w, a + "o_proj.weight", (H, qd), f"hidden_size, {q_why}"),
+                         self._take(w, a + "o_proj.bias", (H,), "hidden_size", required=False), pk),
                 q_norm=qn, k_norm=kn,
-                ln2=self._take(w, p + "post_attention_layernorm.weight"),
+                ln2=self._take(w, p + "post_attention_layernorm.weight", (H,), "hidden_size"),
                 gate_up=Linear(torch.cat([gate, up]).contiguous(), b_gate_up, pk),
-                down=Linear(self._take(w, p + "mlp.down_proj.weight"),
-                            self._take(w, p + "mlp.down_proj.bias", required=False), pk),
+                down=Linear(self._take(w, p + "mlp.down_proj.weight", (H, I), "hidden_size, intermediate_size"),
+                            self._take(w, p + "mlp.down_proj.bias", (H,), "hidden_size", required=False), pk),
             ))
         # Per layer, the weights argument of engine._C.decoder_layer.
         self.layer_args = [

@@ -29,12 +29,22 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
                          "such as dynamic NTK, cannot be applied by per-segment query rotation).")
     if sc.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported.")
+    def field(name: str) -> float:
+        try:
+            return float(sc[name])
+        except KeyError:
+            raise ValueError(f"rope scaling {kind!r} needs {name!r} in config.json's rope_scaling "
+                             "(or rope_parameters); the config is incomplete.") from None
+        except (TypeError, ValueError):
+            raise ValueError(f"rope scaling {kind!r}: {name}={sc[name]!r} in config.json must be a "
+                             "number.") from None
+
     if kind == "linear":
-        return inv / float(sc["factor"])
+        return inv / field("factor")
     if kind == "llama3":
-        factor = float(sc["factor"])
-        lo, hi = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
-        old = float(sc["original_max_position_embeddings"])
+        factor = field("factor")
+        lo, hi = field("low_freq_factor"), field("high_freq_factor")
+        old = field("original_max_position_embeddings")
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)

@@ -61,7 +61,8 @@ locked = engine_method(False, lambda session: session._llm)
 class Session:
     def __init__(self, llm, prompt_ids: list[int]):
         self._llm = llm
-        self.tree = ThreadTree(llm.cache, max_positions=llm.config.max_position_embeddings)
+        self.tree = ThreadTree(llm.cache, max_positions=llm.config.max_position_embeddings,
+                               context_source=llm.config.context_source)
         self._handles: dict[int, ThreadHandle] = {}
         self.root = self._handle(self.tree.new_root(prompt_ids))
         self.forward_steps = 0

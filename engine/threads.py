@@ -64,7 +64,7 @@ class ThreadTree:
     """The threads of one request or session, and the segment references they hold."""
 
     def __init__(self, cache: KVCache, reservation: Reservation | None = None,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, context_source: str = "max_position_embeddings"):
         self.cache, self.reservation = cache, reservation
         self.threads: list[Thread] = []
         self._ids = itertools.count()
@@ -72,11 +72,12 @@ class ThreadTree:
         # When set (sessions): tokens placed past this position are refused up front (the
         # model's context; a Mistral window cap keeps Loom exact only inside it).
         self.max_positions = max_positions
+        self.context_source = context_source
 
     def _check_positions(self, end: int, what: str):
         if self.max_positions is not None and end > self.max_positions:
             raise ValueError(f"{what} would reach position {end}, past the model's context of "
-                             f"{self.max_positions} tokens (max_position_embeddings); shorten it, or "
+                             f"{self.max_positions} tokens ({self.context_source}); shorten it, or "
                              "continue from a thread that has room.")
 
     # ---- creation --------------------------------------------------------------------------

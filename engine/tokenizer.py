@@ -20,20 +20,28 @@ class Tokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: Loom needs the fast tokenizer file "
                                     "tokenizer.json in the model directory.")
-        self._tok = _HFTokenizer.from_file(path)
+        try:
+            self._tok = _HFTokenizer.from_file(path)
+        except Exception as e:  # (tokenizers raises a bare Exception)
+            raise ValueError(f"{path} is not a readable tokenizer file ({e}); download it again with "
+                             "the checkpoint.") from None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         self.config: dict = {}
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
-                self.config = json.load(f)
+                try:
+                    self.config = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
+            if not isinstance(self.config, dict):
+                raise ValueError(f"{cfg_path} must hold a JSON object, not {type(self.config).__name__}.")
+        # chat_template.jinja first, as transformers (newer checkpoints keep it there and an
+        # older copy may linger in tokenizer_config.json)
         self.chat_template = self.config.get("chat_template")
         tmpl_path = os.path.join(model_dir, "chat_template.jinja")
-        if self.chat_template is None and os.path.isfile(tmpl_path):
+        if os.path.isfile(tmpl_path):
             with open(tmpl_path) as f:
                 self.chat_template = f.read()
-        if isinstance(self.chat_template, list):  # named templates: take "default"
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default", next(iter(named.values()), None))
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self.add_bos = bool(self.config.get("add_bos_token", False))
@@ -59,28 +67,75 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
+    def _template_text(self) -> str:
+        t = self.chat_template
+        if not t:
             raise ValueError("This model has no chat template (no 'chat_template' in "
                              "tokenizer_config.json or chat_template.jinja); use generate() "
                              "with a plain prompt instead.")
+        if isinstance(t, list):  # named templates: "default", as transformers
+            if not all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
+                raise ValueError("tokenizer_config.json's chat_template list must hold objects with "
+                                 "'name' and 'template'.")
+            named = {x["name"]: x["template"] for x in t}
+            if "default" not in named:
+                raise ValueError(f"tokenizer_config.json has several chat templates ({', '.join(named)}) "
+                                 "and none named 'default'; render one yourself with generate().")
+            t = named["default"]
+        if not isinstance(t, str):
+            raise ValueError("tokenizer_config.json's chat_template must be a string or a list of "
+                             "named templates.")
+        return t
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        text = self._template_text()
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"Chat message {m!r} must be a dict with 'role' and 'content'.")
+        import jinja2
         if self._compiled is None:
-            import jinja2
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            try:
+                self._compiled = _template_env().from_string(text)
+            except jinja2.TemplateError as e:
+                raise ValueError(f"chat template error: the model's template does not compile ({e}).") from None
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None,  # (as transformers, without them)
+                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template error: {e}") from None
 
-            def raise_exception(msg):
-                raise ValueError(f"chat template error: {msg}")
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent,
-                                                                             ensure_ascii=False)
-            self._compiled = env.from_string(self.chat_template)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+def _template_env():
+    """A sandboxed jinja2 environment with what Hugging Face chat templates use."""
+    import jinja2
+    import jinja2.ext
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlocks(jinja2.ext.Extension):
+        """``{% generation %}...{% endgeneration %}`` (marks the assistant's tokens for
+        training masks in transformers): renders its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(msg):
+        raise ValueError(f"chat template error: {msg}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
+    return env

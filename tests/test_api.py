@@ -648,6 +648,138 @@ def test_pickled_weights_only(tmp_path, model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def _copy_model(tmp_path, model_dir, name: str, variant: str = NAME) -> str:
+    d = str(tmp_path / name)
+    shutil.copytree(model_dir(variant), d)
+    return d
+
+
+def test_weights_that_disagree_with_the_config(tmp_path, model_dir, llm, baseline):
+    """Every tensor's shape is checked against config.json at load: one ValueError naming the
+    tensor, its shape and the config fields (a wrong v_proj / down_proj / norm / lm_head used
+    to load and fail in the first forward, or silently give logits of the wrong width)."""
+    from engine import LLM
+    from safetensors.torch import load_file, save_file
+    cases = [("model.layers.0.self_attn.v_proj.weight", lambda t: t[: t.shape[0] // 2]),
+             ("model.layers.0.mlp.down_proj.weight", lambda t: t[:, :-3]),
+             ("model.layers.1.input_layernorm.weight", lambda t: torch.cat([t, t[:1]])),
+             ("lm_head.weight", lambda t: t[:-1])]
+    for i, (name, cut) in enumerate(cases):
+        d = _copy_model(tmp_path, model_dir, f"shape{i}", "llama")  # (untied: has lm_head)
+        f = os.path.join(d, "model.safetensors")
+        w = load_file(f)
+        w[name] = cut(w[name]).contiguous()
+        save_file(w, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="config and the weights disagree") as e:
+            LLM(d, kv_cache_tokens=256)
+        assert name in str(e.value) and str(tuple(w[name].shape)) in str(e.value), str(e.value)
+    d = _copy_model(tmp_path, model_dir, "intermediate")
+    cfg = read_json(os.path.join(d, "config.json"))
+    cfg["intermediate_size"] += 4
+    write_json(os.path.join(d, "config.json"), cfg)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        LLM(d, kv_cache_tokens=256)
+    assert_still_works(llm, baseline)
+
+
+def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
+    """Each damaged or unsupported file gets one ValueError (or FileNotFoundError) that names
+    it; none escapes as a library's KeyError / AttributeError / bare Exception."""
+    from engine import LLM
+
+    def damaged(name, edit):
+        d = _copy_model(tmp_path, model_dir, name)
+        edit(d)
+        return d
+
+    def set_cfg(key, value):
+        def edit(d):
+            cfg = read_json(os.path.join(d, "config.json"))
+            cfg[key] = value
+            write_json(os.path.join(d, "config.json"), cfg)
+        return edit
+
+    def write(file, text):
+        return lambda d: open(os.path.join(d, file), "w").write(text)
+
+    rope = {k: v for k, v in VARIANTS[NAME]["rope"].items() if k != "low_freq_factor"}
+    cases = [
+        ("cfg_list", write("config.json", "[1, 2]"), "must hold a JSON object"),
+        ("tok_corrupt", write("tokenizer.json", '{"version": 1, 2}'), "tokenizer.json is not a readable"),
+        ("tokcfg_json", write("tokenizer_config.json", "{oops"), "tokenizer_config.json is not valid JSON"),
+        ("gencfg_json", write("generation_config.json", "{oops"), "generation_config.json is not valid JSON"),
+        ("rope_field", set_cfg("rope_parameters", rope), "needs 'low_freq_factor'"),
+        ("quantized", set_cfg("quantization_config", {"quant_method": "gptq", "bits": 4}), "quantized"),
+        ("float64", set_cfg("dtype", "float64"), "torch_dtype 'float64'.*pass dtype="),
+    ]
+    for name, edit, pattern in cases:
+        d = damaged(name, edit)
+        with pytest.raises(ValueError, match=pattern):
+            LLM(d, kv_cache_tokens=256)
+    # the float64 config loads when the caller names a dtype
+    f64 = LLM(os.path.join(tmp_path, "float64"), dtype="float32", kv_cache_tokens=256)
+    assert f64.dtype == torch.float32
+    # a file given instead of the directory
+    f = os.path.join(model_dir(NAME), "config.json")
+    with pytest.raises(FileNotFoundError, match="is a file; pass the model directory"):
+        LLM(f)
+    # constructor arguments are checked before the weights are read
+    for kw, pattern in [(dict(page_size=True), "page_size"), (dict(seed=1.5), "seed"),
+                        (dict(kv_cache_tokens=8, page_size=16), "kv_cache_tokens")]:
+        with pytest.raises(ValueError, match=pattern):
+            LLM(model_dir(NAME), **kw)
+    assert_still_works(llm, baseline)
+
+
+def test_config_spellings_transformers_accepts(tmp_path, model_dir, llm, baseline):
+    """A config with model_type and no architectures, and a directory holding model.safetensors
+    next to a stale sharded index (a sharded save_pretrained, then a single-file one into the
+    same directory): transformers loads both, and so does Loom, with the same logits."""
+    from engine import LLM
+    prompt = random_ids(9, VOCAB, seed=5)
+    want = llm.score(prompt)[0]
+    d = _copy_model(tmp_path, model_dir, "model_type_only")
+    cfg = read_json(os.path.join(d, "config.json"))
+    del cfg["architectures"]
+    write_json(os.path.join(d, "config.json"), cfg)
+    assert torch.equal(LLM(d, kv_cache_tokens=256).score(prompt)[0], want)
+    d = _copy_model(tmp_path, model_dir, "stale_index")
+    write_json(os.path.join(d, "model.safetensors.index.json"),
+               {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+    assert torch.equal(LLM(d, kv_cache_tokens=256).score(prompt)[0], want)
+    assert_still_works(llm, baseline)
+
+
+def test_chat_template_sources_and_tags(tmp_path, model_dir):
+    """As transformers: chat_template.jinja before tokenizer_config.json's template; named
+    templates need a 'default'; {% generation %} blocks render their body; tojson takes
+    separators; templates see tools=None."""
+    from engine.tokenizer import Tokenizer
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    d = _copy_model(tmp_path, model_dir, "tmpl")
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("NEW{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}")
+    assert Tokenizer(d).apply_chat_template(msgs, add_generation_prompt=False) == "NEW[user]hi[assistant]yo"
+    os.remove(os.path.join(d, "chat_template.jinja"))
+    tc = read_json(os.path.join(d, "tokenizer_config.json"))
+    tc["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}"
+                           "A:{{ m['content'] }}{% endgeneration %}{% else %}U:{{ m['content'] }}{% endif %}"
+                           "{% endfor %}{{ tools | tojson(separators=(',', ':')) }}{{ [1, 2] | tojson(separators=(',', ':')) }}")
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    assert Tokenizer(d).apply_chat_template(msgs) == "U:hiA:yonull[1,2]"
+    tc["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    with pytest.raises(ValueError, match="tool_use, rag.*none named 'default'"):
+        Tokenizer(d).apply_chat_template(msgs)
+    tc["chat_template"].append({"name": "default", "template": "D"})
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    assert Tokenizer(d).apply_chat_template(msgs) == "D"
+    tc["chat_template"] = "{% if %}"
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    with pytest.raises(ValueError, match="chat template error"):
+        Tokenizer(d).apply_chat_template(msgs)
+
+
 @pytest.fixture(scope="module")
 def small(make_llm):
     """An LLM with a deliberately small cache."""
