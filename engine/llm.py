@@ -183,11 +183,13 @@ class LLM:
                 raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {V}).")
         return out
 
-    def _check_prompt_len(self, P: int):
+    def _check_prompt_len(self, P: int, room: int = 1):
+        """``room``: positions needed after the prompt (1 to generate; 0 to score it)."""
         maxpos = self.config.max_position_embeddings
-        if P >= maxpos:
-            raise ValueError(f"The prompt has {P} tokens but the model's context is {maxpos} "
-                             f"({self.config.context_source}); shorten the prompt.")
+        if P + room > maxpos:
+            what = "prompt" if room else "sequence"
+            raise ValueError(f"The {what} has {P} tokens but the model's context is {maxpos} "
+                             f"({self.config.context_source}); shorten the {what}.")
 
     def _check_fits(self, ids: list[int], params: SamplingParams, protocol: Protocol) -> int:
         P, c = len(ids), self.cache
@@ -199,6 +201,11 @@ class LLM:
                 f"({P}-token prompt + {protocol.need_text(params)}) but the cache "
                 f"has {c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens "
                 f"(now {c.num_pages * c.page_size}) or {protocol.need_fix()}.")
+        if not c.can_reserve(need):  # (no request runs between calls: sessions hold the rest)
+            raise ValueError(
+                f"This request needs up to {need} free pages of the KV cache but open sessions hold all "
+                f"but {c.pages_unreserved} of its {c.num_pages}; close them (Session.close), or raise "
+                f"kv_cache_tokens (now {c.num_pages * c.page_size}).")
         return need
 
     def _thread_generator(self, params: SamplingParams, i: int) -> torch.Generator:
@@ -284,7 +291,7 @@ class LLM:
                                        else [token_ids])
         outs = []
         for _, ids in seqs:
-            self._check_prompt_len(len(ids))
+            self._check_prompt_len(len(ids), room=0)
             c = self.cache
             need = c.pages_for(len(ids))
             if need > c.num_pages:

@@ -81,6 +81,12 @@ class Scheduler:
         if not feed and not samplers:
             if self.running:
                 raise RuntimeError("no thread can advance: protocol bug")
+            if self.waiting:  # nothing runs, so nothing this call does can free pages: sessions hold them
+                req, c = self.waiting[0], self.cache
+                raise ValueError(
+                    f"A request needs up to {req.pages_needed} free pages of the KV cache but open sessions "
+                    f"hold all but {c.pages_unreserved} of its {c.num_pages}; close them (Session.close), "
+                    f"or raise kv_cache_tokens (now {c.num_pages * c.page_size}).")
             return []
         tokens = self.core.step(feed, samplers)
         for req in self.running:

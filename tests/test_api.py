@@ -810,9 +810,28 @@ def test_prompt_longer_than_cache(small, llm, baseline):
         s.generate([s.fork(s.root, [[]])[0]], greedy(1))
         with pytest.raises(ValueError, match="open sessions hold the cache"):
             small.score(random_ids(cap, VOCAB, seed=6))
+        # generate(): the same error (it used to wait forever for pages only a close frees)
+        with pytest.raises(ValueError, match="open sessions hold all but"):
+            small.generate([random_ids(cap, VOCAB, seed=6)], greedy(1))
+        assert small.cache_stats()["pages_reserved"] == 0
     assert small.score(random_ids(cap, VOCAB, seed=6))[0].shape[0] == cap
     assert_no_leak(small)
     assert_still_works(llm, baseline)
+
+
+def test_score_takes_the_whole_context(make_llm):
+    """score() of exactly max_position_embeddings tokens works (positions 0 .. M-1; only
+    generation needs one position more); one token more is refused."""
+    eng = make_llm("qwen3", attention_backend="cpu")
+    M, V = eng.config.max_position_embeddings, eng.config.vocab_size
+    ids = random_ids(M, V, seed=3)
+    lp = eng.score(ids)[0]
+    assert lp.shape[0] == M
+    assert torch.allclose(lp[:-1], eng.score(ids[:-1])[0], atol=1e-5)
+    with pytest.raises(ValueError, match=f"The sequence has {M + 1} tokens but the model's context is {M}"):
+        eng.score(ids + [1])
+    with pytest.raises(ValueError, match=f"The prompt has {M} tokens"):
+        eng.generate([ids], greedy(1))
 
 
 def test_request_that_can_never_fit(small, llm):

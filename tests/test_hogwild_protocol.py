@@ -102,6 +102,47 @@ def test_combined_layout_commits_and_compaction_are_exact(make_llm, workers):
             assert abs(lp[pos - 1, tok].item() - got) < 1e-4, k
 
 
+def test_a_worker_that_ends_early_leaves_the_others_running(make_llm):
+    """Alice ends (EOS) after one step while Bob goes on committing steps. Her last step
+    joins the history once; it used to stay among the live threads too, so Bob's next view
+    named it twice (and hers named itself): set_view refused, and the request failed."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    eos = llm.eos_ids[0]
+    enc = lambda text: llm.tokenizer.encode(text, add_special_tokens=False)
+    scripts = {"Alice": enc("I take one. Done.\n\n") + [eos],
+               "Bob": enc("Step one. Ok.\n\nStep two. Ok.\n\n" * 4)}
+
+    def src(threads):
+        out = []
+        for t in threads:
+            head = llm.tokenizer.decode(t.tokens[:t.header_len])
+            name = next(n for n in scripts if n in head)
+            typed[name] = typed.get(name, 0) + 1
+            out.append(scripts[name][min(typed[name], len(scripts[name])) - 1])
+        return out
+
+    p = SamplingParams(temperature=0, max_tokens=50, logprobs=0)
+    prompt = random_ids(9, llm.config.vocab_size, 5)
+    runs = {}
+    for compact_after in (4, 1000):
+        typed = {}
+        llm.core.token_source = src
+        try:
+            hw = Hogwild(workers=2, names=["Alice", "Bob"], compact_after=compact_after, finisher=False,
+                         stop_on_answer=False)
+            runs[compact_after] = out = llm.generate([prompt], p, protocol=hw)[0].outputs[0]
+        finally:
+            llm.core.token_source = None
+        assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+        alice, bob = out.workers
+        assert alice["generated"] == len(scripts["Alice"]) and bob["generated"] == 50
+        assert bob["text"].count("Step two. Ok.") >= 2 and bob["steps"] >= 4
+    assert runs[4].metrics["compactions"] > 0
+    assert runs[4].text == runs[1000].text
+    for ws, wb in zip(runs[4].workers, runs[1000].workers):
+        assert max(abs(a - b) for a, b in zip(ws["logprobs"], wb["logprobs"])) < 1e-4
+
+
 def test_history_pages_are_shared_and_steps_scale(make_llm):
     llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
     prompt = random_ids(30, llm.config.vocab_size, 6)

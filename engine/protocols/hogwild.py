@@ -147,11 +147,12 @@ class HogwildRun(ProtocolRun):
         root = self.tree.root
         if self.proto.layout == "contiguous":
             return [root] + [o.current for o in self.workers if o is not w]
-        return [root] + self.history + [o.current for o in self.workers if o is not w]
+        # (a finished worker's last step is in the history already)
+        return [root] + self.history + [o.current for o in self.workers if o is not w and not o.done]
 
     def _update_views(self):
         for w in self.workers:
-            if not w.current.closed:
+            if not w.done and not w.current.closed:
                 self.tree.set_view(w.current, self._view_of(w))
 
     # ---- per token -------------------------------------------------------------------------
