@@ -15,7 +15,7 @@ from .runner import ModelRunner
 from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
-from .threads import Thread, check_growable, refresh_view
+from .threads import Thread, check_growable, effective_end, refresh_view
 
 
 class CacheFullError(ValueError):
@@ -51,6 +51,20 @@ class EngineCore:
     def step(self, feed: list[Thread], samplers: list[Thread]) -> list[int]:
         """Feed ``feed``'s pending tokens, then sample one token for each of ``samplers``
         (returned in order; the caller applies them with ``accept``)."""
+        for t in samplers:
+            if effective_end(t) >= self.max_positions:
+                raise RuntimeError(f"thread {t.id} would sample at position {effective_end(t)}, past the "
+                                   f"model's context of {self.max_positions} (engine bug: its caller "
+                                   "ends such threads first)")
+        feed = list(feed)
+        for t in samplers:
+            if t.logits_stale and not t.pending and t.tokens:
+                # A live thread written in a step where it did not sample (a session's other
+                # threads' generate): its view has grown since. Its last token is written
+                # again (same slot) so that its next token sees the view as it is now.
+                t.seg.length -= 1
+                t.pending = [t.tokens[-1]]
+                feed.append(t)
         self._check_room(feed)
         for t in feed + samplers:
             if t.live is not None:
@@ -70,6 +84,7 @@ class EngineCore:
             for i, t in enumerate(feed):
                 t.pending = []
                 row_of[id(t)] = i
+                t.logits_stale = t.live is not None and id(t) not in sampling
                 # Keep a private copy for idle threads (a view would pin the whole batch).
                 t.last_logits = views[i] if id(t) in sampling else views[i].clone()
         if not samplers:
@@ -127,7 +142,7 @@ class EngineCore:
             t.finish_reason, t.stop_reason = "stop", tok
         elif p.stop and self._stop_string(t, p):
             pass
-        elif len(t.generated) >= p.max_tokens or t.end >= self.max_positions or \
+        elif len(t.generated) >= p.max_tokens or effective_end(t) >= self.max_positions or \
                 (path_limit is not None and t.path_tokens >= path_limit):
             t.finish_reason = "length"
 

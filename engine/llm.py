@@ -129,7 +129,7 @@ class LLM:
         self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
                                self.config.max_position_embeddings)
         self.scheduler = Scheduler(self.core, self._thread_generator)
-        self._rng = torch.Generator().manual_seed(seed if seed is not None else
+        self._rng = torch.Generator().manual_seed(seed & ((1 << 63) - 1) if seed is not None else
                                                   int.from_bytes(os.urandom(8), "little") >> 1)
         self._next_id = 0
 
@@ -161,7 +161,7 @@ class LLM:
     def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompts, str):
             prompts = [prompts]
-        elif isinstance(prompts, list) and prompts and all(isinstance(x, int) for x in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(x, int) for x in prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
@@ -287,8 +287,10 @@ class LLM:
     def score(self, token_ids) -> list[torch.Tensor]:
         """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
         is the next-token distribution after token i."""
-        seqs = self._normalize_prompts(token_ids if token_ids and isinstance(token_ids[0], list)
-                                       else [token_ids])
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        many = isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple))
+        seqs = self._normalize_prompts(list(token_ids) if many else [token_ids])
         outs = []
         for _, ids in seqs:
             self._check_prompt_len(len(ids), room=0)

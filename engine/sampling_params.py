@@ -1,6 +1,7 @@
 """Sampling parameters, validated up front with errors that name the allowed range."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -23,15 +24,18 @@ class SamplingParams:
     max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
 
     def __post_init__(self):
+        self.verify()
+
+    def verify(self):
+        """Check every field (generate() calls it again: fields may have been changed since);
+        a single stop string / token id becomes a list, numpy numbers Python ones."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = _as_list(self.stop, "stop", "a non-empty string or a list of non-empty strings")
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of non-negative token ids")
-        self.verify()
 
-    def verify(self):
         def bad(name, rng):
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is invalid: {rng}.")
         if not _is_int(self.n) or self.n < 1:
@@ -59,6 +63,12 @@ class SamplingParams:
             bad("max_total_tokens", "must be None or an integer >= 1")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
             bad("logprobs", "must be None or an integer in [0, 100]")
+        for name in ("n", "top_k", "max_tokens", "seed", "max_total_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p"):
+            setattr(self, name, float(getattr(self, name)))
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
 
     @property
     def greedy(self) -> bool:
@@ -76,9 +86,9 @@ def _as_list(value, name: str, what: str) -> list:
     return list(value)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _is_int(x) -> bool:  # (numpy integers too)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+def _is_num(x) -> bool:  # (numpy floats too; not NaN)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x == x

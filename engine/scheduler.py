@@ -96,8 +96,9 @@ class Scheduler:
                 continue
             req.metrics.generated_tokens += 1
             req.run.on_token(t, tok)
-        done = [r for r in self.running if r.run.done()]
-        self.running = [r for r in self.running if not r.run.done()]
+        ended = [r.run.done() for r in self.running]  # (once each: a run's samplers() may move it on)
+        done = [r for r, e in zip(self.running, ended) if e]
+        self.running = [r for r, e in zip(self.running, ended) if not e]
         try:
             return [self._finish(r) for r in done]
         finally:  # (a protocol's outputs() may raise, e.g. a user's extract_answer: pages back anyway)

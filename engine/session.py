@@ -15,7 +15,7 @@ from __future__ import annotations
 from .llm import engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
-from .threads import Thread, ThreadTree
+from .threads import Thread, ThreadTree, effective_end
 
 
 class ThreadHandle:
@@ -73,6 +73,11 @@ class Session:
             self._handles[t.id] = ThreadHandle(self, t)
         return self._handles[t.id]
 
+    def _threads(self, hs, verb: str) -> list[Thread]:
+        if not isinstance(hs, (list, tuple)):
+            raise ValueError(f"{verb}() takes a list of threads, got {type(hs).__name__}.")
+        return [self._thread(h) for h in hs]
+
     def _thread(self, h) -> Thread:
         if not isinstance(h, ThreadHandle) or h._s is not self:
             raise ValueError(f"{h!r} is not a thread of this session.")
@@ -83,6 +88,9 @@ class Session:
             return []
         if isinstance(x, str):
             return self._llm.tokenizer.encode(x, add_special_tokens=False)
+        if not isinstance(x, (list, tuple)):
+            raise ValueError(f"{x!r:.60} must be a string or a list of token ids (a fork takes a list of these, "
+                             "one per child).")
         ids = list(x)
         V = self._llm.config.vocab_size
         if not all(isinstance(i, int) and 0 <= i < V for i in ids):
@@ -117,7 +125,7 @@ class Session:
         if not hdr:
             raise ValueError("join() needs a non-empty header (e.g. '<Conclusion>') so that the "
                              "continuation's first token is computed with every joined thread in view.")
-        t = self.tree.join([self._thread(h) for h in threads], hdr, positions)
+        t = self.tree.join(self._threads(threads, "join"), hdr, positions)
         return self._handle(t)
 
     @serialized
@@ -138,7 +146,7 @@ class Session:
         if t.live is None:
             raise ValueError(f"thread {t.id} was not spawned with a live view; only spawn()ed "
                              "threads can change their view.")
-        self.tree.set_view(t, [self._thread(h) for h in view])
+        self.tree.set_view(t, self._threads(view, "set_view"))
 
     @serialized
     def inject(self, thread: ThreadHandle, tokens):
@@ -157,7 +165,7 @@ class Session:
         if p.n != 1:
             raise ValueError("Session.generate runs each given thread once (n=1); fork the thread "
                              "to get several samples.")
-        ts = [self._thread(h) for h in threads]
+        ts = self._threads(threads, "generate")
         if len({t.id for t in ts}) != len(ts):
             raise ValueError("A thread appears twice in generate().")
         for t in ts:
@@ -167,13 +175,16 @@ class Session:
         core, llm = self._llm.core, self._llm
         for t in ts:
             core.begin(t, p, llm._thread_generator(p, t.id))
+        M = core.max_positions
         try:
             while True:
+                for t in ts:  # its next token would sit at or past the model's context
+                    if not t.finished and effective_end(t) >= M:
+                        t.finish_reason = "length"
                 active = [t for t in ts if not t.finished]
                 if not active:
                     break
-                feed = [t for t in self.tree.threads if t.pending and not t.closed]
-                tokens = core.step(feed, active)
+                tokens = core.step(self._feed(active), active)
                 self.forward_steps += 1
                 for t, tok in zip(active, tokens):
                     core.accept(t, tok)
@@ -184,6 +195,23 @@ class Session:
             raise
         return [CompletionOutput(i, core.text_of(t), list(t.generated), t.finish_reason,
                                  t.logprobs, t.stop_reason) for i, t in enumerate(ts)]
+
+    def _feed(self, active: list[Thread]) -> list[Thread]:
+        """The threads whose pending tokens this step writes: the sampling threads and the
+        threads their views read, transitively (another thread's pending header, e.g. one
+        that cannot fit the cache now, waits until something reads it)."""
+        owner = {t.seg.id: t for t in self.tree.threads if not t.closed}
+        need, stack = {}, list(active)
+        while stack:
+            t = stack.pop()
+            if t.id in need:
+                continue
+            need[t.id] = t
+            for s, _ in t.view[:-1]:
+                u = owner.get(s.id)
+                if u is not None and u.id not in need:
+                    stack.append(u)
+        return [t for t in self.tree.threads if t.id in need and t.pending and not t.closed]
 
     @locked
     def pages_held(self) -> int:

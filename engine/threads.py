@@ -34,6 +34,9 @@ class Thread:
     header_len: int = 0                       # leading tokens that were injected, not sampled
     path_tokens: int = 0                      # sampled tokens on the chain root..this thread
     last_logits: torch.Tensor | None = None   # next-token logits after the last written token
+    # (live views) last_logits were computed in a step where this thread did not sample:
+    # its view may have grown since, so its next sample re-feeds its last token first
+    logits_stale: bool = False
     closed: bool = False
     events: list[dict] = field(default_factory=list)
     # sampling state of the current generate call
@@ -80,10 +83,23 @@ class ThreadTree:
                              f"{self.max_positions} tokens ({self.context_source}); shorten it, or "
                              "continue from a thread that has room.")
 
+    def _check_pages(self, tokens: int, what: str):
+        """A segment of ``tokens`` tokens must fit the whole cache (else no step can ever write
+        it). Checked, as positions, for sessions' verbs (requests reserve their worst case)."""
+        if self.max_positions is None:
+            return
+        c = self.cache
+        need = c.pages_for(tokens)
+        if need > c.num_pages:
+            raise ValueError(f"{what} would need {need} pages of the KV cache, which has {c.num_pages} pages of "
+                             f"{c.page_size} tokens; shorten it, or raise kv_cache_tokens (now "
+                             f"{c.num_pages * c.page_size}).")
+
     # ---- creation --------------------------------------------------------------------------
     def _new_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
                     header: list[int], what: str = "A new thread's header") -> Thread:
         self._check_positions(base + len(header), what)
+        self._check_pages(len(header), what)
         seg = self.cache.new_segment(base, self.reservation)
         for s, _ in view:
             self.cache.retain(s)
@@ -108,6 +124,7 @@ class ThreadTree:
             raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
         for h in headers:  # (all checked before any child exists)
             self._check_positions(parent.end + len(h), f"A header of {len(h)} tokens after thread {parent.id}")
+            self._check_pages(len(h), f"A header of {len(h)} tokens")
         kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
         for k in kids:
             k.path_tokens = parent.path_tokens
@@ -125,6 +142,15 @@ class ThreadTree:
             self._check_static(t, "join")
             if t.joined_into is not None:
                 raise ValueError(f"thread {t.id} was already joined into thread {t.joined_into.id}.")
+        if len({t.id for t in threads}) != len(threads):
+            raise ValueError("join() names a thread twice.")
+        own = {t.seg.id: t for t in threads}
+        for t in threads:
+            for s, _ in t.view[:-1]:
+                if s.id in own:
+                    raise ValueError(f"join() of thread {own[s.id].id} with thread {t.id}, which sees it already "
+                                     f"(its ancestor, or a thread joined into it): join threads that do not see "
+                                     "each other, e.g. the children of one fork.")
         common = set.intersection(*({s.id for s, _ in t.view[:-1]} for t in threads))
         ctx = [(s, sh) for s, sh in threads[0].view if s.id in common]
         fork_pos = min(min((s.base for s, _ in t.view if s.id not in common), default=t.end)
@@ -159,6 +185,8 @@ class ThreadTree:
         segment, which starts where the view's layout ends now."""
         if not header and not (len(view) == 1 and view[0] is self.root):
             raise ValueError("spawn() needs a non-empty header unless the view is just the root.")
+        if len({u.id for u in view}) != len(view):
+            raise ValueError("a view names the same thread twice.")
         for u in view:
             self._check_open(u)
         base = layout_end(view)
@@ -178,6 +206,13 @@ class ThreadTree:
             raise ValueError("a view names the same thread twice.")
         for u in view:
             self._check_open(u)
+        if not th.tokens and not (len(view) == 1 and view[0] is self.root):
+            raise ValueError(f"thread {th.id} has no tokens yet: its first token would be sampled from the "
+                             "root's logits, not after this view; spawn it with a header, or inject "
+                             "tokens into it before changing its view.")
+        self._check_positions(layout_end(view) + len(th.tokens),
+                              f"The new view of thread {th.id} (laid out, then its {len(th.tokens)} tokens)")
+        for u in view:
             self.cache.retain(u.seg)
         for s, _ in th.view[:-1]:
             self.cache.release_segment(s)
@@ -229,6 +264,7 @@ class ThreadTree:
             check_growable(th)
             if not header:  # (a new thread's header was checked by _new_thread)
                 self._check_positions(th.end + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
+                self._check_pages(len(th.tokens) + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
         th.tokens.extend(tokens)
         th.pending.extend(tokens)
         if header:
@@ -297,6 +333,12 @@ def layout_end(view: list[Thread]) -> int:
     for u in view:
         pos += written_after_step(u)
     return pos
+
+
+def effective_end(t: Thread) -> int:
+    """The position ``t``'s next token takes: its end, or for a live view the view's layout
+    end (after this step's writes) plus its own tokens (see refresh_view)."""
+    return t.end if t.live is None else layout_end(t.live) + len(t.tokens)
 
 
 def refresh_view(t: Thread):

@@ -83,6 +83,35 @@ def test_sampling_params_valid_edges():
     assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
     assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
     assert SP(stop=("x", "y")).stop == ["x", "y"]
+    import numpy as np
+    sp = SP(temperature=np.float32(0.5), n=np.int64(2), seed=np.int64(3), stop_token_ids=[np.int64(4)])
+    assert (type(sp.temperature), type(sp.n), type(sp.seed), type(sp.stop_token_ids[0])) == (float, int, int, int)
+
+
+def test_sampling_params_changed_after_construction(llm, baseline):
+    """generate() checks the fields again: one stop string set later is one stop (it used to
+    be taken character by character), a bad type a ValueError."""
+    ids = baseline[0]
+    full = llm.generate([ids], greedy(12))[0].outputs[0]
+    sp = greedy(12)
+    sp.stop = full.text[-3:] + "\x00"  # never in the text
+    out = llm.generate([ids], sp)[0].outputs[0]
+    assert out.text == full.text and out.finish_reason == "length"
+    sp.stop_token_ids = 5.5
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate([ids], sp)
+    assert_still_works(llm, baseline)
+
+
+def test_prompt_and_score_input_forms(llm, baseline):
+    """A tuple of token ids is one prompt, as a list is; score() takes a tensor or tuples."""
+    ids = baseline[0]
+    want = llm.generate([ids], greedy(5))[0].outputs[0].token_ids
+    assert llm.generate(tuple(ids), greedy(5))[0].outputs[0].token_ids == want
+    ref = llm.score(ids)[0]
+    assert torch.equal(llm.score(torch.tensor(ids))[0], ref)
+    a, b = llm.score([tuple(ids), tuple(ids)])
+    assert torch.equal(a, ref) and torch.equal(b, ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,6 +270,12 @@ def test_session_tokens_past_the_context_are_refused(make_llm):
     (a,) = s.fork(s.root, [[1, 2]])
     out = s.generate([a], greedy(8))[0]
     assert out.finish_reason == "length" and a.position == M  # stops at the context's end
+    # a header that ends exactly at the context: nothing more is sampled (it used to take one
+    # token past the context per call)
+    (b,) = s.fork(s.root, [[1] * 4])
+    for _ in range(2):
+        out = s.generate([b], greedy(3))[0]
+        assert out.token_ids == [] and out.finish_reason == "length" and b.position == M
     s.close()
     s = llm.session(random_ids(8, V, 2))
     half = (M - 8) // 2 + 1
@@ -278,6 +284,50 @@ def test_session_tokens_past_the_context_are_refused(make_llm):
         s.join([a, b], header=[3], positions="sequential")
     c = s.join([a, b], header=[3], positions="max")  # (the refused join changed nothing)
     assert len(s.generate([c], greedy(2))[0].token_ids) == 2
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_session_verbs_refuse_what_they_cannot_do(make_llm):
+    """join() of a thread twice, or with a thread that already sees it; a header that can
+    never fit the cache; arguments of the wrong type: one ValueError each, nothing changed."""
+    llm = make_llm("qwen3", attention_backend="cpu", kv_cache_tokens=256, page_size=4)
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(6, V, seed=1))
+    a, b = s.fork(s.root, [[1], [2]])
+    s.generate([a, b], greedy(2))
+    with pytest.raises(ValueError, match="names a thread twice"):
+        s.join([a, a], header=[3])
+    with pytest.raises(ValueError, match="which sees it already"):
+        s.join([s.root, a], header=[3])
+    with pytest.raises(ValueError, match="would need 65 pages of the KV cache, which has 64"):
+        s.fork(a, [[1], [4] * 257])
+    assert a.children == []
+    for call in (lambda: s.fork(a, [5, 6]), lambda: s.join(a, header=[3]), lambda: s.generate(a, greedy(1))):
+        with pytest.raises(ValueError):
+            call()
+    c = s.join([a, b], header=[3])
+    assert len(s.generate([c], greedy(2))[0].token_ids) == 2
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_pending_header_that_does_not_fit_now_blocks_only_its_thread(make_llm):
+    """generate() writes the pending tokens of the threads it samples and of what they read,
+    not every pending token of the session: a thread whose header cannot fit the cache now
+    (other threads hold it) fails only when it is itself generated."""
+    llm = make_llm("qwen3", attention_backend="cpu", kv_cache_tokens=256, page_size=4)
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(100, V, seed=1))  # 25 pages
+    (a,) = s.fork(s.root, [[1]])
+    (big,) = s.fork(s.root, [[2] * 160])  # 40 pages: never with the prompt's 25 held too
+    want = s.generate([a], greedy(6))[0].token_ids
+    with pytest.raises(Exception, match="KV cache is full"):
+        s.generate([big], greedy(1))
+    s.close()
+    s = llm.session(random_ids(100, V, seed=1))
+    (a,) = s.fork(s.root, [[1]])
+    assert s.generate([a], greedy(6))[0].token_ids == want
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
 

@@ -171,5 +171,64 @@ def test_spawn_errors(make_llm):
         s.set_view(f, [s.root])
     with pytest.raises(ValueError, match="non-empty view"):
         s.spawn(view=[], header=[1])
+    with pytest.raises(ValueError, match="twice"):
+        s.spawn(view=[s.root, s.root], header=[1])
+    # a thread with no tokens samples its first token from the root's logits: its view stays [root]
+    bare = s.spawn(view=[s.root])
+    with pytest.raises(ValueError, match="has no tokens yet"):
+        s.set_view(bare, [s.root, a])
+    s.set_view(bare, [s.root])
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def _resumed_logprob(llm, stale: bool) -> tuple[int, float]:
+    """w2 reads [root, w1] live; w3 reads [root, w2]. w2 samples 2 tokens, w1 grows; with
+    ``stale`` w3 then samples one token, which writes w2's pending token (w2 does not
+    sample in that step); w1 grows again; w2 resumes: (its token, its log-prob)."""
+    s = llm.session([1, 2, 3, 4, 5])
+    (w1,) = s.fork(s.root, [[6]])
+    w2 = s.spawn([s.root, w1], header=[7, 8])
+    w3 = s.spawn([s.root, w2], header=[9])
+    g = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+    s.generate([w2], g(2))
+    s.generate([w1], g(3))
+    if stale:
+        s.generate([w3], g(1))
+    s.generate([w1], g(9))
+    out = s.generate([w2], g(1))[0]
+    tok = out.token_ids[0]
+    s.close()
+    return tok, out.logprobs[0][tok]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_a_resumed_live_thread_sees_its_view_as_it_is_now(make_llm, backend):
+    """A live thread whose last token was written in another thread's step (it did not
+    sample then) writes that token again when it resumes, so its next token sees what its
+    view gained since: the same token and log-prob as when the token was first written at
+    the resume. (It used to sample from the logits of that earlier step.)"""
+    llm = make_llm("qwen3", attention_backend=backend)
+    fresh, stale = _resumed_logprob(llm, False), _resumed_logprob(llm, True)
+    assert fresh[0] == stale[0] and abs(fresh[1] - stale[1]) < 1e-5, (fresh, stale)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_live_views_stop_at_the_models_context(make_llm):
+    """A live thread's positions are its view's layout, then its own tokens: set_view past
+    the model's context is refused, and generation ends ("length") where the layout
+    reaches it, though the thread's own home positions are far below."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    M, V = llm.config.max_position_embeddings, llm.config.vocab_size
+    s = llm.session(random_ids(16, V, seed=1))
+    (a,) = s.fork(s.root, [random_ids(M - 40, V, seed=2)])
+    w = s.spawn([s.root], header=[5] * 30)
+    with pytest.raises(ValueError, match=f"new view of thread {w.id}.*past the model's context of {M}"):
+        s.set_view(w, [s.root, a])
+    w2 = s.spawn([s.root], header=[5] * 10)
+    s.set_view(w2, [s.root, a])  # laid out: 16 + M - 40 + 10 = M - 14 positions
+    out = s.generate([w2], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 14
+    assert s.generate([w2], SamplingParams(temperature=0, max_tokens=5))[0].token_ids == []
     s.close()
     assert llm.cache_stats()["pages_used"] == 0

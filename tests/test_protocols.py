@@ -13,8 +13,9 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.demo import make_random_model
-from engine.protocols import (Multiverse, ParallelR1, ParallelSampling, ParaThinker, Tags,
+from engine.protocols import (Hogwild, Multiverse, ParallelR1, ParallelSampling, ParaThinker, Tags,
                               ThreadWeaver, TreeLimits)
+from engine.threads import effective_end
 
 TAGS = ["<Parallel>", "</Parallel>", "<Goal>", "</Goal>", "<Outline>", "</Outline>", "<Path>",
         "</Path>", "<Conclusion>", "</Conclusion>"]
@@ -179,6 +180,66 @@ def test_parathinker_first_finish_cutoff(llm):
     assert "cutoff" in kinds(c) and c.text.endswith("<summary>\nfinal")
     summary = c.tree[-1]
     assert len(summary["view"]) == 1 + 3 + 1  # prompt, every path, itself
+
+
+def test_a_path_that_ends_on_eos_before_the_others_is_joined_without_it(llm):
+    """Path 1 ends on EOS while path 2 goes on: its EOS is not written (the conclusion must
+    not read it); it used to be dropped only from the last path to end."""
+    s = dict(MV, **{"1:": " 1+2=3", "2:": " 3*4=12, a much longer path than the first one</Path>"})
+    c, _ = run(llm, s, Multiverse())
+    eos = llm.eos_ids[0]
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert paths[0]["token_ids"][-len(llm.tokenizer.encode("</Path>", add_special_tokens=False)):] == \
+        llm.tokenizer.encode("</Path>", add_special_tokens=False)  # closed by the protocol instead
+    assert all(eos not in t["token_ids"] for t in paths)
+    assert "unclosed_path" in kinds(c) and c.text.endswith("\\boxed{15}")
+
+
+@pytest.fixture(scope="module")
+def short_llm():
+    """A model whose context is 64 positions."""
+    d = tempfile.mkdtemp()
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, max_pos=64)
+    return LLM(d, attention_backend="cpu", page_size=4, seed=0)
+
+
+@pytest.mark.parametrize("make", [lambda: Multiverse(), lambda: ThreadWeaver(positions="reprefill"),
+                                  lambda: ParaThinker(paths=2), lambda: ParallelSampling(3),
+                                  lambda: Hogwild(workers=2, collab_prompt=None, finisher=False),
+                                  lambda: Hogwild(workers=3, layout="contiguous", collab_prompt=None, finisher=False),
+                                  lambda: Hogwild(workers=2, layout="contiguous", collab_prompt=None)])
+def test_no_token_is_sampled_past_the_models_context(short_llm, make):
+    """Every sampled token's position (a thread's end, after its view and header) is below
+    the model's context: paths and joins that would start past it end ("length") or are
+    not forked ("budget"). Before, a join's continuation or a fork's children sampled there.
+    (Hogwild's finisher ending at the context in the scheduler's done() check: the request
+    was dropped without its output.)"""
+    llm, proto = short_llm, make()
+    M = llm.config.max_position_embeddings
+    tg = getattr(proto, "tags", None)
+    if tg is not None:
+        script = {"": f"{tg.block_open}{tg.item}1: a{tg.item}2: b{tg.fork}",
+                  "1:": " aaaa bbbb cccc dddd...", "2:": " dd" + tg.path_close, "<think1>": " long...",
+                  "<think2>": " ok" + tg.path_close, tg.join_header.strip(): "end..."}
+    else:
+        script = {"": "words and more words.\n\nsteps...", "Bob": "no...", "Carol": "yes.\n\nok..."}
+    seen = []
+    inner = Script(llm, script)
+
+    def src(threads):
+        seen.extend(effective_end(t) for t in threads)
+        return inner(threads)
+    llm.core.token_source = src
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=200), protocol=proto)[0].outputs
+    finally:
+        llm.core.token_source = None
+    assert seen and max(seen) < M, (max(seen), M)
+    if not getattr(proto, "finisher", False):  # (a finisher's answer makes it "stop")
+        assert any(o.finish_reason == "length" for o in out)
+    if tg is not None:
+        assert "fork" in kinds(out[0])
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
 
 
 def test_parallel_sampling_select(llm):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
-from ..threads import Thread, layout_end
+from ..threads import Thread, effective_end, layout_end
 from .base import Protocol, ProtocolRun
 from .sampling import last_boxed
 
@@ -76,6 +76,9 @@ class Hogwild(Protocol):
         names = list(names) if names is not None else (NAMES + [f"Worker{i}" for i in range(9, 65)])
         if len(names) < workers:
             raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
+        if not isinstance(header, str) or not (header or (workers == 1 and layout == "contiguous")):
+            raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
+                             "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
         if checkin_every is not None and (not isinstance(checkin_every, int) or checkin_every < 1):
             raise ValueError(f"checkin_every={checkin_every!r} must be None or an integer >= 1.")
         if not isinstance(compact_after, int) or compact_after < workers + 2:
@@ -141,7 +144,12 @@ class HogwildRun(ProtocolRun):
         k = self.proto.checkin_every
         if k is not None and len(w.steps) > 0 and len(w.steps) % k == 0:
             text += self.proto.checkin
-        return self.tok.encode(text, add_special_tokens=False)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if not ids and not (self.proto.workers == 1 and self.proto.layout == "contiguous"):
+            # (a step's first token is sampled after its header, seeing the live view)
+            raise ValueError(f"Hogwild's step header {self.proto.header!r} is empty for worker {w.name!r}; "
+                             "give it some text, e.g. header='{name}: '.")
+        return ids
 
     def _view_of(self, w: Worker) -> list[Thread]:
         root = self.tree.root
@@ -228,6 +236,13 @@ class HogwildRun(ProtocolRun):
         self.activate(self.finisher, fp)
 
     def samplers(self) -> list[Thread]:
+        M = self.core.max_positions
+        for w in self.workers:  # the view laid out reaches the model's context: this worker ends
+            if not w.done and not w.current.finished and effective_end(w.current) >= M:
+                w.current.finish_reason, w.done = "length", True
+                self._commit(w)
+        if self.finisher is not None and not self.finisher.finished and effective_end(self.finisher) >= M:
+            self.finisher.finish_reason = "length"
         ws = [w.current for w in self.workers if not w.done and not w.current.finished]
         left = max(self.max_total - self.total, 0)
         for t in ws[left:]:  # the total budget cannot give these workers another token

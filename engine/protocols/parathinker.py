@@ -25,6 +25,7 @@ class ParaThinkerRun(TreeRun):
     def on_token(self, t: Thread, tok: int):
         if t.tag.role == "path":
             self.core.accept(t, tok, path_limit=self.params.max_tokens)
+            self.drop_eos(t)
             self.total += 1
             t.tag.text += self.tok.decode([tok], skip_special_tokens=False)
             if not t.finished:
@@ -65,6 +66,9 @@ class ParaThinker(TagTreeProtocol):
         if not isinstance(cutoff_ratio, (int, float)) or cutoff_ratio < 1.0:
             raise ValueError(f"cutoff_ratio={cutoff_ratio!r} must be a number >= 1.0 (1.0 cuts "
                              "the other paths off as soon as the first one finishes).")
-        limits = limits or TreeLimits(max_paths=max(paths, 8))
+        limits = limits or TreeLimits(max_paths=max(paths, 8), max_threads=max(64, paths + 2))
+        if paths > limits.max_paths or paths + 2 > limits.max_threads:
+            raise ValueError(f"paths={paths} exceeds limits.max_paths={limits.max_paths} or needs more than "
+                             f"limits.max_threads={limits.max_threads} threads (paths + 2); raise the limits.")
         super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
         self.paths, self.cutoff_ratio = paths, float(cutoff_ratio)

@@ -96,10 +96,20 @@ class TreeRun(ProtocolRun):
 
     # ---- per token -------------------------------------------------------------------------
     def samplers(self):
-        return super().samplers()
+        while True:
+            s = super().samplers()
+            # paths that ended here (the total budget, or the model's context) are joined as
+            # any ended path; a join's continuation may end at once too, so until nothing moves
+            n = len(self.tree.threads)
+            for a in list(self.active):
+                if a.finished and a.tag is not None and a.tag.role == "path" and a.tag.group is not None:
+                    self.maybe_join(a.tag.group)
+            if len(self.tree.threads) == n:
+                return s
 
     def on_token(self, t: Thread, tok: int):
         self.core.accept(t, tok, path_limit=self.params.max_tokens)
+        self.drop_eos(t)
         self.total += 1
         st: ThreadState = t.tag
         st.text += self.tok.decode([tok], skip_special_tokens=False)
@@ -115,10 +125,16 @@ class TreeRun(ProtocolRun):
     def scan(self, t: Thread, st: ThreadState):
         raise NotImplementedError
 
-    def end_path(self, t: Thread, closed: bool):
-        """A path thread stopped; drop a trailing EOS so the join does not see it."""
-        if t.finish_reason == "stop" and t.stop_reason in self.core.eos_ids and t.pending:
+    def drop_eos(self, t: Thread):
+        """A path that ends on EOS: the EOS is not written (the join must not see it; the
+        path's other tokens are written before the join, whenever that comes)."""
+        if t.tag is not None and t.tag.role == "path" and t.finish_reason == "stop" and \
+                t.stop_reason in self.core.eos_ids and t.pending and t.pending[-1] == t.stop_reason:
             t.tokens.pop(), t.pending.pop()
+
+    def end_path(self, t: Thread, closed: bool):
+        """A path thread stopped; its trailing EOS is dropped (drop_eos), its close tag added."""
+        self.drop_eos(t)
         if not closed:
             self.event("unclosed_path", t, action="close tag injected")
             self.tree.inject(t, self.encode(self.proto.tags.path_close))
@@ -129,7 +145,8 @@ class TreeRun(ProtocolRun):
         if st.depth >= self.limits.max_depth:
             self.event("depth_limit", t, action="continue sequentially")
             return False
-        left = min(self.params.max_tokens - t.path_tokens, self.max_total - self.total)
+        left = min(self.params.max_tokens - t.path_tokens, self.max_total - self.total,
+                   self.core.max_positions - t.end)  # (budgets, and the model's context)
         if left < self.limits.fork_margin or len(self.tree.threads) + k + 1 > self.limits.max_threads:
             self.event("budget", t, action="continue sequentially")
             return False
