@@ -70,7 +70,7 @@ class KVCache:
         self._free_ids: list[int] = []
         self._next_id = 0
         # Since begin_append (see rollback_append): pages taken (page, its reservation or None)
-        # and segments grown (segment, its length before); None: not recording.
+        # and segments grown (segment, its length and page count before); None: not recording.
         self._journal: tuple[list, list] | None = None
 
     # ---- reservations ----------------------------------------------------------------------
@@ -151,7 +151,7 @@ class KVCache:
     def append_slots(self, seg: Segment, n: int) -> list[int]:
         """Grow ``seg`` by ``n`` tokens; return their flat slot indices (page * page_size + off)."""
         if self._journal is not None:
-            self._journal[1].append((seg, seg.length))
+            self._journal[1].append((seg, seg.length, len(seg.pages)))
         slots = []
         ps = self.page_size
         for i in range(seg.length, seg.length + n):
@@ -175,8 +175,8 @@ class KVCache:
         from (its reservation, or the free pool). Slots written past a length are unseen."""
         pages, grown = self._journal
         self._journal = None
-        for seg, length in reversed(grown):
-            del seg.pages[self.pages_for(length):]
+        for seg, length, npages in reversed(grown):
+            del seg.pages[npages:]  # (a segment may hold a page past its length: a re-written token's)
             seg.length = length
         for page, res in reversed(pages):
             assert self._page_refs[page] == 1, "a page taken in the failed step gained references"

@@ -182,7 +182,7 @@ def test_spawn_errors(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
-def _resumed_logprob(llm, stale: bool) -> tuple[int, float]:
+def _resumed_logprob(llm, stale: bool, interrupt: bool = False) -> tuple[int, float]:
     """w2 reads [root, w1] live; w3 reads [root, w2]. w2 samples 2 tokens, w1 grows; with
     ``stale`` w3 then samples one token, which writes w2's pending token (w2 does not
     sample in that step); w1 grows again; w2 resumes: (its token, its log-prob)."""
@@ -196,9 +196,23 @@ def _resumed_logprob(llm, stale: bool) -> tuple[int, float]:
     if stale:
         s.generate([w3], g(1))
     s.generate([w1], g(9))
+    if interrupt:  # the resuming step fails: its re-written token is rolled back with the rest
+        inner = llm.runner._run
+
+        def boom(batch):  # (after the step's appends: they are rolled back)
+            inner(batch)
+            raise KeyboardInterrupt
+        llm.runner._run = boom
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                s.generate([w2], g(1))
+        finally:
+            del llm.runner._run
+        assert all(t.seg.length == len(t.tokens) - len(t.pending) for t in s.tree.threads)
     out = s.generate([w2], g(1))[0]
     tok = out.token_ids[0]
     s.close()
+    assert llm.cache_stats()["pages_used"] == 0
     return tok, out.logprobs[0][tok]
 
 
@@ -208,10 +222,11 @@ def test_a_resumed_live_thread_sees_its_view_as_it_is_now(make_llm, backend):
     sample then) writes that token again when it resumes, so its next token sees what its
     view gained since: the same token and log-prob as when the token was first written at
     the resume. (It used to sample from the logits of that earlier step.)"""
-    llm = make_llm("qwen3", attention_backend=backend)
+    llm = make_llm("qwen3", attention_backend=backend, page_size=1)  # (every length a page boundary)
     fresh, stale = _resumed_logprob(llm, False), _resumed_logprob(llm, True)
     assert fresh[0] == stale[0] and abs(fresh[1] - stale[1]) < 1e-5, (fresh, stale)
-    assert llm.cache_stats()["pages_used"] == 0
+    again = _resumed_logprob(llm, True, interrupt=True)
+    assert again[0] == fresh[0] and abs(again[1] - fresh[1]) < 1e-5, (fresh, again)
 
 
 def test_live_views_stop_at_the_models_context(make_llm):
