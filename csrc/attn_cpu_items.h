@@ -426,6 +426,9 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
           const float inv = 1.f / l;
           for (int d = 0; d < D; ++d) dst[d] = acc[d] * inv;
           lse_buf[st * Hq + head] = hs.m_run[m] + logf(l);
+        } else if (l != l) {  // a NaN / inf in q, K or the scale: NaN out, as the reference (not dropped)
+          for (int d = 0; d < D; ++d) dst[d] = NAN;
+          lse_buf[st * Hq + head] = NAN;
         } else {
           for (int d = 0; d < D; ++d) dst[d] = 0.f;
           lse_buf[st * Hq + head] = -INFINITY;
@@ -438,7 +441,7 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
 // ------------------------------------------------------------------ merge
 
 // out[H][D] = log-sum-exp merge of n states; state(i) gives the index into o [*, H, D] /
-// lse [*, H]. No finite state: zeros.
+// lse [*, H]. No finite state: zeros; a NaN state: NaN.
 template <class StateAt>
 static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, int n, StateAt state,
                       float* out) {
@@ -446,9 +449,15 @@ static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, in
     float* dst = out + h * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = 0.f;
     float mx = -INFINITY;
+    bool nan = false;
     for (int i = 0; i < n; ++i) {
       const float v = lse[state(i) * H + h];
       mx = v > mx ? v : mx;
+      nan = nan || v != v;
+    }
+    if (nan) {
+      for (int64_t d = 0; d < D; ++d) dst[d] = NAN;
+      continue;
     }
     if (mx == -INFINITY) continue;
     float wsum = 0.f;

@@ -178,10 +178,12 @@ LOOM_CLONES void prep_rows(const PrepArgs<float>& a, int64_t t0, int64_t t1) { p
 LOOM_CLONES void prep_rows(const PrepArgs<at::BFloat16>& a, int64_t t0, int64_t t1) { prep_rows_t(a, t0, t1); }
 
 // exp(x) for float32 in a form the compiler vectorises (std::exp is a scalar libm call):
-// Cephes' range reduction x = n ln2 + r and degree-6 polynomial, about 1 ulp.
+// Cephes' range reduction x = n ln2 + r and degree-6 polynomial, about 1 ulp. Above
+// ~88.38 it gives +inf (n = 128: the exponent field all ones), so that SiLU of a very
+// negative gate is -0 and of -inf NaN, as torch's (a finite cap made silu(-1e38) -0.42).
 static inline __attribute__((always_inline)) float vexp(float x) {
   x = x < -87.33654f ? -87.33654f : x;
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  x = x > 88.5f ? 88.5f : x;  // (n = floor(88.5 log2(e) + 0.5) = 128 at most)
   const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;

@@ -94,6 +94,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
   TORCH_CHECK(wp.dim() == 3 && wp.size(2) == (bf16 ? 2 : 1) * nb,
               "linear_packed: weight is not packed (use pack_linear_weight)");
   TORCH_CHECK(wp.size(1) > 0, "linear_packed: the packed weight has no input features");
+  TORCH_CHECK(wp.is_contiguous(), "linear_packed: the packed weight must be contiguous (as pack_linear_weight "
+              "returns it)");
   const int64_t K = x.size(-1);
   // (bfloat16: k pairs, the last one padded when K is odd)
   TORCH_CHECK(bf16 ? (K + 1) / 2 == wp.size(1) : K == wp.size(1), "linear_packed: x has ", K,

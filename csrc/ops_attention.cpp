@@ -85,7 +85,7 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
   const int64_t N = k_pool.size(0), ps = k_pool.size(1), Hkv = k_pool.size(2);
   TORCH_CHECK(k_pool.size(3) == D, "segment_attention: head_dim of q (", D, ") and k_pool (", k_pool.size(3),
               ") differ");
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "segment_attention: query heads (", Hq,
+  TORCH_CHECK(Hq > 0 && Hkv > 0 && Hq % Hkv == 0, "segment_attention: query heads (", Hq,
               ") must be a multiple of kv heads (", Hkv, ")");
   TORCH_CHECK(ps > 0, "segment_attention: page_size must be positive");
 

@@ -21,6 +21,9 @@ void check_pool_pair(const at::Tensor& k_pool, const at::Tensor& v_pool) {
   TORCH_CHECK(v_pool.scalar_type() == k_pool.scalar_type(), "append_kv: v_pool dtype ", v_pool.scalar_type(),
               " differs from k_pool dtype ", k_pool.scalar_type());
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "append_kv: k_pool and v_pool must be contiguous");
+  const auto t = k_pool.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "append_kv: the pools must be float32, bfloat16 or float16, got ", t);
 }
 
 }  // namespace

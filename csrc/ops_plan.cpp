@@ -44,6 +44,8 @@ std::vector<at::Tensor> build_plan(const at::Tensor& thread_view_indptr, const a
               "within seg_page_ids");
   for (int64_t s = 0; s < S; ++s)
     TORCH_CHECK(spi[s + 1] >= spi[s], "build_plan: seg_page_indptr decreases at index ", s + 1);
+  for (int64_t th = 0; th < Th; ++th)  // (all of it first: a thread's range is read before the next is seen)
+    TORCH_CHECK(tvi[th + 1] >= tvi[th], "build_plan: thread_view_indptr decreases at index ", th + 1);
 
   // Pass 1: jobs by first appearance, entry counts, rows.
   std::vector<int32_t> job_of(S, -1), seg_of_job, job_count;
@@ -68,7 +70,8 @@ std::vector<at::Tensor> build_plan(const at::Tensor& thread_view_indptr, const a
     }
     rows += nnew[th];
   }
-  TORCH_CHECK(entries < (int64_t{1} << 31) && pages < (int64_t{1} << 31), "build_plan: plan too large for int32");
+  TORCH_CHECK(entries < (int64_t{1} << 31) && pages < (int64_t{1} << 31) && rows < (int64_t{1} << 31),
+              "build_plan: plan too large for int32");
   const int64_t J = static_cast<int64_t>(seg_of_job.size());
 
   const auto i32 = at::TensorOptions().dtype(at::kInt);

@@ -40,7 +40,7 @@ int64_t pick_row(const float* p, int64_t V, float u, float* block_sums) {
       last_nonzero = i;
       break;
     }
-  if (last_nonzero < 0) return -1;  // an all-zero row: the caller reports it
+  if (last_nonzero < 0 || !std::isfinite(total)) return -1;  // all zero, or a NaN / inf: the caller reports it
   const double target = static_cast<double>(u) * total;
   double acc = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
@@ -98,7 +98,7 @@ at::Tensor pick_from_logits(const at::Tensor& logits, const at::Tensor& temperat
     }
   });
   for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(op[r] >= 0, "pick_from_logits: row ", r, " has no token of finite logit");
+    TORCH_CHECK(op[r] >= 0, "pick_from_logits: row ", r, " has a NaN / +inf logit, or no finite one");
   return out;
 }
 
@@ -120,7 +120,7 @@ at::Tensor pick_from_probs(const at::Tensor& probs, const at::Tensor& u) {
     for (int64_t r = r0; r < r1; ++r) op[r] = pick_row(pp + r * V, V, up[r], sums.data());
   });
   for (int64_t r = 0; r < R; ++r)
-    TORCH_CHECK(op[r] >= 0, "pick_from_probs: row ", r, " has no token of positive probability");
+    TORCH_CHECK(op[r] >= 0, "pick_from_probs: row ", r, " has a NaN / inf probability, or no positive one");
   return out;
 }
 

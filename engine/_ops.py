@@ -48,25 +48,39 @@ def cpu_isa(name: str | None = None) -> str:
 # fake kernels: output metadata only
 # ---------------------------------------------------------------------------------------------
 
+def _one_device(op: str, *args):
+    """A meta tensor among CPU ones sends the call here: refuse it, as ATen ops do (it used to
+    return uninitialised memory, or skip the op's writes)."""
+    devs = {a.device for a in args if isinstance(a, torch.Tensor)}
+    torch._check(len(devs) <= 1, lambda: f"loom::{op}: tensors on different devices "
+                 f"({', '.join(sorted(map(str, devs)))}); put them on one device")
+
+
 @torch.library.register_fake("loom::append_kv")
 def _append_kv_fake(k_pool, v_pool, k, v, slots):
+    _one_device("append_kv", k_pool, v_pool, k, v, slots)
     return None
 
 
 @torch.library.register_fake("loom::segment_attention")
 def _segment_attention_fake(q, k_pool, v_pool, kv_indptr, kv_page_ids, kv_len, q_indptr, q_rows, shift,
                             causal_limit, merge_indptr, merge_entries, inv_freq, scale):
+    _one_device("segment_attention", q, k_pool, v_pool, kv_indptr, kv_page_ids, kv_len, q_indptr, q_rows, shift,
+                causal_limit, merge_indptr, merge_entries, inv_freq)
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("loom::merge_states")
 def _merge_states_fake(o, lse, merge_indptr, merge_entries, num_rows):
+    _one_device("merge_states", o, lse, merge_indptr, merge_entries, num_rows)
     return o.new_empty((num_rows, o.shape[1], o.shape[2]), dtype=torch.float32)
 
 
 @torch.library.register_fake("loom::build_plan")
 def _build_plan_fake(thread_view_indptr, view_seg, view_shift, thread_own_seg, thread_num_new, seg_len,
                      seg_page_indptr, seg_page_ids):
+    _one_device("build_plan", thread_view_indptr, view_seg, view_shift, thread_own_seg, thread_num_new, seg_len,
+                seg_page_indptr, seg_page_ids)
     # Sizes depend on the data (jobs = distinct segments, entries = sum of rows x view).
     ctx = torch.library.get_ctx()
     jobs, pages, entries = (ctx.new_dynamic_size() for _ in range(3))

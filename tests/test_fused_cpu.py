@@ -91,6 +91,10 @@ def test_silu_mul_extreme_gates():
     got = ops.silu_mul(x)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    # blown-up activations as torch has them: silu(-1e38) = -0 (was -0.42), silu(-inf) = NaN
+    gate = torch.tensor([[-1e38, float("-inf"), 1e38]])
+    got = ops.silu_mul(torch.cat([gate, torch.ones_like(gate)], dim=-1))
+    torch.testing.assert_close(got, F.silu(gate), equal_nan=True)
 
 
 def test_errors_name_the_problem():

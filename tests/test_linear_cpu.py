@@ -52,6 +52,12 @@ def test_linear_packed_batched_shape_and_errors():
         torch.ops.loom.linear_packed(torch.randn(2, 24).bfloat16(), wp, None, 40)
     with pytest.raises(RuntimeError, match="n_out"):
         torch.ops.loom.linear_packed(torch.randn(2, 24), wp, None, 70)
+    # a packed weight that is not contiguous: refused (an expanded one used to crash, a strided
+    # one to give wrong outputs)
+    for bad in (wp.expand(2, *wp.shape)[0].as_strided(wp.shape, (0, 16, 1)),
+                wp.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(RuntimeError, match="must be contiguous"):
+            torch.ops.loom.linear_packed(torch.randn(2, 24), bad, None, 40)
 
 
 def test_bfloat16_odd_k_padding_is_not_a_feature():

@@ -364,6 +364,35 @@ def test_errors_are_actionable():
     bad.q_rows = bad.q_rows.long()
     with pytest.raises(RuntimeError, match="q_rows must be int32"):
         _ops.segment_attention_cpu(q, k, v, bad, None, 0.1)
+    with pytest.raises(RuntimeError, match=r"query heads \(0\)"):  # (divided by zero: SIGFPE)
+        _ops.segment_attention_cpu(q[:, :0], k, v, plan, None, 0.1)
+    with pytest.raises(RuntimeError, match="different devices"):  # (ran the fake kernel: garbage out)
+        torch.ops.loom.segment_attention(q, k, v, *plan.tensors()[:4], plan.q_rows.to("meta"), *plan.tensors()[5:],
+                                         inv_freq_of(64), 0.1)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["key", "query", "scale"])
+def test_nan_inputs_give_nan_as_the_reference(isa, dtype, where):
+    """A NaN in a key, a query or the scale makes NaN outputs (as the torch reference), in the
+    rows that read it; it used to drop the segment's state (a plausible wrong answer) or give
+    zeros."""
+    plan, num_pages = random_case(5, lens=(40, 300, 17), n_threads=3, num_new=(1, 20))
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, dtype, 5)
+    scale = 0.125
+    if where == "key":
+        k[plan.kv_page_ids[0], 0, 1, 3] = float("nan")
+    elif where == "query":
+        q[0, 1, 5] = float("nan")
+    else:
+        scale = float("nan")
+    ref = segment_attention_torch(q, k, v, plan, inv_freq_of(64), scale)
+    out = _ops.segment_attention_cpu(q, k, v, plan, inv_freq_of(64), scale)
+    assert ref.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    torch.testing.assert_close(out[ok].float(), ref[ok].float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +441,8 @@ def test_append_kv_strided_and_errors():
         torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0].double(), kv[:, 1].double(), torch.tensor([1, 0, 3]))
     with pytest.raises(RuntimeError, match="k must be"):
         torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0, :1], kv[:, 1, :1], torch.tensor([1, 0, 3]))
+    with pytest.raises(RuntimeError, match="pools must be float32, bfloat16 or float16"):
+        torch.ops.loom.append_kv(k_pool.long(), v_pool.long(), kv[:, 0], kv[:, 1], torch.tensor([1, 0, 3]))
 
 
 def test_merge_states():
@@ -428,6 +459,11 @@ def test_merge_states():
     out = _ops.merge_states(o, lse, indptr, perm, rows)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     assert torch.equal(out[1], torch.zeros(H, D)) and torch.equal(out[6], torch.zeros(H, D))
+    lse[perm[indptr[3]], 2] = float("nan")  # row 3, head 2 merges a NaN state: NaN (was skipped)
+    ref = merge_states_ref(o, lse, indptr, perm, rows)
+    out = _ops.merge_states(o, lse, indptr, perm, rows)
+    assert out[3, 2].isnan().all() and torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[~ref.isnan()], ref[~ref.isnan()], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

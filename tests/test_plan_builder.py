@@ -78,6 +78,15 @@ def test_unknown_segment_is_an_error():
         _ops.build_plan_cpp([ThreadStep([(2, 0)], 0, 1)], {0: 1, 1: 1, 3: 1}, {0: [0], 1: [1], 3: [2]})
 
 
+def test_non_monotone_view_indptr_is_an_error():
+    """thread_view_indptr [0, 2^20, 3]: thread 0's range would run far past view_seg; the
+    whole indptr is checked before any of it is read."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(RuntimeError, match="thread_view_indptr decreases at index 2"):
+        torch.ops.loom.build_plan(i32([0, 1 << 20, 3]), i32([0, 0, 0]), i32([0, 0, 0]), i32([0, 0]),
+                                  i32([1, 1]), i32([1]), i32([0, 1]), i32([0]))
+
+
 def test_array_entry_point():
     threads, seg_len, seg_pages = random_tree(7, n_threads=6)
     ref = build_plan_py(threads, seg_len, seg_pages)

@@ -54,8 +54,13 @@ def test_pick_fallback_agrees_and_frequencies_follow_probs():
 
 
 def test_pick_errors_and_opcheck():
-    with pytest.raises(RuntimeError, match="no token of positive probability"):
+    with pytest.raises(RuntimeError, match="or no positive one"):
         torch.ops.loom.pick_from_probs(torch.zeros(2, 5), torch.rand(2))
+    # one NaN probability: an error (it used to return the last token, whatever u was)
+    p = torch.rand(2, 1000)
+    p[1, 17] = float("nan")
+    with pytest.raises(RuntimeError, match="row 1 has a NaN / inf probability"):
+        torch.ops.loom.pick_from_probs(p, torch.rand(2))
     with pytest.raises(RuntimeError, match="one number per row"):
         torch.ops.loom.pick_from_probs(torch.rand(2, 5), torch.rand(3))
     torch.library.opcheck(torch.ops.loom.pick_from_probs, (torch.rand(3, 300), torch.rand(3)))
@@ -105,6 +110,11 @@ def test_pick_from_logits_frequencies_and_errors():
     torch.testing.assert_close(freq, (logits / 0.7).softmax(-1).double(), atol=0.015, rtol=0)
     with pytest.raises(RuntimeError, match="temperature must be > 0"):
         torch.ops.loom.pick_from_logits(torch.randn(2, 5), torch.tensor([1.0, 0.0]), torch.rand(2))
-    with pytest.raises(RuntimeError, match="no token of finite logit"):
+    with pytest.raises(RuntimeError, match="or no finite one"):
         torch.ops.loom.pick_from_logits(torch.full((1, 4), float("-inf")), torch.ones(1), torch.rand(1))
+    for bad in (float("nan"), float("inf")):  # (a NaN used to give the last token every time)
+        x = torch.randn(1, 1000)
+        x[0, 3] = bad
+        with pytest.raises(RuntimeError, match="has a NaN / \\+inf logit"):
+            torch.ops.loom.pick_from_logits(x, torch.ones(1), torch.rand(1))
     torch.library.opcheck(torch.ops.loom.pick_from_logits, (torch.randn(3, 300), torch.ones(3), torch.rand(3)))
