@@ -70,8 +70,8 @@ class Scheduler:
         self._admit()
         feed, samplers, owner = [], [], []
         for req in self.running:
+            s = req.run.samplers()  # (first: it may start threads, e.g. a join, whose headers this step feeds)
             f = [t for t in req.tree.threads if t.pending and not t.closed]
-            s = req.run.samplers()
             feed += f
             samplers += s
             owner += [req] * len(s)

@@ -242,6 +242,29 @@ def test_no_token_is_sampled_past_the_models_context(short_llm, make):
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
 
 
+@pytest.mark.parametrize("layout", ["combined", "contiguous"])
+def test_hogwild_workers_that_start_at_the_context(short_llm, layout):
+    """A prompt so long that the workers' views (the prompt, then each other's headers) reach
+    the context before their first token: they end at once, and the finisher started then
+    ends too (it used to be returned to sample, past the context: the core's check failed
+    the request)."""
+    llm, M = short_llm, short_llm.config.max_position_embeddings
+    seen = []
+    inner = Script(llm, {"": "a b c..."})
+
+    def src(threads):
+        seen.extend(effective_end(t) for t in threads)
+        return inner(threads)
+    llm.core.token_source = src
+    try:
+        hw = Hogwild(workers=2, layout=layout, collab_prompt=None, finisher_tokens=4)
+        out = llm.generate("Q" * (M - 8), SamplingParams(max_tokens=20), protocol=hw)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert all(x < M for x in seen) and out.finish_reason == "length"
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+
+
 def test_parallel_sampling_select(llm):
     answers = iter(["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "no answer"])
     table = {}

@@ -241,8 +241,6 @@ class HogwildRun(ProtocolRun):
             if not w.done and not w.current.finished and effective_end(w.current) >= M:
                 w.current.finish_reason, w.done = "length", True
                 self._commit(w)
-        if self.finisher is not None and not self.finisher.finished and effective_end(self.finisher) >= M:
-            self.finisher.finish_reason = "length"
         ws = [w.current for w in self.workers if not w.done and not w.current.finished]
         left = max(self.max_total - self.total, 0)
         for t in ws[left:]:  # the total budget cannot give these workers another token
@@ -250,7 +248,9 @@ class HogwildRun(ProtocolRun):
             t.finish_reason, w.done = "length", True
             self._commit(w)
         if all(w.done for w in self.workers) and self.finisher is None:
-            self._finish()
+            self._finish()  # (its header is fed by this step: the scheduler feeds after asking)
+        if self.finisher is not None and not self.finisher.finished and effective_end(self.finisher) >= M:
+            self.finisher.finish_reason = "length"
         s = ws[:left]
         if self.finisher is not None and not self.finisher.finished:
             s.append(self.finisher)
@@ -267,7 +267,7 @@ class HogwildRun(ProtocolRun):
         ids = [x for t in order for x in t.tokens]
         text = self.tok.decode(ids, skip_special_tokens=False)
         answer = last_boxed(text)
-        if answer is None and self.finisher is not None:
+        if answer is None and self.finisher is not None and self.finisher.generated:
             answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")
         workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
                     "text": self.tok.decode([x for s in w.steps for x in s.tokens]),
