@@ -22,6 +22,15 @@ class CacheFullError(ValueError):
     """The KV cache has no room for this step's tokens (nothing was changed)."""
 
 
+def logits_source(t: Thread) -> Thread:
+    """The thread whose last logits ``t`` samples from: itself, or while it has no tokens yet
+    (a fork child with an empty header, possibly of another such child) its nearest ancestor
+    that has some: their text is all it sees."""
+    while not t.tokens and t.parent is not None:
+        t = t.parent
+    return t
+
+
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], max_positions: int):
         self.runner, self.cache = runner, runner.cache
@@ -72,8 +81,9 @@ class EngineCore:
         for t in samplers:
             if t.pending or t.tokens:
                 continue
-            if t.parent is None or (t.parent.last_logits is None and t.parent not in feed):
-                raise ValueError(f"thread {t.id} has no tokens and no parent logits to sample from.")
+            src = logits_source(t)
+            if src is t or (src.last_logits is None and src not in feed):
+                raise ValueError(f"thread {t.id} has no tokens and no ancestor logits to sample from.")
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
         logits, row_of = None, {}
         if items:
@@ -89,7 +99,7 @@ class EngineCore:
                 t.last_logits = views[i] if id(t) in sampling else views[i].clone()
         if not samplers:
             return []
-        srcs = [t if t.tokens else t.parent for t in samplers]
+        srcs = [logits_source(t) for t in samplers]
         for src in srcs:
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")

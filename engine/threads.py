@@ -263,7 +263,8 @@ class ThreadTree:
         if tokens:
             check_growable(th)
             if not header:  # (a new thread's header was checked by _new_thread)
-                self._check_positions(th.end + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
+                self._check_positions(effective_end(th) + len(tokens),
+                                      f"Injecting {len(tokens)} tokens into thread {th.id}")
                 self._check_pages(len(th.tokens) + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
         th.tokens.extend(tokens)
         th.pending.extend(tokens)

@@ -312,6 +312,22 @@ def test_session_verbs_refuse_what_they_cannot_do(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_fork_of_a_child_with_no_tokens(make_llm):
+    """A fork child with an empty header, forked again with an empty header: the grandchild
+    sees the prompt alone and samples from its logits, as a direct child does (it found no
+    logits one level up and failed, taking every thread of that generate call with it)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(9, V, seed=4))
+    (a,) = s.fork(s.root, [[]])
+    (b,) = s.fork(a, [[]])
+    (c,) = s.fork(s.root, [[]])
+    got_b, got_c = s.generate([b, c], greedy(5))
+    assert got_b.token_ids == got_c.token_ids and len(got_b.token_ids) == 5
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_pending_header_that_does_not_fit_now_blocks_only_its_thread(make_llm):
     """generate() writes the pending tokens of the threads it samples and of what they read,
     not every pending token of the session: a thread whose header cannot fit the cache now

@@ -242,6 +242,8 @@ def test_live_views_stop_at_the_models_context(make_llm):
         s.set_view(w, [s.root, a])
     w2 = s.spawn([s.root], header=[5] * 10)
     s.set_view(w2, [s.root, a])  # laid out: 16 + M - 40 + 10 = M - 14 positions
+    with pytest.raises(ValueError, match=f"Injecting 15 tokens into thread {w2.id} would reach position {M + 1}"):
+        s.inject(w2, [6] * 15)  # (checked against its home end, far below, it passed)
     out = s.generate([w2], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 14
     assert s.generate([w2], SamplingParams(temperature=0, max_tokens=5))[0].token_ids == []

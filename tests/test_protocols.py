@@ -265,6 +265,49 @@ def test_hogwild_workers_that_start_at_the_context(short_llm, layout):
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
 
 
+def test_nested_reprefill_joins_stay_within_the_reservation(short_llm):
+    """Each nesting level of reprefill joins writes the inner paths' text once more (the paths,
+    the inner continuation, the outer one): the request's reservation counts 1 + max_depth
+    copies (it counted 2, and a cache of just that size failed mid-request)."""
+    d = tempfile.mkdtemp()
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+    K, lim = 500, TreeLimits(max_depth=2, max_paths=2, max_threads=11, fork_margin=0)
+    proto = ParallelR1(num_paths=2, positions="reprefill", limits=lim)
+    p = SamplingParams(temperature=0, max_tokens=2 * K + 60)
+    probe = LLM(d, attention_backend="cpu", page_size=16, seed=0, kv_cache_tokens=16 * 4096)
+    need = proto.pages_needed(probe.cache, 5, p, probe.config.max_position_embeddings)
+    llm = LLM(d, attention_backend="cpu", page_size=16, seed=0, kv_cache_tokens=16 * need)  # just the bound
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+
+    def depth(t):
+        n = 0
+        while t.parent is not None:
+            t, n = t.parent, n + 1
+        return n
+
+    def src(threads):
+        out = []
+        for t in threads:
+            head = llm.tokenizer.decode(t.tokens[:t.header_len])
+            if "<Summary>" in head:
+                text = "</Path>" if depth(t) >= 3 else "end"
+            elif "<Path>" in head:
+                text = "x" * K + "</Path>" if depth(t) >= 3 else "<Parallel>"
+            else:
+                text = "<Parallel>"
+            toks = enc(text)
+            out.append(toks[len(t.generated)] if len(t.generated) < len(toks) else llm.eos_ids[0])
+        return out
+    llm.core.token_source = src
+    try:
+        out = llm.generate([[65] * 5], p, protocol=proto)[0]
+    finally:
+        llm.core.token_source = None
+    assert kinds(out.outputs[0]).count("join") == 3
+    assert out.metrics.kv_pages_peak <= need
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_parallel_sampling_select(llm):
     answers = iter(["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "no answer"])
     table = {}
@@ -316,7 +359,7 @@ def test_request_that_can_never_fit_names_the_protocols_bound(llm):
              (Multiverse(), r"Multiverse: max_paths=8 x max_tokens=\d+ sampled tokens, plus headers for up to "
                             r"max_threads=64 threads\) .*limits=TreeLimits\(max_paths=\.\.\., max_threads=\.\.\.\) "
                             r"to Multiverse"),
-             (ParallelR1(positions="reprefill"), r"twice for reprefill joins"),
+             (ParallelR1(positions="reprefill"), r"3 times for reprefill joins"),
              ]
     for proto, pattern in cases:
         with pytest.raises(ValueError, match=r"can never fit the KV cache.*" + pattern):

@@ -230,7 +230,10 @@ class HogwildRun(ProtocolRun):
             view = [self.tree.root] + [t for _, t in self.commits]
         else:
             view = [self.tree.root] + self.history
-        self.finisher = self.tree.spawn(view, self.tok.encode(FINISHER, add_special_tokens=False))
+        header = self.tok.encode(FINISHER, add_special_tokens=False)
+        if layout_end(view) + len(header) >= self.core.max_positions:
+            return  # no room for it before the model's context: the workers' text is the output
+        self.finisher = self.tree.spawn(view, header)
         fp = SamplingParams(**{**vars(self.params), "max_tokens": self.proto.finisher_tokens,
                                "n": 1, "stop": None})
         self.activate(self.finisher, fp)

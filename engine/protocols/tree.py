@@ -244,7 +244,8 @@ class TagTreeProtocol(Protocol):
         total = (f"max_total_tokens={params.max_total_tokens}" if params.max_total_tokens else
                  f"max_paths={L.max_paths} x max_tokens={params.max_tokens} sampled tokens")
         return (f"{type(self).__name__}: {total}, plus headers for up to max_threads={L.max_threads} threads"
-                + (", twice for reprefill joins" if self.positions == "reprefill" else ""))
+                + (f", {1 + L.max_depth} times for reprefill joins (once more per nesting level)"
+                   if self.positions == "reprefill" else ""))
 
     def need_fix(self):
         return (f"lower max_tokens, set SamplingParams(max_total_tokens=...), or pass "
@@ -254,7 +255,8 @@ class TagTreeProtocol(Protocol):
         L = self.limits
         total = params.max_total_tokens or params.max_tokens * L.max_paths
         headers = 64 * L.max_threads  # generous bound on injected header/close tokens
-        mult = 2 if self.positions == "reprefill" else 1  # a reprefill copies the joined text
+        # a reprefill join copies the joined text, and each level of nesting copies it once more
+        mult = 1 + L.max_depth if self.positions == "reprefill" else 1
         return cache.pages_for(prompt_len) + cache.pages_for(mult * (total + headers)) + L.max_threads
 
     def start(self, tree, core, params, make_generator):
