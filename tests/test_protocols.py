@@ -262,6 +262,8 @@ def test_hogwild_workers_that_start_at_the_context(short_llm, layout):
     finally:
         llm.core.token_source = None
     assert all(x < M for x in seen) and out.finish_reason == "length"
+    from engine.protocols.hogwild import FINISHER
+    assert out.answer is None and FINISHER.strip() not in out.text  # (no finisher without room)
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
 
 
