@@ -41,6 +41,10 @@ class EngineCore:
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
         self.token_source = None
 
+    def at_context_end(self, t: Thread) -> bool:
+        """``t``'s next token would sit at or past the model's context: it samples no more."""
+        return effective_end(t) >= self.max_positions
+
     # ---- one step --------------------------------------------------------------------------
     def _check_room(self, feed: list[Thread]):
         c = self.cache
@@ -61,7 +65,7 @@ class EngineCore:
         """Feed ``feed``'s pending tokens, then sample one token for each of ``samplers``
         (returned in order; the caller applies them with ``accept``)."""
         for t in samplers:
-            if effective_end(t) >= self.max_positions:
+            if self.at_context_end(t):
                 raise RuntimeError(f"thread {t.id} would sample at position {effective_end(t)}, past the "
                                    f"model's context of {self.max_positions} (engine bug: its caller "
                                    "ends such threads first)")
@@ -152,7 +156,7 @@ class EngineCore:
             t.finish_reason, t.stop_reason = "stop", tok
         elif p.stop and self._stop_string(t, p):
             pass
-        elif len(t.generated) >= p.max_tokens or effective_end(t) >= self.max_positions or \
+        elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
                 (path_limit is not None and t.path_tokens >= path_limit):
             t.finish_reason = "length"
 

@@ -23,7 +23,7 @@ from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import ModelRunner
 from .sampling_params import SamplingParams
-from .scheduler import Request, Scheduler
+from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
 from .tokenizer import Tokenizer
 
@@ -202,10 +202,7 @@ class LLM:
                 f"has {c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens "
                 f"(now {c.num_pages * c.page_size}) or {protocol.need_fix()}.")
         if not c.can_reserve(need):  # (no request runs between calls: sessions hold the rest)
-            raise ValueError(
-                f"This request needs up to {need} free pages of the KV cache but open sessions hold all "
-                f"but {c.pages_unreserved} of its {c.num_pages}; close them (Session.close), or raise "
-                f"kv_cache_tokens (now {c.num_pages * c.page_size}).")
+            raise sessions_hold_pages(c, need, "This request")
         return need
 
     def _thread_generator(self, params: SamplingParams, i: int) -> torch.Generator:

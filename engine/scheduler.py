@@ -18,6 +18,14 @@ from .sampling_params import SamplingParams
 from .threads import ThreadTree
 
 
+def sessions_hold_pages(cache, need: int, what: str) -> ValueError:
+    """The error for a request that fits the cache but not the pages open sessions leave."""
+    c = cache
+    return ValueError(f"{what} needs up to {need} free pages of the KV cache but open sessions hold all but "
+                      f"{c.pages_unreserved} of its {c.num_pages}; close them (Session.close), or raise "
+                      f"kv_cache_tokens (now {c.num_pages * c.page_size}).")
+
+
 @dataclass(eq=False)
 class Request:
     id: int
@@ -82,11 +90,7 @@ class Scheduler:
             if self.running:
                 raise RuntimeError("no thread can advance: protocol bug")
             if self.waiting:  # nothing runs, so nothing this call does can free pages: sessions hold them
-                req, c = self.waiting[0], self.cache
-                raise ValueError(
-                    f"A request needs up to {req.pages_needed} free pages of the KV cache but open sessions "
-                    f"hold all but {c.pages_unreserved} of its {c.num_pages}; close them (Session.close), "
-                    f"or raise kv_cache_tokens (now {c.num_pages * c.page_size}).")
+                raise sessions_hold_pages(self.cache, self.waiting[0].pages_needed, "A request")
             return []
         tokens = self.core.step(feed, samplers)
         for req in self.running:

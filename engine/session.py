@@ -15,7 +15,7 @@ from __future__ import annotations
 from .llm import engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
-from .threads import Thread, ThreadTree, effective_end
+from .threads import Thread, ThreadTree
 
 
 class ThreadHandle:
@@ -175,11 +175,10 @@ class Session:
         core, llm = self._llm.core, self._llm
         for t in ts:
             core.begin(t, p, llm._thread_generator(p, t.id))
-        M = core.max_positions
         try:
             while True:
                 for t in ts:  # its next token would sit at or past the model's context
-                    if not t.finished and effective_end(t) >= M:
+                    if not t.finished and core.at_context_end(t):
                         t.finish_reason = "length"
                 active = [t for t in ts if not t.finished]
                 if not active:

@@ -77,17 +77,16 @@ class ThreadTree:
         self.max_positions = max_positions
         self.context_source = context_source
 
-    def _check_positions(self, end: int, what: str):
-        if self.max_positions is not None and end > self.max_positions:
+    def _check_room(self, end: int, tokens: int, what: str):
+        """Sessions' verbs (requests reserve their worst case instead): the last position must
+        be within the model's context, and a segment of ``tokens`` tokens must fit the whole
+        cache (else no step can ever write it)."""
+        if self.max_positions is None:
+            return
+        if end > self.max_positions:
             raise ValueError(f"{what} would reach position {end}, past the model's context of "
                              f"{self.max_positions} tokens ({self.context_source}); shorten it, or "
                              "continue from a thread that has room.")
-
-    def _check_pages(self, tokens: int, what: str):
-        """A segment of ``tokens`` tokens must fit the whole cache (else no step can ever write
-        it). Checked, as positions, for sessions' verbs (requests reserve their worst case)."""
-        if self.max_positions is None:
-            return
         c = self.cache
         need = c.pages_for(tokens)
         if need > c.num_pages:
@@ -98,8 +97,7 @@ class ThreadTree:
     # ---- creation --------------------------------------------------------------------------
     def _new_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
                     header: list[int], what: str = "A new thread's header") -> Thread:
-        self._check_positions(base + len(header), what)
-        self._check_pages(len(header), what)
+        self._check_room(base + len(header), len(header), what)
         seg = self.cache.new_segment(base, self.reservation)
         for s, _ in view:
             self.cache.retain(s)
@@ -123,8 +121,7 @@ class ThreadTree:
         if not headers:
             raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
         for h in headers:  # (all checked before any child exists)
-            self._check_positions(parent.end + len(h), f"A header of {len(h)} tokens after thread {parent.id}")
-            self._check_pages(len(h), f"A header of {len(h)} tokens")
+            self._check_room(parent.end + len(h), len(h), f"A header of {len(h)} tokens after thread {parent.id}")
         kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
         for k in kids:
             k.path_tokens = parent.path_tokens
@@ -185,10 +182,7 @@ class ThreadTree:
         segment, which starts where the view's layout ends now."""
         if not header and not (len(view) == 1 and view[0] is self.root):
             raise ValueError("spawn() needs a non-empty header unless the view is just the root.")
-        if len({u.id for u in view}) != len(view):
-            raise ValueError("a view names the same thread twice.")
-        for u in view:
-            self._check_open(u)
+        self._check_view(view)
         base = layout_end(view)
         th = self._new_thread(base, [(u.seg, 0) for u in view],
                               self.root if not header else None, list(header), "The spawned thread's header")
@@ -202,16 +196,13 @@ class ThreadTree:
         if any(u is th for u in view):
             raise ValueError(f"thread {th.id}'s view cannot contain itself (its own segment is "
                              "always last).")
-        if len({u.id for u in view}) != len(view):
-            raise ValueError("a view names the same thread twice.")
-        for u in view:
-            self._check_open(u)
+        self._check_view(view)
         if not th.tokens and not (len(view) == 1 and view[0] is self.root):
             raise ValueError(f"thread {th.id} has no tokens yet: its first token would be sampled from the "
                              "root's logits, not after this view; spawn it with a header, or inject "
                              "tokens into it before changing its view.")
-        self._check_positions(layout_end(view) + len(th.tokens),
-                              f"The new view of thread {th.id} (laid out, then its {len(th.tokens)} tokens)")
+        self._check_room(layout_end(view) + len(th.tokens), len(th.tokens),
+                         f"The new view of thread {th.id} (laid out, then its {len(th.tokens)} tokens)")
         for u in view:
             self.cache.retain(u.seg)
         for s, _ in th.view[:-1]:
@@ -219,6 +210,13 @@ class ThreadTree:
         th.live = list(view)
         th.view = tuple((u.seg, 0) for u in view) + ((th.seg, 0),)
         refresh_view(th)
+
+    def _check_view(self, view: list[Thread]):
+        """A live view names open threads, each once."""
+        if len({u.id for u in view}) != len(view):
+            raise ValueError("a view names the same thread twice.")
+        for u in view:
+            self._check_open(u)
 
     def compact(self, threads: list[Thread], base: int, inv_freq: torch.Tensor) -> Thread:
         """Rewrite the segments of ``threads`` (fully written, in order) once into one new
@@ -263,9 +261,8 @@ class ThreadTree:
         if tokens:
             check_growable(th)
             if not header:  # (a new thread's header was checked by _new_thread)
-                self._check_positions(effective_end(th) + len(tokens),
-                                      f"Injecting {len(tokens)} tokens into thread {th.id}")
-                self._check_pages(len(th.tokens) + len(tokens), f"Injecting {len(tokens)} tokens into thread {th.id}")
+                self._check_room(effective_end(th) + len(tokens), len(th.tokens) + len(tokens),
+                                 f"Injecting {len(tokens)} tokens into thread {th.id}")
         th.tokens.extend(tokens)
         th.pending.extend(tokens)
         if header:

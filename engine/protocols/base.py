@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..core import EngineCore
 from ..outputs import CompletionOutput, RequestMetrics
 from ..sampling_params import SamplingParams
-from ..threads import Thread, ThreadTree, effective_end
+from ..threads import Thread, ThreadTree
 
 
 class Protocol:
@@ -47,11 +47,10 @@ class ProtocolRun:
         self.active.append(t)
 
     def samplers(self) -> list[Thread]:
-        s = [t for t in self.active if not t.finished]
-        for t in s:  # (a thread that starts at the model's context end, e.g. a join past it)
-            if effective_end(t) >= self.core.max_positions:
+        for t in self.active:  # (a thread that starts at the model's context end, e.g. a join past it)
+            if not t.finished and self.core.at_context_end(t):
                 t.finish_reason = "length"
-        s = [t for t in s if not t.finished]
+        s = [t for t in self.active if not t.finished]
         if self.max_total is not None and len(s) > self.max_total - self.total:
             # The total budget cannot cover one more token for every thread: the first
             # ones (in creation order) take what is left, the others end here.

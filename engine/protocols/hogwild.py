@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
-from ..threads import Thread, effective_end, layout_end
+from ..threads import Thread, layout_end
 from .base import Protocol, ProtocolRun
 from .sampling import last_boxed
 
@@ -61,6 +61,12 @@ class Worker:
         return self.steps[-1]
 
 
+def _header_optional(workers: int, layout: str) -> bool:
+    """One worker in the contiguous layout: its view stays [root], so a step without a header
+    samples from the prompt's logits as it should; any other view needs a header first."""
+    return workers == 1 and layout == "contiguous"
+
+
 class Hogwild(Protocol):
     name = "hogwild"
 
@@ -76,7 +82,7 @@ class Hogwild(Protocol):
         names = list(names) if names is not None else (NAMES + [f"Worker{i}" for i in range(9, 65)])
         if len(names) < workers:
             raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
-        if not isinstance(header, str) or not (header or (workers == 1 and layout == "contiguous")):
+        if not isinstance(header, str) or not (header or _header_optional(workers, layout)):
             raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
                              "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
         if checkin_every is not None and (not isinstance(checkin_every, int) or checkin_every < 1):
@@ -145,7 +151,7 @@ class HogwildRun(ProtocolRun):
         if k is not None and len(w.steps) > 0 and len(w.steps) % k == 0:
             text += self.proto.checkin
         ids = self.tok.encode(text, add_special_tokens=False)
-        if not ids and not (self.proto.workers == 1 and self.proto.layout == "contiguous"):
+        if not ids and not _header_optional(self.proto.workers, self.proto.layout):
             # (a step's first token is sampled after its header, seeing the live view)
             raise ValueError(f"Hogwild's step header {self.proto.header!r} is empty for worker {w.name!r}; "
                              "give it some text, e.g. header='{name}: '.")
@@ -239,9 +245,8 @@ class HogwildRun(ProtocolRun):
         self.activate(self.finisher, fp)
 
     def samplers(self) -> list[Thread]:
-        M = self.core.max_positions
         for w in self.workers:  # the view laid out reaches the model's context: this worker ends
-            if not w.done and not w.current.finished and effective_end(w.current) >= M:
+            if not w.done and not w.current.finished and self.core.at_context_end(w.current):
                 w.current.finish_reason, w.done = "length", True
                 self._commit(w)
         ws = [w.current for w in self.workers if not w.done and not w.current.finished]
@@ -252,7 +257,7 @@ class HogwildRun(ProtocolRun):
             self._commit(w)
         if all(w.done for w in self.workers) and self.finisher is None:
             self._finish()  # (its header is fed by this step: the scheduler feeds after asking)
-        if self.finisher is not None and not self.finisher.finished and effective_end(self.finisher) >= M:
+        if self.finisher is not None and not self.finisher.finished and self.core.at_context_end(self.finisher):
             self.finisher.finish_reason = "length"
         s = ws[:left]
         if self.finisher is not None and not self.finisher.finished:
