@@ -230,7 +230,8 @@ class ThreadTree:
         th = self._new_thread(base, [], None, [])
         th.tokens = [tok for t in threads for tok in t.tokens]
         total = len(th.tokens)
-        slots = torch.tensor(self.cache.append_slots(th.seg, total), dtype=torch.long)
+        dev = self.cache.k[0].device  # (index and angle tensors on the pools' device)
+        slots = torch.tensor(self.cache.append_slots(th.seg, total), dtype=torch.long, device=dev)
         ps = self.cache.page_size
         src, delta = [], []
         pos = base
@@ -239,13 +240,15 @@ class ThreadTree:
             src += [t.seg.pages[i // ps] * ps + i % ps for i in range(n)]
             delta += [pos - t.seg.base] * n
             pos += n
-        src_t, delta_t = torch.tensor(src, dtype=torch.long), torch.tensor(delta)
+        src_t = torch.tensor(src, dtype=torch.long, device=dev)
+        delta_t = torch.tensor(delta, dtype=torch.long, device=dev)
+        inv_freq = inv_freq.to(dev)
         for kp, vp in zip(self.cache.k, self.cache.v):
             Hkv, D = kp.shape[2], kp.shape[3]
             kf, vf = kp.view(-1, Hkv, D), vp.view(-1, Hkv, D)
-            k = rotate_by(kf[src_t], delta_t, inv_freq.to(kf.device)).to(kf.dtype)
-            kf.index_copy_(0, slots.to(kf.device), k)
-            vf.index_copy_(0, slots.to(kf.device), vf[src_t])
+            k = rotate_by(kf[src_t], delta_t, inv_freq).to(kf.dtype)
+            kf.index_copy_(0, slots, k)
+            vf.index_copy_(0, slots, vf[src_t])
         th.finish_reason = "compacted"
         return th
 

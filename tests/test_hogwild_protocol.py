@@ -201,3 +201,22 @@ def test_collaboration_prompt_uses_chat_template(make_llm):
     ids = hw.prepare_prompt(llm.tokenizer, "What is 2+2?", [])
     text = llm.tokenizer.decode(ids, skip_special_tokens=False)
     assert "Alice, Bob, Carol" in text and "What is 2+2?" in text and "<|im_start|>" in text
+
+
+def test_compaction_keeps_its_tensors_on_the_pools_device():
+    """Compaction built its index and angle tensors on the CPU and mixed them with the
+    pools' (a CUDA run failed at its first compaction). 'meta' pools stand in for a GPU:
+    the same device check, no data."""
+    import torch
+    from engine.cache import KVCache
+    from engine.threads import ThreadTree
+    cache = KVCache(num_layers=2, num_pages=8, page_size=4, num_kv_heads=2, head_dim=16,
+                    dtype=torch.float32, device="meta")
+    tree = ThreadTree(cache)
+    root = tree.new_root([1, 2, 3])
+    a, b = tree.fork(root, [[4, 5], [6]])
+    for t in (root, a, b):          # as a step that wrote their pending tokens
+        cache.append_slots(t.seg, len(t.pending))
+        t.pending.clear()
+    th = tree.compact([a, b], root.seg.base + root.seg.length, torch.rand(8, device="meta"))
+    assert th.tokens == [4, 5, 6] and th.seg.length == 3
