@@ -5,6 +5,7 @@ argument and what is wrong, before any kernel sees a pointer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,6 +34,15 @@ def maybe_autotune(configs: list, key: list[str]):
 
 def autotuned() -> bool:
     return not INTERPRET
+
+
+def device_guard(device: torch.device):
+    """The context every launch runs in: Triton launches on the *current* CUDA device,
+    not on its tensors' one, so with tensors on ``cuda:1`` a bare launch would run in
+    cuda:0's context with cuda:1's pointers. CPU tensors (the interpreter) need none."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:

@@ -75,10 +75,11 @@ def launch_merge(o: torch.Tensor, lse: torch.Tensor, merge_indptr: torch.Tensor,
     has_split = state_off is not None
     if not has_split:
         state_off = nsplit = merge_entries  # unused
-    _merge_kernel[(T, triton.cdiv(H, block_h))](
-        o, lse, out, merge_indptr, merge_entries, state_off, nsplit, H,
-        o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        D=D, D_PAD=d_pad, BLOCK_H=block_h, HAS_SPLIT=has_split, num_warps=4)
+    with C.device_guard(out.device):
+        _merge_kernel[(T, triton.cdiv(H, block_h))](
+            o, lse, out, merge_indptr, merge_entries, state_off, nsplit, H,
+            o.stride(0), o.stride(1), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            D=D, D_PAD=d_pad, BLOCK_H=block_h, HAS_SPLIT=has_split, num_warps=4)
 
 
 def merge_states(o: torch.Tensor, lse: torch.Tensor, merge_indptr: torch.Tensor,

@@ -93,17 +93,18 @@ def _launch(k_pool, v_pool, k, v, slots, positions, cos, sin, inv_freq, rope: in
     half_pad = C.next_pow2(half)
     block_h = min(C.next_pow2(H), max(1, 2048 // half_pad))
     dummy = slots
-    _rope_append_kernel[(T, triton.cdiv(H, block_h))](
-        k, v, k_pool, v_pool, slots,
-        positions if positions is not None else dummy,
-        cos if cos is not None else dummy, sin if sin is not None else dummy,
-        inv_freq if inv_freq is not None else dummy,
-        H, k_pool.shape[1],
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
-        HALF=half, HALF_PAD=half_pad, BLOCK_H=block_h, ROPE=rope, num_warps=4)
+    with C.device_guard(k_pool.device):
+        _rope_append_kernel[(T, triton.cdiv(H, block_h))](
+            k, v, k_pool, v_pool, slots,
+            positions if positions is not None else dummy,
+            cos if cos is not None else dummy, sin if sin is not None else dummy,
+            inv_freq if inv_freq is not None else dummy,
+            H, k_pool.shape[1],
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+            v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+            cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
+            HALF=half, HALF_PAD=half_pad, BLOCK_H=block_h, ROPE=rope, num_warps=4)
 
 
 def append_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

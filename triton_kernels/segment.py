@@ -33,7 +33,8 @@ _LOG2E = 1.0 / math.log(2.0)
 
 def _configs():
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 4, 3))]
+            for bn, w, s in ((32, 4, 1), (32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2),
+                             (128, 4, 3))]
 
 
 @C.maybe_autotune(_configs(), key=["HALF_PAD", "GROUP", "BLOCK_Q", "IS_FP32", "DIRECT"])
@@ -212,22 +213,23 @@ def segment_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     else:
         o_part = torch.empty(max(work.num_states, 1), Hq, D, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(max(work.num_states, 1), Hq, dtype=torch.float32, device=q.device)
-    for wc in work.classes:
-        extra = {} if C.autotuned() else {"BLOCK_N": 32, "num_warps": 4}
-        _segment_attn_kernel[(wc.num_items, Hkv)](
-            q, k_pool, v_pool, out, o_part, lse_part,
-            wc.items, plan.kv_indptr, plan.kv_page_ids, plan.q_rows, plan.shift, plan.causal_limit,
-            work.state_off, inv_freq,
-            float(scale) * _LOG2E, k_pool.shape[1],
-            q.stride(0), q.stride(1),
-            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-            v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-            out.stride(0), out.stride(1),
-            o_part.stride(0), o_part.stride(1),
-            lse_part.stride(0), lse_part.stride(1),
-            HALF=half, HALF_PAD=half_pad, GROUP=group, BLOCK_Q=wc.block_q,
-            HAS_SHIFT=work.has_shift, DIRECT=work.direct, IS_FP32=q.dtype == torch.float32,
-            UPCAST=C.INTERPRET and q.dtype == torch.bfloat16, **extra)
+    with C.device_guard(q.device):
+        for wc in work.classes:
+            extra = {} if C.autotuned() else {"BLOCK_N": 32, "num_warps": 4}
+            _segment_attn_kernel[(wc.num_items, Hkv)](
+                q, k_pool, v_pool, out, o_part, lse_part,
+                wc.items, plan.kv_indptr, plan.kv_page_ids, plan.q_rows, plan.shift, plan.causal_limit,
+                work.state_off, inv_freq,
+                float(scale) * _LOG2E, k_pool.shape[1],
+                q.stride(0), q.stride(1),
+                k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+                v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+                out.stride(0), out.stride(1),
+                o_part.stride(0), o_part.stride(1),
+                lse_part.stride(0), lse_part.stride(1),
+                HALF=half, HALF_PAD=half_pad, GROUP=group, BLOCK_Q=wc.block_q,
+                HAS_SHIFT=work.has_shift, DIRECT=work.direct, IS_FP32=q.dtype == torch.float32,
+                UPCAST=C.INTERPRET and q.dtype == torch.bfloat16, **extra)
     if work.direct:
         return out
     launch_merge(o_part, lse_part, plan.merge_indptr, plan.merge_entries, out,
