@@ -38,7 +38,10 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU under TRITON_INTERPRET=1; checks agreement only")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="float32: no flash_paged column (flash-attn takes 16-bit inputs only)")
+    ap.add_argument("--quick", action="store_true",
+                    help="three configurations (those of bench_attention.py --quick), 10 repeats")
     ap.add_argument("--threads", default="1,8,32")
     ap.add_argument("--prompt", default="1024,8192")
     ap.add_argument("--own", default="64,512")
@@ -101,9 +104,14 @@ class Setup:
         return 2 * (self.P + self.N * self.O) * self.Hkv * self.D * self.elem
 
     def flash_fn(self):
+        if self.q.dtype not in (torch.float16, torch.bfloat16) or self.q.device.type != "cuda":
+            return None
         try:
             from flash_attn import flash_attn_with_kvcache
+            from triton_kernels.flash import flash_supported
         except Exception:
+            return None
+        if not flash_supported(self.q.device):  # (flash-attn 2: sm_8x and sm_90 only)
             return None
         N, P, O, Hkv, D = self.N, self.P, self.O, self.Hkv, self.D
         if P % FLASH_PAGE:
@@ -208,6 +216,8 @@ def run(args) -> int:
         ints = lambda s: [int(x) for x in s.split(",")]
         grid = [(n, p, o) for n in ints(args.threads) for p in ints(args.prompt) for o in ints(args.own)]
         Hq, Hkv, D, repeats = args.heads, args.kv_heads, args.head_dim, args.repeats
+        if args.quick:
+            grid, repeats = [(1, 1024, 64), (8, 8192, 512), (32, 8192, 512)], 10
         dtype = getattr(torch, args.dtype)
     print(machine_info(device))
     print(f"decode: Hq={Hq} Hkv={Hkv} D={D} {str(dtype).replace('torch.', '')} page={args.page_size}; "

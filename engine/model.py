@@ -180,7 +180,7 @@ class CausalLM:
         c = self.cfg
         T = input_ids.shape[0]
         qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        cos, sin = self.rotary.tables(positions)
+        cos, sin = self.rotary.tables(positions, batch.max_position)
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden]
         for li, L in enumerate(self.layers):
             x = rms_norm(h, L.ln1, c.rms_norm_eps)

@@ -80,9 +80,10 @@ class Rotary:
             self._extend(max(need, 2 * self.cos.shape[0]))
         return self.cos, self.sin
 
-    def tables(self, positions: torch.Tensor):
-        """cos, sin [T, 1, D/2] for ``positions [T]`` (int64)."""
-        cos, sin = self.covering(positions)
+    def tables(self, positions: torch.Tensor, max_position: int | None = None):
+        """cos, sin [T, 1, D/2] for ``positions [T]`` (int64; ``max_position`` as in
+        ``covering``: on a GPU, reducing ``positions`` would wait for the device)."""
+        cos, sin = self.covering(positions, max_position)
         return cos[positions][:, None, :], sin[positions][:, None, :]
 
 

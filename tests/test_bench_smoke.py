@@ -51,3 +51,6 @@ def test_bench_attention_gpu_smoke():
 def test_bench_attention_cuda_without_a_gpu():
     out = run("bench/bench_attention.py", "--device", "cuda", code=2)
     assert "needs a CUDA GPU" in out and "--smoke" in out, out
+    # the CPU table's flags are the GPU table's too (they were refused by its parser)
+    out = run("bench/bench_attention.py", "--device", "cuda", "--quick", "--dtype", "float32", code=2)
+    assert "needs a CUDA GPU" in out and "unrecognized" not in out and "invalid choice" not in out, out

@@ -204,6 +204,22 @@ def test_build_work_items_cover_every_entry_once():
                 assert bool(((it[:, 4] - it[:, 3]) % W.CHUNK_ALIGN == 0).all())
 
 
+def test_work_and_flash_layout_read_the_host_plan():
+    """On a GPU the step's plan is copied to the device; the work split and the flash
+    layout are host decisions and read the plan it was copied from (reading the device
+    copy back cost a copy and a wait for the step's queued work, every step). 'meta'
+    stands in for the GPU: its tensors cannot be read back at all."""
+    _, _, _, plan = random_case(52, 8, 2, 64, 16, torch.float32, threads=3, prompt=100)
+    dev = plan.to("meta")
+    assert dev.host() is plan and plan.host() is plan
+    want = W.build_work(plan, 2, 4, 32, target_programs=4)
+    got = W.build_work(dev, 2, 4, 32, target_programs=4)
+    assert [(c.block_q, tuple(c.items.shape)) for c in got.classes] == \
+        [(c.block_q, tuple(c.items.shape)) for c in want.classes]
+    assert got.classes[0].items.device.type == "meta" and got.num_states == want.num_states
+    tk.prefill_layout(dev, 16)  # (None here: not a plain prefill; it must not read the device)
+
+
 def test_block_q_sizes_are_dot_friendly():
     for group in (1, 2, 3, 4, 7, 8, 16, 32):
         for half_pad in (16, 32, 64, 128):
@@ -284,6 +300,31 @@ def test_append_kv_matches_torch_append():
 
 
 # ---- launcher checks ------------------------------------------------------------------------------
+
+def test_every_launch_runs_under_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors' one: each launcher
+    enters ``device_guard`` of its tensors' device (on ``cuda:1`` a bare launch ran in
+    cuda:0's context). Recorded here through the guard itself."""
+    from triton_kernels import _common as Cm
+    seen = []
+    real = Cm.device_guard
+
+    def record(device):
+        seen.append(torch.device(device))
+        return real(device)
+    monkeypatch.setattr(Cm, "device_guard", record)
+    q, k_pool, v_pool, plan = random_case(61, 4, 2, 64, 16, torch.float32, threads=2)
+    q, k_pool, v_pool, plan = q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), plan.to(DEVICE)
+    tk.segment_attention(q, k_pool, v_pool, plan, inv_freq_of(64).to(DEVICE), 0.125, kv_chunk=16)
+    assert len(seen) == 2 and set(seen) == {q.device}           # attention, then its merge
+    seen.clear()
+    k = torch.randn(3, 2, 64, device=DEVICE)
+    tk.append_kv(k_pool, v_pool, k, k.clone(), torch.tensor([0, 5, 9], device=DEVICE))
+    assert seen == [k_pool.device]
+    guard = real(torch.device("cuda", 1))            # (made without a GPU: entered only on one)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
 
 def test_launchers_raise_clear_errors():
     q, k_pool, v_pool, plan = random_case(60, 4, 2, 64, 16, torch.float32)
@@ -375,6 +416,17 @@ def test_attention_entry_point_falls_back_without_flash(monkeypatch):
     torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
+def test_flash_only_on_the_gpus_it_supports(monkeypatch):
+    """flash-attn 2 raises on every call on pre-Ampere (T4, V100) and Blackwell GPUs: the
+    entry point asks the device's compute capability first (faked here: no GPU)."""
+    from triton_kernels import flash as F
+    caps = {0: (7, 5), 1: (8, 0), 2: (8, 9), 3: (9, 0), 4: (10, 0), 5: (12, 0), 6: (7, 0)}
+    monkeypatch.setattr(F, "_FLASH_GPUS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: caps[i])
+    got = {i: F.flash_supported(torch.device("cuda", i)) for i in caps}
+    assert got == {0: False, 1: True, 2: True, 3: True, 4: False, 5: False, 6: False}
+
+
 # ---- GPU only ------------------------------------------------------------------------------------
 
 @needs_gpu
@@ -406,3 +458,22 @@ def test_kernels_compile_for_gpu_targets():
                          capture_output=True, text=True, cwd=root, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "compiled 4/4" in out.stdout
+
+
+def test_smallest_tuning_config_fits_every_gpu():
+    """Every autotune config of the float32, head-dim-256 prefill tile needed more shared
+    memory than RTX 30/40, A10, L4 and L40 GPUs (sm_86/89: 99 KB per block) have: the
+    autotuner drops such configs, and with none left the first prefill failed. The
+    smallest config is first in the list; compiled for sm_89 (no GPU needed)."""
+    import subprocess
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's NVIDIA backend (bundled ptxas) is not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--fit", "--arch", "89"],
+                         capture_output=True, text=True, cwd=root, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.stdout.count("B shared (limit 101376)") >= 2, out.stdout

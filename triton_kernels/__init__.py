@@ -18,7 +18,7 @@ import torch
 
 from ._common import INTERPRET
 from .segment import segment_attention
-from .flash import flash_prefill, flash_varlen_fn, prefill_layout
+from .flash import flash_prefill, flash_supported, flash_varlen_fn, prefill_layout
 from .merge import merge_states
 from .rope_append import append_kv, rope_append
 from .work import cached_work
@@ -26,10 +26,10 @@ from .work import cached_work
 
 def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan, inv_freq,
               scale: float) -> torch.Tensor:
-    """The engine backend: flash-attn's varlen kernel for plain causal prefill (CUDA,
-    fp16/bf16, flash-attn installed), the Triton segment attention otherwise."""
+    """The engine backend: flash-attn's varlen kernel for plain causal prefill (CUDA
+    sm_8x / sm_90, fp16/bf16, flash-attn installed), the Triton segment attention otherwise."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 \
-            and q.shape[-1] % 8 == 0:
+            and q.shape[-1] % 8 == 0 and flash_supported(q.device):
         fn = flash_varlen_fn()
         if fn is not None:
             layout = cached_work(plan, ("flash", k_pool.shape[1]),

@@ -5,7 +5,11 @@ below 16, scalar/block type mixes), so CPU tests alone do not prove the kernels
 build. This runs Triton's full NVIDIA pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin
 with the bundled ptxas) for representative specialisations and reports failures.
 
-    python -m triton_kernels.aot_check [--arch 80 90] [--quick | --smoke]
+    python -m triton_kernels.aot_check [--arch 80 90] [--quick | --smoke | --fit]
+
+``--fit`` checks shared memory instead: the autotuner drops every config that needs more
+than a GPU's per-block limit, so the smallest config (the first) must fit on each target
+for the largest tiles (float32, head dim 256: the prefill tile of 32 query rows).
 
 Must run with TRITON_INTERPRET unset (the kernels must be JIT functions, not
 interpreted ones). Exit status 0 when everything compiles. A full run takes minutes
@@ -126,12 +130,39 @@ def check(arch: int, mode: str) -> list[str]:
     return failures
 
 
+# Shared memory per block (opt-in maximum) by compute capability.
+SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+
+
+def check_fit(arch: int) -> list[str]:
+    """The first tuning config of the segment kernel, float32, head dim 256, every query
+    block size for GQA 1, against the arch's shared-memory limit."""
+    from .segment import _configs, _segment_attn_kernel
+    from .work import block_q_sizes
+    c = _configs()[0]
+    bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+    limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
+    failures = []
+    for bq in sorted(set(block_q_sizes(1, 128))):
+        k = _compile(_segment_attn_kernel, _segment_sig("float32"),
+                     _segment_cx("float32", 256, 1, bq, bn, True, False), arch, w, s)
+        shared = k.metadata.shared
+        print(f"sm_{arch}: float32 D=256 BLOCK_Q={bq} BLOCK_N={bn} warps={w} stages={s}: "
+              f"{shared} B shared (limit {limit})")
+        if shared > limit:
+            failures.append(f"segment sm_{arch} float32 D=256 BLOCK_Q={bq}: the smallest config needs "
+                            f"{shared} B of shared memory, over the {limit} B limit")
+    return failures
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="one tuning config, two head dims")
     g.add_argument("--smoke", action="store_true", help="four specialisations")
+    g.add_argument("--fit", action="store_true", help="the smallest config's shared memory per target")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the AOT check compiles the real kernels", file=sys.stderr)
@@ -139,7 +170,7 @@ def main(argv=None) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     failures = []
     for arch in args.arch:
-        failures += check(arch, mode)
+        failures += check_fit(arch) if args.fit else check(arch, mode)
     for f in failures:
         print("FAILED", f)
     return 1 if failures else 0

@@ -30,6 +30,19 @@ def flash_varlen_fn():
     return _FLASH or None
 
 
+_FLASH_GPUS: dict = {}  # device index -> whether flash-attn 2 runs there
+
+
+def flash_supported(device: torch.device) -> bool:
+    """flash-attn 2 runs on Ampere / Ada (sm_8x) and Hopper (sm_90) only: on a T4, a V100
+    or a Blackwell GPU its kernels raise on every call, so those use the Triton kernel."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _FLASH_GPUS:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _FLASH_GPUS[idx] = major == 8 or (major, minor) == (9, 0)
+    return _FLASH_GPUS[idx]
+
+
 @dataclass
 class PrefillLayout:
     cu_seqlens: torch.Tensor   # [B+1] int32: rows (= keys) of each prefilled segment
@@ -40,7 +53,8 @@ class PrefillLayout:
 
 def prefill_layout(plan: AttentionPlan, page_size: int) -> PrefillLayout | None:
     """The packed varlen layout of ``plan`` if it is plain causal prefill, else None."""
-    h = {f: getattr(plan, f).detach().to("cpu", torch.int64)
+    hp = plan.host()  # (the plan as built on the CPU: no copy back from the GPU)
+    h = {f: getattr(hp, f).detach().to("cpu", torch.int64)
          for f in ("q_indptr", "kv_len", "q_rows", "causal_limit", "shift", "merge_indptr",
                    "kv_indptr", "kv_page_ids")}
     T = h["merge_indptr"].numel() - 1

@@ -71,8 +71,9 @@ def build_work(plan: AttentionPlan, num_kv_heads: int, group: int, half_pad: int
     chunks of that many tokens (tests, benchmarks).
     """
     device = plan.q_indptr.device
-    q_indptr, kv_len = _host(plan.q_indptr), _host(plan.kv_len)
-    merge_indptr = _host(plan.merge_indptr)
+    hp = plan.host()  # (the plan as built on the CPU: no copy back from the GPU)
+    q_indptr, kv_len = _host(hp.q_indptr), _host(hp.kv_len)
+    merge_indptr = _host(hp.merge_indptr)
     J = kv_len.numel()
     E = int(q_indptr[-1]) if J else 0
     n_ent = q_indptr[1:] - q_indptr[:-1]                       # [J]
@@ -122,7 +123,7 @@ def build_work(plan: AttentionPlan, num_kv_heads: int, group: int, half_pad: int
     num_states = int(nsplit.sum())
     rows_one = bool(((merge_indptr[1:] - merge_indptr[:-1]) == 1).all())
     direct = rows_one and E == merge_indptr.numel() - 1 and bool((nsplit_job <= 1).all())
-    has_shift = bool(plan.has_shift) or bool((_host(plan.shift) != 0).any())
+    has_shift = bool(plan.has_shift) or bool((_host(hp.shift) != 0).any())
     return WorkPlan(classes, state_off.to(torch.int32).to(device), nsplit.to(torch.int32).to(device),
                     num_states, direct, has_shift)
 

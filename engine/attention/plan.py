@@ -56,7 +56,18 @@ class AttentionPlan:
         for k, v in kw.items():
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device, non_blocking=True)
-        return AttentionPlan(**kw)
+        moved = AttentionPlan(**kw)
+        if self.q_indptr.device.type == "cpu":
+            moved.__dict__["_host_plan"] = self  # (see host())
+        return moved
+
+    def host(self) -> "AttentionPlan":
+        """This plan on the CPU, for host-side decisions (the Triton backend's work split):
+        the plan it was copied from when there is one, so that reading it costs no copy
+        back from the GPU and no wait for the step's queued work."""
+        if self.q_indptr.device.type == "cpu":
+            return self
+        return self.__dict__.get("_host_plan") or self.to("cpu")
 
     @property
     def num_jobs(self) -> int:
