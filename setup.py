@@ -1,5 +1,11 @@
-"""Builds Loom's extension engine._C from csrc/: C++ (OpenMP) always, CUDA sources too
-when torch has CUDA and nvcc is found. Metadata lives in pyproject.toml.
+"""Builds Loom's extension engine._C from csrc/: C++ (OpenMP). Metadata lives in
+pyproject.toml.
+
+LOOM_BUILD_CUDA=1 adds the CUDA sources (csrc/cuda: a CUDA loom::append_kv) when torch
+has CUDA and nvcc is found. Off by default: on a GPU the engine runs its Triton kernels
+and never calls that op, and a CUDA build fails outright when nvcc's CUDA version or the
+host compiler differs from what torch was built with (a common setup), taking the CPU
+ops and the plan builder with it.
 
 LOOM_NATIVE=1 compiles for this machine's CPU (-march=native): faster baseline code,
 but the result may not run on another machine. The default build is portable; the
@@ -44,13 +50,15 @@ def _extension():
         extra_link_args=["-fopenmp"],
         libraries=["gomp"],
     )
-    if torch.version.cuda is not None and _nvcc_found(CUDA_HOME):
+    want_cuda = os.environ.get("LOOM_BUILD_CUDA") == "1"
+    if want_cuda and torch.version.cuda is not None and _nvcc_found(CUDA_HOME):
         kw["sources"] += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
         kw["define_macros"] = [("LOOM_WITH_CUDA", "1")]
         kw["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]}
         ext = CUDAExtension(**kw)
     else:
-        why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found"
+        why = ("LOOM_BUILD_CUDA=1 not set" if not want_cuda else
+               "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
         print(f"loom: building engine._C for the CPU only ({why})")
         kw["extra_compile_args"] = {"cxx": cxx}
         ext = CppExtension(**kw)

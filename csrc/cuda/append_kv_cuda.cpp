@@ -1,6 +1,8 @@
-// CUDA registration of loom::append_kv (built only when torch has CUDA and nvcc is
-// found, see setup.py): checks like the CPU op, then the kernel in append_kv.cu.
+// CUDA registration of loom::append_kv (built only on request, LOOM_BUILD_CUDA=1 with a
+// CUDA torch and nvcc, see setup.py; the engine itself appends through Triton on a GPU):
+// checks like the CPU op, then the kernel in append_kv.cu.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -33,11 +35,18 @@ void append_kv_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k,
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), "append_kv: slots must be [T]");
   TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt,
               "append_kv: slots must be int64 or int32, got ", slots.scalar_type());
+  if (k.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(k.device());
+  // The CPU op's range check (the kernel trusts its slots): one small copy to the host.
+  const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
+  const auto range = at::aminmax(slots);
+  const int64_t lo = std::get<0>(range).item<int64_t>(), hi = std::get<1>(range).item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < num_slots, "append_kv: slots hold ", lo, " .. ", hi, ", outside the pool's ",
+              num_slots, " slots");
   // Rows must be contiguous per token; the token stride may be anything.
   const at::Tensor kc = (k.stride(2) == 1 && k.stride(1) == D) ? k : k.contiguous();
   const at::Tensor vc = (v.stride(2) == 1 && v.stride(1) == D) ? v : v.contiguous();
   const at::Tensor sl = slots.contiguous();
-  const c10::cuda::CUDAGuard guard(k.device());
   const int64_t es = static_cast<int64_t>(k_pool.element_size());
   const cudaError_t err = loom_append_kv_cuda(
       k_pool.data_ptr(), v_pool.data_ptr(), kc.data_ptr(), vc.data_ptr(), sl.data_ptr(),
