@@ -24,7 +24,7 @@ def _cmd_generate(a) -> int:
     try:
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                 max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
-        llm = LLM(a.model, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
+        llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
                   attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype)
         if not a.prompt and sys.stdin.isatty():
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the Triton kernels)")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--kv-cache-tokens", type=int, default=None)
     g.add_argument("--kv-cache-dtype", default="auto",

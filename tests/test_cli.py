@@ -5,6 +5,7 @@ import io
 import re
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.cli import main
@@ -49,7 +50,8 @@ def test_generate_reads_stdin(model, capsys, monkeypatch):
     (["--page-size", "0"], "page_size=0 must be an integer >= 1"),
     (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
     (["--attention-backend", "flash"], "attention_backend='flash' is not available"),
-])
+    (["--device", "tpu"], "device='tpu' is not supported"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA device")]))
 def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
     assert main(["generate", "--model", model, "--prompt", "x", *args]) == 2
     err = capsys.readouterr().err
