@@ -8,6 +8,9 @@ from datetime import datetime
 from tokenizers import Tokenizer as _HFTokenizer
 
 
+_TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 def _token_str(tok) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
@@ -44,6 +47,9 @@ class Tokenizer:
                 self.chat_template = f.read()
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
+        # What chat templates see, as transformers passes them (its special_tokens_map).
+        self.special_tokens = {name: _token_str(self.config.get(name)) for name in _TEMPLATE_TOKENS}
+        self.special_tokens = {k: v for k, v in self.special_tokens.items() if isinstance(v, str)}
         self.add_bos = bool(self.config.get("add_bos_token", False))
         self._compiled = None
 
@@ -57,7 +63,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         # tokenizer.json post-processors usually add BOS themselves; add it only when
-        # the config asks for it and the post-processor did not.
+        # the config asks for it and the post-processor did not (as transformers 4's
+        # Llama tokenizers, which rebuild the post-processor from add_bos_token;
+        # transformers 5 follows the post-processor alone).
         if add_special_tokens and self.add_bos and self.bos_token is not None:
             bos = self._tok.token_to_id(self.bos_token)
             if bos is not None and (not ids or ids[0] != bos):
@@ -101,7 +109,7 @@ class Tokenizer:
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=None, documents=None,  # (as transformers, without them)
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                         **{"bos_token": "", "eos_token": "", **self.special_tokens})
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from None
 

@@ -807,6 +807,15 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     write_json(os.path.join(d, "tokenizer_config.json"), tc)
     with pytest.raises(ValueError, match="chat template error"):
         Tokenizer(d).apply_chat_template(msgs)
+    # every special token of the config, as transformers passes them (pad/unk rendered empty)
+    from transformers import AutoTokenizer
+    tc.update(pad_token=tc["eos_token"], unk_token=tc["bos_token"], sep_token=tc["bos_token"],
+              chat_template="{{ bos_token }}#{{ pad_token }}#{{ unk_token }}#{{ sep_token }}#{{ cls_token }}#"
+                            "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    want = AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    got = Tokenizer(d).apply_chat_template(msgs)
+    assert got == want and got.split("#")[1:5] == [tc["eos_token"], tc["bos_token"], tc["bos_token"], ""], got
 
 
 @pytest.fixture(scope="module")
