@@ -12,6 +12,8 @@ its ancestors' segments; a continuation's view names the joined threads' ones.
 """
 from __future__ import annotations
 
+import weakref
+
 from .llm import engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
@@ -19,10 +21,23 @@ from .threads import Thread, ThreadTree
 
 
 class ThreadHandle:
-    """A user's handle on one thread of a session."""
+    """A user's handle on one thread of a session. It refers to its session weakly: the
+    session holds its handles, so a strong reference back would make a cycle, and a
+    session dropped without close() would keep its pages until Python's cycle collector
+    happened to run (refusing requests meanwhile). A dropped session closes at once; its
+    handles still read their tokens and text, and the verbs refuse them."""
 
     def __init__(self, session: "Session", thread: Thread):
-        self._s, self._t = session, thread
+        self._session, self._t = weakref.ref(session), thread
+        self._tokenizer = session._llm.tokenizer
+
+    @property
+    def _s(self) -> "Session":
+        s = self._session()
+        if s is None:
+            raise ValueError(f"thread {self._t.id}'s session was dropped (and closed, freeing its pages); "
+                             "keep a reference to the Session while you use its threads.")
+        return s
 
     @property
     def id(self) -> int:
@@ -35,7 +50,7 @@ class ThreadHandle:
 
     @property
     def text(self) -> str:
-        return self._s._llm.tokenizer.decode(self._t.tokens, skip_special_tokens=False)
+        return self._tokenizer.decode(self._t.tokens, skip_special_tokens=False)
 
     @property
     def parent(self) -> "ThreadHandle | None":

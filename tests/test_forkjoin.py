@@ -348,6 +348,34 @@ def test_a_pending_header_that_does_not_fit_now_blocks_only_its_thread(make_llm)
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_dropped_session_frees_its_pages_at_once(make_llm):
+    """No reference cycle between a session and its handles: dropping the session frees
+    its pages at once, not when the cycle collector runs (until then generate() was
+    refused: 'open sessions hold the pages'); its handles still read their tokens, and
+    the verbs' checks refuse them with a clear error."""
+    llm = make_llm("qwen3")
+    was = gc.isenabled()
+    gc.disable()  # (the cycle collector must not be what frees it)
+    try:
+        s = llm.session("hello world " * 5)
+        a, b = s.fork(s.root, ["A", "B"])
+        s.generate([a, b], greedy(3))
+        text, ids = a.text, a.token_ids
+        assert llm.cache_stats()["pages_used"] > 0
+        del s
+        assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+        assert a.text == text and a.token_ids == ids and a.position > 0
+        with pytest.raises(ValueError, match="session was dropped"):
+            a.parent
+        s2 = llm.session("hi")
+        with pytest.raises(ValueError, match="session was dropped"):
+            s2.fork(a, ["x"])
+        s2.close()
+    finally:
+        if was:
+            gc.enable()
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_many_random_sessions_free_every_page(make_llm, backend):
     llm = make_llm("qwen3", page_size=3, attention_backend=backend)
