@@ -19,6 +19,7 @@ from .cache import KVCache, kv_token_bytes
 from .config import ModelConfig, parse_dtype
 from .model import CausalLM
 from .core import EngineCore
+from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import ModelRunner
@@ -42,15 +43,17 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
     another runs in the same thread, e.g. a generate from inside a protocol's callback."""
     with llm._lock:
         if not exclusive:
-            return fn(*args, **kwargs)
+            with DEFERRED:  # (Ctrl-C at a safe point: see engine.interrupts)
+                return fn(*args, **kwargs)
         if llm._busy:
             raise RuntimeError(f"{fn.__qualname__}() was called while this LLM runs {llm._busy}() in the same "
                                "thread (e.g. from a protocol's callback); call it after that call returns.")
-        llm._busy = fn.__qualname__
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            llm._busy = None
+        with DEFERRED:
+            llm._busy = fn.__qualname__
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                llm._busy = None
 
 
 def engine_method(exclusive: bool, llm_of=lambda obj: obj):

@@ -8,6 +8,7 @@ import torch
 from . import attention
 from .attention.plan import ThreadStep
 from .cache import KVCache
+from .interrupts import DEFERRED
 from .model import CausalLM, ForwardBatch
 from .step import StepBatch
 
@@ -43,6 +44,7 @@ class ModelRunner:
         cache = self.cache
         cache.begin_append()
         try:
+            DEFERRED.check()  # a waiting Ctrl-C: here, as a forward that failed at once
             out = self._run(batch)
         except BaseException:
             cache.rollback_append()

@@ -241,8 +241,8 @@ class Session:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown: the cache may be gone already
-            pass
+        except BaseException:  # interpreter shutdown (the cache may be gone already), or a
+            pass               # Ctrl-C raised as close() ends (Python drops it in __del__ anyway)
 
     def __enter__(self):
         return self

@@ -1,0 +1,103 @@
+"""Ctrl-C at any point of an engine call leaves the engine whole: every page, segment and
+reservation back, no call refused afterwards, the same results as before. SIGINT is sent
+from a tracer at the k-th line the engine runs (as a real Ctrl-C lands between any two
+bytecodes), for k spread over whole calls."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import pytest
+
+from conftest import random_ids
+from engine import SamplingParams
+from engine.interrupts import DEFERRED
+from engine.protocols import Multiverse
+
+pytestmark = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                reason="SIGINT is delivered to the main thread")
+
+
+def _sigint_at(call, k: int) -> str | None:
+    """Run ``call`` with SIGINT raised at the k-th engine line; the line, or None if the
+    call ran fewer lines."""
+    state = {"n": 0, "where": None}
+
+    def local(frame, event, arg):
+        if event == "line":
+            state["n"] += 1
+            if state["n"] == k:
+                state["where"] = f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}"
+                signal.raise_signal(signal.SIGINT)
+        return local
+
+    def tracer(frame, event, arg):
+        return local if "/engine/" in frame.f_code.co_filename else None
+    sys.settrace(tracer)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    return state["where"], state["n"]
+
+
+def _calls(llm):
+    V = llm.config.vocab_size
+    prompt = random_ids(9, V, 3)
+
+    def gen():
+        outs = llm.generate([prompt, prompt[:4]], [SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=5),
+                                                   SamplingParams(temperature=0, max_tokens=4)])
+        return [[c.token_ids for c in o.outputs] for o in outs]
+
+    def session():
+        s = llm.session(prompt)
+        a, b = s.fork(s.root, [[5], [6, 7]])
+        s.generate([a, b], SamplingParams(temperature=0, max_tokens=3))
+        c = s.join([a, b], header=[8], positions="sequential")
+        out = s.generate([c], SamplingParams(temperature=0, max_tokens=3))[0].token_ids
+        s.close()
+        return out
+
+    def score():
+        return llm.score([prompt, prompt[:3]])[0].sum().item()
+
+    def tree():
+        return llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6),
+                            protocol=Multiverse())[0].outputs[0].token_ids
+    return {"generate": gen, "session": session, "score": score, "multiverse": tree}
+
+
+@pytest.mark.parametrize("kind", ["generate", "session", "score", "multiverse"])
+def test_ctrl_c_anywhere_leaves_the_engine_whole(make_llm, kind):
+    llm = make_llm("qwen3", kv_cache_tokens=8192)
+    call = _calls(llm)[kind]
+    want = call()
+    _, total = _sigint_at(call, 10 ** 9)       # count the lines of one call
+    assert total > 50
+    probes = sorted({1 + (total - 1) * i // 23 for i in range(24)} | {2, 3, total - 1})
+    for k in probes:
+        where, _ = _sigint_at(call, k)
+        st = llm.cache_stats()
+        assert (st["pages_used"], st["segments"], st["pages_reserved"]) == (0, 0, 0), (where, st)
+        assert llm._busy is None and not DEFERRED.pending, where
+        assert call() == want, where
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_is_raised_at_once():
+    """While one Ctrl-C waits for a safe point, a second one is raised where it lands."""
+    with pytest.raises(KeyboardInterrupt):
+        with DEFERRED:
+            signal.raise_signal(signal.SIGINT)
+            assert DEFERRED.pending
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("the second Ctrl-C was not raised")
+    assert not DEFERRED.pending and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):   # one Ctrl-C: raised when the call ends
+        with DEFERRED:
+            signal.raise_signal(signal.SIGINT)
+    assert not DEFERRED.pending
