@@ -24,8 +24,9 @@ torch.mm's rate against its rate at start (100% = as fast as this machine allows
 that moment, whichever of memory or arithmetic binds). need = the share of that scaled
 peak which the row's FLOPs would take to run in the time of 50% of the read bandwidth
 (above ~80%, 50% of bandwidth is out of reach on this machine's arithmetic: the row is
-compute-bound). The peak is torch.mm's rate: in bfloat16 Loom's AMX tiles can beat it,
-so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
+compute-bound). The peak is torch.mm's rate (in bfloat16 the float32 one where that is
+higher: a CPU without bfloat16 products, where Loom widens to float32); in bfloat16
+Loom's AMX tiles can beat it, so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
 time. Times: median over --repeats after warm-up. A line after the table counts the rows
 at >= 50% of read bandwidth and lists the others with their %roof and need.
 
@@ -317,17 +318,25 @@ def main() -> None:
     torch.manual_seed(0)
 
     dtype = getattr(torch, args.dtype)
-    probe = MachineProbe(dtype)
+    peak, peak_dtype = matmul_peak(repeats, dtype), dtype
+    if dtype != torch.float32:
+        # On a CPU without bfloat16 products torch.mm in bfloat16 is slow, and Loom's
+        # kernels widen to float32 there: the float32 peak is the arithmetic limit then.
+        peak32 = matmul_peak(repeats, torch.float32)
+        if peak32 > peak:
+            peak, peak_dtype = peak32, torch.float32
+    probe = MachineProbe(peak_dtype)
     read_bw, copy_bw = machine_bandwidth(repeats, probe)
-    peak = matmul_peak(repeats, dtype)
     probe.mm()
     mm_ref = statistics.median(probe.mm() for _ in range(repeats))  # the probe's rate when peak was taken
     print(f"cpu: {cpu_model()} | cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()} | "
           f"torch {torch.__version__} | loom kernel: {_ops.cpu_isa()}")
     print(f"measured bandwidth: read {read_bw:.1f} GB/s (sum of 512 MB), copy {copy_bw:.1f} GB/s "
           f"(read + write of 256 MB)")
-    print(f"measured {args.dtype} matmul peak: {peak:.0f} GFLOP/s (torch.mm 2048^3"
-          f"{' and loom' + chr(39) + 's GEMM' if dtype == torch.float32 else ''}; scaled per run by a 1024^3 "
+    slow16 = peak_dtype != dtype
+    print(f"measured {str(peak_dtype)[6:]} matmul peak: {peak:.0f} GFLOP/s (torch.mm 2048^3"
+          f"{' and loom' + chr(39) + 's GEMM' if peak_dtype == torch.float32 else ''}"
+          f"{'; faster here than torch.mm in ' + args.dtype if slow16 else ''}; scaled per run by a 1024^3 "
           f"torch.mm just before it: {mm_ref:.0f} GFLOP/s now)")
     print(f"decode, Hq={HQ} Hkv={HKV} D={D} {args.dtype}, page {PAGE}; ms = median of {repeats}; "
           f"MB = K/V bytes the method must read")
