@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention.plan import AttentionPlan
 from .config import ModelConfig
+from .interrupts import DEFERRED
 from .loader import iter_tensors
 from .rope import Rotary, apply_rotary, compute_inv_freq
 
@@ -183,6 +184,7 @@ class CausalLM:
         cos, sin = self.rotary.tables(positions, batch.max_position)
         h = F.embedding(input_ids, self.embed)  # h: [T, hidden]
         for li, L in enumerate(self.layers):
+            DEFERRED.check()
             x = rms_norm(h, L.ln1, c.rms_norm_eps)
             qkv = L.qkv(x)  # [T, qd + 2 kvd]
             q = qkv[:, :qd].view(T, c.num_heads, c.head_dim)
@@ -226,6 +228,7 @@ class CausalLM:
                 p.shift, p.causal_limit, p.merge_indptr, p.merge_entries, self.inv_freq, float(self.scale),
                 c.num_heads, c.num_kv_heads, c.head_dim, float(c.rms_norm_eps))
         for li, args in enumerate(self.layer_args):
+            DEFERRED.check()  # (a waiting Ctrl-C: between layers, undone as a failed forward)
             x = self.layer_step(h, x, args, step, k_pools[li], v_pools[li],
                                 self.layers[li + 1].ln1 if li + 1 < n else None)
 
@@ -234,6 +237,7 @@ class CausalLM:
         ops, c = torch.ops.loom, self.cfg
         T, eps, qd = h.shape[0], c.rms_norm_eps, c.num_heads * c.head_dim
         for li, L in enumerate(self.layers):
+            DEFERRED.check()
             q, k, v = ops.qkv_prep(L.qkv(x), L.q_norm, L.k_norm, cos, sin, positions, c.num_heads,
                                    c.num_kv_heads, c.head_dim, eps)
             self.append_kv(k_pools[li], v_pools[li], k, v, batch.slots)

@@ -44,7 +44,7 @@ class ModelRunner:
         cache = self.cache
         cache.begin_append()
         try:
-            DEFERRED.check()  # a waiting Ctrl-C: here, as a forward that failed at once
+            DEFERRED.check()  # a waiting Ctrl-C: here (or between layers), as a failed forward
             out = self._run(batch)
         except BaseException:
             cache.rollback_append()

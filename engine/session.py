@@ -31,6 +31,15 @@ class ThreadHandle:
         self._session, self._t = weakref.ref(session), thread
         self._tokenizer = session._llm.tokenizer
 
+    def __copy__(self):  # a handle names one thread of one live session: copies are the handle
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a ThreadHandle cannot be pickled: it names a thread of a live session.")
+
     @property
     def _s(self) -> "Session":
         s = self._session()
@@ -94,7 +103,7 @@ class Session:
         return [self._thread(h) for h in hs]
 
     def _thread(self, h) -> Thread:
-        if not isinstance(h, ThreadHandle) or h._s is not self:
+        if not isinstance(h, ThreadHandle) or h._s is not self or self._handles.get(h.id) is not h:
             raise ValueError(f"{h!r} is not a thread of this session.")
         return h._t
 
@@ -239,10 +248,23 @@ class Session:
             self.tree = None
 
     def __del__(self):
+        if getattr(self, "tree", None) is None:
+            return
         try:
             self.close()
-        except BaseException:  # interpreter shutdown (the cache may be gone already), or a
-            pass               # Ctrl-C raised as close() ends (Python drops it in __del__ anyway)
+        except KeyboardInterrupt:
+            # A Ctrl-C before close() began (the lock) or as it ended: finish freeing, then
+            # hand it to the engine call this runs inside, if any (Python drops exceptions
+            # raised in __del__).
+            try:
+                self.close()
+            except BaseException:
+                pass
+            from .interrupts import DEFERRED
+            if DEFERRED._depth > 0:
+                DEFERRED.pending = True
+        except Exception:  # interpreter shutdown: the cache may be gone already
+            pass
 
     def __enter__(self):
         return self

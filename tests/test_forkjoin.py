@@ -370,6 +370,11 @@ def test_a_dropped_session_frees_its_pages_at_once(make_llm):
         s2 = llm.session("hi")
         with pytest.raises(ValueError, match="session was dropped"):
             s2.fork(a, ["x"])
+        import copy
+        import pickle
+        assert copy.deepcopy(s2.root) is s2.root and copy.copy(s2.root) is s2.root  # (no phantom threads)
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(s2.root)
         s2.close()
     finally:
         if was:

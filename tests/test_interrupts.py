@@ -4,6 +4,7 @@ from a tracer at the k-th line the engine runs (as a real Ctrl-C lands between a
 bytecodes), for k spread over whole calls."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -71,6 +72,9 @@ def _calls(llm):
     return {"generate": gen, "session": session, "score": score, "multiverse": tree}
 
 
+# (a Ctrl-C landing in Session.__del__ outside any engine call is dropped by Python itself,
+# which reports it as an unraisable exception)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("kind", ["generate", "session", "score", "multiverse"])
 def test_ctrl_c_anywhere_leaves_the_engine_whole(make_llm, kind):
     llm = make_llm("qwen3", kv_cache_tokens=8192)
@@ -101,3 +105,41 @@ def test_a_second_ctrl_c_is_raised_at_once():
         with DEFERRED:
             signal.raise_signal(signal.SIGINT)
     assert not DEFERRED.pending
+
+
+def test_a_ctrl_c_is_not_lost_when_the_call_then_fails():
+    """A Ctrl-C that waited while the call failed with another error is raised, with that
+    error as its context (it was dropped: a loop that skips failed items never stopped)."""
+    with pytest.raises(KeyboardInterrupt) as info:
+        with DEFERRED:
+            signal.raise_signal(signal.SIGINT)
+            raise ValueError("a callback failed")
+    assert isinstance(info.value.__context__, ValueError)
+    assert not DEFERRED.pending and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_handler_left_by_an_interrupted_exit_acts_as_pythons():
+    """A Ctrl-C at the edge of a call (the deferring handler still installed, no call open)
+    raises at once, and the next call puts Python's handler back when it ends."""
+    signal.signal(signal.SIGINT, DEFERRED._on_sigint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        with DEFERRED:
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_inside_a_call_gets_pythons_handler():
+    """A worker forked inside an engine call (from a protocol's callback) did not stop on
+    Ctrl-C: it inherited the deferral, with no call of its own to end it."""
+    with DEFERRED:
+        pid = os.fork()
+        if pid == 0:
+            ok = signal.getsignal(signal.SIGINT) is signal.default_int_handler and not DEFERRED.pending
+            os._exit(0 if ok and DEFERRED._depth == 0 else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
