@@ -218,6 +218,10 @@ def test_work_and_flash_layout_read_the_host_plan():
         [(c.block_q, tuple(c.items.shape)) for c in want.classes]
     assert got.classes[0].items.device.type == "meta" and got.num_states == want.num_states
     tk.prefill_layout(dev, 16)  # (None here: not a plain prefill; it must not read the device)
+    import copy
+    assert dev.to("meta").host() is plan            # (carried over device-to-device copies)
+    dup = copy.copy(dev)                             # (a copy may get other tensors: no caches)
+    assert "_host_plan" not in dup.__dict__ and "_triton_work" not in dup.__dict__
 
 
 def test_block_q_sizes_are_dot_friendly():

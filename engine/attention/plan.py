@@ -57,17 +57,28 @@ class AttentionPlan:
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device, non_blocking=True)
         moved = AttentionPlan(**kw)
-        if self.q_indptr.device.type == "cpu":
-            moved.__dict__["_host_plan"] = self  # (see host())
+        host = self if self.q_indptr.device.type == "cpu" else self.__dict__.get("_host_plan")
+        if host is not None:
+            moved.__dict__["_host_plan"] = host  # (see host())
         return moved
+
+    def __copy__(self) -> "AttentionPlan":
+        # (without the cached host plan and work splits: a copy may get other tensors)
+        return AttentionPlan(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     def host(self) -> "AttentionPlan":
         """This plan on the CPU, for host-side decisions (the Triton backend's work split):
         the plan it was copied from when there is one, so that reading it costs no copy
-        back from the GPU and no wait for the step's queued work."""
+        back from the GPU and no wait for the step's queued work; else one blocking copy,
+        kept."""
         if self.q_indptr.device.type == "cpu":
             return self
-        return self.__dict__.get("_host_plan") or self.to("cpu")
+        host = self.__dict__.get("_host_plan")
+        if host is None:
+            host = AttentionPlan(**{f.name: (v.to("cpu") if isinstance(v := getattr(self, f.name), torch.Tensor)
+                                             else v) for f in fields(self)})
+            self.__dict__["_host_plan"] = host
+        return host
 
     @property
     def num_jobs(self) -> int:
