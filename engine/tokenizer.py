@@ -45,11 +45,23 @@ class Tokenizer:
         if os.path.isfile(tmpl_path):
             with open(tmpl_path) as f:
                 self.chat_template = f.read()
-        self.bos_token = _token_str(self.config.get("bos_token"))
-        self.eos_token = _token_str(self.config.get("eos_token"))
-        # What chat templates see, as transformers passes them (its special_tokens_map).
-        self.special_tokens = {name: _token_str(self.config.get(name)) for name in _TEMPLATE_TOKENS}
+        # The special tokens: tokenizer_config.json's, overridden by special_tokens_map.json's
+        # (as transformers reads them); chat templates see all of them.
+        named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}
+        map_path = os.path.join(model_dir, "special_tokens_map.json")
+        if os.path.isfile(map_path):
+            with open(map_path) as f:
+                try:
+                    smap = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{map_path} is not valid JSON ({e}).") from None
+            if not isinstance(smap, dict):
+                raise ValueError(f"{map_path} must hold a JSON object, not {type(smap).__name__}.")
+            named.update({k: v for k, v in smap.items() if k in named and v is not None})
+        self.special_tokens = {k: _token_str(v) for k, v in named.items()}
         self.special_tokens = {k: v for k, v in self.special_tokens.items() if isinstance(v, str)}
+        self.bos_token = self.special_tokens.get("bos_token")
+        self.eos_token = self.special_tokens.get("eos_token")
         self.add_bos = bool(self.config.get("add_bos_token", False))
         self._compiled = None
 

@@ -816,6 +816,12 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     want = AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     got = Tokenizer(d).apply_chat_template(msgs)
     assert got == want and got.split("#")[1:5] == [tc["eos_token"], tc["bos_token"], tc["bos_token"], ""], got
+    # special_tokens_map.json's tokens override tokenizer_config.json's, as in transformers
+    write_json(os.path.join(d, "special_tokens_map.json"),
+               {"pad_token": tc["bos_token"], "cls_token": {"content": tc["eos_token"], "single_word": False}})
+    want = AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    got = Tokenizer(d).apply_chat_template(msgs)
+    assert got == want and got.split("#")[1:5] == [tc["bos_token"], tc["bos_token"], tc["bos_token"], tc["eos_token"]]
 
 
 @pytest.fixture(scope="module")
