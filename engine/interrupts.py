@@ -37,19 +37,20 @@ class DeferredInterrupt:
     def __enter__(self):
         if not self._main():
             return self
-        self._depth += 1
-        if self._depth == 1:
-            self.pending = False
-            try:
+        depth = self._depth + 1
+        try:  # (a Ctrl-C before the handler is in place leaves the depth as it was)
+            self._depth = depth
+            if depth == 1:
+                self.pending = False
                 cur = signal.getsignal(signal.SIGINT)
                 if cur is signal.default_int_handler:
                     self._prev = cur
                     signal.signal(signal.SIGINT, self._on_sigint)
                 elif cur == self._on_sigint:  # left installed by an interrupted exit: acts as Python's
                     self._prev = signal.default_int_handler
-            except BaseException:  # (a Ctrl-C before the handler was in place)
-                self._depth -= 1
-                raise
+        except BaseException:
+            self._depth = depth - 1
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):

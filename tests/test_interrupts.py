@@ -82,7 +82,10 @@ def test_ctrl_c_anywhere_leaves_the_engine_whole(make_llm, kind):
     want = call()
     _, total = _sigint_at(call, 10 ** 9)       # count the lines of one call
     assert total > 50
-    probes = sorted({1 + (total - 1) * i // 23 for i in range(24)} | {2, 3, total - 1})
+    # spread over the call, and every line of its first and last 30 (the call's edges: the
+    # lock, the deferral's own entry and exit, the busy flag)
+    probes = sorted({1 + (total - 1) * i // 23 for i in range(24)} | set(range(1, 31))
+                    | set(range(max(1, total - 30), total)))
     for k in probes:
         where, _ = _sigint_at(call, k)
         st = llm.cache_stats()
