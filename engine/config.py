@@ -33,6 +33,19 @@ def parse_dtype(dtype, default: torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'.")
 
 
+
+def read_json_object(path: str, what: str = "a JSON object") -> dict:
+    """The JSON object in ``path``; one ValueError naming the file when it is not valid
+    JSON or holds something else."""
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold {what}, not {type(raw).__name__}.")
+    return raw
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -86,14 +99,7 @@ class ModelConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a Hugging Face model "
                                     "directory (it needs config.json and *.safetensors).")
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}).") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a JSON object (a model config), not {type(raw).__name__}.")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json_object(path, "a JSON object (a model config)"))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":

@@ -7,6 +7,8 @@ from datetime import datetime
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .config import read_json_object
+
 
 _TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -29,15 +31,7 @@ class Tokenizer:
             raise ValueError(f"{path} is not a readable tokenizer file ({e}); download it again with "
                              "the checkpoint.") from None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
-        self.config: dict = {}
-        if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                try:
-                    self.config = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{cfg_path} is not valid JSON ({e}).") from None
-            if not isinstance(self.config, dict):
-                raise ValueError(f"{cfg_path} must hold a JSON object, not {type(self.config).__name__}.")
+        self.config: dict = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
         # chat_template.jinja first, as transformers (newer checkpoints keep it there and an
         # older copy may linger in tokenizer_config.json)
         self.chat_template = self.config.get("chat_template")
@@ -50,13 +44,7 @@ class Tokenizer:
         named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}
         map_path = os.path.join(model_dir, "special_tokens_map.json")
         if os.path.isfile(map_path):
-            with open(map_path) as f:
-                try:
-                    smap = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{map_path} is not valid JSON ({e}).") from None
-            if not isinstance(smap, dict):
-                raise ValueError(f"{map_path} must hold a JSON object, not {type(smap).__name__}.")
+            smap = read_json_object(map_path)
             named.update({k: v for k, v in smap.items() if k in named and v is not None})
         self.special_tokens = {k: _token_str(v) for k, v in named.items()}
         self.special_tokens = {k: v for k, v in self.special_tokens.items() if isinstance(v, str)}

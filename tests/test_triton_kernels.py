@@ -445,11 +445,9 @@ def test_gpu_compiled_matches_reference(dtype, Hq, Hkv, D):
 
 # ---- real compilation without a GPU ---------------------------------------------------------------
 
-def test_kernels_compile_for_gpu_targets():
-    """The interpreter accepts what the compiler rejects: compile representative
-    specialisations of every kernel to cubin for sm_80 and sm_90 (Triton's bundled
-    ptxas; no GPU needed), in a subprocess without TRITON_INTERPRET. The full set:
-    ``python -m triton_kernels.aot_check``."""
+def _aot_check(*args: str) -> str:
+    """``python -m triton_kernels.aot_check ARGS`` in a subprocess without TRITON_INTERPRET
+    (real compilation, Triton's bundled ptxas); its output, after asserting success."""
     import subprocess
     import triton
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -458,10 +456,19 @@ def test_kernels_compile_for_gpu_targets():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--smoke", "--arch", "80", "90"],
+    out = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", *args],
                          capture_output=True, text=True, cwd=root, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert "compiled 4/4" in out.stdout
+    return out.stdout
+
+
+def test_kernels_compile_for_gpu_targets():
+    """The interpreter accepts what the compiler rejects: compile representative
+    specialisations of every kernel to cubin for sm_80 and sm_90 (Triton's bundled
+    ptxas; no GPU needed), in a subprocess without TRITON_INTERPRET. The full set:
+    ``python -m triton_kernels.aot_check``."""
+    out = _aot_check("--smoke", "--arch", "80", "90")
+    assert "compiled 4/4" in out
 
 
 def test_smallest_tuning_config_fits_every_gpu():
@@ -469,15 +476,5 @@ def test_smallest_tuning_config_fits_every_gpu():
     memory than RTX 30/40, A10, L4 and L40 GPUs (sm_86/89: 99 KB per block) have: the
     autotuner drops such configs, and with none left the first prefill failed. The
     smallest config is first in the list; compiled for sm_89 (no GPU needed)."""
-    import subprocess
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's NVIDIA backend (bundled ptxas) is not available")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--fit", "--arch", "89"],
-                         capture_output=True, text=True, cwd=root, env=env, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert out.stdout.count("B shared (limit 101376)") >= 2, out.stdout
+    out = _aot_check("--fit", "--arch", "89")
+    assert out.count("B shared (limit 101376)") >= 2, out
