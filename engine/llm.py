@@ -41,19 +41,17 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
     cache, scheduler and step state are shared; interleaved steps corrupt them). An
     exclusive call (one that steps the engine or changes its threads) is refused while
     another runs in the same thread, e.g. a generate from inside a protocol's callback."""
-    with llm._lock:
+    with llm._lock, DEFERRED:  # (DEFERRED: Ctrl-C at a safe point, see engine.interrupts)
         if not exclusive:
-            with DEFERRED:  # (Ctrl-C at a safe point: see engine.interrupts)
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         if llm._busy:
             raise RuntimeError(f"{fn.__qualname__}() was called while this LLM runs {llm._busy}() in the same "
                                "thread (e.g. from a protocol's callback); call it after that call returns.")
-        with DEFERRED:
-            llm._busy = fn.__qualname__
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                llm._busy = None
+        llm._busy = fn.__qualname__
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            llm._busy = None
 
 
 def engine_method(exclusive: bool, llm_of=lambda obj: obj):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 
+from .interrupts import DEFERRED
 from .llm import engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams
@@ -260,7 +261,6 @@ class Session:
                 self.close()
             except BaseException:
                 pass
-            from .interrupts import DEFERRED
             if DEFERRED._depth > 0:
                 DEFERRED.pending = True
         except Exception:  # interpreter shutdown: the cache may be gone already

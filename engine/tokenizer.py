@@ -46,8 +46,7 @@ class Tokenizer:
         if os.path.isfile(map_path):
             smap = read_json_object(map_path)
             named.update({k: v for k, v in smap.items() if k in named and v is not None})
-        self.special_tokens = {k: _token_str(v) for k, v in named.items()}
-        self.special_tokens = {k: v for k, v in self.special_tokens.items() if isinstance(v, str)}
+        self.special_tokens = {k: t for k, v in named.items() if isinstance(t := _token_str(v), str)}
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
         self.add_bos = bool(self.config.get("add_bos_token", False))

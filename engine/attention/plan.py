@@ -27,7 +27,7 @@ row with no visible key gets zeros.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -51,11 +51,11 @@ class AttentionPlan:
         return [getattr(self, f.name) for f in fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)]
 
-    def to(self, device) -> "AttentionPlan":
+    def to(self, device, non_blocking: bool = True) -> "AttentionPlan":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in kw.items():
             if isinstance(v, torch.Tensor):
-                kw[k] = v.to(device, non_blocking=True)
+                kw[k] = v.to(device, non_blocking=non_blocking)
         moved = AttentionPlan(**kw)
         host = self if self.q_indptr.device.type == "cpu" else self.__dict__.get("_host_plan")
         if host is not None:
@@ -63,8 +63,7 @@ class AttentionPlan:
         return moved
 
     def __copy__(self) -> "AttentionPlan":
-        # (without the cached host plan and work splits: a copy may get other tensors)
-        return AttentionPlan(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return replace(self)  # (without the cached host plan and work splits: a copy may get other tensors)
 
     def host(self) -> "AttentionPlan":
         """This plan on the CPU, for host-side decisions (the Triton backend's work split):
@@ -73,12 +72,9 @@ class AttentionPlan:
         kept."""
         if self.q_indptr.device.type == "cpu":
             return self
-        host = self.__dict__.get("_host_plan")
-        if host is None:
-            host = AttentionPlan(**{f.name: (v.to("cpu") if isinstance(v := getattr(self, f.name), torch.Tensor)
-                                             else v) for f in fields(self)})
-            self.__dict__["_host_plan"] = host
-        return host
+        if "_host_plan" not in self.__dict__:
+            self.__dict__["_host_plan"] = self.to("cpu", non_blocking=False)
+        return self.__dict__["_host_plan"]
 
     @property
     def num_jobs(self) -> int:
