@@ -114,8 +114,7 @@ struct Scratch {
   float* alpha;
   float* m_use;
   float* s;       // S^T [kKeyTile][mpad] (large path; kAmxKeys on amx) or S [head][M][kSmallTile] (small path)
-  float* kbuf;    // keys / values of one tile converted to float (16-bit inputs)
-  float* vbuf;
+  float* kbuf;    // K, then V, rows of one large-path tile converted to float (16-bit inputs)
   float* tmp;     // VL query rows [VL][round_up(D, VL)]
   int* lim;       // [mpad] causal limit of each query
   const float** krow;  // row pointers of the tile: [kKeyTile] or [head][kSmallTile]
@@ -210,8 +209,7 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
                           pad64(vec * f),
                           pad64(vec * f),
                           pad64(max_size(kAmxKeys * mp, hq * kSmallTile) * f),
-                          pad64(rows * Dp * f),
-                          pad64(rows * Dp * f),
+                          pad64(static_cast<size_t>(kKeyTile) * Dp * f),
                           pad64(VL * Dp * f),
                           pad64(mp * sizeof(int)),
                           pad64(rows * sizeof(float*)),
@@ -229,7 +227,7 @@ static bool scratch_alloc(Scratch& sc, int max_m, int heads, int D) {
   sc.block = p;
   if (p == nullptr) return false;
   float** fl[] = {&sc.q, &sc.o, &sc.m_run, &sc.l_run, &sc.alpha, &sc.m_use,
-                  &sc.s, &sc.kbuf, &sc.vbuf, &sc.tmp};
+                  &sc.s, &sc.kbuf, &sc.tmp};
   int i = 0;
   for (float** dst : fl) {
     *dst = reinterpret_cast<float*>(p);

@@ -73,26 +73,18 @@ struct PageWalk {
   }
 };
 
-// Tile row x of K and V from element offset `at` of the pools kp / vp: a pointer into
-// them (float32; 16-bit IN_PLACE: into krow16 / vrow16), or the row converted into kbuf /
-// vbuf (16-bit; rows of round_up(D, VL)).
+// Small-path tile row x of K and V: pointers to element offset `at` of the pools kp / vp
+// (float32 rows into krow / vrow, 16-bit ones, read in place, into krow16 / vrow16).
 template <DType DT, bool IN_PLACE = false>
-static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, int D, Scratch& sc,
-                           int x, int64_t at) {
+static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, Scratch& sc, int x,
+                           int64_t at) {
+  static_assert(IN_PLACE == (DT != DType::F32), "16-bit rows are read in place, float32 ones always are");
   if constexpr (IN_PLACE) {
-    static_assert(DT != DType::F32, "rows read in place are 16-bit (float32 ones are always)");
     sc.krow16[x] = kp + at;
     sc.vrow16[x] = vp + at;
-  } else if constexpr (DT == DType::F32) {
+  } else {
     sc.krow[x] = kp + at;
     sc.vrow[x] = vp + at;
-  } else {
-    float* kb = sc.kbuf + static_cast<int64_t>(x) * round_up(D, VL);
-    float* vb = sc.vbuf + static_cast<int64_t>(x) * round_up(D, VL);
-    load_row<DT>(kp + at, kb, D);
-    load_row<DT>(vp + at, vb, D);
-    sc.krow[x] = kb;
-    sc.vrow[x] = vb;
   }
 }
 
@@ -112,7 +104,7 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   for (int k = 0; k < nk; ++k) {
     const int64_t slot = walk.next();
     for (int h = 0; h < nh; ++h)
-      put_row<DT, IN_PLACE>(kp, vp, D, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
+      put_row<DT, IN_PLACE>(kp, vp, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
   }
 }
 
@@ -292,13 +284,24 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   }
 }
 
-// One head's tile rows from their byte offsets (row_offsets) plus `ho` (that head's
-// rows are ho bytes past the offsets' head).
+// One head's tile rows of one pool (K or V) from their byte offsets (row_offsets) plus
+// `ho` (that head's rows are ho bytes past the offsets' head): pointers into the pool
+// (float32), or the rows converted into buf (16-bit).
 template <DType DT>
-static inline void gather_tile(const AttnArgs& a, const int64_t* off, int64_t ho, int nk, Scratch& sc) {
-  constexpr int64_t elem = sizeof(typename Elem<DT>::T);
-  const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
-  for (int k = 0; k < nk; ++k) put_row<DT>(kp, vp, a.head_dim, sc, k, (off[k] + ho) / elem);
+static inline void gather_tile(const void* pool_, const int64_t* off, int64_t ho, int nk, int D, float* buf,
+                               const float** rows) {
+  using T = typename Elem<DT>::T;
+  const T* p = static_cast<const T*>(pool_);
+  for (int k = 0; k < nk; ++k) {
+    const T* src = p + (off[k] + ho) / static_cast<int64_t>(sizeof(T));
+    if constexpr (DT == DType::F32) {
+      rows[k] = src;
+    } else {
+      float* dst = buf + static_cast<int64_t>(k) * round_up(D, VL);
+      load_row<DT>(src, dst, D);
+      rows[k] = dst;
+    }
+  }
 }
 
 // Many queries, every kv head of the item per key tile: compute-bound register-blocked
@@ -313,9 +316,9 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   // float32 (rows read in place): this head's V lines go out during its scores, the next
   // head's (or the next tile's first head's) K lines during its values: L1 then holds two
   // half-tiles (K and V, or V and the next K), not three. 16-bit rows are read by their
-  // conversion at the head's start: the next head's V lines go out during the scores and
-  // its K lines during the values (bfloat16 from memory 0.93-1.00x the time of the next K
-  // alone). Row offsets (of the item's first head) are computed one tile ahead.
+  // conversion (K at the head's start, V after its scores): the next head's V lines go
+  // out during the scores and its K lines during the values (bfloat16 from memory
+  // 0.93-1.00x the time of the next K alone). Row offsets (of the item's first head) are computed one tile ahead.
   const int64_t bytes = static_cast<int64_t>(D) * sizeof(typename Elem<DT>::T);
   const char* vpool = static_cast<const char*>(a.v_pool);
   const char* kpool = static_cast<const char*>(a.k_pool);
@@ -331,7 +334,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
     for (int h = 0; h < nh; ++h) {
       HeadState hs = head_state(sc, h, M, mpad, D);
       const int64_t ho = h * bytes;
-      gather_tile<DT>(a, cur, ho, nk, sc);
+      gather_tile<DT>(a.k_pool, cur, ho, nk, D, sc.kbuf, sc.krow);
       const bool last = h + 1 == nh;
       const int n_next = last ? max_int(nk_next, 0) : nk;  // rows of the next head's tile
       const int64_t next_ho = last ? 0 : ho + bytes;
@@ -351,6 +354,9 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
       qk_large(sc.krow, nk, hs.q, mpad, D, sc.s, pf, upto);
       if (t0 + nk > lo) mask_cols(sc.s, nk, mpad, t0, sc.lim);
       softmax_cols(sc, hs, nk, mpad);
+      // (16-bit: V converted into the buffer K was, after the scores: L1 then holds one
+      // tile of floats, not two; bfloat16 0.92-0.99x the time with both converted first)
+      gather_tile<DT>(a.v_pool, cur, ho, nk, D, sc.kbuf, sc.vrow);
       pv_tile<float>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
     }
     int64_t* t = cur;
