@@ -357,7 +357,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
       // (16-bit: V converted into the buffer K was, after the scores: L1 then holds one
       // tile of floats, not two; bfloat16 0.92-0.99x the time with both converted first)
       gather_tile<DT>(a.v_pool, cur, ho, nk, D, sc.kbuf, sc.vrow);
-      pv_tile<float>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
+      pv_tile<float, DT != DType::F32>(sc.s, mpad, 1, M, sc.vrow, nk, hs.o, D, hs.alpha, &pf);
     }
     int64_t* t = cur;
     cur = nxt;
