@@ -318,7 +318,8 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   // half-tiles (K and V, or V and the next K), not three. 16-bit rows are read by their
   // conversion (K at the head's start, V after its scores): the next head's V lines go
   // out during the scores and its K lines during the values (bfloat16 from memory
-  // 0.93-1.00x the time of the next K alone). Row offsets (of the item's first head) are computed one tile ahead.
+  // 0.93-1.00x the time of the next K alone). Row offsets (of the item's first head) are
+  // computed one tile ahead.
   const int64_t bytes = static_cast<int64_t>(D) * sizeof(typename Elem<DT>::T);
   const char* vpool = static_cast<const char*>(a.v_pool);
   const char* kpool = static_cast<const char*>(a.k_pool);
