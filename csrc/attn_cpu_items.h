@@ -74,17 +74,16 @@ struct PageWalk {
 };
 
 // Small-path tile row x of K and V: pointers to element offset `at` of the pools kp / vp
-// (float32 rows into krow / vrow, 16-bit ones, read in place, into krow16 / vrow16).
-template <DType DT, bool IN_PLACE = false>
+// (float32 rows into krow / vrow; 16-bit ones, read in place, into krow16 / vrow16).
+template <DType DT>
 static inline void put_row(const typename Elem<DT>::T* kp, const typename Elem<DT>::T* vp, Scratch& sc, int x,
                            int64_t at) {
-  static_assert(IN_PLACE == (DT != DType::F32), "16-bit rows are read in place, float32 ones always are");
-  if constexpr (IN_PLACE) {
-    sc.krow16[x] = kp + at;
-    sc.vrow16[x] = vp + at;
-  } else {
+  if constexpr (DT == DType::F32) {
     sc.krow[x] = kp + at;
     sc.vrow[x] = vp + at;
+  } else {
+    sc.krow16[x] = kp + at;
+    sc.vrow16[x] = vp + at;
   }
 }
 
@@ -95,7 +94,7 @@ static inline const typename Elem<DT>::T* pool(const void* p) {
 
 // Rows of keys [t0, t0 + nk) of kv heads [kvh, kvh + nh): row h * stride + k.
 // Token-major: all heads of a token before the next token (contiguous reads).
-template <DType DT, bool IN_PLACE = false>
+template <DType DT>
 static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh, int t0, int nk, int stride,
                         Scratch& sc) {
   const auto *kp = pool<DT>(a.k_pool), *vp = pool<DT>(a.v_pool);
@@ -104,7 +103,7 @@ static void gather_rows(const AttnArgs& a, const int32_t* pages, int kvh, int nh
   for (int k = 0; k < nk; ++k) {
     const int64_t slot = walk.next();
     for (int h = 0; h < nh; ++h)
-      put_row<DT, IN_PLACE>(kp, vp, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
+      put_row<DT>(kp, vp, sc, h * stride + k, (slot * Hkv + kvh + h) * D);
   }
 }
 
@@ -235,7 +234,7 @@ static void run_small(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
   for (int t0 = it.k_begin; t0 < k_end; t0 += kSmallTile) {
     const int nk = min_int(kSmallTile, k_end - t0);
     const int nk_next = min_int(kSmallTile, k_end - t0 - nk);
-    gather_rows<DT, in_place>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
+    gather_rows<DT>(a, pages, it.kvh, nh, t0, nk, kSmallTile, sc);
     int per = 0;
     const bool last = nk_next <= 0;  // then the next item's first rows
     if (spread)

@@ -406,8 +406,11 @@ static void pv_tile(const float* p, int sk, int sm, int M, const T* const* vrow,
                     const float* alpha, LinePrefetch* pf = nullptr) {
   const int blocks = (M + PV_ROWS - 1) / PV_ROWS;
   const int per = pf ? (pf->n - pf->i + blocks - 1) / blocks : 0;
-  const int steps = (M / PV_ROWS) * max_int(1, D / (PV_VECS * VL)) * ((nk + 7) / 8);
-  const int per8 = FINE && steps > 0 ? (pf->n - pf->i + steps - 1) / steps : 0;
+  int per8 = 0;  // (FINE: lines per 8 keys of the whole row blocks' register blocks)
+  if constexpr (FINE) {
+    const int steps = (M / PV_ROWS) * max_int(1, D / (PV_VECS * VL)) * ((nk + 7) / 8);
+    if (steps > 0) per8 = (pf->n - pf->i + steps - 1) / steps;
+  }
   int m0 = 0;
   for (; m0 + PV_ROWS <= M; m0 += PV_ROWS) {
     if (pf && !FINE) pf->issue(per, pf->n);

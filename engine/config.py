@@ -33,7 +33,6 @@ def parse_dtype(dtype, default: torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype={dtype!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'.")
 
 
-
 def read_json_object(path: str, what: str = "a JSON object") -> dict:
     """The JSON object in ``path``; one ValueError naming the file when it is not valid
     JSON or holds something else."""
@@ -45,6 +44,7 @@ def read_json_object(path: str, what: str = "a JSON object") -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold {what}, not {type(raw).__name__}.")
     return raw
+
 
 @dataclass
 class ModelConfig:
