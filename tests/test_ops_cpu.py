@@ -119,9 +119,10 @@ def test_segment_lengths_and_rows(L, rows):
     check(plan, *make_tensors(plan, num_pages, 16, 8, 4, 64, torch.float32, L + rows))
 
 
-@pytest.mark.parametrize("n_new", [1, 17, 100])
+@pytest.mark.parametrize("n_new", [1, 7, 17, 100])
 def test_prefill_causal(n_new):
-    """Many rows of one thread in its own segment: per-row causal limits inside tiles."""
+    """Many rows of one thread in its own segment: per-row causal limits inside tiles
+    (7 rows x a GQA group of 2: the many-query path's 32-key tiles for <= 16 queries)."""
     seg_len = {0: 40, 1: 37 + n_new}
     rng = random.Random(n_new)
     seg_pages, num_pages = make_pool(seg_len, 16, rng)
