@@ -137,7 +137,7 @@ class Setup:
         return 2 * self.N * (self.P + self.O) * self.Hkv * self.D * self.elem
 
     def sdpa_concat_fn(self):
-        N, P = self.N, self.P
+        N = self.N
         k = torch.cat([self.kp[None].expand(N, -1, -1, -1), self.ko], 1).transpose(1, 2).contiguous()
         v = torch.cat([self.vp[None].expand(N, -1, -1, -1), self.vo], 1).transpose(1, 2).contiguous()
         q = self.q[:, :, None]  # [N, Hq, 1, D]

@@ -146,7 +146,7 @@ class ModelConfig:
             # exact only while sequences stay within the window.
             if int(sliding) < cfg["max_position_embeddings"]:
                 cfg["max_position_embeddings"] = int(sliding)
-                cfg["context_source"] = (f"sliding_window: Loom attends the whole context, which is "
+                cfg["context_source"] = ("sliding_window: Loom attends the whole context, which is "
                                          "exact only inside the window")
         dt = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         try:

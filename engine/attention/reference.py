@@ -43,7 +43,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor, merge_indptr: torch.Tensor,
 def partial_states(q, k_pool, v_pool, plan: AttentionPlan, inv_freq, scale: float):
     """Per-entry partial states: o [E, Hq, D] float32 and lse [E, Hq] float32."""
     T, Hq, D = q.shape
-    ps, Hkv = k_pool.shape[1], k_pool.shape[2]
+    Hkv = k_pool.shape[2]
     group = Hq // Hkv
     E = plan.num_entries
     o = torch.zeros(E, Hq, D, dtype=torch.float32, device=q.device)

@@ -1,8 +1,6 @@
 """ParaThinker: P forced paths from the prompt, first-finish cut-off, a summary."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..threads import Thread
 from .tagged import Tags
 from .tree import TagTreeProtocol, ThreadState, TreeLimits, TreeRun

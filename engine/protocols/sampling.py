@@ -2,7 +2,6 @@
 self-consistency (majority vote) and first-finish search."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 from ..outputs import CompletionOutput

@@ -23,8 +23,7 @@ Malformed output never crashes or hangs; each case is recorded in the output's
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
