@@ -147,7 +147,7 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
 }
 
 // Panels [b0, b1) for M rows: groups of GS32 / GS16 panels per pass up to 4 rows, of
-// GL32 / GL16 above (float32 / bfloat16), then single panels.
+// GL32 / GL16 above (float32 / bfloat16), then a pass of 2 and single panels.
 template <class W>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
                                                         const W* wp, const float* bias, float* out, int64_t ldo,
@@ -160,6 +160,11 @@ inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t 
     for (; b + GS <= b1; b += GS) panel_rows<GS>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GS - 1));
   if constexpr (GL > 1)
     for (; b + GL <= b1; b += GL) panel_rows<GL>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + GL - 1));
+  if constexpr (GL > 2)
+    if (b + 2 <= b1) {
+      panel_rows<2>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b + 1));
+      b += 2;
+    }
   for (; b < b1; ++b) panel_rows<1>(x, ldx, M, K, wp + b * K * NB, bias, out, ldo, b * NB, last(b));
 }
 
