@@ -77,6 +77,7 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
   // unchanged; the decode step (n=8) 0.96x.
   const int64_t next_group = (NP - 1) * ps, k_last = K / KS - kPrefetch;
   for (int64_t k = 0; k < K; k += KS) {
+    const int64_t ahead = kPrefetch * LE + (k / KS >= k_last ? next_group : 0);  // (elements past `row`)
     vf w0[NP][NV], w1[NP][NV];
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
@@ -86,7 +87,7 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
       // the last panel's end is harmless: prefetches do not fault). Locality 3 (prefetcht0),
       // not 0: prefetchnta made this loop 4x slower on an Intel Xeon (Emerald Rapids) VM,
       // where it stalled on every k step even for panels already in L2.
-      if constexpr (PF) __builtin_prefetch(row + kPrefetch * LE + (k / KS >= k_last ? next_group : 0), 0, 3);
+      if constexpr (PF) __builtin_prefetch(row + ahead, 0, 3);
       load_line(row, w0[p], w1[p]);
     }
 #pragma GCC unroll 8
