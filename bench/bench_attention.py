@@ -29,7 +29,9 @@ higher: a CPU without bfloat16 products, where Loom widens to float32); in bfloa
 Loom's AMX tiles can beat it, so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
 time (mostly the bytes each reads: sharing), vs mask = sdpa+mask time over loom time
 (both read the prompt once). Times: median over --repeats after warm-up. A line after the table counts the rows
-at >= 50% of read bandwidth and lists the others with their %roof and need.
+at >= 50% of read bandwidth and lists the others with their %roof and need; then each of those
+rows' two parts is timed alone the same way (its shared prompt with one own token per thread,
+and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -145,7 +147,7 @@ def timed_paired(fn, repeats: int, before, rewarm, warmup: int = 2) -> tuple[lis
 class Case:
     """Pools, plan and per-method inputs of one configuration."""
 
-    def __init__(self, n: int, shared: int, own: int, seed: int = 0, dtype=torch.float32):
+    def __init__(self, n: int, shared: int, own: int, seed: int = 0, dtype=torch.float32, loom_only: bool = False):
         g = torch.Generator().manual_seed(seed)
         seg_len = {0: shared, **{i + 1: own for i in range(n)}}
         n_pages = sum(-(-L // PAGE) for L in seg_len.values())
@@ -173,6 +175,8 @@ class Case:
         kv_bytes = HKV * D * self.k_pool.element_size() * 2
         self.unique_bytes = (shared + n * own) * kv_bytes
         self.per_thread_bytes = n * (shared + own) * kv_bytes
+        if loom_only:  # (no inputs for the other methods)
+            return
         # sdpa/thr: [N, Hkv, S+O, D] per-thread copies
         k_s, v_s = tokens(self.k_pool, 0), tokens(self.v_pool, 0)
         self.k_thr = torch.stack([torch.cat([k_s, tokens(self.k_pool, t + 1)]) for t in range(n)]).transpose(1, 2)
@@ -301,6 +305,20 @@ def bench_prefill(repeats: int, dtype=torch.float32) -> str:
             f"sdpa causal (contiguous K/V) {t_sdpa * 1e3:.1f} ms")
 
 
+def parts_line(label: str, n: int, s: int, o: int, t_whole: float, dtype, probe: MachineProbe, tiny: Case,
+               repeats: int, peak: float) -> str:
+    """A row's time against its shared prompt's and its own tokens' times, each alone."""
+    shared, own = Case(n, s, 1, dtype=dtype, loom_only=True), Case(n, 16, o, dtype=dtype, loom_only=True)
+    t_s = statistics.median(timed_paired(shared.loom, repeats, probe.read, tiny.loom)[0])
+    t_o, bws = timed_paired(own.loom, repeats, probe.read, tiny.loom)
+    t_o, bw = statistics.median(t_o), statistics.median(bws)
+    flops = 4 * HQ * D * n * (s + 1)
+    return (f"{label}: {t_whole * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
+            f"GFLOP/s, {100 * flops / t_s / 1e9 / peak:.0f}% of the peak), own tokens alone {t_o * 1e3:.2f} ms "
+            f"({own.unique_bytes / t_o / 1e9:.1f} GB/s, {100 * own.unique_bytes / t_o / 1e9 / bw:.0f}% of read "
+            f"bandwidth); sum {(t_s + t_o) * 1e3:.2f} ms")
+
+
 def main() -> None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--device", default="cpu")
@@ -382,12 +400,17 @@ def main() -> None:
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x "
               f"{t_mask / t_loom:>6.1f}x")
         if pct_bw < 0.5:
-            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need))
+            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need, (n, s, o, t_loom)))
         del case
     print(f"rows at >= 50% of read bandwidth: {len(configs) - len(below)} of {len(configs)}"
           + ("" if not below else "; below: " + ", ".join(
               f"{c} {100 * b:.0f}% ({100 * r:.0f}% of its roofline, need {100 * nd:.0f}%"
-              f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd in below)))
+              f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd, _ in below)))
+    if below:
+        print("the rows below, their two parts timed alone the same way (the shared prompt with one own token "
+              "per thread; the own tokens over a 16-token prompt):")
+        for c, *_, (n, s, o, t_whole) in below:
+            print("  " + parts_line(c, n, s, o, t_whole, dtype, probe, tiny, repeats, peak))
     print(bench_prefill(repeats, dtype))
     print(bench_plan_builder(repeats))
 

@@ -26,6 +26,26 @@ def test_bench_attention_quick():
     assert rows == [("1", "1024", "64"), ("8", "8192", "512"), ("32", "8192", "512")], out
     assert re.search(r"^rows at >= 50% of read bandwidth: \d of 3", out, flags=re.M), out
     assert "plan builder, 1,000 threads x 50-segment views" in out and "prefill 1,024 rows" in out, out
+    for label in re.findall(r"(N=\d+ x \d+k\+\d+) \d+% \(", out):  # the rows below 50%: their parts
+        assert re.search(rf"^  {re.escape(label)}: [\d.]+ ms; shared prompt alone [\d.]+ ms .* own tokens alone "
+                         rf"[\d.]+ ms .*; sum [\d.]+ ms$", out, flags=re.M), out
+
+
+def test_bench_attention_parts_line():
+    """The line that splits a row below 50% of read bandwidth into its two parts, on a
+    small case (the table's rows may all pass on a given machine)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_attention as B
+    finally:
+        sys.path.pop(0)
+    probe, tiny = B.MachineProbe(), B.Case(1, 16, 1)
+    line = B.parts_line("N=3 x 0k+17", 3, 100, 17, 1e-3, torch.float32, probe, tiny, 1, 100.0)
+    m = re.fullmatch(r"N=3 x 0k\+17: 1\.00 ms; shared prompt alone ([\d.]+) ms \(\d+ GFLOP/s, \d+% of the peak\), "
+                     r"own tokens alone ([\d.]+) ms \([\d.]+ GB/s, \d+% of read bandwidth\); sum ([\d.]+) ms", line)
+    assert m, line
+    t_s, t_o, total = map(float, m.groups())
+    assert t_s > 0 and t_o > 0 and abs(t_s + t_o - total) <= 0.011, line
 
 
 def test_bench_generate_smallest():
