@@ -30,8 +30,8 @@ Loom's AMX tiles can beat it, so there %roof can pass 100% and need overstates. 
 time (mostly the bytes each reads: sharing), vs mask = sdpa+mask time over loom time
 (both read the prompt once). Times: median over --repeats after warm-up. A line after the table counts the rows
 at >= 50% of read bandwidth and lists the others with their %roof and need; then each of those
-rows' two parts is timed alone the same way (its shared prompt with one own token per thread,
-and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth.
+rows is timed again in turn with its two parts alone (its shared prompt with one own token per
+thread, and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth.
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -305,18 +305,28 @@ def bench_prefill(repeats: int, dtype=torch.float32) -> str:
             f"sdpa causal (contiguous K/V) {t_sdpa * 1e3:.1f} ms")
 
 
-def parts_line(label: str, n: int, s: int, o: int, t_whole: float, dtype, probe: MachineProbe, tiny: Case,
-               repeats: int, peak: float) -> str:
-    """A row's time against its shared prompt's and its own tokens' times, each alone."""
-    shared, own = Case(n, s, 1, dtype=dtype, loom_only=True), Case(n, 16, o, dtype=dtype, loom_only=True)
-    t_s = statistics.median(timed_paired(shared.loom, repeats, probe.read, tiny.loom)[0])
-    t_o, bws = timed_paired(own.loom, repeats, probe.read, tiny.loom)
-    t_o, bw = statistics.median(t_o), statistics.median(bws)
+def parts_line(label: str, n: int, s: int, o: int, dtype, probe: MachineProbe, tiny: Case, repeats: int,
+               peak: float) -> str:
+    """A row against its shared prompt's and its own tokens' times alone: the three timed in
+    turn, each from memory as in the table (in turn: this machine's speed drifts)."""
+    cases = {"whole": Case(n, s, o, dtype=dtype, loom_only=True), "shared": Case(n, s, 1, dtype=dtype, loom_only=True),
+             "own": Case(n, 16, o, dtype=dtype, loom_only=True)}
+    times, bws = {k: [] for k in cases}, []
+    for c in cases.values():
+        c.loom()
+    for r in range(max(repeats, 3)):
+        for k in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
+            t, bw = timed_paired(cases[k].loom, 1, probe.read, tiny.loom, warmup=0)
+            times[k] += t
+            bws += bw
+    t_w, t_s, t_o = (statistics.median(times[k]) for k in cases)
+    bw = statistics.median(bws)
     flops = 4 * HQ * D * n * (s + 1)
-    return (f"{label}: {t_whole * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
+    own_bytes = cases["own"].unique_bytes
+    return (f"{label}: {t_w * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
             f"GFLOP/s, {100 * flops / t_s / 1e9 / peak:.0f}% of the peak), own tokens alone {t_o * 1e3:.2f} ms "
-            f"({own.unique_bytes / t_o / 1e9:.1f} GB/s, {100 * own.unique_bytes / t_o / 1e9 / bw:.0f}% of read "
-            f"bandwidth); sum {(t_s + t_o) * 1e3:.2f} ms")
+            f"({own_bytes / t_o / 1e9:.1f} GB/s, {100 * own_bytes / t_o / 1e9 / bw:.0f}% of read bandwidth); "
+            f"sum {(t_s + t_o) * 1e3:.2f} ms")
 
 
 def main() -> None:
@@ -400,17 +410,17 @@ def main() -> None:
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x "
               f"{t_mask / t_loom:>6.1f}x")
         if pct_bw < 0.5:
-            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need, (n, s, o, t_loom)))
+            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need, (n, s, o)))
         del case
     print(f"rows at >= 50% of read bandwidth: {len(configs) - len(below)} of {len(configs)}"
           + ("" if not below else "; below: " + ", ".join(
               f"{c} {100 * b:.0f}% ({100 * r:.0f}% of its roofline, need {100 * nd:.0f}%"
               f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd, _ in below)))
     if below:
-        print("the rows below, their two parts timed alone the same way (the shared prompt with one own token "
-              "per thread; the own tokens over a 16-token prompt):")
-        for c, *_, (n, s, o, t_whole) in below:
-            print("  " + parts_line(c, n, s, o, t_whole, dtype, probe, tiny, repeats, peak))
+        print("the rows below, timed again in turn with their two parts alone (the shared prompt with one own "
+              "token per thread; the own tokens over a 16-token prompt), each from memory:")
+        for c, *_, (n, s, o) in below:
+            print("  " + parts_line(c, n, s, o, dtype, probe, tiny, repeats, peak))
     print(bench_prefill(repeats, dtype))
     print(bench_plan_builder(repeats))
 
