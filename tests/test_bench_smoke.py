@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -74,3 +75,12 @@ def test_bench_attention_cuda_without_a_gpu():
     # the CPU table's flags are the GPU table's too (they were refused by its parser)
     out = run("bench/bench_attention.py", "--device", "cuda", "--quick", "--dtype", "float32", code=2)
     assert "needs a CUDA GPU" in out and "unrecognized" not in out and "invalid choice" not in out, out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (the probe is built by hand, not by setup.py)")
+def test_overlap_probe_builds(tmp_path):
+    """bench/overlap_probe.cpp (a one-core machine probe, run by hand) compiles as its header says."""
+    exe = tmp_path / "overlap_probe"
+    p = subprocess.run(["g++", "-O2", "-Wall", "-Werror", "-mavx512f", "-mfma", "bench/overlap_probe.cpp", "-o",
+                        str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and exe.exists(), p.stderr[-4000:]
