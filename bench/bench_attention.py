@@ -31,7 +31,9 @@ time (mostly the bytes each reads: sharing), vs mask = sdpa+mask time over loom 
 (both read the prompt once). Times: median over --repeats after warm-up. A line after the table counts the rows
 at >= 50% of read bandwidth and lists the others with their %roof and need; then each of those
 rows is timed again in turn with its two parts alone (its shared prompt with one own token per
-thread, and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth.
+thread, and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth,
+and against its time if arithmetic and memory did not overlap at all (every FLOP at that peak,
+then every byte at the read bandwidth; bench/overlap_probe.cpp measures how far one core overlaps them).
 
     python bench/bench_attention.py [--repeats 10] [--quick]
     python bench/bench_attention.py --device cuda [...]   # the GPU table: Triton vs flash-attn
@@ -323,10 +325,13 @@ def parts_line(label: str, n: int, s: int, o: int, dtype, probe: MachineProbe, t
     bw = statistics.median(bws)
     flops = 4 * HQ * D * n * (s + 1)
     own_bytes = cases["own"].unique_bytes
+    # no overlap at all: every FLOP at the peak, then every byte at the read bandwidth
+    serial = 4 * HQ * D * n * (s + o) / (peak * 1e9) + cases["whole"].unique_bytes / (bw * 1e9)
     return (f"{label}: {t_w * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
             f"GFLOP/s, {100 * flops / t_s / 1e9 / peak:.0f}% of the peak), own tokens alone {t_o * 1e3:.2f} ms "
             f"({own_bytes / t_o / 1e9:.1f} GB/s, {100 * own_bytes / t_o / 1e9 / bw:.0f}% of read bandwidth); "
-            f"sum {(t_s + t_o) * 1e3:.2f} ms")
+            f"sum {(t_s + t_o) * 1e3:.2f} ms; the row takes {t_w / serial:.2f}x its time without overlap "
+            f"(its FLOPs at the peak, then its bytes at the read bandwidth: {serial * 1e3:.2f} ms)")
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ def test_bench_attention_quick():
     assert "plan builder, 1,000 threads x 50-segment views" in out and "prefill 1,024 rows" in out, out
     for label in re.findall(r"(N=\d+ x \d+k\+\d+) \d+% \(", out):  # the rows below 50%: their parts
         assert re.search(rf"^  {re.escape(label)}: [\d.]+ ms; shared prompt alone [\d.]+ ms .* own tokens alone "
-                         rf"[\d.]+ ms .*; sum [\d.]+ ms$", out, flags=re.M), out
+                         rf"[\d.]+ ms .*; sum [\d.]+ ms; the row takes [\d.]+x its time without overlap .*: [\d.]+ ms\)$", out,
+                         flags=re.M), out
 
 
 def test_bench_attention_parts_line():
@@ -43,7 +44,9 @@ def test_bench_attention_parts_line():
     probe, tiny = B.MachineProbe(), B.Case(1, 16, 1)
     line = B.parts_line("N=3 x 0k+17", 3, 100, 17, torch.float32, probe, tiny, 1, 100.0)
     m = re.fullmatch(r"N=3 x 0k\+17: [\d.]+ ms; shared prompt alone ([\d.]+) ms \(\d+ GFLOP/s, \d+% of the peak\), "
-                     r"own tokens alone ([\d.]+) ms \([\d.]+ GB/s, \d+% of read bandwidth\); sum ([\d.]+) ms", line)
+                     r"own tokens alone ([\d.]+) ms \([\d.]+ GB/s, \d+% of read bandwidth\); sum ([\d.]+) ms; "
+                     r"the row takes [\d.]+x its time without overlap \(its FLOPs at the peak, then its bytes at "
+                     r"the read bandwidth: [\d.]+ ms\)", line)
     assert m, line
     t_s, t_o, total = map(float, m.groups())
     assert t_s > 0 and t_o > 0 and abs(t_s + t_o - total) <= 0.011, line
