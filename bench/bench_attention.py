@@ -177,6 +177,7 @@ class Case:
         kv_bytes = HKV * D * self.k_pool.element_size() * 2
         self.unique_bytes = (shared + n * own) * kv_bytes
         self.per_thread_bytes = n * (shared + own) * kv_bytes
+        self.flops = 4 * HQ * D * n * (shared + own)  # QK and PV multiply-adds (x2) of every query
         if loom_only:  # (no inputs for the other methods)
             return
         # sdpa/thr: [N, Hkv, S+O, D] per-thread copies
@@ -307,8 +308,11 @@ def bench_prefill(repeats: int, dtype=torch.float32) -> str:
             f"sdpa causal (contiguous K/V) {t_sdpa * 1e3:.1f} ms")
 
 
-def parts_line(label: str, n: int, s: int, o: int, dtype, probe: MachineProbe, tiny: Case, repeats: int,
-               peak: float) -> str:
+def row_label(n: int, s: int, o: int) -> str:
+    return f"N={n} x {s // 1024}k+{o}"
+
+
+def parts_line(n: int, s: int, o: int, dtype, probe: MachineProbe, tiny: Case, repeats: int, peak: float) -> str:
     """A row against its shared prompt's and its own tokens' times alone: the three timed in
     turn, each from memory as in the table (in turn: this machine's speed drifts)."""
     cases = {"whole": Case(n, s, o, dtype=dtype, loom_only=True), "shared": Case(n, s, 1, dtype=dtype, loom_only=True),
@@ -323,11 +327,10 @@ def parts_line(label: str, n: int, s: int, o: int, dtype, probe: MachineProbe, t
             bws += bw
     t_w, t_s, t_o = (statistics.median(times[k]) for k in cases)
     bw = statistics.median(bws)
-    flops = 4 * HQ * D * n * (s + 1)
-    own_bytes = cases["own"].unique_bytes
+    flops, own_bytes = cases["shared"].flops, cases["own"].unique_bytes
     # no overlap at all: every FLOP at the peak, then every byte at the read bandwidth
-    serial = 4 * HQ * D * n * (s + o) / (peak * 1e9) + cases["whole"].unique_bytes / (bw * 1e9)
-    return (f"{label}: {t_w * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
+    serial = cases["whole"].flops / (peak * 1e9) + cases["whole"].unique_bytes / (bw * 1e9)
+    return (f"{row_label(n, s, o)}: {t_w * 1e3:.2f} ms; shared prompt alone {t_s * 1e3:.2f} ms ({flops / t_s / 1e9:.0f} "
             f"GFLOP/s, {100 * flops / t_s / 1e9 / peak:.0f}% of the peak), own tokens alone {t_o * 1e3:.2f} ms "
             f"({own_bytes / t_o / 1e9:.1f} GB/s, {100 * own_bytes / t_o / 1e9 / bw:.0f}% of read bandwidth); "
             f"sum {(t_s + t_o) * 1e3:.2f} ms; the row takes {t_w / serial:.2f}x its time without overlap "
@@ -401,7 +404,7 @@ def main() -> None:
         t_thr = statistics.median(cold("sdpa_threads", repeats)[0])
         t_mask = statistics.median(cold("sdpa_mask", max(3, repeats // 3), warmup=1)[0])
         gbs = case.unique_bytes / t_loom / 1e9
-        flops = 4 * HQ * D * n * (s + o)
+        flops = case.flops
         pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, (bw, _) in zip(loom_times, speeds))
         pct_roof = statistics.median(
             max(case.unique_bytes / (bw * 1e9), flops / (peak * mm / mm_ref * 1e9)) / t
@@ -415,17 +418,17 @@ def main() -> None:
               f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x "
               f"{t_mask / t_loom:>6.1f}x")
         if pct_bw < 0.5:
-            below.append((f"N={n} x {s // 1024}k+{o}", pct_bw, pct_roof, need, (n, s, o)))
+            below.append(((n, s, o), pct_bw, pct_roof, need))
         del case
     print(f"rows at >= 50% of read bandwidth: {len(configs) - len(below)} of {len(configs)}"
           + ("" if not below else "; below: " + ", ".join(
-              f"{c} {100 * b:.0f}% ({100 * r:.0f}% of its roofline, need {100 * nd:.0f}%"
-              f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd, _ in below)))
+              f"{row_label(*c)} {100 * b:.0f}% ({100 * r:.0f}% of its roofline, need {100 * nd:.0f}%"
+              f"{': arithmetic-bound' if nd > 0.8 else ''})" for c, b, r, nd in below)))
     if below:
         print("the rows below, timed again in turn with their two parts alone (the shared prompt with one own "
               "token per thread; the own tokens over a 16-token prompt), each from memory:")
-        for c, *_, (n, s, o) in below:
-            print("  " + parts_line(c, n, s, o, dtype, probe, tiny, repeats, peak))
+        for c, *_ in below:
+            print("  " + parts_line(*c, dtype, probe, tiny, repeats, peak))
     print(bench_prefill(repeats, dtype))
     print(bench_plan_builder(repeats))
 
