@@ -1,6 +1,27 @@
 // Tile kernels of the CPU attention: scores, masking + online softmax, values.
 // A fragment of attn_cpu_impl.h (included inside namespace loom::cpu::<isa>).
 
+// Vector types of VL floats (GCC vector extensions: portable across the builds, and
+// __builtin_shuffle becomes one permute instruction); loads through vfu are unaligned.
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int vi __attribute__((vector_size(VL * 4)));
+
+static inline vf load_vf(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline void store_vf(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+// x in every lane: one broadcast (vf{} + x would be an add, as -0.0 + 0.0 is +0.0; a
+// loop over lanes became masked inserts).
+static inline vf bcast_vf(float x) {
+#if LOOM_VL == 16
+  return (vf)_mm512_set1_ps(x);
+#elif LOOM_VL == 8
+  return (vf)_mm256_set1_ps(x);
+#else
+  static_assert(VL == 4, "the baseline build's vectors");
+  return vf{x, x, x, x};
+#endif
+}
+
 // ------------------------------------------------------------------ scores
 //
 // Two layouts of the score tile: the large path keeps S^T [key][mpad] (queries in
@@ -9,22 +30,32 @@
 // vectorised over keys). PV reads either through (stride per key, stride per query).
 
 // S^T[r][m] for KR keys x MV*VL queries; qt is [D][mpad] (offset to the first query).
+// Accumulators are vectors (register-resident: an array of floats was zeroed on the stack
+// by rep stos and copied out through it, ~7% of the block's time), one per key and query
+// vector. One copy per (KR, MV), called from qk_large's switch.
 template <int KR, int MV>
-static inline void qk_block(const float* const* krow, const float* qt, int mpad, int D, float* s) {
-  float acc[KR][MV * VL];
+__attribute__((noinline)) static void qk_block(const float* const* krow, const float* qt, int mpad, int D, float* s) {
+  vf acc[KR][MV];
+#pragma GCC unroll 8
   for (int r = 0; r < KR; ++r)
-    for (int m = 0; m < MV * VL; ++m) acc[r][m] = 0.f;
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) acc[r][v] = vf{};
   for (int d = 0; d < D; ++d) {
     const float* q = qt + static_cast<int64_t>(d) * mpad;
+    vf qv[MV];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) qv[v] = load_vf(q + v * VL);
 #pragma GCC unroll 8
     for (int r = 0; r < KR; ++r) {
-      const float kv = krow[r][d];
-#pragma omp simd
-      for (int m = 0; m < MV * VL; ++m) acc[r][m] += kv * q[m];
+      const vf kv = bcast_vf(krow[r][d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < MV; ++v) acc[r][v] += kv * qv[v];
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < KR; ++r)
-    for (int m = 0; m < MV * VL; ++m) s[r * mpad + m] = acc[r][m];
+#pragma GCC unroll 4
+    for (int v = 0; v < MV; ++v) store_vf(s + r * mpad + v * VL, acc[r][v]);
 }
 
 #define LOOM_QK_CASE(kr, mv) \
@@ -78,15 +109,6 @@ static inline void fold_lanes_max(float* a) {
   for (int w = VL / 2; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) a[l] = a[l + w] > a[l] ? a[l + w] : a[l];
 }
-
-// Vector types of VL floats (GCC vector extensions: portable across the builds, and
-// __builtin_shuffle becomes one permute instruction); loads through vfu are unaligned.
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
-typedef int vi __attribute__((vector_size(VL * 4)));
-
-static inline vf load_vf(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-static inline void store_vf(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 
 // K/V rows as the small path reads them: float32 rows (the pool's, or 16-bit ones converted
 // into scratch), or bfloat16 rows of the pool itself, widened in registers (a shift):
@@ -438,38 +460,36 @@ static void softmax_rows(float* s, HeadState& hs, int nk, int M) {
 
 // O[i][d0 : d0 + DV*VL] = O * alpha[i] + sum_k P[k, i] V[k][...] for MR queries, where
 // P[k, i] = p[k * sk + i * sm]; no alpha: 1.
-// FINE: per8 of pf's lines before every 8 keys.
+// FINE: per8 of pf's lines before every 8 keys. Vector accumulators, as qk_block's (an
+// array of floats went through the stack on entry and exit).
 template <int MR, int DV, class T, bool FINE = false>
 static inline void pv_block(const float* p, int sk, int sm, const T* const* vrow, int nk, int d0,
                             float* o, int D, const float* alpha, LinePrefetch* pf = nullptr, int per8 = 0) {
-  float acc[MR][DV * VL];
+  vf acc[MR][DV];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    for (int x = 0; x < DV * VL; ++x) acc[i][x] = alpha ? o[i * D + d0 + x] * alpha[i] : o[i * D + d0 + x];
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) {
+      const vf ov = load_vf(o + i * D + d0 + x * VL);
+      acc[i][x] = alpha ? ov * alpha[i] : ov;
+    }
   for (int k = 0; k < nk; ++k) {
     if constexpr (FINE)
       if ((k & 7) == 0) pf->issue(per8, pf->n);
-    if constexpr (Row<T>::kWiden) {
-      vf vk[DV];
-      for (int x = 0; x < DV; ++x) vk[x] = Row<T>::vec(vrow[k] + d0 + x * VL);
+    vf vk[DV];
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) vk[x] = Row<T>::vec(vrow[k] + d0 + x * VL);
 #pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const float pk = p[k * sk + i * sm];
-        for (int x = 0; x < DV; ++x)
-#pragma omp simd
-          for (int l = 0; l < VL; ++l) acc[i][x * VL + l] += pk * vk[x][l];
-      }
-    } else {
-      const float* v = vrow[k] + d0;
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const float pk = p[k * sk + i * sm];
-#pragma omp simd
-        for (int x = 0; x < DV * VL; ++x) acc[i][x] += pk * v[x];
-      }
+    for (int i = 0; i < MR; ++i) {
+      const vf pk = bcast_vf(p[k * sk + i * sm]);
+#pragma GCC unroll 4
+      for (int x = 0; x < DV; ++x) acc[i][x] += pk * vk[x];
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-    for (int x = 0; x < DV * VL; ++x) o[i * D + d0 + x] = acc[i][x];
+#pragma GCC unroll 4
+    for (int x = 0; x < DV; ++x) store_vf(o + i * D + d0 + x * VL, acc[i][x]);
 }
 
 template <int MR, class T, bool FINE = false>
