@@ -284,6 +284,12 @@ static inline void advance_max(HeadState& hs, int m, float tile_max) {
   hs.m_run[m] = m_new;
 }
 
+// advance_max of queries m0 .. m0 + VL.
+static inline void advance_max_cols(HeadState& hs, int m0, const float* tile_max) {
+#pragma omp simd
+  for (int m = 0; m < VL; ++m) advance_max(hs, m0 + m, tile_max[m]);
+}
+
 #if LOOM_VL == 16 || LOOM_VL == 8
 // MAXPS: the second operand when either is NaN.
 static inline vf max_v(vf a, vf b) {
@@ -351,20 +357,8 @@ static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
       for (int c = 0; c < 4; ++c) mx[c] = max_v(mx[c], load_vf(s + (k + c) * mpad));
     for (; k < nk; ++k) mx[0] = max_v(mx[0], load_vf(s + k * mpad));
     const vf t_max = max_v(max_v(mx[0], mx[1]), max_v(mx[2], mx[3]));
-    float* __restrict alpha = hs.alpha + m0;
-    float* __restrict m_use = hs.m_use + m0;
-    float* __restrict m_run = hs.m_run + m0;
-    float* __restrict l_run = hs.l_run + m0;
-#pragma omp simd
-    for (int m = 0; m < VL; ++m) {
-      const float m_old = m_run[m];
-      const float m_new = t_max[m] > m_old ? t_max[m] : m_old;
-      const bool empty = m_new == -INFINITY;
-      alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);
-      m_use[m] = empty ? 0.f : m_new;
-      m_run[m] = m_new;
-    }
-    const vf mu = load_vf(m_use);
+    advance_max_cols(hs, m0, reinterpret_cast<const float*>(&t_max));
+    const vf mu = load_vf(hs.m_use + m0);
     vf sum0 = vf{}, sum1 = vf{};
     k = 0;
     for (; k + 2 <= nk; k += 2) {
@@ -380,15 +374,11 @@ static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
       store_vf(s + k * mpad, p0);
       sum0 += p0;
     }
-    store_vf(l_run, load_vf(l_run) * load_vf(alpha) + (sum0 + sum1));
+    store_vf(hs.l_run + m0, load_vf(hs.l_run + m0) * load_vf(hs.alpha + m0) + (sum0 + sum1));
   }
 #else
   for (int m0 = 0; m0 < mpad; m0 += VL) {
     float* __restrict s = sc.s + m0;
-    float* __restrict alpha = hs.alpha + m0;
-    float* __restrict m_use = hs.m_use + m0;
-    float* __restrict m_run = hs.m_run + m0;
-    float* __restrict l_run = hs.l_run + m0;
     float t_max[VL], t_sum[VL];
 #pragma omp simd
     for (int m = 0; m < VL; ++m) {
@@ -401,15 +391,10 @@ static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
         const float v = s[k * mpad + m];
         t_max[m] = v > t_max[m] ? v : t_max[m];
       }
-#pragma omp simd
-    for (int m = 0; m < VL; ++m) {
-      const float m_old = m_run[m];
-      const float m_new = t_max[m] > m_old ? t_max[m] : m_old;
-      const bool empty = m_new == -INFINITY;
-      alpha[m] = empty ? 1.f : loom::exp_approx(m_old - m_new);
-      m_use[m] = empty ? 0.f : m_new;
-      m_run[m] = m_new;
-    }
+    advance_max_cols(hs, m0, t_max);
+    const float* __restrict alpha = hs.alpha + m0;
+    const float* __restrict m_use = hs.m_use + m0;
+    float* __restrict l_run = hs.l_run + m0;
     for (int k = 0; k < nk; ++k)
 #pragma omp simd
       for (int m = 0; m < VL; ++m) {
