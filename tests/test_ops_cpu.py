@@ -374,11 +374,12 @@ def test_errors_are_actionable():
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("where", ["key", "query", "scale"])
+@pytest.mark.parametrize("where", ["key", "query", "scale", "inf_key", "-inf_key"])
 def test_nan_inputs_give_nan_as_the_reference(isa, dtype, where):
     """A NaN in a key, a query or the scale makes NaN outputs (as the torch reference), in the
     rows that read it; it used to drop the segment's state (a plausible wrong answer) or give
-    zeros."""
+    zeros. An infinite key element gives infinite scores of both signs over the query heads:
+    NaN where a +inf score meets the softmax, as the reference, and exact elsewhere."""
     plan, num_pages = random_case(5, lens=(40, 300, 17), n_threads=3, num_new=(1, 20))
     q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, dtype, 5)
     scale = 0.125
@@ -386,6 +387,8 @@ def test_nan_inputs_give_nan_as_the_reference(isa, dtype, where):
         k[plan.kv_page_ids[0], 0, 1, 3] = float("nan")
     elif where == "query":
         q[0, 1, 5] = float("nan")
+    elif where.endswith("inf_key"):
+        k[plan.kv_page_ids[0], 0, 1, 3] = float(where[:-4])
     else:
         scale = float("nan")
     ref = segment_attention_torch(q, k, v, plan, inv_freq_of(64), scale)
