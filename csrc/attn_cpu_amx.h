@@ -197,7 +197,8 @@ static inline __m512 exp2_bf16(__m512 t) {
   return _mm512_scalef_ps(p, t);
 }
 
-// e^x as the FMA path computes it (float32 accuracy: the split path).
+// e^x by exp_approx lane by lane (float32 accuracy: the split path). Not exp_nonpos: with
+// the lazy max a score may pass m_use, and exp_nonpos is written for x <= 0.
 static inline __m512 exp_f32(__m512 x) {
   alignas(64) float v[16];
   _mm512_store_ps(v, x);
@@ -219,14 +220,7 @@ static bool softmax_pack_amx(const float* s0, HeadState& hs, int nk, int mpad, u
   bool rescale = false;
   for (int m0 = 0; m0 < mpad; m0 += 16) {
     const float* s = s0 + m0;
-    // (four running maxima: one chain would wait on each max's latency)
-    __m512 mx[4] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY),
-                    _mm512_set1_ps(-INFINITY)};
-    int k = 0;
-    for (; k + 4 <= nk; k += 4)
-      for (int u = 0; u < 4; ++u) mx[u] = _mm512_max_ps(mx[u], _mm512_loadu_ps(s + static_cast<int64_t>(k + u) * mpad));
-    for (; k < nk; ++k) mx[0] = _mm512_max_ps(mx[0], _mm512_loadu_ps(s + static_cast<int64_t>(k) * mpad));
-    const __m512 t_max = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+    const __m512 t_max = (__m512)tile_max_cols(s, nk, mpad);
     const __m512 m_old = _mm512_loadu_ps(hs.m_run + m0);
     const __mmask16 up = _mm512_cmp_ps_mask(t_max, _mm512_add_ps(m_old, _mm512_set1_ps(kLazyMax)), _CMP_GT_OQ);
     const __m512 m_new = _mm512_mask_blend_ps(up, m_old, t_max);

@@ -300,6 +300,18 @@ static inline vf max_v(vf a, vf b) {
 #endif
 }
 
+// The largest of nk score rows s[k * mpad] (VL queries each), in four chains: one chain
+// would wait on each max's latency.
+static inline vf tile_max_cols(const float* s, int nk, int mpad) {
+  vf mx[4];
+  for (int c = 0; c < 4; ++c) mx[c] = vf{} - INFINITY;
+  int k = 0;
+  for (; k + 4 <= nk; k += 4)
+    for (int c = 0; c < 4; ++c) mx[c] = max_v(mx[c], load_vf(s + static_cast<int64_t>(k + c) * mpad));
+  for (; k < nk; ++k) mx[0] = max_v(mx[0], load_vf(s + static_cast<int64_t>(k) * mpad));
+  return max_v(max_v(mx[0], mx[1]), max_v(mx[2], mx[3]));
+}
+
 // e^x of a vector for x <= 0 or NaN (a score minus its running maximum): 2^n * 2^f with
 // n = round(x log2 e), f = x log2 e - n in [-1/2, 1/2] (one rounding: an FMA), 2^f by a
 // degree-6 polynomial (fitted for relative error; 1e-7 evaluated in float32). 2^n:
@@ -308,12 +320,12 @@ static inline vf max_v(vf a, vf b) {
 // clamp is a MAXPS with x second).
 static inline vf exp_nonpos(vf x) {
   constexpr float kLog2e = 1.4426950408889634f;
-  const vf x0 = x;
 #if LOOM_VL == 16
   x = max_v(vf{} - 128.f, x);
   const vf n = (vf)_mm512_roundscale_ps((__m512)(x * kLog2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = (vf)_mm512_fmsub_ps((__m512)x, _mm512_set1_ps(kLog2e), (__m512)n);
 #else
+  const vf x0 = x;
   x = max_v(vf{} - 87.f, x);
   const vf n = (vf)_mm256_round_ps((__m256)(x * kLog2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vf f = (vf)_mm256_fmsub_ps((__m256)x, _mm256_set1_ps(kLog2e), (__m256)n);
@@ -326,7 +338,6 @@ static inline vf exp_nonpos(vf x) {
   p = p * f + 6.9314718246459960e-01f;
   p = p * f + 1.f;
 #if LOOM_VL == 16
-  (void)x0;
   return (vf)_mm512_scalef_ps((__m512)p, (__m512)n);
 #else
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32((__m256)n), _mm256_set1_epi32(127)), 23);
@@ -339,7 +350,7 @@ static inline vf exp_nonpos(vf x) {
 // Large path: S^T [nk][mpad] scores -> probabilities in place, vectorised over queries,
 // VL queries at a time (compile-time inner trip counts: a runtime one costs a peeled
 // loop per key). (restrict: the scratch arrays never overlap; without it the loops stay
-// scalar.) The AVX-512 and AVX2 builds: the tile's maximum in four chains and e^x by
+// scalar.) The AVX-512 and AVX2 builds: the tile's maximum by tile_max_cols and e^x by
 // exp_nonpos (the generic loop below: one max chain waiting on each max's latency, and
 // exp_approx's ~25 instructions per vector). In-process A/B from memory, new/old time:
 // AVX-512 float32, the decode model's shapes N=32 x 8k+8 0.94-0.95, N=32 x 1k+8 0.93-0.97;
@@ -349,18 +360,11 @@ static void softmax_cols(Scratch& sc, HeadState& hs, int nk, int mpad) {
 #if LOOM_VL == 16 || LOOM_VL == 8
   for (int m0 = 0; m0 < mpad; m0 += VL) {
     float* __restrict s = sc.s + m0;
-    // The tile's maximum in four independent chains (one chain waits on each max's latency).
-    vf mx[4];
-    for (int c = 0; c < 4; ++c) mx[c] = vf{} - INFINITY;
-    int k = 0;
-    for (; k + 4 <= nk; k += 4)
-      for (int c = 0; c < 4; ++c) mx[c] = max_v(mx[c], load_vf(s + (k + c) * mpad));
-    for (; k < nk; ++k) mx[0] = max_v(mx[0], load_vf(s + k * mpad));
-    const vf t_max = max_v(max_v(mx[0], mx[1]), max_v(mx[2], mx[3]));
+    const vf t_max = tile_max_cols(s, nk, mpad);
     advance_max_cols(hs, m0, reinterpret_cast<const float*>(&t_max));
     const vf mu = load_vf(hs.m_use + m0);
     vf sum0 = vf{}, sum1 = vf{};
-    k = 0;
+    int k = 0;
     for (; k + 2 <= nk; k += 2) {
       const vf p0 = exp_nonpos(load_vf(s + k * mpad) - mu);
       const vf p1 = exp_nonpos(load_vf(s + (k + 1) * mpad) - mu);
