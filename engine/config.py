@@ -61,10 +61,12 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool
+    qkv_bias: bool  # biases on q / k / v_proj
     qk_norm: bool
     torch_dtype: torch.dtype | None
     hidden_act: str = "silu"
+    o_bias: bool = False  # a bias on o_proj (Llama / Qwen3 attention_bias)
+    mlp_bias: bool = False  # biases on gate / up / down_proj (Llama mlp_bias)
     eos_token_ids: list[int] = field(default_factory=list)
     # what sets max_position_embeddings, for errors: the field itself, or a Mistral
     # sliding window that caps it
@@ -140,14 +142,15 @@ class ModelConfig:
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         rtype = rope.get("rope_type", rope.get("type", "default"))
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
-        sliding = raw.get("sliding_window")
-        if raw.get("use_sliding_window", arch == "MistralForCausalLM") and sliding:
-            # Mistral checkpoints name a window; Loom attends the full context, which is
-            # exact only while sequences stay within the window.
+        sliding = _sliding_window(raw, arch, cfg["num_layers"])
+        if sliding:
+            # A window over some layers (Mistral's on all); Loom attends the full context,
+            # which is exact only while sequences stay within the window.
             if int(sliding) < cfg["max_position_embeddings"]:
                 cfg["max_position_embeddings"] = int(sliding)
                 cfg["context_source"] = ("sliding_window: Loom attends the whole context, which is "
                                          "exact only inside the window")
+        attn_bias = bool(raw.get("attention_bias", False))
         dt = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         try:
             torch_dtype, bad_dtype = parse_dtype(dt, torch.float32), None
@@ -158,7 +161,11 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=bool(raw.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            # the biases and norms the architecture's transformers modules have: the loader
+            # takes exactly these (a tensor the config does not declare is refused)
+            qkv_bias=arch == "Qwen2ForCausalLM" or (arch != "MistralForCausalLM" and attn_bias),
+            o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and attn_bias,
+            mlp_bias=arch == "LlamaForCausalLM" and bool(raw.get("mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             torch_dtype=torch_dtype,
             unsupported_dtype=bad_dtype,
@@ -169,6 +176,28 @@ class ModelConfig:
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
+    """The attention window some layer of the model uses, as transformers builds it
+    (None: every layer attends the whole context). Mistral applies ``sliding_window`` to
+    every layer (its config has no ``use_sliding_window``); Qwen2 / Qwen3 only with
+    ``use_sliding_window``, on the layers ``layer_types`` names (default: the layers from
+    ``max_window_layers`` on); Llama has none."""
+    if arch == "LlamaForCausalLM":
+        return None
+    if arch == "MistralForCausalLM":
+        return raw.get("sliding_window") or None
+    if not raw.get("use_sliding_window", False):
+        return None
+    window = raw.get("sliding_window", 4096)
+    if not window:
+        return None
+    types = raw.get("layer_types")
+    if types is None:
+        first = raw.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    return window if "sliding_attention" in types else None
 
 
 def _as_list(x) -> list[int]:

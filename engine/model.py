@@ -132,35 +132,36 @@ class CausalLM:
             q = self._take(w, a + "q_proj.weight", (qd, H), f"{q_why}, hidden_size")
             k = self._take(w, a + "k_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
             v = self._take(w, a + "v_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
-            bq = self._take(w, a + "q_proj.bias", (qd,), q_why, required=False)
-            bk = self._take(w, a + "k_proj.bias", (kvd,), kv_why, required=False)
-            bv = self._take(w, a + "v_proj.bias", (kvd,), kv_why, required=False)
+            # Biases and q / k norms exactly as the config declares them (ModelConfig): one
+            # the config does not declare stays in `w` and is refused below, as transformers
+            # would drop it and compute another model.
             b_qkv = None
-            if bq is not None or bk is not None or bv is not None:
-                z = lambda b, n: b if b is not None else torch.zeros(n, device=self.device, dtype=self.dtype)
-                b_qkv = torch.cat([z(bq, qd), z(bk, kvd), z(bv, kvd)])
-            qn = self._take(w, a + "q_norm.weight", (hd,), "head_dim", required=c.qk_norm)
-            kn = self._take(w, a + "k_norm.weight", (hd,), "head_dim", required=c.qk_norm)
+            if c.qkv_bias:
+                b_qkv = torch.cat([self._take(w, a + "q_proj.bias", (qd,), q_why),
+                                   self._take(w, a + "k_proj.bias", (kvd,), kv_why),
+                                   self._take(w, a + "v_proj.bias", (kvd,), kv_why)])
+            qn = kn = None
+            if c.qk_norm:
+                qn = self._take(w, a + "q_norm.weight", (hd,), "head_dim")
+                kn = self._take(w, a + "k_norm.weight", (hd,), "head_dim")
             gate = self._take(w, p + "mlp.gate_proj.weight", (I, H), "intermediate_size, hidden_size")
             up = self._take(w, p + "mlp.up_proj.weight", (I, H), "intermediate_size, hidden_size")
-            # Llama's mlp_bias: biases on gate / up / down (all or none)
-            b_gate = self._take(w, p + "mlp.gate_proj.bias", (I,), "intermediate_size", required=False)
-            b_up = self._take(w, p + "mlp.up_proj.bias", (I,), "intermediate_size", required=False)
-            if (b_gate is None) != (b_up is None):
-                raise ValueError(f"layer {i}: the checkpoint has a bias for only one of gate_proj / "
-                                 "up_proj; is it a complete checkpoint?")
-            b_gate_up = torch.cat([b_gate, b_up]) if b_gate is not None else None
+            b_gate_up = None
+            if c.mlp_bias:  # Llama's mlp_bias: biases on gate / up / down
+                b_gate_up = torch.cat([self._take(w, p + "mlp.gate_proj.bias", (I,), "intermediate_size"),
+                                       self._take(w, p + "mlp.up_proj.bias", (I,), "intermediate_size")])
             pk = self.pack
             self.layers.append(Layer(
                 ln1=self._take(w, p + "input_layernorm.weight", (H,), "hidden_size"),
                 qkv=Linear(torch.cat([q, k, v]).contiguous(), b_qkv, pk),
                 o=Linear(self._take(w, a + "o_proj.weight", (H, qd), f"hidden_size, {q_why}"),
-                         self._take(w, a + "o_proj.bias", (H,), "hidden_size", required=False), pk),
+                         self._take(w, a + "o_proj.bias", (H,), "hidden_size") if c.o_bias else None, pk),
                 q_norm=qn, k_norm=kn,
                 ln2=self._take(w, p + "post_attention_layernorm.weight", (H,), "hidden_size"),
                 gate_up=Linear(torch.cat([gate, up]).contiguous(), b_gate_up, pk),
                 down=Linear(self._take(w, p + "mlp.down_proj.weight", (H, I), "hidden_size, intermediate_size"),
-                            self._take(w, p + "mlp.down_proj.bias", (H,), "hidden_size", required=False), pk),
+                            self._take(w, p + "mlp.down_proj.bias", (H,), "hidden_size") if c.mlp_bias else None,
+                            pk),
             ))
         # Per layer, the weights argument of engine._C.decoder_layer.
         self.layer_args = [
@@ -170,7 +171,9 @@ class CausalLM:
         leftover = [n for n in w if not n.endswith("rotary_emb.inv_freq")]
         if leftover:
             raise ValueError(f"Checkpoint has tensors Loom does not use, e.g. {leftover[0]!r}; "
-                             "the config and weights disagree.")
+                             "the config and weights disagree (a bias or norm needs the config's "
+                             "attention_bias / mlp_bias, or the architecture that has it): use the "
+                             "config.json that came with these weights.")
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()

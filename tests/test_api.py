@@ -711,6 +711,70 @@ def test_weights_that_disagree_with_the_config(tmp_path, model_dir, llm, baselin
     assert_still_works(llm, baseline)
 
 
+def test_biases_and_norms_the_config_does_not_declare(tmp_path, model_dir, llm, baseline):
+    """A bias or q/k norm in the weights that the config does not declare (transformers drops
+    it and computes another model) is refused, not silently added to the computation; one the
+    config declares but the file lacks is named as missing."""
+    from engine import LLM
+    from safetensors.torch import load_file, save_file
+    cases = [("llama", "model.layers.0.self_attn.q_proj.bias", 64),      # attention_bias false
+             ("llama", "model.layers.1.self_attn.k_norm.weight", 16),    # a Llama has no q/k norms
+             ("llama", "model.layers.0.mlp.down_proj.bias", 64),         # mlp_bias false
+             ("qwen2", "model.layers.0.self_attn.o_proj.bias", 96),      # Qwen2: q/k/v biases only
+             ("mistral", "model.layers.0.self_attn.v_proj.bias", 16)]    # Mistral: no biases
+    for i, (variant, name, n) in enumerate(cases):
+        d = _copy_model(tmp_path, model_dir, f"extra{i}", variant)
+        f = os.path.join(d, "model.safetensors")
+        w = load_file(f)
+        w[name] = torch.randn(n)
+        save_file(w, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="does not use.*config and weights disagree") as e:
+            LLM(d, kv_cache_tokens=256)
+        assert name in str(e.value), str(e.value)
+    d = _copy_model(tmp_path, model_dir, "missing_bias", "llama_bias")
+    f = os.path.join(d, "model.safetensors")
+    w = load_file(f)
+    del w["model.layers.1.mlp.up_proj.bias"]
+    save_file(w, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.bias'"):
+        LLM(d, kv_cache_tokens=256)
+    assert_still_works(llm, baseline)
+
+
+@pytest.mark.parametrize("arch,fields", [
+    ("MistralForCausalLM", dict(sliding_window=8)),
+    ("MistralForCausalLM", dict(sliding_window=8, use_sliding_window=False)),  # (not Mistral's field)
+    ("MistralForCausalLM", dict(sliding_window=None)),
+    ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=3)),
+    ("Qwen2ForCausalLM", dict(use_sliding_window=False, sliding_window=8, max_window_layers=0)),
+    ("Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    ("Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=8,
+                              layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    ("Qwen3ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=5)),
+    ("LlamaForCausalLM", dict(sliding_window=8, use_sliding_window=True)),
+])
+def test_sliding_window_as_transformers_applies_it(arch, fields):
+    """Loom attends the whole context, so a model whose transformers modules use a sliding
+    window on some layer has its context capped at the window (exact inside it); one whose
+    layers all attend the whole context (Qwen2 / Qwen3 with the window off, or on no layer)
+    keeps its full context. Compared with the window transformers' own config gives each
+    layer."""
+    from engine.config import ModelConfig
+    from conftest import _hf_classes
+    config_cls, _ = _hf_classes(arch)
+    raw = dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+               max_position_embeddings=128, **fields)
+    hf = config_cls(**{k: v for k, v in raw.items() if k != "architectures"})
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    sliding = getattr(hf, "sliding_window", None)
+    windowed = sliding is not None and "sliding_attention" in types and arch != "LlamaForCausalLM"
+    # (LlamaAttention has no window, whatever the config says)
+    want = min(128, sliding) if windowed else 128
+    assert ModelConfig.from_dict(raw).max_position_embeddings == want, (hf.sliding_window, types)
+
+
 def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
     """Each damaged or unsupported file gets one ValueError (or FileNotFoundError) that names
     it; none escapes as a library's KeyError / AttributeError / bare Exception."""
@@ -807,6 +871,26 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     write_json(os.path.join(d, "tokenizer_config.json"), tc)
     with pytest.raises(ValueError, match="chat template error"):
         Tokenizer(d).apply_chat_template(msgs)
+    # keys whose value is None are dropped before rendering, and a message needs only a role
+    # (as transformers 5: an API's content=None / tool_calls=None; a tool-call message)
+    tc["chat_template"] = ("{% for m in messages %}[{{ m['role'] }}]{% if 'tool_calls' in m %}"
+                           "{{ m['tool_calls'] | length }} calls{% endif %}{% if 'content' in m %}"
+                           "{{ m['content'] }}{% endif %}{% endfor %}")
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {}}}]
+    got = Tokenizer(d).apply_chat_template(
+        [{"role": "user", "content": "hi", "tool_calls": None},
+         {"role": "assistant", "tool_calls": calls}, {"role": "tool", "content": "1"}],
+        add_generation_prompt=False)
+    assert got == "[user]hi[assistant]1 calls[tool]1", got
+    for bad in ([{"content": "no role"}], ["not a dict"], [{"role": None, "content": "x"}]):
+        with pytest.raises(ValueError, match="must be a dict with a 'role'"):
+            Tokenizer(d).apply_chat_template(bad)
+    # a template that fails on the messages' values: the template error, not a bare TypeError
+    tc["chat_template"] = "{% for m in messages %}{{ m['content'] | length }}{% endfor %}"
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    with pytest.raises(ValueError, match="chat template error.*TypeError"):
+        Tokenizer(d).apply_chat_template([{"role": "user", "content": 3}])
     # every special token of the config, as transformers passes them (pad/unk rendered empty)
     from transformers import AutoTokenizer
     tc.update(pad_token=tc["eos_token"], unk_token=tc["bos_token"], sep_token=tc["bos_token"],
