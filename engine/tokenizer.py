@@ -97,8 +97,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         text = self._template_text()
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"Chat message {m!r} must be a dict with 'role' and 'content'.")
+            if not isinstance(m, dict) or m.get("role") is None:
+                raise ValueError(f"Chat message {m!r} must be a dict with a 'role' (and usually a "
+                                 "'content').")
+        # As transformers: keys whose value is None are dropped (APIs send content=None or
+        # tool_calls=None; templates test for a key's presence, and many fail on None).
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         import jinja2
         if self._compiled is None:
             try:
@@ -111,6 +115,9 @@ class Tokenizer:
                                          **{"bos_token": "", "eos_token": "", **self.special_tokens})
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from None
+        except (TypeError, KeyError, AttributeError, IndexError) as e:  # (the template on these messages)
+            raise ValueError(f"chat template error: the model's template fails on these messages "
+                             f"({type(e).__name__}: {e}); check each message's keys and values.") from None
 
 
 def _template_env():
