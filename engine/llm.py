@@ -22,7 +22,7 @@ from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import ModelRunner
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
 from .tokenizer import Tokenizer
@@ -31,26 +31,33 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def engine_call(llm, fn, args, kwargs, exclusive: bool):
     """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
     cache, scheduler and step state are shared; interleaved steps corrupt them). An
     exclusive call (one that steps the engine or changes its threads) is refused while
-    another runs in the same thread, e.g. a generate from inside a protocol's callback."""
-    with llm._lock, DEFERRED:  # (DEFERRED: Ctrl-C at a safe point, see engine.interrupts)
-        if not exclusive:
-            return fn(*args, **kwargs)
-        if llm._busy:
-            raise RuntimeError(f"{fn.__qualname__}() was called while this LLM runs {llm._busy}() in the same "
-                               "thread (e.g. from a protocol's callback); call it after that call returns.")
-        llm._busy = fn.__qualname__
+    another runs in the same thread, e.g. a generate from inside a protocol's callback.
+    An exclusive call that raises (an error, or a Ctrl-C, even one deferred to its end)
+    leaves the engine's random generator as it found it: the next call draws as if the
+    failed one never ran (its pages are back by then: the scheduler's abort, Session's)."""
+    with llm._lock:
+        rng = llm._rng.get_state() if exclusive and not llm._busy else None
         try:
-            return fn(*args, **kwargs)
-        finally:
-            llm._busy = None
+            with DEFERRED:  # (Ctrl-C at a safe point, see engine.interrupts)
+                if not exclusive:
+                    return fn(*args, **kwargs)
+                if llm._busy:
+                    raise RuntimeError(f"{fn.__qualname__}() was called while this LLM runs {llm._busy}() in "
+                                       "the same thread (e.g. from a protocol's callback); call it after that "
+                                       "call returns.")
+                llm._busy = fn.__qualname__
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    llm._busy = None
+        except BaseException:
+            if rng is not None:
+                llm._rng.set_state(rng)
+            raise
 
 
 def engine_method(exclusive: bool, llm_of=lambda obj: obj):
@@ -108,6 +115,9 @@ class LLM:
                              f"({page_size}).")
         if seed is not None and not _is_int(seed):
             raise ValueError(f"seed={seed!r} must be an integer or None.")
+        page_size = int(page_size)  # (numpy integers pass as Python's)
+        kv_cache_tokens = None if kv_cache_tokens is None else int(kv_cache_tokens)
+        seed = None if seed is None else int(seed)
         self.tokenizer = Tokenizer(model)
         self.eos_ids = self._eos_ids(model)
         self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
@@ -159,9 +169,11 @@ class LLM:
 
     # ---- inputs ----------------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a numpy array / tensor of ids
+            prompts = prompts.tolist()
         if isinstance(prompts, str):
             prompts = [prompts]
-        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(x, int) for x in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(_is_int(x) for x in prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
@@ -169,9 +181,10 @@ class LLM:
         for p in prompts:
             if isinstance(p, str):
                 out.append((p, self.tokenizer.encode(p)))
-            elif isinstance(p, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool)
-                                                      for x in p):
-                out.append((None, list(p)))
+            elif hasattr(p, "tolist") and not isinstance(p, str) and all(_is_int(x) for x in p.tolist()):
+                out.append((None, [int(x) for x in p.tolist()]))
+            elif isinstance(p, (list, tuple)) and all(_is_int(x) for x in p):
+                out.append((None, [int(x) for x in p]))
             else:
                 raise ValueError(f"Prompt {p!r:.60} is neither a string nor a list of token ids.")
         V = self.config.vocab_size
@@ -236,6 +249,8 @@ class LLM:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):
             raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
+        for p in plist:
+            protocol.check_params(p)
         if hasattr(protocol, "prepare_prompt"):
             items = [(text, protocol.prepare_prompt(self.tokenizer, text, ids)) for text, ids in items]
         reqs = []
@@ -274,9 +289,12 @@ class LLM:
         else:
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
                              "or a list of conversations.")
-        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt),
-                                     add_special_tokens=False) for c in convs]
-        return self.generate(ids, sampling_params, use_tqdm)
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
+        outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
+                             sampling_params, use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text  # (the rendered conversation)
+        return outs
 
     # ---- scoring ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -315,7 +333,12 @@ class LLM:
     def session(self, prompt) -> "Session":
         """A programmable thread tree over ``prompt`` (str or token ids); see engine.session."""
         from .session import Session
-        (text, ids), = self._normalize_prompts([prompt] if isinstance(prompt, str) else [list(prompt)])
+        if hasattr(prompt, "tolist") and not isinstance(prompt, str):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"session() takes a prompt (a string or a list of token ids), got "
+                             f"{type(prompt).__name__}.")
+        (text, ids), = self._normalize_prompts([prompt])
         self._check_prompt_len(len(ids))
         return Session(self, ids)
 

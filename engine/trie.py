@@ -33,6 +33,10 @@ def pack(session_or_tree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     for t in threads:
         s0, n = start[t.seg.id], len(t.tokens)
         for seg, shift in t.view:
+            if shift != 0 and t.live is not None:
+                raise ValueError(f"pack() cannot express thread {t.id}'s live view (spawn / set_view): "
+                                 "it reads the threads of its view at shifted positions (non-zero view "
+                                 "shifts); pack() lays out trees of forks and joins (positions='max' or 'reprefill').")
             if shift != 0:
                 raise ValueError("pack() cannot express a 'sequential' join (non-zero view shifts): "
                                  "use positions='max' or 'reprefill' for trees meant for packing.")

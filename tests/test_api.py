@@ -112,6 +112,33 @@ def test_prompt_and_score_input_forms(llm, baseline):
     assert torch.equal(llm.score(torch.tensor(ids))[0], ref)
     a, b = llm.score([tuple(ids), tuple(ids)])
     assert torch.equal(a, ref) and torch.equal(b, ref)
+    # numpy integers and arrays (and tensors) of ids, as Python ints; bools are not ids
+    import numpy as np
+    for form in (np.array(ids), [np.int64(t) for t in ids], [np.array(ids)], torch.tensor(ids)):
+        out = llm.generate(form, greedy(5))[0]
+        assert out.outputs[0].token_ids == want and all(type(t) is int for t in out.prompt_token_ids)
+    s = llm.session(np.array(ids))
+    try:
+        assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
+        kid, = s.fork(s.root, [[np.int32(3), 4]])
+        assert kid.token_ids[-2:] == [3, 4] and all(type(t) is int for t in kid.token_ids)
+        for bad in ([True, False], [1.0]):
+            with pytest.raises(ValueError, match="must be a string or token ids"):
+                s.fork(s.root, [bad])
+            with pytest.raises(ValueError, match="must be a string or token ids"):
+                s.inject(kid, bad)
+        for bad in ({"max_tokens": 3}, 3):
+            with pytest.raises(ValueError, match="sampling_params must be SamplingParams, got"):
+                s.generate([kid], bad)
+        assert s.generate([kid], greedy(2))[0].finish_reason == "length"
+    finally:
+        s.close()
+    for bad in (123, None, 1.5):
+        with pytest.raises(ValueError, match="session\\(\\) takes a prompt"):
+            llm.session(bad)
+    with pytest.raises(ValueError, match="neither a string nor a list of token ids"):
+        llm.generate([[True, False]], greedy(2))
+    assert_still_works(llm, baseline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,6 +477,7 @@ def test_chat_renders_template_and_generates(llm, model_dir):
     assert list(both[0].outputs[0].token_ids) == list(plain)
     r2 = hf_tok.apply_chat_template(CONV2, tokenize=False, add_generation_prompt=True)
     assert list(both[1].prompt_token_ids) == hf_tok(r2).input_ids
+    assert (res[0].prompt, both[1].prompt) == (rendered, r2)  # the rendered conversation
     assert_no_leak(llm)
 
 

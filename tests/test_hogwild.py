@@ -178,6 +178,16 @@ def test_spawn_errors(make_llm):
     with pytest.raises(ValueError, match="has no tokens yet"):
         s.set_view(bare, [s.root, a])
     s.set_view(bare, [s.root])
+    # pack() lays out forks and joins; a live view read at shifted positions is named as such
+    from engine.trie import pack
+    s.generate([a], SamplingParams(temperature=0, max_tokens=1))
+    s.generate([f], SamplingParams(temperature=0, max_tokens=2))
+    w = s.spawn(view=[s.root, f], header=[6])
+    s.generate([w], SamplingParams(temperature=0, max_tokens=1))
+    s.generate([f], SamplingParams(temperature=0, max_tokens=2))  # f grows: w's view is re-laid out
+    s.generate([w], SamplingParams(temperature=0, max_tokens=1))
+    with pytest.raises(ValueError, match=f"thread {w.id}'s live view"):
+        pack(s)
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
 

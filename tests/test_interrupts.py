@@ -14,7 +14,7 @@ import pytest
 from conftest import random_ids
 from engine import SamplingParams
 from engine.interrupts import DEFERRED
-from engine.protocols import Multiverse
+from engine.protocols import Multiverse, ParallelSampling
 
 pytestmark = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                                 reason="SIGINT is delivered to the main thread")
@@ -43,6 +43,23 @@ def _sigint_at(call, k: int) -> str | None:
     finally:
         sys.settrace(None)
     return state["where"], state["n"]
+
+
+class _Failing(ParallelSampling):
+    """Parallel sampling whose run raises from its first token's callback."""
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def start(self, tree, core, params, make_generator):
+        run = super().start(tree, core, params, make_generator)
+        on_token = run.on_token
+
+        def failing(*a, **kw):
+            on_token(*a, **kw)
+            self.fail()
+        run.on_token = failing
+        return run
 
 
 def _calls(llm):
@@ -91,7 +108,8 @@ def test_ctrl_c_anywhere_leaves_the_engine_whole(make_llm, kind):
         st = llm.cache_stats()
         assert (st["pages_used"], st["segments"], st["pages_reserved"]) == (0, 0, 0), (where, st)
         assert llm._busy is None and not DEFERRED.pending, where
-        assert call() == want, where
+        got = call()
+        assert got == want, (k, total, where)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -146,3 +164,47 @@ def test_a_process_forked_inside_a_call_gets_pythons_handler():
             os._exit(0 if ok and DEFERRED._depth == 0 else 1)
         _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+@pytest.mark.parametrize("kind", ["generate", "session"])
+def test_a_stopped_call_leaves_the_random_generator(make_llm, kind):
+    """Unseeded sampling draws each thread's seed from the engine's generator: a call stopped
+    by Ctrl-C (anywhere, its deferred end included) or failing in a protocol's callback leaves
+    it as it was, so the next call samples as on an engine where the stopped one never ran."""
+    llm = make_llm("qwen3", kv_cache_tokens=8192, seed=0)
+    prompt = random_ids(7, llm.config.vocab_size, 4)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=4)
+    sessions = []
+
+    def prepare():  # the traced call is one engine call (a session's own verbs run before it)
+        if kind == "generate":
+            return lambda: [c.token_ids for c in llm.generate([prompt], params)[0].outputs]
+        s = llm.session(prompt)
+        sessions.append(s)
+        kids = s.fork(s.root, [[5], [6]])
+        return lambda: [c.token_ids for c in s.generate(kids, SamplingParams(temperature=1.0, max_tokens=4))]
+
+    def call():
+        return prepare()()
+    state = llm._rng.get_state()
+    want = call()
+    assert call() != want  # (unseeded: the generator moved on)
+    _, total = _sigint_at(prepare(), 10 ** 9)
+    # every line but the call's last: that is the lock's release, after the deferral has
+    # ended and the call has run (a Ctrl-C there is one after the call returned)
+    for k in sorted({1 + (total - 2) * i // 9 for i in range(10)} | set(range(total - 12, total))):
+        llm._rng.set_state(state)
+        where, _ = _sigint_at(prepare(), k)
+        assert where is not None
+        assert call() == want, (k, total, where)
+    for s in sessions:
+        s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+    if kind == "generate":  # an error raised by a protocol's callback
+        llm._rng.set_state(state)
+
+        def boom(*a):
+            raise ZeroDivisionError("callback")
+        with pytest.raises(ZeroDivisionError):
+            llm.generate([prompt], params, protocol=_Failing(boom))
+        assert call() == want

@@ -351,6 +351,28 @@ def test_protocol_arguments_are_validated():
         Tags(fork="x", path_header="y", path_close="z", join_header="w", block_open="a")
 
 
+def test_sampling_params_a_protocol_cannot_honour_are_refused(llm):
+    """A tree protocol or Hogwild gives one output per prompt: n > 1 would be silently
+    ignored, so it is refused; ParallelSampling(n) refuses a different SamplingParams.n.
+    logprobs: each thread of a tree reports its sampled tokens' log-probs in .tree (Hogwild:
+    each worker's, in .workers). The engine stays usable."""
+    for proto in (Multiverse(), ThreadWeaver(), ParallelR1(), ParaThinker(), Hogwild(workers=2)):
+        name = type(proto).__name__
+        with pytest.raises(ValueError, match=rf"{name} gives one output per prompt .*n=4\) asks for 4"):
+            llm.generate(["1+1="], SamplingParams(n=4, max_tokens=4), protocol=proto)
+    c, _ = run(llm, MV, Multiverse(), logprobs=0, temperature=0)
+    assert len(c.tree) >= 4 and sum(t["generated"] for t in c.tree) == c.metrics["total_tokens"]
+    for t in c.tree:
+        assert len(t["logprobs"]) == t["generated"] and all(lp <= 0 for lp in t["logprobs"]), t
+    c, _ = run(llm, MV, Multiverse(), temperature=0)
+    assert all(t["logprobs"] == [] for t in c.tree)
+    with pytest.raises(ValueError, match=r"ParallelSampling\(n=2\) and SamplingParams\(n=4\) disagree"):
+        llm.generate(["1+1="], SamplingParams(n=4, max_tokens=4), protocol=ParallelSampling(2))
+    out = llm.generate(["1+1="], SamplingParams(n=2, max_tokens=3, logprobs=1), protocol=ParallelSampling(2))[0]
+    assert len(out.outputs) == 2 and all(len(c.logprobs) == len(c.token_ids) for c in out.outputs)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_request_that_can_never_fit_names_the_protocols_bound(llm):
     """The error of a request whose worst case outgrows the cache says what that worst case
     is for its protocol and how to lower it; the engine stays usable."""

@@ -27,9 +27,21 @@ class Protocol:
         """How to lower that bound."""
         return "lower max_tokens / n"
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Refuse sampling parameters this protocol cannot honour (before any work)."""
+
     def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
               make_generator) -> "ProtocolRun":
         raise NotImplementedError
+
+
+def one_output_only(protocol: Protocol, params: SamplingParams, threads: str) -> None:
+    """For protocols whose request is one tree with one output: ``n`` would be silently
+    ignored, so it is refused."""
+    if params.n != 1:
+        raise ValueError(f"{type(protocol).__name__} gives one output per prompt ({threads}); "
+                         f"SamplingParams(n={params.n}) asks for {params.n}: pass n=1, or the prompt "
+                         f"{params.n} times.")
 
 
 class ProtocolRun:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread, layout_end
-from .base import Protocol, ProtocolRun
+from .base import Protocol, ProtocolRun, one_output_only
 from .sampling import last_boxed
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
@@ -120,6 +120,9 @@ class Hogwild(Protocol):
         # compaction writes the history once more before the old pages go back
         return cache.pages_for(prompt_len) + 2 * (cache.pages_for(total + hdr + self.finisher_tokens)
                                                   + steps)
+
+    def check_params(self, params):
+        one_output_only(self, params, f"the {self.workers} workers' collaboration; set workers=... for more workers")
 
     def start(self, tree, core, params, make_generator):
         return HogwildRun(self, tree, core, params, make_generator)

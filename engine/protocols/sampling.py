@@ -40,6 +40,11 @@ class ParallelSampling(Protocol):
             raise ValueError(f"select={select!r} must be one of {SELECT}.")
         self.n, self.select, self.extract_answer = n, select, extract_answer
 
+    def check_params(self, params):
+        if self.n is not None and params.n not in (1, self.n):
+            raise ValueError(f"ParallelSampling(n={self.n}) and SamplingParams(n={params.n}) disagree; "
+                             "give n in one of them.")
+
     def _n(self, params: SamplingParams) -> int:
         return self.n if self.n is not None else params.n
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
-from .base import Protocol, ProtocolRun
+from .base import Protocol, ProtocolRun, one_output_only
 
 
 @dataclass
@@ -213,7 +213,9 @@ class TreeRun(ProtocolRun):
                  "text": self.tok.decode(t.tokens, skip_special_tokens=False),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
                  "joined_into": t.joined_into.id if t.joined_into else None,
-                 "view": [[s.id, sh] for s, sh in t.view], "events": list(t.events)}
+                 "view": [[s.id, sh] for s, sh in t.view], "events": list(t.events),
+                 # log-prob of each token it sampled (when SamplingParams.logprobs is set)
+                 "logprobs": [d[tok] for tok, d in zip(t.generated, t.logprobs or [])]}
                 for t in threads]
         metrics = {"critical_path_tokens": max((t.path_tokens for t in threads), default=0),
                    "total_tokens": self.total, "forward_steps": self.metrics.forward_steps,
@@ -257,6 +259,9 @@ class TagTreeProtocol(Protocol):
         # a reprefill join copies the joined text, and each level of nesting copies it once more
         mult = 1 + L.max_depth if self.positions == "reprefill" else 1
         return cache.pages_for(prompt_len) + cache.pages_for(mult * (total + headers)) + L.max_threads
+
+    def check_params(self, params):
+        one_output_only(self, params, "the tree's joined text; its threads are in .tree")
 
     def start(self, tree, core, params, make_generator):
         run = self.run_cls(self, tree, core, params, make_generator)
