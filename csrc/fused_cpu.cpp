@@ -40,7 +40,8 @@ template <> struct Num<at::BFloat16> {
 };
 
 inline int64_t grain_for(int64_t row_elems) {
-  // ~32k elements per task: below that one thread does everything
+  // ~32k elements per task: below that one thread does everything (rows of no elements: any)
+  if (row_elems <= 0) return 1;
   return std::max<int64_t>(1, (32768 + row_elems - 1) / row_elems);
 }
 
@@ -271,6 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_prep(const at::Tensor& qkv, c
   check_cpu(sin, "qkv_prep", "sin", dt);
   const int64_t D = head_dim, Hq = num_heads, Hk = num_kv_heads;
   TORCH_CHECK(D > 0 && D % 2 == 0 && D <= 1024, "qkv_prep: head_dim must be even and <= 1024, got ", D);
+  TORCH_CHECK(Hq > 0 && Hk > 0 && Hq % Hk == 0, "qkv_prep: num_heads (", Hq, ") must be a positive multiple of "
+              "num_kv_heads (", Hk, ")");
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (Hq + 2 * Hk) * D, "qkv_prep: qkv must be [T, (", Hq, " + 2 x ",
               Hk, ") x ", D, "], got ", qkv.sizes());
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D / 2 && sin.sizes() == cos.sizes(),

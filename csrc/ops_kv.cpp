@@ -32,6 +32,8 @@ void append_kv(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k, cons
                const at::Tensor& slots) {
   check_pool_pair(k_pool, v_pool);
   const int64_t Hkv = k_pool.size(2), D = k_pool.size(3);
+  TORCH_CHECK(Hkv > 0 && D > 0, "append_kv: the pools' kv heads and head_dim must be >= 1, got [",
+              k_pool.size(0), ", ", k_pool.size(1), ", ", Hkv, ", ", D, "]");
   const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
   TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && slots.device().is_cpu(),
               "append_kv: k, v and slots must be CPU tensors");

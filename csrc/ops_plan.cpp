@@ -55,6 +55,8 @@ std::vector<at::Tensor> build_plan(const at::Tensor& thread_view_indptr, const a
     TORCH_CHECK(nnew[th] >= 0, "build_plan: thread_num_new[", th, "] = ", nnew[th], " is negative");
     TORCH_CHECK(own[th] >= 0 && own[th] < S && slen[own[th]] >= 0, "build_plan: thread_own_seg[", th, "] = ",
                 own[th], " is not a known segment");
+    TORCH_CHECK(slen[own[th]] >= nnew[th], "build_plan: thread ", th, "'s own segment ", own[th], " has ",
+                slen[own[th]], " tokens, fewer than its ", nnew[th], " new ones (its length counts them)");
     for (int32_t i = tvi[th]; i < tvi[th + 1]; ++i) {
       const int32_t seg = vseg[i];
       TORCH_CHECK(seg >= 0 && seg < S && slen[seg] >= 0, "build_plan: view_seg[", i, "] = ", seg,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -20,8 +21,8 @@ def _print_outputs(outs, show_tokens: bool = False):
 
 
 def _cmd_generate(a) -> int:
-    from . import LLM, SamplingParams
     try:
+        from . import LLM, SamplingParams
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                 max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
@@ -42,14 +43,16 @@ def _cmd_generate(a) -> int:
 
 
 def _cmd_demo(a) -> int:
-    from .demo_run import run_demo
     if a.problems < 1:
         print("loom: error: --problems must be >= 1.", file=sys.stderr)
         return 2
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     try:
+        from .demo_run import run_demo
         run_demo(a.problems, a.seed, live=False if a.plain else None)
-    except FileNotFoundError as e:
+    except BrokenPipeError:
+        raise  # (main: the reader of our output has gone)
+    except (ValueError, OSError) as e:  # e.g. a bad LOOM_CPU_ISA, a missing demo model file
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -91,6 +94,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nloom: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The output's reader closed it (`loom demo | head`): stop quietly, as other CLIs do;
+        # stdout goes to /dev/null so that Python's flush at exit does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -120,23 +120,32 @@ class ModelConfig:
             raise ValueError(f"The checkpoint is quantized (quantization_config, quant_method={method!r}); "
                              "Loom loads float32 / bfloat16 / float16 weights only: use the unquantized "
                              "checkpoint.")
-        try:
-            hidden = raw["hidden_size"]
-            heads = raw["num_attention_heads"]
-            cfg = dict(
-                architecture=arch,
-                vocab_size=raw["vocab_size"],
-                hidden_size=hidden,
-                intermediate_size=raw["intermediate_size"],
-                num_layers=raw["num_hidden_layers"],
-                num_heads=heads,
-                num_kv_heads=raw.get("num_key_value_heads") or heads,
-                head_dim=raw.get("head_dim") or hidden // heads,
-                rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-                max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            )
-        except KeyError as e:
-            raise ValueError(f"config.json lacks the required field {e.args[0]!r}.") from None
+        def size(key, default=None):  # a positive integer field (None / absent: the default)
+            v = raw.get(key)
+            if v is None:
+                if default is None:
+                    raise ValueError(f"config.json lacks the required field {key!r}.")
+                return default
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config.json's {key}={v!r} must be a positive integer; use the config.json "
+                                 "that came with the weights.")
+            return v
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        cfg = dict(
+            architecture=arch,
+            vocab_size=size("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=size("num_key_value_heads", heads),
+            head_dim=size("head_dim", max(hidden // heads, 1)),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=size("max_position_embeddings", 4096),
+        )
+        eps = cfg["rms_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"config.json's rms_norm_eps={eps!r} must be a number >= 0.")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         rope = dict(rope)
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))

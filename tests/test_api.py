@@ -832,6 +832,11 @@ def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
         ("rope_field", set_cfg("rope_parameters", rope), "needs 'low_freq_factor'"),
         ("quantized", set_cfg("quantization_config", {"quant_method": "gptq", "bits": 4}), "quantized"),
         ("float64", set_cfg("dtype", "float64"), "torch_dtype 'float64'.*pass dtype="),
+        ("heads_zero", set_cfg("num_attention_heads", 0), "num_attention_heads=0 must be a positive integer"),
+        ("kv_heads_zero", set_cfg("num_key_value_heads", 0), "num_key_value_heads=0 must be a positive integer"),
+        ("hidden_str", set_cfg("hidden_size", "64"), "hidden_size='64' must be a positive integer"),
+        ("layers_missing", set_cfg("num_hidden_layers", None), "lacks the required field 'num_hidden_layers'"),
+        ("eps_negative", set_cfg("rms_norm_eps", -1e-6), "rms_norm_eps=-1e-06 must be a number >= 0"),
     ]
     for name, edit, pattern in cases:
         d = damaged(name, edit)

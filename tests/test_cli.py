@@ -77,3 +77,32 @@ def test_demo_one_problem(capsys):
     assert re.search(r"^accuracy\s+\d/1\s+\d/1", out, flags=re.M), out
     assert main(["demo", "--problems", "0"]) == 2
     assert "--problems must be >= 1" in capsys.readouterr().err
+
+
+def _loom(args, env_extra=None, **kw):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_demo_bad_kernel_build_setting_is_one_line():
+    """A bad LOOM_CPU_ISA (read when the kernels load): one line and exit 2, no traceback."""
+    p = _loom(["demo", "--problems", "1", "--plain"], {"LOOM_CPU_ISA": "bogus"})
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, (out, err)
+    assert err.startswith("loom: error: LOOM_CPU_ISA='bogus'") and "Traceback" not in err, err
+
+
+def test_output_closed_by_its_reader_exits_quietly():
+    """`loom demo | head -1`: the reader closes the pipe; the command stops without a
+    BrokenPipeError traceback."""
+    p = _loom(["demo", "--problems", "2", "--plain"])
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    assert first.startswith("machine:"), first
+    assert p.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -113,6 +113,14 @@ def test_errors_name_the_problem():
         ops.qkv_prep(torch.randn(1, 47), None, None, cos, sin, torch.tensor([0]), 1, 1, 16, 1e-6)
     with pytest.raises(RuntimeError, match="even"):
         ops.silu_mul(torch.randn(2, 7))
+    # zero heads: an error (it divided by the row width: SIGFPE)
+    with pytest.raises(RuntimeError, match=r"num_heads \(0\) must be a positive multiple"):
+        ops.qkv_prep(torch.zeros(3, 0), None, None, cos, sin, torch.tensor([0, 1, 2]), 0, 0, 8, 1e-6)
+    with pytest.raises(RuntimeError, match=r"num_heads \(3\) must be a positive multiple of num_kv_heads \(2\)"):
+        ops.qkv_prep(torch.zeros(1, 56), None, None, cos, sin, torch.tensor([0]), 3, 2, 8, 1e-6)
+    # rows of no features: nothing to do, no crash
+    for op in (lambda x: ops.rms_norm(x, torch.zeros(0), 1e-6), ops.silu_mul):
+        assert op(torch.zeros(5, 0)).shape == (5, 0)
 
 
 def test_opcheck():

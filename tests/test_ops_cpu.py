@@ -447,6 +447,11 @@ def test_append_kv_strided_and_errors():
         torch.ops.loom.append_kv(k_pool, v_pool, kv[:, 0, :1], kv[:, 1, :1], torch.tensor([1, 0, 3]))
     with pytest.raises(RuntimeError, match="pools must be float32, bfloat16 or float16"):
         torch.ops.loom.append_kv(k_pool.long(), v_pool.long(), kv[:, 0], kv[:, 1], torch.tensor([1, 0, 3]))
+    for shape in ((4, 2, 2, 0), (4, 2, 0, 8)):  # rows of no bytes (it divided by the row size: SIGFPE)
+        e = torch.zeros(shape)
+        with pytest.raises(RuntimeError, match="kv heads and head_dim must be >= 1"):
+            torch.ops.loom.append_kv(e, e.clone(), torch.zeros(3, *shape[2:]), torch.zeros(3, *shape[2:]),
+                                     torch.tensor([0, 1, 2]))
 
 
 def test_merge_states():

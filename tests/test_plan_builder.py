@@ -78,6 +78,17 @@ def test_unknown_segment_is_an_error():
         _ops.build_plan_cpp([ThreadStep([(2, 0)], 0, 1)], {0: 1, 1: 1, 3: 1}, {0: [0], 1: [1], 3: [2]})
 
 
+def test_own_segment_shorter_than_its_new_tokens_is_an_error():
+    """A thread's own segment's length counts its new tokens; shorter, the causal limits of
+    its first rows would be negative (they saw none of their own tokens, silently)."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(RuntimeError, match="own segment 0 has 3 tokens, fewer than its 5 new ones"):
+        torch.ops.loom.build_plan(i32([0, 1]), i32([0]), i32([0]), i32([0]), i32([5]), i32([3]), i32([0, 1]),
+                                  i32([0]))
+    with pytest.raises(ValueError, match="own segment 0 has 3 tokens, fewer than its 5 new ones"):
+        build_plan_py([ThreadStep([(0, 0)], 0, 5)], {0: 3}, {0: [0]})
+
+
 def test_non_monotone_view_indptr_is_an_error():
     """thread_view_indptr [0, 2^20, 3]: thread 0's range would run far past view_seg; the
     whole indptr is checked before any of it is read."""

@@ -112,6 +112,9 @@ def build_plan_py(threads: list[ThreadStep], seg_len: dict[int, int],
     row = 0
     for th in threads:
         own_len = seg_len[th.own]
+        if own_len < th.num_new:
+            raise ValueError(f"build_plan_py: a thread's own segment {th.own} has {own_len} tokens, fewer "
+                             f"than its {th.num_new} new ones (its length counts them)")
         refs: list[list[tuple[int, int]]] = [[] for _ in range(th.num_new)]
         for seg, shift in th.view:
             if seg not in job_of:
