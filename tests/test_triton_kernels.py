@@ -303,6 +303,34 @@ def test_append_kv_matches_torch_append():
     assert torch.equal(kp.cpu(), ref_k) and torch.equal(vp.cpu(), ref_v)
 
 
+def test_append_never_writes_or_reads_outside_its_tensors():
+    """A slot past the pool or a position outside the cos/sin tables: an error for host
+    tensors; in the kernel itself (what a device launch runs: the host cannot check device
+    tensors without a sync) the slot is skipped and the position clamped into the tables."""
+    import importlib
+    RA = importlib.import_module("triton_kernels.rope_append")  # (the package's rope_append is the function)
+    H, D, ps, N, T = 2, 16, 4, 3, 3
+    k, v = torch.randn(2, T, H, D, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    # one allocation: the pools' slots, then a guard row that must stay untouched
+    kbuf, vbuf = torch.zeros(N * ps + 1, H, D, device=DEVICE), torch.zeros(N * ps + 1, H, D, device=DEVICE)
+    kp, vp = kbuf[:-1].view(N, ps, H, D), vbuf[:-1].view(N, ps, H, D)
+    slots = torch.tensor([0, N * ps, 5], device=DEVICE)
+    with pytest.raises(ValueError, match=f"slot {N * ps} is outside the pool's {N * ps} slots"):
+        tk.append_kv(kp, vp, k, v, slots)
+    positions = torch.tensor([1, -1, 2], device=DEVICE)
+    ang = torch.outer(torch.arange(8, dtype=torch.float32), inv_freq_of(D)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"positions -1 .. 2 are outside the cos/sin tables \(8 positions\)"):
+        tk.rope_append(kp, vp, k, v, slots.clamp(max=N * ps - 1), positions, cos=ang.cos(), sin=ang.sin())
+    RA._launch(kp, vp, k, v, slots, None, None, None, None, RA._NO_ROPE)  # (past the host checks)
+    assert bool((kbuf[-1] == 0).all() and (vbuf[-1] == 0).all())
+    assert torch.equal(kbuf[[0, 5]].cpu(), k[[0, 2]].cpu()) and torch.equal(vbuf[[0, 5]].cpu(), v[[0, 2]].cpu())
+    kbuf.zero_()
+    RA._launch(kp, vp, k, v, torch.tensor([0, 1, 2], device=DEVICE), torch.tensor([-5, 99, 3], device=DEVICE),
+               ang.cos(), ang.sin(), None, RA._ROPE_TABLE)
+    want = R.rotate_by(k.cpu(), torch.tensor([0, 7, 3]), inv_freq_of(D))  # clamped: 0 and 7
+    torch.testing.assert_close(kbuf[:3].cpu(), want, atol=2e-5, rtol=2e-5)
+
+
 # ---- launcher checks ------------------------------------------------------------------------------
 
 def test_every_launch_runs_under_its_tensors_device(monkeypatch):

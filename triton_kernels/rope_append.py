@@ -1,7 +1,8 @@
 """Write new K/V into their pages, optionally applying RoPE to K on the way.
 
 ``slots[t] = page * page_size + offset`` (int64) says where token t goes; a
-negative slot skips the token (padding). With RoPE, K is rotated at its home
+negative slot skips the token (padding), and so does one past the pool (the kernel
+never writes outside it; the host cannot check device slots without a sync). With RoPE, K is rotated at its home
 position ``positions[t]`` (rotate-half convention, pairs (i, i + D/2)), with the
 angles either looked up in cos/sin tables ``[max_pos, D/2]`` (as ``engine.rope.Rotary``
 keeps them) or computed from ``inv_freq [D/2]`` in float32.
@@ -20,7 +21,7 @@ _NO_ROPE, _ROPE_TABLE, _ROPE_FREQ = 0, 1, 2
 @triton.jit
 def _rope_append_kernel(
     k_ptr, v_ptr, kp_ptr, vp_ptr, slots_ptr, pos_ptr, cos_ptr, sin_ptr, inv_freq_ptr,
-    H, page_size,
+    H, page_size, num_slots, max_pos,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
     stride_cos, stride_sin,
@@ -31,7 +32,8 @@ def _rope_append_kernel(
     d = tl.arange(0, HALF_PAD)
     slot = tl.load(slots_ptr + t).to(tl.int64)  # int64 addressing: pools can pass 2^31 elements
     # (slot compared as a block: the interpreter mis-types scalar-bool & block-bool)
-    keep = (tl.zeros([BLOCK_H], tl.int64) + slot) >= 0
+    slot_b = tl.zeros([BLOCK_H], tl.int64) + slot
+    keep = (slot_b >= 0) & (slot_b < num_slots)
     mask = ((h < H) & keep)[:, None] & (d < HALF)[None, :]
     slot = tl.maximum(slot, 0)
     page = slot // page_size
@@ -46,6 +48,7 @@ def _rope_append_kernel(
         dm = d < HALF
         if ROPE == 1:
             pos = tl.load(pos_ptr + t).to(tl.int64)
+            pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # (never read outside the tables)
             c = tl.load(cos_ptr + pos * stride_cos + d, mask=dm, other=0.0).to(tl.float32)
             s = tl.load(sin_ptr + pos * stride_sin + d, mask=dm, other=0.0).to(tl.float32)
         else:
@@ -80,6 +83,10 @@ def _check(k_pool, v_pool, k, v, slots):
     C.check_index("slots", slots, dtypes=(torch.int64, torch.int32), device=k_pool.device)
     if slots.numel() != k.shape[0]:
         raise ValueError(f"slots has {slots.numel()} entries for {k.shape[0]} tokens.")
+    num_slots = k_pool.shape[0] * k_pool.shape[1]
+    if slots.numel() and slots.device.type == "cpu" and int(slots.max()) >= num_slots:
+        # (host tensors only: a device check would sync; there the kernel skips such slots)
+        raise ValueError(f"slot {int(slots.max())} is outside the pool's {num_slots} slots.")
     if D % 2:
         raise ValueError(f"head_dim={D} must be even.")
     return k.shape[0], H, D
@@ -99,7 +106,7 @@ def _launch(k_pool, v_pool, k, v, slots, positions, cos, sin, inv_freq, rope: in
             positions if positions is not None else dummy,
             cos if cos is not None else dummy, sin if sin is not None else dummy,
             inv_freq if inv_freq is not None else dummy,
-            H, k_pool.shape[1],
+            H, k_pool.shape[1], k_pool.shape[0] * k_pool.shape[1], cos.shape[0] if cos is not None else 1,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
@@ -138,10 +145,13 @@ def rope_append(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: 
             C.check_device(name, t, k_pool.device)
             C.check_float(name, t)
             C.check_last_dim_contiguous(name, t)
-        # (checked on the host only: on a GPU this would sync every layer)
-        if T and positions.device.type == "cpu" and int(positions.max()) >= cos.shape[0]:
-            raise ValueError(f"position {int(positions.max())} is beyond the cos/sin tables "
-                             f"({cos.shape[0]} positions); extend the tables.")
+        # (checked on the host only: on a GPU this would sync every layer; there the
+        # kernel clamps positions into the tables)
+        if T and positions.device.type == "cpu":
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= cos.shape[0]:
+                raise ValueError(f"positions {lo} .. {hi} are outside the cos/sin tables "
+                                 f"({cos.shape[0]} positions); extend the tables.")
         _launch(k_pool, v_pool, k, v, slots, positions, cos, sin, None, _ROPE_TABLE)
     else:
         if inv_freq is None:

@@ -3,6 +3,7 @@
 // checks like the CPU op, then the kernel in append_kv.cu.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -31,7 +32,11 @@ void append_kv_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k,
               "append_kv: k and v must be [T, ", Hkv, ", ", D, "], got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(k.scalar_type() == k_pool.scalar_type() && v.scalar_type() == k_pool.scalar_type() &&
                   v_pool.scalar_type() == k_pool.scalar_type(),
-              "append_kv: k, v and v_pool must have k_pool's dtype ", k_pool.scalar_type());
+              "append_kv: k, v and v_pool must have k_pool's dtype ", k_pool.scalar_type(),
+              " (the CPU op also rounds float32 k / v into a 16-bit pool; this one copies bytes)");
+  TORCH_CHECK(k_pool.scalar_type() == at::kFloat || k_pool.scalar_type() == at::kBFloat16 ||
+                  k_pool.scalar_type() == at::kHalf,
+              "append_kv: the pools must be float32, bfloat16 or float16, got ", k_pool.scalar_type());
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0), "append_kv: slots must be [T]");
   TORCH_CHECK(slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt,
               "append_kv: slots must be int64 or int32, got ", slots.scalar_type());
@@ -40,7 +45,8 @@ void append_kv_cuda(at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& k,
   // The CPU op's range check (the kernel trusts its slots): one small copy to the host.
   const int64_t num_slots = k_pool.size(0) * k_pool.size(1);
   const auto range = at::aminmax(slots);
-  const int64_t lo = std::get<0>(range).item<int64_t>(), hi = std::get<1>(range).item<int64_t>();
+  const at::Tensor lohi = at::stack({std::get<0>(range), std::get<1>(range)}).to(at::kLong).cpu();  // (one sync)
+  const int64_t lo = lohi[0].item<int64_t>(), hi = lohi[1].item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < num_slots, "append_kv: slots hold ", lo, " .. ", hi, ", outside the pool's ",
               num_slots, " slots");
   // Rows must be contiguous per token; the token stride may be anything.
