@@ -1,6 +1,6 @@
 """Tiny models made on the fly: a byte-level tokenizer and random weights.
 
-Used by ``loom demo`` (until a trained demo model ships) and by benchmarks.
+Used by tests and benchmarks (``loom demo`` runs the trained model in engine/assets).
 Writes a standard Hugging Face directory, so it loads like any checkpoint.
 """
 from __future__ import annotations

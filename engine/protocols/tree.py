@@ -15,6 +15,7 @@ Malformed output never crashes or hangs; each case is recorded in the output's
 | case | behaviour |
 | --- | --- |
 | close tag in a ``main`` thread (nothing open) | ``stray_close``: ignored, continue |
+| fork tag with no block open (tagged protocols) | ``unbalanced``: ignored, continue |
 | fork tag with no outline items | ``empty_outline``: continue sequentially |
 | more items than ``max_paths`` | ``too_many_items``: fork the first ``max_paths`` |
 | fork at depth ``max_depth`` | ``depth_limit``: continue sequentially |
