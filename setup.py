@@ -65,7 +65,29 @@ def _extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _sdist():
+    """The source archive builds the wheel: setuptools' defaults list only the extension's
+    .cpp sources, not the build backend (csrc/build_backend), the headers or csrc/cuda.
+    (A command class rather than a MANIFEST.in: the repository's top level is fixed.)"""
+    from setuptools.command.sdist import sdist
+
+    class SdistWithSources(sdist):
+        def make_distribution(self):
+            self.filelist.graft("csrc")
+            self.filelist.include("engine/DESIGN.md")
+            self.filelist.graft("engine/assets")
+            self.filelist.graft("bench")
+            for junk in ("*.so", "*.o", "*.pyc"):
+                self.filelist.global_exclude(junk)
+            self.filelist.exclude_pattern(r".*/__pycache__/.*", is_regex=True)
+            self.filelist.sort()
+            self.filelist.remove_duplicates()
+            super().make_distribution()
+    return SdistWithSources
+
+
 ext_modules, cmdclass = _extension()
+cmdclass["sdist"] = _sdist()
 
 setup(
     packages=find_packages(where=HERE, include=["engine", "engine.*", "triton_kernels", "triton_kernels.*"]),
