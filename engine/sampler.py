@@ -78,22 +78,27 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             tokens[r] = tok
     if not rows:
         return tokens, logprobs
-    u = torch.cat([torch.rand(1, generator=generators[r], device=generators[r].device)
-                   for r in rows]).to(logits.device)
-    plain = all(params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0
-                for r in rows)
+    u = {r: torch.rand(1, generator=generators[r], device=generators[r].device) for r in rows}
+    # Each row's path depends on its own parameters only (not on its batch): the fused draw
+    # and the filtered one may round a probability differently, so a seeded row that took
+    # one path alone and the other in a batch could pick another token.
+    plain = [r for r in rows if params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0]
+    filtered = [r for r in rows if r not in frozenset(plain)]
+    picked: list[int] = []
     try:
         if plain:
-            temps = torch.tensor([params[r].temperature for r in rows], dtype=torch.float32,
+            temps = torch.tensor([params[r].temperature for r in plain], dtype=torch.float32,
                                  device=logits.device)
-            sub = _take_rows(logits, rows)
+            sub = _take_rows(logits, plain)
+            up = torch.cat([u[r] for r in plain]).to(logits.device)
             op = _loom_op("pick_from_logits")
             if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
-                picked = op(sub, temps, u).tolist()  # softmax(x / T) and the draw in one pass
+                picked += op(sub, temps, up).tolist()  # softmax(x / T) and the draw in one pass
             else:
-                picked = pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), u)
-        else:
-            picked = pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in rows]).exp(), u)
+                picked += pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), up)
+        if filtered:
+            uf = torch.cat([u[r] for r in filtered]).to(logits.device)
+            picked += pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in filtered]).exp(), uf)
         # (the torch fallback's searchsorted on a NaN row lands past the end instead of raising)
         failed = any(not 0 <= tok < logits.shape[1] for tok in picked)
     except RuntimeError:  # (the C++ draws refuse a row with no finite logit)
@@ -101,6 +106,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         raise
     if failed:
         _check_finite(rows, _take_rows(logits, rows).max(-1).values)
+    rows = plain + filtered
     for r, tok in zip(rows, picked):
         tokens[r] = tok
     return tokens, logprobs
