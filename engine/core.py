@@ -16,6 +16,7 @@ from .sampler import sample, top_logprobs
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
 from .threads import Thread, check_growable, effective_end, refresh_view
+from .tokenizer import TextStream
 
 
 class CacheFullError(ValueError):
@@ -136,6 +137,7 @@ class EngineCore:
         check_growable(t)
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_text = [], None, None, None
+        t.text_stream = TextStream(self.tokenizer) if params.stop else None
         t.logprobs = [] if params.logprobs is not None else None
 
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
@@ -161,14 +163,20 @@ class EngineCore:
             t.finish_reason = "length"
 
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
-        # Only the tail can hold a new match: decode enough tokens to cover the longest stop.
-        longest = max(len(s) for s in p.stop)
-        tail_toks = t.generated[-(4 * longest + 8):]  # a character may take several tokens
-        tail = self.tokenizer.decode(tail_toks)
-        if not any(s in tail for s in p.stop):
+        # The text grows by whole characters (TextStream); a new match ends in the new piece.
+        if t.text_stream is None or len(t.text_stream.ids) != len(t.generated) - 1:  # (no begin())
+            t.text_stream = TextStream(self.tokenizer)
+            for x in t.generated[:-1]:
+                t.text_stream.push(x)
+        piece = t.text_stream.push(t.generated[-1])
+        if not piece:
             return False
-        text = self.tokenizer.decode(t.generated)
-        pos, s = min((text.find(s), s) for s in p.stop if s in text)
+        text = t.text_stream.text
+        new_from = len(text) - len(piece)
+        hits = [(j, s) for s in p.stop if (j := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
+        if not hits:
+            return False
+        pos, s = min(hits)
         t.finish_reason, t.stop_reason, t.stop_text = "stop", s, text[:pos]
         return True
 

@@ -47,6 +47,7 @@ class Thread:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     stop_text: str | None = None
+    text_stream: object = None                # its sampled text so far, for stop strings
     tag: object = None                        # free slot for the protocol driving it
     live: "list[Thread] | None" = None        # live view: these threads' segments, laid out
                                               # one after another, then its own (Hogwild!)

@@ -120,6 +120,33 @@ class Tokenizer:
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
 
 
+class TextStream:
+    """Incremental detokenization: ``push(token)`` returns the text the token completes
+    (possibly ""), so that the pieces add up to the decoded sequence. A character split
+    across tokens (byte-level BPE) is held until complete instead of showing as U+FFFD,
+    and each piece is decoded after a few tokens of context, so that decoders that strip
+    a leading space (SentencePiece's) keep it inside the text."""
+    MAX_HELD = 32  # tokens held at most (text that never completes is let through)
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
+        done = len(after) > len(before) and not after.endswith("\ufffd")
+        if not done and len(self.ids) - self.read < self.MAX_HELD:
+            return ""
+        piece = after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += piece
+        return piece
+
+
 def _template_env():
     """A sandboxed jinja2 environment with what Hugging Face chat templates use."""
     import jinja2

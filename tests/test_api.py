@@ -145,6 +145,24 @@ def test_prompt_and_score_input_forms(llm, baseline):
 # prompts and outputs
 # ---------------------------------------------------------------------------------------------
 
+def test_text_stream_pieces_add_up_to_the_decoded_text(llm):
+    """engine.tokenizer.TextStream (stop strings, tree protocols' tags): its pieces, token by
+    token, add up to decode() of the whole sequence, special tokens skipped or spelled out."""
+    from engine.tokenizer import TextStream
+    tok = llm.tokenizer
+    texts = [TEXT, "naïve café — 東京 🙂 done", "a" * 40]
+    for i, text in enumerate(texts):
+        ids = tok.encode(text, add_special_tokens=False)
+        ids = ids[:5] + [EOS_ID] + ids[5:] + random_ids(7, VOCAB, seed=i)  # a special, then random ids
+        for skip in (True, False):
+            stream = TextStream(tok, skip_special_tokens=skip)
+            pieces = [stream.push(t) for t in ids]
+            full = tok.decode(ids, skip_special_tokens=skip)
+            assert "".join(pieces) == stream.text and full.startswith(stream.text), (text, skip)
+            assert len(full) - len(stream.text) <= 1  # (only an unfinished last character is held)
+            assert "\ufffd" not in "".join(pieces[:len(ids) - 7]), pieces  # (split characters held)
+
+
 def test_prompt_forms_agree(llm):
     ids = llm.tokenizer.encode(TEXT)
     assert ids and all(isinstance(t, int) for t in ids)

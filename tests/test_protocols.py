@@ -392,3 +392,75 @@ def test_request_that_can_never_fit_names_the_protocols_bound(llm):
         llm.generate(["1+1="], SamplingParams(max_tokens=8, max_total_tokens=cap), protocol=Multiverse())
     assert llm.cache_stats()["pages_used"] == 0
     assert len(llm.generate(["1+1="], SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids) >= 1
+
+
+class Tokens:
+    """A token source: each thread (by id) takes its next token from ``lists[id]``, then EOS."""
+    def __init__(self, llm, lists: dict):
+        self.lists, self.eos = lists, llm.eos_ids[0]
+
+    def __call__(self, threads):
+        out = []
+        for t in threads:
+            seq = self.lists.get(t.id, self.lists.get("path", []) if getattr(t.tag, "role", None) == "path" else [])
+            out.append(seq[len(t.generated)] if len(t.generated) < len(seq) else self.eos)
+        return out
+
+
+def _run_tokens(llm, lists, params, protocol=None):
+    llm.core.token_source = Tokens(llm, lists)
+    try:
+        return llm.generate(["q"], params, protocol=protocol)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+        assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_stop_strings_over_special_tokens_and_split_characters(llm):
+    """Stop strings are matched on the text as it grows by whole characters: special tokens
+    between a stop string's characters (skipped in the text) do not hide it however many there
+    are, and a stop string holding U+FFFD does not match a character that is split over byte
+    tokens (it used to crash: the tail, decoded from mid-character, showed a U+FFFD)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    eos = llm.eos_ids[0]
+    for gap in (3, 20):
+        seq = enc("xa") + [eos] * gap + enc("b yyy ab zzz")
+        c = _run_tokens(llm, {1: seq}, SamplingParams(max_tokens=60, ignore_eos=True, stop=["ab"]))
+        assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "ab", "x"), (gap, c)
+        assert c.token_ids == seq[:3 + gap], gap  # stopped at the first "ab"'s last token
+    e = enc("é" * 10)
+    assert len(e) == 20  # (two byte tokens per character)
+    c = _run_tokens(llm, {1: e}, SamplingParams(max_tokens=20, stop=["\ufffdé"]))
+    assert (c.finish_reason, c.text) == ("length", "é" * 10), c
+    c = _run_tokens(llm, {1: e}, SamplingParams(max_tokens=20, stop=["éé"]))
+    assert (c.finish_reason, c.text, len(c.token_ids)) == ("stop", "", 4), c
+
+
+def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
+    """Tags are matched on whole characters (a non-ASCII tag split over byte tokens used to
+    never match), and a stop string ends a tree's text as it ends plain sampling's."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    for fork in ("<Parallel>", "<Paralléle>"):
+        tags = Tags(fork=fork, path_header="\n<Path>\n", path_close="</Path>", join_header="\n<Summary>\n")
+        c = _run_tokens(llm, {1: enc("think " + fork), "path": enc("p</Path>")},
+                        SamplingParams(max_tokens=40), ParallelR1(num_paths=2, tags=tags))
+        assert kinds(c) == ["fork", "join"], (fork, c.events)
+        assert c.text == f"think {fork}\n<Path>\np</Path>\n<Path>\np</Path>\n<Summary>\n", c.text
+    params = SamplingParams(max_tokens=40, stop=["STOP"])
+    plain = _run_tokens(llm, {1: enc("hello STOP more text")}, params)
+    tree = _run_tokens(llm, {1: enc("hello STOP more text")}, params, Multiverse())
+    assert plain.text == tree.text == "hello " and tree.stop_reason == "STOP", (plain.text, tree.text)
+
+
+def test_a_model_written_item_number_cannot_outgrow_the_reservation(llm):
+    """The item numbers the model writes are copied into its paths' headers: one longer than
+    6 digits numbers the path by position (event long_item_number), so headers stay within
+    what the request reserved (800-digit numbers took 90 pages more than reserved and ran the
+    cache dry mid-call)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main = enc("<Goal><Outline>" + "9" * 300 + ": a</Outline><Outline>12: b</Outline></Goal>")
+    c = _run_tokens(llm, {1: main, "path": enc(" done</Path>")}, SamplingParams(max_tokens=400),
+                    Multiverse())
+    assert kinds(c)[:2] == ["long_item_number", "fork"], c.events
+    heads = [t["text"] for t in c.tree if t["role"] == "path"]
+    assert heads[0].startswith("\n<Path>\n1:") and heads[1].startswith("\n<Path>\n12:"), heads

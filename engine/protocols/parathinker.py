@@ -25,7 +25,7 @@ class ParaThinkerRun(TreeRun):
             self.core.accept(t, tok, path_limit=self.params.max_tokens)
             self.drop_eos(t)
             self.total += 1
-            t.tag.text += self.tok.decode([tok], skip_special_tokens=False)
+            t.tag.text += t.tag.next_text(self.tok, tok)
             if not t.finished:
                 self.scan(t, t.tag)
             if t.finished and self.first_len is None:

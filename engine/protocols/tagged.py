@@ -26,6 +26,9 @@ class Tags:
             raise ValueError("Tags.block_open and Tags.item go together (both or neither).")
 
 
+MAX_ITEM_DIGITS = 6  # an item number the model writes longer than this is not copied to headers
+
+
 class TaggedRun(TreeRun):
     def begin(self):
         self.spawn_main([])
@@ -82,6 +85,11 @@ class TaggedRun(TreeRun):
         if len(nums) > self.limits.max_paths:
             self.event("too_many_items", t, items=len(nums), action=f"fork {self.limits.max_paths}")
             nums = nums[:self.limits.max_paths]
+        if any(len(n) > MAX_ITEM_DIGITS for n in nums):
+            # (headers are budgeted at admission: a model-written number of any length would
+            # outgrow the request's reserved pages)
+            self.event("long_item_number", t, action=f"numbered by position (over {MAX_ITEM_DIGITS} digits)")
+            nums = [n if len(n) <= MAX_ITEM_DIGITS else str(k + 1) for k, n in enumerate(nums)]
         if not self.can_fork(t, len(nums)):
             return False
         hdr = self.proto.tags.path_header

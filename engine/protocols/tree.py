@@ -21,6 +21,7 @@ Malformed output never crashes or hangs; each case is recorded in the output's
 | fork at depth ``max_depth`` | ``depth_limit``: continue sequentially |
 | fork within ``fork_margin`` of the budget or past ``max_threads`` | ``budget``: continue sequentially |
 | path ends without its close tag (EOS, budget) | ``unclosed_path``: close tag injected, then join |
+| item number longer than 6 digits | ``long_item_number``: the child is numbered by position |
 """
 from __future__ import annotations
 
@@ -52,10 +53,18 @@ class ThreadState:
     role: str                     # "main" | "path"
     depth: int
     text: str = ""                # decoded text of this thread's sampled tokens
+    stream: object = None         # its TextStream (whole characters: tags may be non-ASCII)
     scan: int = 0                 # text already scanned for tags
     block_at: int | None = None   # where the current fork block opened
     skip: int = 0                 # leading own tokens that re-read joined text (reprefill)
     group: "ForkGroup | None" = None  # the fork this thread is a child of
+
+    def next_text(self, tokenizer, tok: int) -> str:
+        """The text ``tok`` completes (special tokens spelled out: tags may be special)."""
+        if self.stream is None:
+            from ..tokenizer import TextStream
+            self.stream = TextStream(tokenizer, skip_special_tokens=False)
+        return self.stream.push(tok)
 
 
 @dataclass(eq=False)
@@ -112,7 +121,7 @@ class TreeRun(ProtocolRun):
         self.drop_eos(t)
         self.total += 1
         st: ThreadState = t.tag
-        st.text += self.tok.decode([tok], skip_special_tokens=False)
+        st.text += st.next_text(self.tok, tok)
         if not t.finished:
             self.scan(t, st)
         if self.total >= self.max_total:
@@ -224,8 +233,14 @@ class TreeRun(ProtocolRun):
         last = self.main
         reason = "length" if last is None or last.finish_reason == "length" else "stop"
         shown = ids[:-1] if ids and last is not None and last.stop_reason == ids[-1] else ids
-        out = CompletionOutput(0, self.tok.decode(shown, skip_special_tokens=False), ids, reason,
-                               None, last.stop_reason if last is not None else None)
+        text = self.tok.decode(shown, skip_special_tokens=False)
+        if last is not None and last.stop_text is not None:  # a stop string: cut before it, as plain sampling
+            n = len(last.generated)
+            if n and ids[-n:] == last.generated:
+                start = len(self.tok.decode(ids[:-n], skip_special_tokens=False))
+                j = text.find(last.stop_reason, start)
+                text = text[:j] if j >= 0 else text
+        out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None)
         out.tree, out.metrics, out.events = tree, metrics, list(self.events)
         return [out]
 
@@ -249,6 +264,15 @@ class TagTreeProtocol(Protocol):
                 + (f", {1 + L.max_depth} times for reprefill joins (once more per nesting level)"
                    if self.positions == "reprefill" else ""))
 
+    def header_tokens(self) -> int:
+        """A bound on the tokens one thread's injected text takes (its header, with an item
+        number of up to 6 digits, and a close tag or a join header): a token covers at least
+        one byte of text, plus a few for tokenizers that add a marker."""
+        tg = self.tags
+        longest = max(len(tg.path_header.format(num="9" * 6, i=999_999).encode()) + len(tg.path_close.encode()),
+                      len(tg.join_header.encode()))
+        return max(64, longest + 8)
+
     def need_fix(self):
         return (f"lower max_tokens, set SamplingParams(max_total_tokens=...), or pass "
                 f"limits=TreeLimits(max_paths=..., max_threads=...) to {type(self).__name__}")
@@ -256,7 +280,7 @@ class TagTreeProtocol(Protocol):
     def pages_needed(self, cache, prompt_len, params, max_positions):
         L = self.limits
         total = params.max_total_tokens or params.max_tokens * L.max_paths
-        headers = 64 * L.max_threads  # generous bound on injected header/close tokens
+        headers = self.header_tokens() * L.max_threads  # injected header / close tokens
         # a reprefill join copies the joined text, and each level of nesting copies it once more
         mult = 1 + L.max_depth if self.positions == "reprefill" else 1
         return cache.pages_for(prompt_len) + cache.pages_for(mult * (total + headers)) + L.max_threads
