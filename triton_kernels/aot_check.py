@@ -71,7 +71,7 @@ def _rope_sig(dt: str) -> dict:
     ty = _TY[dt]
     sig = {"k_ptr": f"*{ty}", "v_ptr": f"*{ty}", "kp_ptr": f"*{ty}", "vp_ptr": f"*{ty}",
            "slots_ptr": "*i64", "pos_ptr": "*i64", "cos_ptr": f"*{ty}", "sin_ptr": f"*{ty}",
-           "inv_freq_ptr": "*fp32", "H": "i32", "page_size": "i32"}
+           "inv_freq_ptr": "*fp32", "H": "i32", "page_size": "i32", "num_slots": "i64", "max_pos": "i32"}
     sig.update({k: "i32" for k in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kpp",
                                    "stride_kps", "stride_kph", "stride_vpp", "stride_vps", "stride_vph",
                                    "stride_cos", "stride_sin")})
