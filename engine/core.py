@@ -164,7 +164,7 @@ class EngineCore:
 
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
         # The text grows by whole characters (TextStream); a new match ends in the new piece.
-        if t.text_stream is None or len(t.text_stream.ids) != len(t.generated) - 1:  # (no begin())
+        if t.text_stream is None or t.text_stream.count != len(t.generated) - 1:  # (no begin())
             t.text_stream = TextStream(self.tokenizer)
             for x in t.generated[:-1]:
                 t.text_stream.push(x)

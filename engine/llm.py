@@ -38,9 +38,13 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
     another runs in the same thread, e.g. a generate from inside a protocol's callback.
     An exclusive call that raises (an error, or a Ctrl-C, even one deferred to its end)
     leaves the engine's random generator as it found it: the next call draws as if the
-    failed one never ran (its pages are back by then: the scheduler's abort, Session's)."""
+    failed one never ran (its pages are back by then: the scheduler's abort, Session's),
+    unless it keeps tokens it sampled (``llm._rng_kept``: a session's threads keep theirs,
+    and drawing their seeds again would correlate what follows with them)."""
     with llm._lock:
         rng = llm._rng.get_state() if exclusive and not llm._busy else None
+        if rng is not None:
+            llm._rng_kept = False
         try:
             with DEFERRED:  # (Ctrl-C at a safe point, see engine.interrupts)
                 if not exclusive:
@@ -55,7 +59,7 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
                 finally:
                     llm._busy = None
         except BaseException:
-            if rng is not None:
+            if rng is not None and not llm._rng_kept:
                 llm._rng.set_state(rng)
             raise
 
@@ -84,6 +88,7 @@ class LLM:
                  kv_cache_dtype="auto"):
         self._lock = threading.RLock()  # (see engine_call)
         self._busy = None               # the exclusive call running, if any
+        self._rng_kept = False          # the running call keeps tokens drawn from _rng (see engine_call)
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)

@@ -82,8 +82,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     # Each row's path depends on its own parameters only (not on its batch): the fused draw
     # and the filtered one may round a probability differently, so a seeded row that took
     # one path alone and the other in a batch could pick another token.
-    plain = [r for r in rows if params[r].top_k == -1 and params[r].top_p >= 1.0 and params[r].min_p == 0.0]
-    filtered = [r for r in rows if r not in frozenset(plain)]
+    plain, filtered = [], []
+    for r in rows:
+        p = params[r]
+        (plain if p.top_k == -1 and p.top_p >= 1.0 and p.min_p == 0.0 else filtered).append(r)
     picked: list[int] = []
     try:
         if plain:

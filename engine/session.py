@@ -212,6 +212,7 @@ class Session:
                     break
                 tokens = core.step(self._feed(active), active)
                 self.forward_steps += 1
+                llm._rng_kept = True  # (the threads keep these tokens even if the call fails later)
                 for t, tok in zip(active, tokens):
                     core.accept(t, tok)
         except BaseException:

@@ -51,10 +51,19 @@ class Tokenizer:
         self.eos_token = self.special_tokens.get("eos_token")
         self.add_bos = bool(self.config.get("add_bos_token", False))
         self._compiled = None
+        self._special_ids: frozenset[int] | None = None
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the special tokens (those decode(skip_special_tokens=True) drops)."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
+                                          if t.special)
+        return self._special_ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -130,11 +139,16 @@ class TextStream:
 
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
         self.tok, self.skip = tokenizer, skip_special_tokens
-        self.ids: list[int] = []
+        self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self.count = 0               # tokens pushed
+        self.ids: list[int] = []     # those that make text (a skipped special token does not)
         self.prefix = self.read = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
         self.text = ""
 
     def push(self, token: int) -> str:
+        self.count += 1
+        if token in self.skipped:
+            return ""
         self.ids.append(token)
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
@@ -142,7 +156,9 @@ class TextStream:
         if not done and len(self.ids) - self.read < self.MAX_HELD:
             return ""
         piece = after[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        if piece:  # (an empty one keeps its context: a decoder may strip a first word's space)
+            self.prefix = self.read
+        self.read = len(self.ids)
         self.text += piece
         return piece
 

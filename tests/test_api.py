@@ -163,6 +163,33 @@ def test_text_stream_pieces_add_up_to_the_decoded_text(llm):
             assert "\ufffd" not in "".join(pieces[:len(ids) - 7]), pieces  # (split characters held)
 
 
+def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
+    """With a SentencePiece-style tokenizer (Llama-2's decoder strips the first space of a
+    decode), pieces are decoded after their context: "Hello" + many special tokens + " world"
+    streams as "Hello world", however many special tokens sit between (a stream that moved its
+    context onto skipped tokens lost the space after 32 of them)."""
+    import json
+    from tokenizers import Tokenizer as HFTok, decoders, models, normalizers, trainers
+    from engine.tokenizer import TextStream, Tokenizer
+    t = HFTok(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.train_from_iterator(["Hello world, this is a test. " * 3, "caf\u00e9 \u6771\u4eac done"] * 20,
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]
+                                              + [f"<0x{i:02X}>" for i in range(256)]))
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    tok = Tokenizer(str(tmp_path))
+    eos = tok.token_to_id("</s>")
+    assert eos in tok.special_ids
+    for gap in (0, 31, 32, 40):
+        ids = tok.encode("Hello", add_special_tokens=False) + [eos] * gap + \
+            tok.encode(" world caf\u00e9", add_special_tokens=False)[1:]  # (the ids of " world ...")
+        stream = TextStream(tok)
+        assert "".join(stream.push(i) for i in ids) == tok.decode(ids) == "Hello world caf\u00e9", gap
+
+
 def test_prompt_forms_agree(llm):
     ids = llm.tokenizer.encode(TEXT)
     assert ids and all(isinstance(t, int) for t in ids)

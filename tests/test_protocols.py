@@ -450,6 +450,17 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     plain = _run_tokens(llm, {1: enc("hello STOP more text")}, params)
     tree = _run_tokens(llm, {1: enc("hello STOP more text")}, params, Multiverse())
     assert plain.text == tree.text == "hello " and tree.stop_reason == "STOP", (plain.text, tree.text)
+    # a match across special tokens (skipped in the stop text, spelled out in a tree's text)
+    eos = llm.eos_ids[0]
+    params = SamplingParams(max_tokens=40, stop=["ab"], ignore_eos=True)
+    seq = enc("xa") + [eos] * 3 + enc("b yyy")
+    plain = _run_tokens(llm, {1: seq}, params)
+    tree = _run_tokens(llm, {1: seq}, params, Multiverse())
+    assert plain.text == tree.text == "x", (plain.text, tree.text)
+    # ParaThinker's headers take the path number as an int: a format spec for it works
+    tags = Tags(fork="<think>", path_header="<think{num:02d}>", path_close="</think>", join_header="\n<summary>\n")
+    c = _run_tokens(llm, {"path": enc("4</think>")}, SamplingParams(max_tokens=20), ParaThinker(paths=2, tags=tags))
+    assert c.text.startswith("<think01>4</think><think02>4</think>"), c.text
 
 
 def test_a_model_written_item_number_cannot_outgrow_the_reservation(llm):

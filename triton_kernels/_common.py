@@ -13,7 +13,7 @@ import triton
 
 # Fixed when this package is imported, as ``triton.jit`` decides interpreter vs compiler
 # at decoration time: kernels below were built for whichever mode this says.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

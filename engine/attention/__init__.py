@@ -40,7 +40,7 @@ def triton_available() -> bool:
 def _triton_kernels(device: torch.device, what: str):
     """The ``triton_kernels`` package, imported on first use; CPU tensors only under the
     Triton interpreter."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on",
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on",
                                                                                                  "yes"):
         raise ValueError(f"{what}='triton' on device=cpu needs the Triton interpreter: set "
                          "TRITON_INTERPRET=1 before Python imports triton, or use device='cuda'.")

@@ -70,7 +70,7 @@ class TaggedRun(TreeRun):
         block = st.text[st.block_at:end - len(tg.fork)]
         st.block_at = None
         nums = []
-        for k, m in enumerate(re.finditer(re.escape(tg.item) + r"\s*(\d+)?", block)):
+        for k, m in enumerate(re.finditer(re.escape(tg.item) + r"\s*([0-9]+)?", block)):
             nums.append(m.group(1) or str(k + 1))
         return nums
 

@@ -237,9 +237,11 @@ class TreeRun(ProtocolRun):
         if last is not None and last.stop_text is not None:  # a stop string: cut before it, as plain sampling
             n = len(last.generated)
             if n and ids[-n:] == last.generated:
-                start = len(self.tok.decode(ids[:-n], skip_special_tokens=False))
-                j = text.find(last.stop_reason, start)
-                text = text[:j] if j >= 0 else text
+                head = self.tok.decode(ids[:-n], skip_special_tokens=False)
+                j = text.find(last.stop_reason, len(head))
+                # (not found: the match spans special tokens, skipped in the engine's stop
+                # text and spelled out here: the engine's text before the stop)
+                text = text[:j] if j >= 0 else head + last.stop_text
         out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None)
         out.tree, out.metrics, out.events = tree, metrics, list(self.events)
         return [out]
@@ -269,7 +271,13 @@ class TagTreeProtocol(Protocol):
         number of up to 6 digits, and a close tag or a join header): a token covers at least
         one byte of text, plus a few for tokenizers that add a marker."""
         tg = self.tags
-        longest = max(len(tg.path_header.format(num="9" * 6, i=999_999).encode()) + len(tg.path_close.encode()),
+        heads = []
+        for num in ("9" * 6, 999_999):  # (tagged protocols pass the number as text, ParaThinker as an int)
+            try:
+                heads.append(len(tg.path_header.format(num=num, i=999_999).encode()))
+            except (ValueError, TypeError, IndexError, KeyError):
+                pass
+        longest = max(max(heads, default=len(tg.path_header.encode())) + len(tg.path_close.encode()),
                       len(tg.join_header.encode()))
         return max(64, longest + 8)
 
