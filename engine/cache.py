@@ -36,6 +36,7 @@ class Segment:
 @dataclass
 class Reservation:
     pages: int                      # pages still reserved (not yet taken)
+    closed: bool = False            # released: pages its segments free go to the pool
 
 
 class KVCache:
@@ -97,6 +98,7 @@ class KVCache:
     def release(self, res: Reservation):
         self._reserved -= res.pages
         res.pages = 0
+        res.closed = True
         assert self._reserved >= 0
 
     # ---- pages -----------------------------------------------------------------------------
@@ -115,11 +117,14 @@ class KVCache:
             self._journal[0].append((page, res if from_res else None))
         return page
 
-    def _drop_page(self, page: int):
+    def _drop_page(self, page: int) -> bool:
+        """Drop a reference; True if that freed the page."""
         assert self._page_refs[page] > 0
         self._page_refs[page] -= 1
         if self._page_refs[page] == 0:
             self._free_pages.append(page)
+            return True
+        return False
 
     # ---- segments --------------------------------------------------------------------------
     def new_segment(self, base: int, reservation: Reservation | None = None) -> Segment:
@@ -139,8 +144,13 @@ class KVCache:
         assert seg.refs > 0, "segment released twice"
         seg.refs -= 1
         if seg.refs == 0:
-            for p in seg.pages:
-                self._drop_page(p)
+            freed = sum(self._drop_page(p) for p in seg.pages)
+            res = seg.owner_reservation
+            if res is not None and not res.closed:
+                # Back to the request that freed them: its reservation bounds what it holds at
+                # once, not what it ever took (a Hogwild! compaction frees and takes again).
+                res.pages += freed
+                self._reserved += freed
             seg.pages = array("i")
             del self.segments[seg.id]
             self._free_ids.append(seg.id)

@@ -219,6 +219,17 @@ class ThreadTree:
         for u in view:
             self._check_open(u)
 
+    def drop_view(self, th: Thread):
+        """A finished, fully written thread lets go of the segments its view reads (it will
+        not sample or write again): they are freed once no other view holds them. Its own
+        segment stays, for the views that read it."""
+        if not th.finished or th.pending or th.closed:
+            raise ValueError(f"thread {th.id} may still need its view (unfinished, unwritten or closed).")
+        for s, _ in th.view[:-1]:
+            self.cache.release_segment(s)
+        th.view = ((th.seg, 0),)
+        th.live = None
+
     def compact(self, threads: list[Thread], base: int, inv_freq: torch.Tensor) -> Thread:
         """Rewrite the segments of ``threads`` (fully written, in order) once into one new
         contiguous segment starting at home position ``base``: V copied, K re-rotated from

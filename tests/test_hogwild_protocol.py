@@ -220,3 +220,66 @@ def test_compaction_keeps_its_tensors_on_the_pools_device():
         t.pending.clear()
     th = tree.compact([a, b], root.seg.base + root.seg.length, torch.rand(8, device="meta"))
     assert th.tokens == [4, 5, 6] and th.seg.length == 3
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    from engine.demo import make_random_model
+    d = str(tmp_path_factory.mktemp("hog4k"))
+    make_random_model(d, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, max_pos=4096)
+    return d
+
+
+def _dots(llm):
+    """Every worker writes ".\n\n" forever: a step every 3 tokens (the most steps, headers and
+    compactions per token)."""
+    dot = llm.tokenizer.encode(".\n\n", add_special_tokens=False)
+    return lambda threads: [dot[len(t.generated) % len(dot)] for t in threads]
+
+
+@pytest.mark.parametrize("kw", [dict(checkin_every=1, compact_after=4),
+                                dict(compact_after=4, header="{name} writes the next step of the solution now: ")])
+def test_hogwild_stays_within_its_reservation(long_model, kw):
+    """Alone in a cache of exactly the pages its admission reserves, a Hogwild request with
+    3-token steps, check-ins or long headers and frequent compactions runs to the end (it used to
+    run the cache dry: each compaction's copy counted against the reservation for good, steps were
+    assumed 4 tokens and headers 64, and a written step held an old merged copy alive), and its
+    kv_pages_peak (the old steps and their copy at a compaction included) stays within it."""
+    from engine import LLM
+    hw = Hogwild(workers=2, finisher=True, stop_on_answer=False, **kw)
+    p = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    prompt = list(range(40, 90))
+    probe = LLM(long_model, page_size=16, kv_cache_tokens=1 << 16)
+    need = hw.pages_needed(probe.cache, len(prompt), p, 4096)
+    llm = LLM(long_model, page_size=16, kv_cache_tokens=need * 16)
+    llm.core.token_source = _dots(llm)
+    seen = []
+    take = llm.cache._take_page
+    llm.cache._take_page = lambda res: (seen.append(llm.cache.pages_used + 1), take(res))[1]
+    out = llm.generate([prompt], p, protocol=hw)[0]
+    assert out.outputs[0].metrics["compactions"] >= 10
+    assert out.metrics.kv_pages_peak == max(seen) <= need, (out.metrics.kv_pages_peak, max(seen), need)
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["pages_reserved"] == 0
+
+
+def test_pages_a_compaction_frees_stay_with_its_request(long_model):
+    """A running Hogwild request frees pages at every compaction and takes them again: they go
+    back to its reservation, not to the pool, so a request queued behind it is not admitted into
+    them (it was, and the first request then ran out of pages mid-call); both finish as alone."""
+    from engine import LLM
+    hw = Hogwild(workers=2, compact_after=4, finisher=False, stop_on_answer=False)
+    prompt = list(range(40, 90))
+    pa, pc = (SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (300, 200))
+    probe = LLM(long_model, page_size=16, kv_cache_tokens=1 << 16)
+    need_a = hw.pages_needed(probe.cache, len(prompt), pa, 4096)
+    llm = LLM(long_model, page_size=16, kv_cache_tokens=need_a * 16)  # the second must wait
+    llm.core.token_source = _dots(llm)
+    past = []  # pages a request took past its reservation (from the pool's unreserved pages)
+    take = llm.cache._take_page
+    llm.cache._take_page = lambda res: (past.append(res is not None and res.pages == 0), take(res))[1]
+    both = llm.generate([prompt, prompt], [pa, pc], protocol=hw)
+    assert not any(past), f"{sum(past)} pages taken past a reservation"
+    alone = [llm.generate([prompt], q, protocol=hw)[0] for q in (pa, pc)]
+    assert [o.outputs[0].token_ids for o in both] == [o.outputs[0].token_ids for o in alone]
+    assert both[0].outputs[0].metrics["compactions"] >= 10
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["pages_reserved"] == 0

@@ -108,18 +108,33 @@ class Hogwild(Protocol):
     def need_text(self, params):
         total = (f"max_total_tokens={params.max_total_tokens}" if params.max_total_tokens else
                  f"workers={self.workers} x max_tokens={params.max_tokens}")
-        return f"Hogwild: {total}, plus step headers and one compaction copy"
+        return (f"Hogwild: {total}, plus step headers (a step may be one token), the history twice "
+                f"while it is compacted, all within the model's context per copy")
 
     def need_fix(self):
         return "lower max_tokens or workers, or set SamplingParams(max_total_tokens=...)"
 
+    def step_header_tokens(self) -> int:
+        """A bound on one step's header tokens (a check-in included): a token covers at least
+        one byte of text, plus a few for tokenizers that add a marker."""
+        longest = max(len(self.header.format(name=n).encode()) for n in self.names)
+        return longest + (len(self.checkin.encode()) if self.checkin_every else 0) + 8
+
     def pages_needed(self, cache, prompt_len, params, max_positions):
+        """The most pages the request holds at once (pages it frees go back to its
+        reservation). The history's tokens H: every sampled token, plus a header for every
+        step, and a step may be one token; H never passes the context (workers see all of it).
+        At a compaction the history exists twice (the old steps and the merged copy); the
+        steps being written hold at most the workers' budget, each segment at most one
+        partly filled page (at most compact_after history steps, one current step per worker,
+        the merged copy, the finisher)."""
         total = params.max_total_tokens or params.max_tokens * self.workers
-        steps = total // 4 + self.workers + 2       # every step may start a fresh page
-        hdr = 64 * steps                            # headers and check-ins
-        # compaction writes the history once more before the old pages go back
-        return cache.pages_for(prompt_len) + 2 * (cache.pages_for(total + hdr + self.finisher_tokens)
-                                                  + steps)
+        hdr = self.step_header_tokens()
+        history = min(total * (1 + hdr) + self.workers * hdr, max_positions)
+        current = min(total + self.workers * hdr, self.workers * max_positions)
+        finisher = len(FINISHER.encode()) + 8 + self.finisher_tokens
+        segments = self.compact_after + 2 * self.workers + 4
+        return cache.pages_for(prompt_len) + cache.pages_for(2 * history + current + finisher) + segments
 
     def check_params(self, params):
         one_output_only(self, params, f"the {self.workers} workers' collaboration; set workers=... for more workers")
@@ -213,6 +228,12 @@ class HogwildRun(ProtocolRun):
             self.history.append(w.current)
 
     def _maybe_compact(self):
+        # A committed step keeps its view (the history as it was, an older merged copy perhaps)
+        # until its last token is written; then nothing reads through it: let go, so that at
+        # most two copies of the history (the steps and their merged copy) exist at once.
+        for h in self.history:
+            if h.finished and not h.pending and not h.closed and len(h.view) > 1:
+                self.tree.drop_view(h)
         segs = 1 + len(self.history) + len(self.workers)
         if segs <= self.proto.compact_after:
             return
@@ -225,6 +246,8 @@ class HogwildRun(ProtocolRun):
             k += 1
         old = self.history[:k]
         merged = self.tree.compact(old, self.tree.root.end, self.core.runner.model.inv_freq)
+        # (the request's peak: the old steps and their copy, both held until the discards below)
+        self.metrics.kv_pages_peak = max(self.metrics.kv_pages_peak, self.tree.pages_held())
         self.history = [merged] + self.history[k:]
         self._update_views()
         for h in old:
