@@ -237,7 +237,7 @@ def _dots(llm):
     return lambda threads: [dot[len(t.generated) % len(dot)] for t in threads]
 
 
-@pytest.mark.parametrize("kw", [dict(checkin_every=1, compact_after=4),
+@pytest.mark.parametrize("kw", [dict(checkin_every=1, compact_after=4), dict(checkin_every=3, compact_after=5),
                                 dict(compact_after=4, header="{name} writes the next step of the solution now: ")])
 def test_hogwild_stays_within_its_reservation(long_model, kw):
     """Alone in a cache of exactly the pages its admission reserves, a Hogwild request with
@@ -251,6 +251,10 @@ def test_hogwild_stays_within_its_reservation(long_model, kw):
     prompt = list(range(40, 90))
     probe = LLM(long_model, page_size=16, kv_cache_tokens=1 << 16)
     need = hw.pages_needed(probe.cache, len(prompt), p, 4096)
+    if kw.get("checkin_every", 1) > 1:  # check-ins every k steps are priced as such, not every step
+        every = Hogwild(workers=2, finisher=True, stop_on_answer=False, **{**kw, "checkin_every": 1})
+        uncapped = lambda h: h.pages_needed(probe.cache, len(prompt), p, 1 << 20)  # noqa: E731
+        assert uncapped(hw) < uncapped(every) / 2, (uncapped(hw), uncapped(every))
     llm = LLM(long_model, page_size=16, kv_cache_tokens=need * 16)
     llm.core.token_source = _dots(llm)
     seen = []

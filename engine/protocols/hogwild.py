@@ -114,26 +114,30 @@ class Hogwild(Protocol):
     def need_fix(self):
         return "lower max_tokens or workers, or set SamplingParams(max_total_tokens=...)"
 
-    def step_header_tokens(self) -> int:
-        """A bound on one step's header tokens (a check-in included): a token covers at least
-        one byte of text, plus a few for tokenizers that add a marker."""
+    def step_header_tokens(self) -> tuple[int, int]:
+        """Bounds on one step's header tokens and on a check-in's (a token covers at least one
+        byte of text, plus a few for tokenizers that add a marker)."""
         longest = max(len(self.header.format(name=n).encode()) for n in self.names)
-        return longest + (len(self.checkin.encode()) if self.checkin_every else 0) + 8
+        return longest + 8, (len(self.checkin.encode()) + 8 if self.checkin_every else 0)
 
     def pages_needed(self, cache, prompt_len, params, max_positions):
         """The most pages the request holds at once (pages it frees go back to its
         reservation). The history's tokens H: every sampled token, plus a header for every
-        step, and a step may be one token; H never passes the context (workers see all of it).
-        At a compaction the history exists twice (the old steps and the merged copy); the
-        steps being written hold at most the workers' budget, each segment at most one
-        partly filled page (at most compact_after history steps, one current step per worker,
-        the merged copy, the finisher)."""
+        step (a step may be one token) and a check-in every ``checkin_every`` steps of a
+        worker; H never passes the context (workers see all of it). At a compaction the
+        history exists twice (the old steps and the merged copy); the steps being written
+        hold at most the workers' budget, each segment at most one partly filled page (at
+        most compact_after history steps, one current step per worker, the merged copy, the
+        finisher)."""
         total = params.max_total_tokens or params.max_tokens * self.workers
-        hdr = self.step_header_tokens()
-        history = min(total * (1 + hdr) + self.workers * hdr, max_positions)
-        current = min(total + self.workers * hdr, self.workers * max_positions)
+        W = self.workers
+        hdr, checkin = self.step_header_tokens()
+        steps = total + W  # (a worker's last step may be empty)
+        checkins = (steps // self.checkin_every + W) if self.checkin_every else 0
+        history = min(total + steps * hdr + checkins * checkin, max_positions)
+        current = min(total + W * (hdr + checkin), W * max_positions)
         finisher = len(FINISHER.encode()) + 8 + self.finisher_tokens
-        segments = self.compact_after + 2 * self.workers + 4
+        segments = self.compact_after + 2 * W + 4
         return cache.pages_for(prompt_len) + cache.pages_for(2 * history + current + finisher) + segments
 
     def check_params(self, params):
