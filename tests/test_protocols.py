@@ -105,6 +105,11 @@ def test_multiverse_nested_and_depth_limit(llm):
     c, _ = run(llm, scripts, Multiverse(limits=TreeLimits(max_depth=2)))
     assert kinds(c).count("fork") == 2 and kinds(c).count("join") == 2
     assert max(t["role"] == "path" for t in c.tree)
+    # the outer continuation (the answer) ends the text: it joins a path and a nested fork's
+    # continuation, threads of different parents (it was dropped from .text / .token_ids)
+    assert c.text.count("3 and 12") == 2 and c.text.endswith("answer \\boxed{15}"), c.text
+    assert len(c.token_ids) == sum(len(t["token_ids"]) for t in c.tree[1:])
+    assert all(t["parent"] is not None for t in c.tree[1:]), [(t["id"], t["parent"]) for t in c.tree]
     c, _ = run(llm, scripts, Multiverse(limits=TreeLimits(max_depth=1)))
     assert "depth_limit" in kinds(c) and kinds(c).count("fork") == 1
 
@@ -475,3 +480,22 @@ def test_a_model_written_item_number_cannot_outgrow_the_reservation(llm):
     assert kinds(c)[:2] == ["long_item_number", "fork"], c.events
     heads = [t["text"] for t in c.tree if t["role"] == "path"]
     assert heads[0].startswith("\n<Path>\n1:") and heads[1].startswith("\n<Path>\n12:"), heads
+
+
+def test_a_close_tag_on_the_budgets_last_token_closes_the_path(llm):
+    """A path whose last budgeted token completes its close tag is closed by it (a second close
+    tag used to be injected: the budget had ended the thread before the scan); the same for
+    ParaThinker. Dotted item numbers (1.1, 1.2) head their paths as written."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main, path = "<Goal><Outline>1: a</Outline></Goal>", " p</Path>"
+    for extra in (0, 1):
+        c, _ = run(llm, {"": main, "1:": path, "<Conclusion>": "c"}, Multiverse(limits=TreeLimits(fork_margin=0)),
+                   max_tokens=len(enc(main)) + len(enc(path)) + extra)
+        assert "</Path></Path>" not in c.text and "unclosed_path" not in kinds(c), (extra, c.text, kinds(c))
+    c, _ = run(llm, {"<think1>": " p</think>", "<think2>": " p</think>", "<summary>": "s"}, ParaThinker(paths=2),
+               max_tokens=len(enc(" p</think>")))
+    assert c.text.startswith("<think1> p</think><think2> p</think>"), c.text
+    c, _ = run(llm, {"": "<Goal><Outline>1.1: a</Outline><Outline>1.2: b</Outline></Goal>", "1.": " x</Path>",
+                     "<Conclusion>": "c"}, Multiverse())
+    heads = [t["text"] for t in c.tree if t["role"] == "path"]
+    assert heads[0].startswith("\n<Path>\n1.1:") and heads[1].startswith("\n<Path>\n1.2:"), heads

@@ -70,11 +70,13 @@ class TaggedRun(TreeRun):
         block = st.text[st.block_at:end - len(tg.fork)]
         st.block_at = None
         nums = []
-        for k, m in enumerate(re.finditer(re.escape(tg.item) + r"\s*([0-9]+)?", block)):
+        for k, m in enumerate(re.finditer(re.escape(tg.item) + r"\s*([0-9]+(?:\.[0-9]+)*)?", block)):
             nums.append(m.group(1) or str(k + 1))
         return nums
 
     def on_fork_tag(self, t: Thread, st: ThreadState, end: int) -> bool:
+        if t.finished:  # (scanned for its close tag only: the budget ended it on this token)
+            return False
         nums = self.items(st, end)
         if nums is None:
             self.event("unbalanced", t, tag=self.proto.tags.fork, action="ignored")

@@ -84,6 +84,7 @@ class TreeRun(ProtocolRun):
         super().__init__(tree, core, params, make_generator)
         self.proto, self.limits = proto, proto.limits
         self.tok = core.tokenizer
+        self.forks_of: dict[int, list[ForkGroup]] = {}  # thread id -> the forks it made
         self.events: list[dict] = []
         self.main: Thread | None = None
         self.max_total = params.max_total_tokens or params.max_tokens * self.limits.max_paths
@@ -122,7 +123,7 @@ class TreeRun(ProtocolRun):
         self.total += 1
         st: ThreadState = t.tag
         st.text += st.next_text(self.tok, tok)
-        if not t.finished:
+        if not t.finished or t.finish_reason == "length":  # (a close tag may end on the budget's last token)
             self.scan(t, st)
         if self.total >= self.max_total:
             for a in self.samplers():
@@ -168,6 +169,7 @@ class TreeRun(ProtocolRun):
             self.active.remove(t)
         kids = self.tree.fork(t, [self.encode(h) for h in headers])
         g = ForkGroup(t, kids, st.role, st.depth)
+        self.forks_of.setdefault(t.id, []).append(g)
         for k in kids:
             k.tag = ThreadState("path", st.depth + 1, group=g)
             self.activate(k)
@@ -202,23 +204,28 @@ class TreeRun(ProtocolRun):
 
     # ---- outputs ---------------------------------------------------------------------------
     def flatten(self, t: Thread, out: list[int]):
-        """The linear text of ``t``'s subtree: its own tokens, then each child's subtree,
-        then the continuation of its children (the layout the tags describe)."""
+        """The linear text of ``t``'s subtree: its own tokens, then the subtree of each child
+        it forked, then the continuation of that fork (the layout the tags describe). The
+        continuation comes from the fork, not the thread tree: after a nested fork it joins
+        threads of different parents and has no parent there."""
         skip = len(t.tokens) if t is self.tree.root else (t.tag.skip if t.tag else 0)
         out.extend(t.tokens[skip:])
-        conts = {id(c.joined_into) for c in t.children if c.joined_into is not None}
+        groups = self.forks_of.get(t.id, [])
         for c in t.children:
-            if id(c) not in conts:  # a continuation is the parent's child too: it comes last
+            if not any(c is g.cont for g in groups):  # (a continuation is its parent's child too)
                 self.flatten(c, out)
-        for c in t.children:
-            if id(c) in conts:
-                self.flatten(c, out)
+        for g in groups:
+            if g.cont is not None:
+                self.flatten(g.cont, out)
 
     def outputs(self) -> list[CompletionOutput]:
         ids: list[int] = []
         self.flatten(self.tree.root, ids)
         threads = self.tree.threads
-        tree = [{"id": t.id, "parent": t.parent.id if t.parent else None,
+        # a continuation's parent is the thread that forked (after a nested fork the thread
+        # tree gives it none: it joins threads of different parents)
+        fork_of = {g.cont.id: p for p, gs in self.forks_of.items() for g in gs if g.cont is not None}
+        tree = [{"id": t.id, "parent": t.parent.id if t.parent else fork_of.get(t.id),
                  "role": t.tag.role if t.tag else "prompt",
                  "text": self.tok.decode(t.tokens, skip_special_tokens=False),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
