@@ -28,7 +28,8 @@ compute-bound). The peak is torch.mm's rate (in bfloat16 the float32 one where t
 higher: a CPU without bfloat16 products, where Loom widens to float32); in bfloat16
 Loom's AMX tiles can beat it, so there %roof can pass 100% and need overstates. speedup = sdpa/thr time over loom
 time (mostly the bytes each reads: sharing), vs mask = sdpa+mask time over loom time
-(both read the prompt once). Times: median over --repeats after warm-up. A line after the table counts the rows
+(both read the prompt once); both from each run's time times the read bandwidth measured
+just before it (the methods run minutes apart; the host's memory speed drifts). Times: median over --repeats after warm-up. A line after the table counts the rows
 at >= 50% of read bandwidth and lists the others with their %roof and need; then each of those
 rows is timed again in turn with its two parts alone (its shared prompt with one own token per
 thread, and its own tokens over a 16-token prompt), against the peak at start and the read bandwidth,
@@ -401,8 +402,14 @@ def main() -> None:
         loom_times, speeds = cold("loom", repeats, before=probe.both)
         t_loom = statistics.median(loom_times)
         t_ref = statistics.median(cold("torch_ref", max(3, repeats // 3), warmup=1)[0])
-        t_thr = statistics.median(cold("sdpa_threads", repeats)[0])
-        t_mask = statistics.median(cold("sdpa_mask", max(3, repeats // 3), warmup=1)[0])
+        thr_times, thr_bw = cold("sdpa_threads", repeats)
+        mask_times, mask_bw = cold("sdpa_mask", max(3, repeats // 3), warmup=1)
+        t_thr, t_mask = statistics.median(thr_times), statistics.median(mask_times)
+        # speedups from times scaled by the read bandwidth measured just before each run: the
+        # methods run minutes apart, and this host's memory speed drifts in between
+        scaled = lambda ts, bws: statistics.median(t * b for t, b in zip(ts, bws))  # noqa: E731
+        s_loom = scaled(loom_times, [b for b, _ in speeds])
+        speedup, vs_mask = scaled(thr_times, thr_bw) / s_loom, scaled(mask_times, mask_bw) / s_loom
         gbs = case.unique_bytes / t_loom / 1e9
         flops = case.flops
         pct_bw = statistics.median(case.unique_bytes / t / 1e9 / bw for t, (bw, _) in zip(loom_times, speeds))
@@ -415,8 +422,8 @@ def main() -> None:
               f"{100 * pct_bw:>3.0f}% {flops / t_loom / 1e9:>7.0f} {100 * pct_roof:>4.0f}% {100 * need:>4.0f}% | "
               f"{t_ref * 1e3:>8.2f} | {t_thr * 1e3:>11.2f} "
               f"{case.per_thread_bytes / 1e6:>6.0f} {case.per_thread_bytes / t_thr / 1e9:>5.1f} | "
-              f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {t_thr / t_loom:>6.1f}x "
-              f"{t_mask / t_loom:>6.1f}x")
+              f"{t_mask * 1e3:>12.2f} {case.mask_bytes / t_mask / 1e9:>5.1f} | {speedup:>6.1f}x "
+              f"{vs_mask:>6.1f}x")
         if pct_bw < 0.5:
             below.append(((n, s, o), pct_bw, pct_roof, need))
         del case

@@ -205,8 +205,10 @@ def run_hf(hf, cfg, prompt: list[int], n: int, new: int, seed: int):
                           num_return_sequences=n, pad_token_id=0)
     dt = time.perf_counter() - t0
     assert out.shape == (n, len(prompt) + new)
-    # DynamicCache: n sequences of (prompt + new - 1) tokens, K and V, every layer.
-    kv = n * (len(prompt) + new - 1) * cfg.kv_bytes_per_token
+    # DynamicCache: n sequences of (prompt + new - 1) tokens, K and V, every layer, in the
+    # dtype transformers runs (the checkpoint's is float32; --dtype bfloat16 halves it).
+    kv = n * (len(prompt) + new - 1) * kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                       hf.dtype)
     return dt, kv
 
 

@@ -31,6 +31,15 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """log_softmax over the last dim, in place, a block of rows at a time: score()'s [P, vocab]
+    logits become its log-probs without a second [P, vocab] tensor (512 MB at 4k x 32k)."""
+    for i in range(0, x.shape[0], rows):
+        blk = x[i:i + rows]
+        blk.sub_(blk.logsumexp(-1, keepdim=True))
+    return x
+
+
 def engine_call(llm, fn, args, kwargs, exclusive: bool):
     """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
     cache, scheduler and step state are shared; interleaved steps corrupt them). An
@@ -328,7 +337,7 @@ class LLM:
             seg = c.new_segment(0, res)
             try:
                 batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
-                outs.append(self.runner.run(batch).log_softmax(-1))
+                outs.append(_log_softmax_(self.runner.run(batch)))
             finally:
                 c.release_segment(seg)
                 c.release(res)
