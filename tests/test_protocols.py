@@ -110,6 +110,16 @@ def test_multiverse_nested_and_depth_limit(llm):
     assert c.text.count("3 and 12") == 2 and c.text.endswith("answer \\boxed{15}"), c.text
     assert len(c.token_ids) == sum(len(t["token_ids"]) for t in c.tree[1:])
     assert all(t["parent"] is not None for t in c.tree[1:]), [(t["id"], t["parent"]) for t in c.tree]
+    # a one-item fork whose path forks again: its continuation joins that path's continuation
+    # alone (the thread tree makes it that thread's child); still placed once, after it
+    one = {"": "<Goal><Outline>7: a</Outline></Goal>",
+           "7:": " split<Goal><Outline>1: x</Outline><Outline>2: y</Outline></Goal>",
+           "1:": " X</Path>", "2:": " Y</Path>", "<Conclusion>": " done</Path> ANSWER"}
+    c, _ = run(llm, one, Multiverse())
+    assert c.text.count("ANSWER") == 1 and c.text.endswith(" done</Path> ANSWER"), c.text
+    assert len(c.token_ids) == sum(len(t["token_ids"]) for t in c.tree[1:])
+    main = next(t for t in c.tree if t["role"] == "main")
+    assert c.tree[-1]["parent"] == main["id"], [(t["id"], t["parent"]) for t in c.tree]
     c, _ = run(llm, scripts, Multiverse(limits=TreeLimits(max_depth=1)))
     assert "depth_limit" in kinds(c) and kinds(c).count("fork") == 1
 

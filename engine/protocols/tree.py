@@ -211,8 +211,9 @@ class TreeRun(ProtocolRun):
         skip = len(t.tokens) if t is self.tree.root else (t.tag.skip if t.tag else 0)
         out.extend(t.tokens[skip:])
         groups = self.forks_of.get(t.id, [])
+        conts = {g.cont.id for gs in self.forks_of.values() for g in gs if g.cont is not None}
         for c in t.children:
-            if not any(c is g.cont for g in groups):  # (a continuation is its parent's child too)
+            if c.id not in conts:  # (a continuation is placed by its fork, wherever the tree put it)
                 self.flatten(c, out)
         for g in groups:
             if g.cont is not None:
@@ -225,7 +226,7 @@ class TreeRun(ProtocolRun):
         # a continuation's parent is the thread that forked (after a nested fork the thread
         # tree gives it none: it joins threads of different parents)
         fork_of = {g.cont.id: p for p, gs in self.forks_of.items() for g in gs if g.cont is not None}
-        tree = [{"id": t.id, "parent": t.parent.id if t.parent else fork_of.get(t.id),
+        tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": t.tag.role if t.tag else "prompt",
                  "text": self.tok.decode(t.tokens, skip_special_tokens=False),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
