@@ -201,7 +201,8 @@ class Session:
                 raise ValueError(f"thread {t.id} has no tokens to continue from.")
         core, llm = self._llm.core, self._llm
         for t in ts:
-            core.begin(t, p, llm._thread_generator(p, t.id))
+            # (seeded: the thread's length in the key, so that each call on it draws anew)
+            core.begin(t, p, llm._thread_generator(p, t.id + (len(t.tokens) << 24)))
         try:
             while True:
                 for t in ts:  # its next token would sit at or past the model's context

@@ -262,6 +262,33 @@ def test_seed_reproducibility(llm, make_llm):
     assert run(None, engine=a) == run(None, engine=b)
 
 
+def test_a_seeded_session_thread_draws_anew_on_each_call(llm, monkeypatch):
+    """A seed reused over Session.generate calls on one thread gives the same tokens for the
+    same thread state, and new draws for a new state (each call used to restart the same random
+    stream: token by token, every draw the same uniform number)."""
+    from engine import sampler
+    prompt = random_ids(9, VOCAB, seed=3)
+    uniforms = []
+    real_rand = torch.rand
+
+    def rand(*a, **kw):
+        out = real_rand(*a, **kw)
+        uniforms.append(out.item())
+        return out
+    monkeypatch.setattr(sampler.torch, "rand", rand)
+
+    def one_by_one(calls):
+        s = llm.session(prompt)
+        try:
+            return [s.generate([s.root], SP(temperature=3.0, max_tokens=1, seed=0))[0].token_ids[0]
+                    for _ in range(calls)]
+        finally:
+            s.close()
+    first = one_by_one(8)
+    assert len(set(uniforms)) == 8, uniforms
+    assert one_by_one(8) == first and uniforms[8:] == uniforms[:8]
+
+
 PAGE_CASES = [  # (prompt tokens, n, max_tokens, page_size)
     (21, 8, 20, 16),   # 2 + 8 * 2
     (16, 3, 17, 16),   # 1 + 3 * 1
