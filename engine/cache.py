@@ -63,7 +63,7 @@ class KVCache:
             raise ValueError(
                 f"The KV cache of {tokens:,} tokens ({self.bytes_per_token:,} bytes each: "
                 f"{tokens * self.bytes_per_token / 2**30:,.1f} GiB) could not be allocated on {device} "
-                f"({str(e).splitlines()[0][:120]}); lower kv_cache_tokens.") from None
+                f"({str(e).splitlines()[0][:300]}); lower kv_cache_tokens.") from None
         self._free_pages = list(range(num_pages - 1, -1, -1))
         self._page_refs = [0] * num_pages
         self._reserved = 0

@@ -42,9 +42,12 @@ def _cmd_generate(a) -> int:
     return 0
 
 
+MAX_DEMO_PROBLEMS = 10_000
+
+
 def _cmd_demo(a) -> int:
-    if a.problems < 1:
-        print("loom: error: --problems must be >= 1.", file=sys.stderr)
+    if not 1 <= a.problems <= MAX_DEMO_PROBLEMS:
+        print(f"loom: error: --problems must be between 1 and {MAX_DEMO_PROBLEMS:,}.", file=sys.stderr)
         return 2
     print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
     try:
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", default="auto")
     g.set_defaults(fn=_cmd_generate)
     d = sub.add_parser("demo", help="the shipped demo model solves problems with fork/join threads")
-    d.add_argument("--problems", type=int, default=5, help="fresh problems, solved in one batch")
+    d.add_argument("--problems", type=int, default=5, help="fresh problems, solved together (as the cache allows)")
     d.add_argument("--seed", type=int, default=0, help="draws the problems")
     d.add_argument("--plain", action="store_true", help="plain lines even on a terminal")
     d.set_defaults(fn=_cmd_demo)

@@ -233,7 +233,10 @@ def run_demo(num_problems: int = 5, seed: int = 0, out=None, live: bool | None =
     live = out.isatty() if live is None else live
     path = model_dir()
     problems = make_problems(num_problems, seed)
-    llm = LLM(path, seed=seed, kv_cache_tokens=max(1 << 18, 40_000 * num_problems))
+    # A problem's request reserves at most ~8.4k tokens (Multiverse's bound for it) and uses a
+    # few hundred: all problems run together up to 2M tokens of cache (~4 GB for this model),
+    # more wait for pages (the scheduler admits them as earlier ones finish).
+    llm = LLM(path, seed=seed, kv_cache_tokens=min(max(1 << 18, 10_000 * num_problems), 1 << 21))
     _header(llm, path, num_problems, seed, out)
     prompts = [p.prompt for p in problems]
     view = (LiveView if live else PlainLog)(problems, llm._next_id, llm.tokenizer, out)

@@ -109,7 +109,8 @@ def make_problems(n: int, seed: int, held_out: bool = True) -> list[Problem]:
     """``n`` problems drawn with ``seed`` from the held-out (default) or training split."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} must be an integer >= 1.")
-    rng = random.Random(seed)
+    # (random.Random takes |seed| of an int: a negative seed gets its own draw)
+    rng = random.Random(seed if seed >= 0 else f"negative seed {seed}")
     return [draw(rng, held_out) for _ in range(n)]
 
 

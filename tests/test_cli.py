@@ -75,8 +75,27 @@ def test_demo_one_problem(capsys):
     assert main(["demo", "--problems", "1", "--plain", "--seed", "2"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^accuracy\s+\d/1\s+\d/1", out, flags=re.M), out
-    assert main(["demo", "--problems", "0"]) == 2
-    assert "--problems must be >= 1" in capsys.readouterr().err
+    for bad in ("0", "10001"):
+        assert main(["demo", "--problems", bad]) == 2
+        assert "--problems must be between 1 and 10,000" in capsys.readouterr().err
+
+
+def test_demo_problems_by_seed():
+    """A negative seed draws its own problems (random.Random takes an int seed's absolute value)."""
+    from engine.demo_task import make_problems
+    nums = lambda seed: [p.prompt for p in make_problems(4, seed)]  # noqa: E731
+    assert nums(5) == nums(5) and nums(5) != nums(-5) and nums(-5) == nums(-5)
+
+
+def test_importing_engine_does_not_import_torch():
+    """`import engine` (the `loom` command's entry point) loads torch only when a name is used:
+    a Ctrl-C while torch loads lands in the command's own handling ('loom: interrupted')."""
+    import subprocess
+    import sys
+    code = ("import sys, engine, engine.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from engine import LLM, SamplingParams; assert 'torch' in sys.modules; print(LLM.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "LLM", (out.stdout, out.stderr)
 
 
 def _loom(args, env_extra=None, **kw):
