@@ -163,11 +163,8 @@ class EngineCore:
             t.finish_reason = "length"
 
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
-        # The text grows by whole characters (TextStream); a new match ends in the new piece.
-        if t.text_stream is None or t.text_stream.count != len(t.generated) - 1:  # (no begin())
-            t.text_stream = TextStream(self.tokenizer)
-            for x in t.generated[:-1]:
-                t.text_stream.push(x)
+        # The text grows by whole characters (TextStream, made by begin() with the stops);
+        # a new match ends in the new piece.
         piece = t.text_stream.push(t.generated[-1])
         if not piece:
             return False

@@ -31,6 +31,11 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def _as_list(x):
+    """A numpy array or tensor (of token ids) as a list; anything else as it is."""
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, str) else x
+
+
 def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """log_softmax over the last dim, in place, a block of rows at a time: score()'s [P, vocab]
     logits become its log-probs without a second [P, vocab] tensor (512 MB at 4k x 32k)."""
@@ -183,8 +188,7 @@ class LLM:
 
     # ---- inputs ----------------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
-        if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a numpy array / tensor of ids
-            prompts = prompts.tolist()
+        prompts = _as_list(prompts)
         if isinstance(prompts, str):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)) and prompts and all(_is_int(x) for x in prompts):
@@ -192,11 +196,9 @@ class LLM:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
         out = []
-        for p in prompts:
+        for p in map(_as_list, prompts):
             if isinstance(p, str):
                 out.append((p, self.tokenizer.encode(p)))
-            elif hasattr(p, "tolist") and not isinstance(p, str) and all(_is_int(x) for x in p.tolist()):
-                out.append((None, [int(x) for x in p.tolist()]))
             elif isinstance(p, (list, tuple)) and all(_is_int(x) for x in p):
                 out.append((None, [int(x) for x in p]))
             else:
@@ -347,8 +349,7 @@ class LLM:
     def session(self, prompt) -> "Session":
         """A programmable thread tree over ``prompt`` (str or token ids); see engine.session."""
         from .session import Session
-        if hasattr(prompt, "tolist") and not isinstance(prompt, str):
-            prompt = prompt.tolist()
+        prompt = _as_list(prompt)
         if not isinstance(prompt, (str, list, tuple)):
             raise ValueError(f"session() takes a prompt (a string or a list of token ids), got "
                              f"{type(prompt).__name__}.")

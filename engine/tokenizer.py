@@ -140,13 +140,11 @@ class TextStream:
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
         self.tok, self.skip = tokenizer, skip_special_tokens
         self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
-        self.count = 0               # tokens pushed
         self.ids: list[int] = []     # those that make text (a skipped special token does not)
         self.prefix = self.read = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
         self.text = ""
 
     def push(self, token: int) -> str:
-        self.count += 1
         if token in self.skipped:
             return ""
         self.ids.append(token)

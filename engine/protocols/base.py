@@ -35,6 +35,12 @@ class Protocol:
         raise NotImplementedError
 
 
+def tokens_at_most(text: str) -> int:
+    """A bound on the tokens ``text`` encodes to, for admission bounds made without the
+    tokenizer: a token covers at least one byte, plus a few for tokenizers that add a marker."""
+    return len(text.encode()) + 8
+
+
 def one_output_only(protocol: Protocol, params: SamplingParams, threads: str) -> None:
     """For protocols whose request is one tree with one output: ``n`` would be silently
     ignored, so it is refused."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread, layout_end
-from .base import Protocol, ProtocolRun, one_output_only
+from .base import Protocol, ProtocolRun, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
@@ -115,10 +115,9 @@ class Hogwild(Protocol):
         return "lower max_tokens or workers, or set SamplingParams(max_total_tokens=...)"
 
     def step_header_tokens(self) -> tuple[int, int]:
-        """Bounds on one step's header tokens and on a check-in's (a token covers at least one
-        byte of text, plus a few for tokenizers that add a marker)."""
-        longest = max(len(self.header.format(name=n).encode()) for n in self.names)
-        return longest + 8, (len(self.checkin.encode()) + 8 if self.checkin_every else 0)
+        """Bounds on one step's header tokens and on a check-in's."""
+        longest = max(tokens_at_most(self.header.format(name=n)) for n in self.names)
+        return longest, (tokens_at_most(self.checkin) if self.checkin_every else 0)
 
     def pages_needed(self, cache, prompt_len, params, max_positions):
         """The most pages the request holds at once (pages it frees go back to its
@@ -136,7 +135,7 @@ class Hogwild(Protocol):
         checkins = (steps // self.checkin_every + W) if self.checkin_every else 0
         history = min(total + steps * hdr + checkins * checkin, max_positions)
         current = min(total + W * (hdr + checkin), W * max_positions)
-        finisher = len(FINISHER.encode()) + 8 + self.finisher_tokens
+        finisher = tokens_at_most(FINISHER) + self.finisher_tokens
         segments = self.compact_after + 2 * W + 4
         return cache.pages_for(prompt_len) + cache.pages_for(2 * history + current + finisher) + segments
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
-from .base import Protocol, ProtocolRun, one_output_only
+from .base import Protocol, ProtocolRun, one_output_only, tokens_at_most
 
 
 @dataclass
@@ -203,29 +203,30 @@ class TreeRun(ProtocolRun):
         return not self.samplers()
 
     # ---- outputs ---------------------------------------------------------------------------
-    def flatten(self, t: Thread, out: list[int]):
+    def continuations(self) -> dict[int, int]:
+        """Each join continuation's id -> the id of the thread whose fork it continues. (The
+        thread tree may say otherwise: after a nested fork a continuation joins threads of
+        different parents and has none there, or the one path's, for a one-item fork.)"""
+        return {g.cont.id: p for p, gs in self.forks_of.items() for g in gs if g.cont is not None}
+
+    def flatten(self, t: Thread, out: list[int], conts: dict[int, int]):
         """The linear text of ``t``'s subtree: its own tokens, then the subtree of each child
-        it forked, then the continuation of that fork (the layout the tags describe). The
-        continuation comes from the fork, not the thread tree: after a nested fork it joins
-        threads of different parents and has no parent there."""
+        it forked, then the continuation of that fork (the layout the tags describe; placed by
+        its fork, wherever the thread tree put it: ``conts``, from continuations())."""
         skip = len(t.tokens) if t is self.tree.root else (t.tag.skip if t.tag else 0)
         out.extend(t.tokens[skip:])
-        groups = self.forks_of.get(t.id, [])
-        conts = {g.cont.id for gs in self.forks_of.values() for g in gs if g.cont is not None}
         for c in t.children:
-            if c.id not in conts:  # (a continuation is placed by its fork, wherever the tree put it)
-                self.flatten(c, out)
-        for g in groups:
+            if c.id not in conts:
+                self.flatten(c, out, conts)
+        for g in self.forks_of.get(t.id, []):
             if g.cont is not None:
-                self.flatten(g.cont, out)
+                self.flatten(g.cont, out, conts)
 
     def outputs(self) -> list[CompletionOutput]:
         ids: list[int] = []
-        self.flatten(self.tree.root, ids)
+        fork_of = self.continuations()
+        self.flatten(self.tree.root, ids, fork_of)
         threads = self.tree.threads
-        # a continuation's parent is the thread that forked (after a nested fork the thread
-        # tree gives it none: it joins threads of different parents)
-        fork_of = {g.cont.id: p for p, gs in self.forks_of.items() for g in gs if g.cont is not None}
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": t.tag.role if t.tag else "prompt",
                  "text": self.tok.decode(t.tokens, skip_special_tokens=False),
@@ -275,19 +276,17 @@ class TagTreeProtocol(Protocol):
                    if self.positions == "reprefill" else ""))
 
     def header_tokens(self) -> int:
-        """A bound on the tokens one thread's injected text takes (its header, with an item
-        number of up to 6 digits, and a close tag or a join header): a token covers at least
-        one byte of text, plus a few for tokenizers that add a marker."""
+        """A bound on the tokens one thread's injected text takes: its header (with an item
+        number of up to 6 digits) and a close tag, or a join header."""
         tg = self.tags
         heads = []
         for num in ("9" * 6, 999_999):  # (tagged protocols pass the number as text, ParaThinker as an int)
             try:
-                heads.append(len(tg.path_header.format(num=num, i=999_999).encode()))
+                heads.append(tg.path_header.format(num=num, i=999_999))
             except (ValueError, TypeError, IndexError, KeyError):
                 pass
-        longest = max(max(heads, default=len(tg.path_header.encode())) + len(tg.path_close.encode()),
-                      len(tg.join_header.encode()))
-        return max(64, longest + 8)
+        return max([64, tokens_at_most(tg.join_header)]
+                   + [tokens_at_most(h + tg.path_close) for h in heads or [tg.path_header]])
 
     def need_fix(self):
         return (f"lower max_tokens, set SamplingParams(max_total_tokens=...), or pass "
