@@ -21,7 +21,7 @@ from .core import EngineCore
 from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
-from .runner import ModelRunner
+from .runner import DEFAULT_MAX_FORWARD_TOKENS, ModelRunner
 from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
@@ -99,7 +99,7 @@ class LLM:
 
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
                  page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,
-                 kv_cache_dtype="auto"):
+                 kv_cache_dtype="auto", max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS):
         self._lock = threading.RLock()  # (see engine_call)
         self._busy = None               # the exclusive call running, if any
         self._rng_kept = False          # the running call keeps tokens drawn from _rng (see engine_call)
@@ -132,6 +132,8 @@ class LLM:
         if kv_cache_tokens is not None and (not _is_int(kv_cache_tokens) or kv_cache_tokens < page_size):
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
                              f"({page_size}).")
+        if not _is_int(max_forward_tokens) or max_forward_tokens < 1:
+            raise ValueError(f"max_forward_tokens={max_forward_tokens!r} must be an integer >= 1.")
         if seed is not None and not _is_int(seed):
             raise ValueError(f"seed={seed!r} must be an integer or None.")
         page_size = int(page_size)  # (numpy integers pass as Python's)
@@ -149,7 +151,7 @@ class LLM:
                              f"({page_size}).")
         self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
                              self.config.num_kv_heads, self.config.head_dim, self.kv_cache_dtype, self.device)
-        self.runner = ModelRunner(self.model, self.cache, attention_backend)
+        self.runner = ModelRunner(self.model, self.cache, attention_backend, int(max_forward_tokens))
         self.attention_backend = self.runner.backend_name
         if self.kv_cache_dtype != self.dtype and self.attention_backend not in ("cpu", "torch"):
             raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a {self.dtype} model needs the 'cpu' or "

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class RequestMetrics:
-    forward_steps: int = 0        # forward passes this request took part in
+    forward_steps: int = 0        # engine steps this request took part in (a step is one
+                                  # forward pass, or several when it feeds more than
+                                  # max_forward_tokens tokens)
     generated_tokens: int = 0     # tokens sampled over all its threads
     kv_pages_peak: int = 0        # most KV pages the request held at once
     wall_s: float = 0.0           # admission to finish

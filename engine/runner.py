@@ -1,7 +1,16 @@
-"""ModelRunner: StepBatch -> (append slots, AttentionPlan) -> one forward -> logits."""
+"""ModelRunner: StepBatch -> (append slots, AttentionPlan) -> one forward -> logits.
+
+A step that feeds more than ``max_forward_tokens`` tokens (a long prompt, a big join's
+re-prefill, a long ``score``) runs as several forward passes, so that a pass's
+temporaries (activations, MLP hidden states: tens of KB a token) stay bounded whatever
+the prompt's length. ``split_passes`` says what may be split without changing what any
+query row sees.
+"""
 from __future__ import annotations
 
 from array import array
+from dataclasses import replace
+from itertools import accumulate
 
 import torch
 
@@ -10,12 +19,64 @@ from .attention.plan import ThreadStep
 from .cache import KVCache
 from .interrupts import DEFERRED
 from .model import CausalLM, ForwardBatch
-from .step import StepBatch
+from .step import StepBatch, StepItem
+
+DEFAULT_MAX_FORWARD_TOKENS = 2048
+
+
+def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int, int]]] | None:
+    """How to run one step's items as forward passes of at most ``budget`` tokens each:
+    a list of passes, each a list of (item index, first token, token count), or None when
+    the step runs as one pass (it fits, or none of its items may be split).
+
+    Within a step every query row sees the tokens all items write in that step (DESIGN.md
+    §2: appends come before attention). Running an item's first tokens in an earlier pass
+    is therefore exact only when its view reads no segment another item of the step
+    writes: its rows then see the same keys either way (their own segment causally,
+    every other segment complete). Such items keep only their last token for the final
+    pass, and their other tokens are packed, in order, into the passes before it; the
+    final pass takes every other item whole (so a step of many unsplittable items can
+    exceed the budget), and as many of the split items' last tokens as fit."""
+    if sum(len(it.token_ids) for it in items) <= budget:
+        return None
+    written = {it.own.id for it in items}
+    tail = []  # tokens of each item in the final pass
+    for it in items:
+        n, own = len(it.token_ids), it.own.id
+        alone = n > 1 and all(s.id == own or s.id not in written for s, _ in it.view)
+        tail.append(1 if alone else n)
+    room = budget - sum(tail)
+    # The split items' earlier tokens, last first, go back to the final pass while it has room.
+    for i in reversed(range(len(items))):
+        if room <= 0:
+            break
+        more = min(room, len(items[i].token_ids) - tail[i])
+        tail[i] += more
+        room -= more
+    passes, cur, used = [], [], 0
+    for i, it in enumerate(items):
+        start, end = 0, len(it.token_ids) - tail[i]
+        while start < end:
+            take = min(end - start, budget - used)
+            cur.append((i, start, take))
+            start += take
+            used += take
+            if used == budget:
+                passes.append(cur)
+                cur, used = [], 0
+    if cur:
+        passes.append(cur)
+    if not passes:  # nothing may be split
+        return None
+    passes.append([(i, len(it.token_ids) - tail[i], tail[i]) for i, it in enumerate(items)])
+    return passes
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache: KVCache, backend: str):
+    def __init__(self, model: CausalLM, cache: KVCache, backend: str,
+                 max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS):
         self.model, self.cache = model, cache
+        self.max_forward_tokens = max_forward_tokens
         self.device = model.device
         self.backend_name, attn_fn = attention.get_backend(backend, self.device)
         model.attention = attn_fn
@@ -45,11 +106,41 @@ class ModelRunner:
         cache.begin_append()
         try:
             DEFERRED.check()  # a waiting Ctrl-C: here (or between layers), as a failed forward
-            out = self._run(batch)
+            passes = split_passes(batch.items, self.max_forward_tokens)
+            out = self._run(batch) if passes is None else self._run_passes(batch, passes)
         except BaseException:
             cache.rollback_append()
             raise
         cache.end_append()
+        return out
+
+    def _run_passes(self, batch: StepBatch, passes) -> torch.Tensor:
+        """``_run`` as several forward passes (``split_passes``); the logits of every pass
+        land in one [R, V] tensor, in item order."""
+        items = batch.items
+        rows = [len(it.token_ids) if it.all_logits else int(it.want_logits) for it in items]
+        first = list(accumulate(rows, initial=0))  # where each item's rows start in the output
+        out = None
+        done = [0] * len(items)  # rows of each item written so far
+        for p, pieces in enumerate(passes):
+            if p:
+                DEFERRED.check()  # a safe point between two passes, as between two steps
+            last = p == len(passes) - 1
+            sub = []
+            for i, start, count in pieces:
+                it = items[i]
+                sub.append(replace(it, token_ids=it.token_ids[start:start + count],
+                                   want_logits=it.want_logits and last))
+            logits = self._run(StepBatch(sub))
+            if out is None:
+                out = torch.empty(first[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
+            r = 0
+            for (i, _, count), it in zip(pieces, sub):
+                k = count if it.all_logits else int(it.want_logits)
+                if k:
+                    out[first[i] + done[i]:first[i] + done[i] + k] = logits[r:r + k]
+                    done[i] += k
+                    r += k
         return out
 
     def _run(self, batch: StepBatch) -> torch.Tensor:

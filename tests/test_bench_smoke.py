@@ -86,3 +86,10 @@ def test_overlap_probe_builds(tmp_path):
     p = subprocess.run(["g++", "-O2", "-Wall", "-Werror", "-mavx512f", "-mfma", "bench/overlap_probe.cpp", "-o",
                         str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and exe.exists(), p.stderr[-4000:]
+
+
+def test_bench_prefill_smallest():
+    out = run("bench/bench_prefill.py", "--prompt-len", "40", "--chunks", "16", "--repeats", "1")
+    rows = re.findall(r"^\s+(one pass \(40\)|chunks of 16)\s+[\d.]+\s+[\d.]+x\s+(\d+|n/a)\s+\d+$", out, flags=re.M)
+    assert [r[0] for r in rows] == ["one pass (40)", "chunks of 16"], out
+    assert "same first token from every method: yes" in out, out

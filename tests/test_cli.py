@@ -36,6 +36,15 @@ def test_generate_prints_what_the_api_returns(model, capsys):
     assert re.search(r"=== metrics: forward_steps=\d+ generated_tokens=\d+ kv_pages_peak=\d+", out), out
 
 
+def test_generate_in_chunked_passes_prints_the_same(model, capsys):
+    prompt = "a prompt of more tokens than one pass takes " * 3
+    args = ["generate", "--model", model, "--prompt", prompt, "--max-tokens", "5", "--temperature", "0"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    assert main(args + ["--max-forward-tokens", "4"]) == 0
+    assert completions(capsys.readouterr().out) == completions(one) != []
+
+
 def test_generate_reads_stdin(model, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("a prompt from a pipe"))
     assert main(["generate", "--model", model, "--max-tokens", "3", "--temperature", "0"]) == 0
@@ -51,6 +60,7 @@ def test_generate_reads_stdin(model, capsys, monkeypatch):
     (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
     (["--attention-backend", "flash"], "attention_backend='flash' is not available"),
     (["--device", "tpu"], "device='tpu' is not supported"),
+    (["--max-forward-tokens", "0"], "max_forward_tokens=0 must be an integer >= 1"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA device")]))
 def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
     assert main(["generate", "--model", model, "--prompt", "x", *args]) == 2

@@ -1,0 +1,193 @@
+"""Steps longer than ``max_forward_tokens`` run as several forward passes (engine.runner).
+
+* ``split_passes`` on random steps: every token once, in order; passes within the budget;
+  an item that reads a segment another item of the step writes stays whole in the last pass.
+* Engines with a budget of a few tokens give what one pass gives: scores, sampled tokens
+  and log-probs of parallel samples, fork/join sessions (re-prefill joins) and Hogwild
+  workers (live views: their items read each other's new tokens and are never split).
+* A failure in a later pass undoes the earlier passes' appends.
+"""
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import random_ids
+from engine import SamplingParams
+from engine.protocols import Hogwild
+from engine.runner import DEFAULT_MAX_FORWARD_TOKENS, split_passes
+from engine.step import StepItem
+
+NAME = "qwen3"
+
+
+def _random_step(rng: random.Random):
+    """Items over segments 0..9: each writes its own segment and reads a few others."""
+    n_items = rng.randint(1, 6)
+    owns = rng.sample(range(10), n_items)
+    seg = {i: SimpleNamespace(id=i) for i in range(10)}
+    items = []
+    for own in owns:
+        others = rng.sample([i for i in range(10) if i != own], rng.randint(0, 3))
+        view = [(seg[i], rng.randint(-3, 3)) for i in others] + [(seg[own], 0)]
+        items.append(StepItem(seg[own], list(range(rng.randint(1, 40))), view))
+    return items
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_split_passes_covers_every_token_once_within_the_budget(seed):
+    rng = random.Random(seed)
+    items = _random_step(rng)
+    budget = rng.randint(1, 50)
+    total = sum(len(it.token_ids) for it in items)
+    passes = split_passes(items, budget)
+    written = {it.own.id for it in items}
+    whole = [any(s.id != it.own.id and s.id in written for s, _ in it.view) or len(it.token_ids) == 1
+             for it in items]
+    if total <= budget or all(whole):
+        assert passes is None
+        return
+    assert passes is not None and len(passes) >= 2
+    next_token = [0] * len(items)
+    for p, pieces in enumerate(passes):
+        last = p == len(passes) - 1
+        assert len({i for i, _, _ in pieces}) == len(pieces), "an item twice in one pass"
+        for i, start, count in pieces:
+            assert count >= 1 and start == next_token[i], (p, i, start, count)
+            next_token[i] += count
+            assert last or not whole[i], f"item {i} reads another item's new tokens: split"
+        if not last:
+            assert sum(c for _, _, c in pieces) <= budget
+    assert next_token == [len(it.token_ids) for it in items]
+    assert {i for i, _, _ in passes[-1]} == set(range(len(items)))  # each item's logits come last
+    forced = sum(len(it.token_ids) if w else 1 for it, w in zip(items, whole))
+    assert sum(c for _, _, c in passes[-1]) <= max(budget, forced)
+    if not any(whole) and len(items) <= budget:  # as few passes as the budget allows
+        assert len(passes) == math.ceil(total / budget)
+
+
+def count_passes(llm, monkeypatch) -> list[int]:
+    """The token count of each forward pass ``llm`` runs from now on (for this test)."""
+    sizes, real = [], llm.model.forward
+
+    def counting(ids, *args, **kwargs):
+        sizes.append(ids.shape[0])
+        return real(ids, *args, **kwargs)
+    monkeypatch.setattr(llm.model, "forward", counting)
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def pair(make_llm):
+    """The same model with the default budget and with a budget of 5 tokens a pass."""
+    return make_llm(NAME, kv_cache_tokens=4096), make_llm(NAME, kv_cache_tokens=4096, max_forward_tokens=5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_chunked_score_matches_one_pass(make_llm, backend, monkeypatch):
+    one = make_llm(NAME, attention_backend=backend)
+    chunked = make_llm(NAME, attention_backend=backend, max_forward_tokens=13)
+    ids = random_ids(150, one.config.vocab_size, 3)
+    a = one.score(ids)[0]
+    sizes = count_passes(chunked, monkeypatch)
+    b = chunked.score(ids)[0]
+    assert sizes == [13] * 10 + [7, 13]
+    assert a.shape == b.shape == (150, one.config.vocab_size)
+    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+
+
+def test_chunked_generate_matches_one_pass(pair, monkeypatch):
+    one, chunked = pair
+    V = one.config.vocab_size
+    prompts = [random_ids(n, V, 10 + n) for n in (37, 3, 61)]
+    p = SamplingParams(n=3, temperature=0.9, max_tokens=8, seed=4, logprobs=1, ignore_eos=True)
+    a = one.generate(prompts, p)
+    sizes = count_passes(chunked, monkeypatch)
+    b = chunked.generate(prompts, p)
+    assert sizes[:21] == [5] * 19 + [1, 5], sizes  # 101 prompt tokens; then one token per thread
+    assert max(sizes) <= 9
+    for ra, rb in zip(a, b):
+        for ca, cb in zip(ra.outputs, rb.outputs):
+            assert ca.token_ids == cb.token_ids
+            for la, lb in zip(ca.logprobs, cb.logprobs):
+                assert la.keys() == lb.keys()
+                assert max(abs(la[k] - lb[k]) for k in la) < 1e-4
+    for llm in pair:
+        assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_chunked_session_with_a_reprefill_join_matches_one_pass(pair, monkeypatch):
+    def run(llm):
+        V = llm.config.vocab_size
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+        with llm.session(random_ids(23, V, 5)) as s:
+            kids = s.fork(s.root, [random_ids(7, V, 6), [3], random_ids(4, V, 7)])
+            outs = [o.token_ids for o in s.generate(kids, greedy)]
+            j = s.join(kids, header=random_ids(9, V, 8), positions="reprefill")
+            k, = s.fork(s.root, [[5, 6]])  # a fork's header in the same steps as the re-prefill
+            sizes = count_passes(llm, monkeypatch)
+            last = s.generate([j, k], greedy)
+            budget = llm.runner.max_forward_tokens
+            assert max(sizes) == min(41, budget), sizes  # the re-prefill: 41 tokens + the fork's 2
+        return outs, [o.token_ids for o in last], [o.logprobs for o in last]
+
+    a, b = run(pair[0]), run(pair[1])
+    assert a[:2] == b[:2]
+    for la, lb in zip(a[2], b[2]):
+        assert max(abs(x[t] - y[t]) for x, y in zip(la, lb) for t in x) < 1e-4
+    for llm in pair:
+        assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_hogwild_live_views_are_not_split(pair, monkeypatch):
+    """Hogwild workers read each other's new tokens in the step that writes them: their
+    items stay whole (one pass may then exceed the budget) and the text is the same."""
+    one, chunked = pair
+    prompt = random_ids(30, one.config.vocab_size, 9)
+    p = SamplingParams(temperature=0.8, max_tokens=10, seed=2, ignore_eos=True)
+    a = one.generate([prompt], p, protocol=Hogwild(workers=2, finisher=False))[0].outputs[0]
+    sizes = count_passes(chunked, monkeypatch)
+    b = chunked.generate([prompt], p, protocol=Hogwild(workers=2, finisher=False))[0].outputs[0]
+    assert a.text == b.text and a.token_ids == b.token_ids
+    assert max(sizes) > 5, "no step fed more than the budget: the test shows nothing"
+    assert chunked.cache_stats()["pages_used"] == 0
+
+
+def test_a_failure_in_a_later_pass_undoes_the_earlier_ones(pair, monkeypatch):
+    _, chunked = pair
+    prompt = random_ids(40, chunked.config.vocab_size, 11)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = chunked.generate([prompt], greedy)[0].outputs[0].token_ids
+    real, calls = chunked.model.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the prompt's fourth chunk of five tokens
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(chunked.model, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        chunked.generate([prompt], greedy)
+    monkeypatch.setattr(chunked.model, "forward", real)
+    stats = chunked.cache_stats()
+    assert stats["pages_used"] == 0 and stats["segments"] == 0, stats
+    assert chunked.generate([prompt], greedy)[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", None])
+def test_max_forward_tokens_is_validated(model_dir, bad):
+    from engine import LLM
+    with pytest.raises(ValueError, match="max_forward_tokens"):
+        LLM(model_dir(NAME), max_forward_tokens=bad)
+
+
+def test_default_budget_is_one_pass_for_the_usual_prompt(make_llm):
+    llm = make_llm(NAME, kv_cache_tokens=4096)
+    assert llm.runner.max_forward_tokens == DEFAULT_MAX_FORWARD_TOKENS
+    items = [StepItem(SimpleNamespace(id=0), list(range(DEFAULT_MAX_FORWARD_TOKENS)),
+                       [(SimpleNamespace(id=0), 0)])]
+    assert split_passes(items, DEFAULT_MAX_FORWARD_TOKENS) is None
