@@ -27,49 +27,93 @@ DEFAULT_MAX_FORWARD_TOKENS = 2048
 def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int, int]]] | None:
     """How to run one step's items as forward passes of at most ``budget`` tokens each:
     a list of passes, each a list of (item index, first token, token count), or None when
-    the step runs as one pass (it fits, or none of its items may be split).
+    the step runs as one pass (it fits, or cannot be split).
 
     Within a step every query row sees the tokens all items write in that step (DESIGN.md
-    §2: appends come before attention). Running an item's first tokens in an earlier pass
-    is therefore exact only when its view reads no segment another item of the step
-    writes: its rows then see the same keys either way (their own segment causally,
-    every other segment complete). Such items keep only their last token for the final
-    pass, and their other tokens are packed, in order, into the passes before it; the
-    final pass takes every other item whole (so a step of many unsplittable items can
-    exceed the budget), and as many of the split items' last tokens as fit."""
+    §2: appends come before attention). So an item that reads a segment another item of
+    the step writes (its *writer*) runs, all of it, in passes no earlier than its writer's
+    last: it still sees that segment complete. An item runs its own earlier tokens before
+    its later ones, which read them causally as in one pass. Items that read each other
+    (Hogwild! workers) cannot be ordered: each such group runs whole in one pass, which
+    exceeds the budget when the group does. Every other pass holds at most ``budget``
+    tokens: the items are packed in order (writers pulled ahead of their readers), an
+    item split wherever a pass fills up."""
     if sum(len(it.token_ids) for it in items) <= budget:
         return None
-    written = {it.own.id for it in items}
-    tail = []  # tokens of each item in the final pass
-    for it in items:
-        n, own = len(it.token_ids), it.own.id
-        alone = n > 1 and all(s.id == own or s.id not in written for s, _ in it.view)
-        tail.append(1 if alone else n)
-    room = budget - sum(tail)
-    # The split items' earlier tokens, last first, go back to the final pass while it has room.
-    for i in reversed(range(len(items))):
-        if room <= 0:
-            break
-        more = min(room, len(items[i].token_ids) - tail[i])
-        tail[i] += more
-        room -= more
+    writer = {it.own.id: i for i, it in enumerate(items)}
+    deps = [[j for s, _ in it.view if (j := writer.get(s.id, i)) != i] for i, it in enumerate(items)]
+    groups = _groups_in_order(deps) if any(deps) else [[i] for i in range(len(items))]
     passes, cur, used = [], [], 0
-    for i, it in enumerate(items):
-        start, end = 0, len(it.token_ids) - tail[i]
-        while start < end:
-            take = min(end - start, budget - used)
-            cur.append((i, start, take))
-            start += take
-            used += take
-            if used == budget:
+    for g in groups:
+        if len(g) > 1:  # read each other: whole, in one pass
+            size = sum(len(items[i].token_ids) for i in g)
+            if cur and used + size > budget:
                 passes.append(cur)
                 cur, used = [], 0
+            cur += [(i, 0, len(items[i].token_ids)) for i in g]
+            used += size
+        else:
+            i, start = g[0], 0
+            n = len(items[i].token_ids)
+            while start < n:
+                take = min(n - start, budget - used)
+                cur.append((i, start, take))
+                start += take
+                used += take
+                if used >= budget:
+                    passes.append(cur)
+                    cur, used = [], 0
+        if used >= budget:
+            passes.append(cur)
+            cur, used = [], 0
     if cur:
         passes.append(cur)
-    if not passes:  # nothing may be split
-        return None
-    passes.append([(i, len(it.token_ids) - tail[i], tail[i]) for i, it in enumerate(items)])
-    return passes
+    return passes if len(passes) > 1 else None
+
+
+def _groups_in_order(deps: list[list[int]]) -> list[list[int]]:
+    """The strongly connected components of "item i reads item j" (``deps[i]``), each
+    after every component it reads, otherwise in item order (Tarjan's algorithm,
+    iterative: a component is complete once everything it reads is)."""
+    n = len(deps)
+    index, low, on_stack = [-1] * n, [0] * n, [False] * n
+    stack, out, counter = [], [], 0
+    for root in range(n):
+        if index[root] >= 0:
+            continue
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack[root] = True
+        work = [(root, 0)]
+        while work:
+            v, k = work[-1]
+            if k < len(deps[v]):
+                work[-1] = (v, k + 1)
+                w = deps[v][k]
+                if index[w] < 0:
+                    index[w] = low[w] = counter
+                    counter += 1
+                    stack.append(w)
+                    on_stack[w] = True
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                u = work[-1][0]
+                low[u] = min(low[u], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    comp.append(w)
+                    if w == v:
+                        break
+                out.append(sorted(comp))
+    return out
 
 
 class ModelRunner:
@@ -125,10 +169,10 @@ class ModelRunner:
         for p, pieces in enumerate(passes):
             if p:
                 DEFERRED.check()  # a safe point between two passes, as between two steps
-            last = p == len(passes) - 1
             sub = []
             for i, start, count in pieces:
                 it = items[i]
+                last = start + count == len(it.token_ids)  # the item's last piece
                 sub.append(replace(it, token_ids=it.token_ids[start:start + count],
                                    want_logits=it.want_logits and last))
             logits = self._run(StepBatch(sub))
