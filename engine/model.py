@@ -28,6 +28,10 @@ class ForwardBatch:
     logits_rows: torch.Tensor    # [R] int64: rows whose next-token logits are wanted
     all_rows: bool = False       # logits_rows is every row in order (no gather needed)
     max_position: int | None = None  # the largest position, when the caller knows it
+    hidden_only: bool = False    # return the rows' final (normed) hidden states, not logits
+
+
+LOGITS_BLOCK_ROWS = 256  # rows per block of CausalLM.logits (a block of the head's output: ~150 MB at a 150k vocab)
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/linear_cpu.cpp packs
@@ -99,9 +103,12 @@ class CausalLM:
         return cls(cfg, weights, device, dtype)
 
     def _take(self, w: dict, name: str, shape: tuple[int, ...], why: str,
-              required: bool = True) -> torch.Tensor | None:
+              required: bool = True, kept: bool = True) -> torch.Tensor | None:
         """Tensor ``name`` of the checkpoint, which must have ``shape`` (``why``: the config
-        fields that give it, for the error)."""
+        fields that give it, for the error). ``kept``: the model holds the result as it is
+        (not only to concatenate or pack it), so it must not be the checkpoint's memory:
+        safetensors hands out tensors over a map of the whole file, and one of them kept
+        (a 4 KB norm) keeps every page of the file read so far resident."""
         t = w.pop(name, None)
         if t is None:
             if required:
@@ -112,7 +119,8 @@ class CausalLM:
             raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                              f"gives {tuple(shape)} ({why}); the config and the weights disagree: use "
                              "the config.json that came with these weights.")
-        return t.to(device=self.device, dtype=self.dtype).contiguous()
+        r = t.to(device=self.device, dtype=self.dtype).contiguous()
+        return r.clone() if kept and r.data_ptr() == t.data_ptr() else r
 
     def _build(self, w: dict[str, torch.Tensor]):
         c = self.cfg
@@ -123,43 +131,44 @@ class CausalLM:
         kv_why = "num_key_value_heads x head_dim"
         self.embed = self._take(w, "model.embed_tokens.weight", (V, H), vh)
         self.norm = self._take(w, "model.norm.weight", (H,), "hidden_size")
-        lm = self._take(w, "lm_head.weight", (V, H), vh, required=not c.tie_word_embeddings)
+        pk = self.pack  # packed weights are copies: the checkpoint's tensor need not be kept
+        lm = self._take(w, "lm_head.weight", (V, H), vh, required=not c.tie_word_embeddings, kept=not pk)
         self.lm_head = Linear(lm if lm is not None else self.embed, pack=self.pack)
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            q = self._take(w, a + "q_proj.weight", (qd, H), f"{q_why}, hidden_size")
-            k = self._take(w, a + "k_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
-            v = self._take(w, a + "v_proj.weight", (kvd, H), f"{kv_why}, hidden_size")
+            q = self._take(w, a + "q_proj.weight", (qd, H), f"{q_why}, hidden_size", kept=False)
+            k = self._take(w, a + "k_proj.weight", (kvd, H), f"{kv_why}, hidden_size", kept=False)
+            v = self._take(w, a + "v_proj.weight", (kvd, H), f"{kv_why}, hidden_size", kept=False)
             # Biases and q / k norms exactly as the config declares them (ModelConfig): one
             # the config does not declare stays in `w` and is refused below, as transformers
             # would drop it and compute another model.
             b_qkv = None
             if c.qkv_bias:
-                b_qkv = torch.cat([self._take(w, a + "q_proj.bias", (qd,), q_why),
-                                   self._take(w, a + "k_proj.bias", (kvd,), kv_why),
-                                   self._take(w, a + "v_proj.bias", (kvd,), kv_why)])
+                b_qkv = torch.cat([self._take(w, a + "q_proj.bias", (qd,), q_why, kept=False),
+                                   self._take(w, a + "k_proj.bias", (kvd,), kv_why, kept=False),
+                                   self._take(w, a + "v_proj.bias", (kvd,), kv_why, kept=False)])
             qn = kn = None
             if c.qk_norm:
                 qn = self._take(w, a + "q_norm.weight", (hd,), "head_dim")
                 kn = self._take(w, a + "k_norm.weight", (hd,), "head_dim")
-            gate = self._take(w, p + "mlp.gate_proj.weight", (I, H), "intermediate_size, hidden_size")
-            up = self._take(w, p + "mlp.up_proj.weight", (I, H), "intermediate_size, hidden_size")
+            gate = self._take(w, p + "mlp.gate_proj.weight", (I, H), "intermediate_size, hidden_size", kept=False)
+            up = self._take(w, p + "mlp.up_proj.weight", (I, H), "intermediate_size, hidden_size", kept=False)
             b_gate_up = None
             if c.mlp_bias:  # Llama's mlp_bias: biases on gate / up / down
-                b_gate_up = torch.cat([self._take(w, p + "mlp.gate_proj.bias", (I,), "intermediate_size"),
-                                       self._take(w, p + "mlp.up_proj.bias", (I,), "intermediate_size")])
-            pk = self.pack
+                b_gate_up = torch.cat([self._take(w, p + "mlp.gate_proj.bias", (I,), "intermediate_size", kept=False),
+                                       self._take(w, p + "mlp.up_proj.bias", (I,), "intermediate_size", kept=False)])
             self.layers.append(Layer(
                 ln1=self._take(w, p + "input_layernorm.weight", (H,), "hidden_size"),
                 qkv=Linear(torch.cat([q, k, v]).contiguous(), b_qkv, pk),
-                o=Linear(self._take(w, a + "o_proj.weight", (H, qd), f"hidden_size, {q_why}"),
+                o=Linear(self._take(w, a + "o_proj.weight", (H, qd), f"hidden_size, {q_why}", kept=not pk),
                          self._take(w, a + "o_proj.bias", (H,), "hidden_size") if c.o_bias else None, pk),
                 q_norm=qn, k_norm=kn,
                 ln2=self._take(w, p + "post_attention_layernorm.weight", (H,), "hidden_size"),
                 gate_up=Linear(torch.cat([gate, up]).contiguous(), b_gate_up, pk),
-                down=Linear(self._take(w, p + "mlp.down_proj.weight", (H, I), "hidden_size, intermediate_size"),
+                down=Linear(self._take(w, p + "mlp.down_proj.weight", (H, I), "hidden_size, intermediate_size",
+                                       kept=not pk),
                             self._take(w, p + "mlp.down_proj.bias", (H,), "hidden_size") if c.mlp_bias else None,
                             pk),
             ))
@@ -204,9 +213,8 @@ class CausalLM:
             x = rms_norm(h, L.ln2, c.rms_norm_eps)
             g, u = L.gate_up(x).chunk(2, dim=-1)
             h = h + L.down(F.silu(g) * u)
-        h = h[batch.logits_rows]
-        h = rms_norm(h, self.norm, c.rms_norm_eps)
-        return self.lm_head(h).float()  # [R, vocab]
+        h = rms_norm(h[batch.logits_rows], self.norm, c.rms_norm_eps)
+        return h if batch.hidden_only else self.logits(h)
 
     def _forward_fused(self, input_ids, positions, batch: ForwardBatch, k_pools, v_pools) -> torch.Tensor:
         """``forward`` with one op per element-wise step (CPU): the residual add
@@ -221,7 +229,19 @@ class CausalLM:
         else:
             self._layers_op_by_op(h, x, positions, cos, sin, batch, k_pools, v_pools)
         h = ops.rms_norm(h if batch.all_rows else h[batch.logits_rows], self.norm, eps)
-        return self.lm_head(h).float()  # [R, vocab]
+        return h if batch.hidden_only else self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits [R, vocab] of final hidden rows h [R, hidden] (normed). Many rows
+        (a prompt's, for scoring) go through the head in blocks written into the result, so
+        that no second [R, vocab] tensor (the head's output in a 16-bit dtype) exists."""
+        R = h.shape[0]
+        if R <= LOGITS_BLOCK_ROWS:
+            return self.lm_head(h).float()
+        out = torch.empty(R, self.cfg.vocab_size, dtype=torch.float32, device=h.device)
+        for b in range(0, R, LOGITS_BLOCK_ROWS):
+            out[b:b + LOGITS_BLOCK_ROWS] = self.lm_head(h[b:b + LOGITS_BLOCK_ROWS])
+        return out
 
     def _layers_in_one_call_each(self, h, x, positions, cos, sin, batch: ForwardBatch, k_pools, v_pools):
         """The layers through engine._C.decoder_layer: ``_layers_op_by_op`` in one C++

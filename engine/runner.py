@@ -159,12 +159,14 @@ class ModelRunner:
         return out
 
     def _run_passes(self, batch: StepBatch, passes) -> torch.Tensor:
-        """``_run`` as several forward passes (``split_passes``); the logits of every pass
-        land in one [R, V] tensor, in item order."""
+        """``_run`` as several forward passes (``split_passes``). The passes return their
+        wanted rows' final hidden states, gathered in item order; the logits of all of them
+        are computed once at the end (a pass's own [rows, V] logits would be one more
+        large tensor at a time: 1.2 GB for 2,048 rows of a 150k vocabulary)."""
         items = batch.items
         rows = [len(it.token_ids) if it.all_logits else int(it.want_logits) for it in items]
         first = list(accumulate(rows, initial=0))  # where each item's rows start in the output
-        out = None
+        out = None  # [R, hidden]
         done = [0] * len(items)  # rows of each item written so far
         for p, pieces in enumerate(passes):
             if p:
@@ -175,19 +177,19 @@ class ModelRunner:
                 last = start + count == len(it.token_ids)  # the item's last piece
                 sub.append(replace(it, token_ids=it.token_ids[start:start + count],
                                    want_logits=it.want_logits and last))
-            logits = self._run(StepBatch(sub))
+            hidden = self._run(StepBatch(sub), hidden_only=True)
             if out is None:
-                out = torch.empty(first[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
+                out = hidden.new_empty(first[-1], hidden.shape[1])
             r = 0
             for (i, _, count), it in zip(pieces, sub):
                 k = count if it.all_logits else int(it.want_logits)
                 if k:
-                    out[first[i] + done[i]:first[i] + done[i] + k] = logits[r:r + k]
+                    out[first[i] + done[i]:first[i] + done[i] + k] = hidden[r:r + k]
                     done[i] += k
                     r += k
-        return out
+        return self.model.logits(out)
 
-    def _run(self, batch: StepBatch) -> torch.Tensor:
+    def _run(self, batch: StepBatch, hidden_only: bool = False) -> torch.Tensor:
         cache = self.cache
         ids, pos, slots, logits_rows = [], [], [], []
         row, max_pos = 0, -1
@@ -211,7 +213,7 @@ class ModelRunner:
                           slots=torch.tensor(slots, dtype=torch.int64, device=dev),
                           logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
                           all_rows=len(logits_rows) == row and logits_rows == list(range(row)),
-                          max_position=max_pos)
+                          max_position=max_pos, hidden_only=hidden_only)
         return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
                                   torch.tensor(pos, dtype=torch.int64, device=dev),
                                   fb, cache.k, cache.v)

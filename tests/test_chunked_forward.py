@@ -103,6 +103,26 @@ def count_passes(llm, monkeypatch) -> list[int]:
     return sizes
 
 
+def test_a_long_score_computes_its_logits_once_in_blocks(make_llm, monkeypatch):
+    """The passes of a chunked score return hidden states; the head then runs in blocks of
+    LOGITS_BLOCK_ROWS rows written into the one [P, vocab] result (no pass's own [rows,
+    vocab] logits, no 16-bit copy of them)."""
+    from engine.model import LOGITS_BLOCK_ROWS
+    one = make_llm(NAME, kv_cache_tokens=4096)
+    chunked = make_llm(NAME, kv_cache_tokens=4096, max_forward_tokens=300)
+    ids = random_ids(2 * LOGITS_BLOCK_ROWS + 50, one.config.vocab_size, 12)
+    want = one.score(ids)[0]
+    seen, head = [], chunked.model.lm_head
+
+    def recording(x):
+        seen.append(x.shape[0])
+        return head(x)
+    monkeypatch.setattr(chunked.model, "lm_head", recording)
+    got = chunked.score(ids)[0]
+    assert seen == [LOGITS_BLOCK_ROWS, LOGITS_BLOCK_ROWS, 50], seen
+    assert torch.allclose(want, got, atol=1e-4, rtol=0), (want - got).abs().max()
+
+
 @pytest.fixture(scope="module")
 def pair(make_llm):
     """The same model with the default budget and with a budget of 5 tokens a pass."""
