@@ -1047,7 +1047,9 @@ def test_prompt_longer_than_cache(small, llm, baseline):
     ok = random_ids(10, VOCAB, seed=3)
     want = list(llm.generate([ok], greedy(12))[0].outputs[0].token_ids)  # fresh result, big cache
     too_long = random_ids(cap + 1, VOCAB, seed=4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"The {cap + 1}-token prompt alone needs {total + 1} pages but the KV "
+                                         rf"cache has {total} pages .*raise kv_cache_tokens \(now {cap}\) to at "
+                                         rf"least {cap + 1} plus"):
         small.generate([too_long], greedy(1))
     with pytest.raises(ValueError):  # mixed with a good request: rejected before any work
         small.generate([ok, too_long], greedy(12))
