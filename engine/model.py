@@ -56,6 +56,19 @@ class Linear:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.w, self.b) if t is not None]
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids]: rows of the weight [len(ids), in_features] (a new tensor), read in place
+        from the packed panels (the layouts of csrc/linear_cpu.cpp's pack_linear_weight:
+        float32 [N/16, K, 16]; bfloat16 [N/16, K/2, 16 x 2], K padded to even)."""
+        if not self.packed:
+            return F.embedding(ids, self.w)
+        panel, lane, K = ids // 16, ids % 16, self.in_features
+        if self.w.dtype == torch.float32:
+            return self.w[panel, :, lane]  # [T, K]
+        w = self.w.view(self.w.shape[0], self.w.shape[1], 16, 2)
+        r = w[panel, :, lane, :].reshape(ids.shape[0], -1)  # [T, K even]
+        return r if r.shape[1] == K else r[:, :K].contiguous()
+
 
 @dataclass
 class Layer:
@@ -129,11 +142,16 @@ class CausalLM:
         vh = "vocab_size, hidden_size"
         q_why = "num_attention_heads x head_dim"
         kv_why = "num_key_value_heads x head_dim"
-        self.embed = self._take(w, "model.embed_tokens.weight", (V, H), vh)
-        self.norm = self._take(w, "model.norm.weight", (H,), "hidden_size")
         pk = self.pack  # packed weights are copies: the checkpoint's tensor need not be kept
-        lm = self._take(w, "lm_head.weight", (V, H), vh, required=not c.tie_word_embeddings, kept=not pk)
-        self.lm_head = Linear(lm if lm is not None else self.embed, pack=self.pack)
+        tied = c.tie_word_embeddings
+        head_is_embed = tied and "lm_head.weight" not in w
+        embed = self._take(w, "model.embed_tokens.weight", (V, H), vh, kept=not (head_is_embed and pk))
+        self.norm = self._take(w, "model.norm.weight", (H,), "hidden_size")
+        lm = self._take(w, "lm_head.weight", (V, H), vh, required=not tied, kept=not pk)
+        self.lm_head = Linear(lm if lm is not None else embed, pack=pk)
+        # Tied and packed: tokens are looked up in the head's panels (one copy of the table,
+        # not two: 0.6 GB of a 0.6B model's 2.8 in float32).
+        self.embed = None if lm is None and self.lm_head.packed else embed
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
@@ -194,7 +212,7 @@ class CausalLM:
         T = input_ids.shape[0]
         qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         cos, sin = self.rotary.tables(positions, batch.max_position)
-        h = F.embedding(input_ids, self.embed)  # h: [T, hidden]
+        h = self.embed_tokens(input_ids)  # h: [T, hidden]
         for li, L in enumerate(self.layers):
             DEFERRED.check()
             x = rms_norm(h, L.ln1, c.rms_norm_eps)
@@ -222,7 +240,7 @@ class CausalLM:
         with the gate product."""
         ops, eps = torch.ops.loom, self.cfg.rms_norm_eps
         cos, sin = self.rotary.covering(positions, batch.max_position)
-        h = F.embedding(input_ids, self.embed)  # h: [T, hidden], updated in place below
+        h = self.embed_tokens(input_ids)  # h: [T, hidden] (a new tensor), updated in place below
         x = ops.rms_norm(h, self.layers[0].ln1, eps)
         if self.layer_step is not None:
             self._layers_in_one_call_each(h, x, positions, cos, sin, batch, k_pools, v_pools)
@@ -230,6 +248,9 @@ class CausalLM:
             self._layers_op_by_op(h, x, positions, cos, sin, batch, k_pools, v_pools)
         h = ops.rms_norm(h if batch.all_rows else h[batch.logits_rows], self.norm, eps)
         return h if batch.hidden_only else self.logits(h)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed) if self.embed is not None else self.lm_head.rows(ids)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits [R, vocab] of final hidden rows h [R, hidden] (normed). Many rows

@@ -90,3 +90,26 @@ def test_linear_packed_opcheck():
     torch.library.opcheck(torch.ops.loom.pack_linear_weight, (w_odd,))
     wo = torch.ops.loom.pack_linear_weight(w_odd)
     torch.library.opcheck(torch.ops.loom.linear_packed, (torch.randn(3, 25).bfloat16(), wo, None, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 3), (33, 64), (100, 7), (16, 16)])
+def test_rows_read_from_the_packed_panels(dtype, N, K):
+    """Linear.rows (a tied model's token lookup in its packed head) gives W[ids] exactly,
+    for any N and K the packing pads, as a new contiguous tensor."""
+    from engine.model import Linear
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N * 100 + K)).to(dtype)
+    lin = Linear(w, pack=True)
+    assert lin.packed
+    ids = torch.tensor([0, N - 1, N // 2, 0, N - 1])
+    r = lin.rows(ids)
+    assert r.dtype == dtype and r.shape == (5, K) and r.is_contiguous() and torch.equal(r, w[ids])
+
+
+def test_a_tied_model_keeps_one_copy_of_its_table(make_llm):
+    """Tied embeddings with a packed head: no separate table (the lookup reads the head)."""
+    for name, tied in [("qwen2", True), ("llama", False)]:
+        m = make_llm(name).model
+        assert m.lm_head.packed and (m.embed is None) == tied
+        ids = torch.tensor([3, 1, 4, 1, 5])
+        assert m.embed_tokens(ids).shape == (5, m.cfg.hidden_size)
