@@ -151,6 +151,12 @@ class ModelConfig:
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         rtype = rope.get("rope_type", rope.get("type", "default"))
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
+        if rtype == "yarn":  # as transformers fills them: the top-level field first, then the context
+            orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+                or cfg["max_position_embeddings"]
+            scaling["original_max_position_embeddings"] = orig
+            if scaling.get("factor") is None and isinstance(orig, (int, float)) and orig > 0:
+                scaling["factor"] = cfg["max_position_embeddings"] / orig  # (DeepSeek-V3's configs)
         sliding = _sliding_window(raw, arch, cfg["num_layers"])
         if sliding:
             # A window over some layers (Mistral's on all); Loom attends the full context,

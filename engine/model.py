@@ -17,7 +17,7 @@ from .attention.plan import AttentionPlan
 from .config import ModelConfig
 from .interrupts import DEFERRED
 from .loader import iter_tensors
-from .rope import Rotary, apply_rotary, compute_inv_freq
+from .rope import Rotary, apply_rotary, attention_scaling, compute_inv_freq
 
 
 @dataclass
@@ -95,7 +95,8 @@ class CausalLM:
         self.device, self.dtype = torch.device(device), dtype
         self.scale = cfg.head_dim ** -0.5
         self.inv_freq = compute_inv_freq(cfg).to(self.device)
-        self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype)
+        self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype,
+                             attention_scaling(cfg))
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
         # engine._C.decoder_layer, set by the engine with the 'cpu' attention backend: the

@@ -1,8 +1,10 @@
 """Rotary position embeddings: ``inv_freq`` per scaling scheme, and rotation.
 
-Only schemes that change ``inv_freq`` alone are supported, because Loom rotates
-queries by extra angles in-kernel (DESIGN.md §3); schemes that depend on the
-total length (dynamic NTK) or rescale attention (yarn, longrope) are refused.
+Only schemes whose rotation is one fixed ``inv_freq`` are supported, because Loom
+rotates queries by extra angles in-kernel (DESIGN.md §3): default, linear, llama3 and
+yarn (whose attention factor scales every cos / sin alike: a fixed factor on the
+logits, which a rotation by an extra angle keeps). Schemes that change with the
+sequence's length (dynamic NTK, longrope) are refused.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from .config import ModelConfig
 
-SUPPORTED_ROPE = ("default", "linear", "llama3")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -41,6 +43,24 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
     if kind == "linear":
         return inv / field("factor")
+    if kind == "yarn":
+        # YaRN (Peng et al. 2023): dimensions that turn more than beta_fast times over the
+        # pretraining context keep their frequency, those under beta_slow turns are
+        # interpolated by `factor`, a linear ramp between.
+        factor, orig = field("factor"), field("original_max_position_embeddings")
+        fast, slow = float(sc.get("beta_fast") or 32), float(sc.get("beta_slow") or 1)
+
+        def dim_turning(turns: float) -> float:  # the dimension that turns `turns` times over orig
+            return d * math.log(orig / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        lo, hi = dim_turning(fast), dim_turning(slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        hi = hi + 0.001 if hi == lo else hi
+        interpolated = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        kept = 1 - interpolated
+        pos = cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)
+        return 1.0 / (factor * pos) * (1 - kept) + 1.0 / pos * kept
     if kind == "llama3":
         factor = field("factor")
         lo, hi = field("low_freq_factor"), field("high_freq_factor")
@@ -54,20 +74,36 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
+def attention_scaling(cfg: ModelConfig) -> float:
+    """The factor on every cos / sin of ``cfg``'s rope scheme (1 but for yarn)."""
+    sc = cfg.rope_scaling
+    if not sc or sc.get("rope_type") != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    factor, m, m_all = float(sc["factor"]), sc.get("mscale"), sc.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+
 class Rotary:
     """Applies RoPE at given positions; caches cos/sin tables up to a length."""
 
-    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device, dtype):
+    def __init__(self, inv_freq: torch.Tensor, max_positions: int, device, dtype, scaling: float = 1.0):
         self.inv_freq = inv_freq.to(device)
-        self.dtype = dtype
+        self.dtype, self.scaling = dtype, scaling
         self._extend(max(max_positions, 1))
 
     def _extend(self, n: int):
         pos = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(pos, self.inv_freq)  # [n, D/2]
-        # Match Hugging Face: cos/sin computed in float32, then cast to the model dtype.
-        self.cos = freqs.cos().to(self.dtype)
-        self.sin = freqs.sin().to(self.dtype)
+        # Match Hugging Face: cos/sin computed (and scaled) in float32, then cast to the model dtype.
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
 
     def covering(self, positions: torch.Tensor, max_position: int | None = None):
         """The whole cos, sin tables [n, D/2], extended first to cover ``positions`` (whose

@@ -60,7 +60,12 @@ VARIANTS: dict[str, dict] = {
     # GQA 3, tied, random q/k/v biases
     "qwen2": dict(arch="Qwen2ForCausalLM", vocab=512, hidden=96, heads=6, kv_heads=2, tie=True,
                   rope={"rope_type": "default", "rope_theta": 1000000.0}),
-    # GQA 2, head_dim 32 != hidden / heads = 16, random q/k RMSNorm weights
+    # GQA 3, YaRN: a 512-token pretraining context x 4 (head_dim 16: the ramp spans dims 0-4
+    # of 8, so some frequencies are kept, some interpolated, some between); attention factor
+    # from mscale / mscale_all_dim
+    "qwen2_yarn": dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
+                       rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 512, "mscale": 1.3, "mscale_all_dim": 0.6}),
     "qwen3": dict(arch="Qwen3ForCausalLM", vocab=384, hidden=64, heads=4, kv_heads=2, head_dim=32,
                   tie=False, rope={"rope_type": "default", "rope_theta": 1000000.0}),
     # GQA 2, biases on every attention projection (o_proj too) and on the MLP

@@ -197,3 +197,33 @@ def test_bfloat16_runs_and_agrees_loosely(name, backend, make_llm, hf_ref):
     out = llm.generate([ids[:20]], _greedy(8))[0].outputs[0]
     assert len(out.token_ids) == 8 and all(0 <= t < vocab for t in out.token_ids)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE schemes against transformers' own initialisation
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top,rope", [
+    ({}, {"factor": 4.0, "original_max_position_embeddings": 1024}),
+    ({}, {"factor": 8.0}),  # no original context: the model's (then the ramp spans every dimension)
+    ({}, {"factor": None, "original_max_position_embeddings": 2048}),  # factor from the two contexts
+    ({"original_max_position_embeddings": 4096}, {"factor": 2.0, "original_max_position_embeddings": 1024}),
+    ({}, {"factor": 4.0, "original_max_position_embeddings": 1024, "attention_factor": 0.7, "beta_fast": 16,
+          "beta_slow": 2, "truncate": False}),
+    ({}, {"factor": 40.0, "original_max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 1.0}),
+])
+def test_yarn_frequencies_and_attention_factor_are_transformers(top, rope):
+    """inv_freq and the cos / sin factor of YaRN configurations (as Qwen2.5 / Qwen3 ship them
+    for long contexts, and the fields DeepSeek-style configs add) equal transformers' own."""
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.config import ModelConfig
+    from engine.rope import attention_scaling, compute_inv_freq
+    raw = dict(architectures=["Qwen3ForCausalLM"], vocab_size=64, hidden_size=128, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+               max_position_embeddings=8192, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, **rope}, **top)
+    inv_hf, scale_hf = ROPE_INIT_FUNCTIONS["yarn"](Qwen3Config(**raw), "cpu")
+    cfg = ModelConfig.from_dict(raw)
+    assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
+    assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
