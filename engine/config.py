@@ -152,11 +152,23 @@ class ModelConfig:
         rtype = rope.get("rope_type", rope.get("type", "default"))
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
         if rtype == "yarn":  # as transformers fills them: the top-level field first, then the context
-            orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
-                or cfg["max_position_embeddings"]
+            orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+            if orig is None and raw.get("max_position_embeddings") is None:
+                raise ValueError("config.json's rope scaling 'yarn' needs original_max_position_embeddings "
+                                 "(the pretraining context its frequencies come from) or max_position_embeddings; "
+                                 "the config is incomplete.")
+            orig = orig or cfg["max_position_embeddings"]
             scaling["original_max_position_embeddings"] = orig
-            if scaling.get("factor") is None and isinstance(orig, (int, float)) and orig > 0:
+            num = (int, float)
+            if scaling.get("factor") is None and isinstance(orig, num) and orig > 0:
                 scaling["factor"] = cfg["max_position_embeddings"] / orig  # (DeepSeek-V3's configs)
+            # The context YaRN extends to (Qwen2.5 / Qwen3 keep max_position_embeddings at the
+            # pretraining context and add the scaling): factor x the original context.
+            f = scaling.get("factor")
+            if isinstance(f, num) and not isinstance(f, bool) and isinstance(orig, num) and \
+                    int(f * orig) > cfg["max_position_embeddings"]:
+                cfg["max_position_embeddings"] = int(f * orig)
+                cfg["context_source"] = "rope_scaling yarn: factor x original_max_position_embeddings"
         sliding = _sliding_window(raw, arch, cfg["num_layers"])
         if sliding:
             # A window over some layers (Mistral's on all); Loom attends the full context,

@@ -227,3 +227,33 @@ def test_yarn_frequencies_and_attention_factor_are_transformers(top, rope):
     cfg = ModelConfig.from_dict(raw)
     assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
     assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
+
+
+def test_yarn_extends_the_context_as_qwen_configures_it(tmp_path):
+    """Qwen2.5's way to turn YaRN on: max_position_embeddings stays the pretraining context
+    and rope_scaling (legacy spelling) adds factor 4: the model is meant for 4x the tokens.
+    Loom's context is factor x original, and a sequence past the old one equals transformers."""
+    import json
+    from conftest import build_model_dir, hf_model
+    from engine import LLM
+    spec = dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
+                rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = str(tmp_path / "yarn")
+    build_model_dir(d, spec, seed=1)
+    path = tmp_path / "yarn" / "config.json"
+    raw = json.loads(path.read_text())
+    raw.pop("rope_parameters", None)
+    raw.update(max_position_embeddings=128, rope_theta=10000.0,
+               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
+    path.write_text(json.dumps(raw))
+    ids = random_ids(300, 320, 0)
+    want = hf_logprobs(hf_model(d), ids)
+    llm = LLM(d)
+    assert llm.config.max_position_embeddings == 512
+    _assert_close_logprobs(llm.score(ids)[0], want, "yarn past the pretraining context")
+    with pytest.raises(ValueError, match="context is 512 .rope_scaling yarn: factor x original_max_position"):
+        llm.score(random_ids(513, 320, 1))
+    del raw["max_position_embeddings"], raw["rope_scaling"]["original_max_position_embeddings"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="'yarn' needs original_max_position_embeddings"):
+        LLM(d)
