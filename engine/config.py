@@ -150,6 +150,10 @@ class ModelConfig:
         rope = dict(rope)
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
         rtype = rope.get("rope_type", rope.get("type", "default"))
+        partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads "
+                             "(the Llama / Qwen / Mistral checkpoints it loads do); this model is not one of them.")
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
         if rtype == "yarn":  # as transformers fills them: the top-level field first, then the context
             orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")

@@ -29,8 +29,6 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         raise ValueError(f"rope scaling {kind!r} is not supported; Loom supports "
                          f"{', '.join(SUPPORTED_ROPE)} (schemes that depend on sequence length, "
                          "such as dynamic NTK, cannot be applied by per-segment query rotation).")
-    if sc.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported.")
     def field(name: str) -> float:
         try:
             return float(sc[name])
