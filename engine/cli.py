@@ -6,6 +6,8 @@ import os
 import platform
 import sys
 
+from .runner import DEFAULT_MAX_FORWARD_TOKENS
+
 
 def _print_outputs(outs, show_tokens: bool = False):
     for out in outs:
@@ -27,7 +29,7 @@ def _cmd_generate(a) -> int:
                                 max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
                   attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype,
-                  **({} if a.max_forward_tokens is None else {"max_forward_tokens": a.max_forward_tokens}))
+                  max_forward_tokens=a.max_forward_tokens)
         if not a.prompt and sys.stdin.isatty():
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
                   file=sys.stderr)
@@ -82,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--attention-backend", default="auto")
-    g.add_argument("--max-forward-tokens", type=int, default=None,
-                   help="tokens per forward pass (default 2048); a longer prompt is prefilled in chunks")
+    g.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
+                   help="tokens per forward pass; a longer prompt is prefilled in chunks")
     g.set_defaults(fn=_cmd_generate)
     d = sub.add_parser("demo", help="the shipped demo model solves problems with fork/join threads")
     d.add_argument("--problems", type=int, default=5, help="fresh problems, solved together (as the cache allows)")

@@ -225,12 +225,12 @@ class LLM:
     def _check_fits(self, ids: list[int], params: SamplingParams, protocol: Protocol) -> int:
         P, c = len(ids), self.cache
         self._check_prompt_len(P)
-        need = protocol.pages_needed(c, P, params, self.config.max_position_embeddings)
         if c.pages_for(P) > c.num_pages:  # (then no max_tokens / n would help)
             raise ValueError(
                 f"The {P}-token prompt alone needs {c.pages_for(P)} pages but the KV cache has "
                 f"{c.num_pages} pages of {c.page_size} tokens; raise kv_cache_tokens (now "
                 f"{c.num_pages * c.page_size}) to at least {P} plus the tokens to generate.")
+        need = protocol.pages_needed(c, P, params, self.config.max_position_embeddings)
         if need > c.num_pages:
             raise ValueError(
                 f"This request can never fit the KV cache: it needs up to {need} pages "

@@ -52,6 +52,9 @@ def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int
                 cur, used = [], 0
             cur += [(i, 0, len(items[i].token_ids)) for i in g]
             used += size
+            if used >= budget:
+                passes.append(cur)
+                cur, used = [], 0
         else:
             i, start = g[0], 0
             n = len(items[i].token_ids)
@@ -63,9 +66,6 @@ def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int
                 if used >= budget:
                     passes.append(cur)
                     cur, used = [], 0
-        if used >= budget:
-            passes.append(cur)
-            cur, used = [], 0
     if cur:
         passes.append(cur)
     return passes if len(passes) > 1 else None
@@ -164,8 +164,7 @@ class ModelRunner:
         are computed once at the end (a pass's own [rows, V] logits would be one more
         large tensor at a time: 1.2 GB for 2,048 rows of a 150k vocabulary)."""
         items = batch.items
-        rows = [len(it.token_ids) if it.all_logits else int(it.want_logits) for it in items]
-        first = list(accumulate(rows, initial=0))  # where each item's rows start in the output
+        first = list(accumulate((it.rows_wanted for it in items), initial=0))  # each item's first row
         out = None  # [R, hidden]
         done = [0] * len(items)  # rows of each item written so far
         for p, pieces in enumerate(passes):
@@ -181,8 +180,8 @@ class ModelRunner:
             if out is None:
                 out = hidden.new_empty(first[-1], hidden.shape[1])
             r = 0
-            for (i, _, count), it in zip(pieces, sub):
-                k = count if it.all_logits else int(it.want_logits)
+            for (i, _, _), it in zip(pieces, sub):
+                k = it.rows_wanted
                 if k:
                     out[first[i] + done[i]:first[i] + done[i] + k] = hidden[r:r + k]
                     done[i] += k

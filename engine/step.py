@@ -24,6 +24,11 @@ class StepItem:
     all_logits: bool = False               # logits after every new token (scoring)
     owner: object = None                   # the scheduler's handle (thread or request)
 
+    @property
+    def rows_wanted(self) -> int:
+        """Logits rows this item asks for: every new token's, its last's, or none."""
+        return len(self.token_ids) if self.all_logits else int(self.want_logits)
+
 
 @dataclass
 class StepBatch:
