@@ -1,15 +1,19 @@
 """End-to-end generation: Loom vs Hugging Face transformers, in one run.
 
-Same random Qwen3-shaped model (~58M parameters, float32; --dtype bfloat16 runs it in
-bfloat16 in Loom and transformers), same prompt token ids, same number of new tokens (sampling, EOS ignored); n in {1, 8}. Loom
-prefills the prompt once for all n threads; transformers'
+Same model in every engine: a random Qwen3-shaped one (~58M parameters), or with
+``--model DIR`` a local Hugging Face checkpoint (Llama, Qwen2, Qwen3, Mistral;
+safetensors), in float32 (``--dtype bfloat16``: bfloat16 in every engine). Same prompt
+token ids (random ids of the model's vocabulary), same number of new tokens (sampling,
+EOS ignored); n in {1, 8}. Loom prefills the prompt once for all n threads; transformers'
 ``generate(num_return_sequences=n)`` prefills it n times and keeps n caches.
 llama.cpp (when ``llama-cpp-python`` and ``gguf`` are installed; see
-bench/llamacpp_baseline.py) runs the same weights from a float32 GGUF, prefills once
-and shares the prompt's cache cells between its n sequences; it is run with flash
-attention on (its CPU default) and off, and checked to compute the same logits first.
+bench/llamacpp_baseline.py) runs the same weights from a GGUF written in the run's dtype,
+prefills once and shares the prompt's cache cells between its n sequences; it is run with
+flash attention on (its CPU default) and off, and checked to compute the same next-token
+distribution as Loom first.
 
-    python bench/bench_generate.py [--prompt-len 1024] [--new-tokens 64] [--n 1 8] [--repeats 3]
+    python bench/bench_generate.py [--model DIR] [--dtype float32] [--prompt-len 1024]
+                                   [--new-tokens 64] [--n 1 8] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -151,7 +155,8 @@ def run_llama(runner, kv_token: int, prompt: list[int], n: int, new: int, seed: 
     return dt, cells * kv_token, statistics.median(steps)
 
 
-def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode: str):
+def start_llama(model_dir: str, gguf_path: str, dtype: str, cfg, prompt_len: int, n_max: int, new: int,
+                mode: str):
     """{row name: (LlamaCppRunner, its K/V bytes per token)} for llama.cpp with flash
     attention on and off, or {} (saying why) when it is not installed or not wanted."""
     if mode == "off":
@@ -165,14 +170,14 @@ def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode
         return {}
     runners = {}
     try:
-        path = lb.write_gguf(model_dir, os.path.join(model_dir, "model-f32.gguf"))
+        path = lb.write_gguf(model_dir, gguf_path, dtype)
         for name, fa in (("llama.cpp", True), ("llama.cpp -fa off", False)):
             r = lb.LlamaCppRunner(path, n_ctx=prompt_len + n_max * new + 16, n_seq=n_max,
                                   n_threads=torch.get_num_threads(), flash_attn=fa)
             kv_dtype = torch.float16 if r.kv_elem_bytes == 2 else torch.float32
             runners[name] = (r, kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype))
-    except (AttributeError, RuntimeError, ValueError) as e:  # another llama-cpp-python API
-        for r, _ in runners.values():
+    except (AttributeError, RuntimeError, ValueError) as e:  # another llama-cpp-python API, a model
+        for r, _ in runners.values():                        # llama.cpp cannot take as written
             r.close()
         if mode == "on":
             raise
@@ -183,15 +188,18 @@ def start_llama(model_dir: str, cfg, prompt_len: int, n_max: int, new: int, mode
 
 
 def check_same_model(llm: LLM, runners: dict, prompt: list[int]):
-    """llama.cpp's next-token log-probs after the prompt against Loom's (float32 both)."""
-    ref = llm.score(prompt)[0][-1]  # log-probs
+    """llama.cpp's next-token log-probs after the prompt against Loom's, within the
+    rounding of the run's dtype (llama.cpp keeps its K/V in float16), and Loom's most
+    likely token among llama.cpp's three most likely."""
+    ref = llm.score(prompt)[0][-1].float()  # log-probs
+    tol = 5e-3 if llm.dtype == torch.float32 else 5e-2
     for name, (r, _) in runners.items():
         got = torch.from_numpy(r.prefill_logits(prompt)).log_softmax(-1)
         err = (got - ref).abs().max().item() / ref.abs().max().item()
-        same = got.argmax().item() == ref.argmax().item()
+        top = ref.argmax().item() in got.topk(3).indices.tolist()
         print(f"{name}: next-token log-probs after the prompt vs Loom's: max |diff| / max |log-prob| "
-              f"= {err:.1e}, same argmax: {same}")
-        if err > 1e-3 or not same:
+              f"= {err:.1e} (limit {tol:g}), Loom's top token in its top 3: {top}")
+        if err > tol or not top:
             raise SystemExit(f"{name} does not compute the same model as Loom (GGUF export bug?)")
 
 
@@ -219,9 +227,10 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--model", help="a local Hugging Face checkpoint directory (Llama / Qwen2 / Qwen3 / "
+                                    "Mistral, safetensors) instead of the random Qwen3-shaped model")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the model's weights and activations, in Loom and transformers (llama.cpp rows: "
-                         "float32 only)")
+                    help="the model's weights and activations, in every engine")
     ap.add_argument("--kv-cache-dtype", default="auto",
                     help="Loom's KV cache: auto (float32, the model's) or bfloat16 / float16")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -232,27 +241,23 @@ def main():
     torch.manual_seed(0)
     print(machine_info())
     with tempfile.TemporaryDirectory() as d:
-        make_random_model(d, **MODEL)
-        llm = LLM(d, attention_backend=a.backend, seed=0, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
+        model_dir = a.model or make_random_model(d, **MODEL)
+        llm = LLM(model_dir, attention_backend=a.backend, seed=0, dtype=a.dtype, kv_cache_dtype=a.kv_cache_dtype)
         elem = torch.empty(0, dtype=llm.dtype).element_size()
         nparams = (llm.model.weight_bytes() // elem + (0 if llm.config.tie_word_embeddings
                                                        else llm.model.embed.numel()))
-        print(f"model: Qwen3-shaped random, {nparams / 1e6:.1f}M params, {a.dtype} | "
+        what = (f"{a.model} ({llm.config.architecture})" if a.model else "Qwen3-shaped random")
+        print(f"model: {what}, {nparams / 1e6:.1f}M params, {a.dtype} | "
               f"loom backend: {llm.attention_backend}, KV cache {str(llm.kv_cache_dtype).removeprefix('torch.')} | prompt {a.prompt_len} tokens, "
               f"{a.new_tokens} new tokens per sequence, median of {a.repeats}")
         hf = None
         if not a.no_hf:
             from transformers import AutoModelForCausalLM
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=llm.dtype).eval()
-        prompt = torch.randint(0, MODEL["vocab_size"], (a.prompt_len,),
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=llm.dtype).eval()
+        prompt = torch.randint(0, llm.config.vocab_size, (a.prompt_len,),
                                generator=torch.Generator().manual_seed(1)).tolist()
-        llama = {}
-        if a.dtype == "float32":
-            llama = start_llama(d, llm.config, a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
-        elif a.llama_cpp == "on":
-            raise SystemExit("--llama-cpp on: its rows run the float32 GGUF; use --dtype float32")
-        elif a.llama_cpp == "auto":
-            print("llama.cpp: skipped (its rows run the float32 GGUF; use --dtype float32)")
+        llama = start_llama(model_dir, os.path.join(d, f"model-{a.dtype}.gguf"), a.dtype, llm.config,
+                            a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
         if llama:
             check_same_model(llm, llama, prompt)
         print(f"{'n':>3} {'engine':>17} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "

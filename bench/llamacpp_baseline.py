@@ -7,16 +7,16 @@ of one prompt: prefill the prompt once as sequence 0, copy that sequence's cache
 sequences 1..n-1 in a unified KV cache (no K/V copied), then decode one batch of n tokens
 per step. That is what ``LlamaCppRunner`` does, through llama.cpp's C API.
 
-The model is the same random Qwen3-shaped checkpoint, written to GGUF in float32 by
-``write_gguf`` from its safetensors (no quantization: the same bytes per weight as Loom).
-llama.cpp only ever sees token ids, so the GGUF carries a placeholder vocabulary of the
-model's size. ``prefill_logits`` lets the caller check that both engines compute the
+The model is the same checkpoint Loom runs (the random Qwen3-shaped one, or a Llama /
+Mistral / Qwen2 / Qwen3 given by ``--model``), written to GGUF by ``write_gguf`` from its
+safetensors in the run's dtype (float32 or bfloat16, no quantization: the same bytes per
+weight as Loom). llama.cpp only ever sees token ids, so the GGUF carries a placeholder
+vocabulary of the model's size. ``prefill_logits`` lets the caller check that both engines compute the
 same function before comparing their speed.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import time
 
@@ -33,29 +33,59 @@ def available() -> str | None:
     return None
 
 
-def write_gguf(model_dir: str, out_path: str) -> str:
-    """The Qwen3 checkpoint in ``model_dir`` (config.json + model.safetensors) as a float32
-    GGUF file for llama.cpp's ``qwen3`` architecture."""
-    import gguf
-    from safetensors.numpy import load_file
+ARCHS = {  # Loom's architecture -> (llama.cpp's, whether q / k rows are reordered for it)
+    "LlamaForCausalLM": ("LLAMA", True),
+    "MistralForCausalLM": ("LLAMA", True),   # (llama.cpp runs Mistral as a Llama)
+    "Qwen2ForCausalLM": ("QWEN2", False),
+    "Qwen3ForCausalLM": ("QWEN3", False),
+}
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type") != "qwen3":
-        raise ValueError(f"write_gguf writes qwen3 models; {model_dir} is {cfg.get('model_type')!r}.")
-    L, V = cfg["num_hidden_layers"], cfg["vocab_size"]
-    w = gguf.GGUFWriter(out_path, "qwen3")
+
+def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
+    """The checkpoint in ``model_dir`` (Llama, Mistral, Qwen2 or Qwen3; safetensors, one
+    file or shards) as a GGUF file for llama.cpp, its matrices in ``dtype`` ("float32" or
+    "bfloat16"; norms and biases float32, as llama.cpp keeps them). RoPE scaling (linear,
+    llama3, yarn) becomes per-dimension frequency factors, computed from Loom's own
+    ``inv_freq``; llama.cpp's qwen2 / qwen3 graphs take no factors, so those models must
+    have unscaled RoPE here. Read by ``check_same_model`` in bench_generate.py before any
+    speed is compared."""
+    import gguf
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.loader import iter_tensors
+    from engine.rope import attention_scaling, compute_inv_freq
+
+    cfg = ModelConfig.from_dir(model_dir)
+    if cfg.architecture not in ARCHS:
+        raise ValueError(f"write_gguf writes {', '.join(ARCHS)}; {model_dir} is {cfg.architecture}.")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"write_gguf writes float32 or bfloat16 matrices, not {dtype!r}.")
+    arch_name, reorder = ARCHS[cfg.architecture]
+    arch = getattr(gguf.MODEL_ARCH, arch_name)
+    L, V, D = cfg.num_layers, cfg.vocab_size, cfg.head_dim
+    plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    freq_factors = plain / compute_inv_freq(cfg)  # llama.cpp: angle = pos * plain / factor
+    mscale = attention_scaling(cfg)  # yarn's factor on cos / sin: folded into q and k below
+    scaled = cfg.rope_scaling is not None
+    if scaled and not reorder:
+        raise ValueError(f"llama.cpp's {arch_name.lower()} graph takes no RoPE frequency factors; this "
+                         f"{cfg.architecture} has rope scaling {cfg.rope_scaling.get('rope_type')!r}: bring "
+                         "your own GGUF (llama.cpp's convert_hf_to_gguf.py) or use --llama-cpp off.")
+
+    w = gguf.GGUFWriter(out_path, arch_name.lower())
     w.add_block_count(L)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_key_length(cfg["head_dim"])
-    w.add_value_length(cfg["head_dim"])
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_dimension_count(D)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_BF16)
     # Placeholder byte-level BPE vocabulary: the 256 byte symbols of GPT-2's byte encoder,
     # then one distinct token per remaining id. Never used to tokenize text here.
     byte_syms = _gpt2_byte_symbols()
@@ -66,17 +96,36 @@ def write_gguf(model_dir: str, out_path: str) -> str:
     w.add_token_types([gguf.TokenType.NORMAL] * V)
     w.add_token_merges([f"{byte_syms[ord('a')]} {byte_syms[ord('b')]}"])
     w.add_bos_token_id(0)
-    w.add_eos_token_id(int(cfg.get("eos_token_id", V - 1)))
+    w.add_eos_token_id(cfg.eos_token_ids[0] if cfg.eos_token_ids else V - 1)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, L)
-    weights = load_file(os.path.join(model_dir, "model.safetensors"))
-    for hf_name, t in weights.items():
-        if hf_name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+    def interleave(t: torch.Tensor, heads: int) -> torch.Tensor:
+        # llama.cpp rotates a Llama head's adjacent pairs (x0, x1), (x2, x3)...; transformers
+        # rotates halves (x_i, x_{i + D/2}): the rows of q / k go in llama.cpp's order.
+        return t.reshape(heads, 2, D // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    names = gguf.get_tensor_name_map(arch, L)
+    for hf_name, t in iter_tensors(model_dir):
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"no GGUF name for tensor {hf_name!r}")
-        w.add_tensor(name, np.ascontiguousarray(t, dtype=np.float32))
+        t = t.float()
+        is_q, is_k = ".self_attn.q_proj." in hf_name, ".self_attn.k_proj." in hf_name
+        if is_q or is_k:
+            # yarn's factor on cos / sin scales the rotated q and k alike (RoPE is linear);
+            # only Llama-graph models get here with it (no q / k norms)
+            t = t * mscale
+        if reorder and (is_q or is_k):
+            t = interleave(t, cfg.num_heads if is_q else cfg.num_kv_heads)
+        if t.dim() == 2 and dtype == "bfloat16":
+            w.add_tensor(name, t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
+                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+    if scaled:
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                     freq_factors.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -126,7 +175,7 @@ class LlamaCppRunner:
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context")
-        self.vocab = lc.llama_n_vocab(lc.llama_model_get_vocab(self.model))
+        self.vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
         self.n_seq = n_seq
         self.batch = lc.llama_batch_init(max(n_ctx, 512), 0, n_seq)
 

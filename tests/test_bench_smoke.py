@@ -59,6 +59,56 @@ def test_bench_generate_smallest():
     assert re.search(r"^decode step \(n=2\): [\d.]+ ms vs floor [\d.]+ ms", out, flags=re.M), out
 
 
+def test_bench_generate_model_dir(model_dir):
+    """--model runs a local checkpoint (here a tiny Mistral: another architecture than the
+    random Qwen3-shaped default) through the same table."""
+    out = run("bench/bench_generate.py", "--model", model_dir("mistral"), "--prompt-len", "24",
+              "--new-tokens", "3", "--n", "2", "--repeats", "1", "--no-hf", "--llama-cpp", "off")
+    assert re.search(r"^model: .* \(MistralForCausalLM\), [\d.]+M params, float32 ", out, flags=re.M), out
+    assert re.findall(r"^\s+(\d+)\s+loom\s", out, flags=re.M) == ["2"], out
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_bias", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gguf_export_matches_loom(model_dir, tmp_path, name, dtype):
+    """bench/llamacpp_baseline.py's GGUF of each architecture computes in llama.cpp the
+    next-token distribution Loom computes (the check bench_generate.py makes before it
+    times llama.cpp): q / k rows reordered for llama.cpp's Llama graph, llama3 RoPE as
+    frequency factors, biases, tied and untied heads, bfloat16 matrices."""
+    pytest.importorskip("gguf", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
+    pytest.importorskip("llama_cpp", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import llamacpp_baseline as lb
+    finally:
+        sys.path.pop(0)
+    from engine import LLM
+    path = lb.write_gguf(model_dir(name), str(tmp_path / "m.gguf"), dtype)
+    llm = LLM(model_dir(name), dtype=dtype)
+    prompt = torch.randint(0, llm.config.vocab_size, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = llm.score(prompt)[0][-1].float()
+    r = lb.LlamaCppRunner(path, n_ctx=256, n_seq=1, n_threads=2, flash_attn=False)
+    try:
+        got = torch.from_numpy(r.prefill_logits(prompt)).log_softmax(-1)
+    finally:
+        r.close()
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err < (5e-3 if dtype == "float32" else 5e-2), err
+    assert ref.argmax().item() in got.topk(3).indices.tolist()
+
+
+def test_gguf_export_refuses_scaled_qwen(model_dir, tmp_path):
+    pytest.importorskip("gguf", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import llamacpp_baseline as lb
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(ValueError, match="qwen2 graph takes no RoPE frequency factors.*'yarn'"):
+        lb.write_gguf(model_dir("qwen2_yarn"), str(tmp_path / "m.gguf"))
+    assert not os.path.exists(tmp_path / "m.gguf")
+
+
 def test_bench_linear_help():
     assert "packed-panel GEMM" in run("bench/bench_linear.py", "--help")
 
