@@ -136,7 +136,7 @@ class EngineCore:
         """Reset ``t``'s sampling state for a new generate call."""
         check_growable(t)
         t.params, t.generator = params, generator
-        t.generated, t.finish_reason, t.stop_reason, t.stop_text = [], None, None, None
+        t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
         t.text_stream = TextStream(self.tokenizer) if params.stop else None
         t.logprobs = [] if params.logprobs is not None else None
 
@@ -152,10 +152,12 @@ class EngineCore:
         if t.logprobs is not None and lp is not None:
             t.logprobs.append(top_logprobs(lp, tok, p.logprobs))
         t._lp_row = None
-        if not p.ignore_eos and tok in self.eos_ids:
-            t.finish_reason, t.stop_reason = "stop", tok
-        elif tok in p.stop_token_ids:
-            t.finish_reason, t.stop_reason = "stop", tok
+        eos = not p.ignore_eos and tok in self.eos_ids
+        if eos or tok in p.stop_token_ids:
+            # (as vLLM: the stop token's text is not in the output, and stop_reason names only
+            # a stop the caller asked for)
+            t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos else tok, tok
+            t.stop_text = self.tokenizer.decode(t.generated[:-1])
         elif p.stop and self._stop_string(t, p):
             pass
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \

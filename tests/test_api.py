@@ -378,9 +378,11 @@ def test_stop_token_ids(llm, full):
     toks, _ = full
     j = next(i for i in range(3, len(toks)) if toks.index(toks[i]) == i and toks[i] != EOS_ID)
     out = llm.generate([TEXT], greedy(32, stop_token_ids=[toks[j]]))[0].outputs[0]
-    assert out.finish_reason == "stop"
-    assert list(out.token_ids) in (toks[:j], toks[:j + 1]), (
+    assert out.finish_reason == "stop" and out.stop_reason == toks[j]
+    assert list(out.token_ids) == toks[:j + 1], (
         f"stop_token_ids=[{toks[j]}] (first generated at step {j}): got {list(out.token_ids)}, full {toks}")
+    # as vLLM: the stop token is in token_ids, its text is not in the text
+    assert out.text == llm.tokenizer.decode(toks[:j]) != llm.tokenizer.decode(toks[:j + 1]), out.text
     assert_no_leak(llm)
 
 
@@ -420,7 +422,10 @@ def test_eos_stops_unless_ignored(style, eos_dirs, full):
     eng = LLM(dirs[style], kv_cache_tokens=1024)
     out = eng.generate([TEXT], SP(temperature=0.0, max_tokens=32))[0].outputs[0]
     assert out.finish_reason == "stop", f"EOS {toks[j]} emitted at step {j} did not stop: {list(out.token_ids)}"
-    assert list(out.token_ids) in (toks[:j], toks[:j + 1]), f"got {list(out.token_ids)}, full {toks}"
+    assert list(out.token_ids) == toks[:j + 1], f"got {list(out.token_ids)}, full {toks}"
+    # an EOS that is an ordinary token: its text is cut, and stop_reason is None (as vLLM: it
+    # names only a stop the caller asked for)
+    assert out.stop_reason is None and out.text == eng.tokenizer.decode(toks[:j]), out
     out = eng.generate([TEXT], greedy(32))[0].outputs[0]
     assert out.finish_reason == "length" and list(out.token_ids) == toks
     assert_no_leak(eng)

@@ -478,6 +478,28 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     assert c.text.startswith("<think01>4</think><think02>4</think>"), c.text
 
 
+def test_a_stop_token_is_cut_from_the_text_everywhere(llm):
+    """A stop token (stop_token_ids) ends the text before it in plain sampling, a tree
+    protocol and a session's generate alike, and is named by stop_reason; the token itself
+    stays in token_ids (as vLLM)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    seq = enc("hello world. more")
+    dot = next(t for t in seq if llm.tokenizer.decode([t]) == ".")
+    params = SamplingParams(max_tokens=40, stop_token_ids=[dot])
+    plain = _run_tokens(llm, {1: seq}, params)
+    tree = _run_tokens(llm, {1: seq}, params, Multiverse())
+    for c in (plain, tree):
+        assert (c.text, c.finish_reason, c.stop_reason) == ("hello world", "stop", dot), c
+    assert plain.token_ids == seq[:seq.index(dot) + 1]
+    llm.core.token_source = lambda threads: [seq[len(t.generated)] for t in threads]
+    try:
+        with llm.session("q") as s:
+            c = s.generate([s.root], params)[0]
+    finally:
+        llm.core.token_source = None
+    assert (c.text, c.stop_reason) == ("hello world", dot), c
+
+
 def test_a_model_written_item_number_cannot_outgrow_the_reservation(llm):
     """The item numbers the model writes are copied into its paths' headers: one longer than
     6 digits numbers the path by position (event long_item_number), so headers stay within

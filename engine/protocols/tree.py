@@ -139,7 +139,7 @@ class TreeRun(ProtocolRun):
         """A path that ends on EOS: the EOS is not written (the join must not see it; the
         path's other tokens are written before the join, whenever that comes)."""
         if t.tag is not None and t.tag.role == "path" and t.finish_reason == "stop" and \
-                t.stop_reason in self.core.eos_ids and t.pending and t.pending[-1] == t.stop_reason:
+                t.stop_token in self.core.eos_ids and t.pending and t.pending[-1] == t.stop_token:
             t.tokens.pop(), t.pending.pop()
 
     def end_path(self, t: Thread, closed: bool):
@@ -241,9 +241,10 @@ class TreeRun(ProtocolRun):
                    "max_parallel_threads": self.metrics.max_parallel_threads, "threads": len(threads)}
         last = self.main
         reason = "length" if last is None or last.finish_reason == "length" else "stop"
-        shown = ids[:-1] if ids and last is not None and last.stop_reason == ids[-1] else ids
+        shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] else ids
         text = self.tok.decode(shown, skip_special_tokens=False)
-        if last is not None and last.stop_text is not None:  # a stop string: cut before it, as plain sampling
+        if last is not None and last.stop_token is None and last.stop_text is not None:
+            # a stop string: cut before it, as plain sampling
             n = len(last.generated)
             if n and ids[-n:] == last.generated:
                 head = self.tok.decode(ids[:-n], skip_special_tokens=False)
