@@ -33,14 +33,27 @@ def logits_source(t: Thread) -> Thread:
 
 
 class EngineCore:
-    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], max_positions: int):
+    def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], max_positions: int,
+                 vocab_size: int):
         self.runner, self.cache = runner, runner.cache
         self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
         self.eos_ids = set(eos_ids)
         self.max_positions = max_positions
         self.forward_steps = 0
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
         self.token_source = None
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` written after other tokens (headers, tags, injected text;
+        Tokenizer.encode_continuation), checked against the model's vocabulary."""
+        ids = self.tokenizer.encode_continuation(text)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"{text!r:.60} encodes to token id {bad[0]}, outside the model's vocabulary "
+                             f"[0, {self.vocab_size}) (the tokenizer has tokens the model has no rows for); "
+                             "write it without that token.")
+        return ids
 
     def at_context_end(self, t: Thread) -> bool:
         """``t``'s next token would sit at or past the model's context: it samples no more."""

@@ -158,7 +158,7 @@ class LLM:
                              f"'torch' attention backend (the {self.attention_backend!r} kernels read the "
                              "cache in the model's dtype); use kv_cache_dtype='auto'.")
         self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
-                               self.config.max_position_embeddings)
+                               self.config.max_position_embeddings, self.config.vocab_size)
         self.scheduler = Scheduler(self.core, self._thread_generator)
         self._rng = torch.Generator().manual_seed(seed & ((1 << 63) - 1) if seed is not None else
                                                   int.from_bytes(os.urandom(8), "little") >> 1)

@@ -112,7 +112,7 @@ class Session:
         if x is None:
             return []
         if isinstance(x, str):
-            return self._llm.tokenizer.encode(x, add_special_tokens=False)
+            return self._llm.core.encode_text(x)
         if not isinstance(x, (list, tuple)):
             raise ValueError(f"{x!r:.60} must be a string or a list of token ids (a fork takes a list of these, "
                              "one per child).")

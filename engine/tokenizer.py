@@ -19,6 +19,40 @@ def _token_str(tok) -> str | None:
     return tok
 
 
+def _without_prefix_space(tok: _HFTokenizer) -> _HFTokenizer:
+    """``tok`` with its word-start space at the beginning of a text switched off: a
+    ``Prepend`` normalizer dropped, ``Metaspace`` prepend_scheme "never", ``ByteLevel``
+    add_prefix_space false (wherever they sit in a Sequence); ``tok`` itself when it has none."""
+    spec = json.loads(tok.to_str())
+    changed = False
+
+    def fix(node):
+        nonlocal changed
+        if isinstance(node, list):
+            kept = [fix(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+            changed |= len(kept) != len(node)
+            return kept
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Prepend":
+            changed = True
+            return None
+        if node.get("type") == "Metaspace" and (node.get("prepend_scheme") not in (None, "never")
+                                                 or node.get("add_prefix_space")):
+            changed = True
+            node = {**node, "prepend_scheme": "never"} if "prepend_scheme" in node else node
+            if "add_prefix_space" in node:
+                node = {**node, "add_prefix_space": False}
+        if node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+            changed = True
+            node = {**node, "add_prefix_space": False}
+        return {k: fix(v) for k, v in node.items()}
+
+    spec["normalizer"] = fix(spec.get("normalizer"))
+    spec["pre_tokenizer"] = fix(spec.get("pre_tokenizer"))
+    return _HFTokenizer.from_str(json.dumps(spec)) if changed else tok
+
+
 class Tokenizer:
     def __init__(self, model_dir: str):
         path = os.path.join(model_dir, "tokenizer.json")
@@ -52,6 +86,7 @@ class Tokenizer:
         self.add_bos = bool(self.config.get("add_bos_token", False))
         self._compiled = None
         self._special_ids: frozenset[int] | None = None
+        self._continuation: _HFTokenizer | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -79,6 +114,16 @@ class Tokenizer:
             if bos is not None and (not ids or ids[0] != bos):
                 ids = [bos] + ids
         return ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of ``text`` written after other tokens (a header, a tag, injected text): no
+        special tokens added, and none of the word-start space that SentencePiece-style
+        tokenizers (Llama 2, Mistral: a ``Prepend`` normalizer or a ``Metaspace``
+        pre-tokenizer) put before the text of a new sequence, so that "\n<Path>" after
+        "Hello" reads "Hello\n<Path>", not "Hello \n<Path>" (transformers' legacy=False)."""
+        if self._continuation is None:
+            self._continuation = _without_prefix_space(self._tok)
+        return self._continuation.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1131,3 +1131,75 @@ def test_fifo_waiting_when_requests_do_not_fit_together(make_llm, llm):
         assert r.outputs[0].finish_reason == "length"
         assert r.metrics.kv_pages_peak <= total
     assert_no_leak(eng)
+
+
+# ---------------------------------------------------------------------------------------------
+# text written after other tokens: headers, tags, injected text
+# ---------------------------------------------------------------------------------------------
+
+def _sentencepiece_style_tokenizer(style: str, vocab_size: int):
+    """A byte-fallback BPE spelling spaces as '▁', as Llama 2 / Mistral: ``legacy`` with a
+    Prepend('▁') normalizer (Llama 2's tokenizer.json), ``metaspace`` with a Metaspace
+    pre-tokenizer (prepend_scheme 'first', newer conversions)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from conftest import _corpus
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.train_from_iterator(_corpus(), trainer)  # (every ASCII character in its alphabet)
+    if style == "legacy":
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+def test_headers_and_injected_text_get_no_word_start_space(tmp_path, model_dir, style):
+    """A SentencePiece-style tokenizer puts a '▁' (a space) before the text of a new
+    sequence; text written after other tokens (inject, fork / join headers, the tree
+    protocols' tags and headers) must not get one: "Hello" + "\\n<Path>" reads
+    "Hello\\n<Path>" (it read "Hello \\n<Path>", a token sequence no model was trained on)."""
+    from engine import LLM
+    d = _copy_model(tmp_path, model_dir, f"sp_{style}", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    tok = _sentencepiece_style_tokenizer(style, V)
+    assert tok.get_vocab_size() <= V
+    tok.save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=512)
+    t = eng.tokenizer
+    hello = t.encode("Hello", add_special_tokens=False)
+    assert t.decode(hello) == "Hello"
+    assert t.decode(hello + t.encode("\nworld", add_special_tokens=False)) == "Hello \nworld"  # a start's space
+    for piece in ("\n<Path>\n", "world", " world", "!?"):
+        assert t.decode(hello + t.encode_continuation(piece)) == "Hello" + piece, piece
+    with eng.session("Hello") as s:
+        s.inject(s.root, "\nworld")
+        a, = s.fork(s.root, ["\n<Path>"])
+        assert s.root.text == "Hello\nworld" and a.text == "\n<Path>", (s.root.text, a.text)
+    assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_dir):
+    """A tokenizer with more tokens than the model has rows: text that encodes to one of
+    them is refused where it is written (it was accepted, and every later step failed with
+    an IndexError), and the session stays usable."""
+    from engine import LLM
+    from tokenizers import AddedToken, Tokenizer
+    d = _copy_model(tmp_path, model_dir, "extra_token", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    assert tok.get_vocab_size() == V
+    tok.add_special_tokens([AddedToken("<|extra|>", special=True)])
+    tok.save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=512)
+    with eng.session("Hello") as s:
+        with pytest.raises(ValueError, match=r"'<\|extra\|>' encodes to token id \d+, outside the model's vocabulary"):
+            s.inject(s.root, "<|extra|>")
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            s.fork(s.root, ["a<|extra|>"])
+        out = s.generate([s.root], SP(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+        assert len(out.token_ids) == 3
+    assert eng.cache_stats()["pages_used"] == 0

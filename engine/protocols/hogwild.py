@@ -171,7 +171,7 @@ class HogwildRun(ProtocolRun):
         k = self.proto.checkin_every
         if k is not None and len(w.steps) > 0 and len(w.steps) % k == 0:
             text += self.proto.checkin
-        ids = self.tok.encode(text, add_special_tokens=False)
+        ids = self.core.encode_text(text)
         if not ids and not _header_optional(self.proto.workers, self.proto.layout):
             # (a step's first token is sampled after its header, seeing the live view)
             raise ValueError(f"Hogwild's step header {self.proto.header!r} is empty for worker {w.name!r}; "
@@ -265,7 +265,7 @@ class HogwildRun(ProtocolRun):
             view = [self.tree.root] + [t for _, t in self.commits]
         else:
             view = [self.tree.root] + self.history
-        header = self.tok.encode(FINISHER, add_special_tokens=False)
+        header = self.core.encode_text(FINISHER)
         if layout_end(view) + len(header) >= self.core.max_positions:
             return  # no room for it before the model's context: the workers' text is the output
         self.finisher = self.tree.spawn(view, header)

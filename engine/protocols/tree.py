@@ -90,7 +90,7 @@ class TreeRun(ProtocolRun):
         self.max_total = params.max_total_tokens or params.max_tokens * self.limits.max_paths
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False)
+        return self.core.encode_text(text)
 
     def event(self, kind: str, t: Thread, **kw):
         e = {"event": kind, "thread": t.id, **kw}
