@@ -94,6 +94,8 @@ class LiveView:
     this tiny model takes about a millisecond, so frames are paced (``pace`` seconds
     each) for the eye to follow; that time is left out of the printed timings."""
 
+    MIN_LINES = 12  # a terminal shorter than this gets the plain log
+
     def __init__(self, problems: list[Problem], first_id: int, tok, out, pace: float = 0.03):
         self.problems, self.first_id, self.tok, self.out = problems, first_id, tok, out
         self.pace = pace
@@ -230,7 +232,8 @@ def run_demo(num_problems: int = 5, seed: int = 0, out=None, live: bool | None =
     from . import LLM, SamplingParams
     from .protocols import Multiverse
     out = out or sys.stdout
-    live = out.isatty() if live is None else live
+    if live is None:  # (a frame is ~9 lines: redrawn in place on a shorter terminal it would scroll
+        live = out.isatty() and shutil.get_terminal_size((100, 40)).lines >= LiveView.MIN_LINES  # and smear)
     path = model_dir()
     problems = make_problems(num_problems, seed)
     # A problem's request reserves at most ~8.4k tokens (Multiverse's bound for it) and uses a

@@ -209,3 +209,21 @@ def test_training_forward_is_hugging_face_qwen3(weights):
         ref = hf(ids[None], position_ids=pos[None], attention_mask=m[None, None]).logits[0]
         got = forward(params, cfg, ids[None], pos[None], mask[None])[0]
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("lines, live", [(6, False), (40, True)])
+def test_loom_demo_live_view_needs_a_tall_enough_terminal(monkeypatch, lines, live):
+    """On a terminal the demo redraws its frame in place; one shorter than the frame gets
+    the plain log instead (redrawing would scroll and smear the frames)."""
+    import os
+    import engine.demo_run as D
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(D.shutil, "get_terminal_size", lambda fallback=None: os.terminal_size((100, lines)))
+    monkeypatch.setattr(D.LiveView.__init__, "__defaults__", (0.0,))  # no pacing of frames
+    buf = Terminal()
+    run_demo(1, seed=3, out=buf)
+    assert ("\x1b[" in buf.getvalue()) == live
+    assert "accuracy: 1/1" in buf.getvalue()
