@@ -43,6 +43,8 @@ class EngineCore:
         self.forward_steps = 0
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
         self.token_source = None
+        # (thread, its row of the last step's logits) for the threads that sampled in it
+        self._row_views: list[tuple[Thread, torch.Tensor]] = []
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` written after other tokens (headers, tags, injected text;
@@ -102,6 +104,15 @@ class EngineCore:
             src = logits_source(t)
             if src is t or (src.last_logits is None and src not in feed):
                 raise ValueError(f"thread {t.id} has no tokens and no ancestor logits to sample from.")
+        # A thread that sampled in the last step holds a view of that step's logits; one not
+        # written in this step (it finished, or its caller left it out) keeps a copy of its
+        # row instead: threads stopping at different steps each pinned a whole step's
+        # logits (a session's 64 threads held 1 GB for 32 MB of rows).
+        fed = {id(t) for t in feed}
+        for t, row in self._row_views:
+            if t.last_logits is row and id(t) not in fed:
+                t.last_logits = row.clone()
+        self._row_views = []
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
         logits, row_of = None, {}
         if items:
@@ -115,6 +126,8 @@ class EngineCore:
                 t.logits_stale = t.live is not None and id(t) not in sampling
                 # Keep a private copy for idle threads (a view would pin the whole batch).
                 t.last_logits = views[i] if id(t) in sampling else views[i].clone()
+                if id(t) in sampling:
+                    self._row_views.append((t, views[i]))
         if not samplers:
             return []
         srcs = [logits_source(t) for t in samplers]

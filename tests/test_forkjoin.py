@@ -399,3 +399,32 @@ def test_many_random_sessions_free_every_page(make_llm, backend):
             gc.collect()
         assert llm.cache_stats()["pages_used"] == 0
         assert llm.cache_stats()["segments"] == 0
+
+
+def test_threads_that_stop_at_different_steps_keep_one_logits_row_each(make_llm):
+    """A thread keeps its last logits for later (a child with no header samples from them).
+    Kept as a view of its step's logits, each thread that stopped at another step pinned a
+    whole [rows, vocab] batch (64 session threads: 1 GB for 32 MB of rows); now at most the
+    last step's batch is shared, every other thread holds a copy of its row."""
+    llm = make_llm("qwen3")
+    eos, K = llm.eos_ids[0], 12
+    with llm.session(random_ids(llm.config.vocab_size, 9, seed=1)) as s:
+        kids = s.fork(s.root, [[]] * K)
+        order = {k._t.id: i for i, k in enumerate(kids)}
+        steps = [0]
+
+        def src(threads):  # kid i stops on EOS at step i + 1
+            steps[0] += 1
+            return [eos if order[t.id] < steps[0] else 5 for t in threads]
+        llm.core.token_source = src
+        try:
+            outs = s.generate(kids, SamplingParams(max_tokens=K + 2))
+        finally:
+            llm.core.token_source = None
+        assert [len(o.token_ids) for o in outs] == list(range(1, K + 1))
+        row = llm.config.vocab_size * 4
+        # (kid 0 sampled from the prompt's logits and stopped: none of its tokens is written)
+        held = {t.last_logits.untyped_storage().data_ptr(): t.last_logits.untyped_storage().nbytes()
+                for t in (k._t for k in kids) if t.last_logits is not None}
+        batches = [n for n in held.values() if n > row]
+        assert len(held) >= K - 2 and len(batches) <= 1, sorted(held.values())
