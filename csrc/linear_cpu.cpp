@@ -14,8 +14,8 @@
 // (linear_cpu_impl.h) are plain C++ on GCC vector types of the native width, built per
 // instruction set (linear_cpu_{avx512,avx2,base}.cpp) and picked at run time.
 // bfloat16: the panels stay bfloat16 (half the bytes to stream, which is what decode
-// pays for) and are widened to float32 in registers; activations are widened once per
-// call; outputs are rounded to bfloat16 (nearest even), as a float32-accumulating
+// pays for) and are widened to float32 in registers, as are the activations; outputs
+// are rounded to bfloat16 (nearest even) as they are stored, as a float32-accumulating
 // bfloat16 GEMM does. On CPUs with AMX tiles, bfloat16 layers (K a multiple of 32) run on
 // the tiles instead, the panels loaded in place (linear_cpu_amx.cpp: the same products
 // and float32 sums).
@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <vector>
 
 #include "linear_cpu_isa.h"
 #include "loom/attn_cpu.h"
@@ -36,10 +37,15 @@ namespace {
 // float32 or two of bfloat16 (k, k + 1 side by side in each 32-bit word).
 constexpr int64_t kPanel = 16;
 
+// bfloat16 activations of up to this many values are widened by a plain loop into a
+// buffer of the calling thread (decode's few rows: at::to's dispatch and allocation took
+// longer than the conversion), more by at::to (in parallel).
+constexpr int64_t kWidenedByLoop = 1 << 16;
+
 // The micro-kernels of the instruction set the CPU attention runs (the best the CPU has,
 // unless lowered by engine._C.cpu_isa).
-template <class W>
-void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, const float* bias, float* out,
+template <class W, class O>
+void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const W* wp, const float* bias, O* out,
                 int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   switch (cpu::active_isa_level()) {
     case cpu::IsaLevel::amx:  // (float32, or bfloat16 with K not a multiple of 32: no tiles)
@@ -133,26 +139,46 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
     });
     if (ok.load()) return out.view(out_sizes);
   }
-  // Activations in float32 (a copy only for bfloat16: a few rows in decode), with a zero
-  // column for the padded k of an odd K.
-  at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  // The kernels read float32 activations (their broadcasts feed the FMAs straight from
+  // memory; widening bfloat16 in the kernel made prefill 1.3x slower) with a zero column
+  // for the padded k of an odd K; bfloat16 outputs are rounded as the kernels store them.
+  // (Was: at::to both ways; a call of 1-8 rows now takes 2-5 us less on one thread,
+  // bitwise the same results.)
+  const at::Tensor xr = x.reshape({-1, K}).contiguous();
+  const int64_t M = xr.size(0);
   const int64_t Kx = bf16 ? 2 * wp.size(1) : K;  // k steps of the kernels
-  if (Kx != K) x2 = at::constant_pad_nd(x2, {0, 1});
-  const int64_t M = x2.size(0);
-  at::Tensor out = at::empty({M, n_out}, x2.options());
-  if (M == 0) return out.to(x.scalar_type()).view(out_sizes);
-  const float* xp = x2.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  at::Tensor out = at::empty({M, n_out}, x.options());
+  if (M == 0) return out.view(out_sizes);
+  const float* xf = nullptr;
+  at::Tensor x2;  // (holds a float32 copy made by at::to)
+  thread_local std::vector<float> widened;
+  if (!bf16) {
+    xf = xr.data_ptr<float>();
+  } else if (M * Kx <= kWidenedByLoop) {
+    widened.resize(M * Kx);
+    const auto* src = reinterpret_cast<const uint16_t*>(xr.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) widened[m * Kx + k] = bf16_to_float(src[m * K + k]);
+      if (Kx != K) widened[m * Kx + K] = 0.f;
+    }
+    xf = widened.data();
+  } else {
+    x2 = xr.to(at::kFloat);
+    if (Kx != K) x2 = at::constant_pad_nd(x2, {0, 1});
+    xf = x2.data_ptr<float>();
+  }
   // Rows split too when there are many (prefill), so both cores work on small N.
   const int64_t mchunk = M >= 256 ? 64 : M;
   const int64_t mtiles = (M + mchunk - 1) / mchunk;
   // Rows [m0, m0 + mm) against panels [b0, b1).
+  void* op = out.data_ptr();
   auto run = [&](int64_t m0, int64_t mm, int64_t b0, int64_t b1) {
     if (bf16)
-      run_panels(xp + m0 * Kx, Kx, mm, Kx, reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>()), bp,
-                 op + m0 * n_out, n_out, n_out, b0, b1);
+      run_panels(xf + m0 * Kx, Kx, mm, Kx, reinterpret_cast<const uint16_t*>(wp.data_ptr()), bp,
+                 static_cast<uint16_t*>(op) + m0 * n_out, n_out, n_out, b0, b1);
     else
-      run_panels(xp + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, op + m0 * n_out, n_out, n_out, b0, b1);
+      run_panels(xf + m0 * K, K, mm, K, wp.data_ptr<float>(), bp, static_cast<float*>(op) + m0 * n_out, n_out,
+                 n_out, b0, b1);
   };
   // Few rows: each thread takes an equal share of the panels (split at any panel; its
   // share runs in groups of the panels run_panels takes in one pass, the rest in a pass
@@ -173,7 +199,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& wp, const c10::o
       }
     });
   }
-  return (bf16 ? out.to(at::kBFloat16) : out).view(out_sizes);
+  return out.view(out_sizes);
 }
 
 TORCH_LIBRARY_FRAGMENT(loom, m) {

@@ -50,14 +50,18 @@ inline __attribute__((always_inline)) void load_line(const uint16_t* p, vf* w0, 
   }
 }
 
+// An output from float32 (bfloat16: rounded to nearest even, as torch's .to()).
+inline __attribute__((always_inline)) void put(float* o, float v) { *o = v; }
+inline __attribute__((always_inline)) void put(uint16_t* o, float v) { *o = loom::float_to_bf16(v); }
+
 // MB rows against NP adjacent panels in one pass: NP memory streams per core. A core's
 // own misses (L1 fill buffers) cap one stream well below the memory bandwidth; with
 // several the hardware prefetcher runs ahead on each. MB * NP * NV accumulator vectors,
 // at most LACC (panel_rows). K: k steps (even for bfloat16: the packing pads it, and x).
-template <int MB, int NP, bool PF = true, class W>
+template <int MB, int NP, bool PF = true, class W, class O>
 inline __attribute__((always_inline)) void micro(const float* __restrict x, int64_t ldx, int64_t K,
                                                  const W* __restrict p0, const float* __restrict bias,
-                                                 float* __restrict out, int64_t ldo, int64_t n0,
+                                                 O* __restrict out, int64_t ldo, int64_t n0,
                                                  int64_t nvalid_last) {
   constexpr int64_t LE = line_elems<W>();
   constexpr int KS = sizeof(W) == 2 ? 2 : 1;  // k steps per line
@@ -107,11 +111,11 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
     }
   }
   for (int i = 0; i < MB; ++i) {
-    float* o = out + i * ldo + n0;
+    O* o = out + i * ldo + n0;
     for (int p = 0; p < NP; ++p) {
       const int64_t nv = p == NP - 1 ? nvalid_last : NB;
       for (int64_t j = 0; j < nv; ++j)
-        o[p * NB + j] = acc[p][i][j / LVL][j % LVL] + (bias ? bias[n0 + p * NB + j] : 0.f);
+        put(o + p * NB + j, acc[p][i][j / LVL][j % LVL] + (bias ? bias[n0 + p * NB + j] : 0.f));
     }
   }
 }
@@ -119,9 +123,9 @@ inline __attribute__((always_inline)) void micro(const float* __restrict x, int6
 // All M rows against NP adjacent panels: passes of up to 8 rows that keep at most LACC
 // accumulator vectors, then the rest in one more pass (not one pass per leftover row:
 // each pass re-reads the panels).
-template <int NP, class W>
+template <int NP, class W, class O>
 inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* p0,
-                                                      const float* bias, float* out, int64_t ldo, int64_t n0,
+                                                      const float* bias, O* out, int64_t ldo, int64_t n0,
                                                       int64_t nvalid_last) {
   constexpr int R0 = LACC / (NP * NV), R = R0 < 1 ? 1 : R0 < 8 ? R0 : 8;
   int64_t m = 0;
@@ -131,7 +135,7 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
     if (m == 0) micro<R, NP>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
     else micro<R, NP, false>(x + m * ldx, ldx, K, p0, bias, out + m * ldo, ldo, n0, nvalid_last);
   const float* xr = x + m * ldx;
-  float* orr = out + m * ldo;
+  O* orr = out + m * ldo;
 #define LOOM_ROWS_CASE(r)                                                      \
   case r:                                                                      \
     if constexpr (R > r) {                                                     \
@@ -149,9 +153,9 @@ inline __attribute__((always_inline)) void panel_rows(const float* x, int64_t ld
 
 // Panels [b0, b1) for M rows: groups of GS32 / GS16 panels per pass up to 4 rows, of
 // GL32 / GL16 above (float32 / bfloat16), then a pass of 2 and single panels.
-template <class W>
+template <class W, class O>
 inline __attribute__((always_inline)) void run_panels_t(const float* x, int64_t ldx, int64_t M, int64_t K,
-                                                        const W* wp, const float* bias, float* out, int64_t ldo,
+                                                        const W* wp, const float* bias, O* out, int64_t ldo,
                                                         int64_t N, int64_t b0, int64_t b1) {
   constexpr bool bf16 = sizeof(W) == 2;
   constexpr int GS = bf16 ? GS16 : GS32, GL = bf16 ? GL16 : GL32;
@@ -175,9 +179,10 @@ void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* 
 }
 
 void run_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const uint16_t* wp, const float* bias,
-                float* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
+                uint16_t* out, int64_t ldo, int64_t N, int64_t b0, int64_t b1) {
   run_panels_t(x, ldx, M, K, wp, bias, out, ldo, N, b0, b1);
 }
+
 
 int panel_group(bool bf16, bool small) {
   return bf16 ? (small ? GS16 : GL16) : (small ? GS32 : GL32);

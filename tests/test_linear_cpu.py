@@ -39,6 +39,21 @@ def test_linear_packed_bfloat16_is_float32_math_rounded(M, N, K, isa):
     torch.testing.assert_close(y.float(), want, atol=1e-4 * K ** 0.5, rtol=2 ** -8)
 
 
+@pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
+@pytest.mark.parametrize("M", [1, 3, 5, 8, 33, 300])
+@pytest.mark.parametrize("N,K", [(17, 64), (100, 30), (1536, 512), (37, 99)])
+def test_linear_packed_bfloat16_is_the_float32_kernel_rounded(M, N, K, isa):
+    """The FMA kernels read bfloat16 activations and round bfloat16 outputs in place (even
+    K; odd K through float32 copies): bitwise the float32 kernel on the widened values,
+    rounded by torch's .to() (the same products in the same order)."""
+    g = torch.Generator().manual_seed(M + N + K)
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g)
+    y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), b, N)
+    ref = torch.ops.loom.linear_packed(x.float(), torch.ops.loom.pack_linear_weight(w.float()), b, N)
+    assert torch.equal(y, ref.bfloat16())
+
+
 def test_linear_packed_batched_shape_and_errors():
     w = torch.randn(40, 24)
     wp = torch.ops.loom.pack_linear_weight(w)
