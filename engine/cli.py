@@ -9,12 +9,46 @@ import sys
 from .runner import DEFAULT_MAX_FORWARD_TOKENS
 
 
+# --protocol NAME -> how to build it from the command's arguments (engine.protocols)
+PROTOCOLS = {
+    "sampling": lambda p, a: p.ParallelSampling(**_given(select=a.select)),
+    "multiverse": lambda p, a: p.Multiverse(),
+    "threadweaver": lambda p, a: p.ThreadWeaver(),
+    "parallel-r1": lambda p, a: p.ParallelR1(**_given(num_paths=a.paths)),
+    "parathinker": lambda p, a: p.ParaThinker(**_given(paths=a.paths)),
+    "hogwild": lambda p, a: p.Hogwild(**_given(workers=a.workers)),
+}
+# the protocols each protocol option applies to
+PROTOCOL_OPTIONS = {"select": ("sampling",), "paths": ("parallel-r1", "parathinker"), "workers": ("hogwild",)}
+
+
+def _given(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _protocol(a):
+    """The protocol --protocol names, built with its options; None without --protocol."""
+    for opt, names in PROTOCOL_OPTIONS.items():
+        if getattr(a, opt) is not None and a.protocol not in names:
+            raise ValueError(f"--{opt} applies to --protocol {' / '.join(names)}, not to "
+                             f"{'--protocol ' + a.protocol if a.protocol else 'plain sampling'}.")
+    if a.protocol is None:
+        return None
+    from . import protocols
+    return PROTOCOLS[a.protocol](protocols, a)
+
+
 def _print_outputs(outs, show_tokens: bool = False):
     for out in outs:
         m = out.metrics
         for c in out.outputs:
             print(f"--- completion {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
             print(c.text)
+            if c.answer is not None:
+                print(f"answer: {c.answer}")
+            if c.metrics:  # a protocol's run: its tree / workers
+                print("protocol: " + " ".join(f"{k}={v}" for k, v in c.metrics.items()) +
+                      f" events={len(c.events or [])}")
             if show_tokens:
                 print(f"token ids: {c.token_ids}")
         print(f"=== metrics: forward_steps={m.forward_steps} generated_tokens={m.generated_tokens} "
@@ -34,7 +68,7 @@ def _cmd_generate(a) -> int:
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
                   file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, protocol=_protocol(a))
     except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
     g.add_argument("--page-size", type=int, default=16)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="run the threads by a protocol (engine.protocols): n samples with a vote (sampling, "
+                        "-n and --select), model-written fork / join (multiverse, threadweaver, parallel-r1 "
+                        "and parathinker with --paths), collaborating workers (hogwild, --workers)")
+    g.add_argument("--select", help="sampling: all (default), first_finish or majority (on the last \\boxed{} "
+                                    "answer)")
+    g.add_argument("--paths", type=int, help="parallel-r1 / parathinker: paths per fork (default 2 / 4)")
+    g.add_argument("--workers", type=int, help="hogwild: workers (default 2)")
     g.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
                    help="tokens per forward pass; a longer prompt is prefilled in chunks")
     g.set_defaults(fn=_cmd_generate)

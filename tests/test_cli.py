@@ -52,7 +52,37 @@ def test_generate_reads_stdin(model, capsys, monkeypatch):
     assert completions(capsys.readouterr().out)[0][2] == want[0].outputs[0].text
 
 
+@pytest.mark.parametrize("proto,args", [
+    ("sampling", ["-n", "3", "--select", "majority"]), ("multiverse", []), ("parallel-r1", ["--paths", "3"]),
+    ("hogwild", ["--workers", "3"]),
+])
+def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, proto, args):
+    from engine import protocols as P
+    want_proto = {"sampling": lambda: P.ParallelSampling(select="majority"), "multiverse": P.Multiverse,
+                  "parallel-r1": lambda: P.ParallelR1(num_paths=3), "hogwild": lambda: P.Hogwild(workers=3)}[proto]()
+    n = 3 if proto == "sampling" else 1
+    assert main(["generate", "--model", model, "--prompt", "2+2=", "--max-tokens", "6", "--temperature", "0",
+                 "--protocol", proto, *args]) == 0
+    out = capsys.readouterr().out
+    want = LLM(model).generate(["2+2="], SamplingParams(n=n, max_tokens=6, temperature=0), protocol=want_proto)
+    got = completions(out)
+    assert [(r, k) for r, k, _ in got] == [(c.finish_reason, len(c.token_ids)) for c in want[0].outputs], out
+    assert [t.split("\nanswer: ")[0].split("\nprotocol: ")[0] for _, _, t in got] == \
+        [c.text for c in want[0].outputs], out
+    if proto == "sampling":  # (a random model writes no \\boxed{} answer: none printed)
+        ans = want[0].outputs[0].answer
+        assert (f"answer: {ans}" in out) if ans is not None else ("answer:" not in out), out
+    else:
+        m = want[0].outputs[0].metrics
+        assert f"protocol: {' '.join(f'{k}={v}' for k, v in m.items())} events=" in out, out
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--paths", "3"], "--paths applies to --protocol parallel-r1 / parathinker, not to plain sampling"),
+    (["--protocol", "multiverse", "--workers", "2"], "--workers applies to --protocol hogwild, not to --protocol multiverse"),
+    (["--protocol", "sampling", "--select", "best"], "select='best' must be one of"),
+    (["--protocol", "parathinker", "--paths", "0"], "paths=0 must be an integer >= 1"),
+
     (["-n", "0"], "SamplingParams.n=0 is invalid"),
     (["--temperature", "-1"], "SamplingParams.temperature=-1.0 is invalid"),
     (["--dtype", "float8"], "dtype='float8' is not supported"),
