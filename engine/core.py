@@ -46,6 +46,15 @@ class EngineCore:
         # (thread, its row of the last step's logits) for the threads that sampled in it
         self._row_views: list[tuple[Thread, torch.Tensor]] = []
 
+    def settle_rows(self, fed: set[int] = frozenset()):
+        """The threads that sampled in the last step and are not in ``fed`` (ids; every
+        thread at the end of an engine call) copy their logits row out of that step's
+        logits, which are then no longer referenced (a discarded thread has none)."""
+        for t, row in self._row_views:
+            if t.last_logits is row and id(t) not in fed:
+                t.last_logits = row.clone()
+        self._row_views = []
+
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` written after other tokens (headers, tags, injected text;
         Tokenizer.encode_continuation), checked against the model's vocabulary."""
@@ -108,11 +117,7 @@ class EngineCore:
         # written in this step (it finished, or its caller left it out) keeps a copy of its
         # row instead: threads stopping at different steps each pinned a whole step's
         # logits (a session's 64 threads held 1 GB for 32 MB of rows).
-        fed = {id(t) for t in feed}
-        for t, row in self._row_views:
-            if t.last_logits is row and id(t) not in fed:
-                t.last_logits = row.clone()
-        self._row_views = []
+        self.settle_rows(fed={id(t) for t in feed})
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
         logits, row_of = None, {}
         if items:
