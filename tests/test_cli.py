@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import pytest
@@ -154,3 +155,28 @@ def test_output_closed_by_its_reader_exits_quietly():
     p.wait(timeout=300)
     assert first.startswith("machine:"), first
     assert p.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_interrupt_while_the_command_loads_exits_130_quietly():
+    """A Ctrl-C in the ~2 s the `loom` command spends importing torch (before its own
+    handler runs) ends it as one later would: 'loom: interrupted', exit 130, no traceback.
+    (The interrupt is raised by an import hook at engine.llm's import, where a real one
+    lands: a signal's timing would make the test flaky.)"""
+    import subprocess
+    import sys
+    code = """
+import sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "engine.llm":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+sys.argv[0] = "/some/venv/bin/{argv0}"
+from engine.cli import main
+"""
+    # (elsewhere Python's own ending: the traceback, then killed by SIGINT: -2)
+    for argv0, code_want, err_want in (("loom", 130, "\nloom: interrupted\n"), ("other", -2, "KeyboardInterrupt")):
+        p = subprocess.run([sys.executable, "-c", code.format(argv0=argv0)], capture_output=True, text=True,
+                           timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert p.returncode == code_want and err_want in p.stderr, (argv0, p.returncode, p.stderr)
+        assert ("Traceback" in p.stderr) == (argv0 != "loom"), p.stderr
