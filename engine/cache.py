@@ -31,6 +31,7 @@ class Segment:
     length: int = 0
     refs: int = 1
     owner_reservation: "Reservation | None" = None
+    tokens: "list[int] | None" = None  # its thread's token list (ThreadTree; penalties read it)
 
 
 @dataclass

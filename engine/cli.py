@@ -60,7 +60,9 @@ def _cmd_generate(a) -> int:
     try:
         from . import LLM, SamplingParams
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                                max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None)
+                                max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
+                                presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                                repetition_penalty=a.repetition_penalty)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
                   attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype,
                   max_forward_tokens=a.max_forward_tokens)
@@ -110,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=-1)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the Triton kernels)")
     g.add_argument("--dtype", default="auto")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .runner import ModelRunner
-from .sampler import sample, top_logprobs
+from .sampler import Penalties, apply_penalties, sample, top_logprobs
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
 from .threads import Thread, check_growable, effective_end, refresh_view
@@ -140,12 +140,17 @@ class EngineCore:
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
         table = self._logits_rows(srcs, logits, row_of)
+        params = [t.params for t in samplers]
+        pen = [i for i, t in enumerate(samplers) if t.penalties is not None]
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
             logprobs = table.log_softmax(-1)
+        elif pen:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
+            tokens, _ = sample(apply_penalties(table, pen, [samplers[i].penalties for i in pen]), params,
+                               [t.generator for t in samplers])
+            logprobs = table.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
         else:
-            tokens, logprobs = sample(table, [t.params for t in samplers],
-                                      [t.generator for t in samplers])
+            tokens, logprobs = sample(table, params, [t.generator for t in samplers])
         for i, t in enumerate(samplers):
             t._lp_row = logprobs[i] if logprobs is not None else None
         return tokens
@@ -169,6 +174,10 @@ class EngineCore:
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
         t.text_stream = TextStream(self.tokenizer) if params.stop else None
+        t.penalties = None
+        if params.penalized:  # (the context: every segment of its view, its own last)
+            t.penalties = Penalties(params, self.vocab_size, [s.tokens or [] for s, _ in t.view],
+                                    self.runner.device)
         t.logprobs = [] if params.logprobs is not None else None
 
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
@@ -179,6 +188,8 @@ class EngineCore:
         t.pending.append(tok)
         t.generated.append(tok)
         t.path_tokens += 1
+        if t.penalties is not None:
+            t.penalties.add(tok)
         lp = getattr(t, "_lp_row", None)
         if t.logprobs is not None and lp is not None:
             t.logprobs.append(top_logprobs(lp, tok, p.logprobs))

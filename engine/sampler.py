@@ -31,6 +31,41 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x.log_softmax(-1)
 
 
+class Penalties:
+    """A thread's state for SamplingParams' penalties (as vLLM's): how often it sampled each
+    token in this call (presence / frequency) and which tokens its context holds
+    (repetition: the context at the call's start, then what it samples)."""
+
+    def __init__(self, params: SamplingParams, vocab: int, context: list[list[int]], device):
+        self.params = params
+        self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if params.repetition_penalty != 1.0:
+            for ids in context:
+                if ids:
+                    self.seen[torch.tensor(ids, device=device)] = True
+
+    def add(self, tok: int):
+        self.counts[tok] += 1
+        self.seen[tok] = True
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[int], states: list[Penalties]) -> torch.Tensor:
+    """``logits`` [R, V] with each row of ``rows`` penalized by its state (a new tensor):
+    a token of the context has a positive logit divided by repetition_penalty, a negative
+    one multiplied by it; a token sampled c times loses c x frequency_penalty, and
+    presence_penalty once (the order of vLLM's penalties, before temperature)."""
+    idx = torch.tensor(rows, device=logits.device)
+    x = logits.index_select(0, idx).float()
+    counts = torch.stack([s.counts for s in states])
+    col = lambda name: torch.tensor([getattr(s.params, name) for s in states], dtype=torch.float32,  # noqa: E731
+                                    device=logits.device)[:, None]
+    rep = col("repetition_penalty")
+    x = torch.where(torch.stack([s.seen for s in states]), torch.where(x > 0, x / rep, x * rep), x)
+    x = x - counts * col("frequency_penalty") - (counts > 0) * col("presence_penalty")
+    return logits.index_copy(0, idx, x.to(logits.dtype))
+
+
 def _loom_op(name: str):
     """torch.ops.loom.<name> when engine._C is built, else None."""
     if name not in _OPS:

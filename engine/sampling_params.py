@@ -22,6 +22,11 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
+    # as vLLM: presence / frequency over the tokens a thread samples in this call,
+    # repetition over its whole context (the prompt, ancestors', its own) and those
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         self.verify()
@@ -48,6 +53,11 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled) or an integer >= 1")
         if not _is_num(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             bad("min_p", "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_num(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, "must be in [-2, 2] (0 disables it)")
+        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            bad("repetition_penalty", "must be in (0, 100] (1 disables it; above 1 discourages repeats)")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
@@ -66,9 +76,14 @@ class SamplingParams:
         for name in ("n", "top_k", "max_tokens", "seed", "max_total_tokens", "logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             setattr(self, name, float(getattr(self, name)))
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -49,6 +49,7 @@ class Thread:
     stop_token: int | None = None             # the EOS or stop token that ended it (not in its text)
     stop_text: str | None = None              # its text when a stop ended it: cut before the stop
     text_stream: object = None                # its sampled text so far, for stop strings
+    penalties: object = None                  # sampler.Penalties when its params penalize repeats
     tag: object = None                        # free slot for the protocol driving it
     live: "list[Thread] | None" = None        # live view: these threads' segments, laid out
                                               # one after another, then its own (Hogwild!)
@@ -104,6 +105,7 @@ class ThreadTree:
         for s, _ in view:
             self.cache.retain(s)
         th = Thread(next(self._ids), seg, tuple(view) + ((seg, 0),), parent=parent)
+        seg.tokens = th.tokens
         self.threads.append(th)
         if parent is not None:
             parent.children.append(th)

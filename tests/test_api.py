@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import pytest
 import torch
 
-from conftest import EOS_ID, VARIANTS, pages, random_ids, read_json, write_json
+from conftest import EOS_ID, VARIANTS, hf_logprobs, pages, random_ids, read_json, write_json
 
 NAME = "llama3_rope"
 VOCAB = VARIANTS[NAME]["vocab"]
@@ -1203,3 +1204,68 @@ def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_d
         out = s.generate([s.root], SP(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
         assert len(out.token_ids) == 3
     assert eng.cache_stats()["pages_used"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# penalties (presence, frequency, repetition), as vLLM
+# ---------------------------------------------------------------------------------------------
+
+def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequency=0.0, repetition=1.0):
+    """Greedy decoding by transformers' forward with the penalties applied by hand: vLLM's
+    definitions (repetition over prompt + output, presence / frequency over the output)."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new):
+            x = hf(torch.tensor([ids])).logits[0, -1].float()
+            seen = torch.zeros_like(x, dtype=torch.bool)
+            seen[torch.tensor(ids)] = True
+            x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=x.numel()).float() if out \
+                else torch.zeros_like(x)
+            x = x - frequency * counts - presence * (counts > 0).float()
+            tok = int(x.argmax())
+            ids.append(tok)
+            out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(repetition=1.3), dict(repetition=0.8), dict(presence=1.5),
+                                dict(frequency=0.7), dict(presence=-0.5, frequency=0.4, repetition=1.2)])
+def test_penalties_match_their_definition(llm, hf_ref, kw):
+    prompt = random_ids(11, VOCAB, seed=7)
+    want = _hf_greedy_penalized(hf_ref(NAME), prompt, 24, **kw)
+    sp = greedy(24, presence_penalty=kw.get("presence", 0.0), frequency_penalty=kw.get("frequency", 0.0),
+                repetition_penalty=kw.get("repetition", 1.0), logprobs=0)
+    out = llm.generate([prompt], sp)[0].outputs[0]
+    assert out.token_ids == want, (kw, out.token_ids, want)
+    assert out.token_ids != llm.generate([prompt], greedy(24))[0].outputs[0].token_ids  # (they change it)
+    # log-probs are the model's, before the penalties (vLLM's raw log-probs)
+    ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
+    got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
+    torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
+    assert_no_leak(llm)
+
+
+def test_penalties_are_per_thread_and_see_the_thread_context(llm, hf_ref):
+    """n threads count their own tokens; a forked thread's repetition context is its
+    parent's tokens and its header too (its whole view)."""
+    prompt = random_ids(9, VOCAB, seed=8)
+    sp = SP(n=3, temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.9)
+    outs = llm.generate([prompt], sp)[0].outputs
+    want = _hf_greedy_penalized(hf_ref(NAME), prompt, 16, frequency=0.9)
+    assert [o.token_ids for o in outs] == [want] * 3
+    header = random_ids(5, VOCAB, seed=9)
+    with llm.session(prompt) as s:
+        a, = s.fork(s.root, [header])
+        got = s.generate([a], greedy(16, repetition_penalty=1.4))[0].token_ids
+    assert got == _hf_greedy_penalized(hf_ref(NAME), prompt + header, 16, repetition=1.4)
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("presence_penalty", 2.5, "must be in [-2, 2]"), ("frequency_penalty", -3, "must be in [-2, 2]"),
+    ("repetition_penalty", 0, "must be in (0, 100]"), ("repetition_penalty", float("nan"), "must be in (0, 100]"),
+])
+def test_penalty_values_are_checked(name, value, message):
+    with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name}={value!r} is invalid: {message}")):
+        SP(**{name: value})

@@ -92,6 +92,7 @@ def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, pro
     (["--attention-backend", "flash"], "attention_backend='flash' is not available"),
     (["--device", "tpu"], "device='tpu' is not supported"),
     (["--max-forward-tokens", "0"], "max_forward_tokens=0 must be an integer >= 1"),
+    (["--repetition-penalty", "0"], "SamplingParams.repetition_penalty=0.0 is invalid"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no CUDA device")]))
 def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
     assert main(["generate", "--model", model, "--prompt", "x", *args]) == 2
