@@ -287,3 +287,16 @@ def test_pages_a_compaction_frees_stay_with_its_request(long_model):
     assert [o.outputs[0].token_ids for o in both] == [o.outputs[0].token_ids for o in alone]
     assert both[0].outputs[0].metrics["compactions"] >= 10
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["pages_reserved"] == 0
+
+
+def test_total_tokens_counts_the_finisher(make_llm):
+    """The finisher samples on top of the workers' budget; the run's total_tokens counts its
+    tokens too (it counted the workers' alone: 24 of 48 sampled)."""
+    llm = make_llm("qwen3")
+    ro = llm.generate([random_ids(12, llm.config.vocab_size, 3)],
+                      SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                      protocol=Hogwild(workers=3, stop_on_answer=False))[0]
+    out = ro.outputs[0]
+    finisher = out.metrics["total_tokens"] - sum(w["generated"] for w in out.workers)
+    assert sum(w["generated"] for w in out.workers) == 24 and 0 < finisher <= 24, out.metrics
+    assert out.metrics["total_tokens"] == ro.metrics.generated_tokens, (out.metrics, ro.metrics)

@@ -313,7 +313,8 @@ class HogwildRun(ProtocolRun):
                     "logprobs": [d[tok] for s in w.steps
                                  for tok, d in zip(s.generated, s.logprobs or [])]}
                    for w in self.workers]
-        metrics = {"forward_steps": self.metrics.forward_steps, "total_tokens": self.total,
+        finisher = len(self.finisher.generated) if self.finisher is not None else 0
+        metrics = {"forward_steps": self.metrics.forward_steps, "total_tokens": self.total + finisher,
                    "steps_committed": len(self.commits), "compactions": self.compactions,
                    "max_parallel_threads": self.metrics.max_parallel_threads}
         reason = "length" if any(w.current.finish_reason == "length" for w in self.workers) and \
