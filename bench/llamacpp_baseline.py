@@ -17,6 +17,7 @@ same function before comparing their speed.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import time
 
@@ -44,11 +45,12 @@ ARCHS = {  # Loom's architecture -> (llama.cpp's, whether q / k rows are reorder
 def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
     """The checkpoint in ``model_dir`` (Llama, Mistral, Qwen2 or Qwen3; safetensors, one
     file or shards) as a GGUF file for llama.cpp, its matrices in ``dtype`` ("float32" or
-    "bfloat16"; norms and biases float32, as llama.cpp keeps them). RoPE scaling (linear,
-    llama3, yarn) becomes per-dimension frequency factors, computed from Loom's own
-    ``inv_freq``; llama.cpp's qwen2 / qwen3 graphs take no factors, so those models must
-    have unscaled RoPE here. Read by ``check_same_model`` in bench_generate.py before any
-    speed is compared."""
+    "bfloat16"; norms and biases float32, as llama.cpp keeps them). RoPE scaling: for the
+    Llama graph (linear, llama3, yarn) per-dimension frequency factors, computed from Loom's
+    own ``inv_freq``; llama.cpp's qwen2 / qwen3 graphs take no factors, so there linear and
+    yarn go in as llama.cpp's own scaling metadata (llama3 is refused). Yarn's factor on
+    cos / sin, where llama.cpp's differs, is folded into q and k. Read by
+    ``check_same_model`` in bench_generate.py before any speed is compared."""
     import gguf
     import torch
 
@@ -66,12 +68,18 @@ def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
     L, V, D = cfg.num_layers, cfg.vocab_size, cfg.head_dim
     plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     freq_factors = plain / compute_inv_freq(cfg)  # llama.cpp: angle = pos * plain / factor
-    mscale = attention_scaling(cfg)  # yarn's factor on cos / sin: folded into q and k below
-    scaled = cfg.rope_scaling is not None
-    if scaled and not reorder:
-        raise ValueError(f"llama.cpp's {arch_name.lower()} graph takes no RoPE frequency factors; this "
-                         f"{cfg.architecture} has rope scaling {cfg.rope_scaling.get('rope_type')!r}: bring "
-                         "your own GGUF (llama.cpp's convert_hf_to_gguf.py) or use --llama-cpp off.")
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type")
+    # RoPE scaling by llama.cpp's metadata (its qwen graphs take no factors), else by factors
+    by_metadata = kind is not None and not reorder
+    if by_metadata and kind not in ("linear", "yarn"):
+        raise ValueError(f"llama.cpp's {arch_name.lower()} graph takes no RoPE frequency factors and has no "
+                         f"{kind!r} scaling: bring your own GGUF or use --llama-cpp off.")
+    # yarn's factor on cos / sin: folded into q and k (RoPE is linear), as much of it as
+    # llama.cpp's own yarn does not apply (1 + 0.1 ln factor)
+    mscale = attention_scaling(cfg)
+    if by_metadata and kind == "yarn":
+        mscale /= 1 + 0.1 * math.log(float(sc["factor"]))
 
     w = gguf.GGUFWriter(out_path, arch_name.lower())
     w.add_block_count(L)
@@ -84,6 +92,13 @@ def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
     w.add_value_length(D)
     w.add_rope_dimension_count(D)
     w.add_rope_freq_base(cfg.rope_theta)
+    if by_metadata:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(sc["factor"]))
+        if kind == "yarn":
+            w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+            w.add_rope_scaling_yarn_beta_fast(float(sc.get("beta_fast") or 32))
+            w.add_rope_scaling_yarn_beta_slow(float(sc.get("beta_slow") or 1))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32" else gguf.LlamaFileType.MOSTLY_BF16)
     # Placeholder byte-level BPE vocabulary: the 256 byte symbols of GPT-2's byte encoder,
@@ -112,9 +127,9 @@ def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
             raise ValueError(f"no GGUF name for tensor {hf_name!r}")
         t = t.float()
         is_q, is_k = ".self_attn.q_proj." in hf_name, ".self_attn.k_proj." in hf_name
-        if is_q or is_k:
-            # yarn's factor on cos / sin scales the rotated q and k alike (RoPE is linear);
-            # only Llama-graph models get here with it (no q / k norms)
+        # (with q / k norms, their weights scale what reaches RoPE, not the projections)
+        if cfg.qk_norm and hf_name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) or \
+                not cfg.qk_norm and (is_q or is_k):
             t = t * mscale
         if reorder and (is_q or is_k):
             t = interleave(t, cfg.num_heads if is_q else cfg.num_kv_heads)
@@ -123,7 +138,7 @@ def write_gguf(model_dir: str, out_path: str, dtype: str = "float32") -> str:
                          raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(name, np.ascontiguousarray(t.numpy(), dtype=np.float32))
-    if scaled:
+    if kind is not None and not by_metadata:
         w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                      freq_factors.numpy().astype(np.float32))
     w.write_header_to_file()

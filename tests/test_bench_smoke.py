@@ -2,6 +2,7 @@
 smoke test of the deliverable, not a measurement (no timing is asserted)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,23 +69,47 @@ def test_bench_generate_model_dir(model_dir):
     assert re.findall(r"^\s+(\d+)\s+loom\s", out, flags=re.M) == ["2"], out
 
 
-@pytest.mark.parametrize("name", ["llama3_rope", "llama_bias", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gguf_export_matches_loom(model_dir, tmp_path, name, dtype):
-    """bench/llamacpp_baseline.py's GGUF of each architecture computes in llama.cpp the
-    next-token distribution Loom computes (the check bench_generate.py makes before it
-    times llama.cpp): q / k rows reordered for llama.cpp's Llama graph, llama3 RoPE as
-    frequency factors, biases, tied and untied heads, bfloat16 matrices."""
+def _baseline_module():
     pytest.importorskip("gguf", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
-    pytest.importorskip("llama_cpp", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         import llamacpp_baseline as lb
     finally:
         sys.path.pop(0)
+    return lb
+
+
+def _with_rope(src: str, dst, rope: dict) -> str:
+    """A copy of the checkpoint in ``src`` whose config.json has the RoPE parameters ``rope``."""
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], **rope}
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+QWEN3_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.5}
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_bias", "llama_linear", "mistral", "qwen2", "qwen2_yarn",
+                                  "qwen3", "qwen3_yarn"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gguf_export_matches_loom(model_dir, tmp_path, name, dtype):
+    """bench/llamacpp_baseline.py's GGUF of each architecture computes in llama.cpp the
+    next-token distribution Loom computes (the check bench_generate.py makes before it
+    times llama.cpp): q / k rows reordered for llama.cpp's Llama graph, llama3 / linear RoPE
+    as frequency factors, yarn as llama.cpp's own scaling on the qwen graphs (its attention
+    factor folded into q / k, or into the q / k norms), biases, tied and untied heads,
+    bfloat16 matrices."""
+    lb = _baseline_module()
+    pytest.importorskip("llama_cpp", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
     from engine import LLM
-    path = lb.write_gguf(model_dir(name), str(tmp_path / "m.gguf"), dtype)
-    llm = LLM(model_dir(name), dtype=dtype)
+    src = _with_rope(model_dir("qwen3"), tmp_path / "src", QWEN3_YARN) if name == "qwen3_yarn" else model_dir(name)
+    path = lb.write_gguf(src, str(tmp_path / "m.gguf"), dtype)
+    llm = LLM(src, dtype=dtype)
     prompt = torch.randint(0, llm.config.vocab_size, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = llm.score(prompt)[0][-1].float()
     r = lb.LlamaCppRunner(path, n_ctx=256, n_seq=1, n_threads=2, flash_attn=False)
@@ -97,15 +122,13 @@ def test_gguf_export_matches_loom(model_dir, tmp_path, name, dtype):
     assert ref.argmax().item() in got.topk(3).indices.tolist()
 
 
-def test_gguf_export_refuses_scaled_qwen(model_dir, tmp_path):
-    pytest.importorskip("gguf", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import llamacpp_baseline as lb
-    finally:
-        sys.path.pop(0)
-    with pytest.raises(ValueError, match="qwen2 graph takes no RoPE frequency factors.*'yarn'"):
-        lb.write_gguf(model_dir("qwen2_yarn"), str(tmp_path / "m.gguf"))
+def test_gguf_export_refuses_what_llama_cpp_cannot_run(model_dir, tmp_path):
+    lb = _baseline_module()
+    src = _with_rope(model_dir("qwen2"), tmp_path / "src", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 32})
+    with pytest.raises(ValueError, match="qwen2 graph takes no RoPE frequency factors and has no 'llama3' scaling"):
+        lb.write_gguf(src, str(tmp_path / "m.gguf"))
     assert not os.path.exists(tmp_path / "m.gguf")
 
 
