@@ -31,7 +31,7 @@ class Segment:
     length: int = 0
     refs: int = 1
     owner_reservation: "Reservation | None" = None
-    tokens: "list[int] | None" = None  # its thread's token list (ThreadTree; penalties read it)
+    tokens: list[int] = field(default_factory=list)  # its thread's token list (ThreadTree's; penalties read it)
 
 
 @dataclass

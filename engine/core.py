@@ -141,6 +141,9 @@ class EngineCore:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
         table = self._logits_rows(srcs, logits, row_of)
         params = [t.params for t in samplers]
+        for t in samplers:  # the repetition context: its view as it samples its first token of the call
+            if t.penalties is None and t.params.penalized:
+                t.penalties = Penalties(t.params, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
         pen = [i for i, t in enumerate(samplers) if t.penalties is not None]
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
@@ -174,10 +177,7 @@ class EngineCore:
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
         t.text_stream = TextStream(self.tokenizer) if params.stop else None
-        t.penalties = None
-        if params.penalized:  # (the context: every segment of its view, its own last)
-            t.penalties = Penalties(params, self.vocab_size, [s.tokens or [] for s, _ in t.view],
-                                    self.runner.device)
+        t.penalties = None  # (made at its first sample: step)
         t.logprobs = [] if params.logprobs is not None else None
 
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
@@ -205,6 +205,8 @@ class EngineCore:
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
                 (path_limit is not None and t.path_tokens >= path_limit):
             t.finish_reason = "length"
+        if t.finish_reason is not None:
+            t.penalties = None  # (a [vocab] pair: a finished thread samples no more in this call)
 
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
         # The text grows by whole characters (TextStream, made by begin() with the stops);

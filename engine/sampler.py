@@ -34,7 +34,8 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 class Penalties:
     """A thread's state for SamplingParams' penalties (as vLLM's): how often it sampled each
     token in this call (presence / frequency) and which tokens its context holds
-    (repetition: the context at the call's start, then what it samples)."""
+    (repetition: its view's tokens when it samples its first token of the call, then what
+    it samples)."""
 
     def __init__(self, params: SamplingParams, vocab: int, context: list[list[int]], device):
         self.params = params

@@ -23,7 +23,8 @@ class SamplingParams:
     logprobs: int | None = None
     max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
     # as vLLM: presence / frequency over the tokens a thread samples in this call,
-    # repetition over its whole context (the prompt, ancestors', its own) and those
+    # repetition over its context at its first token of the call (the prompt, the threads
+    # it sees, its own tokens) and those
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

@@ -243,7 +243,7 @@ class ThreadTree:
             if t.pending:
                 raise ValueError(f"thread {t.id} has unwritten tokens; compact after they are written.")
         th = self._new_thread(base, [], None, [])
-        th.tokens = [tok for t in threads for tok in t.tokens]
+        th.tokens.extend(tok for t in threads for tok in t.tokens)  # (in place: th.seg.tokens is this list)
         total = len(th.tokens)
         dev = self.cache.k[0].device  # (index and angle tensors on the pools' device)
         slots = torch.tensor(self.cache.append_slots(th.seg, total), dtype=torch.long, device=dev)
@@ -311,7 +311,7 @@ class ThreadTree:
         if th.closed:
             return
         th.closed = True
-        th.last_logits = None
+        th.last_logits = th.penalties = None
         for s, _ in th.view:
             self.cache.release_segment(s)
 

@@ -32,11 +32,11 @@ def pack(session_or_tree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mask = torch.zeros(N, N, dtype=torch.bool)
     for t in threads:
         s0, n = start[t.seg.id], len(t.tokens)
+        if t.live is not None:  # (even with zero shifts: the threads it reads may have grown since)
+            raise ValueError(f"pack() cannot express thread {t.id}'s live view (spawn / set_view): it reads "
+                             "the threads of its view as they grow, laid out anew every step; pack() lays out "
+                             "trees of forks and joins (positions='max' or 'reprefill').")
         for seg, shift in t.view:
-            if shift != 0 and t.live is not None:
-                raise ValueError(f"pack() cannot express thread {t.id}'s live view (spawn / set_view): "
-                                 "it reads the threads of its view at shifted positions (non-zero view "
-                                 "shifts); pack() lays out trees of forks and joins (positions='max' or 'reprefill').")
             if shift != 0:
                 raise ValueError("pack() cannot express a 'sequential' join (non-zero view shifts): "
                                  "use positions='max' or 'reprefill' for trees meant for packing.")

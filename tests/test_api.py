@@ -1258,6 +1258,7 @@ def test_penalties_are_per_thread_and_see_the_thread_context(llm, hf_ref):
     with llm.session(prompt) as s:
         a, = s.fork(s.root, [header])
         got = s.generate([a], greedy(16, repetition_penalty=1.4))[0].token_ids
+        assert a._t.penalties is None  # (its [vocab] state is dropped when it finishes)
     assert got == _hf_greedy_penalized(hf_ref(NAME), prompt + header, 16, repetition=1.4)
     assert_no_leak(llm)
 

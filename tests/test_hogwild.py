@@ -178,17 +178,22 @@ def test_spawn_errors(make_llm):
     with pytest.raises(ValueError, match="has no tokens yet"):
         s.set_view(bare, [s.root, a])
     s.set_view(bare, [s.root])
-    # pack() lays out forks and joins; a live view read at shifted positions is named as such
+    # pack() lays out forks and joins, not live views: refused by name, whether the view has
+    # been re-laid out (shifted) or not yet (the threads it reads grew since it last sampled:
+    # packing it as if it saw them was accepted and gave a wrong mask)
     from engine.trie import pack
-    s.generate([a], SamplingParams(temperature=0, max_tokens=1))
-    s.generate([f], SamplingParams(temperature=0, max_tokens=2))
-    w = s.spawn(view=[s.root, f], header=[6])
-    s.generate([w], SamplingParams(temperature=0, max_tokens=1))
-    s.generate([f], SamplingParams(temperature=0, max_tokens=2))  # f grows: w's view is re-laid out
-    s.generate([w], SamplingParams(temperature=0, max_tokens=1))
-    with pytest.raises(ValueError, match=f"thread {w.id}'s live view"):
-        pack(s)
     s.close()
+    for relaid in (True, False):
+        with llm.session(random_ids(12, llm.config.vocab_size, seed=3)) as s:
+            (f,) = s.fork(s.root, [[5]])
+            s.generate([f], SamplingParams(temperature=0, max_tokens=2))
+            w = s.spawn(view=[s.root, f], header=[6])
+            s.generate([w], SamplingParams(temperature=0, max_tokens=1))
+            s.generate([f], SamplingParams(temperature=0, max_tokens=2))  # f grows
+            if relaid:
+                s.generate([w], SamplingParams(temperature=0, max_tokens=1))  # w's view re-laid out
+            with pytest.raises(ValueError, match=f"thread {w.id}'s live view"):
+                pack(s)
     assert llm.cache_stats()["pages_used"] == 0
 
 

@@ -300,3 +300,35 @@ def test_total_tokens_counts_the_finisher(make_llm):
     finisher = out.metrics["total_tokens"] - sum(w["generated"] for w in out.workers)
     assert sum(w["generated"] for w in out.workers) == 24 and 0 < finisher <= 24, out.metrics
     assert out.metrics["total_tokens"] == ro.metrics.generated_tokens, (out.metrics, ro.metrics)
+
+
+def test_repetition_penalty_sees_the_whole_view(make_llm):
+    """A penalized worker's repetition context is its view when it samples its step's first
+    token: the prompt, the committed history (compacted or not) and the other workers (it
+    was the prompt and its header alone: the context was taken before the step's view was
+    set, and a compacted segment's token list was left empty)."""
+    llm = make_llm("qwen3")
+    V, checked = llm.config.vocab_size, []
+
+    script = _scripted(llm, SCRIPTS)
+
+    def src(threads):  # checks every sampler's context, then the workers' scripts
+        for t in threads:
+            for seg, _ in t.view:
+                assert len(seg.tokens) >= seg.length, (t.id, seg.id)  # (a stale, emptied list)
+            if t.penalties is not None and not t.generated:  # (its first token: the context is taken)
+                context = {tok for seg, _ in t.view for tok in seg.tokens[:seg.length]}
+                seen = set(t.penalties.seen.nonzero()[:, 0].tolist())
+                assert context <= seen, (t.id, sorted(context - seen)[:10])
+                checked.append(len(context))
+        return script(threads)
+    llm.core.token_source = src
+    try:
+        ro = llm.generate([random_ids(10, V, 4)], SamplingParams(max_tokens=40, ignore_eos=True,
+                                                                 repetition_penalty=1.3),
+                          protocol=Hogwild(workers=2, names=["Alice", "Bob"], compact_after=4))[0]
+    finally:
+        llm.core.token_source = None
+    assert ro.outputs[0].metrics["compactions"] > 0 and len(checked) >= 5, (ro.outputs[0].metrics, checked)
+    assert max(checked) > 30  # (the history's tokens were in the checked contexts)
+    assert llm.cache_stats()["pages_used"] == 0
