@@ -45,15 +45,24 @@ class EngineCore:
         self.token_source = None
         # (thread, its row of the last step's logits) for the threads that sampled in it
         self._row_views: list[tuple[Thread, torch.Tensor]] = []
+        self._penalized: list[Thread] = []  # threads holding a Penalties state
 
-    def settle_rows(self, fed: set[int] = frozenset()):
-        """The threads that sampled in the last step and are not in ``fed`` (ids; every
-        thread at the end of an engine call) copy their logits row out of that step's
-        logits, which are then no longer referenced (a discarded thread has none)."""
+    def settle_rows(self, fed: set[int] | None = None):
+        """The threads that sampled in the last step and are not in ``fed`` (ids; None: every
+        thread, at the end of an engine call) copy their logits row out of that step's
+        logits, which are then no longer referenced (a discarded thread has none). A thread
+        that stopped sampling (accept's stop rules, or its protocol's: a fork, a step's end,
+        a budget) drops its [vocab] penalty state; at a call's end every thread does."""
         for t, row in self._row_views:
-            if t.last_logits is row and id(t) not in fed:
+            if t.last_logits is row and (fed is None or id(t) not in fed):
                 t.last_logits = row.clone()
         self._row_views = []
+        keep = [t for t in self._penalized if fed is not None and t.finish_reason is None and not t.closed]
+        kept = {id(t) for t in keep}
+        for t in self._penalized:
+            if id(t) not in kept:
+                t.penalties = None
+        self._penalized = keep
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` written after other tokens (headers, tags, injected text;
@@ -144,6 +153,7 @@ class EngineCore:
         for t in samplers:  # the repetition context: its view as it samples its first token of the call
             if t.penalties is None and t.params.penalized:
                 t.penalties = Penalties(t.params, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
+                self._penalized.append(t)
         pen = [i for i, t in enumerate(samplers) if t.penalties is not None]
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
@@ -205,8 +215,6 @@ class EngineCore:
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
                 (path_limit is not None and t.path_tokens >= path_limit):
             t.finish_reason = "length"
-        if t.finish_reason is not None:
-            t.penalties = None  # (a [vocab] pair: a finished thread samples no more in this call)
 
     def _stop_string(self, t: Thread, p: SamplingParams) -> bool:
         # The text grows by whole characters (TextStream, made by begin() with the stops);

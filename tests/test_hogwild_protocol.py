@@ -306,13 +306,20 @@ def test_repetition_penalty_sees_the_whole_view(make_llm):
     """A penalized worker's repetition context is its view when it samples its step's first
     token: the prompt, the committed history (compacted or not) and the other workers (it
     was the prompt and its header alone: the context was taken before the step's view was
-    set, and a compacted segment's token list was left empty)."""
+    set, and a compacted segment's token list was left empty). Finished steps drop their
+    [vocab] state (they kept it until the history's compaction)."""
     llm = make_llm("qwen3")
     V, checked = llm.config.vocab_size, []
 
     script = _scripted(llm, SCRIPTS)
 
+    every: dict[int, object] = {}
+
     def src(threads):  # checks every sampler's context, then the workers' scripts
+        every.update((t.id, t) for t in threads)
+        # (a thread that stopped sampling, by its own stop or the protocol's, drops its state)
+        held = [t.finish_reason for t in every.values() if t.finished and t.penalties is not None]
+        assert not held, held
         for t in threads:
             for seg, _ in t.view:
                 assert len(seg.tokens) >= seg.length, (t.id, seg.id)  # (a stale, emptied list)
@@ -331,4 +338,5 @@ def test_repetition_penalty_sees_the_whole_view(make_llm):
         llm.core.token_source = None
     assert ro.outputs[0].metrics["compactions"] > 0 and len(checked) >= 5, (ro.outputs[0].metrics, checked)
     assert max(checked) > 30  # (the history's tokens were in the checked contexts)
+    assert all(t.penalties is None for t in every.values())  # (and all of them at the call's end)
     assert llm.cache_stats()["pages_used"] == 0
