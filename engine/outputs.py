@@ -23,7 +23,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None                     # "stop" | "length"
     logprobs: list[dict[int, float]] | None = None
-    stop_reason: int | str | None = None          # the stop string or stop_token_ids token that ended it (EOS: None, as vLLM)
+    stop_reason: int | str | None = None          # the stop string / stop_token_ids token that ended it
+                                                  # (EOS: None, as vLLM)
     answer: str | None = None                     # extracted answer (answer-selecting protocols)
     tree: list[dict] | None = None                # protocol runs: the thread tree, per thread
     metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...

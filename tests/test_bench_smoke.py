@@ -124,9 +124,9 @@ def test_gguf_export_matches_loom(model_dir, tmp_path, name, dtype):
 
 def test_gguf_export_refuses_what_llama_cpp_cannot_run(model_dir, tmp_path):
     lb = _baseline_module()
-    src = _with_rope(model_dir("qwen2"), tmp_path / "src", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                                            "high_freq_factor": 4.0,
-                                                            "original_max_position_embeddings": 32})
+    llama3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    src = _with_rope(model_dir("qwen2"), tmp_path / "src", llama3)
     with pytest.raises(ValueError, match="qwen2 graph takes no RoPE frequency factors and has no 'llama3' scaling"):
         lb.write_gguf(src, str(tmp_path / "m.gguf"))
     assert not os.path.exists(tmp_path / "m.gguf")

@@ -80,7 +80,8 @@ def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, pro
 
 @pytest.mark.parametrize("args,message", [
     (["--paths", "3"], "--paths applies to --protocol parallel-r1 / parathinker, not to plain sampling"),
-    (["--protocol", "multiverse", "--workers", "2"], "--workers applies to --protocol hogwild, not to --protocol multiverse"),
+    (["--protocol", "multiverse", "--workers", "2"],
+     "--workers applies to --protocol hogwild, not to --protocol multiverse"),
     (["--protocol", "sampling", "--select", "best"], "select='best' must be one of"),
     (["--protocol", "parathinker", "--paths", "0"], "paths=0 must be an integer >= 1"),
 
