@@ -47,7 +47,7 @@ class EngineCore:
         self._row_views: list[tuple[Thread, torch.Tensor]] = []
         self._penalized: list[Thread] = []  # threads holding a Penalties state
 
-    def settle_rows(self, fed: set[int] | None = None):
+    def settle(self, fed: set[int] | None = None):
         """The threads that sampled in the last step and are not in ``fed`` (ids; None: every
         thread, at the end of an engine call) copy their logits row out of that step's
         logits, which are then no longer referenced (a discarded thread has none). A thread
@@ -126,7 +126,7 @@ class EngineCore:
         # written in this step (it finished, or its caller left it out) keeps a copy of its
         # row instead: threads stopping at different steps each pinned a whole step's
         # logits (a session's 64 threads held 1 GB for 32 MB of rows).
-        self.settle_rows(fed={id(t) for t in feed})
+        self.settle(fed={id(t) for t in feed})
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
         logits, row_of = None, {}
         if items:
@@ -158,12 +158,9 @@ class EngineCore:
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
             logprobs = table.log_softmax(-1)
-        elif pen:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
-            tokens, _ = sample(apply_penalties(table, pen, [samplers[i].penalties for i in pen]), params,
-                               [t.generator for t in samplers])
-            logprobs = table.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
-        else:
-            tokens, logprobs = sample(table, params, [t.generator for t in samplers])
+        else:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
+            penalized = apply_penalties(table, pen, [samplers[i].penalties for i in pen]) if pen else table
+            tokens, logprobs = sample(penalized, params, [t.generator for t in samplers], raw=table)
         for i, t in enumerate(samplers):
             t._lp_row = logprobs[i] if logprobs is not None else None
         return tokens

@@ -72,7 +72,7 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
                     return fn(*args, **kwargs)
                 finally:
                     llm._busy = None
-                    llm.core.settle_rows()  # (nothing of the call's last step stays referenced)
+                    llm.core.settle()  # (nothing of the call's last step stays referenced)
         except BaseException:
             if rng is not None and not llm._rng_kept:
                 llm._rng.set_state(rng)

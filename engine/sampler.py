@@ -57,14 +57,14 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], states: list[Penaltie
     one multiplied by it; a token sampled c times loses c x frequency_penalty, and
     presence_penalty once (the order of vLLM's penalties, before temperature)."""
     idx = torch.tensor(rows, device=logits.device)
-    x = logits.index_select(0, idx).float()
+    x = logits.index_select(0, idx)  # (float32, as every logits table)
     counts = torch.stack([s.counts for s in states])
     col = lambda name: torch.tensor([getattr(s.params, name) for s in states], dtype=torch.float32,  # noqa: E731
                                     device=logits.device)[:, None]
     rep = col("repetition_penalty")
     x = torch.where(torch.stack([s.seen for s in states]), torch.where(x > 0, x / rep, x * rep), x)
     x = x - counts * col("frequency_penalty") - (counts > 0) * col("presence_penalty")
-    return logits.index_copy(0, idx, x.to(logits.dtype))
+    return logits.index_copy(0, idx, x)
 
 
 def _loom_op(name: str):
@@ -93,17 +93,18 @@ def pick(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
     return torch.searchsorted(cdf, target[:, None], right=True)[:, 0].tolist()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> tuple[list[int], torch.Tensor | None]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           raw: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor | None]:
     """logits [R, V] float32 -> (one token per row, raw log-probs [R, V], or None when no
-    row asked for log-probs).
+    row asked for log-probs). ``raw``: the logits the log-probs come from when ``logits``
+    are not the model's (penalized), else ``logits`` themselves.
 
     Random rows are drawn by inverse CDF (``pick``): one uniform number per row from the
     row's own generator. (An exponential race would need V random numbers per row: on a
     CPU drawing them cost more than the whole forward pass of a small model.)
     """
     want_lp = any(p.logprobs is not None for p in params)
-    logprobs = logits.log_softmax(-1) if want_lp else None
+    logprobs = (logits if raw is None else raw).log_softmax(-1) if want_lp else None
     tokens = [0] * len(params)
     greedy = [r for r, p in enumerate(params) if p.greedy or p.top_k == 1]
     rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]

@@ -24,33 +24,19 @@ def _without_prefix_space(tok: _HFTokenizer) -> _HFTokenizer:
     ``Prepend`` normalizer dropped, ``Metaspace`` prepend_scheme "never", ``ByteLevel``
     add_prefix_space false (wherever they sit in a Sequence); ``tok`` itself when it has none."""
     spec = json.loads(tok.to_str())
-    changed = False
+    off = {"Metaspace": {"prepend_scheme": "never", "add_prefix_space": False},  # (older files: the latter)
+           "ByteLevel": {"add_prefix_space": False}}
 
     def fix(node):
-        nonlocal changed
         if isinstance(node, list):
-            kept = [fix(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
-            changed |= len(kept) != len(node)
-            return kept
-        if not isinstance(node, dict):
-            return node
-        if node.get("type") == "Prepend":
-            changed = True
-            return None
-        if node.get("type") == "Metaspace" and (node.get("prepend_scheme") not in (None, "never")
-                                                 or node.get("add_prefix_space")):
-            changed = True
-            node = {**node, "prepend_scheme": "never"} if "prepend_scheme" in node else node
-            if "add_prefix_space" in node:
-                node = {**node, "add_prefix_space": False}
-        if node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
-            changed = True
-            node = {**node, "add_prefix_space": False}
-        return {k: fix(v) for k, v in node.items()}
+            return [n for n in map(fix, node) if n is not None]  # (a Prepend in a Sequence: dropped)
+        if not isinstance(node, dict) or node.get("type") == "Prepend":
+            return None if isinstance(node, dict) else node
+        node = {k: fix(v) for k, v in node.items()}
+        return {**node, **{k: v for k, v in off.get(node.get("type"), {}).items() if k in node}}
 
-    spec["normalizer"] = fix(spec.get("normalizer"))
-    spec["pre_tokenizer"] = fix(spec.get("pre_tokenizer"))
-    return _HFTokenizer.from_str(json.dumps(spec)) if changed else tok
+    fixed = {**spec, "normalizer": fix(spec.get("normalizer")), "pre_tokenizer": fix(spec.get("pre_tokenizer"))}
+    return tok if fixed == spec else _HFTokenizer.from_str(json.dumps(fixed))
 
 
 class Tokenizer:

@@ -2,6 +2,7 @@
 smoke test of the deliverable, not a measurement (no timing is asserted)."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -17,6 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = (r": [\d.]+ ms; shared prompt alone ([\d.]+) ms \(\d+ GFLOP/s, \d+% of the peak\), own tokens alone "
          r"([\d.]+) ms \([\d.]+ GB/s, \d+% of read bandwidth\); sum ([\d.]+) ms; the row takes [\d.]+x its time "
          r"without overlap \(its FLOPs at the peak, then its bytes at the read bandwidth: [\d.]+ ms\)")
+
+
+def _bench_module(name: str):
+    """bench/<name>.py imported (the scripts are not a package)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def run(*args: str, code: int = 0) -> str:
@@ -39,11 +49,7 @@ def test_bench_attention_quick():
 def test_bench_attention_parts_line():
     """The line that splits a row below 50% of read bandwidth into its two parts, on a
     small case (the table's rows may all pass on a given machine)."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import bench_attention as B
-    finally:
-        sys.path.pop(0)
+    B = _bench_module("bench_attention")
     probe, tiny = B.MachineProbe(), B.Case(1, 16, 1)
     line = B.parts_line(3, 100, 17, torch.float32, probe, tiny, 1, 100.0)
     m = re.fullmatch(r"N=3 x 0k\+17" + PARTS, line)
@@ -71,12 +77,7 @@ def test_bench_generate_model_dir(model_dir):
 
 def _baseline_module():
     pytest.importorskip("gguf", reason="the llama.cpp baseline's optional packages (pip install -e '.[bench]')")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import llamacpp_baseline as lb
-    finally:
-        sys.path.pop(0)
-    return lb
+    return _bench_module("llamacpp_baseline")
 
 
 def _with_rope(src: str, dst, rope: dict) -> str:
