@@ -59,8 +59,8 @@ def _print_outputs(outs, show_tokens: bool = False):
 def _cmd_generate(a) -> int:
     try:
         from . import LLM, SamplingParams
-        params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                                max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None,
+        params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                                max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None, ignore_eos=a.ignore_eos,
                                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                                 repetition_penalty=a.repetition_penalty)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
@@ -70,7 +70,12 @@ def _cmd_generate(a) -> int:
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
                   file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
-        outs = llm.generate(prompts, params, protocol=_protocol(a))
+        if a.chat or a.system is not None:  # each prompt: a user message, in the model's chat template
+            system = [] if a.system is None else [{"role": "system", "content": a.system}]
+            outs = llm.chat([system + [{"role": "user", "content": p}] for p in prompts], params,
+                            protocol=_protocol(a))
+        else:
+            outs = llm.generate(prompts, params, protocol=_protocol(a))
     except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
@@ -106,11 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate completions from a local Hugging Face model")
     g.add_argument("--model", required=True, help="local model directory (config.json, *.safetensors)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: stdin)")
+    g.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered by the model's chat template")
+    g.add_argument("--system", help="a system message before each prompt (implies --chat)")
     g.add_argument("-n", type=int, default=1, help="completions per prompt (threads)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--ignore-eos", action="store_true", help="sample on past end-of-sequence tokens")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)

@@ -305,7 +305,11 @@ class LLM:
         return [done[r.id] for r in reqs]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, protocol: Protocol | None = None) -> list[RequestOutput]:
+        """Generate for a conversation (a list of ``{"role", "content"}`` dicts) or a list of
+        conversations, each rendered by the model's chat template; ``protocol`` as in
+        generate() (the rendered conversation is the prompt as it is: Hogwild's
+        collaboration prompt, which it adds around a text prompt, is not added)."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             convs = [messages]
         elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
@@ -315,7 +319,7 @@ class LLM:
                              "or a list of conversations.")
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
         outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
-                             sampling_params, use_tqdm)
+                             sampling_params, use_tqdm, protocol)
         for out, text in zip(outs, texts):
             out.prompt = text  # (the rendered conversation)
         return outs

@@ -119,7 +119,7 @@ class Tokenizer:
         if not t:
             raise ValueError("This model has no chat template (no 'chat_template' in "
                              "tokenizer_config.json or chat_template.jinja); use generate() "
-                             "with a plain prompt instead.")
+                             "with a plain prompt instead (the command line: without --chat / --system).")
         if isinstance(t, list):  # named templates: "default", as transformers
             if not all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
                 raise ValueError("tokenizer_config.json's chat_template list must hold objects with "

@@ -53,6 +53,36 @@ def test_generate_reads_stdin(model, capsys, monkeypatch):
     assert completions(capsys.readouterr().out)[0][2] == want[0].outputs[0].text
 
 
+def test_generate_chat_prints_what_the_api_returns(model, capsys):
+    """--chat / --system: each prompt as a user message (after a system one) in the model's
+    chat template, as LLM.chat; with a protocol too."""
+    from engine import protocols as P
+    llm = LLM(model)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    for extra, conv, proto in (
+            (["--chat"], [{"role": "user", "content": "hi"}], None),
+            (["--system", "be brief"], [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+             None),
+            (["--chat", "--protocol", "multiverse"], [{"role": "user", "content": "hi"}], P.Multiverse())):
+        assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "6", "--temperature", "0",
+                     *extra]) == 0
+        got = completions(capsys.readouterr().out)
+        want = llm.chat(conv, greedy, protocol=proto)[0].outputs
+        plain = llm.generate(["hi"], greedy, protocol=proto)[0].outputs
+        assert want[0].token_ids != plain[0].token_ids or want[0].text != plain[0].text  # (the template counts)
+        assert [(r, n, t.split("\nprotocol: ")[0]) for r, n, t in got] == \
+            [(c.finish_reason, len(c.token_ids), c.text) for c in want]
+
+
+def test_generate_chat_without_a_template(model_dir, capsys):
+    path = model_dir("mistral")
+    capsys.readouterr()
+    assert main(["generate", "--model", path, "--prompt", "x", "--chat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loom: error: This model has no chat template") and "without --chat" in err, err
+    assert err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("proto,args", [
     ("sampling", ["-n", "3", "--select", "majority"]), ("multiverse", []), ("parallel-r1", ["--paths", "3"]),
     ("hogwild", ["--workers", "3"]),
@@ -87,6 +117,7 @@ def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, pro
 
     (["-n", "0"], "SamplingParams.n=0 is invalid"),
     (["--temperature", "-1"], "SamplingParams.temperature=-1.0 is invalid"),
+    (["--min-p", "2"], "SamplingParams.min_p=2.0 is invalid"),
     (["--dtype", "float8"], "dtype='float8' is not supported"),
     (["--page-size", "0"], "page_size=0 must be an integer >= 1"),
     (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
