@@ -38,6 +38,20 @@ def _protocol(a):
     return PROTOCOLS[a.protocol](protocols, a)
 
 
+def _json_object(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    import json
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        obj = e
+    if not isinstance(obj, dict):
+        raise ValueError(f"--chat-template-kwargs {text!r} must be a JSON object, e.g. "
+                         "'{\"enable_thinking\": false}'.")
+    return obj
+
+
 def _print_outputs(outs, show_tokens: bool = False):
     for out in outs:
         m = out.metrics
@@ -70,10 +84,11 @@ def _cmd_generate(a) -> int:
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
                   file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
-        if a.chat or a.system is not None:  # each prompt: a user message, in the model's chat template
+        if a.chat or a.system is not None or a.chat_template_kwargs is not None:
+            # each prompt: a user message, in the model's chat template
             system = [] if a.system is None else [{"role": "system", "content": a.system}]
             outs = llm.chat([system + [{"role": "user", "content": p}] for p in prompts], params,
-                            protocol=_protocol(a))
+                            protocol=_protocol(a), chat_template_kwargs=_json_object(a.chat_template_kwargs))
         else:
             outs = llm.generate(prompts, params, protocol=_protocol(a))
     except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
@@ -114,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="each prompt is a user message, rendered by the model's chat template")
     g.add_argument("--system", help="a system message before each prompt (implies --chat)")
+    g.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help="more variables for the chat template (implies --chat), e.g. '{\"enable_thinking\": false}'")
     g.add_argument("-n", type=int, default=1, help="completions per prompt (threads)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)

@@ -305,11 +305,14 @@ class LLM:
         return [done[r.id] for r in reqs]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False,
-             add_generation_prompt: bool = True, protocol: Protocol | None = None) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, protocol: Protocol | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Generate for a conversation (a list of ``{"role", "content"}`` dicts) or a list of
         conversations, each rendered by the model's chat template; ``protocol`` as in
         generate() (the rendered conversation is the prompt as it is: Hogwild's
-        collaboration prompt, which it adds around a text prompt, is not added)."""
+        collaboration prompt, which it adds around a text prompt, is not added);
+        ``chat_template_kwargs``: more variables for the template (e.g. Qwen3's
+        ``{"enable_thinking": False}``)."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             convs = [messages]
         elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
@@ -317,7 +320,7 @@ class LLM:
         else:
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
                              "or a list of conversations.")
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]
+        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, chat_template_kwargs) for c in convs]
         outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
                              sampling_params, use_tqdm, protocol)
         for out, text in zip(outs, texts):

@@ -134,8 +134,19 @@ class Tokenizer:
                              "named templates.")
         return t
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template_kwargs: dict | None = None) -> str:
+        """The conversation rendered by the model's chat template; ``chat_template_kwargs``
+        are more variables for the template (e.g. Qwen3's ``{"enable_thinking": False}``)."""
         text = self._template_text()
+        kwargs = chat_template_kwargs or {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"chat_template_kwargs={chat_template_kwargs!r} must be a dict of template "
+                             "variable names to values, e.g. {'enable_thinking': False}.")
+        taken = {"messages", "add_generation_prompt"} & set(kwargs)
+        if taken:
+            raise ValueError(f"chat_template_kwargs sets {sorted(taken)}: pass the conversation and "
+                             "add_generation_prompt as chat()'s own arguments.")
         for m in messages:
             if not isinstance(m, dict) or m.get("role") is None:
                 raise ValueError(f"Chat message {m!r} must be a dict with a 'role' (and usually a "
@@ -152,7 +163,7 @@ class Tokenizer:
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=None, documents=None,  # (as transformers, without them)
-                                         **{"bos_token": "", "eos_token": "", **self.special_tokens})
+                                         **{"bos_token": "", "eos_token": "", **self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from None
         except (TypeError, KeyError, AttributeError, IndexError) as e:  # (the template on these messages)

@@ -1041,6 +1041,35 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     assert got == want and got.split("#")[1:5] == [tc["bos_token"], tc["bos_token"], tc["bos_token"], tc["eos_token"]]
 
 
+def test_chat_template_kwargs(tmp_path, model_dir):
+    """chat_template_kwargs are more variables for the template, as transformers' keyword
+    arguments (Qwen3's enable_thinking); LLM.chat passes them; bad ones are refused."""
+    from transformers import AutoTokenizer
+    from engine import LLM
+    from engine.tokenizer import Tokenizer
+    d = _copy_model(tmp_path, model_dir, "kw")
+    tc = read_json(os.path.join(d, "tokenizer_config.json"))
+    tc["chat_template"] = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                           "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+                           "{% endif %}{% endif %}")
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    msgs = [{"role": "user", "content": "hi"}]
+    hf = AutoTokenizer.from_pretrained(d)
+    for kw in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        want = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
+        assert Tokenizer(d).apply_chat_template(msgs, chat_template_kwargs=kw) == want
+    assert "</think>" in Tokenizer(d).apply_chat_template(msgs, chat_template_kwargs={"enable_thinking": False})
+    llm = LLM(d, kv_cache_tokens=256)
+    out = llm.chat(msgs, greedy(3), chat_template_kwargs={"enable_thinking": False})[0]
+    assert out.prompt.endswith("<think>\n\n</think>\n\n") and "</think>" not in llm.chat(msgs, greedy(3))[0].prompt
+    for bad, msg in (("x", "must be a dict"), ({1: 2}, "must be a dict"),
+                     ({"add_generation_prompt": False}, "chat\\(\\)'s own arguments")):
+        with pytest.raises(ValueError, match=msg):
+            llm.chat(msgs, greedy(3), chat_template_kwargs=bad)
+    assert_no_leak(llm)
+
+
 @pytest.fixture(scope="module")
 def small(make_llm):
     """An LLM with a deliberately small cache."""

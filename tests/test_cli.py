@@ -63,7 +63,8 @@ def test_generate_chat_prints_what_the_api_returns(model, capsys):
             (["--chat"], [{"role": "user", "content": "hi"}], None),
             (["--system", "be brief"], [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
              None),
-            (["--chat", "--protocol", "multiverse"], [{"role": "user", "content": "hi"}], P.Multiverse())):
+            (["--chat", "--protocol", "multiverse"], [{"role": "user", "content": "hi"}], P.Multiverse()),
+            (["--chat-template-kwargs", '{"x": 1}'], [{"role": "user", "content": "hi"}], None)):
         assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "6", "--temperature", "0",
                      *extra]) == 0
         got = completions(capsys.readouterr().out)
@@ -72,6 +73,19 @@ def test_generate_chat_prints_what_the_api_returns(model, capsys):
         assert want[0].token_ids != plain[0].token_ids or want[0].text != plain[0].text  # (the template counts)
         assert [(r, n, t.split("\nprotocol: ")[0]) for r, n, t in got] == \
             [(c.finish_reason, len(c.token_ids), c.text) for c in want]
+
+
+def test_generate_chat_template_kwargs_reach_the_template(model, capsys, monkeypatch):
+    from engine.tokenizer import Tokenizer
+    seen, render = [], Tokenizer.apply_chat_template
+
+    def spy(self, messages, add_generation_prompt=True, chat_template_kwargs=None):
+        seen.append(chat_template_kwargs)
+        return render(self, messages, add_generation_prompt, chat_template_kwargs)
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", spy)
+    assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "2",
+                 "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert seen == [{"enable_thinking": False}]
 
 
 def test_generate_chat_without_a_template(model_dir, capsys):
@@ -118,6 +132,8 @@ def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, pro
     (["-n", "0"], "SamplingParams.n=0 is invalid"),
     (["--temperature", "-1"], "SamplingParams.temperature=-1.0 is invalid"),
     (["--min-p", "2"], "SamplingParams.min_p=2.0 is invalid"),
+    (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs '[1]' must be a JSON object"),
+    (["--chat-template-kwargs", "{bad"], "--chat-template-kwargs '{bad' must be a JSON object"),
     (["--dtype", "float8"], "dtype='float8' is not supported"),
     (["--page-size", "0"], "page_size=0 must be an integer >= 1"),
     (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
