@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -106,6 +107,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ValueError(f"config.json's architectures={archs!r} must be a list of class names, e.g. "
+                             "[\"LlamaForCausalLM\"]; use the config.json that came with the weights.")
         if archs:
             arch = archs[0]
         else:  # (as transformers: the model type names the architecture)
@@ -146,23 +150,39 @@ class ModelConfig:
         eps = cfg["rms_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"config.json's rms_norm_eps={eps!r} must be a number >= 0.")
-        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        rope = dict(rope)
+        rope = _rope_fields(raw)
         theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        if not _positive_number(theta) or theta <= 1:
+            raise ValueError(f"config.json's rope_theta={theta!r} must be a number > 1 (the RoPE base, e.g. "
+                             "10000.0); use the config.json that came with the weights.")
         rtype = rope.get("rope_type", rope.get("type", "default"))
+        if rtype is not None and not isinstance(rtype, str):
+            raise ValueError(f"config.json's rope_type={rtype!r} must be a string, e.g. 'yarn'.")
         partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
-            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads "
-                             "(the Llama / Qwen / Mistral checkpoints it loads do); this model is not one of them.")
+            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads. "
+                             "transformers' Llama / Qwen / Mistral code rotates part of each head by it in "
+                             "4.x and ignores it in 5.x, so which the model was trained with is unclear; "
+                             "remove the field if the checkpoint rotates whole heads.")
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
-        if rtype == "yarn":  # as transformers fills them: the top-level field first, then the context
+        for k in ("factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                  "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            v = (scaling or {}).get(k)
+            if v is not None and not (_positive_number(v) or (v == 0 and k.startswith("mscale") and v is not False)):
+                raise ValueError(f"config.json's rope scaling {rtype!r}: {k}={v!r} must be a number > 0; use "
+                                 "the config.json that came with the weights.")
+        if rtype in ("yarn", "llama3"):
+            # as transformers 5 fills it: the top-level field first, then the scaling's, then the context
             orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
             if orig is None and raw.get("max_position_embeddings") is None:
-                raise ValueError("config.json's rope scaling 'yarn' needs original_max_position_embeddings "
+                raise ValueError(f"config.json's rope scaling {rtype!r} needs original_max_position_embeddings "
                                  "(the pretraining context its frequencies come from) or max_position_embeddings; "
                                  "the config is incomplete.")
             orig = orig or cfg["max_position_embeddings"]
+            if not _positive_number(orig):
+                raise ValueError(f"config.json's original_max_position_embeddings={orig!r} must be a number > 0.")
             scaling["original_max_position_embeddings"] = orig
+        if rtype == "yarn":
             num = (int, float)
             if scaling.get("factor") is None and isinstance(orig, num) and orig > 0:
                 scaling["factor"] = cfg["max_position_embeddings"] / orig  # (DeepSeek-V3's configs)
@@ -201,7 +221,7 @@ class ModelConfig:
             torch_dtype=torch_dtype,
             unsupported_dtype=bad_dtype,
             hidden_act=raw.get("hidden_act", "silu"),
-            eos_token_ids=_as_list(raw.get("eos_token_id")),
+            eos_token_ids=token_id_list(raw.get("eos_token_id"), "config.json's eos_token_id"),
         )
 
 
@@ -217,13 +237,19 @@ def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
     ``max_window_layers`` on); Llama has none."""
     if arch == "LlamaForCausalLM":
         return None
+    if arch == "MistralForCausalLM":  # (absent: transformers' MistralConfig default)
+        window = raw.get("sliding_window", 4096)
+    else:
+        if not raw.get("use_sliding_window", False):
+            return None
+        window = raw.get("sliding_window", 4096)
+    if window is None or window == 0:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"config.json's sliding_window={window!r} must be a positive integer or null "
+                         "(no window); use the config.json that came with the weights.")
     if arch == "MistralForCausalLM":
-        return raw.get("sliding_window") or None
-    if not raw.get("use_sliding_window", False):
-        return None
-    window = raw.get("sliding_window", 4096)
-    if not window:
-        return None
+        return window
     types = raw.get("layer_types")
     if types is None:
         first = raw.get("max_window_layers", 28)
@@ -231,7 +257,36 @@ def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
     return window if "sliding_attention" in types else None
 
 
-def _as_list(x) -> list[int]:
-    if x is None:
-        return []
-    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+def _positive_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _rope_fields(raw: dict) -> dict:
+    """config.json's RoPE fields as transformers 5 reads them: ``rope_scaling`` (the older
+    field, which model cards have users add for long contexts) over ``rope_parameters``."""
+    params, scaling = raw.get("rope_parameters"), raw.get("rope_scaling")
+    for name, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"config.json's {name}={v!r} must be an object (e.g. {{\"rope_type\": \"yarn\", "
+                             "\"factor\": 4.0, ...}) or null; use the config.json that came with the weights.")
+        if v and any(isinstance(x, dict) for x in v.values()):
+            raise ValueError(f"config.json's {name} holds RoPE parameters per layer type; the architectures "
+                             "Loom loads have one set for all layers.")
+    if params and scaling and "rope_theta" not in scaling and "rope_theta" not in raw \
+            and params.get("rope_theta", 10000.0) != 10000.0:
+        # transformers takes rope_scaling alone and its theta from the top level or 10000.0:
+        # not what a config that keeps its theta in rope_parameters means
+        raise ValueError(f"config.json has both rope_parameters and rope_scaling; transformers reads "
+                         f"rope_scaling alone, whose rope_theta is missing (it takes 10000.0, not "
+                         f"rope_parameters' {params['rope_theta']!r}): add \"rope_theta\" to rope_scaling, or "
+                         "move the scaling's fields into rope_parameters.")
+    return dict(scaling or params or {})
+
+
+def token_id_list(x, what: str) -> list[int]:
+    """A token id field (an integer, a list of them, or null) as a list; one ValueError
+    naming ``what`` for anything else."""
+    ids = [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
+        raise ValueError(f"{what}={x!r} must be a token id (an integer >= 0), a list of them, or null.")
+    return ids

@@ -900,6 +900,21 @@ def test_sliding_window_as_transformers_applies_it(arch, fields):
     assert ModelConfig.from_dict(raw).max_position_embeddings == want, (hf.sliding_window, types)
 
 
+def test_sliding_window_absent_or_malformed():
+    """A Mistral config without sliding_window has transformers' default window, 4096 (an
+    explicit null: none); a window that is not a positive integer is refused."""
+    from transformers import MistralConfig
+    from engine.config import ModelConfig
+    raw = dict(architectures=["MistralForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768)
+    assert MistralConfig(**{k: v for k, v in raw.items() if k != "architectures"}).sliding_window == 4096
+    assert ModelConfig.from_dict(raw).max_position_embeddings == 4096
+    assert ModelConfig.from_dict({**raw, "sliding_window": None}).max_position_embeddings == 32768
+    for bad in (True, -1, 2.5, "4096"):
+        with pytest.raises(ValueError, match="sliding_window=.* must be a positive integer or null"):
+            ModelConfig.from_dict({**raw, "sliding_window": bad})
+
+
 def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
     """Each damaged or unsupported file gets one ValueError (or FileNotFoundError) that names
     it; none escapes as a library's KeyError / AttributeError / bare Exception."""
@@ -937,6 +952,27 @@ def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
         ("hidden_str", set_cfg("hidden_size", "64"), "hidden_size='64' must be a positive integer"),
         ("layers_missing", set_cfg("num_hidden_layers", None), "lacks the required field 'num_hidden_layers'"),
         ("eps_negative", set_cfg("rms_norm_eps", -1e-6), "rms_norm_eps=-1e-06 must be a number >= 0"),
+        ("theta_null", set_cfg("rope_parameters", {**VARIANTS[NAME]["rope"], "rope_theta": None}),
+         "rope_theta=None must be a number > 1"),
+        ("theta_str", set_cfg("rope_parameters", {**VARIANTS[NAME]["rope"], "rope_theta": "abc"}),
+         "rope_theta='abc' must be a number > 1"),
+        ("theta_negative", set_cfg("rope_parameters", {**VARIANTS[NAME]["rope"], "rope_theta": -1e4}),
+         "rope_theta=-10000.0 must be a number > 1"),
+        ("factor_zero", set_cfg("rope_parameters", {**VARIANTS[NAME]["rope"], "factor": 0}),
+         "'llama3': factor=0 must be a number > 0"),
+        ("yarn_mscale", set_cfg("rope_scaling", {"rope_type": "yarn", "factor": 2.0, "mscale": "x", "rope_theta": 1e4}),
+         "'yarn': mscale='x' must be a number > 0"),
+        ("rope_list", set_cfg("rope_scaling", [1, 2]), r"rope_scaling=\[1, 2\] must be an object"),
+        ("rope_str", set_cfg("rope_scaling", "linear"), "rope_scaling='linear' must be an object"),
+        ("rope_nested", set_cfg("rope_parameters", {"full_attention": {"rope_type": "default"}}),
+         "RoPE parameters per layer type"),
+        ("rope_type_int", set_cfg("rope_parameters", {"rope_type": 3}), "rope_type=3 must be a string"),
+        ("theta_ambiguous", lambda d: (set_cfg("rope_parameters", {"rope_type": "default", "rope_theta": 5e5})(d),
+                                       set_cfg("rope_scaling", {"rope_type": "linear", "factor": 2.0})(d)),
+         "transformers reads rope_scaling alone, whose rope_theta is missing"),
+        ("eos_null_item", set_cfg("eos_token_id", [1, None]), r"eos_token_id=\[1, None\] must be a token id"),
+        ("eos_str", set_cfg("eos_token_id", "abc"), "eos_token_id='abc' must be a token id"),
+        ("archs_str", set_cfg("architectures", "LlamaForCausalLM"), "architectures='LlamaForCausalLM' must be a list"),
     ]
     for name, edit, pattern in cases:
         d = damaged(name, edit)

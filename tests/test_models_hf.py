@@ -223,10 +223,60 @@ def test_yarn_frequencies_and_attention_factor_are_transformers(top, rope):
     raw = dict(architectures=["Qwen3ForCausalLM"], vocab_size=64, hidden_size=128, intermediate_size=64,
                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
                max_position_embeddings=8192, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, **rope}, **top)
-    inv_hf, scale_hf = ROPE_INIT_FUNCTIONS["yarn"](Qwen3Config(**raw), "cpu")
+    import copy
+    inv_hf, scale_hf = ROPE_INIT_FUNCTIONS["yarn"](Qwen3Config(**copy.deepcopy(raw)), "cpu")  # (it fills in raw's dicts)
     cfg = ModelConfig.from_dict(raw)
     assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
     assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
+
+
+@pytest.mark.parametrize("top,rope", [
+    ({}, {"original_max_position_embeddings": 1024}),
+    ({}, {}),  # no original context: transformers 5 takes max_position_embeddings
+    ({"original_max_position_embeddings": 4096}, {"original_max_position_embeddings": 1024}),  # the top level wins
+])
+def test_llama3_frequencies_are_transformers(top, rope):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.config import ModelConfig
+    from engine.rope import compute_inv_freq
+    raw = dict(architectures=["LlamaForCausalLM"], vocab_size=64, hidden_size=128, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, **rope}, **top)
+    import copy
+    inv_hf, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**copy.deepcopy(raw)), "cpu")  # (it fills in raw's dicts)
+    assert torch.allclose(compute_inv_freq(ModelConfig.from_dict(raw)), inv_hf.float(), rtol=1e-6, atol=0)
+
+
+def test_rope_scaling_added_to_a_transformers5_config(tmp_path):
+    """A config transformers 5 wrote (rope_parameters) with rope_scaling added by hand, as
+    Qwen's model cards say for long contexts: transformers reads rope_scaling over
+    rope_parameters, and so does Loom (same log-probs past the pretraining context). When
+    rope_scaling has no theta and rope_parameters holds one that is not the default,
+    transformers would drop it: refused, saying where to put it."""
+    import json
+    from conftest import build_model_dir, hf_model
+    from engine import LLM
+    spec = dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
+                rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = str(tmp_path / "both")
+    build_model_dir(d, spec, seed=2)
+    path = tmp_path / "both" / "config.json"
+    raw = json.loads(path.read_text())
+    assert raw["rope_parameters"]["rope_type"] == "default"
+    raw.update(max_position_embeddings=64,
+               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    path.write_text(json.dumps(raw))
+    ids = random_ids(150, 320, 3)
+    llm = LLM(d)
+    assert llm.config.max_position_embeddings == 256
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(hf_model(d), ids), "rope_scaling over rope_parameters")
+    raw["rope_parameters"]["rope_theta"] = 1e6
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="add \"rope_theta\" to rope_scaling"):
+        LLM(d)
 
 
 def test_yarn_extends_the_context_as_qwen_configures_it(tmp_path):
