@@ -172,6 +172,16 @@ class KVCache:
         seg.length += n
         return slots
 
+    def save_slot(self, seg: Segment, i: int):
+        """A copy of the K/V of ``seg``'s token ``i`` over every layer (restore_slot puts it back)."""
+        page, off = seg.pages[i // self.page_size], i % self.page_size
+        return [(k[page, off].clone(), v[page, off].clone()) for k, v in zip(self.k, self.v)]
+
+    def restore_slot(self, seg: Segment, i: int, saved):
+        page, off = seg.pages[i // self.page_size], i % self.page_size
+        for (k, v), (ks, vs) in zip(zip(self.k, self.v), saved):
+            k[page, off], v[page, off] = ks, vs
+
     # ---- one step's appends as a unit ----------------------------------------------------
     def begin_append(self):
         """Record the appends that follow, so that rollback_append can undo them."""

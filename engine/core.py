@@ -103,16 +103,23 @@ class EngineCore:
                 raise RuntimeError(f"thread {t.id} would sample at position {effective_end(t)}, past the "
                                    f"model's context of {self.max_positions} (engine bug: its caller "
                                    "ends such threads first)")
-        feed = list(feed)
+        sampling = {id(t) for t in samplers}
+        # A live thread that does not sample here and whose view has grown so that its
+        # pending tokens would sit past the model's context keeps them pending: no K/V is
+        # written past the context (its readers see it as far as it is written).
+        feed = [t for t in feed if t.live is None or id(t) in sampling or effective_end(t) <= self.max_positions]
+        self._check_room(feed)  # (before any change; a re-write below takes no page)
+        rewritten = []
         for t in samplers:
             if t.logits_stale and not t.pending and t.tokens:
                 # A live thread written in a step where it did not sample (a session's other
                 # threads' generate): its view has grown since. Its last token is written
-                # again (same slot) so that its next token sees the view as it is now.
+                # again (same slot) so that its next token sees the view as it is now; the
+                # slot's K/V are kept until the step is done, to put back if it fails.
+                rewritten.append((t, self.cache.save_slot(t.seg, t.seg.length - 1)))
                 t.seg.length -= 1
                 t.pending = [t.tokens[-1]]
                 feed.append(t)
-        self._check_room(feed)
         for t in feed + samplers:
             if t.live is not None:
                 refresh_view(t)
@@ -130,9 +137,15 @@ class EngineCore:
         items = [StepItem(t.seg, t.pending, t.view, owner=t) for t in feed]
         logits, row_of = None, {}
         if items:
-            logits = self.runner.run(StepBatch(items))
+            try:
+                logits = self.runner.run(StepBatch(items))
+            except BaseException:  # (the runner put the segments back: each re-write undone too)
+                for t, saved in rewritten:
+                    self.cache.restore_slot(t.seg, t.seg.length, saved)
+                    t.seg.length += 1
+                    t.pending = []
+                raise
             self.forward_steps += 1
-            sampling = {id(t) for t in samplers}
             views = logits.unbind(0)  # all row views in one call
             for i, t in enumerate(feed):
                 t.pending = []

@@ -244,6 +244,58 @@ def test_a_resumed_live_thread_sees_its_view_as_it_is_now(make_llm, backend):
     assert again[0] == fresh[0] and abs(again[1] - fresh[1]) < 1e-5, (fresh, again)
 
 
+def _reader_after_a_failed_resume(llm, fail: str | None) -> tuple[int, float]:
+    """w2 reads [root, w1] live, w3 reads [root, w2]. w3's step writes w2's last token (w2 is
+    then stale); w1 grows; w2's resume (which writes that token again) fails with ``fail``
+    ("interrupt": in the forward; "cache_full": refused before it), or is not tried; w1
+    grows again; w3 samples one token: (its token, its log-prob). A failed call changes
+    nothing, so every run gives what the run without it gives."""
+    V = llm.config.vocab_size
+    g = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)  # noqa: E731
+    s = llm.session(random_ids(10, V, seed=1))
+    (w1,) = s.fork(s.root, [[6]])
+    w2 = s.spawn([s.root, w1], header=[7, 8])
+    w3 = s.spawn([s.root, w2], header=[9])
+    s.generate([w2], g(1))
+    s.generate([w3], g(1))
+    s.generate([w1], g(6))
+    if fail == "interrupt":
+        inner = llm.runner._run
+
+        def boom(batch):  # (after the step's appends, w2's re-written token among them)
+            inner(batch)
+            raise KeyboardInterrupt
+        llm.runner._run = boom
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                s.generate([w2], g(1))
+        finally:
+            del llm.runner._run
+    elif fail == "cache_full":
+        filler = llm.session(random_ids(llm.cache_stats()["pages_free"], V, seed=2))
+        (f,) = filler.fork(filler.root, [[]])
+        filler.generate([f], g(1))  # its prompt written: no page left
+        with pytest.raises(ValueError, match="The KV cache is full"):
+            s.generate([w2], g(1))  # (w1's last token needs a page)
+        filler.close()
+    assert all(t.seg.length == len(t.tokens) - len(t.pending) for t in s.tree.threads)
+    s.generate([w1], g(2))
+    out = s.generate([w3], g(1))[0]
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+    return out.token_ids[0], out.logprobs[0][out.token_ids[0]]
+
+
+def test_a_failed_resume_of_a_stale_live_thread_changes_nothing(make_llm):
+    """(Its last token's slot was re-written in the failed step's context and left pending,
+    so that a reader's later step wrote it again in its own.)"""
+    llm = make_llm("qwen3", attention_backend="cpu", page_size=1, kv_cache_tokens=64)
+    want = _reader_after_a_failed_resume(llm, None)
+    for fail in ("interrupt", "cache_full"):
+        got = _reader_after_a_failed_resume(llm, fail)
+        assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-6, (fail, want, got)
+
+
 def test_live_views_stop_at_the_models_context(make_llm):
     """A live thread's positions are its view's layout, then its own tokens: set_view past
     the model's context is refused, and generation ends ("length") where the layout
@@ -262,5 +314,25 @@ def test_live_views_stop_at_the_models_context(make_llm):
     out = s.generate([w2], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 14
     assert s.generate([w2], SamplingParams(temperature=0, max_tokens=5))[0].token_ids == []
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_live_threads_tokens_are_not_written_past_the_context(make_llm):
+    """A live thread's view grows after it sampled (here its root, by an injection) so that
+    its pending tokens would sit past the model's context: a reader's step does not write
+    them (no K/V past the context); it reads the thread as far as it is written."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    M, V = llm.config.max_position_embeddings, llm.config.vocab_size
+    s = llm.session(random_ids(20, V, seed=1))
+    w = s.spawn([s.root], header=[5])
+    s.generate([w], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # its token pending
+    s.inject(s.root, [9] * (M - 21))  # the root ends at M - 1: w's pending token would sit at M + 1
+    t = w._t
+    before = (t.seg.length, list(t.pending))
+    r = s.spawn([s.root], header=[6])
+    s.set_view(r, [w])  # (laid out: w's view, then w: within the context as written)
+    s.generate([r], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    assert (t.seg.length, list(t.pending)) == before
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
