@@ -37,11 +37,14 @@ def parse_dtype(dtype, default: torch.dtype) -> torch.dtype:
 def read_json_object(path: str, what: str = "a JSON object") -> dict:
     """The JSON object in ``path``; one ValueError naming the file when it is not valid
     JSON or holds something else."""
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), as JSON files must be; "
+                             "download it again, or save it as UTF-8.") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold {what}, not {type(raw).__name__}.")
     return raw

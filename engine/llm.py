@@ -7,7 +7,6 @@ Flow of one step (Scheduler.step; each arrow one object):
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import threading
@@ -15,7 +14,7 @@ import threading
 import torch
 
 from .cache import KVCache, kv_token_bytes
-from .config import ModelConfig, parse_dtype
+from .config import ModelConfig, parse_dtype, read_json_object, token_id_list
 from .model import CausalLM
 from .core import EngineCore
 from .interrupts import DEFERRED
@@ -169,24 +168,22 @@ class LLM:
     def _eos_ids_from(path: str) -> list[int]:
         if not os.path.isfile(path):
             return []
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}).") from None
-        v = raw.get("eos_token_id") if isinstance(raw, dict) else None
-        try:
-            return [] if v is None else ([int(x) for x in v] if isinstance(v, list) else [int(v)])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: eos_token_id={v!r} must be a token id or a list of them.") from None
+        raw = read_json_object(path, "a JSON object (a generation config)")
+        return token_id_list(raw.get("eos_token_id"), f"{path}'s eos_token_id")
 
     def _eos_ids(self, model_dir: str) -> list[int]:
-        ids = self._eos_ids_from(os.path.join(model_dir, "generation_config.json"))
+        where = os.path.join(model_dir, "generation_config.json")
+        ids = self._eos_ids_from(where)
         if not ids:
-            ids = list(self.config.eos_token_ids)
+            ids, where = list(self.config.eos_token_ids), os.path.join(model_dir, "config.json")
         if not ids and self.tokenizer.eos_token is not None:
             tid = self.tokenizer.token_to_id(self.tokenizer.eos_token)
             ids = [] if tid is None else [tid]
+        V = self.config.vocab_size
+        if ids and all(i >= V for i in ids):  # (one out of range among others: never sampled, harmless)
+            raise ValueError(f"{where}'s eos_token_id {ids if len(ids) > 1 else ids[0]} is outside the model's "
+                             f"vocabulary [0, {V}): no end-of-sequence token could ever be sampled; use the "
+                             "files that came with the weights.")
         return ids
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -333,8 +330,9 @@ class LLM:
     def score(self, token_ids) -> list[torch.Tensor]:
         """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
         is the next-token distribution after token i."""
-        if isinstance(token_ids, torch.Tensor):
-            token_ids = token_ids.tolist()
+        token_ids = _as_list(token_ids)  # (a tensor or numpy array; or a list of them)
+        if isinstance(token_ids, (list, tuple)):
+            token_ids = [_as_list(x) for x in token_ids]
         many = isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple))
         seqs = self._normalize_prompts(list(token_ids) if many else [token_ids])
         outs = []

@@ -19,28 +19,38 @@ _PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "*
 
 def safetensor_files(model_dir: str) -> list[str]:
     """The checkpoint's ``.safetensors`` files, or a clear error."""
+    return _checkpoint(model_dir)[0]
+
+
+def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
+    """The checkpoint's ``.safetensors`` files and, for a sharded one, its index's weight
+    map (tensor name -> shard path); None: every tensor of every file is read."""
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.isfile(single):  # (first, as transformers: an index may be left from a sharded save)
-        return [single]
+        return [single], None
     if os.path.isfile(index):
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as e:
+            bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+            if bad:
+                raise TypeError(f"weight_map names {bad[0]!r}, not a shard file name")
+        except (ValueError, KeyError, TypeError) as e:  # (UnicodeDecodeError is a ValueError)
             raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
                              "download it again with the checkpoint.") from None
-        files = sorted({os.path.join(model_dir, v) for v in weight_map.values()})
+        weight_map = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
+        files = sorted(set(weight_map.values()))
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"Shard {missing[0]} named in {index} is missing; "
                                     "download every shard of the checkpoint.")
-        return files
+        return files, weight_map
     others = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if others:
-        return others
+        return others, None
     pickled = [p for pat in _PICKLED for p in glob.glob(os.path.join(model_dir, pat))]
     if pickled:
         raise ValueError(
@@ -51,10 +61,21 @@ def safetensor_files(model_dir: str) -> list[str]:
 
 
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in safetensor_files(model_dir):
+    """Every tensor of the checkpoint, once: a sharded one's from the shard its index names
+    (as transformers); without an index a name in two files is refused (which one is
+    meant is unknown: e.g. a stray copy of some tensors next to the checkpoint)."""
+    files, weight_map = _checkpoint(model_dir)
+    seen: dict[str, str] = {}
+    for path in files:
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
+                    if weight_map is not None and weight_map.get(name) != path:
+                        continue  # (the index maps it elsewhere, or not at all)
+                    if name in seen:
+                        raise ValueError(f"Tensor {name!r} is in both {seen[name]} and {path}; remove the "
+                                         "file that does not belong to the checkpoint.")
+                    seen[name] = path
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "

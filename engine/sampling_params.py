@@ -57,8 +57,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not _is_num(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
                 bad(name, "must be in [-2, 2] (0 disables it)")
-        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
-            bad("repetition_penalty", "must be in (0, 100] (1 disables it; above 1 discourages repeats)")
+        if not _is_num(self.repetition_penalty) or not 0.01 <= self.repetition_penalty <= 100.0:
+            # (a logit is multiplied or divided by it: 1e-40 made them inf)
+            bad("repetition_penalty", "must be in [0.01, 100] (1 disables it; above 1 discourages repeats)")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
         if any(not isinstance(s, str) or s == "" for s in self.stop):

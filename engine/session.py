@@ -108,7 +108,7 @@ class Session:
             raise ValueError(f"{h!r} is not a thread of this session.")
         return h._t
 
-    def _tokens(self, x) -> list[int]:
+    def _tokens(self, x, what: str = "header") -> list[int]:
         if x is None:
             return []
         if isinstance(x, str):
@@ -119,7 +119,7 @@ class Session:
         ids = list(x)
         V = self._llm.config.vocab_size
         if not all(_is_int(i) and 0 <= i < V for i in ids):
-            raise ValueError(f"header {x!r:.60} must be a string or token ids in [0, {V}).")
+            raise ValueError(f"{what} {x!r:.60} must be a string or token ids in [0, {V}).")
         return [int(i) for i in ids]
 
     def _check_open(self):
@@ -177,7 +177,7 @@ class Session:
     def inject(self, thread: ThreadHandle, tokens):
         """Append tokens (str or ids) to a thread; written by the next step's extend pass."""
         self._check_open()
-        self.tree.inject(self._thread(thread), self._tokens(tokens))
+        self.tree.inject(self._thread(thread), self._tokens(tokens, "injected text"))
 
     @serialized
     def generate(self, threads: list[ThreadHandle], sampling_params: SamplingParams | None = None

@@ -114,7 +114,7 @@ class ThreadTree:
 
     def new_root(self, prompt_ids: list[int]) -> Thread:
         assert self.root is None, "a tree has one root"
-        self.root = self._new_thread(0, [], None, list(prompt_ids))
+        self.root = self._new_thread(0, [], None, list(prompt_ids), what=f"The {len(prompt_ids)}-token prompt")
         return self.root
 
     def fork(self, parent: Thread, headers: list[list[int]]) -> list[Thread]:

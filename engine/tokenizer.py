@@ -57,8 +57,12 @@ class Tokenizer:
         self.chat_template = self.config.get("chat_template")
         tmpl_path = os.path.join(model_dir, "chat_template.jinja")
         if os.path.isfile(tmpl_path):
-            with open(tmpl_path) as f:
-                self.chat_template = f.read()
+            try:
+                with open(tmpl_path, encoding="utf-8") as f:
+                    self.chat_template = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{tmpl_path} is not UTF-8 text ({e.reason} at byte {e.start}); download it "
+                                 "again, or save it as UTF-8.") from None
         # The special tokens: tokenizer_config.json's, overridden by special_tokens_map.json's
         # (as transformers reads them); chat templates see all of them.
         named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}
@@ -69,7 +73,9 @@ class Tokenizer:
         self.special_tokens = {k: t for k, v in named.items() if isinstance(t := _token_str(v), str)}
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")
-        self.add_bos = bool(self.config.get("add_bos_token", False))
+        self.add_bos = self.config.get("add_bos_token") or False
+        if not isinstance(self.add_bos, bool):  # (bool("false") is True)
+            raise ValueError(f"{cfg_path}'s add_bos_token={self.add_bos!r} must be true or false (JSON booleans).")
         self._compiled = None
         self._special_ids: frozenset[int] | None = None
         self._continuation: _HFTokenizer | None = None

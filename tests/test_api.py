@@ -118,6 +118,9 @@ def test_prompt_and_score_input_forms(llm, baseline):
     for form in (np.array(ids), [np.int64(t) for t in ids], [np.array(ids)], torch.tensor(ids)):
         out = llm.generate(form, greedy(5))[0]
         assert out.outputs[0].token_ids == want and all(type(t) is int for t in out.prompt_token_ids)
+        assert torch.equal(llm.score(form)[0], ref)  # (score took only a tensor or lists)
+    for two in (np.array([ids, ids]), [np.array(ids), np.array(ids)], torch.tensor([ids, ids])):
+        assert len(got := llm.score(two)) == 2 and all(torch.equal(g, ref) for g in got)
     s = llm.session(np.array(ids))
     try:
         assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
@@ -764,6 +767,30 @@ def test_damaged_checkpoint_files(tmp_path, model_dir, llm, baseline):
     (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
     with pytest.raises(ValueError, match="index.json is not a valid safetensors index.*weight_map"):
         LLM(str(d))
+    (d / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": 1}}')
+    with pytest.raises(ValueError, match="not a valid safetensors index.*weight_map names 1, not a shard"):
+        LLM(str(d))
+    assert_still_works(llm, baseline)
+
+
+def test_tensors_in_two_files(tmp_path, model_dir, llm, baseline):
+    """Without an index, a tensor in two .safetensors files is refused, naming both (one
+    of them silently won: a stray file of some tensors changed the model); with an index
+    each tensor comes from the shard it names, as in transformers."""
+    from safetensors.torch import load_file, save_file
+    from engine import LLM
+    prompt = random_ids(9, VOCAB, seed=5)
+    want = llm.score(prompt)[0]
+    d = _copy_model(tmp_path, model_dir, "stray")
+    w = load_file(os.path.join(d, "model.safetensors"))
+    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "model-00001-of-00001.safetensors"))
+    save_file({"model.norm.weight": torch.zeros_like(w["model.norm.weight"])}, os.path.join(d, "old-norm.safetensors"))
+    with pytest.raises(ValueError, match="'model.norm.weight' is in both .*model-00001-of-00001.safetensors and "
+                                         ".*old-norm.safetensors; remove the file"):
+        LLM(d, kv_cache_tokens=256)
+    write_json(os.path.join(d, "model.safetensors.index.json"),
+               {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in w}})
+    assert torch.equal(LLM(d, kv_cache_tokens=256).score(prompt)[0], want)
     assert_still_works(llm, baseline)
 
 
@@ -973,6 +1000,21 @@ def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
         ("eos_null_item", set_cfg("eos_token_id", [1, None]), r"eos_token_id=\[1, None\] must be a token id"),
         ("eos_str", set_cfg("eos_token_id", "abc"), "eos_token_id='abc' must be a token id"),
         ("archs_str", set_cfg("architectures", "LlamaForCausalLM"), "architectures='LlamaForCausalLM' must be a list"),
+        ("cfg_utf16", lambda d: open(os.path.join(d, "config.json"), "wb").write(
+            open(os.path.join(model_dir(NAME), "config.json")).read().encode("utf-16")),
+         "config.json is not UTF-8 text .* save it as UTF-8"),
+        ("tmpl_latin1", lambda d: open(os.path.join(d, "chat_template.jinja"), "wb").write("é{{ x }}".encode("latin-1")),
+         "chat_template.jinja is not UTF-8 text"),
+        ("add_bos_str", lambda d: write_json(os.path.join(d, "tokenizer_config.json"), {
+            **read_json(os.path.join(d, "tokenizer_config.json")), "add_bos_token": "false"}),
+         "add_bos_token='false' must be true or false"),
+        ("gencfg_list", write("generation_config.json", "[1]"), "generation_config.json must hold a JSON object"),
+        ("gencfg_eos_float", write("generation_config.json", '{"eos_token_id": 1.7}'),
+         "generation_config.json's eos_token_id=1.7 must be a token id"),
+        ("gencfg_eos_bool", write("generation_config.json", '{"eos_token_id": true}'),
+         "eos_token_id=True must be a token id"),
+        ("gencfg_eos_range", write("generation_config.json", f'{{"eos_token_id": [{VOCAB}, 100000]}}'),
+         rf"generation_config.json's eos_token_id \[{VOCAB}, 100000\] is outside the model's vocabulary"),
     ]
     for name, edit, pattern in cases:
         d = damaged(name, edit)
@@ -1330,7 +1372,8 @@ def test_penalties_are_per_thread_and_see_the_thread_context(llm, hf_ref):
 
 @pytest.mark.parametrize("name,value,message", [
     ("presence_penalty", 2.5, "must be in [-2, 2]"), ("frequency_penalty", -3, "must be in [-2, 2]"),
-    ("repetition_penalty", 0, "must be in (0, 100]"), ("repetition_penalty", float("nan"), "must be in (0, 100]"),
+    ("repetition_penalty", 0, "must be in [0.01, 100]"), ("repetition_penalty", float("nan"), "must be in [0.01, 100]"),
+    ("repetition_penalty", 1e-40, "must be in [0.01, 100]"),
 ])
 def test_penalty_values_are_checked(name, value, message):
     with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name}={value!r} is invalid: {message}")):

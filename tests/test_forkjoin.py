@@ -307,9 +307,13 @@ def test_session_verbs_refuse_what_they_cannot_do(make_llm):
     for call in (lambda: s.fork(a, [5, 6]), lambda: s.join(a, header=[3]), lambda: s.generate(a, greedy(1))):
         with pytest.raises(ValueError):
             call()
+    with pytest.raises(ValueError, match=rf"injected text \[{V}\] must be a string or token ids in \[0, {V}\)"):
+        s.inject(b, [V])
     c = s.join([a, b], header=[3])
     assert len(s.generate([c], greedy(2))[0].token_ids) == 2
     s.close()
+    with pytest.raises(ValueError, match="The 300-token prompt would need 75 pages of the KV cache, which has 64"):
+        llm.session(random_ids(300, V, seed=2))
     assert llm.cache_stats()["pages_used"] == 0
 
 

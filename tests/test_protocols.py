@@ -364,6 +364,24 @@ def test_protocol_arguments_are_validated():
         TreeLimits(max_depth=0)
     with pytest.raises(ValueError, match="block_open"):
         Tags(fork="x", path_header="y", path_close="z", join_header="w", block_open="a")
+    # NaN compares false with every length (the cut-off never came); True is not a count;
+    # a missing answer extractor failed after the whole generation
+    import numpy as np
+    for make, pattern in [(lambda: ParaThinker(cutoff_ratio=float("nan")), "cutoff_ratio=nan must be a number >= 1.0"),
+                          (lambda: ParaThinker(paths=True), "paths=True must be an integer >= 1"),
+                          (lambda: ParallelR1(num_paths=2.0), "num_paths=2.0 must be an integer >= 1"),
+                          (lambda: ParallelSampling(True), "ParallelSampling n=True must be an integer >= 1"),
+                          (lambda: ParallelSampling(2, extract_answer=None), "extract_answer=None must be a function"),
+                          (lambda: TreeLimits(max_paths=False), "max_paths=False must be an integer >= 1"),
+                          (lambda: TreeLimits(fork_margin=-1), "fork_margin=-1 must be an integer >= 0"),
+                          (lambda: Hogwild(workers=True), "workers=True must be an integer >= 1"),
+                          (lambda: Hogwild(finisher_tokens=0), "finisher_tokens=0 must be an integer >= 1"),
+                          (lambda: Hogwild(finisher="yes"), "finisher='yes' must be True or False"),
+                          (lambda: Hogwild(workers=2, compact_after=3), "compact_after=3 must be an integer >= 4")]:
+        with pytest.raises(ValueError, match=pattern):
+            make()
+    assert ParaThinker(paths=np.int64(3), cutoff_ratio=float("inf")).paths == 3  # (inf: no cut-off)
+    assert type(TreeLimits(max_paths=np.int32(4)).max_paths) is int
 
 
 def test_sampling_params_a_protocol_cannot_honour_are_refused(llm):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..core import EngineCore
 from ..outputs import CompletionOutput, RequestMetrics
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, _is_int
 from ..threads import Thread, ThreadTree
 
 
@@ -90,3 +90,16 @@ class ProtocolRun:
     def completion(self, t: Thread, index: int) -> CompletionOutput:
         return CompletionOutput(index, self.core.text_of(t), list(t.generated), t.finish_reason,
                                 t.logprobs, t.stop_reason)
+
+
+def int_arg(name: str, x, lo: int) -> int:
+    """A protocol's integer argument (numpy integers too; not a bool) as an int >= ``lo``."""
+    if not _is_int(x) or x < lo:
+        raise ValueError(f"{name}={x!r} must be an integer >= {lo}.")
+    return int(x)
+
+
+def bool_arg(name: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name}={x!r} must be True or False.")
+    return x

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread, layout_end
-from .base import Protocol, ProtocolRun, one_output_only, tokens_at_most
+from .base import Protocol, ProtocolRun, bool_arg, int_arg, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
@@ -75,8 +75,9 @@ class Hogwild(Protocol):
                  checkin_every: int | None = None, checkin: str = CHECKIN,
                  compact_after: int = 32, finisher: bool = True, finisher_tokens: int = 24,
                  stop_on_answer: bool = True):
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers={workers!r} must be an integer >= 1.")
+        workers = int_arg("workers", workers, 1)
+        finisher_tokens = int_arg("finisher_tokens", finisher_tokens, 1)
+        finisher, stop_on_answer = bool_arg("finisher", finisher), bool_arg("stop_on_answer", stop_on_answer)
         if layout not in ("combined", "contiguous"):
             raise ValueError(f"layout={layout!r} must be 'combined' or 'contiguous'.")
         names = list(names) if names is not None else (NAMES + [f"Worker{i}" for i in range(9, 65)])
@@ -85,10 +86,9 @@ class Hogwild(Protocol):
         if not isinstance(header, str) or not (header or _header_optional(workers, layout)):
             raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
                              "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
-        if checkin_every is not None and (not isinstance(checkin_every, int) or checkin_every < 1):
-            raise ValueError(f"checkin_every={checkin_every!r} must be None or an integer >= 1.")
-        if not isinstance(compact_after, int) or compact_after < workers + 2:
-            raise ValueError(f"compact_after={compact_after!r} must be an integer >= workers + 2.")
+        if checkin_every is not None:
+            checkin_every = int_arg("checkin_every", checkin_every, 1)
+        compact_after = int_arg("compact_after", compact_after, workers + 2)
         self.workers, self.layout, self.names = workers, layout, names[:workers]
         self.header, self.collab_prompt = header, collab_prompt
         self.checkin_every, self.checkin = checkin_every, checkin

@@ -1,7 +1,9 @@
 """ParaThinker: P forced paths from the prompt, first-finish cut-off, a summary."""
 from __future__ import annotations
 
+from ..sampling_params import _is_num
 from ..threads import Thread
+from .base import int_arg
 from .tagged import Tags
 from .tree import TagTreeProtocol, ThreadState, TreeLimits, TreeRun
 
@@ -59,9 +61,8 @@ class ParaThinker(TagTreeProtocol):
 
     def __init__(self, paths: int = 4, cutoff_ratio: float = 1.0, tags: Tags | None = None,
                  positions: str = "max", limits: TreeLimits | None = None):
-        if not isinstance(paths, int) or paths < 1:
-            raise ValueError(f"paths={paths!r} must be an integer >= 1.")
-        if not isinstance(cutoff_ratio, (int, float)) or cutoff_ratio < 1.0:
+        paths = int_arg("paths", paths, 1)
+        if not _is_num(cutoff_ratio) or cutoff_ratio < 1.0:  # (_is_num: not NaN)
             raise ValueError(f"cutoff_ratio={cutoff_ratio!r} must be a number >= 1.0 (1.0 cuts "
                              "the other paths off as soon as the first one finishes).")
         limits = limits or TreeLimits(max_paths=max(paths, 8), max_threads=max(64, paths + 2))

@@ -6,7 +6,7 @@ from collections import Counter
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
-from .base import Protocol, ProtocolRun
+from .base import Protocol, ProtocolRun, int_arg
 
 SELECT = ("all", "first_finish", "majority")
 
@@ -34,10 +34,13 @@ class ParallelSampling(Protocol):
     name = "parallel_sampling"
 
     def __init__(self, n: int | None = None, select: str = "all", extract_answer=last_boxed):
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise ValueError(f"ParallelSampling n={n!r} must be an integer >= 1.")
+        if n is not None:
+            n = int_arg("ParallelSampling n", n, 1)
         if select not in SELECT:
             raise ValueError(f"select={select!r} must be one of {SELECT}.")
+        if not callable(extract_answer):
+            raise ValueError(f"extract_answer={extract_answer!r} must be a function of a completion's text "
+                             "(its answer, or None), e.g. engine.protocols.sampling.last_boxed.")
         self.n, self.select, self.extract_answer = n, select, extract_answer
 
     def check_params(self, params):

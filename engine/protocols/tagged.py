@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 
 from ..threads import Thread
+from .base import int_arg
 from .tree import TagTreeProtocol, ThreadState, TreeLimits, TreeRun
 
 
@@ -140,8 +141,7 @@ class ParallelR1(TagTreeProtocol):
 
     def __init__(self, num_paths: int = 2, tags: Tags | None = None, positions: str = "sequential",
                  limits: TreeLimits | None = None):
-        if not isinstance(num_paths, int) or num_paths < 1:
-            raise ValueError(f"num_paths={num_paths!r} must be an integer >= 1.")
+        num_paths = int_arg("num_paths", num_paths, 1)
         super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
         if num_paths > self.limits.max_paths:
             raise ValueError(f"num_paths={num_paths} exceeds limits.max_paths={self.limits.max_paths}.")

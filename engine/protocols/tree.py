@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
-from .base import Protocol, ProtocolRun, one_output_only, tokens_at_most
+from .base import Protocol, ProtocolRun, int_arg, one_output_only, tokens_at_most
 
 
 @dataclass
@@ -42,10 +42,8 @@ class TreeLimits:
 
     def __post_init__(self):
         for k in ("max_depth", "max_paths", "max_threads"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
-                raise ValueError(f"{k}={getattr(self, k)!r} must be an integer >= 1.")
-        if not isinstance(self.fork_margin, int) or self.fork_margin < 0:
-            raise ValueError(f"fork_margin={self.fork_margin!r} must be an integer >= 0.")
+            setattr(self, k, int_arg(k, getattr(self, k), 1))
+        self.fork_margin = int_arg("fork_margin", self.fork_margin, 0)
 
 
 @dataclass(eq=False)
