@@ -32,6 +32,18 @@ def logits_source(t: Thread) -> Thread:
     return t
 
 
+def context_tail(t: Thread, k: int) -> list[int]:
+    """The last ``k`` tokens of the text ``t``'s next token follows: its own, then those of
+    the segments before it in its view."""
+    out: list[int] = []
+    for seg, _ in reversed(t.view):
+        toks = t.tokens if seg is t.seg else (seg.tokens or [])
+        out[:0] = toks[-(k - len(out)):]
+        if len(out) >= k:
+            break
+    return out
+
+
 class EngineCore:
     def __init__(self, runner: ModelRunner, tokenizer, eos_ids: list[int], max_positions: int,
                  vocab_size: int):
@@ -196,7 +208,8 @@ class EngineCore:
         check_growable(t)
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
-        t.text_stream = TextStream(self.tokenizer) if params.stop else None
+        t.text_context = context_tail(t, self.tokenizer.CONTEXT_TOKENS)
+        t.text_stream = TextStream(self.tokenizer, context=t.text_context) if params.stop else None
         t.penalties = None  # (made at its first sample: step)
         t.logprobs = [] if params.logprobs is not None else None
 
@@ -219,7 +232,7 @@ class EngineCore:
             # (as vLLM: the stop token's text is not in the output, and stop_reason names only
             # a stop the caller asked for)
             t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos else tok, tok
-            t.stop_text = self.tokenizer.decode(t.generated[:-1])
+            t.stop_text = self.tokenizer.decode_after(t.text_context, t.generated[:-1])
         elif p.stop and self._stop_string(t, p):
             pass
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
@@ -242,4 +255,4 @@ class EngineCore:
         return True
 
     def text_of(self, t: Thread) -> str:
-        return t.stop_text if t.stop_text is not None else self.tokenizer.decode(t.generated)
+        return t.stop_text if t.stop_text is not None else self.tokenizer.decode_after(t.text_context, t.generated)

@@ -59,8 +59,9 @@ class Scheduler:
         while self.waiting:
             req = self.waiting[0]
             P = len(req.prompt_ids)
-            if self.running and P > budget:
-                break
+            if P > budget and budget < self.max_batched_tokens:
+                break  # (next step; a longer prompt than the budget is admitted alone: it used
+                #        to wait until nothing else ran, and every request queued behind it too)
             if not self.cache.can_reserve(req.pages_needed):
                 break  # FIFO: later requests wait behind the head
             self.waiting.popleft()

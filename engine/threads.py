@@ -49,6 +49,7 @@ class Thread:
     stop_token: int | None = None             # the EOS or stop token that ended it (not in its text)
     stop_text: str | None = None              # its text when a stop ended it: cut before the stop
     text_stream: object = None                # its sampled text so far, for stop strings
+    text_context: list[int] = field(default_factory=list)  # the last tokens before this call's (decoding)
     penalties: object = None                  # sampler.Penalties when its params penalize repeats
     tag: object = None                        # free slot for the protocol driving it
     live: "list[Thread] | None" = None        # live view: these threads' segments, laid out

@@ -120,6 +120,28 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    CONTEXT_TOKENS = 5  # tokens of context a continuation's text is decoded after
+
+    def _context(self, context, skip_special_tokens: bool) -> tuple[list[int], str]:
+        """The last few text-making tokens of ``context`` and their text; none if that text
+        ends inside a character (its bytes would be completed by the continuation)."""
+        skipped = self.special_ids if skip_special_tokens else frozenset()
+        ctx = [i for i in context if i not in skipped][-self.CONTEXT_TOKENS:]
+        head = self.decode(ctx, skip_special_tokens) if ctx else ""
+        return ([], "") if head.endswith("\ufffd") else (ctx, head)
+
+    def decode_after(self, context, ids, skip_special_tokens: bool = True) -> str:
+        """The text ``ids`` add after ``context`` (as vLLM's detokenizer, primed with the
+        prompt): a SentencePiece decoder strips the space of a sequence's first word, so a
+        completion decoded alone lost the space it starts with ("The cat" + "▁erpo" read
+        "The caterpo")."""
+        ctx, head = self._context(context, skip_special_tokens)
+        if ctx:
+            full = self.decode(ctx + list(ids), skip_special_tokens)
+            if full.startswith(head):
+                return full[len(head):]
+        return self.decode(ids, skip_special_tokens)
+
     def _template_text(self) -> str:
         t = self.chat_template
         if not t:
@@ -181,15 +203,18 @@ class TextStream:
     """Incremental detokenization: ``push(token)`` returns the text the token completes
     (possibly ""), so that the pieces add up to the decoded sequence. A character split
     across tokens (byte-level BPE) is held until complete instead of showing as U+FFFD,
-    and each piece is decoded after a few tokens of context, so that decoders that strip
-    a leading space (SentencePiece's) keep it inside the text."""
+    and each piece is decoded after a few tokens of context (from ``context`` at first: the
+    tokens the text follows), so that decoders that strip a leading space (SentencePiece's)
+    keep it inside the text."""
     MAX_HELD = 32  # tokens held at most (text that never completes is let through)
 
-    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True, context=()):
         self.tok, self.skip = tokenizer, skip_special_tokens
         self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
-        self.ids: list[int] = []     # those that make text (a skipped special token does not)
-        self.prefix = self.read = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
+        # those that make text (a skipped special token does not), after a few of the
+        # tokens the text follows (Tokenizer.decode_after)
+        self.ids: list[int] = tokenizer._context(context, skip_special_tokens)[0]
+        self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read]: context; ids[read:]: not yet shown
         self.text = ""
 
     def push(self, token: int) -> str:

@@ -326,6 +326,27 @@ def test_parallel_sampling_page_accounting(P, n, max_tokens, page_size, llm, mak
     assert_no_leak(eng)
 
 
+def test_prompts_longer_than_a_steps_prefill_budget_share_steps(llm):
+    """The scheduler admits at most max_batched_tokens of new prompt per step, but a longer
+    prompt is admitted alone (one per step), not after every running request has ended:
+    three such prompts used to run one after another (and all queued behind them too)."""
+    sched = llm.scheduler
+    old = sched.max_batched_tokens
+    prompts = [random_ids(50, VOCAB, seed=s) for s in range(3)]
+    alone = [llm.generate([p], greedy(5))[0].outputs[0].token_ids for p in prompts]
+    try:
+        sched.max_batched_tokens = 40
+        for order in (prompts, [random_ids(8, VOCAB, seed=9)] + prompts):
+            before = llm.core.forward_steps
+            outs = llm.generate(order, greedy(5))
+            steps = llm.core.forward_steps - before
+            assert [o.outputs[0].token_ids for o in outs[-3:]] == alone
+            assert steps <= 5 + len(order) - 1, steps  # (serially: 15 and 20)
+    finally:
+        sched.max_batched_tokens = old
+    assert_no_leak(llm)
+
+
 # ---------------------------------------------------------------------------------------------
 # stopping
 # ---------------------------------------------------------------------------------------------
@@ -1287,6 +1308,43 @@ def test_headers_and_injected_text_get_no_word_start_space(tmp_path, model_dir, 
         s.inject(s.root, "\nworld")
         a, = s.fork(s.root, ["\n<Path>"])
         assert s.root.text == "Hello\nworld" and a.text == "\n<Path>", (s.root.text, a.text)
+    assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_completion_text_reads_after_its_prompt(tmp_path, model_dir):
+    """A SentencePiece decoder strips the space of a sequence's first word: a completion
+    whose first token is '▁erpo' read 'erpo', so prompt + text was 'The caterpo' and a stop
+    string starting with that space never matched. Its text is now what it adds after the
+    prompt, as vLLM's (plain sampling, sessions, stop strings, tree protocols' joined text)."""
+    from engine import LLM
+    from engine.protocols import Multiverse
+    d = _copy_model(tmp_path, model_dir, "sp_text", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    _sentencepiece_style_tokenizer("legacy", V).save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=8192)
+    t = eng.tokenizer
+    prompt = "The cat"
+    P = t.encode(prompt)
+    after = lambda ids: t.decode(P + ids)[len(t.decode(P)):]  # noqa: E731
+    spaced = 0
+    for seed in range(40):
+        if spaced == 3:
+            break
+        sp = SP(temperature=1.0, seed=seed, max_tokens=6, ignore_eos=True)
+        c = eng.generate(prompt, sp)[0].outputs[0]
+        assert c.text == after(c.token_ids), (c.text, after(c.token_ids))
+        if not c.text.startswith(" "):
+            continue
+        spaced += 1
+        stop = c.text[:3]
+        s = eng.generate(prompt, SP(temperature=1.0, seed=seed, max_tokens=6, ignore_eos=True, stop=[stop]))[0]
+        assert (s.outputs[0].finish_reason, s.outputs[0].text) == ("stop", ""), (stop, s.outputs[0])
+        with eng.session(prompt) as ses:
+            o = ses.generate([ses.root], sp)[0]
+            assert o.text == after(o.token_ids)
+        m = eng.generate(prompt, sp, protocol=Multiverse())[0].outputs[0]
+        assert m.text == after(m.token_ids)
+    assert spaced >= 3
     assert eng.cache_stats()["pages_used"] == 0
 
 
