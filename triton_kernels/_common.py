@@ -23,12 +23,14 @@ def next_pow2(n: int) -> int:
 
 
 def maybe_autotune(configs: list, key: list[str]):
-    """``triton.autotune`` on real GPUs; a no-op under the interpreter (where timing is
-    meaningless and each config would run the slow interpreted kernel again)."""
+    """``triton.autotune`` on real GPUs, its choices kept in Triton's on-disk cache (each
+    process tuned every key again, compiling every config in the middle of a forward); a
+    no-op under the interpreter (where timing is meaningless and each config would run the
+    slow interpreted kernel again)."""
     def deco(fn):
         if INTERPRET:
             return fn
-        return triton.autotune(configs=configs, key=key)(fn)
+        return triton.autotune(configs=configs, key=key, cache_results=True)(fn)
     return deco
 
 

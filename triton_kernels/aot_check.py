@@ -30,7 +30,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _compile(jit_fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+def _compile(jit_fn, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+             aligned: tuple[str, ...] = ()):
+    """Compile as a real launch specialises: every pointer, and the integer arguments in
+    ``aligned``, divisible by 16 (torch's allocations are; so are the strides of head dims
+    that are multiples of 16), and an integer argument given in ``constexprs`` (a launch
+    makes an argument equal to 1 a constant) fixed. Without these the compiler builds
+    another kernel: no asynchronous copies, scalar loads, a fraction of the shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,7 +45,9 @@ def _compile(jit_fn, signature: dict, constexprs: dict, arch: int, num_warps: in
     while not isinstance(fn, JITFunction):  # unwrap triton.autotune
         fn = fn.fn
     sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    div = [n for n in fn.arg_names if n not in constexprs and (sig[n].startswith("*") or n in aligned)]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -83,7 +91,14 @@ def _rope_sig(dt: str) -> dict:
 def _segment_cx(dt, D, group, bq, bn, shift, direct):
     half = D // 2
     return dict(HALF=half, HALF_PAD=max(16, _pow2(half)), GROUP=group, BLOCK_Q=bq, BLOCK_N=bn,
-                HAS_SHIFT=shift, DIRECT=direct, IS_FP32=dt == "float32", UPCAST=False)
+                HAS_SHIFT=shift, DIRECT=direct, IS_FP32=dt == "float32", UPCAST=False,
+                stride_lh=1)  # (lse_part [S, Hq] is contiguous: a launch passes 1, a constant)
+
+
+# the segment kernel's integer arguments a launch sees divisible by 16 (a page of 16 tokens;
+# strides of [*, heads, head dim] tensors with head dims that are multiples of 16)
+_SEGMENT_ALIGNED = ("page_size", "stride_qt", "stride_qh", "stride_kp", "stride_ks", "stride_kh", "stride_vp",
+                    "stride_vs", "stride_vh", "stride_ot", "stride_oh", "stride_pt", "stride_ph", "stride_lt")
 
 
 def specs(mode: str):
@@ -101,7 +116,7 @@ def specs(mode: str):
         tune = tune[1:2]
     for dt, (D, group) in itertools.product(("bfloat16", "float16", "float32"), dims):
         half_pad = max(16, _pow2(D // 2))
-        for bq in sorted(set(block_q_sizes(group, half_pad))):
+        for bq in sorted(set(block_q_sizes(group, half_pad, dt == "float32"))):
             for shift, direct in ((True, False), (False, True)):
                 for bn, w, s in tune:
                     yield "segment", dt, _segment_cx(dt, D, group, bq, bn, shift, direct), w, s
@@ -115,14 +130,14 @@ def check(arch: int, mode: str) -> list[str]:
     from .merge import _merge_kernel
     from .rope_append import _rope_append_kernel
     from .segment import _segment_attn_kernel
-    kernels = {"segment": (_segment_attn_kernel, _segment_sig), "merge": (_merge_kernel, _merge_sig),
-               "rope": (_rope_append_kernel, _rope_sig)}
+    kernels = {"segment": (_segment_attn_kernel, _segment_sig, _SEGMENT_ALIGNED),
+               "merge": (_merge_kernel, _merge_sig, ()), "rope": (_rope_append_kernel, _rope_sig, ())}
     failures, n, t0 = [], 0, time.time()
     for name, dt, cx, w, s in specs(mode):
-        fn, sig = kernels[name]
+        fn, sig, aligned = kernels[name]
         n += 1
         try:
-            _compile(fn, sig(dt), cx, arch, w, s)
+            _compile(fn, sig(dt), cx, arch, w, s, aligned)
         except Exception as e:  # report every failing specialisation, not just the first
             failures.append(f"{name} sm_{arch} {dt} {cx} warps={w} stages={s}: "
                             f"{type(e).__name__}: {e}"[:2000])
@@ -137,16 +152,17 @@ SHARED_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89
 
 def check_fit(arch: int) -> list[str]:
     """The first tuning config of the segment kernel, float32, head dim 256, every query
-    block size for GQA 1, against the arch's shared-memory limit."""
+    block size for GQA 1, compiled as a launch specialises it, against the arch's
+    shared-memory limit."""
     from .segment import _configs, _segment_attn_kernel
     from .work import block_q_sizes
     c = _configs()[0]
     bn, w, s = c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
     limit = SHARED_LIMIT.get(arch, min(SHARED_LIMIT.values()))
     failures = []
-    for bq in sorted(set(block_q_sizes(1, 128))):
+    for bq in sorted(set(block_q_sizes(1, 128, fp32=True))):
         k = _compile(_segment_attn_kernel, _segment_sig("float32"),
-                     _segment_cx("float32", 256, 1, bq, bn, True, False), arch, w, s)
+                     _segment_cx("float32", 256, 1, bq, bn, True, False), arch, w, s, _SEGMENT_ALIGNED)
         shared = k.metadata.shared
         print(f"sm_{arch}: float32 D=256 BLOCK_Q={bq} BLOCK_N={bn} warps={w} stages={s}: "
               f"{shared} B shared (limit {limit})")

@@ -204,9 +204,10 @@ def segment_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     group, half = Hq // Hkv, D // 2
     half_pad = max(16, C.next_pow2(half))
     inv_freq = C.check_inv_freq(inv_freq, D, q.device)
+    fp32 = q.dtype == torch.float32
     work: WorkPlan = cached_work(
-        plan, (Hkv, group, half_pad, kv_chunk, q.device),
-        lambda: build_work(plan, Hkv, group, half_pad, _target_programs(q.device), kv_chunk))
+        plan, (Hkv, group, half_pad, kv_chunk, q.device, fp32),
+        lambda: build_work(plan, Hkv, group, half_pad, _target_programs(q.device), kv_chunk, fp32))
     out = (torch.zeros if work.direct else torch.empty)(T, Hq, D, dtype=q.dtype, device=q.device)
     if work.direct:
         o_part, lse_part = out, out.new_empty(1, Hq, dtype=torch.float32)  # unused

@@ -49,11 +49,13 @@ class WorkPlan:
     has_shift: bool          # some entry has a non-zero shift: rotate queries in-kernel
 
 
-def block_q_sizes(group: int, half_pad: int) -> tuple[int, int]:
+def block_q_sizes(group: int, half_pad: int, fp32: bool = False) -> tuple[int, int]:
     """(small, large) query-tile heights: tl.dot needs >= 16 rows; a tile holds whole
-    GQA groups; wide head dims get a shorter tile to bound registers."""
+    GQA groups; wide head dims get a shorter tile to bound registers; float32 with head
+    dim 256 no taller tile than the small one (32 rows need 69,632 B of shared memory with
+    the smallest config: over a T4's (sm_75) 64 KB per block)."""
     small = max(16, 1 << (group - 1).bit_length())
-    large = max(small, 64 if half_pad <= 64 else 32)
+    large = small if fp32 and half_pad >= 128 else max(small, 64 if half_pad <= 64 else 32)
     return small, large
 
 
@@ -62,7 +64,7 @@ def _host(t: torch.Tensor) -> torch.Tensor:
 
 
 def build_work(plan: AttentionPlan, num_kv_heads: int, group: int, half_pad: int,
-               target_programs: int, kv_chunk: int | None = None) -> WorkPlan:
+               target_programs: int, kv_chunk: int | None = None, fp32: bool = False) -> WorkPlan:
     """Cut ``plan`` into work items.
 
     ``target_programs``: enough (item, kv head) programs to fill the device; segments
@@ -78,7 +80,7 @@ def build_work(plan: AttentionPlan, num_kv_heads: int, group: int, half_pad: int
     E = int(q_indptr[-1]) if J else 0
     n_ent = q_indptr[1:] - q_indptr[:-1]                       # [J]
     live = (n_ent > 0) & (kv_len > 0)
-    small, large = block_q_sizes(group, half_pad)
+    small, large = block_q_sizes(group, half_pad, fp32)
     # a job whose rows fit one small tile goes to the small class (decode-like)
     is_small = n_ent * group <= small
     epb = torch.where(is_small, small // group, large // group)
