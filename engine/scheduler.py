@@ -80,7 +80,7 @@ class Scheduler:
         feed, samplers, owner = [], [], []
         for req in self.running:
             s = req.run.samplers()  # (first: it may start threads, e.g. a join, whose headers this step feeds)
-            f = [t for t in req.tree.threads if t.pending and not t.closed]
+            f = [t for t in req.tree.open.values() if t.pending]
             feed += f
             samplers += s
             owner += [req] * len(s)

@@ -227,19 +227,31 @@ class Session:
     def _feed(self, active: list[Thread]) -> list[Thread]:
         """The threads whose pending tokens this step writes: the sampling threads and the
         threads their views read, transitively (another thread's pending header, e.g. one
-        that cannot fit the cache now, waits until something reads it)."""
-        owner = {t.seg.id: t for t in self.tree.threads if not t.closed}
-        need, stack = {}, list(active)
+        that cannot fit the cache now, waits until something reads it).
+
+        A fork child's or join continuation's (static) view already holds the views of the
+        threads it reads (a fork child: its parent's view; a join: the union of the joined
+        threads'), so a static thread found through a static thread's view adds nothing more:
+        only live views are followed further. Each thread is entered once (a deep tree's
+        views are long: following every view of every thread read was O(threads x view) a
+        step)."""
+        owner = {t.seg.id: t for t in self.tree.open.values()}
+        need: dict[int, Thread] = {}
+        stack = []
+        for t in active:
+            if t.id not in need:
+                need[t.id] = t
+                stack.append(t)
         while stack:
             t = stack.pop()
-            if t.id in need:
-                continue
-            need[t.id] = t
+            static = t.live is None
             for s, _ in t.view[:-1]:
                 u = owner.get(s.id)
                 if u is not None and u.id not in need:
-                    stack.append(u)
-        return [t for t in self.tree.threads if t.id in need and t.pending and not t.closed]
+                    need[u.id] = u
+                    if not static or u.live is not None:
+                        stack.append(u)
+        return [t for t in self.tree.open.values() if t.pending and t.id in need]
 
     @locked
     def pages_held(self) -> int:

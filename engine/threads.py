@@ -74,6 +74,8 @@ class ThreadTree:
                  max_positions: int | None = None, context_source: str = "max_position_embeddings"):
         self.cache, self.reservation = cache, reservation
         self.threads: list[Thread] = []
+        self.open: dict[int, Thread] = {}     # the threads not discarded, in creation order
+        self._segs: list[Segment] = []        # segments this tree made (pages_held: the live ones)
         self._ids = itertools.count()
         self.root: Thread | None = None
         # When set (sessions): tokens placed past this position are refused up front (the
@@ -108,6 +110,8 @@ class ThreadTree:
         th = Thread(next(self._ids), seg, tuple(view) + ((seg, 0),), parent=parent)
         seg.tokens = th.tokens
         self.threads.append(th)
+        self.open[th.id] = th
+        self._segs.append(seg)
         if parent is not None:
             parent.children.append(th)
         self.inject(th, header, header=True)
@@ -312,6 +316,7 @@ class ThreadTree:
         if th.closed:
             return
         th.closed = True
+        del self.open[th.id]
         th.last_logits = th.penalties = None
         for s, _ in th.view:
             self.cache.release_segment(s)
@@ -324,8 +329,11 @@ class ThreadTree:
             self.reservation = None
 
     def pages_held(self) -> int:
-        segs = {s.id: s for t in self.threads if not t.closed for s, _ in t.view}
-        return sum(len(s.pages) for s in segs.values())
+        """Pages of the segments the open threads' views hold: the live segments this tree
+        made (a segment lives while a view holds it, and only this tree's views name its
+        segments). O(live segments), not O(threads x view): the scheduler asks every step."""
+        self._segs = [s for s in self._segs if s.refs > 0]
+        return sum(len(s.pages) for s in self._segs)
 
 
 def check_growable(t: Thread):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread, layout_end
+from ..tokenizer import TextStream
 from .base import Protocol, ProtocolRun, bool_arg, int_arg, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
@@ -203,10 +204,17 @@ class HogwildRun(ProtocolRun):
         w.generated += 1
         if w.generated >= self.params.max_tokens and not t.finished:
             t.finish_reason = "length"
-        text = self.tok.decode(t.generated)
+        # The step's text grows by whole characters (a TextStream per step thread, as stop
+        # strings and tags): decoding the whole step at each token was O(step length) a token.
+        if t.tag is None:
+            t.tag = TextStream(self.tok)
+        changed = bool(t.tag.push(tok))
+        text = t.tag.text
         if t.finished:
             w.done = True
             self._commit(w)
+        elif not changed:  # (the same text as at its last token: neither check can change)
+            pass
         elif self.proto.stop_on_answer and last_boxed(text) is not None:
             t.finish_reason, w.done = "stop", True
             self._commit(w)
