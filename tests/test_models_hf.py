@@ -307,3 +307,41 @@ def test_yarn_extends_the_context_as_qwen_configures_it(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="'yarn' needs original_max_position_embeddings"):
         LLM(d)
+
+
+@pytest.mark.parametrize("name,raw,context,rope_type", [
+    # the fields of published checkpoints' config.json that set the context and RoPE
+    ("Llama-3.1-8B", dict(architectures=["LlamaForCausalLM"], max_position_embeddings=131072, rope_theta=500000.0,
+                          rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+     131072, "llama3"),
+    ("Qwen2.5-7B-Instruct", dict(architectures=["Qwen2ForCausalLM"], max_position_embeddings=32768,
+                                 rope_theta=1000000.0, rope_scaling=None, sliding_window=131072,
+                                 use_sliding_window=False, max_window_layers=28), 32768, None),
+    ("Qwen2.5-7B-Instruct + YaRN (its model card)", dict(
+        architectures=["Qwen2ForCausalLM"], max_position_embeddings=32768, rope_theta=1000000.0,
+        rope_scaling={"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"},
+        sliding_window=131072, use_sliding_window=False, max_window_layers=28), 131072, "yarn"),
+    ("Qwen3-8B", dict(architectures=["Qwen3ForCausalLM"], max_position_embeddings=40960, rope_theta=1000000,
+                      rope_scaling=None, sliding_window=None, use_sliding_window=False, max_window_layers=36),
+     40960, None),
+    ("Mistral-7B-v0.1", dict(architectures=["MistralForCausalLM"], max_position_embeddings=32768,
+                             rope_theta=10000.0, sliding_window=4096), 4096, None),
+    ("Mistral-7B-Instruct-v0.3", dict(architectures=["MistralForCausalLM"], max_position_embeddings=32768,
+                                      rope_theta=1000000.0, sliding_window=None), 32768, None),
+])
+def test_published_configs_read_as_transformers_reads_them(name, raw, context, rope_type):
+    """Loom's context and RoPE scheme for the configs of published checkpoints (sizes
+    shrunk), and the same as transformers' reading of them."""
+    import copy
+    from conftest import _hf_classes
+    from engine.config import ModelConfig
+    raw = dict(raw, vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig.from_dict(copy.deepcopy(raw))
+    assert cfg.max_position_embeddings == context, name
+    assert (cfg.rope_scaling or {}).get("rope_type") == rope_type, name
+    config_cls, _ = _hf_classes(raw["architectures"][0])
+    hf = config_cls(**{k: v for k, v in copy.deepcopy(raw).items() if k != "architectures"})
+    assert hf.rope_parameters.get("rope_type", "default") == (rope_type or "default")
+    assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
