@@ -197,6 +197,22 @@ def test_spawn_errors(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def _interrupted_after_the_forward(llm, call):
+    """``call``, with a Ctrl-C raised after its first step's forward (after the step's
+    appends, which the runner then rolls back)."""
+    inner = llm.runner._run
+
+    def boom(batch):
+        inner(batch)
+        raise KeyboardInterrupt
+    llm.runner._run = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call()
+    finally:
+        del llm.runner._run
+
+
 def _resumed_logprob(llm, stale: bool, interrupt: bool = False) -> tuple[int, float]:
     """w2 reads [root, w1] live; w3 reads [root, w2]. w2 samples 2 tokens, w1 grows; with
     ``stale`` w3 then samples one token, which writes w2's pending token (w2 does not
@@ -212,17 +228,7 @@ def _resumed_logprob(llm, stale: bool, interrupt: bool = False) -> tuple[int, fl
         s.generate([w3], g(1))
     s.generate([w1], g(9))
     if interrupt:  # the resuming step fails: its re-written token is rolled back with the rest
-        inner = llm.runner._run
-
-        def boom(batch):  # (after the step's appends: they are rolled back)
-            inner(batch)
-            raise KeyboardInterrupt
-        llm.runner._run = boom
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                s.generate([w2], g(1))
-        finally:
-            del llm.runner._run
+        _interrupted_after_the_forward(llm, lambda: s.generate([w2], g(1)))
         assert all(t.seg.length == len(t.tokens) - len(t.pending) for t in s.tree.threads)
     out = s.generate([w2], g(1))[0]
     tok = out.token_ids[0]
@@ -260,17 +266,7 @@ def _reader_after_a_failed_resume(llm, fail: str | None) -> tuple[int, float]:
     s.generate([w3], g(1))
     s.generate([w1], g(6))
     if fail == "interrupt":
-        inner = llm.runner._run
-
-        def boom(batch):  # (after the step's appends, w2's re-written token among them)
-            inner(batch)
-            raise KeyboardInterrupt
-        llm.runner._run = boom
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                s.generate([w2], g(1))
-        finally:
-            del llm.runner._run
+        _interrupted_after_the_forward(llm, lambda: s.generate([w2], g(1)))
     elif fail == "cache_full":
         filler = llm.session(random_ids(llm.cache_stats()["pages_free"], V, seed=2))
         (f,) = filler.fork(filler.root, [[]])

@@ -250,6 +250,19 @@ def test_llama3_frequencies_are_transformers(top, rope):
     assert torch.allclose(compute_inv_freq(ModelConfig.from_dict(raw)), inv_hf.float(), rtol=1e-6, atol=0)
 
 
+def _tiny_qwen2(tmp_path, name: str, seed: int):
+    """A random tiny Qwen2 checkpoint (vocabulary 320) in tmp_path / name: (its directory,
+    its config.json's path, the config as read)."""
+    import json
+    from conftest import build_model_dir
+    spec = dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
+                rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = str(tmp_path / name)
+    build_model_dir(d, spec, seed=seed)
+    path = tmp_path / name / "config.json"
+    return d, path, json.loads(path.read_text())
+
+
 def test_rope_scaling_added_to_a_transformers5_config(tmp_path):
     """A config transformers 5 wrote (rope_parameters) with rope_scaling added by hand, as
     Qwen's model cards say for long contexts: transformers reads rope_scaling over
@@ -257,14 +270,9 @@ def test_rope_scaling_added_to_a_transformers5_config(tmp_path):
     rope_scaling has no theta and rope_parameters holds one that is not the default,
     transformers would drop it: refused, saying where to put it."""
     import json
-    from conftest import build_model_dir, hf_model
+    from conftest import hf_model
     from engine import LLM
-    spec = dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
-                rope={"rope_type": "default", "rope_theta": 10000.0})
-    d = str(tmp_path / "both")
-    build_model_dir(d, spec, seed=2)
-    path = tmp_path / "both" / "config.json"
-    raw = json.loads(path.read_text())
+    d, path, raw = _tiny_qwen2(tmp_path, "both", seed=2)
     assert raw["rope_parameters"]["rope_type"] == "default"
     raw.update(max_position_embeddings=64,
                rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
@@ -284,14 +292,9 @@ def test_yarn_extends_the_context_as_qwen_configures_it(tmp_path):
     and rope_scaling (legacy spelling) adds factor 4: the model is meant for 4x the tokens.
     Loom's context is factor x original, and a sequence past the old one equals transformers."""
     import json
-    from conftest import build_model_dir, hf_model
+    from conftest import hf_model
     from engine import LLM
-    spec = dict(arch="Qwen2ForCausalLM", vocab=320, hidden=96, heads=6, kv_heads=2, tie=False,
-                rope={"rope_type": "default", "rope_theta": 10000.0})
-    d = str(tmp_path / "yarn")
-    build_model_dir(d, spec, seed=1)
-    path = tmp_path / "yarn" / "config.json"
-    raw = json.loads(path.read_text())
+    d, path, raw = _tiny_qwen2(tmp_path, "yarn", seed=1)
     raw.pop("rope_parameters", None)
     raw.update(max_position_embeddings=128, rope_theta=10000.0,
                rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})
