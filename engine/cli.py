@@ -52,12 +52,14 @@ def _json_object(text: str | None) -> dict | None:
     return obj
 
 
-def _print_outputs(outs, show_tokens: bool = False):
+def _print_outputs(outs, show_tokens: bool = False, streamed: bool = False):
     for out in outs:
         m = out.metrics
         for c in out.outputs:
-            print(f"--- completion {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
-            print(c.text)
+            if not streamed:  # (else its header and text are out already)
+                print(f"--- completion {c.index}")
+                print(c.text)
+            print(f"--- end of completion {c.index} ({c.finish_reason}, {len(c.token_ids)} tokens)")
             if c.answer is not None:
                 print(f"answer: {c.answer}")
             if c.metrics:  # a protocol's run: its tree / workers
@@ -71,6 +73,7 @@ def _print_outputs(outs, show_tokens: bool = False):
 
 
 def _cmd_generate(a) -> int:
+    stream = None
     try:
         from . import LLM, SamplingParams
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
@@ -84,21 +87,47 @@ def _cmd_generate(a) -> int:
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",
                   file=sys.stderr)
         prompts = a.prompt or [sys.stdin.read()]
+        protocol = _protocol(a)
+        # one completion of plain sampling: its text printed as it is generated
+        if len(prompts) == 1 and a.n == 1 and a.protocol in (None, "sampling") and a.select in (None, "all"):
+            stream = _stream_printer()
         if a.chat or a.system is not None or a.chat_template_kwargs is not None:
             # each prompt: a user message, in the model's chat template
             system = [] if a.system is None else [{"role": "system", "content": a.system}]
             outs = llm.chat([system + [{"role": "user", "content": p}] for p in prompts], params,
-                            protocol=_protocol(a), chat_template_kwargs=_json_object(a.chat_template_kwargs))
+                            protocol=protocol, chat_template_kwargs=_json_object(a.chat_template_kwargs),
+                            stream=stream)
         else:
-            outs = llm.generate(prompts, params, protocol=_protocol(a))
+            outs = llm.generate(prompts, params, protocol=protocol, stream=stream)
     except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
+        if stream is not None and stream.started:
+            print()
         print(f"loom: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the model's logits are NaN / inf
+        if stream is not None and stream.started:
+            print()
         print(f"loom: error: {e}", file=sys.stderr)
         return 1
-    _print_outputs(outs)
+    if stream is not None:
+        if not stream.started:
+            print("--- completion 0", flush=True)
+        print()  # (the text's end)
+    _print_outputs(outs, streamed=stream is not None)
     return 0
+
+
+class _stream_printer:
+    """generate(stream=...) for the command line: the completion's header, then its text as
+    it comes."""
+    def __init__(self):
+        self.started = False
+
+    def __call__(self, i, j, piece):
+        if not self.started:
+            print("--- completion 0", flush=True)
+            self.started = True
+        print(piece, end="", flush=True)
 
 
 MAX_DEMO_PROBLEMS = 10_000

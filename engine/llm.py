@@ -24,7 +24,7 @@ from .runner import DEFAULT_MAX_FORWARD_TOKENS, ModelRunner
 from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
-from .tokenizer import Tokenizer
+from .tokenizer import TextStream, Tokenizer
 
 DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is None
 DEFAULT_KV_TOKENS_MAX = 1 << 18
@@ -33,6 +33,39 @@ DEFAULT_KV_TOKENS_MAX = 1 << 18
 def _as_list(x):
     """A numpy array or tensor (of token ids) as a list; anything else as it is."""
     return x.tolist() if hasattr(x, "tolist") and not isinstance(x, str) else x
+
+
+class _Streamer:
+    """generate(stream=...): after each step, each completion's new text, held back while it
+    could still be the start of a stop string, and at its end what its output's text adds."""
+
+    def __init__(self, llm, reqs: list, fn):
+        self.llm, self.reqs, self.fn = llm, reqs, fn
+        self.state: dict[tuple[int, int], list] = {}  # (request, completion) -> [stream, tokens read, text sent]
+
+    def step(self):
+        core = self.llm.core
+        for i, r in enumerate(self.reqs):
+            for j, k in enumerate(getattr(r.run, "kids", None) or []):
+                st = self.state.get((i, j))
+                if st is None:
+                    st = self.state[(i, j)] = [TextStream(self.llm.tokenizer, context=k.text_context), 0, ""]
+                stream, read, sent = st
+                if st[1] is None:
+                    continue  # (ended)
+                if k.finished:
+                    text, st[1] = core.text_of(k), None
+                    hold = 0
+                else:
+                    for tok in k.generated[read:]:
+                        stream.push(tok)
+                    st[1] = len(k.generated)
+                    text = stream.text
+                    hold = max((len(s) for s in r.params.stop), default=1) - 1
+                end = max(len(text) - hold, len(sent))
+                if text.startswith(sent) and end > len(sent):
+                    st[2] = text[:end]
+                    self.fn(i, j, text[len(sent):end])
 
 
 def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
@@ -249,11 +282,17 @@ class LLM:
     # ---- generate --------------------------------------------------------------------------
     @serialized
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False, protocol: Protocol | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, protocol: Protocol | None = None, stream=None) -> list[RequestOutput]:
         """Generate for every prompt; all threads of all prompts advance in one batched
         forward pass per step. ``protocol`` (engine.protocols) drives each request's
         threads; the default is plain parallel sampling of ``n`` completions. No prompts
-        (an empty list): no outputs."""
+        (an empty list): no outputs.
+
+        ``stream(prompt_index, completion_index, text)``, plain sampling only: called after
+        each step with the text each completion added (its pieces add up to the output's
+        text; text that may still turn out to start a stop string is held back until it
+        does not). It runs inside the call and must not call the LLM; an exception from it
+        ends the call as a Ctrl-C does."""
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
         items = self._normalize_prompts(prompts)
@@ -270,6 +309,11 @@ class LLM:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):
             raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
+        if stream is not None and not callable(stream):
+            raise ValueError(f"stream={stream!r} must be a function (prompt_index, completion_index, text).")
+        if stream is not None and not (isinstance(protocol, ParallelSampling) and protocol.select == "all"):
+            raise ValueError("stream applies to plain sampling (ParallelSampling with select='all'): a "
+                             "protocol's output is made from its threads at the end.")
         for p in plist:
             protocol.check_params(p)
         if hasattr(protocol, "prepare_prompt"):
@@ -281,9 +325,9 @@ class LLM:
             req.metrics.prompt_tokens = len(ids)
             self._next_id += 1
             reqs.append(req)
-        return self._run(reqs, use_tqdm)
+        return self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
 
-    def _run(self, reqs: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, reqs: list[Request], use_tqdm: bool, streamer=None) -> list[RequestOutput]:
         sched = self.scheduler
         for r in reqs:
             sched.add(r)
@@ -292,6 +336,8 @@ class LLM:
             while sched.has_work():
                 for out in sched.step():
                     done[out.request_id] = out
+                if streamer is not None:
+                    streamer.step()
                 if use_tqdm:
                     print(f"\rloom: {len(done)}/{len(reqs)} requests done", end="", file=sys.stderr)
         except BaseException:
@@ -303,13 +349,13 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False,
              add_generation_prompt: bool = True, protocol: Protocol | None = None,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, stream=None) -> list[RequestOutput]:
         """Generate for a conversation (a list of ``{"role", "content"}`` dicts) or a list of
         conversations, each rendered by the model's chat template; ``protocol`` as in
         generate() (the rendered conversation is the prompt as it is: Hogwild's
         collaboration prompt, which it adds around a text prompt, is not added);
         ``chat_template_kwargs``: more variables for the template (e.g. Qwen3's
-        ``{"enable_thinking": False}``)."""
+        ``{"enable_thinking": False}``); ``stream`` as in generate()."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             convs = [messages]
         elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
@@ -319,7 +365,7 @@ class LLM:
                              "or a list of conversations.")
         texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, chat_template_kwargs) for c in convs]
         outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
-                             sampling_params, use_tqdm, protocol)
+                             sampling_params, use_tqdm, protocol, stream)
         for out, text in zip(outs, texts):
             out.prompt = text  # (the rendered conversation)
         return outs

@@ -326,6 +326,43 @@ def test_parallel_sampling_page_accounting(P, n, max_tokens, page_size, llm, mak
     assert_no_leak(eng)
 
 
+def test_stream_adds_up_to_the_outputs(llm):
+    """generate(stream=fn): the pieces of each completion add up to its text, arrive while
+    it is generated, and never include text a stop string then cuts (held back while it may
+    start one); stop strings, stop token ids and lengths, n > 1, several prompts."""
+    from engine.protocols import Multiverse
+    prompts = [random_ids(7, VOCAB, seed=s) for s in range(3)]
+    free = [llm.generate([p], SP(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))[0].outputs[0]
+            for p in prompts]
+    # stop strings of one to four characters taken from the middle of the free runs' texts
+    stops = [c.text[len(c.text) // 2:len(c.text) // 2 + 1 + i] for i, c in enumerate(free)]
+    params = [SP(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, stop=[stops[0]], n=2),
+              SP(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, stop=[stops[1], "zz"]),
+              SP(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, stop_token_ids=[free[2].token_ids[5]])]
+    got, calls = {}, []
+
+    def fn(i, j, piece):
+        assert piece
+        got[i, j] = got.get((i, j), "") + piece
+        calls.append((i, j, llm.core.forward_steps))
+    outs = llm.generate(prompts, params, stream=fn)
+    for i, o in enumerate(outs):
+        for j, c in enumerate(o.outputs):
+            assert got.get((i, j), "") == c.text, (i, j, got.get((i, j)), c.text)
+    assert outs[0].outputs[0].finish_reason == "stop" and outs[2].outputs[0].finish_reason == "stop"
+    assert len({step for _, _, step in calls}) > 3  # (pieces came step by step, not at the end)
+    for bad, msg in ((dict(stream=3), "stream=3 must be a function"),
+                     (dict(stream=fn, protocol=Multiverse()), "stream applies to plain sampling")):
+        with pytest.raises(ValueError, match=msg):
+            llm.generate(prompts[:1], SP(max_tokens=2), **bad)
+
+    def boom(i, j, piece):
+        raise RuntimeError("the reader went away")
+    with pytest.raises(RuntimeError, match="went away"):
+        llm.generate(prompts[:1], SP(max_tokens=4), stream=boom)
+    assert_no_leak(llm)
+
+
 def test_prompts_longer_than_a_steps_prefill_budget_share_steps(llm):
     """The scheduler admits at most max_batched_tokens of new prompt per step, but a longer
     prompt is admitted alone (one per step), not after every running request has ended:

@@ -20,10 +20,12 @@ def model(model_dir):
 
 
 def completions(text: str) -> list[tuple[str, int, str]]:
-    """(finish reason, token count, text) of each completion the command printed."""
-    parts = re.split(r"^--- completion \d+ \((\w+), (\d+) tokens\)\n", text, flags=re.M)
-    return [(parts[i], int(parts[i + 1]), parts[i + 2].split("=== metrics")[0].rstrip("\n"))
-            for i in range(1, len(parts), 3)]
+    """(finish reason, token count, text) of each completion the command printed, with the
+    lines after its end (answer, protocol)."""
+    found = re.findall(r"^--- completion (\d+)\n(.*?)\n--- end of completion \1 \((\w+), (\d+) tokens\)\n"
+                       r"(.*?)(?=^--- completion |^=== metrics)", text, flags=re.M | re.S)
+    return [(reason, int(n), body + ("\n" + after.rstrip("\n") if after.strip() else ""))
+            for _, body, reason, n, after in found]
 
 
 def test_generate_prints_what_the_api_returns(model, capsys):
