@@ -205,16 +205,18 @@ class LLM:
         return token_id_list(raw.get("eos_token_id"), f"{path}'s eos_token_id")
 
     def _eos_ids(self, model_dir: str) -> list[int]:
-        where = os.path.join(model_dir, "generation_config.json")
-        ids = self._eos_ids_from(where)
+        path = os.path.join(model_dir, "generation_config.json")
+        ids = self._eos_ids_from(path)
+        source = f"{path}'s eos_token_id"
         if not ids:
-            ids, where = list(self.config.eos_token_ids), os.path.join(model_dir, "config.json")
+            ids, source = list(self.config.eos_token_ids), f"{os.path.join(model_dir, 'config.json')}'s eos_token_id"
         if not ids and self.tokenizer.eos_token is not None:
             tid = self.tokenizer.token_to_id(self.tokenizer.eos_token)
             ids = [] if tid is None else [tid]
+            source = f"the tokenizer's eos_token {self.tokenizer.eos_token!r} (tokenizer_config.json), id"
         V = self.config.vocab_size
         if ids and all(i >= V for i in ids):  # (one out of range among others: never sampled, harmless)
-            raise ValueError(f"{where}'s eos_token_id {ids if len(ids) > 1 else ids[0]} is outside the model's "
+            raise ValueError(f"{source} {ids if len(ids) > 1 else ids[0]} is outside the model's "
                              f"vocabulary [0, {V}): no end-of-sequence token could ever be sampled; use the "
                              "files that came with the weights.")
         return ids

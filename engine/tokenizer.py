@@ -120,22 +120,31 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    CONTEXT_TOKENS = 5  # tokens of context a continuation's text is decoded after
+    CONTEXT_TOKENS = 8  # tokens of context a continuation's text is decoded after (a character's
+    #                     bytes may take 4 of them: see _context)
 
-    def _context(self, context, skip_special_tokens: bool) -> tuple[list[int], str]:
-        """The last few text-making tokens of ``context`` and their text; none if that text
-        ends inside a character (its bytes would be completed by the continuation)."""
+    def _context(self, context, skip_special_tokens: bool) -> tuple[list[int], int, str]:
+        """The last few text-making tokens of ``context``, how many of them end on a whole
+        character, and those ones' text. A context that ends inside a character (a token-id
+        prompt, a call that stopped mid-character) leaves its last bytes to the continuation,
+        which completes them: its text then starts with that character, as vLLM's."""
         skipped = self.special_ids if skip_special_tokens else frozenset()
         ctx = [i for i in context if i not in skipped][-self.CONTEXT_TOKENS:]
+        whole = len(ctx)
         head = self.decode(ctx, skip_special_tokens) if ctx else ""
-        return ([], "") if head.endswith("\ufffd") else (ctx, head)
+        while whole and head.endswith("\ufffd") and len(ctx) - whole < 4:
+            whole -= 1
+            head = self.decode(ctx[:whole], skip_special_tokens)
+        if head.endswith("\ufffd"):  # (no character boundary found: as if no context)
+            return [], 0, ""
+        return ctx, whole, head
 
     def decode_after(self, context, ids, skip_special_tokens: bool = True) -> str:
         """The text ``ids`` add after ``context`` (as vLLM's detokenizer, primed with the
         prompt): a SentencePiece decoder strips the space of a sequence's first word, so a
         completion decoded alone lost the space it starts with ("The cat" + "▁erpo" read
         "The caterpo")."""
-        ctx, head = self._context(context, skip_special_tokens)
+        ctx, _, head = self._context(context, skip_special_tokens)
         if ctx:
             full = self.decode(ctx + list(ids), skip_special_tokens)
             if full.startswith(head):
@@ -213,8 +222,8 @@ class TextStream:
         self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
         # those that make text (a skipped special token does not), after a few of the
         # tokens the text follows (Tokenizer.decode_after)
-        self.ids: list[int] = tokenizer._context(context, skip_special_tokens)[0]
-        self.prefix, self.read = 0, len(self.ids)  # ids[prefix:read]: context; ids[read:]: not yet shown
+        self.ids, self.read, _ = tokenizer._context(context, skip_special_tokens)
+        self.prefix = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
         self.text = ""
 
     def push(self, token: int) -> str:

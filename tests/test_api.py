@@ -1000,6 +1000,18 @@ def test_sliding_window_absent_or_malformed():
             ModelConfig.from_dict({**raw, "sliding_window": bad})
 
 
+def _tokenizer_with_eos_beyond(d: str, vocab: int):
+    """tokenizer.json with one more special token, id ``vocab`` (past the model's rows), named
+    eos_token by tokenizer_config.json."""
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|far_eos|>", special=True)])
+    assert tok.token_to_id("<|far_eos|>") == vocab
+    tok.save(os.path.join(d, "tokenizer.json"))
+    tc = read_json(os.path.join(d, "tokenizer_config.json"))
+    write_json(os.path.join(d, "tokenizer_config.json"), {**tc, "eos_token": "<|far_eos|>"})
+
+
 def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
     """Each damaged or unsupported file gets one ValueError (or FileNotFoundError) that names
     it; none escapes as a library's KeyError / AttributeError / bare Exception."""
@@ -1073,6 +1085,10 @@ def test_damaged_config_and_tokenizer_files(tmp_path, model_dir, llm, baseline):
          "eos_token_id=True must be a token id"),
         ("gencfg_eos_range", write("generation_config.json", f'{{"eos_token_id": [{VOCAB}, 100000]}}'),
          rf"generation_config.json's eos_token_id \[{VOCAB}, 100000\] is outside the model's vocabulary"),
+        ("tok_eos_range", lambda d: (
+            os.remove(os.path.join(d, "generation_config.json")) if os.path.exists(os.path.join(d, "generation_config.json"))
+            else None, set_cfg("eos_token_id", None)(d), _tokenizer_with_eos_beyond(d, VOCAB)),
+         rf"the tokenizer's eos_token '<\|far_eos\|>' \(tokenizer_config.json\), id {VOCAB} is outside"),
     ]
     for name, edit, pattern in cases:
         d = damaged(name, edit)
@@ -1382,6 +1398,40 @@ def test_completion_text_reads_after_its_prompt(tmp_path, model_dir):
         m = eng.generate(prompt, sp, protocol=Multiverse())[0].outputs[0]
         assert m.text == after(m.token_ids)
     assert spaced >= 3
+    assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_completion_text_of_a_prompt_ending_inside_a_character(tmp_path, model_dir):
+    """A token-id prompt that ends inside a character (the first byte of 'é'): the completion
+    that completes it starts with the character, as vLLM's (it read U+FFFD), and a stop
+    string holding it matches; streamed, the same text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from conftest import _corpus
+    from engine import LLM
+    d = _copy_model(tmp_path, model_dir, "bytes", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=V, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=512)
+    t = eng.tokenizer
+    ids = t.encode("The café", add_special_tokens=False)
+    assert t.decode(ids[:-1]).endswith("\ufffd")  # ('é' is two byte tokens)
+    cont = ids[-1:] + t.encode(" ok", add_special_tokens=False)
+    for stop, want in ((None, ("length", "é ok")), (["é"], ("stop", "")), (["ok"], ("stop", "é "))):
+        seq = iter(cont)
+        eng.core.token_source = lambda ths: [next(seq) for _ in ths]
+        pieces = []
+        try:
+            c = eng.generate([ids[:-1]], SP(max_tokens=len(cont), ignore_eos=True, stop=stop),
+                             stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
+        finally:
+            eng.core.token_source = None
+        assert (c.finish_reason, c.text) == want and "".join(pieces) == c.text, (stop, c, pieces)
     assert eng.cache_stats()["pages_used"] == 0
 
 

@@ -444,8 +444,8 @@ def test_feed_and_pages_held_match_their_plain_definitions(make_llm, monkeypatch
     """Session._feed (the threads a step writes: the samplers and what their views read,
     transitively) and ThreadTree.pages_held (the pages of the open threads' views) avoid
     scanning every thread and view each step (a 200-round fork / join session spent 22-29 ms
-    a step in _feed); on random sessions of forks, joins of every kind, live views,
-    injections and closes they equal the plain definitions at every step."""
+    a step in _feed); on random sessions of forks, joins of every kind, live views and
+    injections they equal the plain definitions at every step."""
     from engine.session import Session
     from engine.threads import ThreadTree
 
