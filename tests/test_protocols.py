@@ -83,6 +83,7 @@ MV = {"": "<Parallel><Goal><Outline>1: add</Outline><Outline>2: mul</Outline></G
 
 def test_multiverse_forks_runs_side_by_side_and_joins(llm):
     c, out = run(llm, MV, Multiverse())
+    assert c.answer == "15"  # (the last \\boxed{} of the joined text: the CLI prints it)
     assert c.text.startswith(MV[""] + "\n<Path>\n1: 1+2=3</Path>\n<Path>\n2: 3*4=12")
     assert c.text.endswith("<Conclusion>\n3 and 12</Conclusion></Parallel> answer \\boxed{15}")
     assert kinds(c) == ["fork", "join"]
@@ -280,6 +281,57 @@ def test_hogwild_workers_that_start_at_the_context(short_llm, layout):
     from engine.protocols.hogwild import FINISHER
     assert out.answer is None and FINISHER.strip() not in out.text  # (no finisher without room)
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+
+
+@pytest.mark.parametrize("max_threads", [8, 12, 20])
+def test_nested_forks_stay_within_max_threads(llm, max_threads):
+    """A fork counts the continuations the forks still open will make (it counted only its
+    own: nested forks ended with 14 threads for max_threads=12, 23 for 20)."""
+    blk = "<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    lim = TreeLimits(max_paths=2, max_depth=3, max_threads=max_threads, fork_margin=0)
+    c, _ = run(llm, {"": blk, "\n<Path>\n": blk + " p</Path>", "<Conclusion>": " c</Path>"},
+               Multiverse(limits=lim), max_tokens=2000)
+    assert kinds(c).count("fork") >= 2 and "budget" in kinds(c)
+    assert len(c.tree) <= max_threads, (len(c.tree), kinds(c))
+
+
+def test_item_protocols_refuse_tags_without_items():
+    """Multiverse / ThreadWeaver fork one child per listed item: tags without block_open and
+    item failed with an AttributeError when the model wrote the fork tag."""
+    tags = Tags(fork="<F>", path_header="<P>", path_close="</P>", join_header="<J>")
+    for proto in (Multiverse, ThreadWeaver):
+        with pytest.raises(ValueError, match="its tags need block_open and item .*ParallelR1"):
+            proto(tags=tags)
+    assert ParallelR1(tags=tags).tags is tags
+
+
+def test_hogwild_writes_no_eos_into_the_shared_history(llm):
+    """A worker's step that ends on EOS: the EOS is not written (the other workers read the
+    history live, and the joined text showed it), as a tree's path drops its EOS."""
+    eos = llm.eos_ids[0]
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    scripts = {"Alice": enc("I take one. Done.\n\n") + [eos], "Bob": enc("Step one. Ok.\n\nStep two. Ok.\n\n" * 2)}
+    typed, seen = {}, []
+
+    def src(threads):
+        out = []
+        for t in threads:
+            name = next(n for n in scripts if n in llm.tokenizer.decode(t.tokens[:t.header_len]))
+            if name == "Bob":
+                seen.append(any(eos in s.tokens for s, _ in t.view[:-1]))
+            typed[name] = typed.get(name, 0) + 1
+            sc = scripts[name]
+            out.append(sc[typed[name] - 1] if typed[name] <= len(sc) else sc[-2])
+        return out
+    llm.core.token_source = src
+    try:
+        c = llm.generate("Q", SamplingParams(max_tokens=40),
+                         protocol=Hogwild(workers=2, collab_prompt=None, finisher=False))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert "I take one. Done." in c.text and eos not in c.token_ids, c.text
+    assert len(seen) > 10 and not any(seen)
+    assert llm.cache_stats()["pages_used"] == 0
 
 
 def test_nested_reprefill_joins_stay_within_the_reservation(short_llm):

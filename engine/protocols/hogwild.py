@@ -195,11 +195,13 @@ class HogwildRun(ProtocolRun):
     def on_token(self, t: Thread, tok: int):
         if t is self.finisher:
             self.core.accept(t, tok)
+            self._drop_eos(t)
             if "}" in self.tok.decode(t.generated):
                 t.finish_reason = "stop"
             return
         w = next(w for w in self.workers if w.current is t)
         self.core.accept(t, tok)
+        self._drop_eos(t)
         self.total += 1
         w.generated += 1
         if w.generated >= self.params.max_tokens and not t.finished:
@@ -233,9 +235,16 @@ class HogwildRun(ProtocolRun):
         if all(o.done for o in self.workers) and self.finisher is None:
             self._finish()
 
+    def _drop_eos(self, t: Thread):
+        """A step (or the finisher) that ends on EOS: the EOS is not written (the other
+        workers would read it live, and the joined text show it), as a tree's path's."""
+        if t.finish_reason == "stop" and t.stop_token in self.core.eos_ids and t.pending \
+                and t.pending[-1] == t.stop_token:
+            t.tokens.pop(), t.pending.pop()
+
     def _commit(self, w: Worker):
         self.commits.append((w.index, w.current))
-        if self.proto.layout == "combined" and w.current.generated:
+        if self.proto.layout == "combined" and len(w.current.tokens) > w.current.header_len:
             self.history.append(w.current)
 
     def _maybe_compact(self):

@@ -112,7 +112,14 @@ class Multiverse(TagTreeProtocol):
                         join_header="\n<Conclusion>\n")
 
     def __init__(self, tags: Tags | None = None, positions: str = "max", limits: TreeLimits | None = None):
-        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
+        super().__init__(_itemized(tags, type(self).__name__) or self.DEFAULT_TAGS, positions, limits)
+
+
+def _itemized(tags: Tags | None, name: str) -> Tags | None:
+    if tags is not None and tags.item is None:
+        raise ValueError(f"{name} forks one child per item the model lists: its tags need block_open and item "
+                         "(a fixed number of children per fork tag: ParallelR1(num_paths=..., tags=...)).")
+    return tags
 
 
 class ThreadWeaver(TagTreeProtocol):
@@ -128,7 +135,7 @@ class ThreadWeaver(TagTreeProtocol):
 
     def __init__(self, tags: Tags | None = None, positions: str = "sequential",
                  limits: TreeLimits | None = None):
-        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
+        super().__init__(_itemized(tags, type(self).__name__) or self.DEFAULT_TAGS, positions, limits)
 
 
 class ParallelR1(TagTreeProtocol):

@@ -31,6 +31,7 @@ from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
 from .base import Protocol, ProtocolRun, int_arg, one_output_only, tokens_at_most
+from .sampling import last_boxed
 
 
 @dataclass
@@ -155,7 +156,10 @@ class TreeRun(ProtocolRun):
             return False
         left = min(self.params.max_tokens - t.path_tokens, self.max_total - self.total,
                    self.core.max_positions - t.end)  # (budgets, and the model's context)
-        if left < self.limits.fork_margin or len(self.tree.threads) + k + 1 > self.limits.max_threads:
+        # (threads: those made, this fork's k children and continuation, and the continuation
+        # each fork still open will make)
+        owed = sum(g.cont is None for gs in self.forks_of.values() for g in gs)
+        if left < self.limits.fork_margin or len(self.tree.threads) + k + 1 + owed > self.limits.max_threads:
             self.event("budget", t, action="continue sequentially")
             return False
         return True
@@ -251,7 +255,8 @@ class TreeRun(ProtocolRun):
                 # (not found: the match spans special tokens, skipped in the engine's stop
                 # text and spelled out here: the engine's text before the stop)
                 text = text[:j] if j >= 0 else head + last.stop_text
-        out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None)
+        out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None,
+                               answer=last_boxed(text))
         out.tree, out.metrics, out.events = tree, metrics, list(self.events)
         return [out]
 
