@@ -349,12 +349,13 @@ def main() -> None:
         sys.exit(bench_attention_gpu.main())
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu (this table) or cuda (bench_attention_gpu.py)")
-    ap.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per method (median reported; default 10, 3 with --quick)")
     ap.add_argument("--quick", action="store_true", help="fewer configurations and repeats")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="of q, K/V and every method (bfloat16: the amx build's tiles where the CPU has them)")
     args = ap.parse_args()
-    repeats = 3 if args.quick else args.repeats
+    repeats = args.repeats if args.repeats is not None else 3 if args.quick else 10
     torch.manual_seed(0)
 
     dtype = getattr(torch, args.dtype)

@@ -89,11 +89,18 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     with a bandwidth reading taken just before it, and the ratios are reported per pair
     (median and range)."""
     cfg, P = llm.config, len(prompt)
-    # Each prefill right after a same-shape torch.mm reading, as the decode steps below.
+    # Each prefill right after a same-shape torch.mm reading, as the decode steps below; a
+    # 16-bit model against the faster of torch.mm in its dtype and in float32 (on a CPU
+    # without 16-bit products torch.mm in bfloat16 runs at a fraction of float32's rate:
+    # a prefill read 270% of it)
+    dtypes = [llm.dtype] + ([torch.float32] if llm.dtype != torch.float32 else [])
     pre_pairs = []  # (torch.mm FLOP/s, prefill seconds)
+    mm_dtype = {}
     for r in range(max(repeats, 3)):
-        mm_r = matmul_rate(P, cfg.hidden_size, cfg.intermediate_size, repeats=3, dtype=llm.dtype)
-        pre_pairs.append((mm_r, run_loom(llm, prompt, 1, 1, r)[0]))
+        rates = {dt: matmul_rate(P, cfg.hidden_size, cfg.intermediate_size, repeats=3, dtype=dt) for dt in dtypes}
+        best = max(rates, key=rates.get)
+        mm_dtype[best] = mm_dtype.get(best, 0) + 1
+        pre_pairs.append((rates[best], run_loom(llm, prompt, 1, 1, r)[0]))
     mm = statistics.median(m for m, _ in pre_pairs)
     pre = statistics.median(t for _, t in pre_pairs)
     pre_flops = prefill_flops(cfg, P)
@@ -109,7 +116,8 @@ def physical_limits(llm: LLM, prompt: list[int], n: int, new: int, repeats: int)
     step = statistics.median(s for _, s in pairs)
     print(f"machine: read bandwidth {bw / 1e9:.1f} GB/s (median of {len(pairs)} readings, "
           f"{min(b for b, _ in pairs) / 1e9:.1f}-{max(b for b, _ in pairs) / 1e9:.1f}) | torch.mm "
-          f"[{P}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}] {str(llm.dtype)[6:]} "
+          f"[{P}x{cfg.hidden_size}]x[{cfg.hidden_size}x{cfg.intermediate_size}] "
+          f"{' / '.join(f'{str(dt)[6:]} x{k}' for dt, k in mm_dtype.items())} (the faster dtype per reading) "
           f"{mm / 1e9:.0f} GFLOP/s (median of {len(pre_pairs)} readings, "
           f"{min(m for m, _ in pre_pairs) / 1e9:.0f}-{max(m for m, _ in pre_pairs) / 1e9:.0f})")
     print(f"prefill {P} tokens: {pre * 1e3:.0f} ms = {pre_flops / pre / 1e9:.0f} GFLOP/s: "
@@ -152,7 +160,9 @@ def run_llama(runner, kv_token: int, prompt: list[int], n: int, new: int, seed: 
     dt = time.perf_counter() - t0
     assert all(len(o) == new for o in out)
     cells = len(prompt) + n * (new - 1)  # unified cache: the prompt once, then n rows per step
-    return dt, cells * kv_token, statistics.median(steps)
+    # its decode step as Loom's (decode_step): the mean over the run's steps, whose median
+    # over runs is reported (a median over steps left its slow steps out)
+    return dt, cells * kv_token, sum(steps) / len(steps)
 
 
 def start_llama(model_dir: str, gguf_path: str, dtype: str, cfg, prompt_len: int, n_max: int, new: int,
@@ -209,10 +219,14 @@ def run_hf(hf, cfg, prompt: list[int], n: int, new: int, seed: int):
     torch.manual_seed(seed)
     ids = torch.tensor([prompt])
     t0 = time.perf_counter()
+    from transformers import GenerationConfig
+    # an explicit config: a checkpoint's generation_config.json (top_p, top_k, repetition
+    # penalty of instruct models) would otherwise filter every step, as Loom and llama.cpp do not
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                           repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new,
+                           num_return_sequences=n, pad_token_id=0)
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
-                          temperature=1.0, max_new_tokens=new, min_new_tokens=new,
-                          num_return_sequences=n, pad_token_id=0)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
     dt = time.perf_counter() - t0
     assert out.shape == (n, len(prompt) + new)
     # DynamicCache: n sequences of (prompt + new - 1) tokens, K and V, every layer, in the
@@ -262,10 +276,15 @@ def main():
                             a.prompt_len, max(a.n), a.new_tokens, a.llama_cpp)
         if llama:
             check_same_model(llm, llama, prompt)
-        print(f"{'n':>3} {'engine':>17} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} {'speedup':>8} "
-              f"{'decode ms/step':>15}")
+        base_name = "transformers" if hf is not None else "loom"
+        print(f"{'n':>3} {'engine':>17} {'median s':>9} {'tok/s':>8} {'peak KV MB':>11} "
+              f"{'speedup vs ' + base_name:>24} {'decode ms/step':>15}")
         for n in a.n:
-            run_loom(llm, prompt[:32], n, 4, 0)  # warm-up
+            run_loom(llm, prompt[:32], n, 4, 0)  # warm-ups: every engine once, on a short prompt
+            if hf is not None:
+                run_hf(hf, llm.config, prompt[:32], n, 4, 0)
+            for r, kv_token in llama.values():
+                run_llama(r, kv_token, prompt[:32], n, 4, 0)
             rows = {}
             lt = [run_loom(llm, prompt, n, a.new_tokens, r) for r in range(a.repeats)]
             rows["loom"] = (statistics.median(t for t, _ in lt), lt[0][1])
@@ -277,11 +296,11 @@ def main():
                 runs = [run_llama(r, kv_token, prompt, n, a.new_tokens, s) for s in range(a.repeats)]
                 rows[name] = (statistics.median(t for t, _, _ in runs), runs[0][1])
                 step[name] = statistics.median(st for _, _, st in runs)
-            base = rows.get("transformers", rows["loom"])[0]
+            base = rows[base_name][0]
             for name, (t, kv) in rows.items():
                 tps = n * a.new_tokens / t
                 st = f"{step[name] * 1e3:.2f}" if name in step else "-"
-                print(f"{n:>3} {name:>17} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>7.2f}x {st:>15}")
+                print(f"{n:>3} {name:>17} {t:>9.3f} {tps:>8.1f} {kv / 2**20:>11.1f} {base / t:>23.2f}x {st:>15}")
             sys.stdout.flush()
         for r, _ in llama.values():
             r.close()

@@ -9,6 +9,7 @@
 //   g++ -O2 -mavx512f -mfma bench/overlap_probe.cpp -o /tmp/overlap_probe && /tmp/overlap_probe
 #include <immintrin.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -82,6 +83,13 @@ std::string cpu_model() {
   return "unknown CPU";
 }
 
+constexpr int kRuns = 5;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 }  // namespace
 
 int main() {
@@ -98,7 +106,8 @@ int main() {
     volatile long sum = 0;
     for (size_t i = 0; i < flush.size(); i += 64) sum += flush[i];
   };
-  printf("cpu: %s | one core | FMA work in L1, a 256 MB prefetch stream\n", cpu_model().c_str());
+  printf("cpu: %s | one core | FMA work in L1, a 256 MB prefetch stream | medians of %d runs\n",
+         cpu_model().c_str(), kRuns);
   printf("%-7s %-5s %5s | %9s %7s | %9s %5s | %9s %6s %6s\n", "work", "hint", "lines", "alone ms", "GFLOP/s",
          "stream ms", "GB/s", "both ms", "/max", "/sum");
   for (int kind = 0; kind < 2; ++kind)
@@ -109,21 +118,26 @@ int main() {
           else hint ? values<_MM_HINT_T1>(s, n) : values<_MM_HINT_T0>(s, n);
         };
         const size_t blocks = bytes / 64 / lines;
-        evict();
-        double t0 = now();
-        for (size_t b = 0; b < blocks; ++b) work(buf + b * lines * 64, lines);
-        const double both = now() - t0;
-        evict();
-        t0 = now();
-        for (size_t b = 0; b < blocks; ++b) {
-          const char* s = buf + b * lines * 64;
-          for (int i = 0; i < lines; ++i)
-            hint ? _mm_prefetch(s + i * 64, _MM_HINT_T1) : _mm_prefetch(s + i * 64, _MM_HINT_T0);
+        // the three measurements in turn, kRuns times: medians (this host's speed drifts)
+        std::vector<double> boths, streams, alones;
+        for (int run = 0; run < kRuns; ++run) {
+          evict();
+          double t0 = now();
+          for (size_t b = 0; b < blocks; ++b) work(buf + b * lines * 64, lines);
+          boths.push_back(now() - t0);
+          evict();
+          t0 = now();
+          for (size_t b = 0; b < blocks; ++b) {
+            const char* s = buf + b * lines * 64;
+            for (int i = 0; i < lines; ++i)
+              hint ? _mm_prefetch(s + i * 64, _MM_HINT_T1) : _mm_prefetch(s + i * 64, _MM_HINT_T0);
+          }
+          streams.push_back(now() - t0);
+          t0 = now();
+          for (size_t b = 0; b < blocks; ++b) work(buf, 0);
+          alones.push_back(now() - t0);
         }
-        const double stream = now() - t0;
-        t0 = now();
-        for (size_t b = 0; b < blocks; ++b) work(buf, 0);
-        const double alone = now() - t0;
+        const double both = median(boths), stream = median(streams), alone = median(alones);
         const double flops = blocks * (kind == 0 ? 1024.0 : 768.0) * 32;
         const double larger = alone > stream ? alone : stream;
         printf("%-7s %-5s %5d | %9.1f %7.0f | %9.1f %5.1f | %9.1f %6.2f %6.2f\n", kind == 0 ? "scores" : "values",
