@@ -51,6 +51,10 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_ids = set(eos_ids)
+        # the tokenizer's EOS: a stop on it has stop_reason None; the other EOS ids (a
+        # generation_config.json's list) stop as stop_token_ids do, naming the token (vLLM)
+        eos = tokenizer.eos_token
+        self.primary_eos = tokenizer.token_to_id(eos) if eos is not None else None
         self.max_positions = max_positions
         self.forward_steps = 0
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
@@ -231,7 +235,7 @@ class EngineCore:
         if eos or tok in p.stop_token_ids:
             # (as vLLM: the stop token's text is not in the output, and stop_reason names only
             # a stop the caller asked for)
-            t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos else tok, tok
+            t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos and tok == self.primary_eos else tok, tok
             t.stop_text = self.tokenizer.decode_after(t.text_context, t.generated[:-1])
         elif p.stop and self._stop_string(t, p):
             pass
@@ -247,10 +251,11 @@ class EngineCore:
             return False
         text = t.text_stream.text
         new_from = len(text) - len(piece)
-        hits = [(j, s) for s in p.stop if (j := text.find(s, max(0, new_from - len(s) + 1))) >= 0]
-        if not hits:
+        # the first stop string of the list found in the new text (as vLLM; not the earliest one)
+        hit = next(((j, s) for s in p.stop if (j := text.find(s, max(0, new_from - len(s) + 1))) >= 0), None)
+        if hit is None:
             return False
-        pos, s = min(hits)
+        pos, s = hit
         t.finish_reason, t.stop_reason, t.stop_text = "stop", s, text[:pos]
         return True
 

@@ -16,13 +16,33 @@ class RequestMetrics:
     max_parallel_threads: int = 0 # most threads sampling in one step
 
 
+class Logprob(float):
+    """A token's log-prob: a float, with vLLM's ``Logprob`` fields ``.logprob`` (the same
+    value) and ``.rank`` (1: the most likely token of its position)."""
+
+    def __new__(cls, value: float, rank: int | None = None):
+        obj = super().__new__(cls, value)
+        obj.rank = rank
+        return obj
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank})"
+
+    def __reduce__(self):
+        return (Logprob, (float(self), self.rank))
+
+
 @dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None                     # "stop" | "length"
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: its own and the top-k's (floats)
     stop_reason: int | str | None = None          # the stop string / stop_token_ids token that ended it
                                                   # (EOS: None, as vLLM)
     answer: str | None = None                     # extracted answer (answer-selecting protocols)

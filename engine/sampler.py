@@ -9,13 +9,18 @@ import math
 
 import torch
 
+from .outputs import Logprob
 from .sampling_params import SamplingParams
 
 
 def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p applied to one row; returns log-probs
-    with disallowed tokens at -inf."""
+    """Temperature, then min-p, then top-k and top-p (vLLM's order: top-p takes its mass
+    from what min-p left) applied to one row; returns log-probs with disallowed tokens at
+    -inf."""
     x = logits / p.temperature
+    if p.min_p > 0.0:
+        probs = x.softmax(-1)
+        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_k != -1 and p.top_k < x.numel():
         kth = torch.topk(x, p.top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -25,9 +30,6 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         drop = (probs.cumsum(-1) - probs) >= p.top_p
         x = x.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-    if p.min_p > 0.0:
-        probs = x.softmax(-1)
-        x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return x.log_softmax(-1)
 
 
@@ -169,10 +171,15 @@ def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
-def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, float]:
+def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
+    """The ``k`` most likely tokens' log-probs (every token's for k = -1, as vLLM) and the
+    chosen token's, each a Logprob (a float with vLLM's .logprob and .rank)."""
     out = {}
-    if k > 0:
-        vals, idx = torch.topk(logprobs_row, min(k, logprobs_row.numel()))
-        out = dict(zip(idx.tolist(), vals.tolist()))
-    out[chosen] = float(logprobs_row[chosen])
+    if k != 0:
+        n = logprobs_row.numel() if k < 0 else min(k, logprobs_row.numel())
+        vals, idx = torch.topk(logprobs_row, n)
+        out = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist()))}
+    if chosen not in out:
+        v = logprobs_row[chosen]
+        out[chosen] = Logprob(float(v), int((logprobs_row > v).sum()) + 1)
     return out

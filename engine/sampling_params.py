@@ -5,7 +5,8 @@ import numbers
 from dataclasses import dataclass
 
 
-GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM's sampling epsilon)
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's sampling epsilon; vLLM samples a
+#                     temperature in (0, 0.01) at 0.01 instead: its argmax, but for near-ties)
 
 
 @dataclass
@@ -50,8 +51,8 @@ class SamplingParams:
             bad("temperature", "must be in [0, 100] (0, or anything below 1e-5, means greedy)")
         if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
             bad("top_p", "must be in (0, 1]")
-        if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
-            bad("top_k", "must be -1 (disabled) or an integer >= 1")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            bad("top_k", "must be -1 or 0 (disabled) or an integer >= 1")
         if not _is_num(self.min_p) or not (0.0 <= self.min_p <= 1.0):
             bad("min_p", "must be in [0, 1]")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -70,14 +71,18 @@ class SamplingParams:
             bad("ignore_eos", "must be True or False")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be None or an integer")
+        if self.seed == -1:  # (as vLLM: no seed)
+            self.seed = None
         if self.max_total_tokens is not None and (not _is_int(self.max_total_tokens)
                                                   or self.max_total_tokens < 1):
             bad("max_total_tokens", "must be None or an integer >= 1")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
-            bad("logprobs", "must be None or an integer in [0, 100]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not -1 <= self.logprobs <= 100):
+            bad("logprobs", "must be None, -1 (every token's) or an integer in [0, 100]")
         for name in ("n", "top_k", "max_tokens", "seed", "max_total_tokens", "logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
+        if self.top_k == 0:  # (vLLM's default spelling of "disabled")
+            self.top_k = -1
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             setattr(self, name, float(getattr(self, name)))

@@ -63,7 +63,7 @@ def assert_no_leak(llm):
 BAD_PARAMS = [
     ("n", 0), ("n", -2), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1),
     ("top_k", -2), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", -3),
-    ("logprobs", -1), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
+    ("logprobs", -2), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
     ("stop_token_ids", "7"), ("stop_token_ids", 2.5),
 ]
 
@@ -84,6 +84,8 @@ def test_sampling_params_valid_edges():
     assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
     assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
     assert SP(stop=("x", "y")).stop == ["x", "y"]
+    # vLLM's spellings: top_k=0 (its default) disables top-k as -1 does; seed=-1 is no seed
+    assert SP(top_k=0).top_k == -1 and SP(seed=-1).seed is None and SP(logprobs=-1).logprobs == -1
     import numpy as np
     sp = SP(temperature=np.float32(0.5), n=np.int64(2), seed=np.int64(3), stop_token_ids=[np.int64(4)])
     assert (type(sp.temperature), type(sp.n), type(sp.seed), type(sp.stop_token_ids[0])) == (float, int, int, int)
@@ -436,6 +438,33 @@ def test_stop_string_with_parallel_threads(llm, full):
     assert_no_leak(llm)
 
 
+def _scripted(llm, tokens, **kw):
+    """The completion of a call whose sampled tokens are ``tokens`` (core.token_source)."""
+    seq = iter(tokens)
+    llm.core.token_source = lambda ths: [next(seq) for _ in ths]
+    try:
+        return llm.generate([TEXT], SP(max_tokens=len(tokens), **kw))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+
+
+def test_stop_reason_and_stop_string_order_as_vllm(llm):
+    """The tokenizer's EOS stops with stop_reason None; when one token completes several
+    stop strings, the first of the list wins (vLLM's stop checker), not the earliest in
+    the text."""
+    t = llm.tokenizer
+    c = _scripted(llm, [5, 6, EOS_ID, 7])
+    assert (c.finish_reason, c.stop_reason, list(c.token_ids)) == ("stop", None, [5, 6, EOS_ID])
+    two = next(i for i in range(VOCAB) if len(t.decode([i])) >= 2 and t.decode([i]).isalpha()
+               and t.decode([i])[0] != t.decode([i])[1])
+    a, b = t.decode([two])[:2]
+    c = _scripted(llm, [two], stop=[b, a])
+    assert (c.stop_reason, c.text) == (b, a), (t.decode([two]), c)
+    c = _scripted(llm, [two], stop=[a, b])
+    assert (c.stop_reason, c.text) == (a, ""), c
+    assert_no_leak(llm)
+
+
 def test_stop_token_ids(llm, full):
     toks, _ = full
     j = next(i for i in range(3, len(toks)) if toks.index(toks[i]) == i and toks[i] != EOS_ID)
@@ -485,9 +514,10 @@ def test_eos_stops_unless_ignored(style, eos_dirs, full):
     out = eng.generate([TEXT], SP(temperature=0.0, max_tokens=32))[0].outputs[0]
     assert out.finish_reason == "stop", f"EOS {toks[j]} emitted at step {j} did not stop: {list(out.token_ids)}"
     assert list(out.token_ids) == toks[:j + 1], f"got {list(out.token_ids)}, full {toks}"
-    # an EOS that is an ordinary token: its text is cut, and stop_reason is None (as vLLM: it
-    # names only a stop the caller asked for)
-    assert out.stop_reason is None and out.text == eng.tokenizer.decode(toks[:j]), out
+    # an EOS of the configs that is not the tokenizer's: its text is cut, and stop_reason names
+    # it (as vLLM, which adds a generation config's EOS ids to the stop token ids; only the
+    # tokenizer's EOS gives None)
+    assert out.stop_reason == toks[j] and out.text == eng.tokenizer.decode(toks[:j]), out
     out = eng.generate([TEXT], greedy(32))[0].outputs[0]
     assert out.finish_reason == "length" and list(out.token_ids) == toks
     assert_no_leak(eng)
@@ -570,6 +600,34 @@ def test_top_k_top_p_min_p_stay_in_allowed_set(llm):
         res = llm.generate([prompt], SP(**base, **kw))
         _check_allowed(llm, prompt, res[0].outputs, ok, str(kw))
     assert_no_leak(llm)
+
+
+def test_min_p_before_top_p_as_vllm():
+    """vLLM filters by min_p (after temperature), then top-k / top-p on what is left: with
+    probabilities [.5, .2, .15, .15], min_p=0.35 leaves [.5, .2], whose top 60% is token 0
+    alone (top-p first kept tokens 0 and 1)."""
+    import torch
+    from engine.sampler import _filtered_logprobs
+    logits = torch.tensor([0.5, 0.2, 0.15, 0.15]).log()
+    kept = _filtered_logprobs(logits, SP(top_p=0.6, min_p=0.35)).isfinite().nonzero().flatten().tolist()
+    assert kept == [0], kept
+    assert _filtered_logprobs(logits, SP(top_p=0.8, min_p=0.35)).isfinite().nonzero().flatten().tolist() == [0, 1]
+
+
+def test_logprobs_as_vllm_gives_them(llm):
+    """Each entry a float with vLLM's .logprob and .rank; logprobs=-1: every token's."""
+    prompt = random_ids(11, VOCAB, seed=9)
+    c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=-1))[0].outputs[0]
+    want = llm.score(prompt + list(c.token_ids))[0]
+    for i, (tok, d) in enumerate(zip(c.token_ids, c.logprobs)):
+        assert len(d) == VOCAB
+        row = want[len(prompt) - 1 + i]
+        e = d[tok]
+        assert e == e.logprob and abs(e.logprob - float(row[tok])) < 1e-4
+        assert e.rank == int((row > row[tok]).sum()) + 1
+        assert sorted(v.rank for v in d.values())[:3] == [1, 2, 3]
+    c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=0))[0].outputs[0]
+    assert all(list(d) == [tok] and d[tok].rank >= 1 for tok, d in zip(c.token_ids, c.logprobs))
 
 
 def test_sampled_logprobs_include_chosen_token(llm):
