@@ -81,7 +81,8 @@ def _cmd_generate(a) -> int:
                                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                                 repetition_penalty=a.repetition_penalty)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
-                  attention_backend=a.attention_backend, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype,
+                  attention_backend=a.attention_backend, seed=None if a.seed == -1 else a.seed,  # (-1: none, as vLLM)
+                  kv_cache_dtype=a.kv_cache_dtype,
                   max_forward_tokens=a.max_forward_tokens)
         if not a.prompt and sys.stdin.isatty():
             print("loom: reading the prompt from standard input (end it with Ctrl-D), or pass --prompt",

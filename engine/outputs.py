@@ -44,7 +44,7 @@ class CompletionOutput:
     finish_reason: str | None                     # "stop" | "length"
     logprobs: list[dict[int, Logprob]] | None = None  # per token: its own and the top-k's (floats)
     stop_reason: int | str | None = None          # the stop string / stop_token_ids token that ended it
-                                                  # (EOS: None, as vLLM)
+                                                  # (the tokenizer's EOS: None, as vLLM)
     answer: str | None = None                     # extracted answer (answer-selecting protocols)
     tree: list[dict] | None = None                # protocol runs: the thread tree, per thread
     metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...

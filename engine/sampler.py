@@ -172,12 +172,11 @@ def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
-    """The ``k`` most likely tokens' log-probs (every token's for k = -1, as vLLM) and the
-    chosen token's, each a Logprob (a float with vLLM's .logprob and .rank)."""
+    """The ``k`` most likely tokens' log-probs and the chosen token's, each a Logprob (a
+    float with vLLM's .logprob and .rank)."""
     out = {}
-    if k != 0:
-        n = logprobs_row.numel() if k < 0 else min(k, logprobs_row.numel())
-        vals, idx = torch.topk(logprobs_row, n)
+    if k > 0:
+        vals, idx = torch.topk(logprobs_row, min(k, logprobs_row.numel()))
         out = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist()))}
     if chosen not in out:
         v = logprobs_row[chosen]

@@ -76,8 +76,9 @@ class SamplingParams:
         if self.max_total_tokens is not None and (not _is_int(self.max_total_tokens)
                                                   or self.max_total_tokens < 1):
             bad("max_total_tokens", "must be None or an integer >= 1")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not -1 <= self.logprobs <= 100):
-            bad("logprobs", "must be None, -1 (every token's) or an integer in [0, 100]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
+            # (vLLM's -1, every token's, it also refuses by default: a 150k-entry dict a token)
+            bad("logprobs", "must be None or an integer in [0, 100] (whole distributions: LLM.score)")
         for name in ("n", "top_k", "max_tokens", "seed", "max_total_tokens", "logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))

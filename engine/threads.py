@@ -45,7 +45,7 @@ class Thread:
     generated: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
-    stop_reason: int | str | None = None      # as vLLM: a stop string or stop_token_ids' token; EOS: None
+    stop_reason: int | str | None = None      # as vLLM: a stop string or stop_token_ids' token; the tokenizer's EOS: None
     stop_token: int | None = None             # the EOS or stop token that ended it (not in its text)
     stop_text: str | None = None              # its text when a stop ended it: cut before the stop
     text_stream: object = None                # its sampled text so far, for stop strings

@@ -78,6 +78,8 @@ class Tokenizer:
             raise ValueError(f"{cfg_path}'s add_bos_token={self.add_bos!r} must be true or false (JSON booleans).")
         self._compiled = None
         self._special_ids: frozenset[int] | None = None
+        self._byte_ids: frozenset[int] | None = None
+        self._byte_level: bool | None = None
         self._continuation: _HFTokenizer | None = None
 
     @property
@@ -91,6 +93,16 @@ class Tokenizer:
             self._special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items()
                                           if t.special)
         return self._special_ids
+
+    @property
+    def byte_ids(self) -> frozenset[int]:
+        """Ids of byte-fallback tokens ('<0x..>', SentencePiece's): their text can change with
+        the tokens after them (a decoder's ByteFallback turns a whole run of byte tokens that
+        is not valid UTF-8 into U+FFFD, an already complete character included)."""
+        if self._byte_ids is None:
+            self._byte_ids = frozenset(i for t, i in self._tok.get_vocab(with_added_tokens=False).items()
+                                       if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+        return self._byte_ids
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -132,12 +144,45 @@ class Tokenizer:
         ctx = [i for i in context if i not in skipped][-self.CONTEXT_TOKENS:]
         whole = len(ctx)
         head = self.decode(ctx, skip_special_tokens) if ctx else ""
+        if head.endswith("\ufffd") and not self._ends_inside_a_character(ctx):
+            return ctx, whole, head  # (a U+FFFD of the text itself)
         while whole and head.endswith("\ufffd") and len(ctx) - whole < 4:
             whole -= 1
             head = self.decode(ctx[:whole], skip_special_tokens)
         if head.endswith("\ufffd"):  # (no character boundary found: as if no context)
             return [], 0, ""
         return ctx, whole, head
+
+    def _ends_inside_a_character(self, ids: list[int]) -> bool:
+        """Whether ``ids``' bytes end inside a UTF-8 character, where their bytes are known
+        (byte-fallback '<0x..>' tokens; byte-level BPE's byte alphabet); else True (their
+        text ending in U+FFFD is taken for an unfinished character)."""
+        import codecs
+        raw = b""
+        for i in ids:
+            b = self._token_bytes(i)
+            if b is None:
+                return True
+            raw += b
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        dec.decode(raw, final=False)
+        return bool(dec.getstate()[0])
+
+    def _token_bytes(self, i: int) -> bytes | None:
+        t = self._tok.id_to_token(i)
+        if t is None:
+            return None
+        if i in self.byte_ids:
+            return bytes([int(t[3:5], 16)])
+        if self._byte_level is None:
+            spec = json.loads(self._tok.to_str())
+            self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
+        if self._byte_level:
+            table = _byte_level_table()
+            if all(c in table for c in t):
+                return bytes(table[c] for c in t)
+            return None
+        return t.encode("utf-8") if "\ufffd" not in t else None
 
     def decode_after(self, context, ids, skip_special_tokens: bool = True) -> str:
         """The text ``ids`` add after ``context`` (as vLLM's detokenizer, primed with the
@@ -208,6 +253,20 @@ class Tokenizer:
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
 
 
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte as the printable character that spells
+    it in the vocabulary, mapped back to the byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
 class TextStream:
     """Incremental detokenization: ``push(token)`` returns the text the token completes
     (possibly ""), so that the pieces add up to the decoded sequence. A character split
@@ -232,7 +291,8 @@ class TextStream:
         self.ids.append(token)
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
-        done = len(after) > len(before) and not after.endswith("\ufffd")
+        # (a run of byte tokens is shown when it ends: a later byte may change its text)
+        done = len(after) > len(before) and not after.endswith("\ufffd") and token not in self.tok.byte_ids
         if not done and len(self.ids) - self.read < self.MAX_HELD:
             return ""
         piece = after[len(before):]

@@ -63,7 +63,7 @@ def assert_no_leak(llm):
 BAD_PARAMS = [
     ("n", 0), ("n", -2), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1),
     ("top_k", -2), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", -3),
-    ("logprobs", -2), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
+    ("logprobs", -1), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
     ("stop_token_ids", "7"), ("stop_token_ids", 2.5),
 ]
 
@@ -85,7 +85,7 @@ def test_sampling_params_valid_edges():
     assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
     assert SP(stop=("x", "y")).stop == ["x", "y"]
     # vLLM's spellings: top_k=0 (its default) disables top-k as -1 does; seed=-1 is no seed
-    assert SP(top_k=0).top_k == -1 and SP(seed=-1).seed is None and SP(logprobs=-1).logprobs == -1
+    assert SP(top_k=0).top_k == -1 and SP(seed=-1).seed is None
     import numpy as np
     sp = SP(temperature=np.float32(0.5), n=np.int64(2), seed=np.int64(3), stop_token_ids=[np.int64(4)])
     assert (type(sp.temperature), type(sp.n), type(sp.seed), type(sp.stop_token_ids[0])) == (float, int, int, int)
@@ -615,12 +615,12 @@ def test_min_p_before_top_p_as_vllm():
 
 
 def test_logprobs_as_vllm_gives_them(llm):
-    """Each entry a float with vLLM's .logprob and .rank; logprobs=-1: every token's."""
+    """Each entry a float with vLLM's .logprob and .rank (1: the most likely token)."""
     prompt = random_ids(11, VOCAB, seed=9)
-    c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=-1))[0].outputs[0]
+    c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=100))[0].outputs[0]
     want = llm.score(prompt + list(c.token_ids))[0]
     for i, (tok, d) in enumerate(zip(c.token_ids, c.logprobs)):
-        assert len(d) == VOCAB
+        assert 100 <= len(d) <= 101
         row = want[len(prompt) - 1 + i]
         e = d[tok]
         assert e == e.logprob and abs(e.logprob - float(row[tok])) < 1e-4
@@ -1490,6 +1490,49 @@ def test_completion_text_of_a_prompt_ending_inside_a_character(tmp_path, model_d
         finally:
             eng.core.token_source = None
         assert (c.finish_reason, c.text) == want and "".join(pieces) == c.text, (stop, c, pieces)
+    # a prompt whose text itself ends with U+FFFD (its bytes complete): nothing carried over
+    lit = t.encode("The caf\ufffd", add_special_tokens=False)
+    assert t.decode(lit).endswith("\ufffd")
+    seq = iter(t.encode(" ok", add_special_tokens=False))
+    eng.core.token_source = lambda ths: [next(seq) for _ in ths]
+    try:
+        c = eng.generate([lit], SP(max_tokens=len(t.encode(" ok", add_special_tokens=False)), ignore_eos=True))
+    finally:
+        eng.core.token_source = None
+    assert c[0].outputs[0].text == " ok", c[0].outputs[0].text
+    assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_streamed_byte_fallback_runs_add_up(tmp_path, model_dir):
+    """With byte-fallback tokens (Llama 2 / Mistral: '<0xC3>'), a later invalid byte turns a
+    whole run of byte tokens into U+FFFD, an already complete 'é' included: a run is streamed
+    when it ends, so that the pieces still add up to the text (they streamed 'é', then the
+    text read '���')."""
+    import json
+    from tokenizers import Tokenizer
+    from engine import LLM
+    d = _copy_model(tmp_path, model_dir, "bytefallback", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    spec = json.loads(_sentencepiece_style_tokenizer("legacy", V - 256).to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    assert len(vocab) <= V
+    Tokenizer.from_str(json.dumps(spec)).save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=512)
+    tid = eng.tokenizer.token_to_id
+    ok = eng.tokenizer.encode("ok", add_special_tokens=False)
+    for toks in ([tid("<0x05>"), tid("<0x9D>")], ok + [tid("<0xC3>"), tid("<0xA9>"), tid("<0xA9>")] + ok,
+                 ok + [tid("<0xC3>"), tid("<0xA9>")] + ok):
+        seq, pieces = iter(toks), []
+        eng.core.token_source = lambda ths: [next(seq) for _ in ths]
+        try:
+            c = eng.generate(["ba"], SP(max_tokens=len(toks), ignore_eos=True),
+                             stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
+        finally:
+            eng.core.token_source = None
+        assert "".join(pieces) == c.text, (toks, pieces, c.text)
+    assert "é" in c.text and "\ufffd" not in c.text, c.text  # (the last run is valid)
     assert eng.cache_stats()["pages_used"] == 0
 
 
