@@ -1,7 +1,7 @@
 """Loom: a parallel decoding engine over one shared paged KV cache."""
 try:
     from .llm import LLM  # (imports torch, which engine._C needs loaded first: ~2 s)
-    from .outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from .outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
     from .sampling_params import SamplingParams
 except KeyboardInterrupt:
     import os as _os
@@ -11,5 +11,5 @@ except KeyboardInterrupt:
         raise SystemExit(130) from None
     raise
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob"]
 __version__ = "0.1.0"
