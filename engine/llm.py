@@ -30,6 +30,18 @@ DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is 
 DEFAULT_KV_TOKENS_MAX = 1 << 18
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _as_list(x):
     """A numpy array or tensor (of token ids) as a list; anything else as it is."""
     return x.tolist() if hasattr(x, "tolist") and not isinstance(x, str) else x
@@ -175,10 +187,20 @@ class LLM:
         self.tokenizer = Tokenizer(model)
         self.eos_ids = self._eos_ids(model)
         self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
+        c = self.config
+        per_tok = kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype)
+        # On the CPU the cache's memory is taken as pages are first written: a cache larger
+        # than the memory the machine has would be killed when it fills, not refused.
+        avail = available_memory() if self.device.type == "cpu" else None
         if kv_cache_tokens is None:
-            c = self.config
-            per_tok = kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype)
             kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
+            if avail is not None:  # (at most half of what is free)
+                kv_cache_tokens = max(min(kv_cache_tokens, avail // 2 // per_tok), page_size)
+        elif avail is not None and kv_cache_tokens * per_tok > avail:
+            raise ValueError(f"kv_cache_tokens={kv_cache_tokens:,} ({per_tok:,} bytes a token: "
+                             f"{kv_cache_tokens * per_tok / 2**30:,.1f} GiB) is more than this machine's available "
+                             f"memory ({avail / 2**30:,.1f} GiB): the process would be killed when the cache fills; "
+                             f"lower kv_cache_tokens (at most {avail // per_tok:,}).")
         if kv_cache_tokens < page_size:  # (the default, for a model of huge tokens)
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
                              f"({page_size}).")

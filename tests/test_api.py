@@ -836,9 +836,20 @@ def test_unsupported_device(model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
-def test_cache_too_large_to_allocate(model_dir, llm, baseline):
+def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
+    import engine.llm as L
     from engine import LLM
-    # petabytes: past any machine's memory and the address space of a process
+    # more than the machine's available memory: refused up front (on the CPU the pages are
+    # taken as they are written: the process was killed when the cache filled)
+    per_tok = llm.cache.bytes_per_token
+    monkeypatch.setattr(L, "available_memory", lambda: 1000 * per_tok)
+    with pytest.raises(ValueError, match=r"kv_cache_tokens=1,001 .* is more than this machine's available memory "
+                                         r".*lower kv_cache_tokens \(at most 1,000\)"):
+        LLM(model_dir(NAME), kv_cache_tokens=1001)
+    assert LLM(model_dir(NAME), kv_cache_tokens=992).cache.num_pages == 62
+    assert LLM(model_dir(NAME)).cache.num_pages * PS <= 500  # (the default: at most half of it)
+    # where the available memory is unknown: petabytes, past the address space of a process
+    monkeypatch.setattr(L, "available_memory", lambda: None)
     with pytest.raises(ValueError, match=r"KV cache of [0-9,]+ tokens .* could not be allocated on "
                                          r"cpu .*lower kv_cache_tokens"):
         LLM(model_dir(NAME), kv_cache_tokens=10**14, page_size=2**20)
