@@ -100,6 +100,8 @@ def _cmd_generate(a) -> int:
                             stream=stream)
         else:
             outs = llm.generate(prompts, params, protocol=protocol, stream=stream)
+    except BrokenPipeError:
+        raise  # (main: the reader of our streamed output has gone)
     except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
         if stream is not None and stream.started:
             print()

@@ -208,6 +208,21 @@ def test_output_closed_by_its_reader_exits_quietly():
     assert p.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
+def test_streamed_output_closed_by_its_reader_is_not_an_error(model, monkeypatch, capsys):
+    """`loom generate ... | head -1` while the completion streams: the streaming printer's
+    BrokenPipeError reaches main's quiet handler (it was reported as 'loom: error: [Errno 32]
+    Broken pipe', exit 2)."""
+    import engine.cli as cli
+
+    def closed(self, i, j, piece):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(cli._stream_printer, "__call__", closed)
+    args = cli.build_parser().parse_args(["generate", "--model", model, "--prompt", "x", "--max-tokens", "5"])
+    with pytest.raises(BrokenPipeError):
+        cli._cmd_generate(args)
+    assert "loom: error" not in capsys.readouterr().err
+
+
 def test_interrupt_while_the_command_loads_exits_130_quietly():
     """A Ctrl-C in the ~2 s the `loom` command spends importing torch (before its own
     handler runs) ends it as one later would: 'loom: interrupted', exit 130, no traceback.
