@@ -164,24 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat-template-kwargs", metavar="JSON",
                    help="more variables for the chat template (implies --chat), e.g. '{\"enable_thinking\": false}'")
     g.add_argument("-n", type=int, default=1, help="completions per prompt (threads)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="default 1.0: off")
+    g.add_argument("--top-k", type=int, default=-1, help="default -1: off")
+    g.add_argument("--min-p", type=float, default=0.0, help="default 0: off")
+    g.add_argument("--max-tokens", type=int, default=128, help="per completion (default 128)")
     g.add_argument("--ignore-eos", action="store_true", help="sample on past end-of-sequence tokens")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="default 0: off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="default 0: off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1: off")
+    g.add_argument("--seed", type=int, default=None, help="default none (-1 too)")
     g.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the Triton kernels)")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--kv-cache-tokens", type=int, default=None)
+    g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    g.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="default 2 GiB of K/V or 262,144 tokens, whichever is fewer")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    g.add_argument("--attention-backend", default="auto", help="auto, cpu, torch or triton (default auto)")
     g.add_argument("--protocol", choices=sorted(PROTOCOLS),
                    help="run the threads by a protocol (engine.protocols): n samples with a vote (sampling, "
                         "-n and --select), model-written fork / join (multiverse, threadweaver, parallel-r1 "

@@ -150,6 +150,15 @@ def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
     assert err.startswith("loom: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for opt, default in (("--max-tokens", "128"), ("--temperature", "1.0"), ("--page-size", "16"),
+                         ("--top-k", "-1"), ("--kv-cache-tokens", "2 GiB")):
+        assert re.search(rf"{opt} \S+\s+[^-]*default {re.escape(default)}", out), (opt, out)
+
+
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
