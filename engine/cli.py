@@ -102,16 +102,11 @@ def _cmd_generate(a) -> int:
             outs = llm.generate(prompts, params, protocol=protocol, stream=stream)
     except BrokenPipeError:
         raise  # (main: the reader of our streamed output has gone)
-    except (ValueError, OSError) as e:  # (OSError: FileNotFoundError, PermissionError, ...)
-        if stream is not None and stream.started:
-            print()
+    except (ValueError, OSError, FloatingPointError) as e:  # (OSError: FileNotFoundError, ...; FloatingPointError:
+        if stream is not None and stream.started:                 # the model's logits are NaN / inf)
+            print()  # (the streamed text's end)
         print(f"loom: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:  # the model's logits are NaN / inf
-        if stream is not None and stream.started:
-            print()
-        print(f"loom: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, FloatingPointError) else 2
     if stream is not None:
         if not stream.started:
             print("--- completion 0", flush=True)

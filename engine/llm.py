@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -47,13 +48,23 @@ def _as_list(x):
     return x.tolist() if hasattr(x, "tolist") and not isinstance(x, str) else x
 
 
+@dataclass
+class _Streamed:
+    """One streamed completion: its text stream (None: the thread's own stop-string stream,
+    which the engine feeds), the tokens pushed into it, the text sent, whether it ended."""
+    stream: TextStream | None
+    read: int = 0
+    sent: str = ""
+    ended: bool = False
+
+
 class _Streamer:
     """generate(stream=...): after each step, each completion's new text, held back while it
     could still be the start of a stop string, and at its end what its output's text adds."""
 
     def __init__(self, llm, reqs: list, fn):
         self.llm, self.reqs, self.fn = llm, reqs, fn
-        self.state: dict[tuple[int, int], list] = {}  # (request, completion) -> [stream, tokens read, text sent]
+        self.state: dict[tuple[int, int], _Streamed] = {}  # (request, completion) -> its state
 
     def step(self):
         core = self.llm.core
@@ -61,23 +72,23 @@ class _Streamer:
             for j, k in enumerate(getattr(r.run, "kids", None) or []):
                 st = self.state.get((i, j))
                 if st is None:
-                    st = self.state[(i, j)] = [TextStream(self.llm.tokenizer, context=k.text_context), 0, ""]
-                stream, read, sent = st
-                if st[1] is None:
-                    continue  # (ended)
+                    own = None if k.text_stream is not None else TextStream(self.llm.tokenizer, context=k.text_context)
+                    st = self.state[(i, j)] = _Streamed(own)
+                if st.ended:
+                    continue
                 if k.finished:
-                    text, st[1] = core.text_of(k), None
-                    hold = 0
+                    text, hold, st.ended = core.text_of(k), 0, True
                 else:
-                    for tok in k.generated[read:]:
-                        stream.push(tok)
-                    st[1] = len(k.generated)
-                    text = stream.text
+                    if st.stream is not None:
+                        for tok in k.generated[st.read:]:
+                            st.stream.push(tok)
+                        st.read = len(k.generated)
+                    text = (st.stream or k.text_stream).text
                     hold = max((len(s) for s in r.params.stop), default=1) - 1
-                end = max(len(text) - hold, len(sent))
-                if text.startswith(sent) and end > len(sent):
-                    st[2] = text[:end]
-                    self.fn(i, j, text[len(sent):end])
+                end = max(len(text) - hold, len(st.sent))
+                if text.startswith(st.sent) and end > len(st.sent):
+                    piece, st.sent = text[len(st.sent):end], text[:end]
+                    self.fn(i, j, piece)
 
 
 def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:

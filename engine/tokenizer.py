@@ -1,6 +1,7 @@
 """Tokenizer (``tokenizer.json`` via ``tokenizers``) and chat template (jinja2)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -253,6 +254,7 @@ class Tokenizer:
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _byte_level_table() -> dict[str, int]:
     """Byte-level BPE's alphabet (GPT-2's): each byte as the printable character that spells
     it in the vocabulary, mapped back to the byte."""

@@ -87,6 +87,13 @@ class ProtocolRun:
     def outputs(self) -> list[CompletionOutput]:
         raise NotImplementedError
 
+    def drop_unwritten_eos(self, t: Thread):
+        """``t`` just stopped on an EOS it has not written yet: the EOS is not written at all
+        (threads that read ``t``, a join or other Hogwild workers, must not see it)."""
+        if t.finish_reason == "stop" and t.stop_token in self.core.eos_ids and t.pending \
+                and t.pending[-1] == t.stop_token:
+            t.tokens.pop(), t.pending.pop()
+
     def completion(self, t: Thread, index: int) -> CompletionOutput:
         return CompletionOutput(index, self.core.text_of(t), list(t.generated), t.finish_reason,
                                 t.logprobs, t.stop_reason)

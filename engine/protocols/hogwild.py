@@ -195,13 +195,13 @@ class HogwildRun(ProtocolRun):
     def on_token(self, t: Thread, tok: int):
         if t is self.finisher:
             self.core.accept(t, tok)
-            self._drop_eos(t)
+            self.drop_unwritten_eos(t)  # (as a tree's path's)
             if "}" in self.tok.decode(t.generated):
                 t.finish_reason = "stop"
             return
         w = next(w for w in self.workers if w.current is t)
         self.core.accept(t, tok)
-        self._drop_eos(t)
+        self.drop_unwritten_eos(t)  # (the other workers read this step live)
         self.total += 1
         w.generated += 1
         if w.generated >= self.params.max_tokens and not t.finished:
@@ -234,13 +234,6 @@ class HogwildRun(ProtocolRun):
             self._maybe_compact()
         if all(o.done for o in self.workers) and self.finisher is None:
             self._finish()
-
-    def _drop_eos(self, t: Thread):
-        """A step (or the finisher) that ends on EOS: the EOS is not written (the other
-        workers would read it live, and the joined text show it), as a tree's path's."""
-        if t.finish_reason == "stop" and t.stop_token in self.core.eos_ids and t.pending \
-                and t.pending[-1] == t.stop_token:
-            t.tokens.pop(), t.pending.pop()
 
     def _commit(self, w: Worker):
         self.commits.append((w.index, w.current))

@@ -137,9 +137,8 @@ class TreeRun(ProtocolRun):
     def drop_eos(self, t: Thread):
         """A path that ends on EOS: the EOS is not written (the join must not see it; the
         path's other tokens are written before the join, whenever that comes)."""
-        if t.tag is not None and t.tag.role == "path" and t.finish_reason == "stop" and \
-                t.stop_token in self.core.eos_ids and t.pending and t.pending[-1] == t.stop_token:
-            t.tokens.pop(), t.pending.pop()
+        if t.tag is not None and t.tag.role == "path":
+            self.drop_unwritten_eos(t)
 
     def end_path(self, t: Thread, closed: bool):
         """A path thread stopped; its trailing EOS is dropped (drop_eos), its close tag added."""
