@@ -164,7 +164,7 @@ class ThreadTree:
         parent = threads[0].parent if all(t.parent is threads[0].parent for t in threads) else None
         if positions == "reprefill":
             text = [tok for t in threads for s, _ in t.view if s.id not in common
-                    for tok in self._seg_tokens(s)]
+                    for tok in s.tokens]
             cont = self._new_thread(fork_pos, ctx, parent, text + list(header),
                                     "The reprefill join's continuation (the joined text and its header)")
             cont.header_len = len(cont.tokens)
@@ -271,12 +271,6 @@ class ThreadTree:
             vf.index_copy_(0, slots, vf[src_t])
         th.finish_reason = "compacted"
         return th
-
-    def _seg_tokens(self, seg: Segment) -> list[int]:
-        for t in self.threads:
-            if t.seg is seg:
-                return t.tokens
-        raise AssertionError("segment without a thread")
 
     def inject(self, th: Thread, tokens: list[int], header: bool = False):
         """Queue tokens into ``th``'s own segment (written by the next step's extend pass)."""
