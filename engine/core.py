@@ -236,7 +236,7 @@ class EngineCore:
             # (as vLLM: the stop token's text is not in the output, and stop_reason names only
             # a stop the caller asked for)
             t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos and tok == self.primary_eos else tok, tok
-            t.stop_text = self.tokenizer.decode_after(t.text_context, t.generated[:-1])
+            t.stop_text = self.tokenizer.completion_text(t.text_context, t.generated[:-1])
         elif p.stop and self._stop_string(t, p):
             pass
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
@@ -260,4 +260,4 @@ class EngineCore:
         return True
 
     def text_of(self, t: Thread) -> str:
-        return t.stop_text if t.stop_text is not None else self.tokenizer.decode_after(t.text_context, t.generated)
+        return t.stop_text if t.stop_text is not None else self.tokenizer.completion_text(t.text_context, t.generated)

@@ -79,7 +79,7 @@ class Tokenizer:
             raise ValueError(f"{cfg_path}'s add_bos_token={self.add_bos!r} must be true or false (JSON booleans).")
         self._compiled = None
         self._special_ids: frozenset[int] | None = None
-        self._byte_ids: frozenset[int] | None = None
+        self._byte_values: dict[int, int] | None = None
         self._byte_level: bool | None = None
         self._continuation: _HFTokenizer | None = None
 
@@ -96,14 +96,15 @@ class Tokenizer:
         return self._special_ids
 
     @property
-    def byte_ids(self) -> frozenset[int]:
-        """Ids of byte-fallback tokens ('<0x..>', SentencePiece's): their text can change with
-        the tokens after them (a decoder's ByteFallback turns a whole run of byte tokens that
-        is not valid UTF-8 into U+FFFD, an already complete character included)."""
-        if self._byte_ids is None:
-            self._byte_ids = frozenset(i for t, i in self._tok.get_vocab(with_added_tokens=False).items()
-                                       if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
-        return self._byte_ids
+    def byte_values(self) -> dict[int, int]:
+        """Byte-fallback token id ('<0x..>', SentencePiece's) -> the byte it stands for. A
+        decoder's ByteFallback turns a whole run of byte tokens that is not valid UTF-8 into
+        U+FFFD, an already complete character included: TextStream reads their bytes itself."""
+        if self._byte_values is None:
+            self._byte_values = {i: int(t[3:5], 16) for t, i in self._tok.get_vocab(with_added_tokens=False).items()
+                                 if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+                                 and all(c in "0123456789abcdefABCDEF" for c in t[3:5])}
+        return self._byte_values
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -173,8 +174,8 @@ class Tokenizer:
         t = self._tok.id_to_token(i)
         if t is None:
             return None
-        if i in self.byte_ids:
-            return bytes([int(t[3:5], 16)])
+        if i in self.byte_values:
+            return bytes([self.byte_values[i]])
         if self._byte_level is None:
             spec = json.loads(self._tok.to_str())
             self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
@@ -185,17 +186,23 @@ class Tokenizer:
             return None
         return t.encode("utf-8") if "\ufffd" not in t else None
 
-    def decode_after(self, context, ids, skip_special_tokens: bool = True) -> str:
-        """The text ``ids`` add after ``context`` (as vLLM's detokenizer, primed with the
-        prompt): a SentencePiece decoder strips the space of a sequence's first word, so a
-        completion decoded alone lost the space it starts with ("The cat" + "▁erpo" read
-        "The caterpo")."""
-        ctx, _, head = self._context(context, skip_special_tokens)
-        if ctx:
+    def completion_text(self, context, ids, skip_special_tokens: bool = True) -> str:
+        """A completion's text: what ``ids`` add after ``context`` (as vLLM's detokenizer,
+        primed with the prompt: a SentencePiece decoder strips the space of a sequence's first
+        word, so a completion decoded alone lost the space it starts with: "The cat" +
+        "▁erpo" read "The caterpo"). It is TextStream's text, token by token, so that streamed
+        pieces add up to it: a character the last tokens leave unfinished is not in it, and
+        byte-fallback bytes are read as UTF-8 (an invalid one as U+FFFD). The decoder's text
+        of context and ids, less the context's, when it has none of those cases."""
+        ctx, whole, head = self._context(context, skip_special_tokens)
+        if whole == len(ctx):
             full = self.decode(ctx + list(ids), skip_special_tokens)
-            if full.startswith(head):
+            if full.startswith(head) and "\ufffd" not in full[len(head):]:
                 return full[len(head):]
-        return self.decode(ids, skip_special_tokens)
+        stream = TextStream(self, skip_special_tokens, context)
+        for i in ids:
+            stream.push(i)
+        return stream.text
 
     def _template_text(self) -> str:
         t = self.chat_template
@@ -271,37 +278,73 @@ def _byte_level_table() -> dict[str, int]:
 
 class TextStream:
     """Incremental detokenization: ``push(token)`` returns the text the token completes
-    (possibly ""), so that the pieces add up to the decoded sequence. A character split
-    across tokens (byte-level BPE) is held until complete instead of showing as U+FFFD,
-    and each piece is decoded after a few tokens of context (from ``context`` at first: the
-    tokens the text follows), so that decoders that strip a leading space (SentencePiece's)
-    keep it inside the text."""
+    (possibly ""); the pieces make a completion's text (``Tokenizer.completion_text``). A
+    character split across tokens is held until complete instead of showing as U+FFFD (a
+    byte-level BPE token's by the decoder's text, a byte-fallback token's by its bytes,
+    decoded here: the decoder would turn a run of them that a later byte makes invalid into
+    U+FFFD, characters already shown included), and each piece is decoded after a few tokens
+    of context (from ``context`` at first: the tokens the text follows), so that decoders that
+    strip a leading space (SentencePiece's) keep it inside the text. As vLLM's detokenizer: a
+    character still unfinished when the text ends is not in it; an invalid byte reads U+FFFD."""
     MAX_HELD = 32  # tokens held at most (text that never completes is let through)
 
     def __init__(self, tokenizer: "Tokenizer", skip_special_tokens: bool = True, context=()):
+        import codecs
         self.tok, self.skip = tokenizer, skip_special_tokens
         self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self.byte_of = tokenizer.byte_values
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # (a run of byte tokens)
+        self._in_run, self._char_start = False, 0
         # those that make text (a skipped special token does not), after a few of the
-        # tokens the text follows (Tokenizer.decode_after)
+        # tokens the text follows (Tokenizer.completion_text)
         self.ids, self.read, _ = tokenizer._context(context, skip_special_tokens)
         self.prefix = 0  # ids[prefix:read]: context; ids[read:]: not yet shown
+        tail = self.ids[self.read:]
+        if tail and all(i in self.byte_of for i in tail):  # (the context's unfinished character)
+            self._utf8.decode(bytes(self.byte_of[i] for i in tail))
+            self._in_run, self._char_start, self.read = True, self.read, len(self.ids)
         self.text = ""
 
     def push(self, token: int) -> str:
         if token in self.skipped:
             return ""
-        self.ids.append(token)
+        b = self.byte_of.get(token)
+        if b is not None:
+            piece = self._show() if self.read < len(self.ids) else ""  # (held tokens before the run)
+            if not self._utf8.getstate()[0]:
+                self._char_start = len(self.ids)
+            new = self._utf8.decode(bytes((b,)))
+            if not self.ids:  # (a sequence's first text: the decoder's, that may strip a space)
+                new = self.tok.decode([token], skip_special_tokens=self.skip) if b < 0x80 else new
+            self.ids.append(token)
+            piece += new
+            self._in_run = True
+            self.read = len(self.ids)
+            if not self._utf8.getstate()[0]:  # (a whole character: the next piece's context)
+                self.prefix = self._char_start
+        else:
+            piece = ""
+            if self._in_run:  # (a character the run left unfinished: U+FFFD, as errors="replace")
+                piece = self._utf8.decode(b"", final=True)
+                self._utf8.reset()
+                self._in_run = False
+            self.ids.append(token)
+            piece += self._show(held_ok=True)
+        self.text += piece
+        return piece
+
+    def _show(self, held_ok: bool = False) -> str:
+        """The text of ids[read:] after its context; "" while it may still be an unfinished
+        character (``held_ok``; up to MAX_HELD tokens)."""
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
-        # (a run of byte tokens is shown when it ends: a later byte may change its text)
-        done = len(after) > len(before) and not after.endswith("\ufffd") and token not in self.tok.byte_ids
-        if not done and len(self.ids) - self.read < self.MAX_HELD:
+        done = len(after) > len(before) and not after.endswith("\ufffd")
+        if held_ok and not done and len(self.ids) - self.read < self.MAX_HELD:
             return ""
         piece = after[len(before):]
         if piece:  # (an empty one keeps its context: a decoder may strip a first word's space)
             self.prefix = self.read
         self.read = len(self.ids)
-        self.text += piece
         return piece
 
 

@@ -1514,11 +1514,9 @@ def test_completion_text_of_a_prompt_ending_inside_a_character(tmp_path, model_d
     assert eng.cache_stats()["pages_used"] == 0
 
 
-def test_streamed_byte_fallback_runs_add_up(tmp_path, model_dir):
-    """With byte-fallback tokens (Llama 2 / Mistral: '<0xC3>'), a later invalid byte turns a
-    whole run of byte tokens into U+FFFD, an already complete 'é' included: a run is streamed
-    when it ends, so that the pieces still add up to the text (they streamed 'é', then the
-    text read '���')."""
+def _byte_fallback_llm(tmp_path, model_dir):
+    """An LLM on the tiny model with a SentencePiece-style tokenizer that has all 256
+    byte-fallback tokens ('<0x0A>', as Llama 2 / Mistral spell a newline)."""
     import json
     from tokenizers import Tokenizer
     from engine import LLM
@@ -1530,21 +1528,102 @@ def test_streamed_byte_fallback_runs_add_up(tmp_path, model_dir):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     assert len(vocab) <= V
     Tokenizer.from_str(json.dumps(spec)).save(os.path.join(d, "tokenizer.json"))
-    eng = LLM(d, kv_cache_tokens=512)
+    return LLM(d, kv_cache_tokens=512)
+
+
+def _scripted_stream(eng, toks, params, prompt="ba"):
+    """generate() with the sampled tokens given (``toks``, in order); the completion and its
+    streamed pieces."""
+    seq, pieces = iter(toks), []
+    eng.core.token_source = lambda ths: [next(seq) for _ in ths]
+    try:
+        c = eng.generate([prompt], params, stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
+    finally:
+        eng.core.token_source = None
+    return c, pieces
+
+
+def test_streamed_byte_fallback_runs_add_up(tmp_path, model_dir):
+    """With byte-fallback tokens (Llama 2 / Mistral: '<0xC3>'), a later invalid byte turns a
+    whole run of byte tokens into U+FFFD in the tokenizer's decoder, an already complete 'é'
+    included: the stream reads the bytes itself (they streamed 'é', then the text read '���');
+    an invalid byte reads one U+FFFD, as Python's UTF-8 decoder with errors="replace"."""
+    eng = _byte_fallback_llm(tmp_path, model_dir)
     tid = eng.tokenizer.token_to_id
-    ok = eng.tokenizer.encode("ok", add_special_tokens=False)
-    for toks in ([tid("<0x05>"), tid("<0x9D>")], ok + [tid("<0xC3>"), tid("<0xA9>"), tid("<0xA9>")] + ok,
-                 ok + [tid("<0xC3>"), tid("<0xA9>")] + ok):
-        seq, pieces = iter(toks), []
-        eng.core.token_source = lambda ths: [next(seq) for _ in ths]
-        try:
-            c = eng.generate(["ba"], SP(max_tokens=len(toks), ignore_eos=True),
-                             stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
-        finally:
-            eng.core.token_source = None
-        assert "".join(pieces) == c.text, (toks, pieces, c.text)
-    assert "é" in c.text and "\ufffd" not in c.text, c.text  # (the last run is valid)
+    ok = eng.tokenizer.encode_continuation("ok")
+    for toks, want in (([tid("<0x05>"), tid("<0x9D>")], "\x05\ufffd"),
+                       (ok + [tid("<0xC3>"), tid("<0xA9>"), tid("<0xA9>")] + ok, "oké\ufffdok"),
+                       (ok + [tid("<0xC3>"), tid("<0xA9>")] + ok, "okéok"),
+                       (ok + [tid("<0xC3>")] + ok, "ok\ufffdok")):  # (an unfinished character, then a whole token)
+        c, pieces = _scripted_stream(eng, toks, SP(max_tokens=len(toks), ignore_eos=True))
+        assert "".join(pieces) == c.text == want, (toks, pieces, c.text)
     assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_stop_string_on_a_byte_fallback_token(tmp_path, model_dir):
+    """Llama 2 / Mistral spell a newline (and '!' here) as a byte-fallback token ('<0x0A>'):
+    a stop string ending in one stops the completion at that token (it was held until a
+    whole token came: one token late, or missed when the completion ended on it)."""
+    eng = _byte_fallback_llm(tmp_path, model_dir)
+    t = eng.tokenizer
+    nl, ex = t.token_to_id("<0x0A>"), t.token_to_id("<0x21>")
+    world = t.encode_continuation(" world")
+    more = t.encode_continuation(" more text")
+    eos = t.token_to_id("</s>")
+    for stop, tok in (("\n", nl), ("!", ex), ("world!", ex)):
+        for tail, max_tokens in ((more, None), ([], None), ([eos], None)):
+            toks = world + [tok] + tail
+            c, pieces = _scripted_stream(eng, toks, SP(max_tokens=max_tokens or len(world) + 1 + len(tail), stop=[stop]))
+            want = " world" if stop != "world!" else " "
+            assert (c.text, c.finish_reason, c.stop_reason) == (want, "stop", stop), (stop, tail, c)
+            assert len(c.token_ids) == len(world) + 1, (stop, tail, c.token_ids)  # (stopped at it)
+            assert "".join(pieces) == c.text
+    assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_a_completion_ending_inside_a_character(tmp_path, model_dir, llm):
+    """A completion cut inside a multi-byte character (max_tokens) leaves that character out
+    of its text, as vLLM's detokenizer, instead of U+FFFD; with byte-fallback tokens the
+    tokenizer's decoder turned the whole run into U+FFFD, characters already complete
+    included ('こんにちは세' read 'こんにち' and seven U+FFFD)."""
+    eng = _byte_fallback_llm(tmp_path, model_dir)
+    t = eng.tokenizer
+    head = t.encode_continuation("ok")
+    run = [t.token_to_id(f"<0x{b:02X}>") for b in "は세계".encode()]
+    for k in range(len(run) + 1):
+        toks = head + run[:k]
+        c, pieces = _scripted_stream(eng, toks, SP(max_tokens=len(toks), ignore_eos=True))
+        assert c.text == "ok" + "は세계"[:k // 3] == "".join(pieces), (k, c.text)
+    # byte-level BPE (the tiny model's own tokenizer): a character split across tokens
+    bl = llm.tokenizer
+    ids = bl.encode("ok 東京", add_special_tokens=False)
+    for k in range(1, len(ids) + 1):
+        full = bl.decode(ids[:k])
+        c, pieces = _scripted_stream(llm, ids[:k], SP(max_tokens=k, ignore_eos=True), prompt="x")
+        assert "\ufffd" not in c.text and full.startswith(c.text) and len(full) - len(c.text) <= 1, (k, c.text)
+        assert "".join(pieces) == c.text
+
+
+def test_completion_text_is_the_streams_text(tmp_path, model_dir, llm):
+    """Tokenizer.completion_text (a completion's final text) equals TextStream's pieces on
+    random token sequences after random contexts, byte-fallback and byte-level tokenizers
+    alike (its fast path, the decoder's text when it has no U+FFFD, included)."""
+    import random
+    from engine.tokenizer import TextStream
+    eng = _byte_fallback_llm(tmp_path, model_dir)
+    rng = random.Random(0)
+    for tok in (eng.tokenizer, llm.tokenizer):
+        pool = sorted(tok.byte_values) or list(range(tok.vocab_size))
+        words = tok.encode("Hello world, naïve café 東京 🙂", add_special_tokens=False)
+        for _ in range(300):
+            def draw(n):
+                return [rng.choice(pool) if rng.random() < 0.4 else
+                        rng.choice(words) if rng.random() < 0.7 else rng.randrange(tok.vocab_size) for _ in range(n)]
+            ctx, ids = draw(rng.randrange(0, 6)), draw(rng.randrange(0, 12))
+            for skip in (True, False):
+                s = TextStream(tok, skip, ctx)
+                pieces = [s.push(i) for i in ids]
+                assert "".join(pieces) == s.text == tok.completion_text(ctx, ids, skip), (ctx, ids, skip)
 
 
 def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_dir):

@@ -312,7 +312,7 @@ class HogwildRun(ProtocolRun):
         if self.finisher is not None:
             order.append(self.finisher)
         ids = [x for t in order for x in t.tokens]
-        text = self.tok.decode_after(self.tree.root.tokens, ids, skip_special_tokens=False)  # (after the prompt)
+        text = self.tok.completion_text(self.tree.root.tokens, ids, skip_special_tokens=False)  # (after the prompt)
         answer = last_boxed(text)
         if answer is None and self.finisher is not None and self.finisher.generated:
             answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")

@@ -243,13 +243,13 @@ class TreeRun(ProtocolRun):
         last = self.main
         reason = "length" if last is None or last.finish_reason == "length" else "stop"
         shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] else ids
-        ctx = self.tree.root.tokens  # (the text follows the prompt: Tokenizer.decode_after)
-        text = self.tok.decode_after(ctx, shown, skip_special_tokens=False)
+        ctx = self.tree.root.tokens  # (the text follows the prompt: Tokenizer.completion_text)
+        text = self.tok.completion_text(ctx, shown, skip_special_tokens=False)
         if last is not None and last.stop_token is None and last.stop_text is not None:
             # a stop string: cut before it, as plain sampling
             n = len(last.generated)
             if n and ids[-n:] == last.generated:
-                head = self.tok.decode_after(ctx, ids[:-n], skip_special_tokens=False)
+                head = self.tok.completion_text(ctx, ids[:-n], skip_special_tokens=False)
                 j = text.find(last.stop_reason, len(head))
                 # (not found: the match spans special tokens, skipped in the engine's stop
                 # text and spelled out here: the engine's text before the stop)
