@@ -384,13 +384,18 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = False,
              add_generation_prompt: bool = True, protocol: Protocol | None = None,
-             chat_template_kwargs: dict | None = None, stream=None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, stream=None, tools: list[dict] | None = None,
+             documents: list[dict] | None = None, continue_final_message: bool = False,
+             chat_template: str | None = None) -> list[RequestOutput]:
         """Generate for a conversation (a list of ``{"role", "content"}`` dicts) or a list of
         conversations, each rendered by the model's chat template; ``protocol`` as in
         generate() (the rendered conversation is the prompt as it is: Hogwild's
         collaboration prompt, which it adds around a text prompt, is not added);
         ``chat_template_kwargs``: more variables for the template (e.g. Qwen3's
-        ``{"enable_thinking": False}``); ``stream`` as in generate()."""
+        ``{"enable_thinking": False}``); ``tools`` (JSON schemas) and ``documents``: the
+        template's; ``continue_final_message=True`` (with ``add_generation_prompt=False``):
+        the model continues the last message; ``chat_template``: a template's text or the name
+        of one of the model's, instead of its default; ``stream`` as in generate()."""
         if isinstance(messages, list) and messages and isinstance(messages[0], dict):
             convs = [messages]
         elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
@@ -398,7 +403,9 @@ class LLM:
         else:
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
                              "or a list of conversations.")
-        texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt, chat_template_kwargs) for c in convs]
+        texts = [self.tokenizer.apply_chat_template(
+            c, add_generation_prompt, chat_template_kwargs, tools=tools, documents=documents,
+            continue_final_message=continue_final_message, chat_template=chat_template) for c in convs]
         outs = self.generate([self.tokenizer.encode(t, add_special_tokens=False) for t in texts],
                              sampling_params, use_tqdm, protocol, stream)
         for out, text in zip(outs, texts):

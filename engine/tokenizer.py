@@ -77,7 +77,6 @@ class Tokenizer:
         self.add_bos = self.config.get("add_bos_token") or False
         if not isinstance(self.add_bos, bool):  # (bool("false") is True)
             raise ValueError(f"{cfg_path}'s add_bos_token={self.add_bos!r} must be true or false (JSON booleans).")
-        self._compiled = None
         self._special_ids: frozenset[int] | None = None
         self._byte_values: dict[int, int] | None = None
         self._byte_level: bool | None = None
@@ -204,20 +203,33 @@ class Tokenizer:
             stream.push(i)
         return stream.text
 
-    def _template_text(self) -> str:
+    def _template_text(self, tools=None, chat_template: str | None = None) -> str:
+        """The template to render (as transformers picks it): ``chat_template`` (a template's
+        text, or the name of one of the model's named templates), else the model's: of named
+        templates 'tool_use' when there are tools and it exists, else 'default'."""
         t = self.chat_template
-        if not t:
-            raise ValueError("This model has no chat template (no 'chat_template' in "
-                             "tokenizer_config.json or chat_template.jinja); use generate() "
-                             "with a plain prompt instead (the command line: without --chat / --system).")
-        if isinstance(t, list):  # named templates: "default", as transformers
+        named = None
+        if isinstance(t, list):
             if not all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
                 raise ValueError("tokenizer_config.json's chat_template list must hold objects with "
                                  "'name' and 'template'.")
             named = {x["name"]: x["template"] for x in t}
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template:
+                raise ValueError(f"chat_template={chat_template!r} must be a template's text or the name of one "
+                                 "of the model's chat templates.")
+            return named[chat_template] if named and chat_template in named else chat_template
+        if not t:
+            raise ValueError("This model has no chat template (no 'chat_template' in "
+                             "tokenizer_config.json or chat_template.jinja); use generate() "
+                             "with a plain prompt instead (the command line: without --chat / --system), "
+                             "or pass chat_template=.")
+        if named is not None:  # named templates, as transformers
+            if tools is not None and "tool_use" in named:
+                return named["tool_use"]
             if "default" not in named:
                 raise ValueError(f"tokenizer_config.json has several chat templates ({', '.join(named)}) "
-                                 "and none named 'default'; render one yourself with generate().")
+                                 "and none named 'default'; pick one with chat_template='name'.")
             t = named["default"]
         if not isinstance(t, str):
             raise ValueError("tokenizer_config.json's chat_template must be a string or a list of "
@@ -225,11 +237,18 @@ class Tokenizer:
         return t
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            chat_template_kwargs: dict | None = None) -> str:
-        """The conversation rendered by the model's chat template; ``chat_template_kwargs``
-        are more variables for the template (e.g. Qwen3's ``{"enable_thinking": False}``)."""
-        text = self._template_text()
-        kwargs = chat_template_kwargs or {}
+                            chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+                            documents: list[dict] | None = None, continue_final_message: bool = False,
+                            chat_template: str | None = None) -> str:
+        """The conversation rendered by the model's chat template (as transformers'
+        ``apply_chat_template(..., tokenize=False)``). ``chat_template_kwargs`` are more
+        variables for the template (e.g. Qwen3's ``{"enable_thinking": False}``); ``tools``
+        (JSON-schema dicts) and ``documents`` (dicts) are the template's ``tools`` /
+        ``documents``; ``continue_final_message`` ends the text inside the last message (the
+        model continues it: needs add_generation_prompt=False); ``chat_template`` replaces the
+        model's template (its text, or the name of one of the model's named templates)."""
+        kwargs = {} if chat_template_kwargs is None else chat_template_kwargs
+        kwargs = dict(kwargs) if isinstance(kwargs, dict) else kwargs
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
             raise ValueError(f"chat_template_kwargs={chat_template_kwargs!r} must be a dict of template "
                              "variable names to values, e.g. {'enable_thinking': False}.")
@@ -237,28 +256,84 @@ class Tokenizer:
         if taken:
             raise ValueError(f"chat_template_kwargs sets {sorted(taken)}: pass the conversation and "
                              "add_generation_prompt as chat()'s own arguments.")
+        for name, given in (("tools", tools), ("documents", documents)):
+            if name in kwargs:  # (vLLM passes its chat_template_kwargs on as keywords)
+                if given is not None:
+                    raise ValueError(f"{name} given twice: as chat()'s argument and in chat_template_kwargs.")
+                given = kwargs.pop(name)
+            if given is not None and (not isinstance(given, (list, tuple)) or
+                                      not all(isinstance(x, dict) for x in given)):
+                raise ValueError(f"{name}={given!r} must be a list of dicts"
+                                 + (" (JSON schemas of the functions)." if name == "tools" else
+                                    " (each with 'title' and 'text')."))
+            if name == "tools":
+                tools = None if given is None else list(given)
+            else:
+                documents = None if given is None else list(given)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True continues the last message: pass "
+                             "add_generation_prompt=False with it.")
+        text = self._template_text(tools, chat_template)
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages={messages!r} must be a list of {{'role', 'content'}} dicts.")
         for m in messages:
             if not isinstance(m, dict) or m.get("role") is None:
                 raise ValueError(f"Chat message {m!r} must be a dict with a 'role' (and usually a "
                                  "'content').")
         # As transformers: keys whose value is None are dropped (APIs send content=None or
-        # tool_calls=None; templates test for a key's presence, and many fail on None).
+        # tool_calls=None; templates test for a key's presence, and many fail on None), and
+        # a message's reasoning under any of its names is under all of them (templates read
+        # 'reasoning_content', or 'thinking'; APIs send 'reasoning' too).
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        for i, m in enumerate(messages):
+            r = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
+            if r is not None:
+                messages[i] = {"thinking": r, **m, "reasoning_content": r}
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        if continue_final_message:
+            messages = self._tag_final_message(messages, tag)
         import jinja2
-        if self._compiled is None:
-            try:
-                self._compiled = _template_env().from_string(text)
-            except jinja2.TemplateError as e:
-                raise ValueError(f"chat template error: the model's template does not compile ({e}).") from None
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None,  # (as transformers, without them)
-                                         **{"bos_token": "", "eos_token": "", **self.special_tokens, **kwargs})
+            compiled = _compile_template(text)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"chat template error: the template does not compile ({e}).") from None
+        try:
+            out = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                  tools=tools, documents=documents, **{**self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: {e}") from None
         except (TypeError, KeyError, AttributeError, IndexError) as e:  # (the template on these messages)
             raise ValueError(f"chat template error: the model's template fails on these messages "
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
+        if continue_final_message:  # the text ends where the last message's text does
+            j = out.rfind(tag.strip())
+            if j < 0:
+                raise ValueError("continue_final_message=True but the chat template does not render the last "
+                                 "message's content (or changes it); it cannot be continued with this template.")
+            out = out[:j] if out[j:j + len(tag)] == tag else out[:j].rstrip()
+        return out
+
+    @staticmethod
+    def _tag_final_message(messages: list[dict], tag: str) -> list[dict]:
+        """``messages`` with ``tag`` after the last message's text (its content, or the last
+        text part of a list content), to find where that text ends once rendered."""
+        if not messages:
+            raise ValueError("continue_final_message=True needs a conversation with a last message to continue.")
+        last = dict(messages[-1])
+        content = last.get("content")
+        if isinstance(content, str):
+            last["content"] = content + tag
+        elif isinstance(content, (list, tuple)):
+            parts = [dict(p) if isinstance(p, dict) else p for p in content]
+            k = next((k for k in range(len(parts) - 1, -1, -1) if isinstance(parts[k], dict)
+                      and isinstance(parts[k].get("text"), str)), None)
+            if k is None:
+                raise ValueError("continue_final_message=True but the last message has no text to continue.")
+            parts[k]["text"] += tag
+            last["content"] = parts
+        else:
+            raise ValueError("continue_final_message=True but the last message has no 'content' to continue.")
+        return messages[:-1] + [last]
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,6 +421,11 @@ class TextStream:
             self.prefix = self.read
         self.read = len(self.ids)
         return piece
+
+
+@functools.lru_cache(maxsize=16)
+def _compile_template(text: str):
+    return _template_env().from_string(text)
 
 
 def _template_env():

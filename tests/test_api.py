@@ -1291,6 +1291,80 @@ def test_chat_template_kwargs(tmp_path, model_dir):
     assert_no_leak(llm)
 
 
+_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% else %}You are helpful.{% endif %}\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
+    "{%- elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{%- if documents %}<docs>{% for d in documents %}[{{ d.title }}: {{ d.text }}]{% endfor %}</docs>\n{% endif %}"
+    "{%- for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.role == 'assistant' and m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{%- if m.content is string %}{{ m.content }}{% elif m.content is defined %}"
+    "{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{%- if bos_token is defined %}[bos]{% endif %}")
+
+
+def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_dir):
+    """As transformers' apply_chat_template: tools and documents reach the template, named
+    templates give 'tool_use' when there are tools, a message's reasoning under any of its
+    names ('reasoning', 'thinking') is its reasoning_content, continue_final_message ends the
+    text inside the last message, a missing bos_token is undefined; LLM.chat takes them.
+    (tools were refused: chat_template_kwargs={'tools': ...} failed inside the render.)"""
+    from transformers import AutoTokenizer
+    from engine import LLM
+    from engine.tokenizer import Tokenizer
+    d = _copy_model(tmp_path, model_dir, "tools")
+    tc = read_json(os.path.join(d, "tokenizer_config.json"))
+    tc.pop("bos_token", None)
+    tc["chat_template"] = _TOOLS_TEMPLATE
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    hf, tok = AutoTokenizer.from_pretrained(d), Tokenizer(d)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    docs = [{"title": "Paris", "text": "sunny"}]
+    convs = [[{"role": "user", "content": "weather in Paris?"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "yo", "reasoning": "greet back"},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok", "thinking": "t"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Let me think"}],
+             [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "two"}]}]]
+    n = 0
+    for conv in convs:
+        for kw in ({}, {"tools": tools}, {"documents": docs}, {"tools": tools, "documents": docs}):
+            for gen, cont in ((True, False), (False, False), (False, True)):
+                want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen,
+                                              continue_final_message=cont, **kw)
+                got = tok.apply_chat_template(conv, gen, continue_final_message=cont, **kw)
+                assert got == want, (conv, kw, gen, cont, got, want)
+                assert tok.apply_chat_template(conv, gen, dict(kw), continue_final_message=cont) == want
+                n += 1
+    assert n == 48 and "[bos]" not in got and "<think>greet back</think>" in \
+        tok.apply_chat_template(convs[1], False) and got.endswith("Part one, two")
+    # named templates: 'tool_use' when tools are given, else 'default'; chat_template= picks one
+    tc["chat_template"] = [{"name": "default", "template": "D{{ messages[0].content }}"},
+                           {"name": "tool_use", "template": "T{{ tools | length }}"}]
+    write_json(os.path.join(d, "tokenizer_config.json"), tc)
+    hf, tok = AutoTokenizer.from_pretrained(d), Tokenizer(d)
+    conv = convs[0]
+    for kw in ({}, {"tools": tools}, {"chat_template": "tool_use", "tools": []}, {"chat_template": "X{{ 1 + 1 }}"}):
+        want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **kw)
+        assert tok.apply_chat_template(conv, **kw) == want, kw
+    llm = LLM(d, kv_cache_tokens=256)
+    assert llm.chat(conv, greedy(2), tools=tools)[0].prompt == "T1"
+    assert llm.chat(conv, greedy(2), chat_template="default")[0].prompt == "Dweather in Paris?"
+    for kw, msg in (({"tools": {"name": "f"}}, "tools=.* must be a list of dicts"),
+                    ({"documents": ["text"]}, "documents=.* must be a list of dicts"),
+                    ({"continue_final_message": True}, "pass add_generation_prompt=False with it"),
+                    ({"chat_template": ""}, "must be a template's text or the name"),
+                    ({"tools": tools, "chat_template_kwargs": {"tools": tools}}, "tools given twice")):
+        with pytest.raises(ValueError, match=msg):
+            llm.chat(conv, greedy(2), **kw)
+    with pytest.raises(ValueError, match="does not render the last message's content"):
+        llm.chat(conv, greedy(2), add_generation_prompt=False, continue_final_message=True, chat_template="fixed")
+    assert_no_leak(llm)
+
+
 @pytest.fixture(scope="module")
 def small(make_llm):
     """An LLM with a deliberately small cache."""

@@ -81,9 +81,9 @@ def test_generate_chat_template_kwargs_reach_the_template(model, capsys, monkeyp
     from engine.tokenizer import Tokenizer
     seen, render = [], Tokenizer.apply_chat_template
 
-    def spy(self, messages, add_generation_prompt=True, chat_template_kwargs=None):
+    def spy(self, messages, add_generation_prompt=True, chat_template_kwargs=None, **kw):
         seen.append(chat_template_kwargs)
-        return render(self, messages, add_generation_prompt, chat_template_kwargs)
+        return render(self, messages, add_generation_prompt, chat_template_kwargs, **kw)
     monkeypatch.setattr(Tokenizer, "apply_chat_template", spy)
     assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "2",
                  "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
