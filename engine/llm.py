@@ -100,6 +100,23 @@ def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
     return x
 
 
+class ThreadGenerators:
+    """A thread's random generator: from (seed, thread index) when its params have a seed,
+    else from the LLM's own generator. (An object the scheduler holds, not a bound method
+    of the LLM: that made a reference cycle, so `del llm` kept the LLM and its KV cache
+    until Python's cycle collector ran.)"""
+
+    def __init__(self, rng: torch.Generator):
+        self.rng = rng
+
+    def __call__(self, params: SamplingParams, i: int) -> torch.Generator:
+        if params.seed is not None:
+            seed = (params.seed * 1_000_003 + i) & ((1 << 63) - 1)
+        else:
+            seed = int(torch.randint(0, 1 << 62, (1,), generator=self.rng))
+        return torch.Generator().manual_seed(seed)
+
+
 def engine_call(llm, fn, args, kwargs, exclusive: bool):
     """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
     cache, scheduler and step state are shared; interleaved steps corrupt them). An
@@ -225,9 +242,10 @@ class LLM:
                              "cache in the model's dtype); use kv_cache_dtype='auto'.")
         self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
                                self.config.max_position_embeddings, self.config.vocab_size)
-        self.scheduler = Scheduler(self.core, self._thread_generator)
         self._rng = torch.Generator().manual_seed(seed & ((1 << 63) - 1) if seed is not None else
                                                   int.from_bytes(os.urandom(8), "little") >> 1)
+        self._thread_generator = ThreadGenerators(self._rng)
+        self.scheduler = Scheduler(self.core, self._thread_generator)
         self._next_id = 0
 
     @staticmethod
@@ -306,13 +324,6 @@ class LLM:
         if not c.can_reserve(need):  # (no request runs between calls: sessions hold the rest)
             raise sessions_hold_pages(c, need, "This request")
         return need
-
-    def _thread_generator(self, params: SamplingParams, i: int) -> torch.Generator:
-        if params.seed is not None:
-            seed = (params.seed * 1_000_003 + i) & ((1 << 63) - 1)
-        else:
-            seed = int(torch.randint(0, 1 << 62, (1,), generator=self._rng))
-        return torch.Generator().manual_seed(seed)
 
     # ---- generate --------------------------------------------------------------------------
     @serialized

@@ -68,8 +68,8 @@ class Scheduler:
             req.tree = ThreadTree(self.cache, self.cache.reserve(req.pages_needed))
             self.running.append(req)  # (first: abort_all closes its tree if start() raises)
             req.tree.new_root(req.prompt_ids)
-            req.run = req.protocol.start(req.tree, self.core, req.params,
-                                         lambda i, r=req: self.make_generator(r.params, i))
+            make, params = self.make_generator, req.params  # (not the request: a cycle through its run)
+            req.run = req.protocol.start(req.tree, self.core, params, lambda i: make(params, i))
             req.run.metrics = req.metrics
             req.t_start = time.perf_counter()
             budget -= P

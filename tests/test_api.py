@@ -236,6 +236,42 @@ def test_default_sampling_params(llm):
     assert_no_leak(llm)
 
 
+def test_a_deleted_llm_is_freed_at_once(model_dir):
+    """`del llm` frees the LLM and its KV cache by reference counting, after generate (plain,
+    streamed, a protocol), a session and score: the scheduler held a bound method of the LLM
+    and each request's run a closure over the request (reference cycles: a deleted LLM's
+    cache stayed until Python's cycle collector ran, several of them at once in a loop)."""
+    import gc
+    import weakref
+    from engine import LLM
+    from engine.protocols import Hogwild, ParallelSampling
+    gc.collect()
+    gc.disable()
+    try:
+        for kind in ("generate", "stream", "protocols", "session", "score"):
+            eng = LLM(model_dir(NAME), kv_cache_tokens=2048)
+            if kind == "generate":
+                eng.generate(["a", "b"], SP(n=2, max_tokens=3, seed=0, stop=["zz"], logprobs=1))
+            elif kind == "stream":
+                eng.generate(["a"], SP(max_tokens=3), stream=lambda i, j, p: None)
+            elif kind == "protocols":
+                for proto in (ParallelSampling(2), Hogwild(workers=2)):
+                    eng.generate(["a"], SP(max_tokens=4, seed=1), protocol=proto)
+            elif kind == "session":
+                with eng.session("x") as s:
+                    a, b = s.fork(s.root, ["a", "b"])
+                    s.generate([a, b], SP(max_tokens=2))
+                    s.generate([s.join([a, b], header="J")], SP(max_tokens=2))
+                del s, a, b
+            else:
+                eng.score([1, 2, 3])
+            alive = weakref.ref(eng), weakref.ref(eng.cache.k[0])
+            del eng
+            assert [r() is None for r in alive] == [True, True], kind
+    finally:
+        gc.enable()
+
+
 def test_cache_stats_shape(llm):
     s = llm.cache_stats()
     for k in ("pages_total", "pages_free", "pages_used", "page_size"):
