@@ -108,8 +108,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     want_lp = any(p.logprobs is not None for p in params)
     logprobs = (logits if raw is None else raw).log_softmax(-1) if want_lp else None
     tokens = [0] * len(params)
-    greedy = [r for r, p in enumerate(params) if p.greedy or p.top_k == 1]
-    rows = [r for r, p in enumerate(params) if not (p.greedy or p.top_k == 1)]
+    # (top_k=1 is not greedy: as vLLM, tokens tied at the top stay in and are drawn evenly)
+    greedy = [r for r, p in enumerate(params) if p.greedy]
+    rows = [r for r, p in enumerate(params) if not p.greedy]
     if greedy:
         best, idx = _take_rows(logits, greedy).max(-1)  # (max, not argmax: a NaN row shows in best)
         _check_finite(greedy, best)
@@ -180,5 +181,5 @@ def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, L
         out = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist()))}
     if chosen not in out:
         v = logprobs_row[chosen]
-        out[chosen] = Logprob(float(v), int((logprobs_row > v).sum()) + 1)
+        out[chosen] = Logprob(float(v), int((logprobs_row >= v).sum()))  # (ties count: vLLM v1's rank)
     return out

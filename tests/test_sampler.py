@@ -137,3 +137,24 @@ def test_pick_from_logits_frequencies_and_errors():
         with pytest.raises(RuntimeError, match="has a NaN / \\+inf logit"):
             torch.ops.loom.pick_from_logits(x, torch.ones(1), torch.rand(1))
     torch.library.opcheck(torch.ops.loom.pick_from_logits, (torch.randn(3, 300), torch.ones(3), torch.rand(3)))
+
+
+def test_top_k_1_keeps_ties_and_ranks_count_them():
+    """top_k=1 with a temperature is not greedy: as vLLM's top-k (logits below the k-th
+    value masked), tokens tied at the top stay in and are drawn evenly (it took the lowest
+    id every time). A chosen token's rank counts the tokens at least as likely (vLLM v1's)."""
+    from engine.sampling_params import SamplingParams
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
+    counts = [0] * 6
+    for i in range(1500):
+        tok, _ = sampler.sample(logits, [SamplingParams(temperature=1.0, top_k=1)],
+                                [torch.Generator().manual_seed(i)])
+        counts[tok[0]] += 1
+    assert counts[0] == counts[3] == counts[5] == 0 and min(counts[1], counts[2], counts[4]) > 400, counts
+    tok, _ = sampler.sample(logits, [SamplingParams(temperature=0.0, top_k=1)], [torch.Generator()])
+    assert tok == [1]  # (greedy: the first of the tied tokens, as argmax)
+    lp = logits[0].log_softmax(-1)
+    got = sampler.top_logprobs(lp, 2, 0)
+    assert list(got) == [2] and got[2].rank == 3  # (three tokens at least as likely: ranks 3, as vLLM v1)
+    got = sampler.top_logprobs(lp, 3, 1)
+    assert len(got) == 2 and got[3].rank == 4 and sorted(r.rank for r in got.values()) == [1, 4]
