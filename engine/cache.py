@@ -12,6 +12,7 @@ lazily as tokens arrive, so ``pages_used`` is what is really written.
 """
 from __future__ import annotations
 
+import heapq
 from array import array
 from dataclasses import dataclass, field
 
@@ -69,7 +70,8 @@ class KVCache:
         self._page_refs = [0] * num_pages
         self._reserved = 0
         self.segments: dict[int, Segment] = {}
-        self._free_ids: list[int] = []
+        self._free_ids: list[int] = []  # (a heap: the smallest id first, so that the step's
+        #                                    segment table, indexed by id, stays as small as the live set)
         self._next_id = 0
         # Since begin_append (see rollback_append): pages taken (page, its reservation or None)
         # and segments grown (segment, its length and page count before); None: not recording.
@@ -129,7 +131,7 @@ class KVCache:
 
     # ---- segments --------------------------------------------------------------------------
     def new_segment(self, base: int, reservation: Reservation | None = None) -> Segment:
-        sid = self._free_ids.pop() if self._free_ids else self._next_id
+        sid = heapq.heappop(self._free_ids) if self._free_ids else self._next_id
         if sid == self._next_id:
             self._next_id += 1
         seg = Segment(id=sid, base=base, owner_reservation=reservation)
@@ -154,7 +156,7 @@ class KVCache:
                 self._reserved += freed
             seg.pages = array("i")
             del self.segments[seg.id]
-            self._free_ids.append(seg.id)
+            heapq.heappush(self._free_ids, seg.id)
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

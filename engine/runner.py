@@ -116,6 +116,26 @@ def _groups_in_order(deps: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def segment_table(segs: dict) -> tuple[array, array, array]:
+    """The step's segment table, indexed by segment id: every live segment's length and its
+    pages in CSR form (``pages[page_indptr[id]:page_indptr[id + 1]]``); ids between live ones
+    get length -1 and no pages. Python work over the live segments only (the cache hands
+    out the smallest free id, so ids stay about as many as the live segments)."""
+    live = sorted(segs)
+    nseg = live[-1] + 1 if live else 0
+    lens, page_indptr, pages = array("i", [-1]) * nseg, array("i", [0]) * (nseg + 1), array("i")
+    end = 0  # (ids below it are in page_indptr)
+    for sid in live:
+        if sid > end:
+            page_indptr[end + 1:sid + 1] = array("i", [len(pages)]) * (sid - end)
+        s = segs[sid]
+        lens[sid] = s.length
+        pages.extend(s.pages)
+        page_indptr[sid + 1] = len(pages)
+        end = sid + 1
+    return lens, page_indptr, pages
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache: KVCache, backend: str,
                  max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS):
@@ -251,15 +271,7 @@ class ModelRunner:
         indptr, vseg, vshift = self._flat
         own = array("i", [it.own.id for it in items])
         num_new = array("i", [len(it.token_ids) for it in items])
-        segs = self.cache.segments
-        nseg = max(segs, default=-1) + 1
-        lens, page_indptr, pages = array("i", [-1]) * nseg, array("i", [0]) * (nseg + 1), array("i")
-        for sid in range(nseg):
-            s = segs.get(sid)
-            if s is not None:
-                lens[sid] = s.length
-                pages.extend(s.pages)
-            page_indptr[sid + 1] = len(pages)
+        lens, page_indptr, pages = segment_table(self.cache.segments)
         i32 = self._i32
         return self._plan_arrays(i32(indptr), i32(vseg), i32(vshift), i32(own), i32(num_new), i32(lens),
                                  i32(page_indptr), i32(pages))

@@ -159,3 +159,42 @@ def test_runner_flat_plan_matches_threadstep_plan(model_dir, seed):
     cache.release_segment(stranger)  # gone from the cache, still named by a view
     with pytest.raises(KeyError, match="not a known segment"):
         runner._plan_flat(StepBatch([StepItem(owners[0], [1], ((stranger, 0), (owners[0], 0)))]))
+
+
+def test_segment_table_and_smallest_free_ids():
+    """The runner's per-step segment table (indexed by segment id, live segments only) against
+    a plain construction, on random live sets with gaps; and the cache hands out the smallest
+    free id, so that after a burst of segments the table is as small as the live set again
+    (it was as long as the largest id ever used: 1,792 entries a step after one batch of 200
+    prompts x 8 samples, 6x the per-step planning time for every later request)."""
+    from engine.cache import KVCache
+    from engine.runner import segment_table
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=4, num_pages=64, page_size=2,
+                    dtype=torch.float32, device="cpu")
+    res = cache.reserve(64)
+    rng = random.Random(0)
+    segs = [cache.new_segment(0, res) for _ in range(40)]
+    for rnd in range(30):
+        rng.shuffle(segs)
+        for s in segs[:rng.randrange(len(segs) + 1)]:
+            cache.release_segment(s)
+        segs = [s for s in segs if s.id in cache.segments and cache.segments[s.id] is s]
+        for _ in range(rng.randrange(8)):
+            free = min(set(range(len(cache.segments) + 1)) - set(cache.segments))
+            segs.append(cache.new_segment(0, res))
+            assert segs[-1].id == free  # (the smallest free id)
+        for s in segs:
+            if rng.random() < 0.3 and cache.pages_free > 0:
+                cache.append_slots(s, rng.randrange(1, 4))
+        live = sorted(cache.segments)
+        lens, indptr, pages = segment_table(cache.segments)
+        n = max(live, default=-1) + 1
+        assert list(lens) == [cache.segments[i].length if i in cache.segments else -1 for i in range(n)]
+        want = [0]
+        for i in range(n):
+            want.append(want[-1] + (len(cache.segments[i].pages) if i in cache.segments else 0))
+        assert list(indptr) == want and list(pages) == [p for i in range(n) if i in cache.segments
+                                                        for p in cache.segments[i].pages]
+    for s in segs:
+        cache.release_segment(s)
+    assert cache.new_segment(0, res).id == 0
