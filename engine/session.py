@@ -235,23 +235,29 @@ class Session:
         only live views are followed further. Each thread is entered once (a deep tree's
         views are long: following every view of every thread read was O(threads x view) a
         step)."""
-        owner = {t.seg.id: t for t in self.tree.open.values()}
-        need: dict[int, Thread] = {}
-        stack = []
-        for t in active:
-            if t.id not in need:
-                need[t.id] = t
-                stack.append(t)
+        pending = [t for t in self.tree.open.values() if t.pending]
+        samplers = {t.id for t in active}
+        if all(t.id in samplers for t in pending):  # (the usual step: only samplers' tokens to write)
+            return pending
+        targets = {t.seg.id: t for t in pending}
+        live = {t.seg.id: t for t in self.tree.open.values() if t.live is not None}
+        owner = None  # (every open thread by segment: only when a live view is followed)
+        need, seen, stack = set(samplers), set(samplers), list(active)
         while stack:
             t = stack.pop()
-            static = t.live is None
-            for s, _ in t.view[:-1]:
-                u = owner.get(s.id)
-                if u is not None and u.id not in need:
-                    need[u.id] = u
-                    if not static or u.live is not None:
-                        stack.append(u)
-        return [t for t in self.tree.open.values() if t.pending and t.id in need]
+            ids = {s.id for s, _ in t.view[:-1]}
+            need.update(targets[i].id for i in ids & targets.keys())
+            if t.live is None:
+                found = [live[i] for i in ids & live.keys()]
+            else:
+                if owner is None:
+                    owner = {u.seg.id: u for u in self.tree.open.values()}
+                found = [owner[i] for i in ids & owner.keys()]
+            for u in found:
+                if u.id not in seen:
+                    seen.add(u.id)
+                    stack.append(u)
+        return [t for t in pending if t.id in need]
 
     @locked
     def pages_held(self) -> int:

@@ -195,6 +195,12 @@ def test_segment_table_and_smallest_free_ids():
             want.append(want[-1] + (len(cache.segments[i].pages) if i in cache.segments else 0))
         assert list(indptr) == want and list(pages) == [p for i in range(n) if i in cache.segments
                                                         for p in cache.segments[i].pages]
+        some = set(rng.sample(live, len(live) // 2))  # (the segments a step's views read)
+        lens, indptr, pages = segment_table(cache.segments, some)
+        n = max(some, default=-1) + 1
+        assert list(lens) == [cache.segments[i].length if i in some else -1 for i in range(n)]
+        assert list(pages) == [p for i in sorted(some) for p in cache.segments[i].pages]
+        assert all(indptr[i + 1] - indptr[i] == (len(cache.segments[i].pages) if i in some else 0) for i in range(n))
     for s in segs:
         cache.release_segment(s)
     assert cache.new_segment(0, res).id == 0
