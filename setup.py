@@ -14,8 +14,9 @@ attention kernel still uses AVX2 / AVX-512 where the CPU has them (run-time disp
 import glob
 import os
 import shutil
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +41,8 @@ def _extension():
     # compiler cannot widen loop indices, and the attention kernel runs 2-4x slower.
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it
     # GCC will not vectorise float -> int conversions (the exp in csrc/fused_cpu.cpp).
-    cxx = ["-O3", "-fno-wrapv", "-fno-trapping-math", "-fopenmp", "-ffp-contract=fast"]
+    # -g0: no debug information (Python's CFLAGS add -g: a 24 MB library instead of ~10).
+    cxx = ["-O3", "-g0", "-fno-wrapv", "-fno-trapping-math", "-fopenmp", "-ffp-contract=fast"]
     if os.environ.get("LOOM_NATIVE") == "1":
         cxx.append("-march=native")
     kw = dict(
@@ -77,6 +79,7 @@ def _sdist():
             self.filelist.include("engine/DESIGN.md")
             self.filelist.graft("engine/assets")
             self.filelist.graft("bench")
+            self.filelist.graft("tests")  # (all of it: the test files need conftest.py and helpers)
             for junk in ("*.so", "*.o", "*.pyc"):
                 self.filelist.global_exclude(junk)
             self.filelist.exclude_pattern(r".*/__pycache__/.*", is_regex=True)
@@ -86,11 +89,25 @@ def _sdist():
     return SdistWithSources
 
 
-ext_modules, cmdclass = _extension()
+def _source_only() -> bool:
+    """A source archive or metadata only: no extension to build, so no torch needed."""
+    args = set(sys.argv[1:])
+    builds = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop", "bdist_egg"}
+    return bool(args & {"sdist", "egg_info", "dist_info"}) and not args & builds
+
+
+try:
+    ext_modules, cmdclass = _extension()
+except ModuleNotFoundError as e:
+    if e.name != "torch" or not _source_only():
+        raise
+    ext_modules, cmdclass = [], {}
 cmdclass["sdist"] = _sdist()
 
 setup(
-    packages=find_packages(where=HERE, include=["engine", "engine.*", "triton_kernels", "triton_kernels.*"]),
+    # (namespace packages too: engine/assets/demo_model is package data without an __init__.py)
+    packages=find_namespace_packages(where=HERE, include=["engine", "engine.*", "triton_kernels", "triton_kernels.*"],
+                                      exclude=["*.__pycache__"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

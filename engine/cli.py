@@ -149,7 +149,7 @@ def _cmd_demo(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loom", description="Loom parallel decoding engine")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{generate,demo}")
     g = sub.add_parser("generate", help="generate completions from a local Hugging Face model")
     g.add_argument("--model", required=True, help="local model directory (config.json, *.safetensors)")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable; default: stdin)")
@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # (bare `loom`: the commands, not argparse's complaint)
+        ap.print_help(sys.stderr)
+        return 2
+    args = ap.parse_args(argv)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

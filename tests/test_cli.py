@@ -159,6 +159,20 @@ def test_help_shows_the_defaults(capsys):
         assert re.search(rf"{opt} \S+\s+[^-]*default {re.escape(default)}", out), (opt, out)
 
 
+def test_bare_loom_and_python_m_engine_show_the_commands():
+    """`loom` alone prints the help (it said 'the following arguments are required: cmd'),
+    and `python -m engine` is the loom command (it had no __main__)."""
+    import subprocess
+    import sys
+    for argv in ([sys.executable, "-m", "engine"], [sys.executable, "-m", "engine.cli"]):
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "{generate,demo}" in p.stderr and "generate completions" in p.stderr, p
+        assert "Traceback" not in p.stderr and "cmd" not in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "engine", "generate", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--max-tokens" in p.stdout, p
+
+
 def test_missing_model_dir(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -42,19 +42,43 @@ def _expose_torch() -> None:
     site = _installed_torch_site()
     if site is None:
         raise RuntimeError(
-            "Loom's C++ extension is built against the installed PyTorch, and "
-            f"{sys.executable} has none. Install the CPU build of torch first "
-            "(`pip install torch==2.13.0`), then run `pip install -e .` again.")
+            "Loom's C++ extension is built against the installed PyTorch, and the build's "
+            f"interpreter {sys.executable} has none. Install the CPU build of torch first "
+            "(`pip install torch==2.13.0`), then `pip install .` (or `-e .`): pip's isolated build "
+            "finds the torch of the interpreter running pip. Tools that build in a fresh "
+            "environment of their own (`python -m build`, uv) cannot: build without isolation, "
+            "e.g. `pip install setuptools wheel ninja && python -m build --wheel --no-isolation`.")
     if site not in sys.path:
         sys.path.append(site)
 
 
-_expose_torch()
-
+# The wheel hooks need torch (setup.py compiles engine._C); the source archive's do not.
 
 def get_requires_for_build_wheel(config_settings=None):
+    _expose_torch()
     return _setuptools.get_requires_for_build_wheel(config_settings)
 
 
 def get_requires_for_build_editable(config_settings=None):
+    _expose_torch()
     return _setuptools.get_requires_for_build_editable(config_settings)
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    _expose_torch()
+    return _setuptools.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+
+
+def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
+    _expose_torch()
+    return _setuptools.prepare_metadata_for_build_editable(metadata_directory, config_settings)
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    _expose_torch()
+    return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
+
+
+def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
+    _expose_torch()
+    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
