@@ -50,6 +50,13 @@ class CompletionOutput:
     metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...
     events: list[dict] | None = None              # protocol runs: fork/join/malformed events
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of its tokens' log-probs (vLLM's; None without SamplingParams.logprobs)."""
+        if self.logprobs is None:
+            return None
+        return float(sum(lp[tok] for tok, lp in zip(self.token_ids, self.logprobs)))
+
 
 @dataclass
 class RequestOutput:

@@ -662,8 +662,11 @@ def test_logprobs_as_vllm_gives_them(llm):
         assert e == e.logprob and abs(e.logprob - float(row[tok])) < 1e-4
         assert e.rank == int((row > row[tok]).sum()) + 1
         assert sorted(v.rank for v in d.values())[:3] == [1, 2, 3]
+    # cumulative_logprob: the sum of the sampled tokens' (vLLM's; None without logprobs)
+    assert abs(c.cumulative_logprob - sum(float(want[len(prompt) - 1 + i][t]) for i, t in enumerate(c.token_ids))) < 1e-4
     c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=0))[0].outputs[0]
     assert all(list(d) == [tok] and d[tok].rank >= 1 for tok, d in zip(c.token_ids, c.logprobs))
+    assert llm.generate([prompt], SP(max_tokens=2))[0].outputs[0].cumulative_logprob is None
 
 
 def test_sampled_logprobs_include_chosen_token(llm):
