@@ -373,7 +373,7 @@ static void run_large(const AttnArgs& a, const WorkItem& it, Scratch& sc, const 
 
 template <DType DT>
 static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& it, const WorkItem* next,
-                     Scratch& sc, float* o_buf, float* lse_buf) {
+                     Scratch& sc, float* o_buf, float* ml_buf) {
   const int D = a.head_dim, Hq = a.num_q_heads, G = Hq / a.num_kv_heads;
   const int j = it.job, nh = it.kvh_end - it.kvh;
   const int e0 = a.q_indptr[j], Ej = a.q_indptr[j + 1] - e0;
@@ -431,7 +431,10 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
       run_large<DT>(a, it, sc, pages, M, mpad, lo, k_end);
   }
 
-  // Partial states (o normalised, lse natural log) of this chunk.
+  // Partial states of this chunk: o normalised, and its softmax scalars as (m, l), the
+  // largest score and the sum of e^(s - m) (not lse = m + log l: a float32 lse near 30-40
+  // keeps its log-sum to ~4e-6, which every merge of a long segment's chunks passed on to
+  // its weights: 10x the error of one pass at 16k keys).
   const int64_t base = sv.job_state_base[j] + static_cast<int64_t>(it.chunk) * Ej - e0;
   for (int h = 0; h < nh; ++h) {
     const HeadState hs = head_state(sc, h, M, mpad, D);
@@ -442,16 +445,19 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
         float* dst = o_buf + (st * Hq + head) * D;
         const float* acc = hs.o + static_cast<int64_t>(m) * D;
         const float l = hs.l_run[m];
+        float* ml = ml_buf + 2 * (st * Hq + head);
         if (l > 0.f) {
           const float inv = 1.f / l;
           for (int d = 0; d < D; ++d) dst[d] = acc[d] * inv;
-          lse_buf[st * Hq + head] = hs.m_run[m] + logf(l);
+          ml[0] = hs.m_run[m];
+          ml[1] = l;
         } else if (l != l) {  // a NaN / inf in q, K or the scale: NaN out, as the reference (not dropped)
           for (int d = 0; d < D; ++d) dst[d] = NAN;
-          lse_buf[st * Hq + head] = NAN;
+          ml[0] = ml[1] = NAN;
         } else {
           for (int d = 0; d < D; ++d) dst[d] = 0.f;
-          lse_buf[st * Hq + head] = -INFINITY;
+          ml[0] = -INFINITY;
+          ml[1] = 0.f;
         }
       }
     }
@@ -460,20 +466,22 @@ static void run_item(const AttnArgs& a, const ScheduleView& sv, const WorkItem& 
 
 // ------------------------------------------------------------------ merge
 
-// out[H][D] = log-sum-exp merge of n states; state(i) gives the index into o [*, H, D] /
-// lse [*, H]. No finite state: zeros; a NaN state: NaN.
-template <class StateAt>
-static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, int n, StateAt state,
-                      float* out) {
+// out[H][D] = the merge of n states; state(i) gives the index into o [*, H, D] and ml
+// [*, H, 2]: each state's softmax scalars (m, l), its weight l e^(m - max m). (A state
+// given by its lse instead: ml_of_lse, m = lse and l = 1.) No finite state: zeros; a NaN
+// state: NaN.
+template <class StateAt, class ScalarsAt>
+static void merge_row(const float* o, int64_t H, int64_t D, int n, StateAt state, ScalarsAt ml_of, float* out) {
   for (int64_t h = 0; h < H; ++h) {
     float* dst = out + h * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = 0.f;
     float mx = -INFINITY;
     bool nan = false;
     for (int i = 0; i < n; ++i) {
-      const float v = lse[state(i) * H + h];
-      mx = v > mx ? v : mx;
-      nan = nan || v != v;
+      float m, l;
+      ml_of(state(i), h, &m, &l);
+      mx = m > mx ? m : mx;
+      nan = nan || m != m || l != l;
     }
     if (nan) {
       for (int64_t d = 0; d < D; ++d) dst[d] = NAN;
@@ -483,7 +491,9 @@ static void merge_row(const float* o, const float* lse, int64_t H, int64_t D, in
     float wsum = 0.f;
     for (int i = 0; i < n; ++i) {
       const int64_t st = state(i);
-      const float w = expf(lse[st * H + h] - mx);
+      float m, l;
+      ml_of(st, h, &m, &l);
+      const float w = l * expf(m - mx);
       if (!(w > 0.f)) continue;
       wsum += w;
       const float* src = o + (st * H + h) * D;
@@ -533,7 +543,7 @@ static bool row_states(const AttnArgs& a, const ScheduleView& sv, int64_t t, int
 }
 
 template <DType DT>
-static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_buf, float* lse_buf) {
+static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_buf, float* ml_buf) {
   const int64_t Hq = a.num_q_heads, D = a.head_dim;
   bool failed = false;
   // Items largest first, taken one ahead: a thread claims its next item when it starts
@@ -546,7 +556,7 @@ static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_bu
     int64_t i = claim.fetch_add(1, std::memory_order_relaxed);
     while (i < sv.num_items) {
       const int64_t n = claim.fetch_add(1, std::memory_order_relaxed);
-      if (ok) run_item<DT>(a, sv, sv.items[i], n < sv.num_items ? &sv.items[n] : nullptr, sc, o_buf, lse_buf);
+      if (ok) run_item<DT>(a, sv, sv.items[i], n < sv.num_items ? &sv.items[n] : nullptr, sc, o_buf, ml_buf);
       i = n;
     }
     free(sc.block);
@@ -565,7 +575,11 @@ static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_bu
       if (ok && row_states(a, sv, t, &states, &cap, &n)) {
         const int64_t* st = states;
         float* dst = wide ? static_cast<float*>(a.out) + t * Hq * D : row;
-        merge_row(o_buf, lse_buf, Hq, D, n, [st](int i) { return st[i]; }, dst);
+        merge_row(o_buf, Hq, D, n, [st](int i) { return st[i]; },
+                  [ml_buf, Hq](int64_t j, int64_t h, float* m, float* l) {
+                    *m = ml_buf[2 * (j * Hq + h)];
+                    *l = ml_buf[2 * (j * Hq + h) + 1];
+                  }, dst);
         if (!wide) store_row(row, a.out_dtype, static_cast<uint16_t*>(a.out) + t * Hq * D, Hq * D);
       } else {
         ok = false;
@@ -581,11 +595,11 @@ static bool run_attention(const AttnArgs& a, const ScheduleView& sv, float* o_bu
   return !failed;
 }
 
-bool segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf) {
+bool segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* ml_buf) {
   switch (a.dtype) {
-    case DType::F32: return run_attention<DType::F32>(a, s, o_buf, lse_buf);
-    case DType::BF16: return run_attention<DType::BF16>(a, s, o_buf, lse_buf);
-    case DType::F16: return run_attention<DType::F16>(a, s, o_buf, lse_buf);
+    case DType::F32: return run_attention<DType::F32>(a, s, o_buf, ml_buf);
+    case DType::BF16: return run_attention<DType::BF16>(a, s, o_buf, ml_buf);
+    case DType::F16: return run_attention<DType::F16>(a, s, o_buf, ml_buf);
   }
   return false;
 }
@@ -596,7 +610,11 @@ void merge_states(const float* o, const float* lse, int64_t heads, int64_t dim, 
   for (int64_t t = 0; t < num_rows; ++t) {
     const int32_t* ents = merge_entries + merge_indptr[t];
     auto state = [ents](int i) -> int64_t { return ents[i]; };
-    merge_row(o, lse, heads, dim, merge_indptr[t + 1] - merge_indptr[t], state, out + t * heads * dim);
+    auto ml_of_lse = [lse, heads](int64_t j, int64_t h, float* m, float* l) {
+      *m = lse[j * heads + h];
+      *l = *m == -INFINITY ? 0.f : 1.f;
+    };
+    merge_row(o, heads, dim, merge_indptr[t + 1] - merge_indptr[t], state, ml_of_lse, out + t * heads * dim);
   }
 }
 

@@ -226,12 +226,12 @@ bool set_isa(const char* name) {
   return false;
 }
 
-bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf) {
+bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* ml_buf) {
   switch (current_isa()) {
-    case kAmx: return amx::segment_attention(a, s, o_buf, lse_buf);
-    case kAvx512: return avx512::segment_attention(a, s, o_buf, lse_buf);
-    case kAvx2: return avx2::segment_attention(a, s, o_buf, lse_buf);
-    default: return base::segment_attention(a, s, o_buf, lse_buf);
+    case kAmx: return amx::segment_attention(a, s, o_buf, ml_buf);
+    case kAvx512: return avx512::segment_attention(a, s, o_buf, ml_buf);
+    case kAvx2: return avx2::segment_attention(a, s, o_buf, ml_buf);
+    default: return base::segment_attention(a, s, o_buf, ml_buf);
   }
 }
 

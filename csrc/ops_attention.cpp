@@ -170,7 +170,7 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
 
   const cpu::Schedule sched = cpu::make_schedule(a);
   const int64_t S = std::max<int64_t>(sched.num_states, 1);
-  float* o_buf = state_buffer(S * Hq * D + S * Hq);
+  float* o_buf = state_buffer(S * Hq * D + 2 * S * Hq);  // (o, then each state's (m, l))
   const bool ok = cpu::run_segment_attention(a, cpu::view_of(sched), o_buf, o_buf + S * Hq * D);
   TORCH_CHECK(ok, "segment_attention: out of memory for the kernel's scratch buffers");
   return out;

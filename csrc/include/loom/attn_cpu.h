@@ -70,7 +70,7 @@ constexpr int kSmallQueries = 4;  // up to this many query vectors: all kv heads
 constexpr int kSmallTile = 32;    // keys per online-softmax step of such items
 
 // Partial state of (entry e of job j, chunk c) lives at index
-// job_state_base[j] + c * E_j + (e - q_indptr[j]) of o_buf [S, Hq, D] / lse_buf [S, Hq].
+// job_state_base[j] + c * E_j + (e - q_indptr[j]) of o_buf [S, Hq, D] / ml_buf [S, Hq, 2].
 struct Schedule {
   std::vector<WorkItem> items;        // largest first
   std::vector<int64_t> job_state_base;
@@ -101,11 +101,12 @@ struct ScheduleView {
 Schedule make_schedule(const AttnArgs& a);
 ScheduleView view_of(const Schedule& s);
 
-// One build per instruction set; o_buf / lse_buf hold num_states partial states.
+// One build per instruction set; o_buf [num_states, Hq, D] / ml_buf [num_states, Hq, 2] hold
+// the partial states: o normalised, and (m, l) = (largest score, sum of e^(s - m)).
 // segment_attention returns false when it could not allocate its scratch memory.
 #define LOOM_DECLARE_ISA(isa)                                                                  \
   namespace isa {                                                                              \
-  bool segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf); \
+  bool segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* ml_buf); \
   void merge_states(const float* o, const float* lse, int64_t heads, int64_t dim,             \
                     const int32_t* merge_indptr, const int32_t* merge_entries, int64_t num_rows, \
                     float* out, int num_threads);                                            \
@@ -127,7 +128,7 @@ enum class IsaLevel : int { base = 0, avx2 = 1, avx512 = 2, amx = 3 };
 IsaLevel active_isa_level();
 
 // The active build's entry points.
-bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* lse_buf);
+bool run_segment_attention(const AttnArgs& a, const ScheduleView& s, float* o_buf, float* ml_buf);
 void run_merge_states(const float* o, const float* lse, int64_t heads, int64_t dim,
                       const int32_t* merge_indptr, const int32_t* merge_entries, int64_t num_rows,
                       float* out, int num_threads);
