@@ -100,9 +100,13 @@ class Tokenizer:
         decoder's ByteFallback turns a whole run of byte tokens that is not valid UTF-8 into
         U+FFFD, an already complete character included: TextStream reads their bytes itself."""
         if self._byte_values is None:
-            self._byte_values = {i: int(t[3:5], 16) for t, i in self._tok.get_vocab(with_added_tokens=False).items()
-                                 if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
-                                 and all(c in "0123456789abcdefABCDEF" for c in t[3:5])}
+            spec = json.loads(self._tok.to_str())
+            fallback = bool(spec.get("model", {}).get("byte_fallback")) or \
+                "ByteFallback" in json.dumps(spec.get("decoder"))  # (else '<0x41>' is a token's plain text)
+            self._byte_values = {} if not fallback else {
+                i: int(t[3:5], 16) for t, i in self._tok.get_vocab(with_added_tokens=False).items()
+                if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+                and all(c in "0123456789abcdefABCDEF" for c in t[3:5])}
         return self._byte_values
 
     def token_to_id(self, token: str) -> int | None:
@@ -145,8 +149,14 @@ class Tokenizer:
         ctx = [i for i in context if i not in skipped][-self.CONTEXT_TOKENS:]
         whole = len(ctx)
         head = self.decode(ctx, skip_special_tokens) if ctx else ""
-        if head.endswith("\ufffd") and not self._ends_inside_a_character(ctx):
-            return ctx, whole, head  # (a U+FFFD of the text itself)
+        if not head.endswith("\ufffd"):
+            return ctx, whole, head
+        cut = self._unfinished_tokens(ctx)
+        if cut is not None:  # (the bytes are known: the boundary from them, not from the text)
+            if cut:
+                whole -= cut
+                head = self.decode(ctx[:whole], skip_special_tokens)
+            return ctx, whole, head  # (cut 0: a U+FFFD of the text itself)
         while whole and head.endswith("\ufffd") and len(ctx) - whole < 4:
             whole -= 1
             head = self.decode(ctx[:whole], skip_special_tokens)
@@ -154,20 +164,21 @@ class Tokenizer:
             return [], 0, ""
         return ctx, whole, head
 
-    def _ends_inside_a_character(self, ids: list[int]) -> bool:
-        """Whether ``ids``' bytes end inside a UTF-8 character, where their bytes are known
-        (byte-fallback '<0x..>' tokens; byte-level BPE's byte alphabet); else True (their
-        text ending in U+FFFD is taken for an unfinished character)."""
+    def _unfinished_tokens(self, ids: list[int]) -> int | None:
+        """How many of ``ids``' last tokens hold the bytes of a character their bytes leave
+        unfinished (0: none), where the bytes are known (byte-fallback '<0x..>' tokens,
+        byte-level BPE's byte alphabet); else None."""
         import codecs
-        raw = b""
-        for i in ids:
-            b = self._token_bytes(i)
-            if b is None:
-                return True
-            raw += b
+        parts = [self._token_bytes(i) for i in ids]
+        if any(b is None for b in parts):
+            return None
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        dec.decode(raw, final=False)
-        return bool(dec.getstate()[0])
+        dec.decode(b"".join(parts), final=False)
+        pending, cut = len(dec.getstate()[0]), 0
+        while pending > 0 and cut < len(parts):
+            cut += 1
+            pending -= len(parts[-cut])
+        return cut
 
     def _token_bytes(self, i: int) -> bytes | None:
         t = self._tok.id_to_token(i)

@@ -1737,6 +1737,27 @@ def test_completion_text_is_the_streams_text(tmp_path, model_dir, llm):
                 s = TextStream(tok, skip, ctx)
                 pieces = [s.push(i) for i in ids]
                 assert "".join(pieces) == s.text == tok.completion_text(ctx, ids, skip), (ctx, ids, skip)
+    # a context whose last byte run holds an invalid byte, then ends inside a character: the
+    # unfinished character reads U+FFFD and the completion keeps its word-start space (the
+    # decoder turned the whole run into U+FFFD, no boundary was found, the context dropped)
+    t = eng.tokenizer
+    b = [t.token_to_id(f"<0x{x:02X}>") for x in (0xFF, 0x0A, 0x0A, 0x0A, 0xC3)]
+    ctx = t.encode("The cat", add_special_tokens=False) + b
+    assert t.completion_text(ctx, t.encode_continuation(" sat")) == "\ufffd sat"
+    # a byte-level vocabulary's token spelled '<0x41>' is its text, not a byte (no byte fallback)
+    import json
+    d = tmp_path / "hex"
+    d.mkdir()
+    spec = json.loads(llm.tokenizer._tok.to_str())
+    assert not spec["model"].get("byte_fallback")
+    spec["model"]["vocab"]["<0x41>"] = max(spec["model"]["vocab"].values()) + 1
+    (d / "tokenizer.json").write_text(json.dumps(spec))
+    from engine.tokenizer import Tokenizer
+    t = Tokenizer(str(d))
+    ids = [t.token_to_id("<0x41>")] + t.encode(" ok", add_special_tokens=False)
+    s = TextStream(t, context=t.encode("x", add_special_tokens=False))
+    assert "".join(s.push(i) for i in ids) == t.completion_text(t.encode("x", add_special_tokens=False), ids) \
+        == "<0x41> ok" and not t.byte_values
 
 
 def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_dir):
