@@ -302,7 +302,7 @@ class Tokenizer:
                 messages[i] = {"thinking": r, **m, "reasoning_content": r}
         tag = "CONTINUE_FINAL_MESSAGE_TAG "
         if continue_final_message:
-            messages = self._tag_final_message(messages, tag)
+            messages, final = self._tag_final_message(messages, tag)
         import jinja2
         try:
             compiled = _compile_template(text)
@@ -318,21 +318,22 @@ class Tokenizer:
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
         if continue_final_message:  # the text ends where the last message's text does
             j = out.rfind(tag.strip())
-            if j < 0:
+            if j < 0 or final.strip() not in out:  # (as transformers: the text itself must be there)
                 raise ValueError("continue_final_message=True but the chat template does not render the last "
                                  "message's content (or changes it); it cannot be continued with this template.")
             out = out[:j] if out[j:j + len(tag)] == tag else out[:j].rstrip()
         return out
 
     @staticmethod
-    def _tag_final_message(messages: list[dict], tag: str) -> list[dict]:
+    def _tag_final_message(messages: list[dict], tag: str) -> tuple[list[dict], str]:
         """``messages`` with ``tag`` after the last message's text (its content, or the last
-        text part of a list content), to find where that text ends once rendered."""
+        text part of a list content), to find where that text ends once rendered; and that text."""
         if not messages:
             raise ValueError("continue_final_message=True needs a conversation with a last message to continue.")
         last = dict(messages[-1])
         content = last.get("content")
         if isinstance(content, str):
+            final = content
             last["content"] = content + tag
         elif isinstance(content, (list, tuple)):
             parts = [dict(p) if isinstance(p, dict) else p for p in content]
@@ -340,11 +341,12 @@ class Tokenizer:
                       and isinstance(parts[k].get("text"), str)), None)
             if k is None:
                 raise ValueError("continue_final_message=True but the last message has no text to continue.")
+            final = parts[k]["text"]
             parts[k]["text"] += tag
             last["content"] = parts
         else:
             raise ValueError("continue_final_message=True but the last message has no 'content' to continue.")
-        return messages[:-1] + [last]
+        return messages[:-1] + [last], final
 
 
 @functools.lru_cache(maxsize=None)

@@ -1401,6 +1401,13 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
             llm.chat(conv, greedy(2), **kw)
     with pytest.raises(ValueError, match="does not render the last message's content"):
         llm.chat(conv, greedy(2), add_generation_prompt=False, continue_final_message=True, chat_template="fixed")
+    # a template that changes the last message's text: refused, as transformers refuses it
+    cut = "{% for m in messages %}{{ m.content.split('|')[-1] }}{% endfor %}"
+    last = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a|b"}]
+    with pytest.raises(ValueError, match="final message does not appear"):
+        hf.apply_chat_template(last, tokenize=False, continue_final_message=True, chat_template=cut)
+    with pytest.raises(ValueError, match="does not render the last message's content"):
+        tok.apply_chat_template(last, False, continue_final_message=True, chat_template=cut)
     assert_no_leak(llm)
 
 
