@@ -1,6 +1,8 @@
 """Sampling parameters, validated up front with errors that name the allowed range."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -98,6 +100,50 @@ class SamplingParams:
         """Temperatures below GREEDY_BELOW pick the top token: dividing logits by them
         overflows float32 (inf / NaN), and their distribution is the argmax anyway."""
         return self.temperature < GREEDY_BELOW
+
+
+# vLLM fields Loom does not have: the value that is Loom's behaviour (accepted: code that
+# spells vLLM's defaults runs unchanged), and what to do instead.
+_VLLM_ONLY = {
+    "prompt_logprobs": (None, "LLM.score(token_ids) gives every position's log-probs"),
+    "min_tokens": (0, "EOS and stop strings end a completion whenever they come"),
+    "best_of": (None, "n samples, selected by a protocol: engine.protocols.ParallelSampling(n, select=...)"),
+    "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
+    "include_stop_str_in_output": (False, "the output's stop_reason is the stop string: append it to the text"),
+    "skip_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, skip_special_tokens=False)"),
+    "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
+    "detokenize": (True, "the text costs little next to a step; ignore output.text"),
+    "logit_bias": (None, "not supported"),
+    "allowed_token_ids": (None, "not supported"),
+    "bad_words": (None, "not supported"),
+    "logits_processors": (None, "not supported"),
+    "truncate_prompt_tokens": (None, "truncate the prompt's token ids yourself"),
+    "guided_decoding": (None, "not supported"),
+    "structured_outputs": (None, "not supported"),
+}
+
+
+def _init_with_vllm_names(init):
+    """SamplingParams' __init__, taking vLLM's fields Loom lacks when they hold the value
+    that is Loom's behaviour, and refusing other values (and unknown names) with one
+    clear error (a bare TypeError said only 'unexpected keyword argument')."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for name in [k for k in kwargs if k in _VLLM_ONLY]:
+            value, (loom, instead) = kwargs.pop(name), _VLLM_ONLY[name]
+            same = value == loom or value is None or (name == "best_of" and value in (1, kwargs.get("n", 1)))
+            if not same:
+                raise ValueError(f"SamplingParams({name}={value!r}): Loom does not support vLLM's {name} "
+                                 f"({instead}); leave it out or at {loom!r}.")
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(SamplingParams)})
+        if unknown:
+            fields = ", ".join(f.name for f in dataclasses.fields(SamplingParams))
+            raise TypeError(f"SamplingParams has no field {', '.join(unknown)}; its fields: {fields}.")
+        init(self, *args, **kwargs)
+    return __init__
+
+
+SamplingParams.__init__ = _init_with_vllm_names(SamplingParams.__init__)
 
 
 def _as_list(value, name: str, what: str) -> list:

@@ -91,6 +91,24 @@ def test_sampling_params_valid_edges():
     assert (type(sp.temperature), type(sp.n), type(sp.seed), type(sp.stop_token_ids[0])) == (float, int, int, int)
 
 
+def test_vllm_fields_loom_lacks():
+    """vLLM's fields that Loom does not have: accepted at the value that is Loom's behaviour
+    (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
+    instead; an unknown name lists the fields (both were a bare 'unexpected keyword')."""
+    import dataclasses
+    sp = SP(n=2, skip_special_tokens=True, min_tokens=0, detokenize=True, best_of=2, prompt_logprobs=None,
+            include_stop_str_in_output=False, logit_bias=None)
+    assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
+    for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"), (dict(min_tokens=4), "EOS and stop strings"),
+                        (dict(best_of=3), "ParallelSampling"), (dict(skip_special_tokens=False), "tokenizer.decode"),
+                        (dict(logit_bias={1: 2.0}), "not supported")):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
+            SP(**kw)
+    with pytest.raises(TypeError, match="SamplingParams has no field tempreature; its fields: n, temperature"):
+        SP(tempreature=0.5)
+
+
 def test_sampling_params_changed_after_construction(llm, baseline):
     """generate() checks the fields again: one stop string set later is one stop (it used to
     be taken character by character), a bad type a ValueError."""
