@@ -77,7 +77,8 @@ def _cmd_generate(a) -> int:
     try:
         from . import LLM, SamplingParams
         params = SamplingParams(n=a.n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                                max_tokens=a.max_tokens, seed=a.seed, stop=a.stop or None, ignore_eos=a.ignore_eos,
+                                max_tokens=a.max_tokens, min_tokens=a.min_tokens, seed=a.seed, stop=a.stop or None,
+                                ignore_eos=a.ignore_eos,
                                 presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
                                 repetition_penalty=a.repetition_penalty)
         llm = LLM(a.model, device=a.device, dtype=a.dtype, kv_cache_tokens=a.kv_cache_tokens, page_size=a.page_size,
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=-1, help="default -1: off")
     g.add_argument("--min-p", type=float, default=0.0, help="default 0: off")
     g.add_argument("--max-tokens", type=int, default=128, help="per completion (default 128)")
+    g.add_argument("--min-tokens", type=int, default=0,
+                   help="no end-of-sequence, stop token or stop string before this many tokens (default 0)")
     g.add_argument("--ignore-eos", action="store_true", help="sample on past end-of-sequence tokens")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--presence-penalty", type=float, default=0.0, help="default 0: off")

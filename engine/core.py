@@ -189,6 +189,13 @@ class EngineCore:
             logprobs = table.log_softmax(-1)
         else:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
             penalized = apply_penalties(table, pen, [samplers[i].penalties for i in pen]) if pen else table
+            early = [i for i, t in enumerate(samplers) if len(t.generated) < t.params.min_tokens]
+            if early:  # (as vLLM's min_tokens: its stop tokens cannot be drawn yet)
+                penalized = penalized.clone() if penalized is table else penalized
+                for i in early:
+                    p = samplers[i].params
+                    stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+                    penalized[i, [s for s in stops if s < penalized.shape[1]]] = float("-inf")
             tokens, logprobs = sample(penalized, params, [t.generator for t in samplers], raw=table)
         for i, t in enumerate(samplers):
             t._lp_row = logprobs[i] if logprobs is not None else None
@@ -232,7 +239,8 @@ class EngineCore:
             t.logprobs.append(top_logprobs(lp, tok, p.logprobs))
         t._lp_row = None
         eos = not p.ignore_eos and tok in self.eos_ids
-        if eos or tok in p.stop_token_ids:
+        early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)
+        if not early and (eos or tok in p.stop_token_ids):
             # (as vLLM: the stop token's text is not in the output, and stop_reason names only
             # a stop the caller asked for)
             t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos and tok == self.primary_eos else tok, tok
@@ -247,7 +255,7 @@ class EngineCore:
         # The text grows by whole characters (TextStream, made by begin() with the stops);
         # a new match ends in the new piece.
         piece = t.text_stream.push(t.generated[-1])
-        if not piece:
+        if not piece or len(t.generated) <= p.min_tokens:  # (as vLLM: stop strings after min_tokens)
             return False
         text = t.text_stream.text
         new_from = len(text) - len(piece)

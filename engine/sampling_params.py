@@ -25,6 +25,8 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
+    min_tokens: int = 0                   # as vLLM: no EOS, stop token or stop string ends a
+    #                                       completion before it has this many tokens
     # as vLLM: presence / frequency over the tokens a thread samples in this call,
     # repetition over its context at its first token of the call (the prompt, the threads
     # it sees, its own tokens) and those
@@ -75,13 +77,15 @@ class SamplingParams:
             bad("seed", "must be None or an integer")
         if self.seed == -1:  # (as vLLM: no seed)
             self.seed = None
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if self.max_total_tokens is not None and (not _is_int(self.max_total_tokens)
                                                   or self.max_total_tokens < 1):
             bad("max_total_tokens", "must be None or an integer >= 1")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
             # (vLLM's -1, every token's, it also refuses by default: a 150k-entry dict a token)
             bad("logprobs", "must be None or an integer in [0, 100] (whole distributions: LLM.score)")
-        for name in ("n", "top_k", "max_tokens", "seed", "max_total_tokens", "logprobs"):
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "max_total_tokens", "logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         if self.top_k == 0:  # (vLLM's default spelling of "disabled")
@@ -106,7 +110,6 @@ class SamplingParams:
 # spells vLLM's defaults runs unchanged), and what to do instead.
 _VLLM_ONLY = {
     "prompt_logprobs": (None, "LLM.score(token_ids) gives every position's log-probs"),
-    "min_tokens": (0, "EOS and stop strings end a completion whenever they come"),
     "best_of": (None, "n samples, selected by a protocol: engine.protocols.ParallelSampling(n, select=...)"),
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
     "include_stop_str_in_output": (False, "the output's stop_reason is the stop string: append it to the text"),

@@ -99,7 +99,7 @@ def test_vllm_fields_loom_lacks():
     sp = SP(n=2, skip_special_tokens=True, min_tokens=0, detokenize=True, best_of=2, prompt_logprobs=None,
             include_stop_str_in_output=False, logit_bias=None)
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
-    for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"), (dict(min_tokens=4), "EOS and stop strings"),
+    for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
                         (dict(best_of=3), "ParallelSampling"), (dict(skip_special_tokens=False), "tokenizer.decode"),
                         (dict(logit_bias={1: 2.0}), "not supported")):
         name = next(iter(kw))
@@ -500,6 +500,39 @@ def _scripted(llm, tokens, **kw):
         return llm.generate([TEXT], SP(max_tokens=len(tokens), **kw))[0].outputs[0]
     finally:
         llm.core.token_source = None
+
+
+def test_min_tokens_as_vllm(llm, baseline):
+    """min_tokens, as vLLM's: EOS and stop tokens cannot be drawn before it (masked: the
+    greedy path goes around them) and end the completion from it on; stop strings end it only
+    after it; the log-probs stay the model's."""
+    prompt, want = baseline
+    # greedy: stop_token_ids=[the 2nd token] ends at it; with min_tokens=3 the first three tokens avoid it
+    got = llm.generate([prompt], greedy(12, stop_token_ids=[want[1]], logprobs=1))[0].outputs[0]
+    assert list(got.token_ids) == want[:2] and got.stop_reason == want[1]
+    got = llm.generate([prompt], greedy(12, stop_token_ids=[want[1]], min_tokens=3, logprobs=1))[0].outputs[0]
+    assert len(got.token_ids) >= 3 and want[1] not in got.token_ids[:3] and got.token_ids[0] == want[0]
+    row = llm.score(prompt + [want[0]])[0][len(prompt)]
+    assert abs(got.logprobs[1][got.token_ids[1]] - row[got.token_ids[1]].item()) < 1e-4  # (the model's)
+    assert got.logprobs[1][got.token_ids[1]].rank == 2  # (the top token, masked, was skipped)
+    # scripted tokens: EOS / a stop token at index < min_tokens does not stop; at min_tokens it does
+    c = _scripted(llm, [5, EOS_ID, 6, EOS_ID, 7], min_tokens=3)
+    assert (list(c.token_ids), c.finish_reason, c.stop_reason) == ([5, EOS_ID, 6, EOS_ID], "stop", None)
+    c = _scripted(llm, [5, 9, 6, 9, 7], min_tokens=4, stop_token_ids=[9])
+    assert (list(c.token_ids), c.finish_reason, c.stop_reason) == ([5, 9, 6, 9], "stop", 9)
+    c = _scripted(llm, [5, 9, 6, 9, 7], min_tokens=5, stop_token_ids=[9])
+    assert (list(c.token_ids), c.finish_reason) == ([5, 9, 6, 9, 7], "length")
+    # stop strings: only found after min_tokens tokens (vLLM's detokenizer: more than min_tokens)
+    t = llm.tokenizer
+    ids = t.encode(" one two three four five", add_special_tokens=False)
+    two = t.decode(ids[:2])
+    c = _scripted(llm, ids, stop=[two.split()[-1]])
+    assert c.finish_reason == "stop" and len(c.token_ids) <= 2
+    c = _scripted(llm, ids, stop=[two.split()[-1]], min_tokens=len(ids) - 1)
+    assert c.finish_reason == "length" and list(c.token_ids) == ids
+    with pytest.raises(ValueError, match=r"min_tokens=13 is invalid: must be an integer in \[0, max_tokens=12\]"):
+        SP(max_tokens=12, min_tokens=13)
+    assert_no_leak(llm)
 
 
 def test_stop_reason_and_stop_string_order_as_vllm(llm):
