@@ -182,6 +182,15 @@ def test_finisher_asks_for_the_answer(make_llm):
     assert "the final answer is \\boxed{" in out.text
     assert out.answer is not None
     assert llm.cache_stats()["pages_used"] == 0
+    # the workers' min_tokens is not the finisher's (its 3 tokens: SamplingParams refused it mid-run)
+    llm.core.token_source = _scripted(llm, {"Alice": "Thinking. Hard.\n\n" * 9, "Bob": "Me too.\n\n" * 9})
+    try:
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=5, ignore_eos=True),
+                           protocol=Hogwild(workers=2, finisher_tokens=3))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert "the final answer is \\boxed{" in out.text
+    assert llm.cache_stats()["pages_used"] == 0
 
 
 def test_hogwild_arguments_are_validated():

@@ -280,7 +280,7 @@ class HogwildRun(ProtocolRun):
             return  # no room for it before the model's context: the workers' text is the output
         self.finisher = self.tree.spawn(view, header)
         fp = SamplingParams(**{**vars(self.params), "max_tokens": self.proto.finisher_tokens,
-                               "n": 1, "stop": None})
+                               "min_tokens": 0, "n": 1, "stop": None})  # (its answer may be short)
         self.activate(self.finisher, fp)
 
     def samplers(self) -> list[Thread]:
