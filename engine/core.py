@@ -244,7 +244,8 @@ class EngineCore:
             # (as vLLM: the stop token's text is not in the output, and stop_reason names only
             # a stop the caller asked for)
             t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos and tok == self.primary_eos else tok, tok
-            t.stop_text = self.tokenizer.completion_text(t.text_context, t.generated[:-1])
+            t.stop_text = self.tokenizer.completion_text(t.text_context, t.generated if p.include_stop_str_in_output
+                                                         else t.generated[:-1])
         elif p.stop and self._stop_string(t, p):
             pass
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
@@ -264,7 +265,8 @@ class EngineCore:
         if hit is None:
             return False
         pos, s = hit
-        t.finish_reason, t.stop_reason, t.stop_text = "stop", s, text[:pos]
+        t.finish_reason, t.stop_reason = "stop", s
+        t.stop_text = text[:pos + len(s)] if p.include_stop_str_in_output else text[:pos]
         return True
 
     def text_of(self, t: Thread) -> str:

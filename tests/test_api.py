@@ -96,8 +96,7 @@ def test_vllm_fields_loom_lacks():
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
     instead; an unknown name lists the fields (both were a bare 'unexpected keyword')."""
     import dataclasses
-    sp = SP(n=2, skip_special_tokens=True, min_tokens=0, detokenize=True, best_of=2, prompt_logprobs=None,
-            include_stop_str_in_output=False, logit_bias=None)
+    sp = SP(n=2, skip_special_tokens=True, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None)
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
     for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
                         (dict(best_of=3), "ParallelSampling"), (dict(skip_special_tokens=False), "tokenizer.decode"),
@@ -533,6 +532,32 @@ def test_min_tokens_as_vllm(llm, baseline):
     with pytest.raises(ValueError, match=r"min_tokens=13 is invalid: must be an integer in \[0, max_tokens=12\]"):
         SP(max_tokens=12, min_tokens=13)
     assert_no_leak(llm)
+
+
+def test_include_stop_str_in_output(llm):
+    """include_stop_str_in_output, as vLLM's: the text ends after the stop string (streamed
+    pieces too), and a stop token's text is kept (the tokenizer's EOS, a special token, reads
+    nothing); a tree protocol's main thread does the same."""
+    t = llm.tokenizer
+    ids = t.encode(" one two three four five", add_special_tokens=False)
+    full = t.decode(ids)
+    for include in (False, True):
+        pieces = []
+        seq = iter(ids)
+        llm.core.token_source = lambda ths: [next(seq) for _ in ths]
+        try:
+            c = llm.generate([TEXT], SP(max_tokens=len(ids), stop=["three"], include_stop_str_in_output=include),
+                             stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
+        finally:
+            llm.core.token_source = None
+        cut = full.index("three") + (len("three") if include else 0)
+        assert (c.text, c.stop_reason, "".join(pieces)) == (full[:cut], "three", full[:cut]), (include, c, pieces)
+        c = _scripted(llm, ids[:2] + [ids[3]], stop_token_ids=[ids[3]], include_stop_str_in_output=include)
+        assert c.text == t.decode(ids[:2] + ([ids[3]] if include else [])) and c.stop_reason == ids[3]
+        c = _scripted(llm, ids[:2] + [EOS_ID], include_stop_str_in_output=include)
+        assert c.text == t.decode(ids[:2]) and c.finish_reason == "stop"
+    with pytest.raises(ValueError, match="include_stop_str_in_output=1 is invalid: must be True or False"):
+        SP(include_stop_str_in_output=1)
 
 
 def test_stop_reason_and_stop_string_order_as_vllm(llm):

@@ -535,6 +535,10 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     plain = _run_tokens(llm, {1: enc("hello STOP more text")}, params)
     tree = _run_tokens(llm, {1: enc("hello STOP more text")}, params, Multiverse())
     assert plain.text == tree.text == "hello " and tree.stop_reason == "STOP", (plain.text, tree.text)
+    params = SamplingParams(max_tokens=40, stop=["STOP"], include_stop_str_in_output=True)  # (vLLM's)
+    plain = _run_tokens(llm, {1: enc("hello STOP more text")}, params)
+    tree = _run_tokens(llm, {1: enc("hello STOP more text")}, params, Multiverse())
+    assert plain.text == tree.text == "hello STOP", (plain.text, tree.text)
     # a match across special tokens (skipped in the stop text, spelled out in a tree's text)
     eos = llm.eos_ids[0]
     params = SamplingParams(max_tokens=40, stop=["ab"], ignore_eos=True)
@@ -561,6 +565,9 @@ def test_a_stop_token_is_cut_from_the_text_everywhere(llm):
     for c in (plain, tree):
         assert (c.text, c.finish_reason, c.stop_reason) == ("hello world", "stop", dot), c
     assert plain.token_ids == seq[:seq.index(dot) + 1]
+    kept = SamplingParams(max_tokens=40, stop_token_ids=[dot], include_stop_str_in_output=True)  # (vLLM's)
+    for c in (_run_tokens(llm, {1: seq}, kept), _run_tokens(llm, {1: seq}, kept, Multiverse())):
+        assert (c.text, c.stop_reason) == ("hello world.", dot), c
     llm.core.token_source = lambda threads: [seq[len(t.generated)] for t in threads]
     try:
         with llm.session("q") as s:

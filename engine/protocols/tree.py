@@ -242,7 +242,8 @@ class TreeRun(ProtocolRun):
                    "max_parallel_threads": self.metrics.max_parallel_threads, "threads": len(threads)}
         last = self.main
         reason = "length" if last is None or last.finish_reason == "length" else "stop"
-        shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] else ids
+        shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] and \
+            not self.params.include_stop_str_in_output else ids
         ctx = self.tree.root.tokens  # (the text follows the prompt: Tokenizer.completion_text)
         text = self.tok.completion_text(ctx, shown, skip_special_tokens=False)
         if last is not None and last.stop_token is None and last.stop_text is not None:
@@ -253,7 +254,8 @@ class TreeRun(ProtocolRun):
                 j = text.find(last.stop_reason, len(head))
                 # (not found: the match spans special tokens, skipped in the engine's stop
                 # text and spelled out here: the engine's text before the stop)
-                text = text[:j] if j >= 0 else head + last.stop_text
+                keep = len(last.stop_reason) if self.params.include_stop_str_in_output else 0
+                text = text[:j + keep] if j >= 0 else head + last.stop_text
         out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None,
                                answer=last_boxed(text))
         out.tree, out.metrics, out.events = tree, metrics, list(self.events)
