@@ -220,7 +220,7 @@ class EngineCore:
         t.params, t.generator = params, generator
         t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
         t.text_context = context_tail(t, self.tokenizer.CONTEXT_TOKENS)
-        t.text_stream = TextStream(self.tokenizer, context=t.text_context) if params.stop else None
+        t.text_stream = TextStream(self.tokenizer, params.skip_special_tokens, t.text_context) if params.stop else None
         t.penalties = None  # (made at its first sample: step)
         t.logprobs = [] if params.logprobs is not None else None
 
@@ -245,7 +245,7 @@ class EngineCore:
             # a stop the caller asked for)
             t.finish_reason, t.stop_reason, t.stop_token = "stop", None if eos and tok == self.primary_eos else tok, tok
             t.stop_text = self.tokenizer.completion_text(t.text_context, t.generated if p.include_stop_str_in_output
-                                                         else t.generated[:-1])
+                                                         else t.generated[:-1], p.skip_special_tokens)
         elif p.stop and self._stop_string(t, p):
             pass
         elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
@@ -270,4 +270,6 @@ class EngineCore:
         return True
 
     def text_of(self, t: Thread) -> str:
-        return t.stop_text if t.stop_text is not None else self.tokenizer.completion_text(t.text_context, t.generated)
+        if t.stop_text is not None:
+            return t.stop_text
+        return self.tokenizer.completion_text(t.text_context, t.generated, t.params.skip_special_tokens)

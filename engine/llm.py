@@ -72,7 +72,8 @@ class _Streamer:
             for j, k in enumerate(getattr(r.run, "kids", None) or []):
                 st = self.state.get((i, j))
                 if st is None:
-                    own = None if k.text_stream is not None else TextStream(self.llm.tokenizer, context=k.text_context)
+                    own = None if k.text_stream is not None else \
+                        TextStream(self.llm.tokenizer, r.params.skip_special_tokens, k.text_context)
                     st = self.state[(i, j)] = _Streamed(own)
                 if st.ended:
                     continue

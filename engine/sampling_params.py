@@ -28,6 +28,7 @@ class SamplingParams:
     min_tokens: int = 0                   # as vLLM: no EOS, stop token or stop string ends a
     #                                       completion before it has this many tokens
     include_stop_str_in_output: bool = False  # as vLLM: the stop string (a stop token's text) kept
+    skip_special_tokens: bool = True      # as vLLM: special tokens' text left out of the output's text
     # as vLLM: presence / frequency over the tokens a thread samples in this call,
     # repetition over its context at its first token of the call (the prompt, the threads
     # it sees, its own tokens) and those
@@ -72,7 +73,7 @@ class SamplingParams:
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative token ids")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         if self.seed is not None and not _is_int(self.seed):
@@ -114,7 +115,6 @@ _VLLM_ONLY = {
     "prompt_logprobs": (None, "LLM.score(token_ids) gives every position's log-probs"),
     "best_of": (None, "n samples, selected by a protocol: engine.protocols.ParallelSampling(n, select=...)"),
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
-    "skip_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, skip_special_tokens=False)"),
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
     "detokenize": (True, "the text costs little next to a step; ignore output.text"),
     "logit_bias": (None, "not supported"),

@@ -96,10 +96,10 @@ def test_vllm_fields_loom_lacks():
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
     instead; an unknown name lists the fields (both were a bare 'unexpected keyword')."""
     import dataclasses
-    sp = SP(n=2, skip_special_tokens=True, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None)
+    sp = SP(n=2, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None)
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
     for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
-                        (dict(best_of=3), "ParallelSampling"), (dict(skip_special_tokens=False), "tokenizer.decode"),
+                        (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
                         (dict(logit_bias={1: 2.0}), "not supported")):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
@@ -558,6 +558,32 @@ def test_include_stop_str_in_output(llm):
         assert c.text == t.decode(ids[:2]) and c.finish_reason == "stop"
     with pytest.raises(ValueError, match="include_stop_str_in_output=1 is invalid: must be True or False"):
         SP(include_stop_str_in_output=1)
+
+
+def test_skip_special_tokens_false_keeps_their_text(llm):
+    """skip_special_tokens=False, as vLLM's: the special tokens' text is in the output's text
+    (streamed pieces too), and stop strings see it; the stopping EOS's text is not."""
+    t = llm.tokenizer
+    eos_text = t.decode([EOS_ID], skip_special_tokens=False)
+    assert eos_text and t.decode([EOS_ID]) == ""
+    ids = t.encode(" ab", add_special_tokens=False) + [EOS_ID] + t.encode(" cd", add_special_tokens=False)
+    for skip in (True, False):
+        want = t.decode(ids, skip_special_tokens=skip)
+        for stop in (None, ["zz"]):
+            pieces = []
+            seq = iter(ids)
+            llm.core.token_source = lambda ths: [next(seq) for _ in ths]
+            try:
+                c = llm.generate([TEXT], SP(max_tokens=len(ids), ignore_eos=True, stop=stop, skip_special_tokens=skip),
+                                 stream=lambda i, j, p: pieces.append(p))[0].outputs[0]
+            finally:
+                llm.core.token_source = None
+            assert c.text == "".join(pieces) == want and (eos_text in c.text) == (not skip), (skip, stop, c.text)
+    n = ids.index(EOS_ID)
+    c = _scripted(llm, ids, ignore_eos=True, stop=[eos_text + " c"], skip_special_tokens=False)
+    assert (c.text, c.stop_reason) == (t.decode(ids[:n]), eos_text + " c")
+    c = _scripted(llm, ids[:n + 1], skip_special_tokens=False)
+    assert c.text == t.decode(ids[:n]) and c.finish_reason == "stop"  # (the stopping EOS: not in the text)
 
 
 def test_stop_reason_and_stop_string_order_as_vllm(llm):
