@@ -139,10 +139,10 @@ def _init_with_vllm_names(init):
             if not same:
                 raise ValueError(f"SamplingParams({name}={value!r}): Loom does not support vLLM's {name} "
                                  f"({instead}); leave it out or at {loom!r}.")
-        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(SamplingParams)})
+        fields = [f.name for f in dataclasses.fields(SamplingParams)]
+        unknown = sorted(set(kwargs) - set(fields))
         if unknown:
-            fields = ", ".join(f.name for f in dataclasses.fields(SamplingParams))
-            raise TypeError(f"SamplingParams has no field {', '.join(unknown)}; its fields: {fields}.")
+            raise TypeError(f"SamplingParams has no field {', '.join(unknown)}; its fields: {', '.join(fields)}.")
         init(self, *args, **kwargs)
     return __init__
 

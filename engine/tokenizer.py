@@ -79,7 +79,7 @@ class Tokenizer:
             raise ValueError(f"{cfg_path}'s add_bos_token={self.add_bos!r} must be true or false (JSON booleans).")
         self._special_ids: frozenset[int] | None = None
         self._byte_values: dict[int, int] | None = None
-        self._byte_level: bool | None = None
+        self._kinds: dict[str, bool] | None = None
         self._continuation: _HFTokenizer | None = None
 
     @property
@@ -100,14 +100,22 @@ class Tokenizer:
         decoder's ByteFallback turns a whole run of byte tokens that is not valid UTF-8 into
         U+FFFD, an already complete character included: TextStream reads their bytes itself."""
         if self._byte_values is None:
-            spec = json.loads(self._tok.to_str())
-            fallback = bool(spec.get("model", {}).get("byte_fallback")) or \
-                "ByteFallback" in json.dumps(spec.get("decoder"))  # (else '<0x41>' is a token's plain text)
+            fallback = self._uses("byte_fallback")  # (else '<0x41>' is a token's plain text)
             self._byte_values = {} if not fallback else {
                 i: int(t[3:5], 16) for t, i in self._tok.get_vocab(with_added_tokens=False).items()
                 if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
                 and all(c in "0123456789abcdefABCDEF" for c in t[3:5])}
         return self._byte_values
+
+    def _uses(self, kind: str) -> bool:
+        """Whether the tokenizer spells text with byte-fallback tokens ('byte_fallback') or
+        byte-level BPE's byte alphabet ('byte_level'), by its model and decoder (read once)."""
+        if self._kinds is None:
+            spec = json.loads(self._tok.to_str())
+            decoder = json.dumps(spec.get("decoder"))
+            self._kinds = {"byte_fallback": bool(spec.get("model", {}).get("byte_fallback")) or "ByteFallback" in decoder,
+                           "byte_level": "ByteLevel" in decoder}
+        return self._kinds[kind]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -186,10 +194,7 @@ class Tokenizer:
             return None
         if i in self.byte_values:
             return bytes([self.byte_values[i]])
-        if self._byte_level is None:
-            spec = json.loads(self._tok.to_str())
-            self._byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
-        if self._byte_level:
+        if self._uses("byte_level"):
             table = _byte_level_table()
             if all(c in table for c in t):
                 return bytes(table[c] for c in t)
@@ -267,20 +272,18 @@ class Tokenizer:
         if taken:
             raise ValueError(f"chat_template_kwargs sets {sorted(taken)}: pass the conversation and "
                              "add_generation_prompt as chat()'s own arguments.")
-        for name, given in (("tools", tools), ("documents", documents)):
+        lists = {"tools": tools, "documents": documents}
+        for name, what in (("tools", "JSON schemas of the functions"), ("documents", "each with 'title' and 'text'")):
             if name in kwargs:  # (vLLM passes its chat_template_kwargs on as keywords)
-                if given is not None:
+                if lists[name] is not None:
                     raise ValueError(f"{name} given twice: as chat()'s argument and in chat_template_kwargs.")
-                given = kwargs.pop(name)
+                lists[name] = kwargs.pop(name)
+            given = lists[name]
             if given is not None and (not isinstance(given, (list, tuple)) or
                                       not all(isinstance(x, dict) for x in given)):
-                raise ValueError(f"{name}={given!r} must be a list of dicts"
-                                 + (" (JSON schemas of the functions)." if name == "tools" else
-                                    " (each with 'title' and 'text')."))
-            if name == "tools":
-                tools = None if given is None else list(given)
-            else:
-                documents = None if given is None else list(given)
+                raise ValueError(f"{name}={given!r} must be a list of dicts ({what}).")
+            lists[name] = None if given is None else list(given)
+        tools, documents = lists["tools"], lists["documents"]
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True continues the last message: pass "
                              "add_generation_prompt=False with it.")
@@ -382,7 +385,7 @@ class TextStream:
         self.skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
         self.byte_of = tokenizer.byte_values
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # (a run of byte tokens)
-        self._in_run, self._char_start = False, 0
+        self._char_start = 0  # (where the character the decoder holds bytes of began)
         # those that make text (a skipped special token does not), after a few of the
         # tokens the text follows (Tokenizer.completion_text)
         self.ids, self.read, _ = tokenizer._context(context, skip_special_tokens)
@@ -390,7 +393,7 @@ class TextStream:
         tail = self.ids[self.read:]
         if tail and all(i in self.byte_of for i in tail):  # (the context's unfinished character)
             self._utf8.decode(bytes(self.byte_of[i] for i in tail))
-            self._in_run, self._char_start, self.read = True, self.read, len(self.ids)
+            self._char_start, self.read = self.read, len(self.ids)
         self.text = ""
 
     def push(self, token: int) -> str:
@@ -406,16 +409,13 @@ class TextStream:
                 new = self.tok.decode([token], skip_special_tokens=self.skip) if b < 0x80 else new
             self.ids.append(token)
             piece += new
-            self._in_run = True
             self.read = len(self.ids)
             if not self._utf8.getstate()[0]:  # (a whole character: the next piece's context)
                 self.prefix = self._char_start
         else:
             piece = ""
-            if self._in_run:  # (a character the run left unfinished: U+FFFD, as errors="replace")
+            if self._utf8.getstate()[0]:  # (a character the run left unfinished: U+FFFD, as errors="replace")
                 piece = self._utf8.decode(b"", final=True)
-                self._utf8.reset()
-                self._in_run = False
             self.ids.append(token)
             piece += self._show(held_ok=True)
         self.text += piece
