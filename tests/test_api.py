@@ -64,7 +64,8 @@ BAD_PARAMS = [
     ("n", 0), ("n", -2), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1),
     ("top_k", -2), ("min_p", -0.1), ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", -3),
     ("logprobs", -1), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
-    ("stop_token_ids", "7"), ("stop_token_ids", 2.5),
+    ("stop_token_ids", "7"), ("stop_token_ids", 2.5), ("temperature", 100.5), ("max_total_tokens", 0),
+    ("skip_special_tokens", "no"), ("ignore_eos", 1), ("include_stop_str_in_output", None),
 ]
 
 
@@ -161,6 +162,20 @@ def test_prompt_and_score_input_forms(llm, baseline):
             llm.session(bad)
     with pytest.raises(ValueError, match="neither a string nor a list of token ids"):
         llm.generate([[True, False]], greedy(2))
+    # ids just outside [0, vocab): every entry point refuses them (the embedding would read past its table)
+    for bad in ([1, VOCAB], [-1, 2]):
+        for call in (lambda: llm.generate([bad], greedy(2)), lambda: llm.score(bad), lambda: llm.session(bad)):
+            with pytest.raises(ValueError, match=rf"Token id {bad[bad[0] >= 0]} is outside the vocabulary \[0, {VOCAB}\)"):
+                call()
+        s = llm.session(ids)
+        try:
+            with pytest.raises(ValueError, match=rf"header .* must be a string or token ids in \[0, {VOCAB}\)"):
+                s.fork(s.root, [bad])
+            kid, = s.fork(s.root, [[3]])
+            with pytest.raises(ValueError, match=rf"injected text .* must be a string or token ids in \[0, {VOCAB}\)"):
+                s.inject(kid, bad)
+        finally:
+            s.close()
     assert_still_works(llm, baseline)
 
 
@@ -168,22 +183,67 @@ def test_prompt_and_score_input_forms(llm, baseline):
 # prompts and outputs
 # ---------------------------------------------------------------------------------------------
 
-def test_text_stream_pieces_add_up_to_the_decoded_text(llm):
+def _byte_level_tokenizer(path, post_bos: bool = False, add_prefix_space: bool = False, add_bos=None, vocab=400):
+    """engine.tokenizer.Tokenizer of a byte-level BPE that spells every byte (the tests'
+    models' tokenizer has only the bytes of its ASCII corpus: it drops other characters);
+    ``post_bos``: its post-processor adds BOS; ``add_bos``: tokenizer_config's add_bos_token."""
+    import json
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, processors, trainers
+    from conftest import _corpus
+    from engine.tokenizer import Tokenizer
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if post_bos:
+        t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    os.makedirs(path, exist_ok=True)
+    t.save(os.path.join(path, "tokenizer.json"))
+    cfg = {"eos_token": "</s>", "bos_token": "<s>", **({} if add_bos is None else {"add_bos_token": add_bos})}
+    (open(os.path.join(path, "tokenizer_config.json"), "w")).write(json.dumps(cfg))
+    return Tokenizer(path)
+
+
+def test_bos_once_and_continuations_without_a_word_start_space(tmp_path):
+    """add_bos_token adds BOS once: not again when the post-processor already did, and not
+    without special tokens; a continuation (a header, a tag, injected text) of a ByteLevel
+    tokenizer with add_prefix_space gets no leading space, as it does follow other text."""
+    for post_bos, add_bos in ((True, True), (True, None), (False, True), (False, False)):
+        tok = _byte_level_tokenizer(str(tmp_path / f"{post_bos}{add_bos}"), post_bos=post_bos, add_bos=add_bos)
+        bos = tok.token_to_id("<s>")
+        body = tok.encode("hello world", add_special_tokens=False)
+        assert bos not in body and tok.decode(body) == "hello world"
+        want = [bos] + body if post_bos or add_bos else body
+        assert tok.encode("hello world") == want, (post_bos, add_bos)
+    tok = _byte_level_tokenizer(str(tmp_path / "prefix"), add_prefix_space=True)
+    assert tok.decode(tok.encode("hello", add_special_tokens=False)) == " hello"  # (a sequence's start)
+    assert tok.decode(tok.encode_continuation("hello")) == "hello"
+
+
+def test_text_stream_pieces_add_up_to_the_decoded_text(llm, tmp_path):
     """engine.tokenizer.TextStream (stop strings, tree protocols' tags): its pieces, token by
-    token, add up to decode() of the whole sequence, special tokens skipped or spelled out."""
+    token, add up to decode() of the whole sequence, special tokens skipped or spelled out;
+    characters split over byte tokens are held until whole (a tokenizer that spells them)."""
     from engine.tokenizer import TextStream
-    tok = llm.tokenizer
-    texts = [TEXT, "naïve café — 東京 🙂 done", "a" * 40]
-    for i, text in enumerate(texts):
-        ids = tok.encode(text, add_special_tokens=False)
-        ids = ids[:5] + [EOS_ID] + ids[5:] + random_ids(7, VOCAB, seed=i)  # a special, then random ids
-        for skip in (True, False):
-            stream = TextStream(tok, skip_special_tokens=skip)
-            pieces = [stream.push(t) for t in ids]
-            full = tok.decode(ids, skip_special_tokens=skip)
-            assert "".join(pieces) == stream.text and full.startswith(stream.text), (text, skip)
-            assert len(full) - len(stream.text) <= 1  # (only an unfinished last character is held)
-            assert "\ufffd" not in "".join(pieces[:len(ids) - 7]), pieces  # (split characters held)
+    byte_tok = _byte_level_tokenizer(str(tmp_path / "bytes"))
+    for text in ["naïve café — 東京 🙂 done", "é" * 20]:
+        ids = byte_tok.encode(text, add_special_tokens=False)
+        assert byte_tok.decode(ids) == text and len(ids) > len(text)  # (it spells them, some in several tokens)
+        stream = TextStream(byte_tok)
+        assert "".join(stream.push(t) for t in ids) == text
+    for tok, eos, V in ((llm.tokenizer, EOS_ID, VOCAB), (byte_tok, byte_tok.token_to_id("</s>"), 400)):
+        for i, text in enumerate([TEXT, "naïve café — 東京 🙂 done", "a" * 40]):
+            ids = tok.encode(text, add_special_tokens=False)
+            ids = ids[:5] + [eos] + ids[5:] + random_ids(7, V, seed=i)  # a special, then random ids
+            for skip in (True, False):
+                stream = TextStream(tok, skip_special_tokens=skip)
+                pieces = [stream.push(t) for t in ids]
+                full = tok.decode(ids, skip_special_tokens=skip)
+                assert "".join(pieces) == stream.text and full.startswith(stream.text), (text, skip)
+                assert len(full) - len(stream.text) <= 1  # (only an unfinished last character is held)
+                assert "\ufffd" not in "".join(pieces[:len(ids) - 7]), pieces  # (split characters held)
 
 
 def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
@@ -385,7 +445,7 @@ def test_stream_adds_up_to_the_outputs(llm):
     """generate(stream=fn): the pieces of each completion add up to its text, arrive while
     it is generated, and never include text a stop string then cuts (held back while it may
     start one); stop strings, stop token ids and lengths, n > 1, several prompts."""
-    from engine.protocols import Multiverse
+    from engine.protocols import Multiverse, ParallelSampling
     prompts = [random_ids(7, VOCAB, seed=s) for s in range(3)]
     free = [llm.generate([p], SP(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True))[0].outputs[0]
             for p in prompts]
@@ -407,9 +467,13 @@ def test_stream_adds_up_to_the_outputs(llm):
     assert outs[0].outputs[0].finish_reason == "stop" and outs[2].outputs[0].finish_reason == "stop"
     assert len({step for _, _, step in calls}) > 3  # (pieces came step by step, not at the end)
     for bad, msg in ((dict(stream=3), "stream=3 must be a function"),
-                     (dict(stream=fn, protocol=Multiverse()), "stream applies to plain sampling")):
+                     (dict(stream=fn, protocol=Multiverse()), "stream applies to plain sampling"),
+                     (dict(stream=fn, protocol=ParallelSampling(2, "majority")), "stream applies to plain sampling"),
+                     (dict(stream=fn, protocol=ParallelSampling(2, "first_finish")), "stream applies to plain sampling")):
         with pytest.raises(ValueError, match=msg):
             llm.generate(prompts[:1], SP(max_tokens=2), **bad)
+    two = llm.generate(prompts[:1], SP(n=2, max_tokens=3, seed=1), stream=fn, protocol=ParallelSampling(2))
+    assert len(two[0].outputs) == 2  # (select="all" is plain sampling)
 
     def boom(i, j, piece):
         raise RuntimeError("the reader went away")
@@ -769,6 +833,11 @@ def test_logprobs_as_vllm_gives_them(llm):
     c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=0))[0].outputs[0]
     assert all(list(d) == [tok] and d[tok].rank >= 1 for tok, d in zip(c.token_ids, c.logprobs))
     assert llm.generate([prompt], SP(max_tokens=2))[0].outputs[0].cumulative_logprob is None
+    import copy
+    import pickle  # (outputs cross processes: a Logprob keeps its rank)
+    for e in (pickle.loads(pickle.dumps(c.logprobs)), copy.deepcopy(c.logprobs)):
+        assert [[(t, v.logprob, v.rank) for t, v in d.items()] for d in e] == \
+            [[(t, v.logprob, v.rank) for t, v in d.items()] for d in c.logprobs]
 
 
 def test_sampled_logprobs_include_chosen_token(llm):
@@ -1335,7 +1404,32 @@ def test_config_spellings_transformers_accepts(tmp_path, model_dir, llm, baselin
     write_json(os.path.join(d, "model.safetensors.index.json"),
                {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
     assert torch.equal(LLM(d, kv_cache_tokens=256).score(prompt)[0], want)
+    # EOS ids of which only some are in the vocabulary (the others are never sampled): loads
+    d = _copy_model(tmp_path, model_dir, "eos_some_in_range")
+    write_json(os.path.join(d, "generation_config.json"), {"eos_token_id": [EOS_ID, VOCAB + 7]})
+    assert LLM(d, kv_cache_tokens=256).eos_ids == [EOS_ID, VOCAB + 7]
     assert_still_works(llm, baseline)
+
+
+def test_chat_prompt_has_the_templates_bos_only(tmp_path, model_dir):
+    """A template that writes BOS itself (Llama 3's) on a tokenizer that adds BOS: the chat
+    prompt holds it once, as transformers' apply_chat_template(tokenize=True) (the rendered
+    text is not encoded with special tokens)."""
+    from transformers import AutoTokenizer
+    from engine import LLM
+    d = _copy_model(tmp_path, model_dir, "chat_bos")
+    _byte_level_tokenizer(d, post_bos=True, add_bos=True, vocab=VOCAB)
+    cfg = read_json(os.path.join(d, "tokenizer_config.json"))
+    cfg["chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    write_json(os.path.join(d, "tokenizer_config.json"), cfg)
+    conv = [{"role": "user", "content": "hello world"}]
+    want = AutoTokenizer.from_pretrained(d).apply_chat_template(conv, tokenize=True, add_generation_prompt=False,
+                                                                return_dict=False)
+    bos = AutoTokenizer.from_pretrained(d).bos_token_id
+    assert want[0] == bos and want.count(bos) == 1
+    eng = LLM(d, kv_cache_tokens=256)
+    out = eng.chat(conv, SP(max_tokens=1, temperature=0), add_generation_prompt=False)[0]
+    assert list(out.prompt_token_ids) == want
 
 
 def test_chat_template_sources_and_tags(tmp_path, model_dir):

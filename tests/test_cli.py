@@ -124,6 +124,80 @@ def test_generate_with_a_protocol_prints_what_the_api_returns(model, capsys, pro
         assert f"protocol: {' '.join(f'{k}={v}' for k, v in m.items())} events=" in out, out
 
 
+@pytest.fixture
+def api_calls(monkeypatch):
+    """What the command passed to LLM(...) and to generate / chat: {"llm": kwargs, "params":
+    SamplingParams, "how": "generate" | "chat"} (the real calls run underneath)."""
+    seen = {}
+    init, generate, chat = LLM.__init__, LLM.generate, LLM.chat
+
+    def spy_init(self, *args, **kw):
+        seen["llm"] = kw
+        init(self, *args, **kw)
+
+    def spy_generate(self, prompts, params=None, *args, **kw):
+        seen.setdefault("how", "generate")
+        seen["params"] = params
+        return generate(self, prompts, params, *args, **kw)
+
+    def spy_chat(self, *args, **kw):
+        seen["how"] = "chat"
+        return chat(self, *args, **kw)
+    monkeypatch.setattr(LLM, "__init__", spy_init)
+    monkeypatch.setattr(LLM, "generate", spy_generate)
+    monkeypatch.setattr(LLM, "chat", spy_chat)
+    return seen
+
+
+def test_every_flag_reaches_the_api(model, capsys, api_calls):
+    """Each sampling and engine flag is passed on with its value (a flag parsed and dropped
+    shows nowhere else: a random model's output looks the same), and with no flags the
+    command's defaults are the ones its help states."""
+    assert main(["generate", "--model", model, "--prompt", "hi", "-n", "2", "--temperature", "0.7", "--top-p", "0.9",
+                 "--top-k", "5", "--min-p", "0.05", "--max-tokens", "4", "--min-tokens", "2", "--ignore-eos",
+                 "--stop", "zz", "--stop", "yy", "--presence-penalty", "0.5", "--frequency-penalty", "0.25",
+                 "--repetition-penalty", "1.1", "--seed", "7", "--dtype", "float32", "--kv-cache-tokens", "2048",
+                 "--kv-cache-dtype", "bfloat16", "--page-size", "8", "--attention-backend", "torch",
+                 "--max-forward-tokens", "64"]) == 0
+    assert api_calls["params"] == SamplingParams(
+        n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, max_tokens=4, min_tokens=2, ignore_eos=True,
+        stop=["zz", "yy"], presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.1, seed=7)
+    assert api_calls["llm"] == dict(device="cpu", dtype="float32", kv_cache_tokens=2048, kv_cache_dtype="bfloat16",
+                                    page_size=8, attention_backend="torch", seed=7, max_forward_tokens=64)
+    assert [(r, n) for r, n, _ in completions(capsys.readouterr().out)] == [("length", 4)] * 2
+    api_calls.clear()
+    assert main(["generate", "--model", model, "--prompt", "hi", "--seed", "-1", "--temperature", "0"]) == 0
+    assert api_calls["params"] == SamplingParams(max_tokens=128, temperature=0.0)  # (--help: default 128)
+    assert api_calls["llm"]["seed"] is None and api_calls["how"] == "generate"  # (--seed -1: none, as vLLM)
+    api_calls.clear()
+    assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "2", "--system", ""]) == 0
+    assert api_calls["how"] == "chat"  # (an empty system message is still one)
+
+
+def test_answers_are_printed_and_bad_logits_exit_1(model, capsys, monkeypatch):
+    """An extracted answer gets its line (a random model writes no \\boxed{}: one is planted);
+    logits that are not finite end the command with status 1 (the model's fault, not the
+    arguments': those are 2) and one line."""
+    generate = LLM.generate
+
+    def planted(self, *args, **kw):
+        outs = generate(self, *args, **kw)
+        outs[0].outputs[0].answer = "42"
+        return outs
+    monkeypatch.setattr(LLM, "generate", planted)
+    assert main(["generate", "--model", model, "--prompt", "hi", "--max-tokens", "2", "-n", "2",
+                 "--protocol", "sampling", "--select", "majority"]) == 0
+    got = completions(capsys.readouterr().out)
+    assert got[0][2].endswith("\nanswer: 42") and "answer:" not in got[1][2], got
+
+    def non_finite(self, *args, **kw):
+        raise FloatingPointError("The model's logits are not finite (NaN or inf) in batch rows [0]")
+    monkeypatch.setattr(LLM, "generate", non_finite)
+    assert main(["generate", "--model", model, "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err == "loom: error: The model's logits are not finite (NaN or inf) in batch rows [0]\n", err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--paths", "3"], "--paths applies to --protocol parallel-r1 / parathinker, not to plain sampling"),
     (["--protocol", "multiverse", "--workers", "2"],

@@ -378,29 +378,51 @@ def test_nested_reprefill_joins_stay_within_the_reservation(short_llm):
 
 
 def test_parallel_sampling_select(llm):
-    answers = iter(["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "no answer"])
-    table = {}
+    """majority: every sample, those with the most common answer first (a sample without an
+    answer casts no vote); first_finish: the first sample to stop (one cut off by max_tokens
+    in the same step has not stopped), or the first sample when none stopped."""
+    answers, table = iter(()), {}
 
-    def src(threads):
+    def src(threads):  # each new thread writes the next text (or token ids) of `answers`, then EOS
         out = []
         for t in threads:
             if t.id not in table:
-                table[t.id] = llm.tokenizer.encode(next(answers), add_special_tokens=False)
+                a = next(answers)
+                table[t.id] = a if isinstance(a, list) else llm.tokenizer.encode(a, add_special_tokens=False)
             toks = table[t.id]
             out.append(toks[len(t.generated)] if len(t.generated) < len(toks) else llm.eos_ids[0])
         return out
+
+    def run(texts, select, max_tokens=50):
+        nonlocal answers
+        answers = iter(texts)
+        table.clear()
+        return llm.generate("Q", SamplingParams(max_tokens=max_tokens),
+                            protocol=ParallelSampling(len(texts), select))[0].outputs
     llm.core.token_source = src
     try:
-        out = llm.generate("Q", SamplingParams(max_tokens=50), protocol=ParallelSampling(4, "majority"))[0]
-        assert len(out.outputs) == 4 and out.outputs[0].answer == "7"
-        table.clear()
-        answers = iter(["\\boxed{1} long answer", "\\boxed{2}", "x" * 30, "y" * 40])
-        out = llm.generate("Q", SamplingParams(max_tokens=50),
-                           protocol=ParallelSampling(4, "first_finish"))[0]
-        assert len(out.outputs) == 1 and out.outputs[0].answer == "2"
+        out = run(["\\boxed{7}", "\\boxed{8}", "\\boxed{7}", "no answer"], "majority")
+        assert [o.answer for o in out] == ["7", "7", "8", None] and [o.index for o in out] == [0, 2, 1, 3]
+        out = run(["no", "\\boxed{7}", "none", "nope"], "majority")  # (None is no answer, not a winner)
+        assert [o.answer for o in out] == ["7", None, None, None]
+        out = run(["\\boxed{1} long answer", "\\boxed{2}", "x" * 30, "y" * 40], "first_finish")
+        assert len(out) == 1 and out[0].answer == "2" and out[0].index == 1
+        # sample 0 reaches max_tokens=5 in the step where sample 1's fifth token is EOS
+        out = run(["x " * 30, llm.tokenizer.encode("a b c d e f g h", add_special_tokens=False)[:4]],
+                  "first_finish", max_tokens=5)
+        assert len(out) == 1 and out[0].index == 1 and out[0].finish_reason == "stop"
+        out = run(["x " * 30, "y " * 30, "z " * 30], "first_finish", max_tokens=5)  # (none stops)
+        assert len(out) == 1 and out[0].index == 0 and out[0].finish_reason == "length"
     finally:
         llm.core.token_source = None
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_last_boxed():
+    from engine.protocols.sampling import last_boxed
+    assert last_boxed("so \\boxed{1}, then \\boxed{ \\frac{a}{b} } done") == "\\frac{a}{b}"  # (the last; nested)
+    assert last_boxed("\\boxed{x^{2}} and \\boxed{unclosed") is None  # (the last never closes)
+    assert last_boxed("\\boxed{}") == "" and last_boxed("no box {here}") is None
 
 
 def test_protocol_arguments_are_validated():

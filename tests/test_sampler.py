@@ -1,5 +1,6 @@
 """The sampler's inverse-CDF pick: the C++ op (csrc/sample_cpu.cpp) against the plain
-cumulative-sum search, zero-probability tokens, and errors."""
+cumulative-sum search, zero-probability tokens, and errors; the filters' and penalties'
+arithmetic on rows worked out by hand."""
 from __future__ import annotations
 
 import pytest
@@ -47,10 +48,11 @@ def test_pick_fallback_agrees_and_frequencies_follow_probs():
     counts = torch.bincount(op, minlength=6).double() / 20000
     assert counts[1] == 0 and counts[4] == 0
     torch.testing.assert_close(counts, p.double(), atol=0.015, rtol=0)
-    # the torch fallback (used without engine._C or off the CPU) is the same rule
-    cdf = probs.cumsum(-1)
-    fallback = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    # pick's torch fallback (taken without engine._C, off the CPU, or for float64 rows) is the
+    # same rule: the same tokens but where the float32 / float64 prefix sums straddle u
+    fallback = torch.tensor(sampler.pick(probs.double(), u))
     assert (fallback != op).sum().item() <= 5
+    assert sampler.pick(torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64), torch.tensor([0.9999])) == [1]
 
 
 def test_pick_errors_and_opcheck():
@@ -158,3 +160,50 @@ def test_top_k_1_keeps_ties_and_ranks_count_them():
     assert list(got) == [2] and got[2].rank == 3  # (three tokens at least as likely: ranks 3, as vLLM v1)
     got = sampler.top_logprobs(lp, 3, 1)
     assert len(got) == 2 and got[3].rank == 4 and sorted(r.rank for r in got.values()) == [1, 4]
+
+
+def test_filters_temper_first_and_top_p_keeps_the_smallest_prefix():
+    """Temperature divides the logits before min-p / top-k / top-p look at them (vLLM's
+    order), and top-p keeps the smallest prefix whose mass reaches it (a prefix of exactly
+    top_p's mass takes no more)."""
+    from engine.sampling_params import SamplingParams as SP
+    kept = lambda x: x.isfinite().nonzero().flatten().tolist()  # noqa: E731
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    got = sampler._filtered_logprobs(logits, SP(temperature=0.5, top_k=3))
+    torch.testing.assert_close(got[:3], torch.log_softmax(logits[:3] / 0.5, -1))
+    assert got[3] == float("-inf")
+    three = torch.tensor([0.5, 0.3, 0.2]).log()
+    assert kept(sampler._filtered_logprobs(three, SP(temperature=1.0, top_p=0.6))) == [0, 1]
+    assert kept(sampler._filtered_logprobs(three, SP(temperature=0.5, top_p=0.6))) == [0]  # (0.66 at T=0.5)
+    assert kept(sampler._filtered_logprobs(torch.zeros(2), SP(top_p=0.5))) == [0]
+    # min-p on the tempered probabilities: 0.3 / 0.5 = 0.6 at T=1, sqrt(0.6) = 0.77 at T=2
+    assert kept(sampler._filtered_logprobs(three, SP(temperature=1.0, min_p=0.7))) == [0]
+    assert kept(sampler._filtered_logprobs(three, SP(temperature=2.0, min_p=0.7))) == [0, 1]
+
+
+def test_penalties_arithmetic():
+    """Repetition divides a seen token's positive logit and multiplies a negative one;
+    frequency takes its penalty once per time sampled, presence once (vLLM's definitions)."""
+    from engine.sampling_params import SamplingParams as SP
+    st = sampler.Penalties(SP(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.3), 5,
+                           [[0, 1]], "cpu")
+    st.add(2)
+    st.add(2)
+    st.add(3)
+    out = sampler.apply_penalties(torch.tensor([[2.0, -2.0, 1.0, 0.5, 4.0]]), [0], [st])
+    # token 0 seen: 2 / 2; token 1 seen: -2 * 2; token 2 sampled twice (and so seen): 1 / 2 - 2 * 0.5
+    # - 0.3; token 3 once: 0.5 / 2 - 0.5 - 0.3; token 4 untouched
+    torch.testing.assert_close(out[0], torch.tensor([1.0, -4.0, 0.5 - 1.0 - 0.3, 0.25 - 0.5 - 0.3, 4.0]))
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan")])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, -1), (0.0, -1), (0.8, 3)])
+def test_rows_without_a_finite_logit_raise(fill, temperature, top_k):
+    """A row whose logits are all -inf / inf / NaN (float16 overflow, NaN weights) raises
+    one FloatingPointError, greedy, sampled or filtered (argmax would return token 0)."""
+    from engine.sampling_params import SamplingParams as SP
+    logits = torch.randn(3, 8)
+    logits[1] = fill
+    params = [SP(temperature=temperature, top_k=top_k, seed=1)] * 3
+    with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in batch rows \[1\]"):
+        sampler.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
