@@ -166,6 +166,25 @@ def test_sequential_join_matches_rerotated_keys(make_llm, hf_ref, name):
     s.close()
 
 
+def test_nested_sequential_joins_lay_every_thread_out_once(make_llm):
+    """A sequential join of a sequential join and a sibling: its continuation starts after
+    every token laid out before it (the prompt, p, x, y, their join, q), none overlapping."""
+    llm = make_llm("qwen3", attention_backend="torch")
+    s = llm.session(random_ids(8, llm.config.vocab_size, 1))
+    p, q = s.fork(s.root, [[3], [4]])
+    s.generate([p], greedy(2))
+    s.generate([q], greedy(3))
+    x, y = s.fork(p, [[5], [6]])
+    s.generate([x, y], greedy(2))
+    c = s.join([x, y], [7], positions="sequential")
+    s.generate([c], greedy(2))
+    assert c.position == 8 + sum(len(t.token_ids) for t in (p, x, y, c))
+    d = s.join([c, q], [9], positions="sequential")
+    assert d.position == 8 + sum(len(t.token_ids) for t in (p, x, y, c, q, d))
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_reprefill_join_matches_plain_text(make_llm, hf_ref):
     llm = make_llm("qwen3", attention_backend="torch")
     hf = hf_ref("qwen3")
@@ -309,8 +328,18 @@ def test_session_verbs_refuse_what_they_cannot_do(make_llm):
             call()
     with pytest.raises(ValueError, match=rf"injected text \[{V}\] must be a string or token ids in \[0, {V}\)"):
         s.inject(b, [V])
+    with pytest.raises(ValueError, match="twice"):
+        s.generate([a, a], greedy(1))
     c = s.join([a, b], header=[3])
+    with pytest.raises(ValueError, match="already joined"):
+        s.join([a, c], header=[3])
     assert len(s.generate([c], greedy(2))[0].token_ids) == 2
+    pack(s)  # (forks and max joins: a single-sequence view)
+    e, f = s.fork(c, [[5], [6]])
+    s.generate([e, f], greedy(1))
+    s.join([e, f], header=[4], positions="sequential")
+    with pytest.raises(ValueError, match="sequential"):
+        pack(s)  # (f shifted past e: no single-sequence view)
     s.close()
     with pytest.raises(ValueError, match="The 300-token prompt would need 75 pages of the KV cache, which has 64"):
         llm.session(random_ids(300, V, seed=2))

@@ -332,3 +332,46 @@ def test_a_live_threads_tokens_are_not_written_past_the_context(make_llm):
     assert (t.seg.length, list(t.pending)) == before
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
+    # one position less: w's pending token sits at M - 1, the context's last position: written
+    s = llm.session(random_ids(20, V, seed=1))
+    w = s.spawn([s.root], header=[5])
+    s.generate([w], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    s.inject(s.root, [9] * (M - 22))
+    r = s.spawn([s.root], header=[6])
+    s.set_view(r, [w])
+    s.generate([r], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    t = w._t
+    assert t.pending == [] and t.seg.length == len(t.tokens)
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_live_thread_bookkeeping(make_llm):
+    """A live thread spawned from a fork child starts after that child (its view's base is
+    the child's, not 0); spawning a live reader of the root does not freeze the root (it is
+    not forked); a live thread's token re-written at the start of a page keeps its page."""
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm = make_llm("qwen3", page_size=4, attention_backend="torch")
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(10, V, seed=2))
+    a, = s.fork(s.root, [[5]])
+    s.generate([a], greedy)
+    w = s.spawn([a], header=[6])
+    assert w.position == a.position + 1
+    s.close()
+    with llm.session([1, 2, 3]) as s:
+        s.spawn([s.root])  # (no header: it reads the root live)
+        s.inject(s.root, [4, 5])
+        assert s.root.token_ids == [1, 2, 3, 4, 5]
+    s = llm.session([1, 2, 3, 4, 5])
+    w1, = s.fork(s.root, [[6]])
+    w2 = s.spawn([s.root, w1], header=[7, 8, 9])  # (w2's fifth token, index 4, opens its second page)
+    w3 = s.spawn([s.root, w2], header=[9])
+    s.generate([w2], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    s.generate([w3], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # (writes w2's pending token)
+    s.generate([w1], greedy)
+    s.generate([w2], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # (its last token re-written)
+    seg = w2._t.seg
+    assert len(seg.pages) == -(-seg.length // 4)
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
