@@ -1562,6 +1562,7 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
               {"role": "assistant", "content": "yo", "reasoning": "greet back"},
               {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok", "thinking": "t"}],
              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Let me think"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Trailing space \n"}],
              [{"role": "user", "content": "hi"},
               {"role": "assistant", "content": [{"type": "text", "text": "Part one, "}, {"type": "text", "text": "two"}]}]]
     n = 0
@@ -1574,7 +1575,7 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
                 assert got == want, (conv, kw, gen, cont, got, want)
                 assert tok.apply_chat_template(conv, gen, dict(kw), continue_final_message=cont) == want
                 n += 1
-    assert n == 48 and "[bos]" not in got and "<think>greet back</think>" in \
+    assert n == 60 and "[bos]" not in got and "<think>greet back</think>" in \
         tok.apply_chat_template(convs[1], False) and got.endswith("Part one, two")
     # named templates: 'tool_use' when tools are given, else 'default'; chat_template= picks one
     tc["chat_template"] = [{"name": "default", "template": "D{{ messages[0].content }}"},
@@ -1604,6 +1605,13 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
         hf.apply_chat_template(last, tokenize=False, continue_final_message=True, chat_template=cut)
     with pytest.raises(ValueError, match="does not render the last message's content"):
         tok.apply_chat_template(last, False, continue_final_message=True, chat_template=cut)
+    # a template that trims the content: the text ends at the trimmed content, not before the
+    # whitespace after it (the template's own)
+    trim = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>\n{% endfor %}"
+    spaced = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  Let me think \n"}]
+    want = hf.apply_chat_template(spaced, tokenize=False, continue_final_message=True, chat_template=trim)
+    assert want.endswith("<assistant>Let me think")
+    assert tok.apply_chat_template(spaced, False, continue_final_message=True, chat_template=trim) == want
     assert_no_leak(llm)
 
 
