@@ -503,6 +503,50 @@ def test_prompts_longer_than_a_steps_prefill_budget_share_steps(llm):
     assert_no_leak(llm)
 
 
+def test_a_steps_new_prompt_tokens_stay_within_max_batched_tokens(llm):
+    """Each admitted prompt uses up its share of the step's prefill budget: with 40 tokens
+    of budget, 15-token prompts are admitted two per step, not all in the first step."""
+    sched, real = llm.scheduler, llm.core.step
+    prompts = [random_ids(15, VOCAB, seed=20 + s) for s in range(5)]
+    alone = [llm.generate([p], greedy(3))[0].outputs[0].token_ids for p in prompts]
+    prefill = []
+
+    def step(feed, samplers):  # the prompt tokens each step feeds (decode steps feed one per thread)
+        prefill.append(sum(len(t.pending) for t in feed if len(t.pending) > 1))
+        return real(feed, samplers)
+    old, sched.max_batched_tokens, llm.core.step = sched.max_batched_tokens, 40, step
+    try:
+        outs = llm.generate(prompts, greedy(3))
+    finally:
+        sched.max_batched_tokens = old
+        del llm.core.step
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert prefill[:3] == [30, 30, 15], prefill
+    assert_no_leak(llm)
+
+
+def test_kv_pages_peak_is_the_requests_most_pages(llm):
+    """kv_pages_peak is the most pages the request held at once: two samples that grow
+    together until one stops (its pages go back at once) keep the peak of when both were
+    held, not the fewer pages of the last step."""
+    long, short = random_ids(40, VOCAB, seed=31), random_ids(36, VOCAB, seed=32)
+
+    def src(threads):  # the first sample stops on EOS after 36 tokens, the other goes on to 40
+        return [(short + [EOS_ID] if t.id == 1 else long)[len(t.generated)] for t in threads]
+    llm.core.token_source = src
+    try:
+        res = llm.generate([random_ids(16, VOCAB, seed=30)], SP(n=2, max_tokens=40))[0]
+    finally:
+        llm.core.token_source = None
+    a, b = res.outputs
+    assert (len(a.token_ids), a.finish_reason, len(b.token_ids), b.finish_reason) == (37, "stop", 40, "length")
+    # when the first sampled its EOS: the prompt and 36 written tokens each; at the end, 39
+    want = pages(16, PS) + 2 * pages(36, PS)
+    assert want > pages(16, PS) + pages(39, PS)
+    assert res.metrics.kv_pages_peak == want, res.metrics
+    assert_no_leak(llm)
+
+
 # ---------------------------------------------------------------------------------------------
 # stopping
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,16 @@ def test_step_boundaries():
     assert step_ended("```python\nx = 1\n```\nThat runs.\n\n")
 
 
+def test_step_boundaries_after_closing_marks_and_in_display_math():
+    """A sentence end may be followed by closing quotes, brackets or markdown emphasis before
+    the blank line; a blank line inside open \\[ display math is no step's end."""
+    for text in ('He said "it is 7."\n\n', "(so it is 7.)\n\n", "It is **7.**\n\n", "It is 7?')\n\n"):
+        assert step_ended(text), text
+    assert not step_ended("\\[ x = 1.\n\n")
+    assert step_ended("\\[ x = 1 \\] holds.\n\n")
+    assert not step_ended('He said "it is 7"\n\n')
+
+
 def test_one_worker_contiguous_is_plain_greedy(make_llm):
     llm = make_llm("qwen3", attention_backend="cpu")
     prompt = random_ids(12, llm.config.vocab_size, 4)
@@ -348,4 +358,143 @@ def test_repetition_penalty_sees_the_whole_view(make_llm):
     assert ro.outputs[0].metrics["compactions"] > 0 and len(checked) >= 5, (ro.outputs[0].metrics, checked)
     assert max(checked) > 30  # (the history's tokens were in the checked contexts)
     assert all(t.penalties is None for t in every.values())  # (and all of them at the call's end)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_token_sampled_by_a_worker_an_answer_ended_is_dropped(make_llm):
+    """Alice closes her \\boxed{} in the step where Bob samples too: the answer ends Bob's
+    step (committed once) before his token of that step is applied, so that token is
+    dropped (applied to the ended step, it would commit his step a second time and count a
+    token that is in no output)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    alice = enc("So x is \\boxed{7}")
+    llm.core.token_source = _scripted(llm, {"Alice": "So x is \\boxed{7}", "Bob": "I think about it a lot more"})
+    try:
+        ro = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40),
+                          protocol=Hogwild(workers=2, names=["Alice", "Bob"], collab_prompt=None))[0]
+    finally:
+        llm.core.token_source = None
+    out = ro.outputs[0]
+    a, b = out.workers
+    assert out.answer == "7" and out.finish_reason == "stop"
+    assert (a["generated"], b["generated"]) == (len(alice), len(alice) - 1), out.workers
+    assert [e["worker"] for e in out.events] == [0, 1], out.events
+    assert out.metrics["steps_committed"] == 2
+    assert out.metrics["total_tokens"] == ro.metrics.generated_tokens == 2 * len(alice) - 1, out.metrics
+    assert len(out.token_ids) == sum(len(w["token_ids"]) for w in out.workers)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+@pytest.mark.parametrize("alice", ["I take one, and", "I take one. Done.\n\n"])
+def test_a_worker_that_ended_is_seen_once_in_the_others_views(make_llm, alice):
+    """Alice stops on EOS (mid-step, or right after a step's end, in a step of just its
+    header) while Bob goes on committing steps. Her last step with text is in the shared
+    history, and Bob's later views name it there only (named again as her step in progress,
+    a view would name a thread twice and the request fail); a step of just its header is in
+    no view (neither as history nor as her step in progress)."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    eos = llm.eos_ids[0]
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    scripts = {"Alice": enc(alice) + [eos], "Bob": enc("Step one. Ok.\n\nStep two. Ok.\n\n" * 3)}
+    typed, views, fresh = {}, [], set()
+
+    def src(threads):
+        out = []
+        names = [next(n for n in scripts if n in llm.tokenizer.decode(t.tokens[:t.header_len])) for t in threads]
+        for t, name in zip(threads, names):
+            if "Alice" not in names and not t.generated:  # (Bob's steps begun after she ended)
+                fresh.add(t.id)
+            if t.id in fresh:
+                views.append([llm.tokenizer.decode(s.tokens[:s.length]) for s, _ in t.view[:-1]])
+            typed[name] = typed.get(name, 0) + 1
+            sc = scripts[name]
+            out.append(sc[min(typed[name], len(sc)) - 1])
+        return out
+    llm.core.token_source = src
+    try:
+        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40),
+                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], finisher=False,
+                                            stop_on_answer=False))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    a, bob = out.workers
+    assert a["generated"] == len(scripts["Alice"]) and bob["generated"] == 40 and bob["steps"] >= 4
+    assert len(fresh) >= 2 and len(views) > 8 and all(alice in "".join(v) for v in views), views[-1]
+    for v in views:
+        assert "".join(v).count(alice) <= 1, v
+        assert not any(s.strip() == "Alice:" for s in v), v  # (a step of just its header)
+    assert out.text.count(alice) == 1
+    assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+
+
+def test_checkins_start_from_a_workers_third_step(make_llm):
+    """checkin_every=2: the check-in opens every second step after the first (steps 3, 5,
+    ...); a worker's first step starts with its plain header (the check-in asks about the
+    others' work, of which there is none yet)."""
+    from engine.protocols.hogwild import CHECKIN
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    llm.core.token_source = _scripted(llm, {n: SCRIPTS[n] for n in ("Alice", "Bob")})
+    try:
+        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40, ignore_eos=True),
+                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], checkin_every=2, finisher=False,
+                                            stop_on_answer=False))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    alice, bob = out.workers
+    assert alice["text"].startswith("Alice: I take part one.") and bob["text"].startswith("Bob: I take part two.")
+    assert (alice["steps"], bob["steps"]) == (2, 3)
+    assert CHECKIN not in alice["text"] and bob["text"].count(CHECKIN) == 1
+    assert "\n\nBob: " + CHECKIN + "Goo" in bob["text"], bob["text"]  # (his third step)
+
+
+def test_compaction_starts_past_compact_after_segments(make_llm):
+    """Views are compacted when they would hold more than compact_after segments: with
+    compact_after=6 two workers' views grow to exactly 6 segments and are left alone; with 5,
+    the history is compacted."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    prompt = random_ids(9, llm.config.vocab_size, 5)
+    for compact_after, compactions in ((6, 0), (5, 1)):
+        sizes, script = [], _scripted(llm, {n: SCRIPTS[n] for n in ("Alice", "Bob")})
+
+        def src(threads):
+            sizes.extend(len(t.view) for t in threads)
+            return script(threads)
+        llm.core.token_source = src
+        try:
+            out = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True),
+                               protocol=Hogwild(workers=2, names=["Alice", "Bob"], compact_after=compact_after,
+                                                finisher=False, stop_on_answer=False))[0].outputs[0]
+        finally:
+            llm.core.token_source = None
+        assert out.metrics["steps_committed"] == 5 and out.metrics["compactions"] == compactions, out.metrics
+        assert max(sizes) == compact_after
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_finisher_needs_a_position_after_its_header(tmp_path):
+    """The finisher starts only if its header leaves it a position to sample at before the
+    model's context: one position short, there is no finisher (and no header of one in the
+    text); with one position it writes one token."""
+    from engine import LLM
+    from engine.demo import make_random_model
+    from engine.protocols.hogwild import FINISHER
+    make_random_model(str(tmp_path), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64,
+                      max_pos=160)
+    llm = LLM(str(tmp_path), attention_backend="cpu", page_size=4, seed=0)
+    M, eos = llm.config.max_position_embeddings, llm.eos_ids[0]
+    hdr, fin = len(llm.core.encode_text("Alice: ")), len(llm.core.encode_text(FINISHER))
+    ab = llm.tokenizer.encode("ab", add_special_tokens=False)
+    # Alice writes "ab" then EOS; the finisher writes "a"s
+    llm.core.token_source = lambda threads: [(ab + [eos])[len(t.generated)] if t.header_len == hdr else ab[0]
+                                             for t in threads]
+    hw = Hogwild(workers=1, layout="contiguous", collab_prompt=None, finisher_tokens=4)
+    for room in (1, 0):  # positions left after the workers' text and the finisher's header
+        P = M - hdr - len(ab) - fin - room
+        out = llm.generate([[65] * P], SamplingParams(max_tokens=10), protocol=hw)[0].outputs[0]
+        if room:
+            assert out.text.endswith(FINISHER + "a") and out.metrics["total_tokens"] == len(ab) + 2, out.text
+        else:
+            assert out.text.endswith("Alice: ab") and out.metrics["total_tokens"] == len(ab) + 1, out.text
+    llm.core.token_source = None
     assert llm.cache_stats()["pages_used"] == 0

@@ -204,3 +204,27 @@ def test_segment_table_and_smallest_free_ids():
     for s in segs:
         cache.release_segment(s)
     assert cache.new_segment(0, res).id == 0
+
+
+def test_runner_does_not_reuse_the_arrays_of_a_list_view(model_dir):
+    """The runner reuses last step's flat view arrays only when every view is an immutable
+    tuple it keeps: a list view edited in place between steps (same object, other segments
+    or shifts) is read anew, not taken from last step's arrays."""
+    from engine import LLM
+    from engine.step import StepBatch, StepItem
+
+    llm = LLM(model_dir("qwen3"), kv_cache_tokens=1024, page_size=4)
+    runner, cache = llm.runner, llm.cache
+    assert runner._plan_arrays is not None
+    a, b, own = (cache.new_segment(0) for _ in range(3))
+    for s, n in ((a, 5), (b, 7), (own, 2)):
+        cache.append_slots(s, n)
+    view = [(a, 0), (own, 0)]
+    for step in range(3):
+        if step:  # edited in place: the other segment, then another shift
+            view[0] = (b, 0) if step == 1 else (b, 3)
+        items = [StepItem(own, [1], view)]
+        cache.append_slots(own, 1)
+        _plans_equal(runner._plan_flat(StepBatch(items)), runner._plan_threads(StepBatch(items)))
+    for s in (a, b, own):
+        cache.release_segment(s)

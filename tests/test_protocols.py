@@ -630,3 +630,91 @@ def test_a_close_tag_on_the_budgets_last_token_closes_the_path(llm):
                      "<Conclusion>": "c"}, Multiverse())
     heads = [t["text"] for t in c.tree if t["role"] == "path"]
     assert heads[0].startswith("\n<Path>\n1.1:") and heads[1].startswith("\n<Path>\n1.2:"), heads
+
+
+def test_a_join_continues_the_longest_paths_budget(llm):
+    """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
+    starts from its longest path's count (the critical path), so after a short and a long
+    path the conclusion gets what the long one left, and stops on "length" there (counted
+    from the shortest path, the conclusion would run on past the bound)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main, short, long = ("<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>", " x</Path>",
+                         " a much longer path, with many more words in it</Path>")
+    budget = len(enc(main)) + len(enc(long)) + 6
+    c, _ = run(llm, {"": main, "1:": short, "2:": long, "<Conclusion>": "end..."},
+               Multiverse(limits=TreeLimits(fork_margin=0)), max_tokens=budget)
+    assert kinds(c) == ["fork", "join"] and c.finish_reason == "length"
+    m, p1, p2, conc = c.tree[1:]
+    assert (p1["generated"], p2["generated"]) == (len(enc(short)), len(enc(long)))
+    assert m["generated"] + p2["generated"] + conc["generated"] == budget, (m, p2, conc)
+    assert c.metrics["critical_path_tokens"] == budget
+
+
+def test_max_total_tokens_ends_the_threads_it_cannot_cover(llm):
+    """When the total budget cannot give every sampling thread one more token, the first
+    threads take what is left and every other one ends ("length") right there: all samples
+    end, and exactly max_total_tokens are sampled (none left neither sampling nor ended)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    words = enc("a b c d e f g h i j k l")
+    for total in (7, 8):
+        llm.core.token_source = lambda threads: [words[len(t.generated)] for t in threads]
+        try:
+            outs = llm.generate(["q"], SamplingParams(max_tokens=10, max_total_tokens=total),
+                                protocol=ParallelSampling(3))[0].outputs
+        finally:
+            llm.core.token_source = None
+        assert [len(o.token_ids) for o in outs] == ([3, 2, 2] if total == 7 else [3, 3, 2]), (total, outs)
+        assert all(o.finish_reason == "length" for o in outs)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_no_fork_without_room_before_the_models_context(short_llm):
+    """A fork needs fork_margin tokens of room on every budget, the model's context
+    included: the fork tag written with exactly fork_margin positions left forks, with one
+    fewer it is refused ("budget": continue sequentially), however much of max_tokens is
+    left (paths forked with less room could not write)."""
+    llm, M = short_llm, short_llm.config.max_position_embeddings
+    main = "x" * 30 + "<Parallel>"
+    left = M - len(llm.tokenizer.encode("Q")) - len(llm.tokenizer.encode(main, add_special_tokens=False))
+    assert 4 < left < 200 - M  # (the context is the tightest budget)
+    for margin, expect in ((left, ["fork", "join"]), (left + 1, ["budget"])):
+        llm.core.token_source = Script(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"})
+        try:
+            out = llm.generate("Q", SamplingParams(max_tokens=200),
+                               protocol=ParallelR1(limits=TreeLimits(fork_margin=margin)))[0].outputs[0]
+        finally:
+            llm.core.token_source = None
+        assert kinds(out) == expect, (margin, left, out.events)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_refused_fork_closes_its_block(llm):
+    """A fork tag ends the block it closes even when the fork is refused ("budget"): a
+    later fork tag with no block open is "unbalanced" (ignored), not a second try at the
+    old block's items."""
+    s = {"": "<Goal><Outline>1: a</Outline></Goal> then </Goal> end"}
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(fork_margin=1000)))
+    assert kinds(c) == ["budget", "unbalanced"], c.events
+    assert c.text == s[""] and c.finish_reason == "stop"
+
+
+def test_parathinker_cut_off_counts_from_the_first_path_to_finish(llm):
+    """The cut-off is cutoff_ratio x the length of the first path to finish: a second path
+    finishing later does not move it (nor is it a second "first_finish")."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    first, second = " a</think>", " a bit longer</think>"
+    s = {"<think1>": first, "<think2>": second, "<think3>": " long...", "<summary>": "final"}
+    c, _ = run(llm, s, ParaThinker(paths=3, cutoff_ratio=3.0))
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert [p["generated"] for p in paths] == [len(enc(first)), len(enc(second)), 3 * len(enc(first))]
+    assert kinds(c).count("first_finish") == 1 and kinds(c).count("cutoff") == 1, c.events
+    assert c.text.endswith("<summary>\nfinal")
+
+
+def test_tags_must_not_be_empty():
+    """An empty fork, close or join tag would match everywhere (or inject nothing): refused."""
+    ok = dict(fork="<F>", path_header="<P>", path_close="</P>", join_header="<J>")
+    for k in ("fork", "path_close", "join_header"):
+        with pytest.raises(ValueError, match=f"Tags.{k} must be a non-empty string"):
+            Tags(**{**ok, k: ""})
+    assert Tags(**ok).fork == "<F>"
