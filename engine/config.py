@@ -138,6 +138,9 @@ class ModelConfig:
                                  "that came with the weights.")
             return v
         hidden, heads = size("hidden_size"), size("num_attention_heads")
+        # a field config.json leaves out takes its value from the architecture's transformers
+        # config class (a null kv heads / head_dim field: derived, as there)
+        absent = {k: v for k, v in _ABSENT_DEFAULTS[arch].items() if k not in raw}
         cfg = dict(
             architecture=arch,
             vocab_size=size("vocab_size"),
@@ -145,11 +148,18 @@ class ModelConfig:
             intermediate_size=size("intermediate_size"),
             num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=size("num_key_value_heads", heads),
-            head_dim=size("head_dim", max(hidden // heads, 1)),
+            num_kv_heads=size("num_key_value_heads", absent.get("num_key_value_heads", heads)),
+            head_dim=size("head_dim", absent.get("head_dim", max(hidden // heads, 1))),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=size("max_position_embeddings", 4096),
+            max_position_embeddings=size("max_position_embeddings", _ABSENT_DEFAULTS[arch]["max_position_embeddings"]),
         )
+        kv = cfg["num_kv_heads"]
+        if "num_key_value_heads" in absent and heads % kv:
+            raise ValueError(f"config.json has no num_key_value_heads, and transformers' default for "
+                             f"{arch} ({kv}) does not divide num_attention_heads={heads}: add the checkpoint's "
+                             "num_key_value_heads to config.json.")
+        if "max_position_embeddings" not in raw:
+            cfg["context_source"] = f"max_position_embeddings (absent: {arch}'s default in transformers)"
         eps = cfg["rms_norm_eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"config.json's rms_norm_eps={eps!r} must be a number >= 0.")
@@ -205,7 +215,7 @@ class ModelConfig:
                 cfg["context_source"] = ("sliding_window: Loom attends the whole context, which is "
                                          "exact only inside the window")
         attn_bias = bool(raw.get("attention_bias", False))
-        dt = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        dt = raw.get("dtype") or raw.get("torch_dtype") or "float32"  # (transformers 5: dtype, then the old name)
         try:
             torch_dtype, bad_dtype = parse_dtype(dt, torch.float32), None
         except ValueError:  # (fails only if dtype="auto" asks for it: LLM says so)
@@ -227,6 +237,16 @@ class ModelConfig:
             eos_token_ids=token_id_list(raw.get("eos_token_id"), "config.json's eos_token_id"),
         )
 
+
+# transformers 5's config classes' defaults for the fields config.json may leave out that
+# Loom reads (rms_norm_eps 1e-6, rope_theta 10000, tie_word_embeddings false are every one's;
+# Mistral's sliding_window 4096 is read in _sliding_window)
+_ABSENT_DEFAULTS = {
+    "LlamaForCausalLM": {"max_position_embeddings": 2048},
+    "Qwen2ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32},
+    "Qwen3ForCausalLM": {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    "MistralForCausalLM": {"max_position_embeddings": 131072, "num_key_value_heads": 8},
+}
 
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -1,0 +1,221 @@
+"""Reading a checkpoint as transformers does: config.json's fields (present, absent, spelled
+two ways) against transformers' config classes, the biases / windows / dtypes each
+architecture takes, and the weight files (shards, pickles, extra or missing tensors)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import VARIANTS, random_ids
+from engine.config import ModelConfig
+
+
+def _hf(arch, raw):
+    import transformers as tf
+    cls = {"LlamaForCausalLM": tf.LlamaConfig, "Qwen2ForCausalLM": tf.Qwen2Config,
+           "Qwen3ForCausalLM": tf.Qwen3Config, "MistralForCausalLM": tf.MistralConfig}[arch]
+    return cls(**{k: v for k, v in copy.deepcopy(raw).items() if k != "architectures"})
+
+
+def _raw(arch, **kw):
+    return {**dict(architectures=[arch], vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128), **kw}
+
+
+def test_rope_parameters_theta_wins_over_a_top_level_one():
+    # transformers 5: the theta inside rope_parameters / rope_scaling wins over a stale top-level rope_theta
+    for key, rope in (("rope_parameters", {"rope_type": "default", "rope_theta": 1e6}),
+                      ("rope_scaling", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})):
+        raw = _raw("LlamaForCausalLM", rope_theta=5e5, **{key: rope})
+        assert ModelConfig.from_dict(copy.deepcopy(raw)).rope_theta == _hf("LlamaForCausalLM", raw).rope_parameters["rope_theta"] == 1e6
+
+
+def test_qwen3_attention_bias_puts_a_bias_on_o_proj():
+    cfg = ModelConfig.from_dict(_raw("Qwen3ForCausalLM", attention_bias=True))
+    assert cfg.qkv_bias and cfg.o_bias and cfg.qk_norm
+
+
+def test_mistral_has_no_biases_whatever_attention_bias_says():
+    cfg = ModelConfig.from_dict(_raw("MistralForCausalLM", attention_bias=True, sliding_window=None))
+    assert not cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
+
+
+@pytest.mark.parametrize("fields", [dict(max_window_layers=2), dict()])
+def test_qwen2_window_layers_boundary_and_default(fields):
+    # max_window_layers=2 of 3: layer 2 slides (context capped); absent: transformers' 28 -> none slides
+    raw = _raw("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, **fields)
+    hf = _hf("Qwen2ForCausalLM", raw)
+    want = 8 if "sliding_attention" in hf.layer_types else 128
+    assert want == (8 if fields else 128)
+    assert ModelConfig.from_dict(raw).max_position_embeddings == want
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_mlp_bias_is_llamas_only(arch):
+    assert not ModelConfig.from_dict(_raw(arch, mlp_bias=True)).mlp_bias
+
+
+def test_yarn_never_lowers_the_context():
+    raw = _raw("Qwen3ForCausalLM", max_position_embeddings=8192,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                "original_max_position_embeddings": 1024})
+    assert ModelConfig.from_dict(raw).max_position_embeddings == 8192
+
+
+def test_parse_dtype_refuses_other_torch_dtypes():
+    import torch
+    from engine.config import parse_dtype
+    for bad in (torch.float64, torch.int8):
+        with pytest.raises(ValueError, match="not supported"):
+            parse_dtype(bad, torch.float32)
+
+
+def test_float16_spellings_are_float16():
+    import torch
+    from engine.config import parse_dtype
+    for s in ("float16", "fp16", "half", "torch.float16", torch.float16):
+        assert parse_dtype(s, torch.float32) is torch.float16, s
+    assert parse_dtype("bfloat16", torch.float32) is torch.bfloat16
+    assert parse_dtype("auto", torch.bfloat16) is torch.bfloat16
+
+
+@pytest.mark.parametrize("mt,arch", [("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
+                                     ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_model_type_names_the_architecture(mt, arch):
+    raw = _raw(arch, model_type=mt, sliding_window=8)
+    del raw["architectures"]
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.architecture == arch
+    assert cfg.max_position_embeddings == (8 if arch == "MistralForCausalLM" else 128)  # Mistral's window only
+
+
+def test_qwen_window_is_off_unless_use_sliding_window():
+    raw = _raw("Qwen2ForCausalLM", sliding_window=8, max_window_layers=0)
+    hf = _hf("Qwen2ForCausalLM", raw)
+    assert hf.sliding_window is None or "sliding_attention" not in (hf.layer_types or [])
+    assert ModelConfig.from_dict(raw).max_position_embeddings == 128
+
+
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fields_left_out_take_transformers_defaults(arch):
+    """A config.json that leaves out the optional fields reads as the architecture's
+    transformers config class reads it: the context (Llama 2,048, Qwen 32,768, Mistral
+    131,072 but its 4,096 window), kv heads (Qwen 32, Mistral 8, Llama the heads; null: the
+    heads), head_dim (Qwen3 128), rms_norm_eps, rope_theta, tied embeddings, float32. (Loom
+    took 4,096 and the heads for every architecture.)"""
+    raw = dict(architectures=[arch], vocab_size=64, hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=32)
+    hf, cfg = _hf(arch, raw), ModelConfig.from_dict(copy.deepcopy(raw))
+    ctx = hf.max_position_embeddings if arch != "MistralForCausalLM" else hf.sliding_window
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    assert (cfg.max_position_embeddings, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.rope_theta,
+            cfg.tie_word_embeddings, cfg.torch_dtype) == \
+        (ctx, hf.num_key_value_heads, head_dim, hf.rms_norm_eps, hf.rope_parameters["rope_theta"],
+         hf.tie_word_embeddings, torch.float32)
+    assert ModelConfig.from_dict({**raw, "num_key_value_heads": None}).num_kv_heads == 32
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):  # (32 kv heads for 4 query heads: no such model)
+        with pytest.raises(ValueError, match="config.json has no num_key_value_heads, and transformers' default"):
+            ModelConfig.from_dict({**raw, "num_attention_heads": 4})
+    if arch != "MistralForCausalLM":  # (context errors name where the context came from)
+        assert cfg.context_source == f"max_position_embeddings (absent: {arch}'s default in transformers)"
+
+
+def test_dtype_over_torch_dtype():
+    """transformers 5 reads ``dtype``, then the older ``torch_dtype``: with both, dtype."""
+    raw = dict(architectures=["Qwen3ForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               dtype="bfloat16", torch_dtype="float32")
+    assert ModelConfig.from_dict(raw).torch_dtype == _hf("Qwen3ForCausalLM", raw).dtype == torch.bfloat16
+    assert ModelConfig.from_dict({**raw, "dtype": None}).torch_dtype == torch.float32
+
+
+# --- weight files
+
+def _copy(tmp_path, model_dir, name, variant="llama"):
+    d = str(tmp_path / name)
+    shutil.copytree(model_dir(variant), d)
+    return d
+
+
+def test_a_shard_holds_a_stale_copy_the_index_maps_elsewhere(tmp_path, model_dir):
+    """Sharded: each tensor comes from the shard the index names (a stale copy of
+    model.norm.weight in the other shard, and a tensor the index does not list, are ignored)."""
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "sharded")
+    ids = random_ids(9, VARIANTS['llama']['vocab'], 5)
+    want = LLM(d, kv_cache_tokens=256).score(ids)[0]
+    w = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    names = sorted(w)
+    a, b = names[: len(names) // 2], names[len(names) // 2:]
+    assert "model.norm.weight" in b
+    save_file({**{k: w[k] for k in a}, "model.norm.weight": torch.zeros_like(w["model.norm.weight"]),
+               "model.unlisted.weight": torch.zeros(3)}, os.path.join(d, "model-00001-of-00002.safetensors"),
+              metadata={"format": "pt"})
+    save_file({k: w[k] for k in b}, os.path.join(d, "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {**{k: "model-00001-of-00002.safetensors" for k in a}, **{k: "model-00002-of-00002.safetensors" for k in b}}
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": wm}, f)
+    assert torch.equal(LLM(d, kv_cache_tokens=256).score(ids)[0], want)
+
+
+@pytest.mark.parametrize("fname", ["model.bin", "consolidated.pth", "model.pt", "model.ckpt",
+                                   "pytorch_model.bin.index.json"])
+def test_every_pickled_spelling_is_named(tmp_path, model_dir, fname):
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "pickled")
+    os.remove(os.path.join(d, "model.safetensors"))
+    open(os.path.join(d, fname), "wb").write(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match=f"{fname} in .* is a pickled checkpoint; Loom loads only safetensors"):
+        LLM(d, kv_cache_tokens=256)
+
+
+def test_a_missing_shard_is_named(tmp_path, model_dir):
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "missing_shard")
+    w = load_file(os.path.join(d, "model.safetensors"))
+    os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "model-00001-of-00002.safetensors"))
+    wm = {k: "model-00001-of-00002.safetensors" for k in w}
+    wm["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": wm}, f)
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors named in .* is missing"):
+        LLM(d, kv_cache_tokens=256)
+
+
+def _edit(tmp_path, model_dir, name, variant, edit):
+    d = str(tmp_path / name)
+    shutil.copytree(model_dir(variant), d)
+    f = os.path.join(d, "model.safetensors")
+    w = load_file(f)
+    edit(w)
+    save_file(w, f, metadata={"format": "pt"})
+    return d
+
+
+def test_an_untied_checkpoint_without_lm_head_is_refused(tmp_path, model_dir):
+    from engine import LLM
+    d = _edit(tmp_path, model_dir, "no_head", "llama", lambda w: w.pop("lm_head.weight"))
+    with pytest.raises(ValueError, match="missing tensor 'lm_head.weight'"):
+        LLM(d, kv_cache_tokens=256)
+
+
+def test_tensors_outside_the_model_and_rotary_inv_freq_are_ignored(tmp_path, model_dir):
+    """Older Llama checkpoints store rotary_emb.inv_freq buffers; other heads' tensors
+    (outside model.* / lm_head.*) are not part of the causal LM: both load, same logits."""
+    from engine import LLM
+    ids = random_ids(9, VARIANTS['llama']['vocab'], 5)
+    want = LLM(model_dir("llama"), kv_cache_tokens=256).score(ids)[0]
+    for name in ("model.layers.0.self_attn.rotary_emb.inv_freq", "value_head.weight"):
+        d = _edit(tmp_path, model_dir, name.replace(".", "_"), "llama",
+                  lambda w: w.__setitem__(name, torch.ones(8)))
+        assert torch.equal(LLM(d, kv_cache_tokens=256).score(ids)[0], want), name
