@@ -2103,3 +2103,18 @@ def test_penalties_are_per_thread_and_see_the_thread_context(llm, hf_ref):
 def test_penalty_values_are_checked(name, value, message):
     with pytest.raises(ValueError, match=re.escape(f"SamplingParams.{name}={value!r} is invalid: {message}")):
         SP(**{name: value})
+
+
+def test_auto_on_cpu_is_the_cpp_backend(make_llm):
+    from engine.attention import get_backend, ops_available
+    from engine import _ops
+    assert ops_available()
+    name, fn = get_backend("auto", torch.device("cpu"))
+    assert name == "cpu" and fn is _ops.segment_attention_cpu
+    assert make_llm("qwen3").attention_backend == "cpu"
+
+
+def test_cpu_backend_refuses_other_devices():
+    from engine.attention import get_backend
+    with pytest.raises(ValueError, match="attention_backend='cpu' runs on CPU tensors"):
+        get_backend("cpu", torch.device("meta"))

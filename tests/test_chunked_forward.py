@@ -252,3 +252,37 @@ def test_default_budget_is_one_pass_for_the_usual_prompt(make_llm):
     items = [StepItem(SimpleNamespace(id=0), list(range(DEFAULT_MAX_FORWARD_TOKENS)),
                        [(SimpleNamespace(id=0), 0)])]
     assert split_passes(items, DEFAULT_MAX_FORWARD_TOKENS) is None
+
+
+def test_max_position_is_the_largest_position(make_llm, monkeypatch):
+    """The rotary tables are extended to max_position (the C++ kernels index them without a
+    bounds check): it must be the step's largest position, not its first."""
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    seen = []
+    orig = llm.model.forward
+
+    def forward(ids, pos, fb, k, v):
+        seen.append((fb.max_position, int(pos.max())))
+        return orig(ids, pos, fb, k, v)
+    monkeypatch.setattr(llm.model, "forward", forward)
+    llm.score(random_ids(40, llm.config.vocab_size, 1))
+    llm.generate([random_ids(5, llm.config.vocab_size, 2)], SamplingParams(temperature=0, max_tokens=3))
+    assert seen and all(a == b for a, b in seen), seen
+
+
+def _items(spec):
+    """spec: [(own, n_tokens, [read ids])]"""
+    seg = {i: SimpleNamespace(id=i) for i in range(10)}
+    return [StepItem(seg[o], list(range(n)), [(seg[r], 0) for r in reads] + [(seg[o], 0)]) for o, n, reads in spec]
+
+
+def test_an_oversized_group_first_makes_no_empty_pass():
+    from engine.runner import split_passes
+    passes = split_passes(_items([(0, 30, [1]), (1, 30, [0]), (2, 5, [])]), 10)
+    assert passes == [[(0, 0, 30), (1, 0, 30)], [(2, 0, 5)]], passes
+
+
+def test_a_group_that_fills_the_budget_closes_its_pass():
+    from engine.runner import split_passes
+    passes = split_passes(_items([(0, 5, [1]), (1, 5, [0]), (2, 4, [])]), 10)
+    assert passes == [[(0, 0, 5), (1, 0, 5)], [(2, 0, 4)]], passes

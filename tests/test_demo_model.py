@@ -227,3 +227,26 @@ def test_loom_demo_live_view_needs_a_tall_enough_terminal(monkeypatch, lines, li
     run_demo(1, seed=3, out=buf)
     assert ("\x1b[" in buf.getvalue()) == live
     assert "accuracy: 1/1" in buf.getvalue()
+
+
+def test_text_after_the_answer_line_is_not_an_answer():
+    p = Problem((38, 27, 91, 45, 62, 19, 73, 56))
+    text = solve(p).sequential()
+    assert check(p, text)
+    assert not check(p, text + "\nmore text")
+    assert parse_answer("Answer: 411\nAnswer: 7") == 7
+
+
+def test_the_split_is_pinned():
+    """The shipped model was trained on one split: the hash must not change."""
+    assert not is_held_out((38, 27, 91, 45, 62, 19, 73, 56))
+    assert is_held_out((87, 10, 99, 67, 44, 39, 85, 23)) and is_held_out((88, 85, 84, 60, 92, 31, 31, 74))
+    assert [p.numbers for p in make_problems(2, 0)] == [(82, 38, 40, 28, 79, 67, 21, 20),
+                                                        (18, 21, 96, 26, 29, 14, 20, 99)]
+
+
+def test_seeds_and_counts():
+    assert make_problems(5, -3) != make_problems(5, 3)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            make_problems(bad, 0)

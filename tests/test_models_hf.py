@@ -6,6 +6,8 @@ its requests alone; bfloat16 must run and agree loosely.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -348,3 +350,25 @@ def test_published_configs_read_as_transformers_reads_them(name, raw, context, r
     hf = config_cls(**{k: v for k, v in copy.deepcopy(raw).items() if k != "architectures"})
     assert hf.rope_parameters.get("rope_type", "default") == (rope_type or "default")
     assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("theta,rope", [
+    # the beta_slow dimension lies past head_dim/2 (small theta, long original context)
+    (500.0, {"factor": 4.0, "original_max_position_embeddings": 32768}),
+    # mscale_all_dim without mscale: transformers' plain mscale(factor)
+    (1e6, {"factor": 4.0, "original_max_position_embeddings": 1024, "mscale_all_dim": 0.7}),
+    (1e6, {"factor": 4.0, "original_max_position_embeddings": 1024, "mscale": 0, "mscale_all_dim": 1.0}),
+])
+def test_yarn_edge_configs_are_transformers(theta, rope):
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.config import ModelConfig
+    from engine.rope import attention_scaling, compute_inv_freq
+    raw = dict(architectures=["Qwen3ForCausalLM"], vocab_size=64, hidden_size=128, intermediate_size=64,
+               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+               max_position_embeddings=131072, rope_parameters={"rope_type": "yarn", "rope_theta": theta, **rope})
+    inv_hf, scale_hf = ROPE_INIT_FUNCTIONS["yarn"](Qwen3Config(**copy.deepcopy(raw)), "cpu")
+    cfg = ModelConfig.from_dict(raw)
+    assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
+    assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
