@@ -1842,18 +1842,9 @@ def test_completion_text_of_a_prompt_ending_inside_a_character(tmp_path, model_d
     """A token-id prompt that ends inside a character (the first byte of 'é'): the completion
     that completes it starts with the character, as vLLM's (it read U+FFFD), and a stop
     string holding it matches; streamed, the same text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from conftest import _corpus
     from engine import LLM
     d = _copy_model(tmp_path, model_dir, "bytes", "qwen3")
-    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=V, special_tokens=["<|bos|>", "<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.save(os.path.join(d, "tokenizer.json"))
+    _byte_level_tokenizer(d, vocab=read_json(os.path.join(d, "config.json"))["vocab_size"])
     eng = LLM(d, kv_cache_tokens=512)
     t = eng.tokenizer
     ids = t.encode("The café", add_special_tokens=False)
