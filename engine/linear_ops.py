@@ -12,9 +12,9 @@ from ._ops import _one_device
 
 @torch.library.register_fake("loom::pack_linear_weight")
 def _pack_fake(w):
-    _one_device("pack_linear_weight", w)
     """As csrc/linear_cpu.cpp: panels of 16 outputs, a 64-byte line per k step (float32)
     or per k pair (bfloat16, K padded to even)."""
+    _one_device("pack_linear_weight", w)
     n, k = w.shape
     if w.dtype == torch.bfloat16:
         return w.new_empty(((n + 15) // 16, (k + 1) // 2, 32))

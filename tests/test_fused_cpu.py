@@ -205,3 +205,17 @@ def test_decoder_layer_kernel_errors_are_runtime_errors(make_llm):
     with pytest.raises(RuntimeError, match="features"):
         _C.decoder_layer(torch.zeros(2, 7), torch.zeros(2, 7), llm.model.layer_args[0], step, t, t, None)
     assert llm.score(list(range(3, 12)))[0].isfinite().all()
+
+
+def test_rms_norm_fake_non_contiguous_input():
+    """The kernel returns a contiguous y for a strided x: the fake must say so too."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, generator=g).t()
+    assert not x.is_contiguous()
+    torch.library.opcheck(torch.ops.loom.rms_norm, (x, torch.randn(16, generator=g), 1e-6))
+
+
+def test_add_rms_norm_fake_bfloat16():
+    g = torch.Generator().manual_seed(2)
+    h, r, w = (torch.randn(*s, generator=g).bfloat16() for s in ((3, 16), (3, 16), (16,)))
+    torch.library.opcheck(torch.ops.loom.add_rms_norm, (h, r, w, 1e-6))

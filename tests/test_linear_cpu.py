@@ -128,3 +128,9 @@ def test_a_tied_model_keeps_one_copy_of_its_table(make_llm):
         assert m.lm_head.packed and (m.embed is None) == tied
         ids = torch.tensor([3, 1, 4, 1, 5])
         assert m.embed_tokens(ids).shape == (5, m.cfg.hidden_size)
+
+
+def test_linear_packed_refuses_mixed_devices():
+    wp = torch.ops.loom.pack_linear_weight(torch.randn(40, 24))
+    with pytest.raises(RuntimeError, match="different devices"):
+        torch.ops.loom.linear_packed(torch.randn(5, 24), wp.to("meta"), None, 40)

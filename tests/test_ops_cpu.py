@@ -535,3 +535,12 @@ def test_opcheck_build_plan():
     args = (i32([0, 2, 3]), i32([0, 1, 0]), i32([0, 0, 4]), i32([1, 2]), i32([2, 1]), i32([10, 4, 3]),
             i32([0, 1, 2, 3]), i32([5, 6, 7]))
     torch.library.opcheck(torch.ops.loom.build_plan.default, args)
+
+
+def test_segment_attention_fake_keeps_q_dtype():
+    """The fake must return q's dtype (bfloat16 here), as the kernel does."""
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 3)], {0: 3}, {0: [1]})
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 16, generator=g).bfloat16()
+    k, v = (torch.randn(2, 4, 2, 16, generator=g).bfloat16() for _ in range(2))
+    torch.library.opcheck(torch.ops.loom.segment_attention.default, (q, k, v, *plan.tensors(), torch.empty(0), 0.25))

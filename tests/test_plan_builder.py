@@ -228,3 +228,72 @@ def test_runner_does_not_reuse_the_arrays_of_a_list_view(model_dir):
         _plans_equal(runner._plan_flat(StepBatch(items)), runner._plan_threads(StepBatch(items)))
     for s in (a, b, own):
         cache.release_segment(s)
+
+
+def test_build_plan_fake_indptr_sizes():
+    """kv_indptr and q_indptr have one more element than kv_len (jobs + 1), symbolically."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, statically_known_true
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    args = (i32([0, 2, 3]), i32([0, 1, 0]), i32([0, 0, 4]), i32([1, 2]), i32([2, 1]), i32([10, 4, 3]),
+            i32([0, 1, 2, 3]), i32([5, 6, 7]))
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    fargs = [mode.from_tensor(a) for a in args]
+    with mode:
+        out = torch.ops.loom.build_plan(*fargs)
+    jobs = out[2].shape[0]
+    assert statically_known_true(out[0].shape[0] == jobs + 1)
+    assert statically_known_true(out[3].shape[0] == jobs + 1)
+    assert all(o.dtype == torch.int32 for o in out)
+
+
+def test_negative_segment_ids_are_renumbered():
+    seg_len, seg_pages = {-5: 3, 2: 2}, {-5: [0], 2: [1]}
+    threads = [ThreadStep([(-5, 0), (2, 1)], 2, 2), ThreadStep([(-5, 0)], -5, 1)]
+    assert_same(_ops.build_plan_cpp(threads, seg_len, seg_pages), build_plan_py(threads, seg_len, seg_pages))
+
+
+def test_unknown_segment_with_sparse_ids_is_an_error():
+    """Sparse ids take the renumbering path: an unknown one must still be a KeyError, not
+    silently become another segment."""
+    seg_len, seg_pages = {0: 1, 7000000: 1}, {0: [0], 7000000: [1]}
+    with pytest.raises(KeyError):
+        _ops.build_plan_cpp([ThreadStep([(5, 0)], 0, 1)], seg_len, seg_pages)
+    with pytest.raises(KeyError):
+        _ops.build_plan_cpp([ThreadStep([(0, 0)], 5, 1)], seg_len, seg_pages)
+
+
+def _cache():
+    from engine.cache import KVCache
+    return KVCache(1, 8, 4, 1, 2, torch.float32, "cpu")
+
+
+def test_rollback_append_restores_lengths_pages_and_reservations():
+    cache = _cache()
+    res = cache.reserve(2)
+    seg = cache.new_segment(0, res)
+    cache.append_slots(seg, 3)
+    full = cache.reserve(1)
+    seg2 = cache.new_segment(0, full)
+    cache.append_slots(seg2, 4)  # its reservation is used up
+    assert (res.pages, full.pages) == (1, 0)
+    before = cache.stats()
+    cache.begin_append()
+    cache.append_slots(seg, 3)   # a page from res
+    cache.append_slots(seg2, 1)  # a page from the free pool (full has none left)
+    cache.rollback_append()
+    assert (seg.length, len(seg.pages), seg2.length, len(seg2.pages)) == (3, 1, 4, 1)
+    assert (res.pages, full.pages) == (1, 0)
+    assert cache.stats() == before
+    assert cache.append_slots(seg, 1) == [seg.pages[0] * 4 + 3]
+
+
+def test_release_segment_after_its_reservation_closed_frees_to_pool():
+    cache = _cache()
+    res = cache.reserve(3)
+    seg = cache.new_segment(0, res)
+    cache.append_slots(seg, 5)  # 2 pages
+    cache.release(res)
+    cache.release_segment(seg)
+    assert res.pages == 0
+    assert cache.stats()["pages_reserved"] == 0 and cache.pages_free == 8 and cache.pages_unreserved == 8
