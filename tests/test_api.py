@@ -2109,3 +2109,22 @@ def test_cpu_backend_refuses_other_devices():
     from engine.attention import get_backend
     with pytest.raises(ValueError, match="attention_backend='cpu' runs on CPU tensors"):
         get_backend("cpu", torch.device("meta"))
+
+
+def test_triton_backend_needs_the_interpreter_on_the_cpu(monkeypatch):
+    """attention_backend='triton' on CPU tensors runs only under the Triton interpreter
+    (TRITON_INTERPRET spelled 1 / true / on / yes, any case); without it, and on a device
+    neither CPU nor CUDA, one ValueError saying what to do."""
+    from engine.attention import get_backend, triton_available
+    if not triton_available():
+        pytest.skip("needs the triton package")
+    for off in ("0", "false", ""):
+        monkeypatch.setenv("TRITON_INTERPRET", off)
+        with pytest.raises(ValueError, match="needs the Triton interpreter: set TRITON_INTERPRET=1"):
+            get_backend("triton", torch.device("cpu"))
+    for on in ("1", "true", "ON", "yes"):
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        assert get_backend("triton", torch.device("cpu"))[0] == "triton", on
+    with pytest.raises(ValueError, match=r"supports CUDA devices \(and CPU under TRITON_INTERPRET=1\), not "
+                                         r"device=meta"):
+        get_backend("triton", torch.device("meta"))
