@@ -140,7 +140,8 @@ class ModelConfig:
         hidden, heads = size("hidden_size"), size("num_attention_heads")
         # a field config.json leaves out takes its value from the architecture's transformers
         # config class (a null kv heads / head_dim field: derived, as there)
-        absent = {k: v for k, v in _ABSENT_DEFAULTS[arch].items() if k not in raw}
+        defaults = _ABSENT_DEFAULTS[arch]
+        absent = {k: v for k, v in defaults.items() if k not in raw}
         cfg = dict(
             architecture=arch,
             vocab_size=size("vocab_size"),
@@ -151,7 +152,7 @@ class ModelConfig:
             num_kv_heads=size("num_key_value_heads", absent.get("num_key_value_heads", heads)),
             head_dim=size("head_dim", absent.get("head_dim", max(hidden // heads, 1))),
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=size("max_position_embeddings", _ABSENT_DEFAULTS[arch]["max_position_embeddings"]),
+            max_position_embeddings=size("max_position_embeddings", defaults["max_position_embeddings"]),
         )
         kv = cfg["num_kv_heads"]
         if "num_key_value_heads" in absent and heads % kv:

@@ -187,7 +187,6 @@ def _byte_level_tokenizer(path, post_bos: bool = False, add_prefix_space: bool =
     """engine.tokenizer.Tokenizer of a byte-level BPE that spells every byte (the tests'
     models' tokenizer has only the bytes of its ASCII corpus: it drops other characters);
     ``post_bos``: its post-processor adds BOS; ``add_bos``: tokenizer_config's add_bos_token."""
-    import json
     from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, processors, trainers
     from conftest import _corpus
     from engine.tokenizer import Tokenizer
@@ -202,7 +201,7 @@ def _byte_level_tokenizer(path, post_bos: bool = False, add_prefix_space: bool =
     os.makedirs(path, exist_ok=True)
     t.save(os.path.join(path, "tokenizer.json"))
     cfg = {"eos_token": "</s>", "bos_token": "<s>", **({} if add_bos is None else {"add_bos_token": add_bos})}
-    (open(os.path.join(path, "tokenizer_config.json"), "w")).write(json.dumps(cfg))
+    write_json(os.path.join(path, "tokenizer_config.json"), cfg)
     return Tokenizer(path)
 
 

@@ -151,7 +151,7 @@ def test_a_shard_holds_a_stale_copy_the_index_maps_elsewhere(tmp_path, model_dir
     model.norm.weight in the other shard, and a tensor the index does not list, are ignored)."""
     from engine import LLM
     d = _copy(tmp_path, model_dir, "sharded")
-    ids = random_ids(9, VARIANTS['llama']['vocab'], 5)
+    ids = random_ids(9, VARIANTS["llama"]["vocab"], 5)
     want = LLM(d, kv_cache_tokens=256).score(ids)[0]
     w = load_file(os.path.join(d, "model.safetensors"))
     os.remove(os.path.join(d, "model.safetensors"))
@@ -193,8 +193,7 @@ def test_a_missing_shard_is_named(tmp_path, model_dir):
 
 
 def _edit(tmp_path, model_dir, name, variant, edit):
-    d = str(tmp_path / name)
-    shutil.copytree(model_dir(variant), d)
+    d = _copy(tmp_path, model_dir, name, variant)
     f = os.path.join(d, "model.safetensors")
     w = load_file(f)
     edit(w)
@@ -213,7 +212,7 @@ def test_tensors_outside_the_model_and_rotary_inv_freq_are_ignored(tmp_path, mod
     """Older Llama checkpoints store rotary_emb.inv_freq buffers; other heads' tensors
     (outside model.* / lm_head.*) are not part of the causal LM: both load, same logits."""
     from engine import LLM
-    ids = random_ids(9, VARIANTS['llama']['vocab'], 5)
+    ids = random_ids(9, VARIANTS["llama"]["vocab"], 5)
     want = LLM(model_dir("llama"), kv_cache_tokens=256).score(ids)[0]
     for name in ("model.layers.0.self_attn.rotary_emb.inv_freq", "value_head.weight"):
         d = _edit(tmp_path, model_dir, name.replace(".", "_"), "llama",

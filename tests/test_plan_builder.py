@@ -265,7 +265,8 @@ def test_unknown_segment_with_sparse_ids_is_an_error():
 
 def _cache():
     from engine.cache import KVCache
-    return KVCache(1, 8, 4, 1, 2, torch.float32, "cpu")
+    return KVCache(num_layers=1, num_pages=8, page_size=4, num_kv_heads=1, head_dim=2, dtype=torch.float32,
+                   device="cpu")
 
 
 def test_rollback_append_restores_lengths_pages_and_reservations():
