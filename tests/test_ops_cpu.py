@@ -544,3 +544,254 @@ def test_segment_attention_fake_keeps_q_dtype():
     q = torch.randn(3, 4, 16, generator=g).bfloat16()
     k, v = (torch.randn(2, 4, 2, 16, generator=g).bfloat16() for _ in range(2))
     torch.library.opcheck(torch.ops.loom.segment_attention.default, (q, k, v, *plan.tensors(), torch.empty(0), 0.25))
+
+
+
+def _plan_with(plan: AttentionPlan, name: str, value) -> AttentionPlan:
+    """A copy of plan with tensor `name` replaced by value, or (index, x): element index set to x."""
+    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
+    if isinstance(value, tuple):
+        getattr(bad, name)[value[0]] = value[1]
+    else:
+        setattr(bad, name, value)
+    return bad
+
+
+# random_case(1): 5 jobs over 13 pages (job 0: 2 pages for 15 keys), 11 entries, 5 rows, shifts.
+# Where it can, each bad value is one the kernel would read harmlessly had its check been
+# missing (an unused page, a page of the next job), so that the test fails rather than crashes.
+BAD_PLANS = [  # (plan tensor, (index, value) or a new tensor, message)
+    ("kv_indptr", (0, 1), "kv_indptr must start at 0"),
+    ("q_indptr", (2, 3), "q_indptr decreases at index 2"),
+    ("kv_indptr", (-1, 14), "kv_indptr ends at 14 past its 13 elements"),
+    ("kv_page_ids", (1, -1), r"kv_page_ids\[1\] = -1 is outside"),
+    ("q_indptr", (-1, 10), "q_indptr must end at num_entries"),
+    ("kv_len", (0, 33), r"kv_len\[0\] = 33 does not fit the job's 2 pages"),
+    ("kv_len", (3, -1), r"kv_len\[3\] = -1 does not fit"),
+    ("merge_entries", (0, 11), r"merge_entries\[0\] = 11 is outside"),
+    ("q_rows", (0, 5), r"q_rows\[0\] = 5 is outside"),
+    ("causal_limit", torch.zeros(10, dtype=torch.int32), "must all have num_entries = 11"),
+    ("merge_indptr", torch.tensor([0, 1, 2, 3, 7, 11, 11], dtype=torch.int32), r"merge_indptr must have T \+ 1 = 6"),
+]
+
+
+@pytest.mark.parametrize("name,value,match", BAD_PLANS)
+def test_segment_attention_refuses_bad_plans(name, value, match):
+    """Each check of the plan in csrc/ops_attention.cpp refuses its bad input, by its message."""
+    plan, num_pages = random_case(1)
+    assert plan.kv_indptr.tolist()[:2] == [0, 2] and plan.kv_len[0] <= 16 and plan.has_shift
+    assert (plan.kv_page_ids.numel(), plan.q_rows.numel(), plan.num_rows) == (13, 11, 5)
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    with pytest.raises(RuntimeError, match=match):
+        _ops.segment_attention_cpu(q, k, v, _plan_with(plan, name, value), inv_freq_of(64), 0.125)
+
+
+@pytest.mark.parametrize("case", ["odd head_dim with shifts", "short inv_freq", "k_pool head_dim",
+                                  "v_pool not contiguous", "page_size 0", "v_pool shape"])
+def test_segment_attention_refuses_bad_tensors(case):
+    """Each check of q, the pools and inv_freq in csrc/ops_attention.cpp, by its message."""
+    plan, num_pages = random_case(1)
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    freq = inv_freq_of(64)
+    if case == "odd head_dim with shifts":
+        q, k, v, match = q[..., :63], k[..., :63].contiguous(), v[..., :63].contiguous(), "need an even head_dim"
+    elif case == "short inv_freq":
+        freq, match = freq[:10], "inv_freq must be a CPU tensor of head_dim / 2 = 32"
+    elif case == "k_pool head_dim":
+        k, v, match = torch.cat([k, k[..., :1]], -1), torch.cat([v, v[..., :1]], -1), r"q \(64\) and k_pool \(65\)"
+    elif case == "v_pool not contiguous":
+        v, match = v.transpose(0, 1).contiguous().transpose(0, 1), "k_pool and v_pool must be contiguous"
+    elif case == "page_size 0":
+        k, v, match = k[:, :0], v[:, :0], "page_size must be positive"
+    else:
+        v, match = torch.cat([v, v[:1]]), "v_pool shape"
+    with pytest.raises(RuntimeError, match=match):
+        _ops.segment_attention_cpu(q, k, v, plan, freq, 0.125)
+
+
+@pytest.mark.parametrize("case", ["negative entry", "indptr past the entries", "lse rows", "indptr decreases"])
+def test_merge_states_refuses_bad_arguments(case):
+    """Each check of loom::merge_states' arguments refuses its bad input, by its message."""
+    g = torch.Generator().manual_seed(4)
+    o, lse = torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, generator=g)
+    indptr, entries = [0, 2, 2, 6], [5, 0, 1, 2, 3, 4]
+    match = {"negative entry": r"merge_entries\[0\] = -1 is outside", "indptr past the entries": "ends at 7 past the 6",
+             "lse rows": r"lse must be \[E, H\] = \[6, 2\], got shape \[7, 2\]", "indptr decreases": "decreases at index 2"}[case]
+    if case == "negative entry":
+        entries[0] = -1
+    elif case == "indptr past the entries":
+        indptr[-1] = 7
+    elif case == "lse rows":
+        lse = torch.randn(7, 2, generator=g)
+    else:
+        indptr[2] = 1
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    with pytest.raises(RuntimeError, match=match):
+        _ops.merge_states(o, lse, i32(indptr), i32(entries), 3)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("page_size", [5, 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_sizes_off_the_tiles(isa, page_size, dtype):
+    """Pages that do not hold whole tiles of keys (5), or whole 16-key blocks of the amx
+    path (24: a multiple of 8, not of 16): key tiles start and 16-key blocks cross pages
+    mid-page. 9 decode rows (18 queries per kv head) and 30 prefill rows over 150 shared
+    keys: the many-query paths (on tiles for bfloat16 with the amx build)."""
+    rng = random.Random(page_size)
+    L, rows = 150, 9
+    seg_len = {0: L, **{i + 1: rng.randint(1, 20) for i in range(rows)}, rows + 1: 70}
+    threads = [ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1) for i in range(rows)]
+    threads.append(ThreadStep([(0, 0), (rows + 1, 0)], rows + 1, 30))
+    seg_pages, num_pages = make_pool(seg_len, page_size, rng)
+    plan = build_plan_py(threads, seg_len, seg_pages)
+    check(plan, *make_tensors(plan, num_pages, page_size, 4, 2, 64, dtype, page_size))
+
+
+def test_q_with_strided_last_dim():
+    """q whose last dim is not contiguous (a transposed view) is read as the values it shows."""
+    plan, num_pages = random_case(3)
+    _, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
+    q = torch.randn(plan.num_rows, 64, 4, generator=torch.Generator().manual_seed(3)).transpose(1, 2)
+    assert q.stride(2) != 1
+    check(plan, q, k, v)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("jump", ["after the first tile", "at one of the last keys"])
+def test_scores_that_jump_far_above_the_running_max(isa, q_dtype, rows, jump):
+    """Scores 0, then far higher: 79 from key 64 on (past the first tile), or 100 at key 193
+    alone (in the last tile of 3 keys, an odd position in it) of 195. The running max must
+    reach the new score before the weights e^(s - max) are formed: e^79 ~ 2e34 or e^100 as
+    weights, with V ~ 1000, overflow float32. rows 1 (2 queries per kv head: the few-query
+    path) or 8 (16: the many-query path; on tiles with a lazy max for bfloat16 on amx)."""
+    L, Hkv, G, D = 195, 2, 2, 64
+    seg_len = {0: L, **{i + 1: 1 for i in range(rows)}}
+    first = -(-L // 16)
+    seg_pages = {0: list(range(first)), **{i + 1: [first + i] for i in range(rows)}}
+    plan = build_plan_py([ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1) for i in range(rows)], seg_len, seg_pages)
+    num_pages = first + rows
+    q = torch.ones(plan.num_rows, Hkv * G, D)
+    k = torch.zeros(num_pages, 16, Hkv, D)
+    if jump == "after the first tile":
+        k.view(-1, Hkv, D)[64:L] = 79 / 64  # q . k = 79 with scale 1 (exact in bfloat16)
+    else:
+        k.view(-1, Hkv, D)[193] = 100 / 64
+    v = torch.randn(num_pages, 16, Hkv, D, generator=torch.Generator().manual_seed(0)) * 1000
+    q, k, v = q.to(q_dtype), k.bfloat16(), v.bfloat16()
+    ref = segment_attention_torch(q, k, v, plan, inv_freq_of(D), 1.0)
+    out = _ops.segment_attention_cpu(q, k, v, plan, inv_freq_of(D), 1.0)
+    assert out.isfinite().all()
+    # (float32 sums of ~130 values ~1000 in another order: ~1e-3 apart)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1000 * TOL[q_dtype], rtol=TOL[q_dtype])
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_subnormal_outputs_round_to_nearest_even(isa, dtype):
+    """As test_16bit_outputs_round_to_nearest_even, with subnormal V values (float16's below
+    2^-14 take their own rounding branch; rounded, not flushed to zero)."""
+    seg_len = {0: 2}
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 1)], seg_len, {0: [0]})
+    Hq, Hkv, D = 4, 2, 72
+    g = torch.Generator().manual_seed(6)
+    q = torch.zeros(1, Hq, D, dtype=dtype)
+    k_pool = torch.randn(1, 16, Hkv, D, generator=g).to(dtype)
+    top = 0x03ff if dtype == torch.float16 else 0x007f  # the largest subnormal's bits
+    bits = torch.randint(1, top, (Hkv, D), generator=g, dtype=torch.int16)
+    bits |= torch.randint(0, 2, (Hkv, D), generator=g, dtype=torch.int16) << 15
+    v_pool = torch.zeros(1, 16, Hkv, D, dtype=dtype)
+    v_pool[0, 0] = bits.view(dtype)
+    v_pool[0, 1] = (bits + 1).view(dtype)
+    out = _ops.segment_attention_cpu(q, k_pool, v_pool, plan, inv_freq_of(D), 1.0)
+    want = ((v_pool[0, 0].float() + v_pool[0, 1].float()) / 2).repeat_interleave(Hq // Hkv, dim=0)[None].to(dtype)
+    assert (want != 0).all()
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("rows,G,H", [(64, 1, 1), (16, 2, 2)])
+def test_float32_queries_over_bfloat16_cache_accuracy(isa, rows, G, H):
+    """float32 queries over a bfloat16 cache (a float32 model's), many queries: as accurate
+    as torch's float32 attention over the same bfloat16 K/V (within 4x its error against
+    float64; the amx path splits q into three bfloat16 parts and P into two to get there,
+    measured 1.5-2.6x). Queries x4: scores up to ~20, where a q rounded to 16 mantissa bits
+    would be off by ~1e-4."""
+    N, D, PS = 1024, 64, 16
+    g = torch.Generator().manual_seed(rows)
+    k = torch.randn(N, H, D, generator=g).bfloat16()
+    v = (torch.randn(N, H, D, generator=g) + 0.5).bfloat16()
+    q = torch.randn(rows, H * G, D, generator=g) * 4
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, rows)], {0: N}, {0: list(range(N // PS))})
+    out = _ops.segment_attention_cpu(q, k.view(-1, PS, H, D), v.view(-1, PS, H, D), plan, inv_freq_of(D), D ** -0.5)
+    assert out.dtype == torch.float32
+    causal = torch.arange(N)[None] <= torch.arange(N - rows, N)[:, None]
+
+    def attend(dt):
+        o = []
+        for hq in range(H * G):
+            s = (q[:, hq].to(dt) @ k[:, hq // G].to(dt).T) * D ** -0.5
+            o.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1) @ v[:, hq // G].to(dt))
+        return torch.stack(o, 1).double()
+    want = attend(torch.float64)
+
+    def err(o):
+        return ((o.double() - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
+    assert err(out) <= 4 * err(attend(torch.float32)) + 1e-7, (err(out), err(attend(torch.float32)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_split_into_key_chunks(dtype):
+    """600 causal rows after 32 cached tokens of their segment, one query per kv head, two
+    threads: the schedule cuts the 632 keys into two chunks (Flash-Decoding), and a block
+    of 64 rows has causal limits on both sides of the second chunk's first key (320): its
+    rows up to there see none of that chunk's keys, an empty partial state in a work item
+    that has keys (not a NaN from exp(-inf - -inf))."""
+    seg_len = {0: 632}
+    seg_pages, num_pages = make_pool(seg_len, 16, random.Random(6))
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 600)], seg_len, seg_pages)
+    check_with_threads(2, plan, *make_tensors(plan, num_pages, 16, 2, 2, 64, dtype, 6))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_scores_far_below_zero(isa, dtype, rows):
+    """Every score near -100 (a common offset softmax ignores): the output is the weighted
+    mean of V as for scores near 0. 33 keys, so that the last tile holds one key and, on
+    the few-query path (rows 1), the rest of its score rows still hold the previous tile's
+    probabilities (up to 1): taken for scores, they would make every weight e^-101 = 0."""
+    L, Hkv, G, D = 33, 2, 2, 64
+    seg_len = {0: L, **{i + 1: 1 for i in range(rows)}}
+    seg_pages = {0: [0, 1, 2], **{i + 1: [3 + i] for i in range(rows)}}
+    plan = build_plan_py([ThreadStep([(0, 0), (i + 1, 0)], i + 1, 1) for i in range(rows)], seg_len, seg_pages)
+    g = torch.Generator().manual_seed(rows)
+    q = -torch.ones(plan.num_rows, Hkv * G, D)
+    k = 100 / 64 + 0.01 * torch.randn(3 + rows, 16, Hkv, D, generator=g)  # q . k = -100 +- 0.1
+    v = torch.randn(3 + rows, 16, Hkv, D, generator=g)
+    check(plan, q.to(dtype), k.to(dtype), v.to(dtype), scale=1.0)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("where", ["key", "inf_key", "-inf_key", "inf_value"])
+def test_float16_nan_and_inf_inputs_as_the_reference(isa, where):
+    """As test_nan_inputs_give_nan_as_the_reference for a float16 cache, the bad element in
+    the tail of a head dim past the last whole vector (D = 76, element 74), which every
+    build widens one half at a time (the baseline build all): an infinite half stays
+    infinite."""
+    plan, num_pages = random_case(5, lens=(40, 300, 17), n_threads=3, num_new=(1, 20))
+    q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 76, torch.float16, 5)
+    if where == "key":
+        k[plan.kv_page_ids[0], 0, 1, 74] = float("nan")
+    elif where == "inf_value":
+        v[plan.kv_page_ids[0], 0, 1, 74] = float("inf")
+    else:
+        k[plan.kv_page_ids[0], 0, 1, 74] = float(where[:-4])
+    ref = segment_attention_torch(q, k, v, plan, inv_freq_of(76), 0.125)
+    out = _ops.segment_attention_cpu(q, k, v, plan, inv_freq_of(76), 0.125)
+    assert not ref.isfinite().all()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    ok = ref.isfinite()
+    torch.testing.assert_close(out[ok].float(), ref[ok].float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
