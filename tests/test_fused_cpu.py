@@ -219,3 +219,88 @@ def test_add_rms_norm_fake_bfloat16():
     g = torch.Generator().manual_seed(2)
     h, r, w = (torch.randn(*s, generator=g).bfloat16() for s in ((3, 16), (3, 16), (16,)))
     torch.library.opcheck(torch.ops.loom.add_rms_norm, (h, r, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_add_eps_inside_the_root(dtype):
+    """Rows of small values, where eps is most of mean(x^2): y = w * x / sqrt(mean(x^2) + eps)
+    in rms_norm, add_rms_norm and qkv_prep's per-head norms."""
+    g = _g(11)
+    x, r, w = (torch.randn(*s, generator=g) for s in ((5, 96), (5, 96), (96,)))
+    x, r, w = (x * 1e-3).to(dtype), (r * 1e-3).to(dtype), w.to(dtype)
+    _close(ops.rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5))
+    h = x.clone()
+    _close(ops.add_rms_norm(h, r, w, 1e-5), rms_norm_ref(x + r, w, 1e-5))
+    d, qkv = 16, (torch.randn(3, 3 * 16, generator=g) * 1e-3).to(dtype)
+    qn, kn = torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    cos, sin = torch.ones(4, d // 2, dtype=dtype), torch.zeros(4, d // 2, dtype=dtype)  # position 0: no rotation
+    q, k, _ = ops.qkv_prep(qkv, qn, kn, cos, sin, torch.tensor([0, 1, 3]), 1, 1, d, 1e-5)
+    _close(q[:, 0], rms_norm_ref(qkv[:, :d], qn, 1e-5))
+    _close(k[:, 0], rms_norm_ref(qkv[:, d:2 * d], kn, 1e-5))
+
+
+def test_fused_ops_refuse_bad_arguments():
+    """The argument checks not covered above, each an error rather than a read or write
+    past a buffer: head_dim over the stack buffer's 1024, a norm row over 16384 features,
+    a strided residual, one q/k norm weight of two, norm weights of the wrong size, a
+    negative position, rotary tables of head_dim (not head_dim / 2) columns."""
+    cos = sin = torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="head_dim must be even and <= 1024, got 1026"):
+        big = torch.randn(4, 513)
+        ops.qkv_prep(torch.randn(1, 3 * 1026), None, None, big, big, torch.tensor([0]), 1, 1, 1026, 1e-6)
+    with pytest.raises(RuntimeError, match="at most 16384 features, got 16385"):
+        ops.rms_norm(torch.randn(1, 16385), torch.randn(16385), 1e-6)
+    h = torch.randn(8, 4).t()
+    with pytest.raises(RuntimeError, match="h must be contiguous"):
+        ops.add_rms_norm(h, torch.randn(4, 8), torch.randn(8), 1e-6)
+    qkv = torch.randn(1, 48)
+    with pytest.raises(RuntimeError, match="give both q_norm and k_norm or neither"):
+        ops.qkv_prep(qkv, torch.randn(16), None, cos, sin, torch.tensor([0]), 1, 1, 16, 1e-6)
+    with pytest.raises(RuntimeError, match="q/k norm weights must have head_dim=16 elements"):
+        ops.qkv_prep(qkv, torch.randn(16), torch.randn(8), cos, sin, torch.tensor([0]), 1, 1, 16, 1e-6)
+    with pytest.raises(RuntimeError, match="position -1 is outside the rotary tables"):
+        ops.qkv_prep(qkv, None, None, cos, sin, torch.tensor([-1]), 1, 1, 16, 1e-6)
+    wide = torch.randn(10, 16)
+    with pytest.raises(RuntimeError, match="cos/sin tables must be"):
+        ops.qkv_prep(qkv, None, None, wide, wide, torch.tensor([0]), 1, 1, 16, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ops_on_two_threads(dtype):
+    """Many rows (prefill) are split between threads: each thread's rows are normed (and
+    their residual added) once, in their own place."""
+    g = _g(12)
+    R, D = 1100, 64  # (a task takes at least 512 rows of 64)
+    h, r, w = (torch.randn(*s, generator=g).to(dtype) for s in ((R, D), (R, D), (D,)))
+    x = torch.randn(R, 2 * D, generator=g).to(dtype)
+    hq, hk, d, T = 8, 4, 128, 40  # 2,048 values a row: 16 rows a task
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g).to(dtype)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    rot = Rotary(inv_freq, 64, "cpu", dtype)
+    pos = torch.randint(0, 64, (T,), generator=g)
+    cos_all, sin_all = rot.covering(pos)
+    want_h = h + r
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.add_rms_norm(h, r, w, 1e-6)
+        s = ops.silu_mul(x)
+        q, k, v = ops.qkv_prep(qkv, None, None, cos_all, sin_all, pos, hq, hk, d, 1e-6)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(h, want_h, atol=0, rtol=0)
+    _close(y, rms_norm_ref(want_h, w, 1e-6))
+    _close(s, F.silu(x[:, :D]) * x[:, D:])
+    cos, sin = rot.tables(pos)
+    _close(q, apply_rotary(qkv[:, :hq * d].view(T, hq, d), cos, sin))
+    _close(k, apply_rotary(qkv[:, hq * d:(hq + hk) * d].view(T, hk, d), cos, sin))
+    torch.testing.assert_close(v, qkv[:, (hq + hk) * d:].view(T, hk, d), atol=0, rtol=0)
+
+
+def test_decoder_layer_step_tuple_size():
+    from engine import _C
+
+    h = torch.zeros(2, 8)
+    layer = (h, None, 8) + (None,) * 12
+    with pytest.raises(TypeError, match="step must be a tuple of 19 items"):
+        _C.decoder_layer(h, h, layer, (h,) * 14 + (1.0, 1, 1, 8), h, h, None)

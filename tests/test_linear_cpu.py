@@ -134,3 +134,61 @@ def test_linear_packed_refuses_mixed_devices():
     wp = torch.ops.loom.pack_linear_weight(torch.randn(40, 24))
     with pytest.raises(RuntimeError, match="different devices"):
         torch.ops.loom.linear_packed(torch.randn(5, 24), wp.to("meta"), None, 40)
+
+
+def test_linear_packed_refuses_mismatched_arguments():
+    """n_out must fall in the last panel (at most 15 outputs of padding), a bias has n_out
+    elements, and a packed weight has lines of 16 outputs."""
+    w = torch.randn(40, 24)
+    wp, x = torch.ops.loom.pack_linear_weight(w), torch.randn(2, 24)
+    for n_out in (32, 20, 49):  # 3 panels: 33..48 outputs
+        with pytest.raises(RuntimeError, match=f"n_out={n_out} does not match"):
+            torch.ops.loom.linear_packed(x, wp, None, n_out)
+    with pytest.raises(RuntimeError, match="bias has 39 elements for 40 outputs"):
+        torch.ops.loom.linear_packed(x, wp, torch.randn(39), 40)
+    with pytest.raises(RuntimeError, match="weight is not packed"):
+        torch.ops.loom.linear_packed(x, torch.randn(2, 24, 32), None, 40)  # 32 outputs per line
+
+
+@pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
+@pytest.mark.parametrize("M,K", [(700, 99), (9, 8191)])
+def test_linear_packed_bfloat16_many_values_odd_k(M, K, isa):
+    """bfloat16 activations of more than 2^16 values are widened by at::to (fewer by a loop
+    into a buffer): an odd K padded with a zero column there too."""
+    g = torch.Generator().manual_seed(M + K)
+    w, x = torch.randn(20, K, generator=g).bfloat16(), torch.randn(M, K, generator=g).bfloat16()
+    y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), None, 20)
+    ref = torch.ops.loom.linear_packed(x.float(), torch.ops.loom.pack_linear_weight(w.float()), None, 20)
+    assert torch.equal(y, ref.bfloat16())
+
+
+@pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
+def test_linear_packed_bfloat16_odd_k_pad_is_zero_after_a_larger_call(isa):
+    """The widening buffer is reused between calls: an odd K's padded column is zero, not
+    what an earlier call left there (an inf there made the output NaN)."""
+    wp = torch.ops.loom.pack_linear_weight(torch.randn(20, 200).bfloat16())
+    torch.ops.loom.linear_packed(torch.full((1, 200), float("inf")).bfloat16(), wp, None, 20)
+    w = torch.randn(20, 99).bfloat16()
+    x = torch.randn(2, 99).bfloat16()
+    y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), None, 20)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), atol=1e-4 * 99 ** 0.5, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [3, 300])
+def test_linear_packed_on_two_threads(M, dtype, isa):
+    """The panels (and, from 256 rows, the row chunks) are split between threads: each
+    thread's share lands in its own output columns (on the amx build, bfloat16 with K a
+    multiple of 32: the tiles' panel ranges)."""
+    g = torch.Generator().manual_seed(M)
+    w, x, b = torch.randn(1000, 64, generator=g), torch.randn(M, 64, generator=g), torch.randn(1000, generator=g)
+    w, x = w.to(dtype), x.to(dtype)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), b, 1000)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float(), b), atol=1e-4 * 64 ** 0.5,
+                               rtol=1e-5 if dtype == torch.float32 else 2 ** -8)

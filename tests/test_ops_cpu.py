@@ -546,7 +546,6 @@ def test_segment_attention_fake_keeps_q_dtype():
     torch.library.opcheck(torch.ops.loom.segment_attention.default, (q, k, v, *plan.tensors(), torch.empty(0), 0.25))
 
 
-
 def _plan_with(plan: AttentionPlan, name: str, value) -> AttentionPlan:
     """A copy of plan with tensor `name` replaced by value, or (index, x): element index set to x."""
     bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
@@ -795,3 +794,39 @@ def test_float16_nan_and_inf_inputs_as_the_reference(isa, where):
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
     ok = ref.isfinite()
     torch.testing.assert_close(out[ok].float(), ref[ok].float(), atol=TOL[torch.float16], rtol=TOL[torch.float16])
+
+
+def test_append_kv_refuses_mismatched_arguments():
+    """Each argument check of append_kv, and nothing written when one fails: a negative
+    slot, v or slots not matching k, pools of two shapes, strided pools, a 16-bit k of
+    the other 16-bit type (only float32 is rounded to the pool's dtype)."""
+    k_pool, v_pool = torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8)
+    k, v, slots = torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.tensor([7, 0, 3])
+    strided = torch.zeros(4, 2, 2, 8).transpose(0, 1)
+    half = torch.zeros(2, 4, 2, 8, dtype=torch.float16)
+    cases = [((k_pool, v_pool, k, v, torch.tensor([7, -1, 3])), r"slots\[1\] = -1 is outside"),
+             ((k_pool, v_pool, k, v[:2], slots), "v shape"),
+             ((k_pool, v_pool, k, v, slots[:2]), r"slots must be \[T\] with T = 3"),
+             ((k_pool, torch.zeros(3, 4, 2, 8), k, v, slots), "v_pool shape"),
+             ((strided, strided.clone(memory_format=torch.preserve_format), k, v, slots), "must be contiguous"),
+             ((half, half.clone(), k.bfloat16(), v.bfloat16(), slots), "must have the pool's dtype")]
+    for args, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.loom.append_kv(*args)
+        assert not args[0].any() and not args[1].any()
+
+
+def test_append_kv_many_rows_on_two_threads():
+    """A prefill's rows are split between threads: each thread's rows land in their slots."""
+    g = torch.Generator().manual_seed(4)
+    k_pool, v_pool = torch.zeros(40, 16, 2, 80), torch.zeros(40, 16, 2, 80)
+    T = 600
+    slots = torch.randperm(40 * 16, generator=g)[:T]
+    k, v = torch.randn(T, 2, 80, generator=g), torch.randn(T, 2, 80, generator=g)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ops.loom.append_kv(k_pool, v_pool, k, v, slots)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(k_pool.view(-1, 2, 80)[slots], k) and torch.equal(v_pool.view(-1, 2, 80)[slots], v)

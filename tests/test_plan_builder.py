@@ -298,3 +298,36 @@ def test_release_segment_after_its_reservation_closed_frees_to_pool():
     cache.release_segment(seg)
     assert res.pages == 0
     assert cache.stats()["pages_reserved"] == 0 and cache.pages_free == 8 and cache.pages_unreserved == 8
+
+
+def _plan_inputs(**change):
+    """build_plan's arrays for one thread that views segments 0 and 1 and owns 1 (two
+    segments of one page each), with some replaced (lists become int32 tensors)."""
+    i32 = lambda x: x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    a = dict(thread_view_indptr=[0, 2], view_seg=[0, 1], view_shift=[0, 0], thread_own_seg=[1],
+             thread_num_new=[1], seg_len=[3, 2], seg_page_indptr=[0, 1, 2], seg_page_ids=[4, 5])
+    a.update(change)
+    return [i32(v) for v in a.values()]
+
+
+# seg_len / seg_page_indptr as views of longer arrays whose next entries make a valid
+# segment 2: an id one past the table is read from there unless the range check refuses it.
+_LEN_2 = torch.tensor([3, 2, 5], dtype=torch.int32)[:2]
+_INDPTR_2 = torch.tensor([0, 1, 2, 2], dtype=torch.int32)[:3]
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(thread_own_seg=[2], seg_len=_LEN_2, seg_page_indptr=_INDPTR_2), r"thread_own_seg\[0\] = 2 is not a known"),
+    (dict(view_seg=[0, 2], seg_len=_LEN_2, seg_page_indptr=_INDPTR_2), r"view_seg\[1\] = 2 is not a known"),
+    (dict(seg_page_indptr=[0, 1, 3]), "end within seg_page_ids"),
+    (dict(seg_page_indptr=[0, 2, 1]), "seg_page_indptr decreases at index 2"),
+    (dict(thread_view_indptr=[1, 2]), "must run from 0 to 2"),
+    (dict(thread_num_new=[-1]), r"thread_num_new\[0\] = -1 is negative"),
+])
+def test_array_inputs_out_of_range_are_errors(change, match):
+    """The array entry point checks every id, index and count it reads: an id one past the
+    segment table, a page range past seg_page_ids or running backwards, a view range not
+    starting at 0, a negative number of new rows."""
+    assert len(torch.ops.loom.build_plan(*_plan_inputs())) == 9  # (the unchanged inputs are valid)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.loom.build_plan(*_plan_inputs(**change))

@@ -207,3 +207,65 @@ def test_rows_without_a_finite_logit_raise(fill, temperature, top_k):
     params = [SP(temperature=temperature, top_k=top_k, seed=1)] * 3
     with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in batch rows \[1\]"):
         sampler.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
+
+
+@pytest.mark.parametrize("op", ["probs", "logits"])
+def test_pick_at_an_exact_prefix_sum_takes_the_next_token(op):
+    """u * total equal to a prefix sum (here inside a 256-token block, and at the end of
+    one): the first prefix sum that exceeds it is the next token's. Uniform rows of 512,
+    every sum exact."""
+    u = torch.tensor([0.25, 0.5, 0.75, 0.0])
+    if op == "probs":
+        got = torch.ops.loom.pick_from_probs(torch.ones(4, 512), u)
+    else:
+        got = torch.ops.loom.pick_from_logits(torch.zeros(4, 512), torch.ones(4), u)
+    assert got.tolist() == [128, 256, 384, 0]
+
+
+def test_pick_from_logits_large_logits_and_low_temperature():
+    """The exponentials are taken of (logit - max) / temperature: logits far from zero at a
+    low temperature draw as the same logits near zero (the tempered logits themselves
+    overflow exp). Quarters: logit + offset - max is exact."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randint(-40, 41, (9, 300), generator=g) / 4
+    u, temps = torch.rand(9, generator=g), torch.full((9,), 0.3)
+    want = torch.ops.loom.pick_from_logits(logits, temps, u)
+    for offset in (1000.0, -1000.0):
+        assert torch.equal(torch.ops.loom.pick_from_logits(logits + offset, temps, u), want)
+
+
+def test_pick_from_logits_one_temperature_per_row():
+    with pytest.raises(RuntimeError, match="temperature and u must have one number per row"):
+        torch.ops.loom.pick_from_logits(torch.randn(3, 5), torch.ones(2), torch.rand(3))
+    with pytest.raises(RuntimeError, match="temperature and u must have one number per row"):
+        torch.ops.loom.pick_from_logits(torch.randn(3, 5), torch.ones(3), torch.rand(4))
+
+
+def test_pick_on_two_threads():
+    """Rows are split between threads (4 a task): each row draws with its own u and
+    temperature."""
+    g = torch.Generator().manual_seed(8)
+    probs, logits = torch.rand(16, 700, generator=g), torch.randn(16, 700, generator=g) * 3
+    u, temps = torch.rand(16, generator=g), torch.rand(16, generator=g) + 0.5
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        from_probs = torch.ops.loom.pick_from_probs(probs, u)
+        from_logits = torch.ops.loom.pick_from_logits(logits, temps, u)
+    finally:
+        torch.set_num_threads(old)
+    assert from_probs.tolist() == [int(torch.ops.loom.pick_from_probs(probs[r:r + 1], u[r:r + 1])) for r in range(16)]
+    assert from_logits.tolist() == [int(torch.ops.loom.pick_from_logits(logits[r:r + 1], temps[r:r + 1], u[r:r + 1]))
+                                    for r in range(16)]
+
+
+def test_pick_where_the_block_sum_rounds_up_takes_the_blocks_last_token():
+    """A block's float32 sum can exceed its exact sum (each of 255 additions of 0.75 ulp
+    rounds up): u * total between the two lies in no token's exact range, and the pick is
+    the block's last positive token, not its first."""
+    p = torch.full((1, 256), 0.75 * 2 ** -23)
+    p[0, 0] = 1.0
+    got = torch.ops.loom.pick_from_probs(p, torch.tensor([1 - 2 ** -24]))
+    assert got.tolist() == [255]
+    p[0, 255] = 0.0
+    assert torch.ops.loom.pick_from_probs(p, torch.tensor([1 - 2 ** -24])).tolist() == [254]
