@@ -288,21 +288,16 @@ def test_running_max_that_moves(isa, q_dtype, trend):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("rows,G,H", [(1, 1, 2), (2, 4, 2), (2048, 1, 1)])
-def test_long_segment_accuracy_as_a_matmul(isa, rows, G, H):
-    """float32 over 8,192 keys of one segment (a long prompt's prefill pass, or a decode step
-    over it): the error against float64 is no more than twice torch's float32 matmul /
-    softmax. Each key tile's values are summed from zero and then added to O (they were
-    summed into O key after key: 4.6x a matmul's error for 2,048 rows over 8,192 keys, 6.8x
-    over 16,384; 1.5e-4 on a model's log-probs at 15k tokens)."""
-    N, D, PS = 8192, 64, 16
+def _errors_against_float64(rows, G, H, N, kv_dtype, D=64, PS=16):
+    """`rows` float32 causal queries (x4: a peaked softmax, scores up to ~20) at the end of
+    one segment of N random keys and values (+0.5: a common offset, the sums grow with N),
+    K/V in kv_dtype: Loom's output, and its mean relative error against float64 with torch's
+    float32 attention's over the same K/V: (out, loom's error, torch float32's error)."""
     g = torch.Generator().manual_seed(rows)
-    k = torch.randn(N, H, D, generator=g)
-    v = torch.randn(N, H, D, generator=g) + 0.5  # (a common offset: the sums grow with N)
-    q = torch.randn(rows, H * G, D, generator=g) * 4  # (peaked softmax, scores up to ~20)
-    seg_pages = {0: list(range(N // PS))}
-    plan = build_plan_py([ThreadStep([(0, 0)], 0, rows)], {0: N}, seg_pages)
+    k = torch.randn(N, H, D, generator=g).to(kv_dtype)
+    v = (torch.randn(N, H, D, generator=g) + 0.5).to(kv_dtype)
+    q = torch.randn(rows, H * G, D, generator=g) * 4
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, rows)], {0: N}, {0: list(range(N // PS))})
     out = _ops.segment_attention_cpu(q, k.view(-1, PS, H, D), v.view(-1, PS, H, D), plan, inv_freq_of(D), D ** -0.5)
     causal = torch.arange(N)[None] <= torch.arange(N - rows, N)[:, None]
 
@@ -316,23 +311,41 @@ def test_long_segment_accuracy_as_a_matmul(isa, rows, G, H):
 
     def err(o):
         return ((o.double() - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
-    assert err(out) <= 2 * err(attend(torch.float32)) + 1e-7, (err(out), err(attend(torch.float32)))
+    return out, err(out), err(attend(torch.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("rows,G,H", [(1, 1, 2), (2, 4, 2), (2048, 1, 1)])
+def test_long_segment_accuracy_as_a_matmul(isa, rows, G, H):
+    """float32 over 8,192 keys of one segment (a long prompt's prefill pass, or a decode step
+    over it): the error against float64 is no more than twice torch's float32 matmul /
+    softmax. Each key tile's values are summed from zero and then added to O (they were
+    summed into O key after key: 4.6x a matmul's error for 2,048 rows over 8,192 keys, 6.8x
+    over 16,384; 1.5e-4 on a model's log-probs at 15k tokens)."""
+    _, loom, torch32 = _errors_against_float64(rows, G, H, 8192, torch.float32)
+    assert loom <= 2 * torch32 + 1e-7, (loom, torch32)
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_outputs_round_to_nearest_even(isa, dtype):
+@pytest.mark.parametrize("values", ["normal", "subnormal"])
+def test_16bit_outputs_round_to_nearest_even(isa, dtype, values):
     """16-bit outputs are rounded by the kernel's merge as torch's .to() rounds: q = 0 makes
     both keys' weights 1/2, so each output is the exact mean of two V values that are one
-    unit apart, a tie half of the time, which must go to the even neighbour."""
+    unit apart, a tie half of the time, which must go to the even neighbour. Normal values,
+    or subnormal ones (float16's below 2^-14 take their own rounding branch: rounded, not
+    flushed to zero; head dim 72, a tail past the last whole vector)."""
     seg_len = {0: 2}
     plan = build_plan_py([ThreadStep([(0, 0)], 0, 1)], seg_len, {0: [0]})
-    Hq, Hkv, D = 4, 2, 64
-    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, D = 4, 2, 64 if values == "normal" else 72
+    g = torch.Generator().manual_seed(5 if values == "normal" else 6)
     q = torch.zeros(1, Hq, D, dtype=dtype)
     k_pool = torch.randn(1, 16, Hkv, D, generator=g).to(dtype)
-    # normal numbers (no denormals), both signs; the second key's V one unit above the first's
-    bits = torch.randint(0x3000, 0x4800, (Hkv, D), generator=g, dtype=torch.int16)
+    # both signs; the second key's V one unit above the first's
+    if values == "normal":
+        bits = torch.randint(0x3000, 0x4800, (Hkv, D), generator=g, dtype=torch.int16)
+    else:  # (up to the largest subnormal's bits)
+        bits = torch.randint(1, 0x03ff if dtype == torch.float16 else 0x007f, (Hkv, D), generator=g, dtype=torch.int16)
     bits |= torch.randint(0, 2, (Hkv, D), generator=g, dtype=torch.int16) << 15
     v_pool = torch.zeros(1, 16, Hkv, D, dtype=dtype)
     v_pool[0, 0] = bits.view(dtype)
@@ -340,7 +353,7 @@ def test_16bit_outputs_round_to_nearest_even(isa, dtype):
     out = _ops.segment_attention_cpu(q, k_pool, v_pool, plan, inv_freq_of(D), 1.0)
     mean = (v_pool[0, 0].float() + v_pool[0, 1].float()) / 2  # exact in float32
     want = mean.repeat_interleave(Hq // Hkv, dim=0)[None].to(dtype)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and (want != 0).all()
     assert torch.equal(out.view(torch.int16), want.view(torch.int16))
 
 
@@ -688,29 +701,6 @@ def test_scores_that_jump_far_above_the_running_max(isa, q_dtype, rows, jump):
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_subnormal_outputs_round_to_nearest_even(isa, dtype):
-    """As test_16bit_outputs_round_to_nearest_even, with subnormal V values (float16's below
-    2^-14 take their own rounding branch; rounded, not flushed to zero)."""
-    seg_len = {0: 2}
-    plan = build_plan_py([ThreadStep([(0, 0)], 0, 1)], seg_len, {0: [0]})
-    Hq, Hkv, D = 4, 2, 72
-    g = torch.Generator().manual_seed(6)
-    q = torch.zeros(1, Hq, D, dtype=dtype)
-    k_pool = torch.randn(1, 16, Hkv, D, generator=g).to(dtype)
-    top = 0x03ff if dtype == torch.float16 else 0x007f  # the largest subnormal's bits
-    bits = torch.randint(1, top, (Hkv, D), generator=g, dtype=torch.int16)
-    bits |= torch.randint(0, 2, (Hkv, D), generator=g, dtype=torch.int16) << 15
-    v_pool = torch.zeros(1, 16, Hkv, D, dtype=dtype)
-    v_pool[0, 0] = bits.view(dtype)
-    v_pool[0, 1] = (bits + 1).view(dtype)
-    out = _ops.segment_attention_cpu(q, k_pool, v_pool, plan, inv_freq_of(D), 1.0)
-    want = ((v_pool[0, 0].float() + v_pool[0, 1].float()) / 2).repeat_interleave(Hq // Hkv, dim=0)[None].to(dtype)
-    assert (want != 0).all()
-    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
-
-
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("rows,G,H", [(64, 1, 1), (16, 2, 2)])
 def test_float32_queries_over_bfloat16_cache_accuracy(isa, rows, G, H):
     """float32 queries over a bfloat16 cache (a float32 model's), many queries: as accurate
@@ -718,27 +708,9 @@ def test_float32_queries_over_bfloat16_cache_accuracy(isa, rows, G, H):
     float64; the amx path splits q into three bfloat16 parts and P into two to get there,
     measured 1.5-2.6x). Queries x4: scores up to ~20, where a q rounded to 16 mantissa bits
     would be off by ~1e-4."""
-    N, D, PS = 1024, 64, 16
-    g = torch.Generator().manual_seed(rows)
-    k = torch.randn(N, H, D, generator=g).bfloat16()
-    v = (torch.randn(N, H, D, generator=g) + 0.5).bfloat16()
-    q = torch.randn(rows, H * G, D, generator=g) * 4
-    plan = build_plan_py([ThreadStep([(0, 0)], 0, rows)], {0: N}, {0: list(range(N // PS))})
-    out = _ops.segment_attention_cpu(q, k.view(-1, PS, H, D), v.view(-1, PS, H, D), plan, inv_freq_of(D), D ** -0.5)
+    out, loom, torch32 = _errors_against_float64(rows, G, H, 1024, torch.bfloat16)
     assert out.dtype == torch.float32
-    causal = torch.arange(N)[None] <= torch.arange(N - rows, N)[:, None]
-
-    def attend(dt):
-        o = []
-        for hq in range(H * G):
-            s = (q[:, hq].to(dt) @ k[:, hq // G].to(dt).T) * D ** -0.5
-            o.append(torch.softmax(s.masked_fill(~causal, float("-inf")), -1) @ v[:, hq // G].to(dt))
-        return torch.stack(o, 1).double()
-    want = attend(torch.float64)
-
-    def err(o):
-        return ((o.double() - want).abs().amax(-1) / want.abs().amax(-1)).mean().item()
-    assert err(out) <= 4 * err(attend(torch.float32)) + 1e-7, (err(out), err(attend(torch.float32)))
+    assert loom <= 4 * torch32 + 1e-7, (loom, torch32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
