@@ -509,3 +509,179 @@ def test_smallest_tuning_config_fits_every_gpu():
     the list; compiled for sm_75 and sm_89 as a launch specialises it (no GPU needed)."""
     out = _aot_check("--fit", "--arch", "75", "89")
     assert out.count("B shared (limit 101376)") >= 1 and out.count("B shared (limit 65536)") >= 1, out
+
+
+# ---- behaviour found unchecked by mutation testing of triton_kernels/ ----------------------------
+
+def _poison_empty(monkeypatch):
+    """torch.empty returns NaN-filled (float) / -7-filled (int) memory: an output that
+    relies on uninitialised memory being zero shows up."""
+    real = torch.empty
+
+    def empty(*a, **kw):
+        t = real(*a, **kw)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _manual_plan(kv_indptr, pages, kv_len, q_indptr, q_rows, shift, limit, merge_indptr, merge_entries):
+    from engine.attention.plan import AttentionPlan
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    return AttentionPlan(t(kv_indptr), t(pages), t(kv_len), t(q_indptr), t(q_rows), t(shift), t(limit),
+                         t(merge_indptr), t(merge_entries), num_rows=len(merge_indptr) - 1,
+                         has_shift=any(shift))
+
+
+def test_direct_rows_seeing_no_key_get_zeros(monkeypatch):
+    """Direct writes (one entry per row, no split): an entry with causal_limit 0 in a live
+    job (beside rows that do see keys), and a row whose only entry reads an empty segment,
+    both get zeros, not NaN from 0/0 or an unwritten output."""
+    _poison_empty(monkeypatch)
+    Hq, Hkv, D, ps = 4, 2, 16, 4
+    g = torch.Generator().manual_seed(80)
+    # job 0: 7 tokens on pages [2, 0], rows 0..2 with limits 0, 5, 0; job 1: empty, read by row 3
+    plan = _manual_plan([0, 2, 2], [2, 0], [7, 0], [0, 3, 4], [0, 1, 2, 3], [0, 0, 0, 0],
+                        [0, 5, 0, 0], [0, 1, 2, 3, 4], [0, 1, 2, 3])
+    assert W.build_work(plan, Hkv, Hq // Hkv, 16, target_programs=4).direct
+    q = torch.randn(4, Hq, D, generator=g)
+    k_pool, v_pool = torch.randn(2, 3, ps, Hkv, D, generator=g)
+    out = check_attention(q, k_pool, v_pool, plan, D)
+    assert bool((out[[0, 2, 3]] == 0).all()) and bool((out[1] != 0).any())
+
+
+def test_forced_split_of_a_plain_prefill_is_merged():
+    """Each row one entry (otherwise a direct write) but its segment split into chunks:
+    the chunks' partial states must be merged, not written over each other."""
+    Hq, Hkv, D, ps, n = 4, 2, 16, 4, 11
+    g = torch.Generator().manual_seed(81)
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, n)], {0: n}, {0: [2, 0, 1]})
+    work = W.build_work(plan, Hkv, Hq // Hkv, 16, target_programs=1, kv_chunk=4)
+    assert not work.direct and int(work.nsplit.max()) == 3
+    q = torch.randn(n, Hq, D, generator=g)
+    k_pool, v_pool = torch.randn(2, 3, ps, Hkv, D, generator=g)
+    check_attention(q, k_pool, v_pool, plan, D, kv_chunk=4)
+
+
+def test_merge_with_no_entries_and_many_heads(monkeypatch):
+    """merge_states: no entry at all -> zeros (never the uninitialised output); more heads
+    than one program's block (4096 // D_PAD heads) -> every head block merged."""
+    _poison_empty(monkeypatch)
+    out = tk.merge_states(torch.zeros(0, 3, 8, device=DEVICE), torch.zeros(0, 3, device=DEVICE),
+                          torch.zeros(3, dtype=torch.int32, device=DEVICE),
+                          torch.zeros(0, dtype=torch.int32, device=DEVICE), 2)
+    assert out.shape == (2, 3, 8) and bool((out == 0).all())
+    g = torch.Generator().manual_seed(82)
+    E, H, D = 3, 40, 128  # block of 32 heads: 2 programs per row
+    o, lse = torch.randn(E, H, D, generator=g), torch.randn(E, H, generator=g)
+    indptr, entries = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
+    ref = R.merge_states(o, lse, indptr, entries, 2)
+    out = tk.merge_states(o.to(DEVICE), lse.to(DEVICE), indptr.to(DEVICE), entries.to(DEVICE), 2)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_append_many_heads_and_last_table_position():
+    """More kv heads than one program's block (2048 // HALF_PAD heads) are all written; a
+    position equal to the table length is refused, the last one is used."""
+    g = torch.Generator().manual_seed(83)
+    H, D, ps, N, T = 33, 128, 2, 2, 2
+    k, v = torch.randn(2, T, H, D, generator=g)
+    inv = inv_freq_of(D)
+    ang = torch.outer(torch.arange(6, dtype=torch.float32), inv)
+    kp, vp = torch.zeros(N, ps, H, D, device=DEVICE), torch.zeros(N, ps, H, D, device=DEVICE)
+    slots, pos = torch.tensor([3, 0]), torch.tensor([5, 2])
+    tk.rope_append(kp, vp, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), pos.to(DEVICE),
+                   cos=ang.cos().to(DEVICE), sin=ang.sin().to(DEVICE))
+    want = R.rotate_by(k, pos, inv)
+    torch.testing.assert_close(kp.cpu().view(-1, H, D)[slots], want, atol=2e-5, rtol=2e-5)
+    assert torch.equal(vp.cpu().view(-1, H, D)[slots], v)
+    with pytest.raises(ValueError, match=r"positions 3 .. 6 are outside the cos/sin tables"):
+        tk.rope_append(kp, vp, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), (pos + 1).to(DEVICE),
+                       cos=ang.cos().to(DEVICE), sin=ang.sin().to(DEVICE))
+
+
+def test_work_items_tile_boundaries_and_chunk_alignment():
+    """Host-side work split: a job whose entries fill whole tiles gets no empty item; a job
+    whose rows exactly fill the small tile goes to the small class; an automatic split
+    longer than MIN_CHUNK is still a multiple of CHUNK_ALIGN (every BLOCK_N divides it)."""
+    # GQA 4: small tile 16 rows = 4 entries, large 64 rows = 16 entries
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 4), ThreadStep([(1, 0)], 1, 32)], {0: 9, 1: 40},
+                         {0: [0], 1: [1, 2, 3]})
+    work = W.build_work(plan, 2, 4, 32, target_programs=1)
+    by_q = {wc.block_q: wc.items.long() for wc in work.classes}
+    assert sorted(by_q) == [16, 64]
+    assert by_q[16][:, :3].tolist() == [[0, 0, 4]]
+    assert sorted(by_q[64][:, 1:3].tolist()) == [[4, 20], [20, 36]]
+    # a 1000-token prompt read by 3 decode rows (one item) beside 4 short jobs: 2072 keys
+    # x heads over 8 programs = 259 per program -> chunks of 384, not 259
+    _, _, _, plan = random_case(84, 8, 2, 64, 16, torch.float32, shifts=False, threads=3,
+                                prompt=1000, new=(1,))
+    work = W.build_work(plan, 2, 4, 32, target_programs=8)
+    it = torch.cat([wc.items.long() for wc in work.classes])
+    it = it[plan.kv_len[it[:, 0]].long() == 1000]
+    assert sorted((it[:, 4] - it[:, 3]).tolist()) == [232, 384, 384]
+
+
+def test_launchers_reject_more_bad_arguments():
+    q, k_pool, v_pool, plan = random_case(85, 4, 2, 64, 16, torch.float32, threads=2)
+    q, k_pool, v_pool, plan = q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), plan.to(DEVICE)
+    inv = inv_freq_of(64).to(DEVICE)
+    for scale in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            tk.segment_attention(q, k_pool, v_pool, plan, inv, scale)
+    with pytest.raises(ValueError, match="kv_chunk"):
+        tk.segment_attention(q, k_pool, v_pool, plan, inv, 0.1, kv_chunk=0)
+    with pytest.raises(ValueError, match="even"):
+        tk.segment_attention(q[..., :63].contiguous(), k_pool[..., :63].contiguous(),
+                             v_pool[..., :63].contiguous(), plan, inv[:31], 0.1)
+    o, lse = torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, device=DEVICE)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    with pytest.raises(ValueError, match="float32"):
+        tk.merge_states(o, lse.double(), i32([0, 1, 2]), i32([0, 1]), 2)
+    with pytest.raises(ValueError, match="num_rows"):
+        tk.merge_states(o, lse, i32([0, 1, 2]), i32([0, 1]), 3)
+    k = torch.zeros(3, 2, 64, device=DEVICE)
+    sl = torch.tensor([0, 1, 2], device=DEVICE)
+    tab = torch.zeros(8, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="positions"):
+        tk.rope_append(k_pool, v_pool, k, k, sl, torch.zeros(2, dtype=torch.int64, device=DEVICE), inv_freq=inv)
+    with pytest.raises(ValueError, match="not both"):
+        tk.rope_append(k_pool, v_pool, k, k, sl, sl, cos=tab, sin=tab, inv_freq=inv)
+    with pytest.raises(ValueError, match="k has 3 tokens but v has 2"):
+        tk.append_kv(k_pool, v_pool, k, k[:2], sl)
+    kp5 = torch.zeros(2, 4, 2, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="even"):
+        tk.append_kv(kp5, kp5.clone(), torch.zeros(1, 2, 5, device=DEVICE), torch.zeros(1, 2, 5, device=DEVICE),
+                     sl[:1])
+
+
+def test_plan_index_checks_and_flash_rows_out_of_order():
+    """Plan tensors must be contiguous and on q's device; inv_freq floating point. A plain
+    prefill whose jobs are not in row order: the flash layout carries the rows."""
+    q, k_pool, v_pool, plan = random_case(86, 4, 2, 64, 16, torch.float32, threads=2)
+    q, k_pool, v_pool = q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE)
+    inv = inv_freq_of(64).to(DEVICE)
+    bad = plan.to(DEVICE)
+    bad.q_rows = torch.stack([bad.q_rows, bad.q_rows], 1)[:, 0]  # 1-D, stride 2
+    with pytest.raises(ValueError, match="contiguous 1-D"):
+        tk.segment_attention(q, k_pool, v_pool, bad, inv, 0.1)
+    with pytest.raises(ValueError, match="AttentionPlan.to"):
+        tk.segment_attention(q, k_pool, v_pool, plan.to("meta"), inv, 0.1)
+    with pytest.raises(ValueError, match="floating point"):
+        tk.segment_attention(q, k_pool, v_pool, plan.to(DEVICE), torch.arange(32, device=DEVICE), 0.1)
+    # thread B's 3 rows (rows 2..4) are job 0, thread A's 2 rows (rows 0..1) job 1
+    plan = _manual_plan([0, 1, 2], [1, 0], [3, 2], [0, 3, 5], [2, 3, 4, 0, 1], [0] * 5, [1, 2, 3, 1, 2],
+                        [0, 1, 2, 3, 4, 5], [3, 4, 0, 1, 2])
+    lay = tk.prefill_layout(plan, 4)
+    assert lay is not None and lay.rows.tolist() == [2, 3, 4, 0, 1]
+    g = torch.Generator().manual_seed(86)
+    q = torch.randn(5, 4, 16, generator=g)
+    k_pool, v_pool = torch.randn(2, 2, 4, 2, 16, generator=g)
+    ref = R.segment_attention_torch(q, k_pool, v_pool, plan, inv_freq_of(16), 0.25)
+    torch.testing.assert_close(tk.flash_prefill(q, k_pool, v_pool, lay, 0.25, _fake_flash_varlen), ref,
+                               atol=1e-5, rtol=1e-5)
+    # not plain causal prefill although each job's kv_len is its entry count: full (not causal)
+    # limits; or one row merging two entries while another merges none
+    for lim, mi, me in (([3, 3, 3, 2, 2], [0, 1, 2, 3, 4, 5], [3, 4, 0, 1, 2]),
+                        ([1, 2, 3, 1, 2], [0, 2, 2, 3, 4, 5], [3, 4, 0, 1, 2])):
+        assert tk.prefill_layout(_manual_plan([0, 1, 2], [1, 0], [3, 2], [0, 3, 5], [2, 3, 4, 0, 1], [0] * 5,
+                                              lim, mi, me), 4) is None
