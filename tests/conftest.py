@@ -12,6 +12,7 @@ model and each engine ``LLM`` is built once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -225,6 +226,23 @@ def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
     new = out[0, len(ids):].tolist()
     assert len(new) == max_new_tokens
     return new
+
+
+def i32(values, device="cpu") -> torch.Tensor:
+    """An int32 tensor of values (the plans' and the ops' index arrays)."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's thread count (the compiled ops' too) set to n inside the block: many rows
+    split between threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:

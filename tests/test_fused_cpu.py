@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
 from engine.model import rms_norm as rms_norm_ref
 from engine.rope import Rotary, apply_rotary
+from conftest import torch_threads
 
 ops = torch.ops.loom
 
@@ -280,14 +281,10 @@ def test_fused_ops_on_two_threads(dtype):
     pos = torch.randint(0, 64, (T,), generator=g)
     cos_all, sin_all = rot.covering(pos)
     want_h = h + r
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         y = ops.add_rms_norm(h, r, w, 1e-6)
         s = ops.silu_mul(x)
         q, k, v = ops.qkv_prep(qkv, None, None, cos_all, sin_all, pos, hq, hk, d, 1e-6)
-    finally:
-        torch.set_num_threads(old)
     torch.testing.assert_close(h, want_h, atol=0, rtol=0)
     _close(y, rms_norm_ref(want_h, w, 1e-6))
     _close(s, F.silu(x[:, :D]) * x[:, D:])

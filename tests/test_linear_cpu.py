@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
 from _cpu_isa import GEMM_ISAS, ISAS, isa  # noqa: F401  (isa: the fixture)
+from conftest import torch_threads
 
 
 @pytest.mark.parametrize("isa", GEMM_ISAS, indirect=True)
@@ -184,11 +185,7 @@ def test_linear_packed_on_two_threads(M, dtype, isa):
     g = torch.Generator().manual_seed(M)
     w, x, b = torch.randn(1000, 64, generator=g), torch.randn(M, 64, generator=g), torch.randn(1000, generator=g)
     w, x = w.to(dtype), x.to(dtype)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         y = torch.ops.loom.linear_packed(x, torch.ops.loom.pack_linear_weight(w), b, 1000)
-    finally:
-        torch.set_num_threads(old)
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.float(), b), atol=1e-4 * 64 ** 0.5,
                                rtol=1e-5 if dtype == torch.float32 else 2 ** -8)

@@ -21,6 +21,7 @@ from engine.attention.reference import segment_attention_torch
 
 _ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
 from _cpu_isa import ISAS, isa  # noqa: E402,F401  (isa: the fixture)
+from conftest import i32, torch_threads  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -183,12 +184,18 @@ def test_empty_segment_and_rows_without_keys():
 
 
 def check_with_threads(threads: int, plan, *tensors):
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         check(plan, *tensors)
-    finally:
-        torch.set_num_threads(old)
+
+
+def _plan_with(plan: AttentionPlan, name: str, value) -> AttentionPlan:
+    """A copy of plan with tensor `name` replaced by value, or (index, x): element index set to x."""
+    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
+    if isinstance(value, tuple):
+        getattr(bad, name)[value[0]] = value[1]
+    else:
+        setattr(bad, name, value)
+    return bad
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -401,14 +408,10 @@ def test_errors_are_actionable():
         _ops.segment_attention_cpu(q, k.half(), v, plan, None, 0.1)
     with pytest.raises(RuntimeError, match="multiple of kv heads"):
         _ops.segment_attention_cpu(q[:, :3], k, v, plan, None, 0.1)
-    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
-    bad.kv_page_ids[0] = num_pages
     with pytest.raises(RuntimeError, match="kv_page_ids"):
-        _ops.segment_attention_cpu(q, k, v, bad, None, 0.1)
-    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
-    bad.q_rows = bad.q_rows.long()
+        _ops.segment_attention_cpu(q, k, v, _plan_with(plan, "kv_page_ids", (0, num_pages)), None, 0.1)
     with pytest.raises(RuntimeError, match="q_rows must be int32"):
-        _ops.segment_attention_cpu(q, k, v, bad, None, 0.1)
+        _ops.segment_attention_cpu(q, k, v, _plan_with(plan, "q_rows", plan.q_rows.long()), None, 0.1)
     with pytest.raises(RuntimeError, match=r"query heads \(0\)"):  # (divided by zero: SIGFPE)
         _ops.segment_attention_cpu(q[:, :0], k, v, plan, None, 0.1)
     with pytest.raises(RuntimeError, match="different devices"):  # (ran the fake kernel: garbage out)
@@ -544,7 +547,6 @@ def test_opcheck_merge_states():
 
 
 def test_opcheck_build_plan():
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     args = (i32([0, 2, 3]), i32([0, 1, 0]), i32([0, 0, 4]), i32([1, 2]), i32([2, 1]), i32([10, 4, 3]),
             i32([0, 1, 2, 3]), i32([5, 6, 7]))
     torch.library.opcheck(torch.ops.loom.build_plan.default, args)
@@ -557,16 +559,6 @@ def test_segment_attention_fake_keeps_q_dtype():
     q = torch.randn(3, 4, 16, generator=g).bfloat16()
     k, v = (torch.randn(2, 4, 2, 16, generator=g).bfloat16() for _ in range(2))
     torch.library.opcheck(torch.ops.loom.segment_attention.default, (q, k, v, *plan.tensors(), torch.empty(0), 0.25))
-
-
-def _plan_with(plan: AttentionPlan, name: str, value) -> AttentionPlan:
-    """A copy of plan with tensor `name` replaced by value, or (index, x): element index set to x."""
-    bad = AttentionPlan(*[t.clone() for t in plan.tensors()], num_rows=plan.num_rows)
-    if isinstance(value, tuple):
-        getattr(bad, name)[value[0]] = value[1]
-    else:
-        setattr(bad, name, value)
-    return bad
 
 
 # random_case(1): 5 jobs over 13 pages (job 0: 2 pages for 15 keys), 11 entries, 5 rows, shifts.
@@ -637,7 +629,6 @@ def test_merge_states_refuses_bad_arguments(case):
         lse = torch.randn(7, 2, generator=g)
     else:
         indptr[2] = 1
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     with pytest.raises(RuntimeError, match=match):
         _ops.merge_states(o, lse, i32(indptr), i32(entries), 3)
 
@@ -795,10 +786,6 @@ def test_append_kv_many_rows_on_two_threads():
     T = 600
     slots = torch.randperm(40 * 16, generator=g)[:T]
     k, v = torch.randn(T, 2, 80, generator=g), torch.randn(T, 2, 80, generator=g)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         torch.ops.loom.append_kv(k_pool, v_pool, k, v, slots)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(k_pool.view(-1, 2, 80)[slots], k) and torch.equal(v_pool.view(-1, 2, 80)[slots], v)

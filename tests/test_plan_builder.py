@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.attention.plan import AttentionPlan, ThreadStep, build_plan_py
+from conftest import i32
 
 _ops = pytest.importorskip("engine._ops", reason="engine._C is not built (pip install -e .)")
 
@@ -81,7 +82,6 @@ def test_unknown_segment_is_an_error():
 def test_own_segment_shorter_than_its_new_tokens_is_an_error():
     """A thread's own segment's length counts its new tokens; shorter, the causal limits of
     its first rows would be negative (they saw none of their own tokens, silently)."""
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     with pytest.raises(RuntimeError, match="own segment 0 has 3 tokens, fewer than its 5 new ones"):
         torch.ops.loom.build_plan(i32([0, 1]), i32([0]), i32([0]), i32([0]), i32([5]), i32([3]), i32([0, 1]),
                                   i32([0]))
@@ -92,7 +92,6 @@ def test_own_segment_shorter_than_its_new_tokens_is_an_error():
 def test_non_monotone_view_indptr_is_an_error():
     """thread_view_indptr [0, 2^20, 3]: thread 0's range would run far past view_seg; the
     whole indptr is checked before any of it is read."""
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     with pytest.raises(RuntimeError, match="thread_view_indptr decreases at index 2"):
         torch.ops.loom.build_plan(i32([0, 1 << 20, 3]), i32([0, 0, 0]), i32([0, 0, 0]), i32([0, 0]),
                                   i32([1, 1]), i32([1]), i32([0, 1]), i32([0]))
@@ -102,7 +101,6 @@ def test_array_entry_point():
     threads, seg_len, seg_pages = random_tree(7, n_threads=6)
     ref = build_plan_py(threads, seg_len, seg_pages)
     n_seg = max(seg_len) + 1
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     indptr = [0]
     for th in threads:
         indptr.append(indptr[-1] + len(th.view))
@@ -234,7 +232,6 @@ def test_build_plan_fake_indptr_sizes():
     """kv_indptr and q_indptr have one more element than kv_len (jobs + 1), symbolically."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv, statically_known_true
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     args = (i32([0, 2, 3]), i32([0, 1, 0]), i32([0, 0, 4]), i32([1, 2]), i32([2, 1]), i32([10, 4, 3]),
             i32([0, 1, 2, 3]), i32([5, 6, 7]))
     mode = FakeTensorMode(shape_env=ShapeEnv())
@@ -303,11 +300,10 @@ def test_release_segment_after_its_reservation_closed_frees_to_pool():
 def _plan_inputs(**change):
     """build_plan's arrays for one thread that views segments 0 and 1 and owns 1 (two
     segments of one page each), with some replaced (lists become int32 tensors)."""
-    i32 = lambda x: x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int32)  # noqa: E731
     a = dict(thread_view_indptr=[0, 2], view_seg=[0, 1], view_shift=[0, 0], thread_own_seg=[1],
              thread_num_new=[1], seg_len=[3, 2], seg_page_indptr=[0, 1, 2], seg_page_ids=[4, 5])
     a.update(change)
-    return [i32(v) for v in a.values()]
+    return [v if isinstance(v, torch.Tensor) else i32(v) for v in a.values()]
 
 
 # seg_len / seg_page_indptr as views of longer arrays whose next entries make a valid

@@ -8,6 +8,7 @@ import torch
 
 import engine.linear_ops  # noqa: F401  registers torch.ops.loom.* and their fakes
 from engine import sampler
+from conftest import torch_threads
 
 
 def _reference(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
@@ -247,13 +248,9 @@ def test_pick_on_two_threads():
     g = torch.Generator().manual_seed(8)
     probs, logits = torch.rand(16, 700, generator=g), torch.randn(16, 700, generator=g) * 3
     u, temps = torch.rand(16, generator=g), torch.rand(16, generator=g) + 0.5
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         from_probs = torch.ops.loom.pick_from_probs(probs, u)
         from_logits = torch.ops.loom.pick_from_logits(logits, temps, u)
-    finally:
-        torch.set_num_threads(old)
     assert from_probs.tolist() == [int(torch.ops.loom.pick_from_probs(probs[r:r + 1], u[r:r + 1])) for r in range(16)]
     assert from_logits.tolist() == [int(torch.ops.loom.pick_from_logits(logits[r:r + 1], temps[r:r + 1], u[r:r + 1]))
                                     for r in range(16)]

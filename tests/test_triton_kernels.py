@@ -26,6 +26,7 @@ import triton_kernels as tk  # noqa: E402
 from triton_kernels import segment as S, work as W  # noqa: E402
 from engine.attention.plan import ThreadStep, build_plan_py  # noqa: E402
 from engine.attention import reference as R  # noqa: E402
+from conftest import i32  # noqa: E402
 
 DEVICE = torch.device("cpu" if tk.INTERPRET else "cuda")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tk.INTERPRET,
@@ -526,9 +527,8 @@ def _poison_empty(monkeypatch):
 
 def _manual_plan(kv_indptr, pages, kv_len, q_indptr, q_rows, shift, limit, merge_indptr, merge_entries):
     from engine.attention.plan import AttentionPlan
-    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    return AttentionPlan(t(kv_indptr), t(pages), t(kv_len), t(q_indptr), t(q_rows), t(shift), t(limit),
-                         t(merge_indptr), t(merge_entries), num_rows=len(merge_indptr) - 1,
+    return AttentionPlan(i32(kv_indptr), i32(pages), i32(kv_len), i32(q_indptr), i32(q_rows), i32(shift), i32(limit),
+                         i32(merge_indptr), i32(merge_entries), num_rows=len(merge_indptr) - 1,
                          has_shift=any(shift))
 
 
@@ -634,11 +634,10 @@ def test_launchers_reject_more_bad_arguments():
         tk.segment_attention(q[..., :63].contiguous(), k_pool[..., :63].contiguous(),
                              v_pool[..., :63].contiguous(), plan, inv[:31], 0.1)
     o, lse = torch.zeros(2, 2, 8, device=DEVICE), torch.zeros(2, 2, device=DEVICE)
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
     with pytest.raises(ValueError, match="float32"):
-        tk.merge_states(o, lse.double(), i32([0, 1, 2]), i32([0, 1]), 2)
+        tk.merge_states(o, lse.double(), i32([0, 1, 2], DEVICE), i32([0, 1], DEVICE), 2)
     with pytest.raises(ValueError, match="num_rows"):
-        tk.merge_states(o, lse, i32([0, 1, 2]), i32([0, 1]), 3)
+        tk.merge_states(o, lse, i32([0, 1, 2], DEVICE), i32([0, 1], DEVICE), 3)
     k = torch.zeros(3, 2, 64, device=DEVICE)
     sl = torch.tensor([0, 1, 2], device=DEVICE)
     tab = torch.zeros(8, 32, device=DEVICE)
