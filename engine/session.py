@@ -94,9 +94,14 @@ class Session:
 
     # ---- helpers ---------------------------------------------------------------------------
     def _handle(self, t: Thread) -> ThreadHandle:
-        if t.id not in self._handles:
-            self._handles[t.id] = ThreadHandle(self, t)
-        return self._handles[t.id]
+        h = self._handles.get(t.id)
+        if h is None:
+            # (setdefault, not a test then a store: a handle's parent / children, read in another
+            # Python thread without the engine's lock, may make this thread's handle meanwhile;
+            # a second one stored over it left the first refused by every verb, "not a thread
+            # of this session")
+            h = self._handles.setdefault(t.id, ThreadHandle(self, t))
+        return h
 
     def _threads(self, hs, verb: str) -> list[Thread]:
         if not isinstance(hs, (list, tuple)):

@@ -538,3 +538,37 @@ def test_feed_and_pages_held_match_their_plain_definitions(make_llm, monkeypatch
         s.close()
     assert checked["feed"] > 100 and checked["pages"] > 50, checked
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_handles_read_from_another_python_thread_during_a_fork(make_llm, monkeypatch):
+    """A handle's ``children`` / ``parent`` (read without the engine's lock, e.g. by a server
+    thread showing a session's tree) may make a thread's handle while fork() is making its
+    own for the same thread: both must get the one handle the session knows. The second
+    handle used to replace the first, which every verb then refused ('is not a thread of
+    this session'). The interleaving is forced here: while fork() builds the handle of its
+    first child, another Python thread reads the root's children."""
+    import threading
+    import engine.session as session_mod
+    llm = make_llm("qwen3")
+    s = llm.session("hello world")
+    seen, init = [], session_mod.ThreadHandle.__init__
+
+    def racing_init(self, session, thread):
+        init(self, session, thread)
+        if not seen:  # (once: the reader's own handles are built by this too)
+            seen.append(None)
+            reader = threading.Thread(target=lambda: seen.extend(s.root.children))
+            reader.start()
+            reader.join()
+
+    monkeypatch.setattr(session_mod.ThreadHandle, "__init__", racing_init)
+    a, b = s.fork(s.root, ["A", "B"])
+    monkeypatch.undo()
+    read = seen[1:]
+    assert [h.id for h in read] == [a.id, b.id]
+    assert read[0] is a and read[1] is b, "fork() and the reader got different handles for one thread"
+    assert s.root.children == [a, b]
+    s.inject(a, "x")  # (the verbs take them)
+    s.generate([read[0], b], greedy(2))
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
