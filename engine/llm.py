@@ -127,13 +127,17 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
     leaves the engine's random generator as it found it: the next call draws as if the
     failed one never ran (its pages are back by then: the scheduler's abort, Session's),
     unless it keeps tokens it sampled (``llm._rng_kept``: a session's threads keep theirs,
-    and drawing their seeds again would correlate what follows with them)."""
+    and drawing their seeds again would correlate what follows with them). Every call
+    first closes the sessions dropped while another thread's call ran (Session.__del__)."""
     with llm._lock:
         rng = llm._rng.get_state() if exclusive and not llm._busy else None
         if rng is not None:
             llm._rng_kept = False
         try:
             with DEFERRED:  # (Ctrl-C at a safe point, see engine.interrupts)
+                while llm._dropped:  # (before anything reads the cache; closing twice is harmless)
+                    llm._dropped[-1].close()
+                    llm._dropped.pop()
                 if not exclusive:
                     return fn(*args, **kwargs)
                 if llm._busy:
@@ -177,6 +181,8 @@ class LLM:
         self._lock = threading.RLock()  # (see engine_call)
         self._busy = None               # the exclusive call running, if any
         self._rng_kept = False          # the running call keeps tokens drawn from _rng (see engine_call)
+        self._dropped = []              # trees of sessions dropped while another Python thread ran a
+        #                                 call, for the next call to close (Session.__del__)
         model = os.fspath(model)
         self.model_dir = model
         self.config = ModelConfig.from_dir(model)

@@ -25,7 +25,8 @@ class ThreadHandle:
     """A user's handle on one thread of a session. It refers to its session weakly: the
     session holds its handles, so a strong reference back would make a cycle, and a
     session dropped without close() would keep its pages until Python's cycle collector
-    happened to run (refusing requests meanwhile). A dropped session closes at once; its
+    happened to run (refusing requests meanwhile). A dropped session closes at once (while
+    another Python thread runs an engine call: first thing in the LLM's next call); its
     handles still read their tokens and text, and the verbs refuse them."""
 
     def __init__(self, session: "Session", thread: Thread):
@@ -275,17 +276,35 @@ class Session:
             self.tree.close()
             self.tree = None
 
+    def _close_or_hand_over(self):
+        """close(), unless another Python thread runs an engine call: then the LLM's next call
+        closes the tree (engine_call), and this returns at once. (A dropped session waited for
+        that call to end, in whatever thread dropped it: a server thread stalled for a whole
+        generate, and in the main thread a Ctrl-C meanwhile was lost, a second one left the
+        session's pages held for good.)"""
+        llm = self._llm
+        with DEFERRED:  # (main thread: a Ctrl-C from here waits until the lock is let go again)
+            if not llm._lock.acquire(blocking=False):
+                tree, self.tree = self.tree, None
+                if tree is not None:
+                    llm._dropped.append(tree)
+                return
+            try:
+                self.close()
+            finally:
+                llm._lock.release()
+
     def __del__(self):
         if getattr(self, "tree", None) is None:
             return
         try:
-            self.close()
+            self._close_or_hand_over()
         except KeyboardInterrupt:
-            # A Ctrl-C before close() began (the lock) or as it ended: finish freeing, then
+            # A Ctrl-C before the lock was tried or as the close ended: finish freeing, then
             # hand it to the engine call this runs inside, if any (Python drops exceptions
             # raised in __del__).
             try:
-                self.close()
+                self._close_or_hand_over()
             except BaseException:
                 pass
             if DEFERRED._depth > 0:

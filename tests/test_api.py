@@ -993,6 +993,63 @@ def test_calls_from_several_python_threads(llm):
     assert_no_leak(llm)
 
 
+def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
+    """A session dropped (its last reference gone) while another Python thread runs an engine
+    call does not wait for that call: its close waited in whatever thread dropped it (a
+    server's thread stalled for a whole generate; in the main thread a Ctrl-C meanwhile was
+    lost, and a second one left the session's pages held for good). Its pages are back
+    before any later call sees the cache; a session dropped in the thread that runs the
+    call (a stream callback) still closes at once."""
+    import gc
+    import threading
+    held, release = threading.Event(), threading.Event()
+
+    def other_call():  # (another thread's engine call, as long as the test needs)
+        with llm._lock:
+            held.set()
+            release.wait(30)
+
+    s = llm.session(random_ids(40, VOCAB, seed=3))
+    (a,) = s.fork(s.root, [[5]])
+    s.generate([a], greedy(4))
+    assert llm.cache_stats()["pages_used"] > 0
+    runner = threading.Thread(target=other_call)
+    runner.start()
+    assert held.wait(30)
+    dropped = []
+
+    def drop():
+        nonlocal s, a
+        del s, a
+        gc.collect()
+        dropped.append(True)
+    dropper = threading.Thread(target=drop)
+    try:
+        dropper.start()
+        dropper.join(10)
+        assert dropped, "dropping a session waited for another thread's engine call"
+    finally:
+        release.set()
+        runner.join()
+        dropper.join()
+    assert_no_leak(llm)  # (cache_stats is an engine call: it closes the dropped session first)
+    assert llm.cache_stats()["segments"] == 0
+    # dropped inside a call in the same thread: closed at once
+    s2 = llm.session(random_ids(40, VOCAB, seed=4))
+    (b,) = s2.fork(s2.root, [[5]])
+    s2.generate([b], greedy(2))
+    sessions, handed_over = [s2], []
+    del s2, b
+
+    def cb(i, j, text):
+        if sessions:
+            sessions.clear()  # (its last reference: closed here, inside generate's call)
+            handed_over.append(list(llm._dropped))
+    llm.generate([baseline[0]], greedy(3), stream=cb)
+    assert handed_over == [[]]
+    assert_still_works(llm, baseline)
+
+
 def test_calls_from_inside_a_running_call(llm, baseline):
     """A protocol's callback that calls the engine again (here extract_answer) is refused
     with one clear error instead of running a step inside a step; a protocol that raises
