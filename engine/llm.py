@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -118,26 +119,93 @@ class ThreadGenerators:
         return torch.Generator().manual_seed(seed)
 
 
+class EngineLock:
+    """The engine's lock: re-entrant (a call inside a call of the same thread: a session
+    closed or dropped in a stream callback) and first come, first served (with the C RLock
+    it replaces, a thread that ended a call took the next one before the threads already
+    waiting: one server thread calling in a loop kept another waiting for 1,370 of its
+    calls). Take and let go of it with Ctrl-C deferred (engine_call's ``DEFERRED``): a
+    Ctrl-C then lands only where its state is whole, and one while the main thread waits
+    for its turn gives up that turn and is raised (within ``POLL`` seconds)."""
+
+    POLL = 0.05
+
+    def __init__(self):
+        self._cv = threading.Condition(threading.Lock())
+        self._owner = None          # the holding thread's ident
+        self._depth = 0
+        self._line = deque()        # idents of the threads waiting, first come first
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()
+        with self._cv:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if self._owner is None and not self._line:
+                self._owner, self._depth = me, 1
+                return True
+            if not blocking:
+                return False
+            self._line.append(me)
+            try:
+                while self._owner is not None or self._line[0] != me:
+                    self._cv.wait(self.POLL)
+                    DEFERRED.check()  # (main thread: a Ctrl-C while waiting)
+            except BaseException:
+                self._line.remove(me)
+                self._cv.notify_all()  # (the next in line may be free to go now)
+                raise
+            self._line.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self):
+        with self._cv:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("the engine's lock was let go by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cv.notify_all()
+
+    def __enter__(self):
+        with DEFERRED:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        with DEFERRED:
+            self.release()
+        return False
+
+
 def engine_call(llm, fn, args, kwargs, exclusive: bool):
-    """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns (the
-    cache, scheduler and step state are shared; interleaved steps corrupt them). An
-    exclusive call (one that steps the engine or changes its threads) is refused while
-    another runs in the same thread, e.g. a generate from inside a protocol's callback.
+    """Run ``fn`` holding ``llm``'s lock: calls from several Python threads take turns, in
+    the order they came (the cache, scheduler and step state are shared; interleaved
+    steps corrupt them). An exclusive call (one that steps the engine or changes its
+    threads) is refused while another runs in the same thread, e.g. a generate from
+    inside a protocol's callback.
     An exclusive call that raises (an error, or a Ctrl-C, even one deferred to its end)
     leaves the engine's random generator as it found it: the next call draws as if the
     failed one never ran (its pages are back by then: the scheduler's abort, Session's),
     unless it keeps tokens it sampled (``llm._rng_kept``: a session's threads keep theirs,
     and drawing their seeds again would correlate what follows with them). Every call
     first closes the sessions dropped while another thread's call ran (Session.__del__)."""
-    with llm._lock:
-        rng = llm._rng.get_state() if exclusive and not llm._busy else None
-        if rng is not None:
-            llm._rng_kept = False
+    with DEFERRED:  # (Ctrl-C at a safe point, see engine.interrupts; the lock's bookkeeping too)
+        llm._lock.acquire()  # (a Ctrl-C while the main thread waits for its turn: raised here)
         try:
-            with DEFERRED:  # (Ctrl-C at a safe point, see engine.interrupts)
+            rng = llm._rng.get_state() if exclusive and not llm._busy else None
+            if rng is not None:
+                llm._rng_kept = False
+            try:
                 while llm._dropped:  # (before anything reads the cache; closing twice is harmless)
-                    llm._dropped[-1].close()
-                    llm._dropped.pop()
+                    tree = llm._dropped.pop()  # (pop first: another thread may append meanwhile)
+                    try:
+                        tree.close()
+                    except BaseException:
+                        llm._dropped.append(tree)
+                        raise
                 if not exclusive:
                     return fn(*args, **kwargs)
                 if llm._busy:
@@ -146,14 +214,19 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
                                        "call returns.")
                 llm._busy = fn.__qualname__
                 try:
-                    return fn(*args, **kwargs)
+                    out = fn(*args, **kwargs)
                 finally:
                     llm._busy = None
                     llm.core.settle()  # (nothing of the call's last step stays referenced)
-        except BaseException:
-            if rng is not None and not llm._rng_kept:
-                llm._rng.set_state(rng)
-            raise
+                if DEFERRED._depth == 1:
+                    DEFERRED.check()  # (a Ctrl-C deferred to the call's end: raised where the rng goes back)
+                return out
+            except BaseException:
+                if rng is not None and not llm._rng_kept:
+                    llm._rng.set_state(rng)
+                raise
+        finally:
+            llm._lock.release()
 
 
 def engine_method(exclusive: bool, llm_of=lambda obj: obj):
@@ -173,12 +246,12 @@ locked = engine_method(False)      # reads, or frees (Session.close, which the g
 
 class LLM:
     """The engine over one model. Safe to call from several Python threads: the calls
-    (generate, chat, score, session verbs) run one after another."""
+    (generate, chat, score, session verbs) run one after another, in the order they came."""
 
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
                  page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,
                  kv_cache_dtype="auto", max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS):
-        self._lock = threading.RLock()  # (see engine_call)
+        self._lock = EngineLock()  # (see engine_call)
         self._busy = None               # the exclusive call running, if any
         self._rng_kept = False          # the running call keeps tokens drawn from _rng (see engine_call)
         self._dropped = []              # trees of sessions dropped while another Python thread ran a

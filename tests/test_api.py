@@ -1050,6 +1050,78 @@ def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_threads_take_turns_in_the_order_they_came(llm, baseline):
+    """Python threads get the engine first come, first served: a thread that ends a call and
+    asks at once for the next waits behind the threads already waiting (with a plain RLock
+    it took the lock back first: a thread calling in a loop kept another waiting for 1,370
+    of its calls). A waiting thread that gives up (Ctrl-C; here an error raised while it
+    waits) leaves the line, and the lock's re-entry and try-lock work as before."""
+    import threading
+    lock, order = llm._lock, []
+
+    def in_line(n):  # until n threads wait
+        for _ in range(2000):
+            if len(lock._line) == n:
+                return True
+            threading.Event().wait(0.005)
+        return False
+
+    def call(name):
+        llm.cache_stats()  # (an engine call)
+        order.append(name)
+    lock.acquire()  # this thread's call runs ...
+    b = threading.Thread(target=call, args=("b",))
+    b.start()
+    assert in_line(1)
+    c = threading.Thread(target=call, args=("c",))
+    c.start()
+    assert in_line(2)
+    lock.release()  # ... ends, and this thread asks again at once: behind b and c
+    call("a")
+    b.join(30)
+    c.join(30)
+    assert order == ["b", "c", "a"]
+    # re-entry, try-lock, and a waiter that gives up
+    assert lock.acquire() and lock.acquire(blocking=False)
+    lock.release()
+    got = []
+    t = threading.Thread(target=lambda: got.append(lock.acquire(blocking=False)))
+    t.start()
+    t.join()
+    assert got == [False]
+    errs = []
+
+    def gives_up():
+        try:
+            lock.acquire()
+        except RuntimeError as e:
+            errs.append(str(e))
+    from engine import llm as llm_mod
+    real_check = llm_mod.DEFERRED.check
+    giving_up = threading.Event()
+
+    def check():  # (stands in for a Ctrl-C, which only the main thread receives)
+        if giving_up.is_set() and threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("gave up")
+        real_check()
+    llm_mod.DEFERRED.check = check
+    try:
+        t = threading.Thread(target=gives_up)
+        t.start()
+        assert in_line(1)
+        giving_up.set()
+        t.join(30)
+        assert errs == ["gave up"] and len(lock._line) == 0
+    finally:
+        llm_mod.DEFERRED.check = real_check
+    lock.release()
+    assert lock._owner is None and lock._depth == 0
+    order.clear()
+    call("d")
+    assert order == ["d"]
+    assert_still_works(llm, baseline)
+
+
 def test_calls_from_inside_a_running_call(llm, baseline):
     """A protocol's callback that calls the engine again (here extract_answer) is refused
     with one clear error instead of running a step inside a step; a protocol that raises

@@ -4,6 +4,7 @@ from a tracer at the k-th line the engine runs (as a real Ctrl-C lands between a
 bytecodes), for k spread over whole calls."""
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ import pytest
 from conftest import random_ids
 from engine import SamplingParams
 from engine.interrupts import DEFERRED
+from engine.llm import engine_call
 from engine.protocols import Multiverse, ParallelSampling
 
 pytestmark = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
@@ -43,6 +45,23 @@ def _sigint_at(call, k: int) -> str | None:
     finally:
         sys.settrace(None)
     return state["where"], state["n"]
+
+
+def _lines_of(call) -> list[str]:
+    """The engine lines ``call`` runs, in order (as _sigint_at counts them)."""
+    seen = []
+
+    def local(frame, event, arg):
+        if event == "line":
+            seen.append(f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}")
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if "/engine/" in frame.f_code.co_filename else None)
+    try:
+        call()
+    finally:
+        sys.settrace(None)
+    return seen
 
 
 class _Failing(ParallelSampling):
@@ -195,10 +214,15 @@ def test_a_stopped_call_leaves_the_random_generator(make_llm, kind):
     want = call()
     assert call() != want  # (unseeded: the generator moved on)
     _, total = _sigint_at(prepare(), 10 ** 9)
-    # every line but the call's last: that is the lock's release, after the deferral has
-    # ended and the call has run (a Ctrl-C there is one after the call returned)
+    # every line up to the call's last safe point (engine_call's final DEFERRED.check()); the
+    # lines after it let go of the lock once the call has run (a Ctrl-C there is one after
+    # the call returned: the deferral raises it as the call ends)
+    src, first = inspect.getsourcelines(engine_call)
+    final = f"llm.py:{first + next(i for i, line in enumerate(src) if 'DEFERRED.check()' in line)}"
+    lines = _lines_of(prepare())
+    last = max(i for i, w in enumerate(lines) if w == final) + 1  # (k counts from 1)
     kept = 0
-    for k in sorted({1 + (total - 2) * i // 9 for i in range(10)} | set(range(total - 12, total))):
+    for k in sorted({1 + (last - 1) * i // 9 for i in range(10)} | set(range(last - 12, last + 1))):
         llm._rng.set_state(state)
         where, _ = _sigint_at(prepare(), k)
         assert where is not None
