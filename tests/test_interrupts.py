@@ -254,6 +254,36 @@ def test_a_stale_pending_flag_does_not_interrupt_the_next_call():
         DEFERRED.pending = False
 
 
+def test_a_ctrl_c_while_waiting_for_the_engine_gives_up_the_turn(make_llm):
+    """A Ctrl-C while the main thread waits for another Python thread's engine call stops the
+    wait at once (the lock polls for it) and leaves the line: the other thread's call and
+    every later one run as before."""
+    llm = make_llm("qwen3", kv_cache_tokens=4096)
+    held, release = threading.Event(), threading.Event()
+
+    def other_call():
+        with llm._lock:
+            held.set()
+            release.wait(30)
+    t = threading.Thread(target=other_call)
+    t.start()
+    assert held.wait(30)
+    timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.cache_stats()  # (waits: the other thread holds the engine)
+        assert t.is_alive() and len(llm._lock._line) == 0
+    finally:
+        timer.cancel()
+        release.set()
+        t.join()
+    assert llm._lock._owner is None and not DEFERRED.pending
+    assert llm.cache_stats()["pages_used"] == 0
+    out = llm.generate([random_ids(5, llm.config.vocab_size, 1)], SamplingParams(max_tokens=2, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
 def test_check_raises_the_waiting_ctrl_c_on_the_main_thread_only():
     with DEFERRED:
         signal.raise_signal(signal.SIGINT)
