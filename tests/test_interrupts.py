@@ -284,6 +284,49 @@ def test_a_ctrl_c_while_waiting_for_the_engine_gives_up_the_turn(make_llm):
     assert len(out[0].outputs[0].token_ids) == 2
 
 
+def test_a_ctrl_c_at_any_line_of_a_call_that_waits_its_turn(make_llm):
+    """A Ctrl-C at each engine line of a main-thread call that waits behind another thread's
+    call (taking its place in line, waiting, taking the lock, the call, letting go) leaves
+    the lock whole: the other thread's call runs, nobody is left in line or holding it,
+    and the engine answers as before."""
+    llm = make_llm("qwen3", kv_cache_tokens=4096)
+    lock = llm._lock
+    prompt = random_ids(6, llm.config.vocab_size, 1)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    want = llm.generate([prompt], params)[0].outputs[0].token_ids
+    k = 0
+    while True:
+        k += 1
+        held, release, results = threading.Event(), threading.Event(), []
+
+        def holder():
+            with lock:
+                held.set()
+                release.wait(10)
+        h = threading.Thread(target=holder)
+        h.start()
+        assert held.wait(10)
+        o = threading.Thread(target=lambda: results.append(llm.cache_stats()["pages_used"]))
+        o.start()
+        for _ in range(2000):
+            if lock._line:
+                break
+            threading.Event().wait(0.001)
+        timer = threading.Timer(0.03, release.set)
+        timer.start()
+        where, _ = _sigint_at(llm.cache_stats, k)
+        release.set()
+        timer.cancel()
+        h.join(10)
+        o.join(10)
+        assert results == [0] and lock._owner is None and not lock._line and lock._depth == 0, (k, where)
+        assert not DEFERRED.pending
+        if where is None:
+            break
+    assert k > 20  # (the call's lines, the waits included, were all reached)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == want
+
+
 def test_check_raises_the_waiting_ctrl_c_on_the_main_thread_only():
     with DEFERRED:
         signal.raise_signal(signal.SIGINT)
