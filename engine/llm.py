@@ -6,6 +6,7 @@ Flow of one step (Scheduler.step; each arrow one object):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -431,6 +432,13 @@ class LLM:
             if not isinstance(p, SamplingParams):
                 raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
             p.verify()
+        # The call runs on its own copy of each: the engine reads its params at every token, and
+        # the caller's object changed while the call runs (a stream callback, another Python
+        # thread setting up its next call with it) reached the running request (max_tokens
+        # raised past its reserved pages: "engine bug" KV cache full; a stop string set:
+        # AttributeError; max_tokens=None: TypeError).
+        own: dict[int, SamplingParams] = {}
+        plist = [own.setdefault(id(p), dataclasses.replace(p)) for p in plist]
         if protocol is None:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):

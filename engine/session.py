@@ -12,6 +12,7 @@ its ancestors' segments; a continuation's view names the joined threads' ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 from .interrupts import DEFERRED
@@ -195,6 +196,7 @@ class Session:
         if not isinstance(p, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
         p.verify()
+        p = dataclasses.replace(p)  # (the call's own copy: see LLM.generate)
         if p.n != 1:
             raise ValueError("Session.generate runs each given thread once (n=1); fork the thread "
                              "to get several samples.")

@@ -124,6 +124,47 @@ def test_sampling_params_changed_after_construction(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_params_changed_while_a_call_runs_do_not_reach_it(llm, baseline):
+    """A call runs on its own copy of its SamplingParams: the caller's object changed while the
+    call runs (from a stream callback here; a server's other Python thread setting up its next
+    call with a shared object likewise) leaves the running call as it began. (The engine read
+    the caller's object at every token: a stop string set then raised AttributeError,
+    max_tokens=None a TypeError, a larger max_tokens ran the request past its reserved pages:
+    "engine bug: a thread wrote past its reservation".)"""
+    ids = baseline[0]
+    want = llm.generate([ids], greedy(12))[0].outputs[0]
+    for change in (dict(stop="ab"), dict(max_tokens=None), dict(max_tokens=3), dict(max_tokens=1500),
+                   dict(stop_token_ids=list(range(VOCAB))), dict(logprobs=3)):
+        sp = greedy(12)
+
+        def fn(i, j, piece):
+            for k, v in change.items():
+                setattr(sp, k, v)
+        got = llm.generate([ids], sp, stream=fn)[0].outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason, got.logprobs) == \
+            (want.token_ids, want.text, want.finish_reason, None), change
+        assert_no_leak(llm)
+    # Session.generate too (its threads keep the params of the call that ran them)
+    s = llm.session(ids)
+    try:
+        sp = greedy(6)
+        a, b = s.fork(s.root, ["", ""])
+        real = llm.core.token_source
+
+        def source(threads):
+            sp.max_tokens, sp.stop = 500, "ab"
+            return [7] * len(threads)
+        llm.core.token_source = source
+        try:
+            outs = s.generate([a, b], sp)
+        finally:
+            llm.core.token_source = real
+        assert [o.token_ids for o in outs] == [[7] * 6] * 2 and sp.max_tokens == 500
+    finally:
+        s.close()
+    assert_still_works(llm, baseline)
+
+
 def test_prompt_and_score_input_forms(llm, baseline):
     """A tuple of token ids is one prompt, as a list is; score() takes a tensor or tuples."""
     ids = baseline[0]
