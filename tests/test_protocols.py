@@ -718,3 +718,20 @@ def test_tags_must_not_be_empty():
         with pytest.raises(ValueError, match=f"Tags.{k} must be a non-empty string"):
             Tags(**{**ok, k: ""})
     assert Tags(**ok).fork == "<F>"
+
+
+def test_default_tags_are_each_instances_own():
+    """A protocol made with its default tags has its own copy: changing one instance's tags
+    (``Multiverse().tags.join_header = ...``) used to change the class's DEFAULT_TAGS object, so
+    every later default Multiverse() in the process (another endpoint's, the demo's) forked and
+    joined on the changed tags."""
+    for cls, kw in ((Multiverse, {}), (ThreadWeaver, {}), (ParallelR1, {}), (ParaThinker, dict(paths=2))):
+        want = (cls.DEFAULT_TAGS.join_header, cls.DEFAULT_TAGS.path_close)
+        one = cls(**kw)
+        one.tags.join_header, one.tags.path_close = "\nX\n", "</X>"
+        assert (cls(**kw).tags.join_header, cls(**kw).tags.path_close) == want, cls.__name__
+        assert (cls.DEFAULT_TAGS.join_header, cls.DEFAULT_TAGS.path_close) == want, cls.__name__
+        itemized = cls in (Multiverse, ThreadWeaver)
+        mine = Tags(fork="<F>", path_header="<P{num}>", path_close="</P>", join_header="<J>",
+                    block_open="<B>" if itemized else None, item="<I>" if itemized else None)
+        assert cls(tags=mine, **kw).tags is mine  # (a caller's own Tags: kept as given)

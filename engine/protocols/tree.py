@@ -25,6 +25,7 @@ Malformed output never crashes or hangs; each case is recorded in the output's
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..outputs import CompletionOutput
@@ -270,6 +271,10 @@ class TagTreeProtocol(Protocol):
         from ..threads import JOIN_SCHEMES
         if positions not in JOIN_SCHEMES:
             raise ValueError(f"positions={positions!r} must be one of {JOIN_SCHEMES}.")
+        if tags is getattr(type(self), "DEFAULT_TAGS", None):
+            # (its own copy: the class's one object was every default instance's, so that
+            # `proto.tags.join_header = ...` on one changed every Multiverse() made after it)
+            tags = dataclasses.replace(tags)
         self.tags, self.positions = tags, positions
         self.limits = limits or TreeLimits()
 
