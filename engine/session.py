@@ -16,7 +16,7 @@ import dataclasses
 import weakref
 
 from .interrupts import DEFERRED
-from .llm import engine_method
+from .llm import _as_list, engine_method
 from .outputs import CompletionOutput
 from .sampling_params import SamplingParams, _is_int
 from .threads import Thread, ThreadTree
@@ -120,9 +120,10 @@ class Session:
             return []
         if isinstance(x, str):
             return self._llm.core.encode_text(x)
+        x = _as_list(x)  # (a numpy array or tensor of ids, as prompts take them: a list, copied)
         if not isinstance(x, (list, tuple)):
-            raise ValueError(f"{x!r:.60} must be a string or a list of token ids (a fork takes a list of these, "
-                             "one per child).")
+            hint = " (a fork takes a list of these, one per child)" if what == "header" else ""
+            raise ValueError(f"{what} {x!r:.60} must be a string or a list of token ids{hint}.")
         ids = list(x)
         V = self._llm.config.vocab_size
         if not all(_is_int(i) and 0 <= i < V for i in ids):

@@ -187,6 +187,15 @@ def test_prompt_and_score_input_forms(llm, baseline):
         assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
         kid, = s.fork(s.root, [[np.int32(3), 4]])
         assert kid.token_ids[-2:] == [3, 4] and all(type(t) is int for t in kid.token_ids)
+        # a header or injected ids as an array or tensor, as a prompt (they were refused, the
+        # injection with a fork's hint); copied: changing the array later changes nothing
+        arr = np.array([5, 6])
+        k2, = s.fork(s.root, [arr])
+        s.inject(k2, torch.tensor([7]))
+        arr[0] = 9
+        assert k2.token_ids == [5, 6, 7] and all(type(t) is int for t in k2.token_ids)
+        with pytest.raises(ValueError, match=r"injected text 7 must be a string or a list of token ids\.$"):
+            s.inject(k2, 7)
         for bad in ([True, False], [1.0]):
             with pytest.raises(ValueError, match="must be a string or token ids"):
                 s.fork(s.root, [bad])
