@@ -735,3 +735,46 @@ def test_default_tags_are_each_instances_own():
         mine = Tags(fork="<F>", path_header="<P{num}>", path_close="</P>", join_header="<J>",
                     block_open="<B>" if itemized else None, item="<I>" if itemized else None)
         assert cls(tags=mine, **kw).tags is mine  # (a caller's own Tags: kept as given)
+
+
+def test_protocol_settings_changed_after_construction_are_checked_at_each_call(llm):
+    """generate() checks a protocol's settings again, as it does SamplingParams': a run reads
+    them as they are at the call. (Only the constructor checked them: a ParaThinker whose
+    ``paths`` was raised past its limits ran 152 threads on pages reserved for 66; a Hogwild
+    given more names than workers ran one worker per name on a reservation for ``workers``;
+    ParallelSampling n=0 failed in fork(), 'needs at least one child header'; TreeLimits
+    max_paths=0 ended the request at once with an empty text.)"""
+    def bad(make, attr, value, match):
+        proto = make()
+        obj = proto.limits if attr.startswith("limits.") else proto
+        setattr(obj, attr.split(".")[-1], value)
+        with pytest.raises(ValueError, match=match):
+            llm.generate("Q: 1+2?", SamplingParams(max_tokens=4), protocol=proto)
+        assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+    bad(lambda: ParallelSampling(2), "n", 0, r"ParallelSampling n=0 must be an integer >= 1")
+    bad(lambda: ParallelSampling(2), "n", "3", r"ParallelSampling n='3' must be an integer")
+    bad(lambda: ParallelSampling(2), "select", "best", r"select='best' must be one of")
+    bad(lambda: ParallelSampling(2, "majority"), "extract_answer", None, r"extract_answer=None must be a function")
+    bad(Multiverse, "limits.max_paths", 0, r"max_paths=0 must be an integer >= 1")
+    bad(Multiverse, "positions", "bogus", r"positions='bogus' must be one of")
+    bad(Multiverse, "tags", Tags(fork="<F>", path_header="<P>", path_close="</P>", join_header="<J>"),
+        r"Multiverse forks one child per item")
+    bad(lambda: ParallelR1(num_paths=2), "num_paths", 100, r"num_paths=100 exceeds limits.max_paths=8")
+    bad(lambda: ParaThinker(paths=2), "paths", 150, r"paths=150 exceeds limits.max_paths=8")
+    bad(lambda: ParaThinker(paths=2), "cutoff_ratio", 0.5, r"cutoff_ratio=0.5 must be a number >= 1.0")
+    bad(lambda: Hogwild(workers=2), "workers", 5, r"5 workers need 5 names, got 2")
+    bad(lambda: Hogwild(workers=2), "compact_after", 1, r"compact_after=1 must be an integer >= 4")
+    bad(lambda: Hogwild(workers=2), "header", "", r"header='' must be a non-empty string")
+    # a valid change takes effect, checked as the constructor checks it
+    h = Hogwild(workers=2, finisher=False)
+    h.names = ["Ann", "Ben", "Cy"]  # (more names than workers: the first `workers` of them)
+    llm.core.token_source = Script(llm, {"": "x. ..."})
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=3), protocol=h)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert [w["name"] for w in out.workers] == ["Ann", "Ben"] and h.names == ["Ann", "Ben"]
+    p = ParaThinker(paths=2)
+    p.paths = 3
+    c, _ = run(llm, {"": "a</think>"}, p, max_tokens=8)
+    assert kinds(c).count("first_finish") == 1 and sum(t["role"] == "path" for t in c.tree) == 3

@@ -30,6 +30,12 @@ class Protocol:
     def check_params(self, params: SamplingParams) -> None:
         """Refuse sampling parameters this protocol cannot honour (before any work)."""
 
+    def check_config(self) -> None:
+        """Check (and normalise) the protocol's own settings. Its constructor calls it, and
+        generate() at each call: the attributes may have been changed since, and a run reads
+        them as they are (a ParaThinker whose ``paths`` outgrew its limits ran more threads
+        than its request's reserved pages hold)."""
+
     def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
               make_generator) -> "ProtocolRun":
         raise NotImplementedError

@@ -76,25 +76,40 @@ class Hogwild(Protocol):
                  checkin_every: int | None = None, checkin: str = CHECKIN,
                  compact_after: int = 32, finisher: bool = True, finisher_tokens: int = 24,
                  stop_on_answer: bool = True):
-        workers = int_arg("workers", workers, 1)
-        finisher_tokens = int_arg("finisher_tokens", finisher_tokens, 1)
-        finisher, stop_on_answer = bool_arg("finisher", finisher), bool_arg("stop_on_answer", stop_on_answer)
-        if layout not in ("combined", "contiguous"):
-            raise ValueError(f"layout={layout!r} must be 'combined' or 'contiguous'.")
-        names = list(names) if names is not None else (NAMES + [f"Worker{i}" for i in range(9, 65)])
-        if len(names) < workers:
-            raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
-        if not isinstance(header, str) or not (header or _header_optional(workers, layout)):
-            raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
-                             "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
-        if checkin_every is not None:
-            checkin_every = int_arg("checkin_every", checkin_every, 1)
-        compact_after = int_arg("compact_after", compact_after, workers + 2)
-        self.workers, self.layout, self.names = workers, layout, names[:workers]
+        if names is None:
+            names = NAMES + [f"Worker{i}" for i in range(9, 65)]
+        self.workers, self.layout, self.names = workers, layout, names
         self.header, self.collab_prompt = header, collab_prompt
         self.checkin_every, self.checkin = checkin_every, checkin
         self.compact_after, self.finisher = compact_after, finisher
         self.finisher_tokens, self.stop_on_answer = finisher_tokens, stop_on_answer
+        self.check_config()
+
+    def check_config(self):
+        self.workers = workers = int_arg("workers", self.workers, 1)
+        self.finisher_tokens = int_arg("finisher_tokens", self.finisher_tokens, 1)
+        self.finisher = bool_arg("finisher", self.finisher)
+        self.stop_on_answer = bool_arg("stop_on_answer", self.stop_on_answer)
+        layout = self.layout
+        if layout not in ("combined", "contiguous"):
+            raise ValueError(f"layout={layout!r} must be 'combined' or 'contiguous'.")
+        if isinstance(self.names, str) or not hasattr(self.names, "__iter__"):
+            raise ValueError(f"names={self.names!r} must be a list of the workers' names.")
+        names = list(self.names)
+        if len(names) < workers:
+            raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
+        self.names = names[:workers]  # (a run has one worker per name)
+        header = self.header
+        if not isinstance(header, str) or not (header or _header_optional(workers, layout)):
+            raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
+                             "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
+        if self.collab_prompt is not None and not isinstance(self.collab_prompt, str):
+            raise ValueError(f"collab_prompt={self.collab_prompt!r} must be a string or None.")
+        if not isinstance(self.checkin, str):
+            raise ValueError(f"checkin={self.checkin!r} must be a string.")
+        if self.checkin_every is not None:
+            self.checkin_every = int_arg("checkin_every", self.checkin_every, 1)
+        self.compact_after = int_arg("compact_after", self.compact_after, workers + 2)
 
     def prepare_prompt(self, tokenizer, text: str | None, ids: list[int]) -> list[int]:
         """Render the collaboration prompt around a text prompt (token ids pass unchanged)."""

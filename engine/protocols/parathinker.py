@@ -62,12 +62,18 @@ class ParaThinker(TagTreeProtocol):
     def __init__(self, paths: int = 4, cutoff_ratio: float = 1.0, tags: Tags | None = None,
                  positions: str = "max", limits: TreeLimits | None = None):
         paths = int_arg("paths", paths, 1)
-        if not _is_num(cutoff_ratio) or cutoff_ratio < 1.0:  # (_is_num: not NaN)
-            raise ValueError(f"cutoff_ratio={cutoff_ratio!r} must be a number >= 1.0 (1.0 cuts "
-                             "the other paths off as soon as the first one finishes).")
         limits = limits or TreeLimits(max_paths=max(paths, 8), max_threads=max(64, paths + 2))
+        self.paths, self.cutoff_ratio = paths, cutoff_ratio
+        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
+
+    def check_config(self):
+        super().check_config()
+        self.paths = paths = int_arg("paths", self.paths, 1)
+        if not _is_num(self.cutoff_ratio) or self.cutoff_ratio < 1.0:  # (_is_num: not NaN)
+            raise ValueError(f"cutoff_ratio={self.cutoff_ratio!r} must be a number >= 1.0 (1.0 cuts "
+                             "the other paths off as soon as the first one finishes).")
+        self.cutoff_ratio = float(self.cutoff_ratio)
+        limits = self.limits
         if paths > limits.max_paths or paths + 2 > limits.max_threads:
             raise ValueError(f"paths={paths} exceeds limits.max_paths={limits.max_paths} or needs more than "
                              f"limits.max_threads={limits.max_threads} threads (paths + 2); raise the limits.")
-        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
-        self.paths, self.cutoff_ratio = paths, float(cutoff_ratio)

@@ -34,14 +34,17 @@ class ParallelSampling(Protocol):
     name = "parallel_sampling"
 
     def __init__(self, n: int | None = None, select: str = "all", extract_answer=last_boxed):
-        if n is not None:
-            n = int_arg("ParallelSampling n", n, 1)
-        if select not in SELECT:
-            raise ValueError(f"select={select!r} must be one of {SELECT}.")
-        if not callable(extract_answer):
-            raise ValueError(f"extract_answer={extract_answer!r} must be a function of a completion's text "
-                             "(its answer, or None), e.g. engine.protocols.sampling.last_boxed.")
         self.n, self.select, self.extract_answer = n, select, extract_answer
+        self.check_config()
+
+    def check_config(self):
+        if self.n is not None:
+            self.n = int_arg("ParallelSampling n", self.n, 1)
+        if self.select not in SELECT:
+            raise ValueError(f"select={self.select!r} must be one of {SELECT}.")
+        if not callable(self.extract_answer):
+            raise ValueError(f"extract_answer={self.extract_answer!r} must be a function of a completion's text "
+                             "(its answer, or None), e.g. engine.protocols.sampling.last_boxed.")
 
     def check_params(self, params):
         if self.n is not None and params.n not in (1, self.n):

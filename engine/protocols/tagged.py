@@ -20,6 +20,15 @@ class Tags:
     item: str | None = None       # item tag; its number may follow ("<Outline>1:")
 
     def __post_init__(self):
+        self.verify()
+
+    def verify(self):
+        for k in ("fork", "path_close", "join_header", "path_header"):
+            if not isinstance(getattr(self, k), str):
+                raise ValueError(f"Tags.{k}={getattr(self, k)!r} must be a string.")
+        for k in ("block_open", "item"):
+            if getattr(self, k) is not None and not isinstance(getattr(self, k), str):
+                raise ValueError(f"Tags.{k}={getattr(self, k)!r} must be a string or None.")
         for k in ("fork", "path_close", "join_header"):
             if not getattr(self, k):
                 raise ValueError(f"Tags.{k} must be a non-empty string.")
@@ -114,6 +123,10 @@ class Multiverse(TagTreeProtocol):
     def __init__(self, tags: Tags | None = None, positions: str = "max", limits: TreeLimits | None = None):
         super().__init__(_itemized(tags, type(self).__name__) or self.DEFAULT_TAGS, positions, limits)
 
+    def check_config(self):
+        super().check_config()
+        _itemized(self.tags, type(self).__name__)
+
 
 def _itemized(tags: Tags | None, name: str) -> Tags | None:
     if tags is not None and tags.item is None:
@@ -137,6 +150,10 @@ class ThreadWeaver(TagTreeProtocol):
                  limits: TreeLimits | None = None):
         super().__init__(_itemized(tags, type(self).__name__) or self.DEFAULT_TAGS, positions, limits)
 
+    def check_config(self):
+        super().check_config()
+        _itemized(self.tags, type(self).__name__)
+
 
 class ParallelR1(TagTreeProtocol):
     """``<Parallel>`` opens ``num_paths`` ``<Path>`` children (sampled independently);
@@ -148,8 +165,11 @@ class ParallelR1(TagTreeProtocol):
 
     def __init__(self, num_paths: int = 2, tags: Tags | None = None, positions: str = "sequential",
                  limits: TreeLimits | None = None):
-        num_paths = int_arg("num_paths", num_paths, 1)
-        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
-        if num_paths > self.limits.max_paths:
-            raise ValueError(f"num_paths={num_paths} exceeds limits.max_paths={self.limits.max_paths}.")
         self.num_paths = num_paths
+        super().__init__(tags or self.DEFAULT_TAGS, positions, limits)
+
+    def check_config(self):
+        super().check_config()
+        self.num_paths = int_arg("num_paths", self.num_paths, 1)
+        if self.num_paths > self.limits.max_paths:
+            raise ValueError(f"num_paths={self.num_paths} exceeds limits.max_paths={self.limits.max_paths}.")

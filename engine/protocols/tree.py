@@ -43,6 +43,9 @@ class TreeLimits:
     fork_margin: int = 16         # no fork with fewer budget tokens than this left
 
     def __post_init__(self):
+        self.verify()
+
+    def verify(self):
         for k in ("max_depth", "max_paths", "max_threads"):
             setattr(self, k, int_arg(k, getattr(self, k), 1))
         self.fork_margin = int_arg("fork_margin", self.fork_margin, 0)
@@ -268,15 +271,22 @@ class TagTreeProtocol(Protocol):
     run_cls = None
 
     def __init__(self, tags, positions: str, limits: TreeLimits | None):
-        from ..threads import JOIN_SCHEMES
-        if positions not in JOIN_SCHEMES:
-            raise ValueError(f"positions={positions!r} must be one of {JOIN_SCHEMES}.")
         if tags is getattr(type(self), "DEFAULT_TAGS", None):
             # (its own copy: the class's one object was every default instance's, so that
             # `proto.tags.join_header = ...` on one changed every Multiverse() made after it)
             tags = dataclasses.replace(tags)
         self.tags, self.positions = tags, positions
         self.limits = limits or TreeLimits()
+        self.check_config()
+
+    def check_config(self):
+        from ..threads import JOIN_SCHEMES
+        from .tagged import Tags
+        if self.positions not in JOIN_SCHEMES:
+            raise ValueError(f"positions={self.positions!r} must be one of {JOIN_SCHEMES}.")
+        for part in (self.limits, self.tags):  # (their own checks, again)
+            if isinstance(part, (TreeLimits, Tags)):
+                part.verify()
 
     def need_text(self, params):
         L = self.limits
