@@ -762,7 +762,7 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
     bad(lambda: ParallelR1(num_paths=2), "num_paths", 100, r"num_paths=100 exceeds limits.max_paths=8")
     bad(lambda: ParaThinker(paths=2), "paths", 150, r"paths=150 exceeds limits.max_paths=8")
     bad(lambda: ParaThinker(paths=2), "cutoff_ratio", 0.5, r"cutoff_ratio=0.5 must be a number >= 1.0")
-    bad(lambda: Hogwild(workers=2), "workers", 5, r"5 workers need 5 names, got 2")
+    bad(lambda: Hogwild(workers=2, names=["A", "B"]), "workers", 5, r"5 workers need 5 names, got 2")
     bad(lambda: Hogwild(workers=2), "compact_after", 1, r"compact_after=1 must be an integer >= 4")
     bad(lambda: Hogwild(workers=2), "header", "", r"header='' must be a non-empty string")
     # a valid change takes effect, checked as the constructor checks it
@@ -774,6 +774,14 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
     finally:
         llm.core.token_source = None
     assert [w["name"] for w in out.workers] == ["Ann", "Ben"] and h.names == ["Ann", "Ben"]
+    h = Hogwild(workers=2, finisher=False)  # (the default names: as many as workers asks for)
+    h.workers = 3
+    llm.core.token_source = Script(llm, {"": "x. ..."})
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=3), protocol=h)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert [w["name"] for w in out.workers] == ["Alice", "Bob", "Carol"]
     p = ParaThinker(paths=2)
     p.paths = 3
     c, _ = run(llm, {"": "a</think>"}, p, max_tokens=8)

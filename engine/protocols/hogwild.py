@@ -68,6 +68,10 @@ def _header_optional(workers: int, layout: str) -> bool:
     return workers == 1 and layout == "contiguous"
 
 
+def _default_names() -> list[str]:
+    return NAMES + [f"Worker{i}" for i in range(9, 65)]
+
+
 class Hogwild(Protocol):
     name = "hogwild"
 
@@ -76,8 +80,9 @@ class Hogwild(Protocol):
                  checkin_every: int | None = None, checkin: str = CHECKIN,
                  compact_after: int = 32, finisher: bool = True, finisher_tokens: int = 24,
                  stop_on_answer: bool = True):
+        self._default_names = None  # (the list check_config made from the default names)
         if names is None:
-            names = NAMES + [f"Worker{i}" for i in range(9, 65)]
+            names = self._default_names = _default_names()
         self.workers, self.layout, self.names = workers, layout, names
         self.header, self.collab_prompt = header, collab_prompt
         self.checkin_every, self.checkin = checkin_every, checkin
@@ -95,10 +100,13 @@ class Hogwild(Protocol):
             raise ValueError(f"layout={layout!r} must be 'combined' or 'contiguous'.")
         if isinstance(self.names, str) or not hasattr(self.names, "__iter__"):
             raise ValueError(f"names={self.names!r} must be a list of the workers' names.")
-        names = list(self.names)
+        default = self.names is self._default_names  # (not set by the user: as many as workers wants)
+        names = _default_names() if default else list(self.names)
         if len(names) < workers:
             raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
         self.names = names[:workers]  # (a run has one worker per name)
+        if default:
+            self._default_names = self.names
         header = self.header
         if not isinstance(header, str) or not (header or _header_optional(workers, layout)):
             raise ValueError(f"header={header!r} must be a non-empty string (each step's first token is "
