@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -120,6 +121,9 @@ class ThreadGenerators:
         return torch.Generator().manual_seed(seed)
 
 
+_LOCKS = weakref.WeakSet()  # every EngineLock, for the fork hook below the class
+
+
 class EngineLock:
     """The engine's lock: re-entrant (a call inside a call of the same thread: a session
     closed or dropped in a stream callback) and first come, first served (with the C RLock
@@ -136,10 +140,29 @@ class EngineLock:
         self._owner = None          # the holding thread's ident
         self._depth = 0
         self._line = deque()        # idents of the threads waiting, first come first
+        self._orphaned = False      # held, at a fork, by a thread the child does not have
+        _LOCKS.add(self)
+
+    def _after_fork_in_child(self):
+        """A process forked while another thread held the lock (a server thread's call) has
+        no such thread: the lock would never be let go (every call of the child waited for
+        good), and the engine's state is that call's half-made one. Calls raise instead.
+        The forking thread's own hold (a fork from a protocol's callback) stays as it was."""
+        self._cv = threading.Condition(threading.Lock())  # (its lock may be held by a lost thread)
+        self._line = deque()                              # (no waiter exists here)
+        if self._owner is not None and self._owner != threading.get_ident():
+            self._orphaned = True
 
     def acquire(self, blocking: bool = True) -> bool:
         me = threading.get_ident()
         with self._cv:
+            if self._orphaned:
+                if not blocking:  # (a dropped session's close: hands its tree over, harmless)
+                    return False
+                raise RuntimeError("This LLM was running a call in another thread when this process was "
+                                   "forked: that thread does not exist here, and the engine's state is its "
+                                   "half-made one. Create a new LLM in this process (or start it with the "
+                                   "'spawn' or 'forkserver' method).")
             if self._owner == me:
                 self._depth += 1
                 return True
@@ -179,6 +202,10 @@ class EngineLock:
         with DEFERRED:
             self.release()
         return False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [lock._after_fork_in_child() for lock in list(_LOCKS)])
 
 
 def engine_call(llm, fn, args, kwargs, exclusive: bool):

@@ -1172,6 +1172,55 @@ def test_threads_take_turns_in_the_order_they_came(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_another_thread_calls_raises_instead_of_waiting(llm, baseline):
+    """A process forked while another Python thread ran a call (a server thread) has no such
+    thread: its LLM's lock was never let go, and every call of the child waited for good.
+    They raise, saying what to do; a fork while no call runs, or from inside the forking
+    thread's own call, is as before."""
+    import signal
+    import threading
+    lock = llm._lock
+    held, done = threading.Event(), threading.Event()
+
+    def server_call():
+        with lock:  # (an engine call running in another thread)
+            held.set()
+            done.wait(60)
+
+    def child_exit_code(check) -> int:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)  # (a hang ends the child with SIGALRM)
+            try:
+                code = 0 if check() else 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+    def refused():
+        try:
+            llm.cache_stats()
+        except RuntimeError as e:
+            return "forked" in str(e) and "new LLM" in str(e) and lock.acquire(blocking=False) is False
+        return False
+
+    t = threading.Thread(target=server_call)
+    t.start()
+    try:
+        assert held.wait(30)
+        assert child_exit_code(refused) == 0
+    finally:
+        done.set()
+        t.join(30)
+    assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict)) == 0  # (no call running)
+    with lock:  # this thread's own call: the child holds the lock as its forking thread did
+        assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict) and lock._depth == 1) == 0
+    assert_still_works(llm, baseline)
+
+
 def test_calls_from_inside_a_running_call(llm, baseline):
     """A protocol's callback that calls the engine again (here extract_answer) is refused
     with one clear error instead of running a step inside a step; a protocol that raises
