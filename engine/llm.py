@@ -455,17 +455,19 @@ class LLM:
         plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(plist) != len(items):
             raise ValueError(f"Got {len(plist)} SamplingParams for {len(items)} prompts.")
-        for p in plist:
-            if not isinstance(p, SamplingParams):
-                raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
-            p.verify()
-        # The call runs on its own copy of each: the engine reads its params at every token, and
-        # the caller's object changed while the call runs (a stream callback, another Python
-        # thread setting up its next call with it) reached the running request (max_tokens
-        # raised past its reserved pages: "engine bug" KV cache full; a stop string set:
-        # AttributeError; max_tokens=None: TypeError).
+        # Each distinct object checked once, and the call runs on its own copy of it: the engine
+        # reads its params at every token, and the caller's object changed while the call runs
+        # (a stream callback, another Python thread setting up its next call with it) reached
+        # the running request (max_tokens raised past its reserved pages: "engine bug" KV cache
+        # full; a stop string set: AttributeError; max_tokens=None: TypeError).
         own: dict[int, SamplingParams] = {}
-        plist = [own.setdefault(id(p), dataclasses.replace(p)) for p in plist]
+        for p in plist:
+            if id(p) not in own:  # (a list of prompts mostly shares one object)
+                if not isinstance(p, SamplingParams):
+                    raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
+                p.verify()
+                own[id(p)] = dataclasses.replace(p)
+        plist = [own[id(p)] for p in plist]
         if protocol is None:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):
