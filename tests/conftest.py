@@ -245,6 +245,39 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def engine_held(llm, timeout: float = 30):
+    """Another Python thread holds ``llm``'s engine lock (an engine call running there) from
+    the block's start until the yielded Event is set, or the block ends; yields (that Event,
+    the thread)."""
+    import threading
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with llm._lock:
+            held.set()
+            release.wait(timeout)
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(timeout)
+        yield release, t
+    finally:
+        release.set()
+        t.join(timeout)
+
+
+def wait_in_line(lock, n: int, timeout: float = 10) -> bool:
+    """Whether n threads came to wait for the engine lock within timeout seconds."""
+    import time
+    end = time.monotonic() + timeout
+    while len(lock._line) < n:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,), generator=g).tolist()

@@ -5,6 +5,7 @@ The model is a random tiny Llama (GQA 2, tied embeddings, llama3 RoPE) from ``co
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -13,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import EOS_ID, VARIANTS, hf_logprobs, pages, random_ids, read_json, write_json
+from conftest import (EOS_ID, VARIANTS, engine_held, hf_logprobs, pages, random_ids, read_json, wait_in_line,
+                      write_json)
 
 NAME = "llama3_rope"
 VOCAB = VARIANTS[NAME]["vocab"]
@@ -1052,20 +1054,11 @@ def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
     call (a stream callback) still closes at once."""
     import gc
     import threading
-    held, release = threading.Event(), threading.Event()
-
-    def other_call():  # (another thread's engine call, as long as the test needs)
-        with llm._lock:
-            held.set()
-            release.wait(30)
 
     s = llm.session(random_ids(40, VOCAB, seed=3))
     (a,) = s.fork(s.root, [[5]])
     s.generate([a], greedy(4))
     assert llm.cache_stats()["pages_used"] > 0
-    runner = threading.Thread(target=other_call)
-    runner.start()
-    assert held.wait(30)
     dropped = []
 
     def drop():
@@ -1075,12 +1068,11 @@ def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
         dropped.append(True)
     dropper = threading.Thread(target=drop)
     try:
-        dropper.start()
-        dropper.join(10)
-        assert dropped, "dropping a session waited for another thread's engine call"
+        with engine_held(llm):  # (another thread's engine call, as long as the test needs)
+            dropper.start()
+            dropper.join(10)
+            assert dropped, "dropping a session waited for another thread's engine call"
     finally:
-        release.set()
-        runner.join()
         dropper.join()
     assert_no_leak(llm)  # (cache_stats is an engine call: it closes the dropped session first)
     assert llm.cache_stats()["segments"] == 0
@@ -1108,13 +1100,7 @@ def test_threads_take_turns_in_the_order_they_came(llm, baseline):
     waits) leaves the line, and the lock's re-entry and try-lock work as before."""
     import threading
     lock, order = llm._lock, []
-
-    def in_line(n):  # until n threads wait
-        for _ in range(2000):
-            if len(lock._line) == n:
-                return True
-            threading.Event().wait(0.005)
-        return False
+    in_line = functools.partial(wait_in_line, lock)
 
     def call(name):
         llm.cache_stats()  # (an engine call)
@@ -1179,14 +1165,7 @@ def test_a_process_forked_while_another_thread_calls_raises_instead_of_waiting(l
     They raise, saying what to do; a fork while no call runs, or from inside the forking
     thread's own call, is as before."""
     import signal
-    import threading
     lock = llm._lock
-    held, done = threading.Event(), threading.Event()
-
-    def server_call():
-        with lock:  # (an engine call running in another thread)
-            held.set()
-            done.wait(60)
 
     def child_exit_code(check) -> int:
         pid = os.fork()
@@ -1207,14 +1186,8 @@ def test_a_process_forked_while_another_thread_calls_raises_instead_of_waiting(l
             return "forked" in str(e) and "new LLM" in str(e) and lock.acquire(blocking=False) is False
         return False
 
-    t = threading.Thread(target=server_call)
-    t.start()
-    try:
-        assert held.wait(30)
+    with engine_held(llm):  # (an engine call running in another thread)
         assert child_exit_code(refused) == 0
-    finally:
-        done.set()
-        t.join(30)
     assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict)) == 0  # (no call running)
     with lock:  # this thread's own call: the child holds the lock as its forking thread did
         assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict) and lock._depth == 1) == 0

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import random_ids
+from conftest import engine_held, random_ids, wait_in_line
 from engine import SamplingParams
 from engine.interrupts import DEFERRED
 from engine.llm import engine_call
@@ -259,25 +259,15 @@ def test_a_ctrl_c_while_waiting_for_the_engine_gives_up_the_turn(make_llm):
     wait at once (the lock polls for it) and leaves the line: the other thread's call and
     every later one run as before."""
     llm = make_llm("qwen3", kv_cache_tokens=4096)
-    held, release = threading.Event(), threading.Event()
-
-    def other_call():
-        with llm._lock:
-            held.set()
-            release.wait(30)
-    t = threading.Thread(target=other_call)
-    t.start()
-    assert held.wait(30)
     timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
-            llm.cache_stats()  # (waits: the other thread holds the engine)
-        assert t.is_alive() and len(llm._lock._line) == 0
+        with engine_held(llm) as (_, t):
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                llm.cache_stats()  # (waits: the other thread holds the engine)
+            assert t.is_alive() and len(llm._lock._line) == 0
     finally:
         timer.cancel()
-        release.set()
-        t.join()
     assert llm._lock._owner is None and not DEFERRED.pending
     assert llm.cache_stats()["pages_used"] == 0
     out = llm.generate([random_ids(5, llm.config.vocab_size, 1)], SamplingParams(max_tokens=2, temperature=0))
@@ -297,27 +287,15 @@ def test_a_ctrl_c_at_any_line_of_a_call_that_waits_its_turn(make_llm):
     k = 0
     while True:
         k += 1
-        held, release, results = threading.Event(), threading.Event(), []
-
-        def holder():
-            with lock:
-                held.set()
-                release.wait(10)
-        h = threading.Thread(target=holder)
-        h.start()
-        assert held.wait(10)
-        o = threading.Thread(target=lambda: results.append(llm.cache_stats()["pages_used"]))
-        o.start()
-        for _ in range(2000):
-            if lock._line:
-                break
-            threading.Event().wait(0.001)
-        timer = threading.Timer(0.03, release.set)
-        timer.start()
-        where, _ = _sigint_at(llm.cache_stats, k)
-        release.set()
-        timer.cancel()
-        h.join(10)
+        results = []
+        with engine_held(llm, timeout=10) as (release, _):
+            o = threading.Thread(target=lambda: results.append(llm.cache_stats()["pages_used"]))
+            o.start()
+            wait_in_line(lock, 1)
+            timer = threading.Timer(0.03, release.set)
+            timer.start()
+            where, _ = _sigint_at(llm.cache_stats, k)
+            timer.cancel()
         o.join(10)
         assert results == [0] and lock._owner is None and not lock._line and lock._depth == 0, (k, where)
         assert not DEFERRED.pending
