@@ -8,6 +8,7 @@ before any work, one that merely has to wait stays queued in order.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -68,8 +69,11 @@ class Scheduler:
             req.tree = ThreadTree(self.cache, self.cache.reserve(req.pages_needed))
             self.running.append(req)  # (first: abort_all closes its tree if start() raises)
             req.tree.new_root(req.prompt_ids)
-            make, params = self.make_generator, req.params  # (not the request: a cycle through its run)
-            req.run = req.protocol.start(req.tree, self.core, params, lambda i: make(params, i))
+            # (bound to this request's params, not the request: a cycle through its run; nor a
+            # lambda over this loop's variable: every request admitted in this step would draw
+            # its later threads from the last one's params)
+            params = req.params
+            req.run = req.protocol.start(req.tree, self.core, params, functools.partial(self.make_generator, params))
             req.run.metrics = req.metrics
             req.t_start = time.perf_counter()
             budget -= P

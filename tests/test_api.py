@@ -459,6 +459,22 @@ def test_a_seeded_session_thread_draws_anew_on_each_call(llm, monkeypatch):
     assert one_by_one(8) == first and uniforms[8:] == uniforms[:8]
 
 
+def test_a_seeded_requests_later_threads_draw_from_its_own_seed(llm):
+    """Threads a protocol starts after admission (Hogwild's finisher here; a tree's forks and
+    joins) draw from their own request's seed whatever is admitted in the same step: each
+    request's generator factory bound the loop variable of the admission loop, so they all
+    drew from the params of the last request admitted with it (an unseeded one: fresh draws)."""
+    from engine.protocols import Hogwild
+    target, proto = random_ids(9, VOCAB, seed=3), Hogwild(workers=2, collab_prompt=None)
+    p = SP(temperature=1.5, max_tokens=4, ignore_eos=True, seed=11)
+    alone = llm.generate([target], p, protocol=proto)[0].outputs[0]
+    assert alone.metrics["total_tokens"] > 8  # (the finisher, started when both workers end, sampled)
+    for other in (SP(temperature=1.5, max_tokens=4, ignore_eos=True, seed=12), SP(temperature=1.5, max_tokens=4)):
+        both = llm.generate([target, random_ids(5, VOCAB, seed=4)], [p, other], protocol=proto)
+        assert (both[0].outputs[0].text, both[0].outputs[0].token_ids) == (alone.text, alone.token_ids), other
+    assert_no_leak(llm)
+
+
 PAGE_CASES = [  # (prompt tokens, n, max_tokens, page_size)
     (21, 8, 20, 16),   # 2 + 8 * 2
     (16, 3, 17, 16),   # 1 + 3 * 1
