@@ -46,7 +46,8 @@ class CompletionOutput:
     stop_reason: int | str | None = None          # the stop string / stop_token_ids token that ended it
                                                   # (the tokenizer's EOS: None, as vLLM)
     answer: str | None = None                     # extracted answer (answer-selecting protocols)
-    tree: list[dict] | None = None                # protocol runs: the thread tree, per thread
+    tree: list[dict] | None = None                # protocol runs: the thread tree, per thread (its "view":
+                                                  # [id of the thread that wrote a segment, shift] pairs)
     metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...
     events: list[dict] | None = None              # protocol runs: fork/join/malformed events
 

@@ -99,6 +99,23 @@ def test_multiverse_forks_runs_side_by_side_and_joins(llm):
     assert c.finish_reason == "stop"
 
 
+def test_a_trees_views_name_its_threads_whatever_runs_with_it(llm):
+    """A thread's "view" in the output tree names the threads of that tree that wrote what it
+    sees (its own last), the same alone and with another request in the call: it named the
+    cache's segment ids, which another request's segments shift (and which are reused)."""
+    alone, _ = run(llm, MV, Multiverse())
+    llm.core.token_source = Script(llm, MV)
+    try:
+        outs = llm.generate(["Another question first", "Q: 1+2, 3*4?"], SamplingParams(max_tokens=400),
+                            protocol=Multiverse())
+    finally:
+        llm.core.token_source = None
+    assert outs[1].outputs[0].tree == alone.tree
+    for t in alone.tree:
+        assert t["view"][-1] == [t["id"], 0]
+    assert [v[0] for v in alone.tree[4]["view"]] == [0, 1, 2, 3, 4]  # prompt, main, both paths, itself
+
+
 def test_multiverse_nested_and_depth_limit(llm):
     scripts = dict(MV)
     scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"

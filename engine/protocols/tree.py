@@ -232,12 +232,13 @@ class TreeRun(ProtocolRun):
         fork_of = self.continuations()
         self.flatten(self.tree.root, ids, fork_of)
         threads = self.tree.threads
+        owner = {id(t.seg): t.id for t in threads}  # (segment ids are the cache's: shared by all requests, reused)
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": t.tag.role if t.tag else "prompt",
                  "text": self.tok.decode(t.tokens, skip_special_tokens=False),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
                  "joined_into": t.joined_into.id if t.joined_into else None,
-                 "view": [[s.id, sh] for s, sh in t.view], "events": list(t.events),
+                 "view": [[owner[id(s)], sh] for s, sh in t.view], "events": list(t.events),
                  # log-prob of each token it sampled (when SamplingParams.logprobs is set)
                  "logprobs": [d[tok] for tok, d in zip(t.generated, t.logprobs or [])]}
                 for t in threads]
