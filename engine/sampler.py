@@ -1,7 +1,8 @@
 """Batched sampling with per-thread parameters and per-thread generators.
 
-Each thread draws from its own ``torch.Generator`` so a seeded request gives the
-same tokens whatever else shares its batch.
+Each thread draws from its own ``torch.Generator`` so a seeded request makes the
+same draws whatever else shares its batch (its logits, and so a near-tie or a
+16-bit model's token, may still round differently in another batch: README).
 """
 from __future__ import annotations
 
