@@ -66,8 +66,13 @@ class KVCache:
                 f"The KV cache of {tokens:,} tokens ({self.bytes_per_token:,} bytes each: "
                 f"{tokens * self.bytes_per_token / 2**30:,.1f} GiB) could not be allocated on {device} "
                 f"({str(e).splitlines()[0][:300]}); lower kv_cache_tokens.") from None
-        self._free_pages = list(range(num_pages - 1, -1, -1))
-        self._page_refs = [0] * num_pages
+        # Free pages: those given back (a stack: the last freed is taken first), then the pages
+        # [_fresh, num_pages) never taken, in order. Compact and lazy, 1 byte a page up front (a
+        # list of every page id, as Python ints, took ~45 bytes a page when the LLM was made:
+        # more than the K/V of a small model's token, uncounted by the memory check).
+        self._free_pages = array("i")
+        self._fresh = 0
+        self._page_refs = bytearray(num_pages)  # (0 or 1: a page never holds two segments)
         self._reserved = 0
         self.segments: dict[int, Segment] = {}
         self._free_ids: list[int] = []  # (a heap: the smallest id first, so that the step's
@@ -80,15 +85,15 @@ class KVCache:
     # ---- reservations ----------------------------------------------------------------------
     @property
     def pages_free(self) -> int:
-        return len(self._free_pages)
+        return len(self._free_pages) + self.num_pages - self._fresh
 
     @property
     def pages_used(self) -> int:
-        return self.num_pages - len(self._free_pages)
+        return self.num_pages - self.pages_free
 
     @property
     def pages_unreserved(self) -> int:
-        return len(self._free_pages) - self._reserved
+        return self.pages_free - self._reserved
 
     def can_reserve(self, pages: int) -> bool:
         return pages <= self.pages_unreserved
@@ -113,7 +118,10 @@ class KVCache:
         elif not self.pages_unreserved > 0:
             raise RuntimeError("KV cache is full: no unreserved page left (engine bug: a thread "
                                "wrote past its reservation).")
-        page = self._free_pages.pop()
+        if self._free_pages:
+            page = self._free_pages.pop()
+        else:
+            page, self._fresh = self._fresh, self._fresh + 1
         assert self._page_refs[page] == 0, "a free page still has references"
         self._page_refs[page] = 1
         if self._journal is not None:

@@ -297,6 +297,43 @@ def test_release_segment_after_its_reservation_closed_frees_to_pool():
     assert cache.stats()["pages_reserved"] == 0 and cache.pages_free == 8 and cache.pages_unreserved == 8
 
 
+def test_page_bookkeeping_is_compact_and_keeps_the_page_order():
+    """A cache of many small pages (page_size 1, a model of few K/V bytes a token) keeps its
+    free pages in a few bytes each: the list of every page id as Python ints that the cache
+    built when made took ~45 bytes a page, uncounted by LLM's memory check (a 10M-page cache
+    of 8-byte tokens took 80 MB of K/V and 450 MB of bookkeeping; at 3e8 pages, a
+    MemoryError or the OOM killer). Pages are still taken in order, the last freed first."""
+    import tracemalloc
+    from engine.cache import KVCache
+    n = 1 << 20
+    tracemalloc.start()
+    try:
+        cache = KVCache(num_layers=1, num_pages=n, page_size=1, num_kv_heads=1, head_dim=2,
+                        dtype=torch.bfloat16, device="cpu")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * n, peak  # (torch's allocations are not traced: the bookkeeping's only)
+    assert (cache.pages_free, cache.pages_used, cache.pages_unreserved) == (n, 0, n)
+    res = cache.reserve(4)
+    a, b = cache.new_segment(0, res), cache.new_segment(0, res)
+    assert cache.append_slots(a, 2) == [0, 1] and cache.append_slots(b, 1) == [2]
+    cache.release_segment(a)  # pages 0 and 1 back: 1 is taken first, then 0, then 3
+    c = cache.new_segment(0, res)
+    assert cache.append_slots(c, 3) == [1, 0, 3]
+    assert (cache.pages_free, cache.pages_used) == (n - 4, 4)
+    cache.begin_append()
+    cache.append_slots(b, 2)
+    assert cache.pages_used == 6
+    cache.rollback_append()
+    assert (cache.pages_free, cache.pages_used) == (n - 4, 4)
+    for s in (b, c):
+        cache.release_segment(s)
+    cache.release(res)
+    assert cache.stats() == {"pages_total": n, "pages_free": n, "pages_used": 0, "pages_reserved": 0,
+                             "page_size": 1, "segments": 0}
+
+
 def _plan_inputs(**change):
     """build_plan's arrays for one thread that views segments 0 and 1 and owns 1 (two
     segments of one page each), with some replaced (lists become int32 tensors)."""
