@@ -498,3 +498,24 @@ def test_finisher_needs_a_position_after_its_header(tmp_path):
             assert out.text.endswith("Alice: ab") and out.metrics["total_tokens"] == len(ab) + 1, out.text
     llm.core.token_source = None
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_many_workers_with_the_default_compact_after(make_llm):
+    """compact_after left unset fits the workers: 40 workers were refused with "compact_after=32
+    must be an integer >= 42", a setting the caller never made (and `loom generate --protocol
+    hogwild --workers 40` has no flag for it). Unset, views compact past max(32, workers + 2)
+    segments, also when workers is raised after construction; a value given is checked as before."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    hw = Hogwild(workers=40, names=[f"W{i}" for i in range(40)], finisher=False)
+    assert hw.compact_after is None and hw.compact_limit() == 42
+    out = llm.generate([random_ids(5, llm.config.vocab_size, 1)], SamplingParams(max_tokens=2, seed=0),
+                       protocol=hw)[0].outputs[0]
+    assert len(out.workers) == 40 and out.metrics["total_tokens"] == 80, out.metrics
+    assert Hogwild(workers=2).compact_limit() == 32
+    hw = Hogwild(workers=2)
+    hw.workers = 50
+    hw.check_config()
+    assert hw.compact_limit() == 52
+    with pytest.raises(ValueError, match=r"compact_after=32 must be an integer >= 42"):
+        Hogwild(workers=40, names=[f"W{i}" for i in range(40)], compact_after=32)
+    assert llm.cache_stats()["pages_used"] == 0

@@ -10,7 +10,8 @@ Layouts (every worker's view, read as one contiguous text through shifts):
   new step under a fresh header. When views hold more than ``compact_after``
   segments, the written history is rewritten once into one contiguous segment
   (keys re-rotated to their new positions), so attention cost stops growing with
-  the number of steps.
+  the number of steps. (It must be at least workers + 2: the prompt, a history step
+  and every worker's own step; unset, it is ``COMPACT_AFTER`` or that, the larger.)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ COLLAB_PROMPT = (
     "is solved, one of you writes the final answer as \\boxed{{answer}}."
 )
 CHECKIN = "(Quick check: am I duplicating another worker's work? If so, I switch to another part.) "
+COMPACT_AFTER = 32  # compact_after when unset (or workers + 2 if larger)
 FINISHER = "\n\nAll workers have stopped. Based on all of the work above, the final answer is \\boxed{"
 
 
@@ -78,7 +80,7 @@ class Hogwild(Protocol):
     def __init__(self, workers: int = 2, layout: str = "combined", names: list[str] | None = None,
                  header: str = "{name}: ", collab_prompt: str | None = COLLAB_PROMPT,
                  checkin_every: int | None = None, checkin: str = CHECKIN,
-                 compact_after: int = 32, finisher: bool = True, finisher_tokens: int = 24,
+                 compact_after: int | None = None, finisher: bool = True, finisher_tokens: int = 24,
                  stop_on_answer: bool = True):
         self._default_names = None  # (the list check_config made from the default names)
         if names is None:
@@ -117,7 +119,14 @@ class Hogwild(Protocol):
             raise ValueError(f"checkin={self.checkin!r} must be a string.")
         if self.checkin_every is not None:
             self.checkin_every = int_arg("checkin_every", self.checkin_every, 1)
-        self.compact_after = int_arg("compact_after", self.compact_after, workers + 2)
+        if self.compact_after is not None:  # (unset: as many as the workers need, see compact_limit)
+            self.compact_after = int_arg("compact_after", self.compact_after, workers + 2)
+
+    def compact_limit(self) -> int:
+        """Views are compacted when they would hold more segments than this."""
+        if self.compact_after is None:
+            return max(COMPACT_AFTER, self.workers + 2)
+        return self.compact_after
 
     def prepare_prompt(self, tokenizer, text: str | None, ids: list[int]) -> list[int]:
         """Render the collaboration prompt around a text prompt (token ids pass unchanged)."""
@@ -160,7 +169,7 @@ class Hogwild(Protocol):
         history = min(total + steps * hdr + checkins * checkin, max_positions)
         current = min(total + W * (hdr + checkin), W * max_positions)
         finisher = tokens_at_most(FINISHER) + self.finisher_tokens
-        segments = self.compact_after + 2 * W + 4
+        segments = self.compact_limit() + 2 * W + 4
         return cache.pages_for(prompt_len) + cache.pages_for(2 * history + current + finisher) + segments
 
     def check_params(self, params):
@@ -271,7 +280,7 @@ class HogwildRun(ProtocolRun):
             if h.finished and not h.pending and not h.closed and len(h.view) > 1:
                 self.tree.drop_view(h)
         segs = 1 + len(self.history) + len(self.workers)
-        if segs <= self.proto.compact_after:
+        if segs <= self.proto.compact_limit():
             return
         ready = [h for h in self.history if not h.pending]
         if len(ready) < 2:
