@@ -519,3 +519,17 @@ def test_many_workers_with_the_default_compact_after(make_llm):
     with pytest.raises(ValueError, match=r"compact_after=32 must be an integer >= 42"):
         Hogwild(workers=40, names=[f"W{i}" for i in range(40)], compact_after=32)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_more_workers_than_64_with_the_default_names():
+    """The default names cover any number of workers: 65 workers without names were refused
+    with "65 workers need 65 names, got 64" (names the caller never gave; the CLI's --workers has
+    no names flag). Given names are still checked."""
+    hw = Hogwild(workers=65)
+    assert len(hw.names) == 65 and len(set(hw.names)) == 65 and hw.names[:2] == ["Alice", "Bob"]
+    assert hw.names[-1] == "Worker65"
+    hw.workers = 300
+    hw.check_config()
+    assert len(hw.names) == 300 and len(set(hw.names)) == 300
+    with pytest.raises(ValueError, match="65 workers need 65 names, got 64"):
+        Hogwild(workers=65, names=[f"W{i}" for i in range(64)])

@@ -70,8 +70,8 @@ def _header_optional(workers: int, layout: str) -> bool:
     return workers == 1 and layout == "contiguous"
 
 
-def _default_names() -> list[str]:
-    return NAMES + [f"Worker{i}" for i in range(9, 65)]
+def _default_names(workers: int = 64) -> list[str]:
+    return NAMES + [f"Worker{i}" for i in range(9, max(workers, 64) + 1)]
 
 
 class Hogwild(Protocol):
@@ -103,7 +103,7 @@ class Hogwild(Protocol):
         if isinstance(self.names, str) or not hasattr(self.names, "__iter__"):
             raise ValueError(f"names={self.names!r} must be a list of the workers' names.")
         default = self.names is self._default_names  # (not set by the user: as many as workers wants)
-        names = _default_names() if default else list(self.names)
+        names = _default_names(workers) if default else list(self.names)
         if len(names) < workers:
             raise ValueError(f"{workers} workers need {workers} names, got {len(names)}.")
         self.names = names[:workers]  # (a run has one worker per name)
