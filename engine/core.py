@@ -91,6 +91,19 @@ class EngineCore:
                              "write it without that token.")
         return ids
 
+    def check_params(self, p: SamplingParams):
+        """Refuse, before any work, parameters under which no token could ever be sampled:
+        min_tokens forbids the stop tokens (stop_token_ids, and the EOS ids unless ignore_eos)
+        until then, and those may be the whole vocabulary (a tiny model's: every row of the
+        first step was -inf, reported as NaN logits from the weights)."""
+        if p.min_tokens > 0:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            if len(stops) >= self.vocab_size and all(i in stops for i in range(self.vocab_size)):
+                eos = "" if p.ignore_eos else " and the EOS ids"
+                raise ValueError(f"SamplingParams(min_tokens={p.min_tokens}) forbids the stop tokens until then, but "
+                                 f"stop_token_ids{eos} cover the model's whole vocabulary of {self.vocab_size} "
+                                 "tokens: no token could be sampled. Set min_tokens=0, or stop on fewer tokens.")
+
     def at_context_end(self, t: Thread) -> bool:
         """``t``'s next token would sit at or past the model's context: it samples no more."""
         return effective_end(t) >= self.max_positions

@@ -466,6 +466,7 @@ class LLM:
                 if not isinstance(p, SamplingParams):
                     raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
                 p.verify()
+                self.core.check_params(p)
                 own[id(p)] = dataclasses.replace(p)
         plist = [own[id(p)] for p in plist]
         if protocol is None:

@@ -197,6 +197,7 @@ class Session:
         if not isinstance(p, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
         p.verify()
+        self._llm.core.check_params(p)
         p = dataclasses.replace(p)  # (the call's own copy: see LLM.generate)
         if p.n != 1:
             raise ValueError("Session.generate runs each given thread once (n=1); fork the thread "

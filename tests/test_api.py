@@ -709,6 +709,33 @@ def test_min_tokens_as_vllm(llm, baseline):
     assert_no_leak(llm)
 
 
+def test_min_tokens_over_a_vocabulary_of_stop_tokens_is_refused_first(llm, baseline):
+    """min_tokens masks the stop tokens until then; when they (with the EOS ids, unless
+    ignore_eos) are the whole vocabulary (a tiny model's), no token can be sampled: refused
+    before any work, saying so (it ran the prefill, then raised FloatingPointError blaming
+    NaN / inf in the weights). Plain generate, a session's, greedy or sampled."""
+    prompt, _ = baseline
+    V = llm.config.vocab_size
+    steps = llm.core.forward_steps
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=2, seed=0)):
+        for stops, ignore in ((list(range(V)), True), ([i for i in range(V) if i != EOS_ID], False)):
+            p = SP(max_tokens=4, min_tokens=2, stop_token_ids=stops, ignore_eos=ignore, **kw)
+            with pytest.raises(ValueError, match=rf"min_tokens=2\) forbids the stop tokens until then, but "
+                                                 rf"stop_token_ids.* cover the model's whole vocabulary of {V}"):
+                llm.generate([prompt], p)
+            s = llm.session(prompt)
+            with pytest.raises(ValueError, match="cover the model's whole vocabulary"):
+                s.generate([s.root], p)
+            s.close()
+    assert llm.core.forward_steps == steps
+    # one token left out: it is what is sampled until min_tokens
+    p = SP(max_tokens=3, min_tokens=2, stop_token_ids=[i for i in range(V) if i != 7], ignore_eos=True,
+           temperature=0)
+    assert list(llm.generate([prompt], p)[0].outputs[0].token_ids[:2]) == [7, 7]
+    assert_still_works(llm, baseline)
+    assert_no_leak(llm)
+
+
 def test_include_stop_str_in_output(llm):
     """include_stop_str_in_output, as vLLM's: the text ends after the stop string (streamed
     pieces too), and a stop token's text is kept (the tokenizer's EOS, a special token, reads
