@@ -482,7 +482,14 @@ class LLM:
         for p in plist:
             protocol.check_params(p)
         if hasattr(protocol, "prepare_prompt"):
-            items = [(text, protocol.prepare_prompt(self.tokenizer, text, ids)) for text, ids in items]
+            given, items = items, [(text, protocol.prepare_prompt(self.tokenizer, text, ids)) for text, ids in items]
+            maxpos = self.config.max_position_embeddings
+            for (_, ids), (_, full) in zip(given, items):
+                if len(full) + 1 > maxpos and len(ids) + 1 <= maxpos:  # (the protocol's text made it too long)
+                    raise ValueError(f"The prompt has {len(ids)} tokens, {len(full)} with the text "
+                                     f"{type(protocol).__name__} puts around it, but the model's context is {maxpos} "
+                                     f"({self.config.context_source}); shorten that text (Hogwild: collab_prompt=None "
+                                     "leaves the prompt as it is; its default lists every worker's name).")
         reqs = []
         for (text, ids), p in zip(items, plist):
             need = self._check_fits(ids, p, protocol)

@@ -533,3 +533,21 @@ def test_more_workers_than_64_with_the_default_names():
     assert len(hw.names) == 300 and len(set(hw.names)) == 300
     with pytest.raises(ValueError, match="65 workers need 65 names, got 64"):
         Hogwild(workers=65, names=[f"W{i}" for i in range(64)])
+
+
+def test_a_collaboration_prompt_past_the_context_says_so(make_llm):
+    """The collaboration prompt Hogwild puts around a text prompt lists every worker: with
+    enough workers it alone passes the model's context. The error said "The prompt has 2,940
+    tokens ... shorten the prompt" of a 1-token prompt; it says where the tokens come from and
+    how to drop them, and collab_prompt=None runs."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    hw = Hogwild(workers=300, finisher=False)
+    with pytest.raises(ValueError, match=r"The prompt has \d+ tokens, \d+ with the text Hogwild puts around it, "
+                                         r"but the model's context is 2048 .*collab_prompt=None"):
+        llm.generate(["hi"], SamplingParams(max_tokens=1), protocol=hw)
+    hw.collab_prompt = None
+    out = llm.generate(["hi"], SamplingParams(max_tokens=1, seed=0), protocol=hw)[0].outputs[0]
+    assert len(out.workers) == 300
+    with pytest.raises(ValueError, match=r"^The prompt has 2050 tokens but the model's context is 2048"):
+        llm.generate([[5] * 2050], SamplingParams(max_tokens=1), protocol=hw)
+    assert llm.cache_stats()["pages_used"] == 0
