@@ -332,6 +332,12 @@ class LLM:
             kv_cache_tokens = min(DEFAULT_KV_TOKENS_MAX, DEFAULT_KV_BYTES // per_tok)
             if avail is not None:  # (at most half of what is free)
                 kv_cache_tokens = max(min(kv_cache_tokens, avail // 2 // per_tok), page_size)
+                if kv_cache_tokens * per_tok > avail:  # (one page: it was made, and killed when full)
+                    raise ValueError(f"page_size={page_size:,} ({per_tok:,} bytes a token: "
+                                     f"{page_size * per_tok / 2**30:,.1f} GiB a page) is more than this machine's "
+                                     f"available memory ({avail / 2**30:,.1f} GiB) holds: the default KV cache "
+                                     f"(at least one page) would get the process killed when it fills; lower "
+                                     f"page_size (at most {avail // per_tok:,}).")
         elif avail is not None and kv_cache_tokens * per_tok > avail:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens:,} ({per_tok:,} bytes a token: "
                              f"{kv_cache_tokens * per_tok / 2**30:,.1f} GiB) is more than this machine's available "

@@ -1345,6 +1345,12 @@ def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
         LLM(model_dir(NAME), kv_cache_tokens=1001)
     assert LLM(model_dir(NAME), kv_cache_tokens=992).cache.num_pages == 62
     assert LLM(model_dir(NAME)).cache.num_pages * PS <= 500  # (the default: at most half of it)
+    # the default cache is at least one page: a page larger than the available memory was made
+    # anyway (1,024 tokens here: the process would be killed when it filled), now refused
+    with pytest.raises(ValueError, match=r"page_size=1,024 .* is more than this machine's available memory .*"
+                                         r"lower page_size \(at most 1,000\)"):
+        LLM(model_dir(NAME), page_size=1024)
+    assert LLM(model_dir(NAME), page_size=1000).cache.num_pages == 1  # (one page: all of it, as asked)
     # where the available memory is unknown: petabytes, past the address space of a process
     monkeypatch.setattr(L, "available_memory", lambda: None)
     with pytest.raises(ValueError, match=r"KV cache of [0-9,]+ tokens .* could not be allocated on "
