@@ -4,6 +4,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 
+#include <mutex>
+
 #include "loom/attn_cpu.h"
 #include "ops.h"
 
@@ -49,16 +51,37 @@ cpu::DType kernel_dtype(const at::Tensor& q) {
 
 }  // namespace
 
-// The partial states (o, lse) of a call, in a buffer kept for the calling thread's next
-// call: allocated afresh, the pages of a large one (100 MB at 1,000 threads x 50
-// segments) fault in on every call, which took a fifth of the call's time. It shrinks
-// when a call needs less than an eighth of it (say, decode after a long prefill).
-static float* state_buffer(int64_t floats) {
-  thread_local at::Tensor buf;
-  if (buf.defined() && (buf.numel() < floats || buf.numel() / 8 > floats)) buf = at::Tensor();  // free it first
-  if (!buf.defined()) buf = at::empty({floats + floats / 4}, at::TensorOptions().dtype(at::kFloat));
-  return buf.data_ptr<float>();
-}
+// The partial states (o, lse) of a call, in a buffer kept for the next call: allocated
+// afresh, the pages of a large one (100 MB at 1,000 threads x 50 segments) fault in on
+// every call, which took a fifth of the call's time. It shrinks when a call needs less
+// than an eighth of it (say, decode after a long prefill). One buffer for the process, held
+// for the call (a buffer per calling thread was kept by every Python thread that ever ran a
+// call, each the size of the largest it had needed, for as long as the thread lived: a
+// server's idle worker threads held one each); a call that finds it in use (another LLM's,
+// in another thread) takes one of its own, freed when the call ends.
+class StateBuffer {
+ public:
+  explicit StateBuffer(int64_t floats) : lock_(mutex(), std::try_to_lock) {
+    at::Tensor& buf = lock_.owns_lock() ? shared() : own_;
+    if (buf.defined() && (buf.numel() < floats || buf.numel() / 8 > floats)) buf = at::Tensor();  // free it first
+    if (!buf.defined()) buf = at::empty({floats + floats / 4}, at::TensorOptions().dtype(at::kFloat));
+    data_ = buf.data_ptr<float>();
+  }
+  float* data() const { return data_; }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static at::Tensor& shared() {
+    static at::Tensor* buf = new at::Tensor();  // (never destroyed: no tensor freed after torch at exit)
+    return *buf;
+  }
+  std::unique_lock<std::mutex> lock_;
+  at::Tensor own_;
+  float* data_ = nullptr;
+};
 
 at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, const at::Tensor& v_pool,
                              const at::Tensor& kv_indptr, const at::Tensor& kv_page_ids,
@@ -170,7 +193,8 @@ at::Tensor segment_attention(const at::Tensor& q_in, const at::Tensor& k_pool, c
 
   const cpu::Schedule sched = cpu::make_schedule(a);
   const int64_t S = std::max<int64_t>(sched.num_states, 1);
-  float* o_buf = state_buffer(S * Hq * D + 2 * S * Hq);  // (o, then each state's (m, l))
+  const StateBuffer states(S * Hq * D + 2 * S * Hq);  // (o, then each state's (m, l))
+  float* o_buf = states.data();
   const bool ok = cpu::run_segment_attention(a, cpu::view_of(sched), o_buf, o_buf + S * Hq * D);
   TORCH_CHECK(ok, "segment_attention: out of memory for the kernel's scratch buffers");
   return out;

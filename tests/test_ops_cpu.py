@@ -397,6 +397,70 @@ def test_strided_q():
     check(plan, qkv[:, :4], k, v)
 
 
+_IDLE_THREADS_SCRIPT = r"""
+import threading, torch
+import engine._ops
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+T, Hq, Hkv, D, ps = 2500, 32, 8, 128, 16  # (partial states: T x Hq x D floats, 41 MB: mmapped by malloc)
+i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+k, v = torch.randn(1, ps, Hkv, D), torch.randn(1, ps, Hkv, D)
+plan = [i32([0, 1]), i32([0]), i32([1]), i32([0, T]), i32(list(range(T))), i32([0] * T), i32([1] * T),
+        i32(list(range(T + 1))), i32(list(range(T)))]
+def call():
+    torch.ops.loom.segment_attention(torch.ones(T, Hq, D), k, v, *plan, torch.ones(D // 2), 0.1)
+call()
+before = rss()
+go = [threading.Event() for _ in range(5)]
+release = threading.Event()
+def worker(i):
+    go[i].wait(); call(); go[i + 1].set(); release.wait()
+ts = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+for t in ts:
+    t.start()
+go[0].set(); go[4].wait()
+print((rss() - before) / (T * Hq * D * 4))
+release.set()
+for t in ts:
+    t.join()
+"""
+
+
+def test_idle_threads_keep_no_scratch():
+    """Python threads that each ran a call and then wait (a server's workers) do not each
+    keep the call's buffer of partial states: the process keeps one (each thread kept its
+    own, the size of the largest call it had made, for as long as it lived)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _IDLE_THREADS_SCRIPT], capture_output=True, text=True,
+                       timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    grown = float(r.stdout.split()[-1])  # resident memory gained, in buffers
+    assert grown < 1.0, f"4 idle threads hold {grown:.1f} buffers of partial states"
+
+
+def test_calls_at_once_from_two_threads():
+    """Two Python threads in the op at once (two LLMs): each call has its own partial states."""
+    import threading
+    plan, num_pages = random_case(5)
+    cases = [make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32, seed=i) for i in range(2)]
+    freq = inv_freq_of(64)
+    want = [_ops.segment_attention_cpu(q, k, v, plan, freq, 0.1) for q, k, v in cases]
+    bad = []
+
+    def run(i):
+        q, k, v = cases[i]
+        for _ in range(200):
+            if not torch.equal(_ops.segment_attention_cpu(q, k, v, plan, freq, 0.1), want[i]):
+                bad.append(i)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
 def test_errors_are_actionable():
     plan, num_pages = random_case(1)
     q, k, v = make_tensors(plan, num_pages, 16, 4, 2, 64, torch.float32)
