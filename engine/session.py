@@ -244,30 +244,23 @@ class Session:
         threads'), so a static thread found through a static thread's view adds nothing more:
         only live views are followed further. Each thread is entered once (a deep tree's
         views are long: following every view of every thread read was O(threads x view) a
-        step)."""
-        pending = [t for t in self.tree.open.values() if t.pending]
-        samplers = {t.id for t in active}
-        if all(t.id in samplers for t in pending):  # (the usual step: only samplers' tokens to write)
-            return pending
-        targets = {t.seg.id: t for t in pending}
-        live = {t.seg.id: t for t in self.tree.open.values() if t.live is not None}
-        owner = None  # (every open thread by segment: only when a live view is followed)
-        need, seen, stack = set(samplers), set(samplers), list(active)
+        step), and only the threads the views name are looked at (every open thread of the
+        session was, at every step: a session that forks a child per request, each child left
+        with its last sampled token pending, took longer a step with each child it had made)."""
+        owner = self.tree.by_seg
+        need, seen, stack = {t.id: t for t in active}, {t.id for t in active}, list(active)
         while stack:
             t = stack.pop()
-            ids = {s.id for s, _ in t.view[:-1]}
-            need.update(targets[i].id for i in ids & targets.keys())
-            if t.live is None:
-                found = [live[i] for i in ids & live.keys()]
-            else:
-                if owner is None:
-                    owner = {u.seg.id: u for u in self.tree.open.values()}
-                found = [owner[i] for i in ids & owner.keys()]
-            for u in found:
-                if u.id not in seen:
+            for s, _ in t.view[:-1]:
+                u = owner.get(s.id)
+                if u is None or u.seg is not s:
+                    continue
+                if u.pending:
+                    need[u.id] = u
+                if (t.live is not None or u.live is not None) and u.id not in seen:
                     seen.add(u.id)
                     stack.append(u)
-        return [t for t in pending if t.id in need]
+        return sorted((t for t in need.values() if t.pending), key=lambda t: t.id)  # (creation order)
 
     @locked
     def pages_held(self) -> int:

@@ -75,6 +75,7 @@ class ThreadTree:
         self.cache, self.reservation = cache, reservation
         self.threads: list[Thread] = []
         self.open: dict[int, Thread] = {}     # the threads not discarded, in creation order
+        self.by_seg: dict[int, Thread] = {}   # the same, by their own segment's id
         self._segs: list[Segment] = []        # segments this tree made (pages_held: the live ones)
         self._ids = itertools.count()
         self.root: Thread | None = None
@@ -111,6 +112,7 @@ class ThreadTree:
         seg.tokens = th.tokens
         self.threads.append(th)
         self.open[th.id] = th
+        self.by_seg[seg.id] = th
         self._segs.append(seg)
         if parent is not None:
             parent.children.append(th)
@@ -311,6 +313,7 @@ class ThreadTree:
             return
         th.closed = True
         del self.open[th.id]
+        del self.by_seg[th.seg.id]
         th.last_logits = th.penalties = None
         for s, _ in th.view:
             self.cache.release_segment(s)
