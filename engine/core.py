@@ -66,12 +66,17 @@ class EngineCore:
     def settle(self, fed: set[int] | None = None):
         """The threads that sampled in the last step and are not in ``fed`` (ids; None: every
         thread, at the end of an engine call) copy their logits row out of that step's
-        logits, which are then no longer referenced (a discarded thread has none). A thread
-        that stopped sampling (accept's stop rules, or its protocol's: a fork, a step's end,
-        a budget) drops its [vocab] penalty state; at a call's end every thread does."""
+        logits, which are then no longer referenced (a discarded thread has none), unless the
+        token it sampled is still pending: those logits are then not after its last token, and
+        it is fed before anything samples from it again (every thread of a session keeps its
+        last token pending after generate: each kept a stale [vocab] copy, 600 KB with a 152k
+        vocabulary, beyond the KV cache's budget: a session of many finished children held
+        more memory in them than in its pages). A thread that stopped sampling (accept's stop
+        rules, or its protocol's: a fork, a step's end, a budget) drops its [vocab] penalty
+        state; at a call's end every thread does."""
         for t, row in self._row_views:
             if t.last_logits is row and (fed is None or id(t) not in fed):
-                t.last_logits = row.clone()
+                t.last_logits = None if t.pending else row.clone()
         self._row_views = []
         keep = [t for t in self._penalized if fed is not None and t.finish_reason is None and not t.closed]
         kept = {id(t) for t in keep}

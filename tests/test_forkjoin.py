@@ -438,8 +438,11 @@ def test_many_random_sessions_free_every_page(make_llm, backend):
 def test_threads_that_stop_at_different_steps_keep_one_logits_row_each(make_llm):
     """A thread keeps its last logits for later (a child with no header samples from them).
     Kept as a view of its step's logits, each thread that stopped at another step pinned a
-    whole [rows, vocab] batch (64 session threads: 1 GB for 32 MB of rows); now each holds a
-    copy of its row once it is not written in the next step or the call returns."""
+    whole [rows, vocab] batch (64 session threads: 1 GB for 32 MB of rows); then each held a
+    copy of its row, though its last sampled token is pending, so that those logits are not
+    after it (a child is sampled after the parent is fed): a session of many finished threads
+    held a dead [vocab] row each, beyond the KV cache's budget. Now none is held; a child with
+    no header samples after its parent's every token."""
     llm = make_llm("qwen3")
     eos, K = llm.eos_ids[0], 12
     with llm.session(random_ids(llm.config.vocab_size, 9, seed=1)) as s:
@@ -456,11 +459,16 @@ def test_threads_that_stop_at_different_steps_keep_one_logits_row_each(make_llm)
         finally:
             llm.core.token_source = None
         assert [len(o.token_ids) for o in outs] == list(range(1, K + 1))
-        row = llm.config.vocab_size * 4
-        # (kid 0 sampled from the prompt's logits and stopped: none of its tokens is written)
-        held = {t.last_logits.untyped_storage().data_ptr(): t.last_logits.untyped_storage().nbytes()
-                for t in (k._t for k in kids) if t.last_logits is not None}
-        assert len(held) >= K - 2 and max(held.values()) == row, sorted(held.values())
+        # (each kid's last token, its EOS, is pending: kid 0 sampled from the prompt's logits)
+        assert all(k._t.pending == [eos] for k in kids)
+        held = [k._t.id for k in kids if k._t.last_logits is not None]
+        assert held == []
+        last = kids[-1]
+        child, = s.fork(last, [[]])
+        tok = s.generate([child], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0].token_ids
+        ids = s.root.token_ids + last.token_ids
+        assert tok == [int(llm.score(ids)[0][-1].argmax())]
+        del last, child
     # and nothing of the call's last step stays referenced by the engine once it returns
     assert llm.core._row_views == []
     ref = weakref.ref(kids[0]._t)
