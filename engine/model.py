@@ -94,6 +94,10 @@ class CausalLM:
         self.cfg = cfg
         self.device, self.dtype = torch.device(device), dtype
         self.scale = cfg.head_dim ** -0.5
+        # The RoPE tables are sized by head_dim: the weights' shapes first (a config.json whose
+        # head_dim the weights do not have, 10**9, took 6 GB and 19 s to fail in the allocator)
+        self._check(weights, "model.layers.0.self_attn.q_proj.weight", (cfg.num_heads * cfg.head_dim,
+                    cfg.hidden_size), "num_attention_heads x head_dim, hidden_size")
         self.inv_freq = compute_inv_freq(cfg).to(self.device)
         self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype,
                              attention_scaling(cfg))
@@ -116,14 +120,11 @@ class CausalLM:
                 weights[name] = t
         return cls(cfg, weights, device, dtype)
 
-    def _take(self, w: dict, name: str, shape: tuple[int, ...], why: str,
-              required: bool = True, kept: bool = True) -> torch.Tensor | None:
-        """Tensor ``name`` of the checkpoint, which must have ``shape`` (``why``: the config
-        fields that give it, for the error). ``kept``: the model holds the result as it is
-        (not only to concatenate or pack it), so it must not be the checkpoint's memory:
-        safetensors hands out tensors over a map of the whole file, and one of them kept
-        (a 4 KB norm) keeps every page of the file read so far resident."""
-        t = w.pop(name, None)
+    def _check(self, w: dict, name: str, shape: tuple[int, ...], why: str,
+               required: bool = True) -> torch.Tensor | None:
+        """Tensor ``name`` of the checkpoint (left in ``w``), which must have ``shape``
+        (``why``: the config fields that give it, for the error)."""
+        t = w.get(name)
         if t is None:
             if required:
                 raise ValueError(f"Checkpoint is missing tensor {name!r}; is it a complete "
@@ -133,6 +134,19 @@ class CausalLM:
             raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                              f"gives {tuple(shape)} ({why}); the config and the weights disagree: use "
                              "the config.json that came with these weights.")
+        return t
+
+    def _take(self, w: dict, name: str, shape: tuple[int, ...], why: str,
+              required: bool = True, kept: bool = True) -> torch.Tensor | None:
+        """Tensor ``name`` of the checkpoint (taken out of ``w``), checked as ``_check`` does.
+        ``kept``: the model holds the result as it is
+        (not only to concatenate or pack it), so it must not be the checkpoint's memory:
+        safetensors hands out tensors over a map of the whole file, and one of them kept
+        (a 4 KB norm) keeps every page of the file read so far resident."""
+        t = self._check(w, name, shape, why, required)
+        if t is None:
+            return None
+        del w[name]
         r = t.to(device=self.device, dtype=self.dtype).contiguous()
         return r.clone() if kept and r.data_ptr() == t.data_ptr() else r
 

@@ -218,3 +218,18 @@ def test_tensors_outside_the_model_and_rotary_inv_freq_are_ignored(tmp_path, mod
         d = _edit(tmp_path, model_dir, name.replace(".", "_"), "llama",
                   lambda w: w.__setitem__(name, torch.ones(8)))
         assert torch.equal(LLM(d, kv_cache_tokens=256).score(ids)[0], want), name
+
+
+def test_a_head_dim_the_weights_lack_is_refused_before_the_rope_tables(tmp_path, model_dir):
+    """config.json's head_dim sizes the RoPE tables: it is checked against the weights first
+    (10**12 asked the allocator for terabytes: a RuntimeError, or at 10**9 6 GB and 19 s)."""
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "huge_head_dim")
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    with open(cfg_path, "w") as f:
+        json.dump({**cfg, "head_dim": 2 * 10**12}, f)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.weight' has shape .* "
+                                         r"\(num_attention_heads x head_dim, hidden_size\)"):
+        LLM(d, kv_cache_tokens=256)
