@@ -134,6 +134,10 @@ class CausalLM:
             raise ValueError(f"Checkpoint tensor {name!r} has shape {tuple(t.shape)}, but config.json "
                              f"gives {tuple(shape)} ({why}); the config and the weights disagree: use "
                              "the config.json that came with these weights.")
+        if not t.is_floating_point():  # (an integer's value cast to a float is not the weight it stands for)
+            raise ValueError(f"Checkpoint tensor {name!r} is {str(t.dtype).replace('torch.', '')}, not floating "
+                             "point: the checkpoint is quantized (or not a model's weights); Loom loads float32 / "
+                             "bfloat16 / float16 weights only: use the unquantized checkpoint.")
         return t
 
     def _take(self, w: dict, name: str, shape: tuple[int, ...], why: str,

@@ -233,3 +233,16 @@ def test_a_head_dim_the_weights_lack_is_refused_before_the_rope_tables(tmp_path,
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.weight' has shape .* "
                                          r"\(num_attention_heads x head_dim, hidden_size\)"):
         LLM(d, kv_cache_tokens=256)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.bool])
+def test_a_tensor_that_is_not_floating_point_is_refused(tmp_path, model_dir, dtype):
+    """Integer (quantized) or bool weights without a quantization_config: refused, not cast
+    to floats (the cast's model is another one: silently wrong text)."""
+    from engine import LLM
+    name = "model.layers.1.mlp.down_proj.weight"
+    d = _edit(tmp_path, model_dir, f"int_{dtype}".replace("torch.", ""), "llama",
+              lambda w: w.__setitem__(name, (w[name] * 100).to(dtype)))
+    with pytest.raises(ValueError, match=f"'{name}' is {str(dtype)[6:]}, not floating point: the checkpoint "
+                                         "is quantized"):
+        LLM(d, kv_cache_tokens=256)
