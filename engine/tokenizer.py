@@ -319,6 +319,12 @@ class Tokenizer:
         except (TypeError, KeyError, AttributeError, IndexError) as e:  # (the template on these messages)
             raise ValueError(f"chat template error: the model's template fails on these messages "
                              f"({type(e).__name__}: {e}); check each message's keys and values.") from None
+        except (ArithmeticError, RecursionError, MemoryError, ValueError) as e:  # (the sandbox's or Python's limits)
+            if isinstance(e, ValueError) and str(e).startswith("chat template error"):
+                raise  # (the template's own raise_exception)
+            raise ValueError(f"chat template error: the template cannot be rendered ({type(e).__name__}"
+                             f"{f': {e}' if str(e) else ''}), e.g. a range over 100,000 items, endless recursion or "
+                             "a string larger than the memory; fix the template, or pass chat_template=.") from None
         if continue_final_message:  # the text ends where the last message's text does
             j = out.rfind(tag.strip())
             if j < 0 or final.strip() not in out:  # (as transformers: the text itself must be there)

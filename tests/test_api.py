@@ -1773,6 +1773,15 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     write_json(os.path.join(d, "tokenizer_config.json"), tc)
     with pytest.raises(ValueError, match="chat template error.*TypeError"):
         Tokenizer(d).apply_chat_template([{"role": "user", "content": 3}])
+    # the sandbox's and Python's limits (a huge range, endless recursion, ...): one ValueError
+    # naming the template (the command line printed a traceback: not a ValueError)
+    for t, err in (("{% for i in range(10**6) %}x{% endfor %}", "OverflowError: Range too big"),
+                   ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+                   ("{{ 1 // 0 }}", "ZeroDivisionError"), ("{{ 'a' * 10**15 }}", "MemoryError\\)"), ("{{ '{'.format() }}", r"ValueError: Single '\{'")):
+        with pytest.raises(ValueError, match=f"chat template error: the template cannot be rendered \\({err}"):
+            Tokenizer(d).apply_chat_template(msgs, chat_template=t)
+    with pytest.raises(ValueError, match="^chat template error: no$"):  # (the template's own error as it is)
+        Tokenizer(d).apply_chat_template(msgs, chat_template="{{ raise_exception('no') }}")
     # every special token of the config, as transformers passes them (pad/unk rendered empty)
     from transformers import AutoTokenizer
     tc.update(pad_token=tc["eos_token"], unk_token=tc["bos_token"], sep_token=tc["bos_token"],
