@@ -102,6 +102,9 @@ class ModelConfig:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"Model directory {model_dir!r} does not exist; pass a local "
                                     "Hugging Face model directory (config.json + *.safetensors).")
+        if not os.access(model_dir, os.R_OK | os.X_OK):  # (else its files read as missing)
+            raise PermissionError(f"Model directory {model_dir!r} cannot be read by this user (permission "
+                                  "denied); give it read access (chmod -R a+rX), or run as its owner.")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a Hugging Face model "
                                     "directory (it needs config.json and *.safetensors).")

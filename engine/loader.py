@@ -78,5 +78,8 @@ def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                     seen[name] = path
                     yield name, f.get_tensor(name)
         except (SafetensorError, OSError) as e:
+            if os.path.exists(path) and not os.access(path, os.R_OK):  # (safetensors reports it as "No such file or directory")
+                raise PermissionError(f"{path} cannot be read by this user (permission denied); give it read "
+                                      "access (chmod a+r), or run as its owner.") from None
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
                              "corrupt: download it again.") from None

@@ -49,6 +49,9 @@ class Tokenizer:
         try:
             self._tok = _HFTokenizer.from_file(path)
         except Exception as e:  # (tokenizers raises a bare Exception)
+            if os.path.exists(path) and not os.access(path, os.R_OK):
+                raise PermissionError(f"{path} cannot be read by this user (permission denied); give it read "
+                                      "access (chmod a+r), or run as its owner.") from None
             raise ValueError(f"{path} is not a readable tokenizer file ({e}); download it again with "
                              "the checkpoint.") from None
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")

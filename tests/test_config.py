@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -246,3 +247,54 @@ def test_a_tensor_that_is_not_floating_point_is_refused(tmp_path, model_dir, dty
     with pytest.raises(ValueError, match=f"'{name}' is {str(dtype)[6:]}, not floating point: the checkpoint "
                                          "is quantized"):
         LLM(d, kv_cache_tokens=256)
+
+
+_AS_ANOTHER_USER = r"""
+import os, sys
+from engine import LLM
+if os.geteuid() == 0:  # (root reads everything: the files' modes are tested as nobody)
+    os.setgid(65534)
+    os.setuid(65534)
+try:
+    LLM(sys.argv[1], kv_cache_tokens=256)
+    print("loaded")
+except Exception as e:
+    print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_files_this_user_cannot_read_are_named_as_such(model_dir):
+    """A model directory or file without read permission: a PermissionError naming it (the
+    directory read as 'config.json not found: not a Hugging Face model directory', the
+    safetensors file as 'No such file or directory ... corrupt: download it again')."""
+    import subprocess
+    import sys
+    import tempfile
+    from engine import LLM
+    root = tempfile.mkdtemp()  # (not pytest's tmp_path: its parent is private to its owner)
+    try:
+        os.chmod(root, 0o755)
+        cases = {"model.safetensors": "model.safetensors cannot be read by this user \\(permission denied\\); "
+                                      "give it read access",
+                 "tokenizer.json": "tokenizer.json cannot be read by this user \\(permission denied\\)",
+                 ".": "Model directory .* cannot be read by this user \\(permission denied\\)"}
+        for i, (name, want) in enumerate(cases.items()):
+            d = os.path.join(root, f"m{i}")
+            shutil.copytree(model_dir("llama"), d)
+            os.chmod(d, 0o755)
+            for f in os.listdir(d):
+                os.chmod(os.path.join(d, f), 0o644)
+            os.chmod(os.path.join(d, name), 0o600 if name == "." else 0)
+            out = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, d], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip().splitlines()
+            assert out and re.match(f"PermissionError: .*{want}", out[-1]), (name, out)
+        # a link to nothing (an unfinished Hugging Face cache download) is not a permission problem
+        d = os.path.join(root, "dangling")
+        shutil.copytree(model_dir("llama"), d)
+        os.remove(os.path.join(d, "model.safetensors"))
+        os.symlink("../../blobs/absent", os.path.join(d, "model.safetensors"))
+        with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+            LLM(d, kv_cache_tokens=256)
+    finally:
+        shutil.rmtree(root)
