@@ -42,6 +42,9 @@ def read_json_object(path: str, what: str = "a JSON object") -> dict:
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        except RecursionError:  # (json's parser recurses per nesting level)
+            raise ValueError(f"{path} is not a JSON file Loom can read: it nests arrays / objects too deeply; "
+                             "use the file that came with the checkpoint.") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}), as JSON files must be; "
                              "download it again, or save it as UTF-8.") from None

@@ -38,7 +38,7 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
             bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
             if bad:
                 raise TypeError(f"weight_map names {bad[0]!r}, not a shard file name")
-        except (ValueError, KeyError, TypeError) as e:  # (UnicodeDecodeError is a ValueError)
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # (UnicodeDecodeError: a ValueError)
             raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}); "
                              "download it again with the checkpoint.") from None
         weight_map = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}

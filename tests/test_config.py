@@ -298,3 +298,18 @@ def test_files_this_user_cannot_read_are_named_as_such(model_dir):
             LLM(d, kv_cache_tokens=256)
     finally:
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("fname", ["config.json", "tokenizer_config.json", "generation_config.json",
+                                   "special_tokens_map.json", "model.safetensors.index.json"])
+def test_json_nested_too_deeply_is_named(tmp_path, model_dir, fname):
+    """JSON nested deeper than Python's parser recurses: one ValueError naming the file (it
+    was a bare RecursionError, a traceback on the command line)."""
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "deep")
+    if fname == "model.safetensors.index.json":
+        os.rename(os.path.join(d, "model.safetensors"), os.path.join(d, "model-00001-of-00001.safetensors"))
+    with open(os.path.join(d, fname), "w") as f:
+        f.write('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match=f"{fname} is not a (JSON file Loom can read: it nests|valid safetensors index)"):
+        LLM(d, kv_cache_tokens=256)
