@@ -103,6 +103,10 @@ class ModelConfig:
             raise FileNotFoundError(f"{model_dir!r} is a file; pass the model directory that holds it "
                                     "(config.json + *.safetensors).")
         if not os.path.isdir(model_dir):
+            home = os.path.expanduser(model_dir)
+            if home != model_dir and os.path.isdir(home):  # (a path quoted, or after '--model=', keeps its '~')
+                raise FileNotFoundError(f"Model directory {model_dir!r} does not exist: '~' is not expanded "
+                                        f"here; pass {home!r}.")
             raise FileNotFoundError(f"Model directory {model_dir!r} does not exist; pass a local "
                                     "Hugging Face model directory (config.json + *.safetensors).")
         if not os.access(model_dir, os.R_OK | os.X_OK):  # (else its files read as missing)

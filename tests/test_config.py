@@ -313,3 +313,16 @@ def test_json_nested_too_deeply_is_named(tmp_path, model_dir, fname):
         f.write('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(ValueError, match=f"{fname} is not a (JSON file Loom can read: it nests|valid safetensors index)"):
         LLM(d, kv_cache_tokens=256)
+
+
+def test_a_path_with_an_unexpanded_tilde_says_so(tmp_path, model_dir, monkeypatch):
+    """'~/model' reaches the engine unexpanded when quoted or written '--model=~/model': the error
+    names the expanded path (it said only that the directory does not exist)."""
+    from engine import LLM
+    _copy(tmp_path, model_dir, "m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"'~/m' does not exist: '~' is not expanded here; pass "
+                                                f"'{tmp_path}/m'"):
+        LLM("~/m", kv_cache_tokens=256)
+    with pytest.raises(FileNotFoundError, match="'~/absent' does not exist; pass a local Hugging Face"):
+        LLM("~/absent", kv_cache_tokens=256)
