@@ -409,7 +409,12 @@ class LLM:
                 raise ValueError("A prompt is empty (no tokens); give at least one token.")
             bad = [t for t in ids if not 0 <= t < V]
             if bad:
-                raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {V}).")
+                why = ""
+                if 0 <= bad[0] < self.tokenizer.vocab_size:  # (e.g. a text's: the tokenizer makes it)
+                    why = (f" The tokenizer has it ({self.tokenizer.vocab_size} tokens) but the model's vocab_size "
+                           f"is {V}: tokenizer.json does not belong to these weights; use the files that came "
+                           "with them.")
+                raise ValueError(f"Token id {bad[0]} is outside the vocabulary [0, {V}).{why}")
         return out
 
     def _check_prompt_len(self, P: int, room: int = 1):

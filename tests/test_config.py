@@ -326,3 +326,24 @@ def test_a_path_with_an_unexpanded_tilde_says_so(tmp_path, model_dir, monkeypatc
         LLM("~/m", kv_cache_tokens=256)
     with pytest.raises(FileNotFoundError, match="'~/absent' does not exist; pass a local Hugging Face"):
         LLM("~/absent", kv_cache_tokens=256)
+
+
+def test_a_tokenizer_bigger_than_the_model_is_named_when_it_makes_an_id_the_model_lacks(tmp_path, model_dir):
+    """tokenizer.json with more tokens than the model has rows: a text (or a BOS) that encodes to
+    one of them names the mismatch (it said only 'Token id 900 is outside the vocabulary')."""
+    from conftest import build_tokenizer
+    from engine import LLM, SamplingParams
+    d = _copy(tmp_path, model_dir, "big_tokenizer")
+    tok = build_tokenizer(1000)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    llm = LLM(d, kv_cache_tokens=256)
+    text = tok.decode([900])
+    assert 900 in llm.tokenizer.encode(text)
+    want = (r"Token id 9\d\d is outside the vocabulary \[0, 384\)\. The tokenizer has it \(1000 tokens\) but the "
+            r"model's vocab_size is 384: tokenizer.json does not belong to these weights")
+    for call in (lambda: llm.generate(text, SamplingParams(max_tokens=2)), lambda: llm.session(text),
+                 lambda: llm.chat([{"role": "user", "content": text}], SamplingParams(max_tokens=2))):
+        with pytest.raises(ValueError, match=want):
+            call()
+    with pytest.raises(ValueError, match=r"Token id 1000 is outside the vocabulary \[0, 384\)\.$"):
+        llm.generate([[1, 1000]], SamplingParams(max_tokens=2))  # (an id the tokenizer lacks too)
