@@ -7,6 +7,7 @@ Weights are plain tensors; q/k/v and gate/up are fused into one matmul each.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -99,8 +100,14 @@ class CausalLM:
         self._check(weights, "model.layers.0.self_attn.q_proj.weight", (cfg.num_heads * cfg.head_dim,
                     cfg.hidden_size), "num_attention_heads x head_dim, hidden_size")
         self.inv_freq = compute_inv_freq(cfg).to(self.device)
-        self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype,
-                             attention_scaling(cfg))
+        scaling = attention_scaling(cfg)
+        if not (bool(torch.isfinite(self.inv_freq).all()) and math.isfinite(float(torch.tensor(scaling,
+                                                                                           dtype=torch.float32)))):
+            # (else NaN logits, blamed on the weights: e.g. a linear factor of 1e-300 took them to inf)
+            raise ValueError(f"config.json's RoPE settings (rope_theta={cfg.rope_theta!r}, scaling "
+                             f"{cfg.rope_scaling!r}) give rotary frequencies or an attention factor that are not "
+                             "finite in float32; use the config.json that came with the weights.")
+        self.rotary = Rotary(self.inv_freq, min(cfg.max_position_embeddings, 8192), self.device, dtype, scaling)
         self.attention: Callable = None  # set by the engine: (q, k_pool, v_pool, plan, inv_freq, scale) -> o
         self.append_kv: Callable = None  # set by the engine: (k_pool, v_pool, k, v, slots) -> None
         # engine._C.decoder_layer, set by the engine with the 'cpu' attention backend: the

@@ -347,3 +347,22 @@ def test_a_tokenizer_bigger_than_the_model_is_named_when_it_makes_an_id_the_mode
             call()
     with pytest.raises(ValueError, match=r"Token id 1000 is outside the vocabulary \[0, 384\)\.$"):
         llm.generate([[1, 1000]], SamplingParams(max_tokens=2))  # (an id the tokenizer lacks too)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "rope_theta": 10000.0, "factor": 1e-300},
+                                  {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 512, "attention_factor": 1e300}])
+def test_rope_settings_that_overflow_float32_are_refused(tmp_path, model_dir, rope):
+    """Valid numbers whose frequencies / attention factor are not finite in float32 (a linear
+    factor of 1e-300): refused naming config.json's RoPE settings (the model loaded and every
+    logit was NaN, which the engine blamed on the weights)."""
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, "rope_overflow")
+    cfg_path = os.path.join(d, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["rope_parameters"] = rope
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"config.json's RoPE settings .* not finite in float32"):
+        LLM(d, kv_cache_tokens=256)
