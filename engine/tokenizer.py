@@ -124,7 +124,7 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = _rust(lambda: self._tok.encode(text, add_special_tokens=add_special_tokens).ids, "this text")
         # tokenizer.json post-processors usually add BOS themselves; add it only when
         # the config asks for it and the post-processor did not (as transformers 4's
         # Llama tokenizers, which rebuild the post-processor from add_bos_token;
@@ -143,10 +143,11 @@ class Tokenizer:
         "Hello" reads "Hello\n<Path>", not "Hello \n<Path>" (transformers' legacy=False)."""
         if self._continuation is None:
             self._continuation = _without_prefix_space(self._tok)
-        return self._continuation.encode(text, add_special_tokens=False).ids
+        return _rust(lambda: self._continuation.encode(text, add_special_tokens=False).ids, "this text")
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        return _rust(lambda: self._tok.decode(ids, skip_special_tokens=skip_special_tokens), "these tokens")
 
     CONTEXT_TOKENS = 8  # tokens of context a continuation's text is decoded after (a character's
     #                     bytes may take 4 of them: see _context)
@@ -359,6 +360,20 @@ class Tokenizer:
         else:
             raise ValueError("continue_final_message=True but the last message has no 'content' to continue.")
         return messages[:-1] + [last], final
+
+
+def _rust(call, what: str):
+    """``call()`` into the tokenizers library, a Rust panic in it as one ValueError: pyo3 raises
+    it as a PanicException, a BaseException that ``except Exception`` misses (e.g. a pattern of
+    tokenizer.json's that backtracks past Oniguruma's limit on some text)."""
+    try:
+        return call()
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise ValueError(f"The model's tokenizer (tokenizer.json) failed on {what} ({e}): a pattern of its "
+                         "normalizer / pre-tokenizer / decoder cannot handle it; use the tokenizer.json that "
+                         "came with the model.") from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -366,3 +366,30 @@ def test_rope_settings_that_overflow_float32_are_refused(tmp_path, model_dir, ro
         json.dump(cfg, f)
     with pytest.raises(ValueError, match=r"config.json's RoPE settings .* not finite in float32"):
         LLM(d, kv_cache_tokens=256)
+
+
+def test_a_tokenizer_that_panics_on_a_text_gives_one_value_error(tmp_path, model_dir):
+    """A tokenizer.json pattern that backtracks past Oniguruma's limit on some text: the tokenizers
+    library panics, which pyo3 raises as a PanicException (a BaseException: `except Exception`
+    missed it, the command line printed a traceback). One ValueError naming tokenizer.json; the
+    engine works on."""
+    from engine import LLM, SamplingParams
+    d = _copy(tmp_path, model_dir, "regex_tokenizer")
+    path = os.path.join(d, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a|a)+$"}, "behavior": "Isolated", "invert": False},
+        tok["pre_tokenizer"]]}
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    llm = LLM(d, kv_cache_tokens=256)
+    greedy = SamplingParams(max_tokens=3, temperature=0)
+    want = llm.generate("hello", greedy)[0].outputs[0].token_ids
+    bad = "a" * 40 + "b"
+    for call in (lambda: llm.generate(bad, greedy), lambda: llm.chat([{"role": "user", "content": bad}], greedy),
+                 lambda: llm.session(bad)):
+        with pytest.raises(ValueError, match=r"tokenizer \(tokenizer.json\) failed on this text \(.*retry-limit"):
+            call()
+    assert llm.generate("hello", greedy)[0].outputs[0].token_ids == want
+    assert llm.cache_stats()["pages_free"] == llm.cache_stats()["pages_total"]
