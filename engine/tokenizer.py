@@ -230,9 +230,9 @@ class Tokenizer:
         t = self.chat_template
         named = None
         if isinstance(t, list):
-            if not all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
+            if not all(isinstance(x, dict) and isinstance(x.get("name"), str) and "template" in x for x in t):
                 raise ValueError("tokenizer_config.json's chat_template list must hold objects with "
-                                 "'name' and 'template'.")
+                                 "'name' (a string) and 'template'.")
             named = {x["name"]: x["template"] for x in t}
         if chat_template is not None:
             if not isinstance(chat_template, str) or not chat_template:

@@ -1746,6 +1746,12 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     write_json(os.path.join(d, "tokenizer_config.json"), tc)
     with pytest.raises(ValueError, match="tool_use, rag.*none named 'default'"):
         Tokenizer(d).apply_chat_template(msgs)
+    for bad in ([{"name": 5, "template": "T"}], [{"template": "T"}], ["T"]):  # (a name 5: a TypeError from join)
+        tc["chat_template"] = bad
+        write_json(os.path.join(d, "tokenizer_config.json"), tc)
+        with pytest.raises(ValueError, match="chat_template list must hold objects with 'name' \\(a string\\)"):
+            Tokenizer(d).apply_chat_template(msgs)
+    tc["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "rag", "template": "R"}]
     tc["chat_template"].append({"name": "default", "template": "D"})
     write_json(os.path.join(d, "tokenizer_config.json"), tc)
     assert Tokenizer(d).apply_chat_template(msgs) == "D"
