@@ -109,6 +109,11 @@ class ModelConfig:
                                         f"here; pass {home!r}.")
             raise FileNotFoundError(f"Model directory {model_dir!r} does not exist; pass a local "
                                     "Hugging Face model directory (config.json + *.safetensors).")
+        try:
+            model_dir.encode("utf-8")
+        except UnicodeEncodeError:  # (bytes a Linux path may hold: Python keeps them as lone surrogates)
+            raise ValueError(f"Model directory {model_dir!r} has a name that is not UTF-8, which the tokenizers and "
+                             "safetensors libraries cannot open; rename it (or link to it from a UTF-8 path).") from None
         if not os.access(model_dir, os.R_OK | os.X_OK):  # (else its files read as missing)
             raise PermissionError(f"Model directory {model_dir!r} cannot be read by this user (permission "
                                   "denied); give it read access (chmod -R a+rX), or run as its owner.")

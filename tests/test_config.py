@@ -393,3 +393,16 @@ def test_a_tokenizer_that_panics_on_a_text_gives_one_value_error(tmp_path, model
             call()
     assert llm.generate("hello", greedy)[0].outputs[0].token_ids == want
     assert llm.cache_stats()["pages_free"] == llm.cache_stats()["pages_total"]
+
+
+def test_a_model_path_that_is_not_utf8_is_named(tmp_path, model_dir):
+    """A directory name with bytes that are not UTF-8 (Linux allows them): one error saying so (the
+    tokenizers library could not take the path: 'tokenizer.json is not a readable tokenizer file ...
+    download it again')."""
+    from engine import LLM
+    d = os.path.join(str(tmp_path), os.fsdecode(b"m\xff"))
+    shutil.copytree(model_dir("llama"), d)
+    with pytest.raises(ValueError, match="has a name that is not UTF-8.*rename it"):
+        LLM(d, kv_cache_tokens=256)
+    os.symlink(d, str(tmp_path / "m"))  # (the fix the error names)
+    assert LLM(str(tmp_path / "m"), kv_cache_tokens=256).score([5, 6])[0].shape == (2, VARIANTS["llama"]["vocab"])
