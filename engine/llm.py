@@ -322,7 +322,8 @@ class LLM:
         seed = None if seed is None else int(seed)
         self.tokenizer = Tokenizer(model)
         self.eos_ids = self._eos_ids(model)
-        self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype)
+        self.model = CausalLM.from_dir(model, self.config, self.device, self.dtype,
+                                       available_memory() if self.device.type == "cpu" else None)
         c = self.config
         per_tok = kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim, self.kv_cache_dtype)
         # On the CPU the cache's memory is taken as pages are first written: a cache larger

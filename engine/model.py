@@ -120,11 +120,17 @@ class CausalLM:
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, model_dir: str, cfg: ModelConfig, device, dtype) -> "CausalLM":
+    def from_dir(cls, model_dir: str, cfg: ModelConfig, device, dtype, available: int | None = None) -> "CausalLM":
+        """``available``: bytes of memory free for the weights (None: unchecked)."""
         weights = {}
         for name, t in iter_tensors(model_dir):
             if name.startswith("model.") or name.startswith("lm_head."):
                 weights[name] = t
+        need = sum(t.numel() for t in weights.values()) * dtype.itemsize  # (the tensors are maps of the files)
+        if available is not None and need > available:
+            raise ValueError(f"The checkpoint's weights take {need / 2**30:,.1f} GiB in {str(dtype)[6:]}, more than "
+                             f"this machine's available memory ({available / 2**30:,.1f} GiB): the process would be "
+                             "killed while loading them; free memory, or use a smaller model (or a 16-bit dtype).")
         return cls(cfg, weights, device, dtype)
 
     def _check(self, w: dict, name: str, shape: tuple[int, ...], why: str,

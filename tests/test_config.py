@@ -406,3 +406,17 @@ def test_a_model_path_that_is_not_utf8_is_named(tmp_path, model_dir):
         LLM(d, kv_cache_tokens=256)
     os.symlink(d, str(tmp_path / "m"))  # (the fix the error names)
     assert LLM(str(tmp_path / "m"), kv_cache_tokens=256).score([5, 6])[0].shape == (2, VARIANTS["llama"]["vocab"])
+
+
+def test_weights_larger_than_the_available_memory_are_refused_before_loading(model_dir, monkeypatch):
+    """A checkpoint whose weights (in the run's dtype) exceed the machine's available memory is
+    refused before any is loaded, as a too-large KV cache is (it was loaded until the kernel
+    killed the process). The machine's memory is faked: 100 KB available."""
+    import engine.llm
+    from engine import LLM
+    monkeypatch.setattr(engine.llm, "available_memory", lambda: 100_000)
+    with pytest.raises(ValueError, match=r"weights take 0\.0 GiB in float32, more than this machine's available "
+                                         r"memory \(0\.0 GiB\): the process would be killed while loading them"):
+        LLM(model_dir("llama"), kv_cache_tokens=256)
+    monkeypatch.setattr(engine.llm, "available_memory", lambda: 1 << 40)
+    assert LLM(model_dir("llama"), kv_cache_tokens=256).score([5, 6])[0].shape[0] == 2
