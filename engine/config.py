@@ -112,11 +112,17 @@ class ModelConfig:
         try:
             model_dir.encode("utf-8")
         except UnicodeEncodeError:  # (bytes a Linux path may hold: Python keeps them as lone surrogates)
-            raise ValueError(f"Model directory {model_dir!r} has a name that is not UTF-8, which the tokenizers and "
-                             "safetensors libraries cannot open; rename it (or link to it from a UTF-8 path).") from None
+            raise ValueError(f"Model directory {model_dir!r} has a name that is not UTF-8, which the tokenizers "
+                             "and safetensors libraries cannot open; rename it (or link to it from a UTF-8 "
+                             "path).") from None
         if not os.access(model_dir, os.R_OK | os.X_OK):  # (else its files read as missing)
             raise PermissionError(f"Model directory {model_dir!r} cannot be read by this user (permission "
                                   "denied); give it read access (chmod -R a+rX), or run as its owner.")
+        snapshots = os.path.join(model_dir, "snapshots")
+        if not os.path.isfile(path) and os.path.isdir(snapshots):  # (a Hugging Face cache's repository folder)
+            found = ", ".join(repr(os.path.join(snapshots, s)) for s in sorted(os.listdir(snapshots)))
+            raise FileNotFoundError(f"{model_dir!r} is a Hugging Face cache's repository folder, not a model "
+                                    f"directory; pass one of its snapshots: {found or '(none: not downloaded)'}.")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {model_dir!r} is not a Hugging Face model "
                                     "directory (it needs config.json and *.safetensors).")

@@ -420,3 +420,22 @@ def test_weights_larger_than_the_available_memory_are_refused_before_loading(mod
         LLM(model_dir("llama"), kv_cache_tokens=256)
     monkeypatch.setattr(engine.llm, "available_memory", lambda: 1 << 40)
     assert LLM(model_dir("llama"), kv_cache_tokens=256).score([5, 6])[0].shape[0] == 2
+
+
+def test_a_hugging_face_cache_snapshot_loads_and_its_repository_folder_names_it(tmp_path, model_dir):
+    """The hub cache's layout: snapshots/<commit>/<file> links to ../../blobs/<hash>. A snapshot
+    loads as the directory it is (the same log-probs); the repository folder above it, which users
+    pass, names its snapshots (it said 'config.json not found: not a Hugging Face model directory')."""
+    from engine import LLM
+    src, repo = model_dir("llama"), tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "0123abc"
+    os.makedirs(repo / "blobs")
+    os.makedirs(snap)
+    for i, f in enumerate(sorted(os.listdir(src))):
+        shutil.copy(os.path.join(src, f), repo / "blobs" / f"sha{i}")
+        os.symlink(f"../../blobs/sha{i}", snap / f)
+    ids = random_ids(7, VARIANTS["llama"]["vocab"], 3)
+    assert torch.equal(LLM(str(snap), kv_cache_tokens=256).score(ids)[0], LLM(src, kv_cache_tokens=256).score(ids)[0])
+    with pytest.raises(FileNotFoundError, match=f"is a Hugging Face cache's repository folder, not a model directory; "
+                                                f"pass one of its snapshots: '{snap}'"):
+        LLM(str(repo), kv_cache_tokens=256)
