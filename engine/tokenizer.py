@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from datetime import datetime
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -471,6 +472,12 @@ def _template_env():
     import jinja2.ext
     from jinja2 import nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    version = tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < (3, 1, 6):  # (a model's chat template is code from the model's download)
+        raise ValueError(f"jinja2 {jinja2.__version__} is installed; chat templates need jinja2 >= 3.1.6 (in earlier "
+                         "versions a template can escape the sandbox and read the process's memory, its environment "
+                         "variables included: CVE-2025-27516, CVE-2024-56326): pip install -U 'jinja2>=3.1.6'.")
 
     class GenerationBlocks(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}`` (marks the assistant's tokens for

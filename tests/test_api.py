@@ -2392,3 +2392,21 @@ def test_triton_backend_needs_the_interpreter_on_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match=r"supports CUDA devices \(and CPU under TRITON_INTERPRET=1\), not "
                                          r"device=meta"):
         get_backend("triton", torch.device("meta"))
+
+
+def test_chat_templates_refuse_a_jinja2_whose_sandbox_leaks(model_dir, monkeypatch):
+    """A chat template comes with the model's download: with jinja2 3.1.5 (which pyproject's
+    jinja2>=3.1 allowed) '{{ ("{0.__globals__[os].environ}"|attr("format"))(raise_exception) }}'
+    rendered the process's environment into the prompt (CVE-2025-27516). Versions before 3.1.6 are
+    refused with what to do; on this one the same template is stopped by the sandbox."""
+    import jinja2
+    from engine.tokenizer import Tokenizer
+    tok = Tokenizer(model_dir(NAME))
+    msgs = [{"role": "user", "content": "hi"}]
+    leak = '{{ ("{0.__globals__[os].environ}"|attr("format"))(raise_exception) }}'
+    with pytest.raises(ValueError, match="chat template error: access to attribute '__globals__' .* is unsafe"):
+        tok.apply_chat_template(msgs, chat_template=leak)
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    with pytest.raises(ValueError, match=r"jinja2 3\.1\.5 is installed; chat templates need jinja2 >= 3\.1\.6 .*"
+                                         r"pip install -U 'jinja2>=3\.1\.6'"):
+        tok.apply_chat_template(msgs, chat_template=leak + " ")  # (a template not compiled before)
