@@ -236,6 +236,11 @@ class ModelConfig:
                 cfg["max_position_embeddings"] = int(sliding)
                 cfg["context_source"] = ("sliding_window: Loom attends the whole context, which is "
                                          "exact only inside the window")
+        for key in ("attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"):
+            v = raw.get(key)
+            if v is not None and (not isinstance(v, int) or v not in (0, 1)):  # (bool("false") is True)
+                raise ValueError(f"config.json's {key}={v!r} must be true or false (JSON booleans); use the "
+                                 "config.json that came with the weights.")
         attn_bias = bool(raw.get("attention_bias", False))
         dt = raw.get("dtype") or raw.get("torch_dtype") or "float32"  # (transformers 5: dtype, then the old name)
         try:

@@ -439,3 +439,14 @@ def test_a_hugging_face_cache_snapshot_loads_and_its_repository_folder_names_it(
     with pytest.raises(FileNotFoundError, match=f"is a Hugging Face cache's repository folder, not a model directory; "
                                                 f"pass one of its snapshots: '{snap}'"):
         LLM(str(repo), kv_cache_tokens=256)
+
+
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"])
+def test_flags_that_are_not_json_booleans_are_refused(key):
+    """"false" as a string is true to Python: attention_bias "false" asked the checkpoint for biases
+    (a 'missing tensor q_proj.bias' error), use_sliding_window "false" capped the context."""
+    raw = _raw("Qwen2ForCausalLM", **{key: "false"})
+    with pytest.raises(ValueError, match=f"config.json's {key}='false' must be true or false"):
+        ModelConfig.from_dict(raw)
+    assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: False}))
+    assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: None}))
