@@ -55,6 +55,10 @@ class Tokenizer:
                                       "access (chmod a+r), or run as its owner.") from None
             raise ValueError(f"{path} is not a readable tokenizer file ({e}); download it again with "
                              "the checkpoint.") from None
+        # A file's own truncation / padding would cut prompts and headers to its max_length and pad
+        # them with its pad id; transformers ignores both unless a call asks for them.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         self.config: dict = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
         # chat_template.jinja first, as transformers (newer checkpoints keep it there and an

@@ -450,3 +450,29 @@ def test_flags_that_are_not_json_booleans_are_refused(key):
         ModelConfig.from_dict(raw)
     assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: False}))
     assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: None}))
+
+
+def test_a_tokenizer_files_truncation_and_padding_are_ignored_as_transformers_does(tmp_path, model_dir):
+    """tokenizer.json may carry truncation / padding settings (saved after enable_truncation /
+    enable_padding): the tokenizers library applies them to every encode, so a prompt was cut to
+    max_length 4 and padded with the pad id (here EOS) to 12 tokens. transformers ignores them
+    unless a call asks; so does Loom, for prompts and for headers / injected text."""
+    from transformers import AutoTokenizer
+    from engine import LLM, SamplingParams
+    d = _copy(tmp_path, model_dir, "truncating_tokenizer")
+    path = os.path.join(d, "tokenizer.json")
+    with open(path) as f:
+        tok = json.load(f)
+    tok["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    tok["padding"] = {"strategy": {"Fixed": 12}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 1,
+                      "pad_type_id": 0, "pad_token": "<|eos|>"}
+    tok["pre_tokenizer"]["add_prefix_space"] = True  # (a continuation tokenizer of its own is built)
+    with open(path, "w") as f:
+        json.dump(tok, f)
+    text = "hello world how are you today my friend"
+    want = AutoTokenizer.from_pretrained(d)(text)["input_ids"]
+    llm = LLM(d, kv_cache_tokens=256)
+    assert len(want) > 12 and llm.tokenizer.encode(text) == want
+    assert len(llm.tokenizer.encode_continuation(text)) == len(want)
+    out = llm.generate(text, SamplingParams(max_tokens=2, temperature=0))[0]
+    assert out.prompt_token_ids == want
