@@ -253,7 +253,8 @@ _AS_ANOTHER_USER = r"""
 import os, sys
 from engine import LLM
 if os.geteuid() == 0:  # (root reads everything: the files' modes are tested as nobody)
-    os.setgid(65534)
+    LLM(sys.argv[2], kv_cache_tokens=256)  # (first, as root: every module and the ops loaded, wherever
+    os.setgid(65534)                       # the checkout and the venv are and whoever may read them)
     os.setuid(65534)
 try:
     LLM(sys.argv[1], kv_cache_tokens=256)
@@ -285,7 +286,8 @@ def test_files_this_user_cannot_read_are_named_as_such(model_dir):
             for f in os.listdir(d):
                 os.chmod(os.path.join(d, f), 0o644)
             os.chmod(os.path.join(d, name), 0o600 if name == "." else 0)
-            out = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, d], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-c", _AS_ANOTHER_USER, d, model_dir("llama")],
+                                 capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.strip().splitlines()
             assert out and re.match(f"PermissionError: .*{want}", out[-1]), (name, out)
