@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
 from .tokenizer import TextStream, Tokenizer
+
+if TYPE_CHECKING:  # (imported when a session is made: engine.session imports this module)
+    from .session import Session
 
 DEFAULT_KV_BYTES = 2 << 30       # default cache budget when kv_cache_tokens is None
 DEFAULT_KV_TOKENS_MAX = 1 << 18
