@@ -17,8 +17,10 @@ from .attention.plan import AttentionPlan, ThreadStep
 try:
     from . import _C
 except ImportError as e:  # not built, or built against another torch
-    raise ImportError(f"Loom's C++ extension engine._C could not be loaded ({e}); build it by running "
-                      "`pip install -e .` in the repository (with the torch you run Loom with).") from e
+    raise ImportError(f"Loom's C++ extension engine._C could not be loaded ({e}). It runs only with the torch "
+                      f"it was compiled against (this is torch {torch.__version__}): rebuild it with this torch, "
+                      "`pip install -e .` (or `pip install .`) in Loom's source tree, or "
+                      "`pip install --force-reinstall --no-deps <loom source archive>`.") from e
 
 _ops = torch.ops.loom
 

@@ -2369,6 +2369,23 @@ def test_auto_on_cpu_is_the_cpp_backend(make_llm):
     assert make_llm("qwen3").attention_backend == "cpu"
 
 
+def test_an_extension_that_fails_to_load_is_named_with_how_to_rebuild(monkeypatch):
+    # engine._C built against another torch fails to load (undefined symbol): the fallback's
+    # warning and the 'cpu' backend's error gave "not built" and `pip install -e .`, not the cause.
+    import sys
+    import engine
+    from engine.attention import get_backend
+    for name in ("_ops", "_C"):
+        monkeypatch.delattr(engine, name, raising=False)
+    monkeypatch.delitem(sys.modules, "engine._ops", raising=False)
+    monkeypatch.setitem(sys.modules, "engine._C", None)  # its import raises ImportError
+    why = f"engine._C could not be loaded .*this is torch {re.escape(torch.__version__)}.*rebuild it"
+    with pytest.warns(UserWarning, match="slow 'torch' attention backend: Loom's C\\+\\+ extension " + why):
+        assert get_backend("auto", torch.device("cpu"))[0] == "torch"
+    with pytest.raises(ValueError, match="attention_backend='cpu' needs .*" + why):
+        get_backend("cpu", torch.device("cpu"))
+
+
 def test_cpu_backend_refuses_other_devices():
     from engine.attention import get_backend
     with pytest.raises(ValueError, match="attention_backend='cpu' runs on CPU tensors"):

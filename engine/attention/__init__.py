@@ -25,10 +25,16 @@ def _ops():
 
 
 def ops_available() -> bool:
+    return _ops_load_error() is None
+
+
+def _ops_load_error() -> str | None:
+    """None when engine._C is loaded, else why not (engine._ops' error: the cause and how to rebuild)."""
     try:
-        return _ops().ops_available()
-    except ImportError:
-        return False
+        _ops()
+        return None
+    except ImportError as e:
+        return str(e)
 
 
 def triton_available() -> bool:
@@ -65,8 +71,7 @@ def get_backend(name: str, device: torch.device):
             name = "cpu"
         else:
             if device.type == "cpu":
-                warnings.warn("Loom's C++ extension engine._C is not built; using the slow 'torch' "
-                              "attention backend. Reinstall with `pip install -e .` to build it.")
+                warnings.warn(f"using the slow 'torch' attention backend: {_ops_load_error()}")
             name = "torch"
     if name == "torch":
         return name, segment_attention_torch
@@ -74,8 +79,7 @@ def get_backend(name: str, device: torch.device):
         if device.type != "cpu":
             raise ValueError(f"attention_backend='cpu' runs on CPU tensors, but device={device}.")
         if not ops_available():
-            raise ValueError("attention_backend='cpu' needs the C++ extension engine._C, which is not "
-                             "built; reinstall with `pip install -e .`.")
+            raise ValueError(f"attention_backend='cpu' needs the C++ extension engine._C: {_ops_load_error()}")
         return name, _ops().segment_attention_cpu
     if name == "triton":
         return name, _triton_kernels(device, "attention_backend").attention
