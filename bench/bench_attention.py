@@ -43,6 +43,7 @@ then every byte at the read bandwidth; bench/overlap_probe.cpp measures how far 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import random
@@ -54,7 +55,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine import _ops  # noqa: E402
 from engine.attention.plan import ThreadStep, build_plan_py  # noqa: E402

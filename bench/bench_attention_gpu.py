@@ -22,6 +22,7 @@ each method must read, and GB/s = bytes / time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -29,7 +30,7 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
+if importlib.util.find_spec("engine") is None and _ROOT not in sys.path:  # not installed
     sys.path.insert(0, _ROOT)
 
 

@@ -18,6 +18,7 @@ distribution as Loom first.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -27,7 +28,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cache import kv_token_bytes  # noqa: E402

@@ -12,6 +12,7 @@ decode step that streams every layer's. --cold-mb 0 times one copy over and over
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -20,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_generate import machine_info, read_bandwidth  # noqa: E402
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import statistics
 import sys
@@ -21,7 +22,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_generate import MODEL, machine_info  # noqa: E402
