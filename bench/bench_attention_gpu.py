@@ -22,6 +22,7 @@ each method must read, and GB/s = bytes / time.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import os
 import platform
@@ -30,7 +31,9 @@ import sys
 import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("engine") is None and _ROOT not in sys.path:  # not installed
+# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
+# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
+if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
     sys.path.insert(0, _ROOT)
 
 

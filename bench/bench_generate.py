@@ -18,6 +18,7 @@ distribution as Loom first.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import os
 import platform
@@ -28,8 +29,11 @@ import time
 
 import torch
 
-if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
+# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
+if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
+    sys.path.insert(0, _ROOT)
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cache import kv_token_bytes  # noqa: E402

@@ -12,6 +12,7 @@ decode step that streams every layer's. --cold-mb 0 times one copy over and over
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.util
 import os
 import statistics
@@ -21,8 +22,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
+# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
+if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
+    sys.path.insert(0, _ROOT)
 
 from bench_generate import machine_info, read_bandwidth  # noqa: E402
 

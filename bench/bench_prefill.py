@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
 import importlib.util
 import os
 import statistics
@@ -22,8 +23,11 @@ import time
 
 import torch
 
-if importlib.util.find_spec("engine") is None:  # not installed: the source tree (an installed Loom has engine._C)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
+# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
+if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
+    sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_generate import MODEL, machine_info  # noqa: E402

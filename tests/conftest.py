@@ -13,6 +13,7 @@ model and each engine ``LLM`` is built once.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ import torch
 # unless Loom is installed (`pip install .`, a wheel): then the tests run the installed package,
 # whose engine._C the source tree (of an sdist, say) does not have
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if importlib.util.find_spec("engine") is None and _ROOT not in sys.path:
+if (glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
