@@ -590,12 +590,14 @@ class LLM:
                                  f"hold the cache ({c.pages_unreserved} free); close them, or raise "
                                  "kv_cache_tokens.")
             res = c.reserve(need)
-            seg = c.new_segment(0, res)
-            try:
-                batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
-                outs.append(_log_softmax_(self.runner.run(batch)))
+            try:  # (the reservation back whatever fails, making the segment included)
+                seg = c.new_segment(0, res)
+                try:
+                    batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
+                    outs.append(_log_softmax_(self.runner.run(batch)))
+                finally:
+                    c.release_segment(seg)
             finally:
-                c.release_segment(seg)
                 c.release(res)
         return outs
 
