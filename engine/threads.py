@@ -133,7 +133,12 @@ class ThreadTree:
             raise ValueError("fork() needs at least one child header (an empty list [] is a valid header).")
         for h in headers:  # (all checked before any child exists)
             self._check_room(parent.end + len(h), len(h), f"A header of {len(h)} tokens after thread {parent.id}")
-        kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
+        made = len(self.threads)
+        try:
+            kids = [self._new_thread(parent.end, parent.view, parent, list(h)) for h in headers]
+        except BaseException:  # (e.g. a MemoryError making the second child: the parent not forked)
+            self._unmake(self.threads[made:])
+            raise
         for k in kids:
             k.path_tokens = parent.path_tokens
         parent.events.append({"event": "fork", "children": [k.id for k in kids]})
@@ -317,6 +322,19 @@ class ThreadTree:
         th.last_logits = th.penalties = None
         for s, _ in th.view:
             self.cache.release_segment(s)
+
+    def _unmake(self, made: list[Thread]):
+        """Take back the threads a verb made before it failed, so that it changed nothing: their
+        pages and references, their places in the tree, and their ids (a seeded thread's draws
+        depend on its id)."""
+        for th in reversed(made):
+            self.discard(th)
+            self.threads.remove(th)
+            self._segs.remove(th.seg)
+            if th.parent is not None:
+                th.parent.children.remove(th)
+        if made:
+            self._ids = itertools.count(made[0].id)
 
     def close(self):
         for th in self.threads:

@@ -46,3 +46,32 @@ def test_score_failing_to_make_its_segment_gives_its_reservation_back(make_llm):
     assert calls == [1]
     assert whole(llm) == (0, 0, 0)
     assert llm.score(ids)[0].equal(want)
+
+
+def test_a_fork_that_fails_partway_leaves_its_parent_unforked(make_llm):
+    """A fork whose second child could not be made (a MemoryError making its segment) kept
+    the first one, which the caller never got: the parent counted as forked and refused
+    generate ("its children [2] see it"), and the ids taken changed the seeded draws of the
+    session's later threads. The fork now takes back what it made: as if it never ran."""
+    from engine import SamplingParams
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    prompt = random_ids(7, llm.config.vocab_size, 2)
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=3)
+
+    def run(fail: bool):
+        s = llm.session(prompt)
+        (c,) = s.fork(s.root, [[5]])
+        s.generate([c], SamplingParams(temperature=0, max_tokens=2))
+        if fail:
+            held = whole(llm)
+            with failing(llm.cache, "new_segment", 2):
+                with pytest.raises(MemoryError):
+                    s.fork(c, [[6], [7]])
+            assert c.children == [] and whole(llm) == held
+        a, b = s.fork(c, [[6], [7]])
+        out = [o.token_ids for o in s.generate([a, b], seeded)], (a.id, b.id)
+        s.close()
+        return out
+    want = run(False)
+    assert run(True) == want
+    assert whole(llm) == (0, 0, 0)
