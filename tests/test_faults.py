@@ -11,9 +11,11 @@ from conftest import random_ids
 
 
 @contextlib.contextmanager
-def failing(obj, name: str, k: int, exc=MemoryError):
-    """``obj.name``'s k-th call (from the block's start) raises ``exc``; yields the list of calls."""
+def failing(obj, name: str, k: int | None, exc=MemoryError):
+    """``obj.name``'s k-th call (from the block's start) raises ``exc`` (None: none does);
+    yields the list of calls. ``obj``: an instance, a class or a module."""
     orig = getattr(obj, name)
+    own = vars(obj).get(name, None) if name in vars(obj) else None
     calls = []
 
     def wrapper(*args, **kwargs):
@@ -25,7 +27,10 @@ def failing(obj, name: str, k: int, exc=MemoryError):
     try:
         yield calls
     finally:
-        delattr(obj, name)  # (an instance attribute over the class's method)
+        if own is not None:
+            setattr(obj, name, own)
+        else:
+            delattr(obj, name)  # (an instance attribute over the class's method)
 
 
 def whole(llm) -> tuple:
@@ -75,3 +80,83 @@ def test_a_fork_that_fails_partway_leaves_its_parent_unforked(make_llm):
     want = run(False)
     assert run(True) == want
     assert whole(llm) == (0, 0, 0)
+
+
+def _points(llm):
+    import engine.core
+    from engine.threads import ThreadTree
+    from engine.tokenizer import TextStream
+    return {"forward": (llm.model, "layer_step"), "plan": (llm.runner, "_plan_arrays"),
+            "page": (llm.cache, "_take_page"), "segment": (llm.cache, "new_segment"),
+            "sample": (engine.core, "sample"), "decode": (TextStream, "push"), "accept": (llm.core, "accept"),
+            "fork": (ThreadTree, "fork"), "join": (ThreadTree, "join")}
+
+
+def _calls(llm):
+    from engine import SamplingParams
+    from engine.protocols import ParaThinker
+    V = llm.config.vocab_size
+    prompt = random_ids(11, V, 3)
+
+    def gen():
+        outs = llm.generate([prompt, prompt[:5]], [SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=5),
+                                                   SamplingParams(temperature=0, max_tokens=4, stop=["zz"])])
+        return [[c.token_ids for c in o.outputs] for o in outs]
+
+    def unseeded():
+        return [c.token_ids for c in llm.generate([prompt], SamplingParams(n=2, max_tokens=4))[0].outputs]
+
+    def session():
+        s = llm.session(prompt)
+        try:
+            a, b = s.fork(s.root, [[5], [6, 7]])
+            s.generate([a, b], SamplingParams(temperature=0.9, seed=2, max_tokens=3))
+            c = s.join([a, b], header=[8], positions="reprefill")
+            return s.generate([c], SamplingParams(temperature=0, max_tokens=3, stop=["zz"]))[0].token_ids
+        finally:
+            s.close()
+
+    def score():
+        return [x.sum().item() for x in llm.score([prompt, prompt[:3]])]
+
+    def parathinker():
+        return llm.generate([prompt], SamplingParams(temperature=0.9, seed=1, max_tokens=4),
+                            protocol=ParaThinker(paths=2))[0].outputs[0].token_ids
+    return {"generate": gen, "unseeded": unseeded, "session": session, "score": score,
+            "parathinker": parathinker}
+
+
+@pytest.mark.parametrize("kind", ["generate", "unseeded", "session", "score", "parathinker"])
+def test_an_error_at_any_call_leaves_the_engine_whole(make_llm, kind):
+    """An error (here a MemoryError, as an allocation that fails) raised at the k-th call of
+    the forward, the plan builder, the page allocator, the sampler, the detokenizer, the stop
+    rules, a fork or a join, for every k of a whole call (prompts prefilled in chunks of 4
+    tokens: faults between passes too): the caller gets that error, every page, reservation
+    and segment is back, the lock is free, the random generator is as before, and the same
+    call then gives what it gave before."""
+    from engine.interrupts import DEFERRED
+    llm = make_llm("qwen3", kv_cache_tokens=8192, max_forward_tokens=4, seed=0)
+    call = _calls(llm)[kind]
+    rng = llm._rng.get_state()
+    want = call()
+    landed = 0
+    for name, (obj, attr) in _points(llm).items():
+        llm._rng.set_state(rng)
+        with failing(obj, attr, None) as calls:
+            assert call() == want
+        total = len(calls)  # (0: this kind of call does not reach it)
+        for k in sorted(set(range(1, min(total, 6) + 1)) | {1 + (total - 1) * i // 5 for i in range(6) if total}):
+            llm._rng.set_state(rng)
+            with failing(obj, attr, k) as calls:
+                with pytest.raises(MemoryError, match=f"injected at {attr} call {k}$"):
+                    call()
+            landed += 1
+            where = (name, k, total)
+            st = llm.cache_stats()
+            assert (st["pages_used"], st["pages_reserved"], st["segments"]) == (0, 0, 0), (where, st)
+            assert llm._busy is None and llm._lock._owner is None and not DEFERRED.pending, where
+            assert not llm.scheduler.running and not llm.scheduler.waiting, where
+            if kind != "session":  # (one engine call; a session's earlier verbs drew theirs and ran)
+                assert llm._rng.get_state().equal(rng), where
+            assert call() == want, where
+    assert landed >= 10
