@@ -91,7 +91,12 @@ class Session:
         self.tree = ThreadTree(llm.cache, max_positions=llm.config.max_position_embeddings,
                                context_source=llm.config.context_source)
         self._handles: dict[int, ThreadHandle] = {}
-        self.root = self._handle(self.tree.new_root(prompt_ids))
+        try:
+            self.root = self._handle(self.tree.new_root(prompt_ids))
+        except BaseException:  # (the half-made session, which the error's traceback holds, holds nothing)
+            self.tree.close()
+            self.tree = None
+            raise
         self.forward_steps = 0
 
     # ---- helpers ---------------------------------------------------------------------------

@@ -160,3 +160,22 @@ def test_an_error_at_any_call_leaves_the_engine_whole(make_llm, kind):
                 assert llm._rng.get_state().equal(rng), where
             assert call() == want, where
     assert landed >= 10
+
+
+def test_a_session_that_fails_to_start_holds_nothing(make_llm):
+    """llm.session() failing as it makes its root (a MemoryError queueing the prompt) left the
+    root's segment in the cache for as long as the error was kept (its traceback holds the
+    half-made Session: an `except ... as e` block, a REPL's last error)."""
+    from engine.threads import ThreadTree
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    ids = random_ids(9, llm.config.vocab_size, 4)
+    with failing(ThreadTree, "inject", 1):
+        with pytest.raises(MemoryError) as info:
+            llm.session(ids)
+    assert info.value.__traceback__ is not None
+    assert whole(llm) == (0, 0, 0)
+    from engine import SamplingParams
+    s = llm.session(ids)
+    assert len(s.generate([s.root], SamplingParams(temperature=0, max_tokens=2))[0].token_ids) == 2
+    s.close()
+    assert whole(llm) == (0, 0, 0)
