@@ -176,14 +176,21 @@ class ThreadTree:
                                     "The reprefill join's continuation (the joined text and its header)")
             cont.header_len = len(cont.tokens)
         else:
-            view, seen, offset = list(ctx), set(common), 0
+            # sequential: the first thread keeps its layout; each next one's segments not shown
+            # yet are shifted so that their first token follows the previous thread's end (a
+            # segment two threads share, e.g. their common parent below a shallower sibling,
+            # is shown once, and takes no positions twice)
+            view, seen, end = list(ctx), set(common), None
             for t in threads:
-                for s, sh in t.view:
-                    if s.id not in seen:
-                        seen.add(s.id)
-                        view.append((s, sh + (offset if positions == "sequential" else 0)))
-                offset += t.end - fork_pos
-            base = fork_pos + offset if positions == "sequential" else max(t.end for t in threads)
+                new = [(s, sh) for s, sh in t.view if s.id not in seen]
+                d = 0
+                if positions == "sequential" and end is not None:
+                    d = end - min((s.base + sh for s, sh in new if s.tokens), default=t.end)
+                for s, sh in new:
+                    seen.add(s.id)
+                    view.append((s, sh + d))
+                end = t.end + d
+            base = end if positions == "sequential" else max(t.end for t in threads)
             cont = self._new_thread(base, view, parent, list(header),
                                     f"The {positions} join's continuation (with its header)")
         cont.path_tokens = max(t.path_tokens for t in threads)

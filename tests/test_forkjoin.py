@@ -185,6 +185,34 @@ def test_nested_sequential_joins_lay_every_thread_out_once(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def _shown_positions(h) -> list[int]:
+    """The position at which each token of ``h``'s view is shown (its segments with their
+    shifts), its own tokens included."""
+    return [seg.base + sh + i for seg, sh in h._t.view for i in range(len(seg.tokens))]
+
+
+def test_a_sequential_join_of_threads_forked_at_different_depths_lays_them_out_once(make_llm):
+    """join([x, y, q], "sequential") with x, y children of p and p, q children of the root:
+    p is shown once (its segment is in the view once), so y follows x and q follows y with
+    no gap; the continuation follows q. (Each thread's shift added the length of its whole
+    part after the fork, p included for y too: y and q sat len(p) positions late, the
+    continuation too, in front of an empty run of positions. Found by differential fuzzing
+    of session programs against a transformers-module reference.)"""
+    llm = make_llm("qwen3", attention_backend="torch")
+    V = llm.config.vocab_size
+    s = llm.session(random_ids(5, V, 4))
+    p, q = s.fork(s.root, [[3, 4], [5]])
+    s.generate([p, q], greedy(2))
+    x, y = s.fork(p, [[6], [7]])
+    s.generate([x, y], greedy(3))
+    c = s.join([x, y, q], [8], positions="sequential")
+    shown = _shown_positions(c)
+    assert sorted(shown) == list(range(len(shown))), shown  # every token once, no gap
+    assert c.position == 5 + sum(len(t.token_ids) for t in (p, x, y, q, c))
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_reprefill_join_matches_plain_text(make_llm, hf_ref):
     llm = make_llm("qwen3", attention_backend="torch")
     hf = hf_ref("qwen3")
