@@ -166,13 +166,14 @@ class ThreadTree:
                                      "each other, e.g. the children of one fork.")
         common = set.intersection(*({s.id for s, _ in t.view[:-1]} for t in threads))
         ctx = [(s, sh) for s, sh in threads[0].view if s.id in common]
-        fork_pos = min(min((s.base for s, _ in t.view if s.id not in common), default=t.end)
-                       for t in threads)
         parent = threads[0].parent if all(t.parent is threads[0].parent for t in threads) else None
         if positions == "reprefill":
             text = [tok for t in threads for s, _ in t.view if s.id not in common
                     for tok in s.tokens]
-            cont = self._new_thread(fork_pos, ctx, parent, text + list(header),
+            # (after the common context's last token: a thread's part the others do not share
+            # may begin before it, e.g. a max join's sibling of the others' parent)
+            start = max((s.base + sh + len(s.tokens) for s, sh in ctx if s.tokens), default=0)
+            cont = self._new_thread(start, ctx, parent, text + list(header),
                                     "The reprefill join's continuation (the joined text and its header)")
             cont.header_len = len(cont.tokens)
         else:

@@ -231,6 +231,48 @@ def test_reprefill_join_matches_plain_text(make_llm, hf_ref):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_reprefill_join_prefills_its_text_after_the_common_context(make_llm, hf_ref):
+    """join([x, m], "reprefill") with x a child of a, m the max join of a and b: their common
+    context is the prompt and a; the joined text (x, then b and m) is prefilled after it,
+    as the plain text prompt + a + x + b + m + header. (It started where the first thread
+    part the joined threads do not share began, b's fork position, so it took a's positions
+    again: two tokens at one position. Found by differential fuzzing of session programs.)"""
+    llm = make_llm("qwen3", attention_backend="torch")
+    hf = hf_ref("qwen3")
+    V = llm.config.vocab_size
+    prompt = random_ids(5, V, 5)
+    s = llm.session(prompt)
+    a, b = s.fork(s.root, [[3, 4], [5]])
+    s.generate([a, b], greedy(2))
+    m = s.join([a, b], [6], positions="max")
+    (x,) = s.fork(a, [[7]])
+    s.generate([x], greedy(2))
+    r = s.join([x, m], [8], positions="reprefill")
+    out = s.generate([r], greedy(4))[0]
+    text = prompt + a.token_ids + x.token_ids + b.token_ids + m.token_ids + [8]
+    assert r.token_ids == x.token_ids + b.token_ids + m.token_ids + [8] + out.token_ids
+    ref = hf_logprobs(hf, text + out.token_ids)
+    for i, tok in enumerate(out.token_ids):
+        assert abs(ref[len(text) - 1 + i, tok].item() - out.logprobs[i][tok]) < ATOL, i
+    assert r.position == len(text) + len(out.token_ids)
+    s.close()
+    # a common segment with no tokens adds no positions, wherever a view shows it: e (no header,
+    # no tokens) is shown after b in j's view, and the text still follows the prompt
+    s = llm.session(prompt)
+    e, b = s.fork(s.root, [[], [5]])
+    j = s.join([b, e], [6], positions="sequential")
+    (x,) = s.fork(e, [[7]])
+    r = s.join([j, x], [8], positions="reprefill")
+    out = s.generate([r], greedy(3))[0]
+    text = prompt + b.token_ids + j.token_ids + x.token_ids + [8]
+    ref = hf_logprobs(hf, text + out.token_ids)
+    for i, tok in enumerate(out.token_ids):
+        assert abs(ref[len(text) - 1 + i, tok].item() - out.logprobs[i][tok]) < ATOL, i
+    assert r.position == len(text) + len(out.token_ids)
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_session_errors_leave_it_usable(make_llm):
     llm = make_llm("qwen3", attention_backend="torch")
     s = llm.session([1, 2, 3])
