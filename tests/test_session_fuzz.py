@@ -20,7 +20,6 @@ import random
 
 import pytest
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
 
 from engine import SamplingParams
 from engine.trie import pack
@@ -185,6 +184,9 @@ class Reference:
             self.logits[s] = logits[i]
 
     def _rot(self, x, pos):
+        # (imported here: transformers imports triton, which the Triton test modules must import
+        # first, with the interpreter switched on; this module is collected before them)
+        from transformers.models.llama.modeling_llama import rotate_half
         cos, sin = self.m.rotary_emb(x, torch.tensor(pos)[None])
         return x * cos[0][:, None] + rotate_half(x) * sin[0][:, None]
 
