@@ -105,6 +105,15 @@ class ThreadTree:
     def _new_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
                     header: list[int], what: str = "A new thread's header") -> Thread:
         self._check_room(base + len(header), len(header), what)
+        made = len(self.threads)
+        try:
+            return self._make_thread(base, view, parent, header)
+        except BaseException:  # (e.g. a MemoryError queueing the header: a join's or spawn's
+            self._unmake(self.threads[made:])  # thread, which the caller never gets, undone)
+            raise
+
+    def _make_thread(self, base: int, view: list[tuple[Segment, int]], parent: Thread | None,
+                     header: list[int]) -> Thread:
         seg = self.cache.new_segment(base, self.reservation)
         for s, _ in view:
             self.cache.retain(s)

@@ -179,3 +179,35 @@ def test_a_session_that_fails_to_start_holds_nothing(make_llm):
     assert len(s.generate([s.root], SamplingParams(temperature=0, max_tokens=2))[0].token_ids) == 2
     s.close()
     assert whole(llm) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("verb", ["join", "spawn"])
+def test_a_session_join_or_spawn_that_fails_changes_nothing(make_llm, verb):
+    """A session's join (or spawn) that failed after making its new thread (a MemoryError
+    queueing its header) kept that thread, which the caller never got: its pages held until
+    the session closed, the joined threads' parent one child more, and the id it took
+    changed the seeded draws of the session's later threads (fork already undid its own)."""
+    from engine import SamplingParams
+    from engine.threads import ThreadTree
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    prompt = random_ids(7, llm.config.vocab_size, 5)
+    seeded = SamplingParams(temperature=1.0, seed=3, max_tokens=3)
+
+    def run(fail: bool):
+        s = llm.session(prompt)
+        a, b = s.fork(s.root, [[5], [6]])
+        s.generate([a, b], SamplingParams(temperature=0, max_tokens=2))
+        if fail:
+            held, n = whole(llm), len(s.tree.threads)
+            with failing(ThreadTree, "inject", 1):
+                with pytest.raises(MemoryError):
+                    s.join([a, b], [7]) if verb == "join" else s.spawn([s.root], [7])
+            assert whole(llm) == held and len(s.tree.threads) == n
+            assert len(s.tree.root.children) == 2
+        c = s.join([a, b], [7]) if verb == "join" else s.spawn([s.root], [7])
+        out = [o.token_ids for o in s.generate([c], seeded)], c.id
+        s.close()
+        return out
+    want = run(False)
+    assert run(True) == want
+    assert whole(llm) == (0, 0, 0)
