@@ -320,6 +320,9 @@ class Tokenizer:
             compiled = _compile_template(text)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template error: the template does not compile ({e}).") from None
+        except (RecursionError, MemoryError) as e:  # (jinja2's parser and Python's compiler recurse per level)
+            raise ValueError(f"chat template error: the template does not compile ({type(e).__name__}: it "
+                             "nests too deeply); fix the template, or pass chat_template=.") from None
         try:
             out = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                   tools=tools, documents=documents, **{**self.special_tokens, **kwargs})

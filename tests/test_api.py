@@ -1786,6 +1786,9 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
                    ("{{ 1 // 0 }}", "ZeroDivisionError"), ("{{ 'a' * 10**15 }}", "MemoryError\\)"), ("{{ '{'.format() }}", r"ValueError: Single '\{'")):
         with pytest.raises(ValueError, match=f"chat template error: the template cannot be rendered \\({err}"):
             Tokenizer(d).apply_chat_template(msgs, chat_template=t)
+    for t in ("{{" + "(" * 3000 + "1" + ")" * 3000 + "}}", "{% if 1 %}" * 1500 + "x" + "{% endif %}" * 1500):
+        with pytest.raises(ValueError, match="chat template error: the template does not compile \\(RecursionError"):
+            Tokenizer(d).apply_chat_template(msgs, chat_template=t)  # (compiling it: a bare RecursionError)
     with pytest.raises(ValueError, match="^chat template error: no$"):  # (the template's own error as it is)
         Tokenizer(d).apply_chat_template(msgs, chat_template="{{ raise_exception('no') }}")
     # every special token of the config, as transformers passes them (pad/unk rendered empty)
