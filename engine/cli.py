@@ -44,10 +44,10 @@ def _json_object(text: str | None) -> dict | None:
     import json
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # (nested too deeply: json's parser recurses)
         obj = e
     if not isinstance(obj, dict):
-        raise ValueError(f"--chat-template-kwargs {text!r} must be a JSON object, e.g. "
+        raise ValueError(f"--chat-template-kwargs {text!r:.80} must be a JSON object, e.g. "
                          "'{\"enable_thinking\": false}'.")
     return obj
 

@@ -210,6 +210,7 @@ def test_answers_are_printed_and_bad_logits_exit_1(model, capsys, monkeypatch):
     (["--min-p", "2"], "SamplingParams.min_p=2.0 is invalid"),
     (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs '[1]' must be a JSON object"),
     (["--chat-template-kwargs", "{bad"], "--chat-template-kwargs '{bad' must be a JSON object"),
+    (["--chat-template-kwargs", "[" * 100_000 + "]" * 100_000], "must be a JSON object"),  # (a RecursionError)
     (["--dtype", "float8"], "dtype='float8' is not supported"),
     (["--page-size", "0"], "page_size=0 must be an integer >= 1"),
     (["--kv-cache-tokens", "4"], "kv_cache_tokens=4 must be an integer >= page_size"),
