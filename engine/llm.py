@@ -394,6 +394,8 @@ class LLM:
     # ---- inputs ----------------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
         prompts = _as_list(prompts)
+        if isinstance(prompts, (list, tuple)):  # (a 0-d tensor's id as an int: list(torch.tensor(ids)))
+            prompts = [_as_list(x) for x in prompts]
         if isinstance(prompts, str):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)) and prompts and all(_is_int(x) for x in prompts):
@@ -401,7 +403,9 @@ class LLM:
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
         out = []
-        for p in map(_as_list, prompts):
+        for p in prompts:
+            if isinstance(p, (list, tuple)):
+                p = [_as_list(x) for x in p]
             if isinstance(p, str):
                 out.append((p, self.tokenizer.encode(p)))
             elif isinstance(p, (list, tuple)) and all(_is_int(x) for x in p):

@@ -178,12 +178,16 @@ def test_prompt_and_score_input_forms(llm, baseline):
     assert torch.equal(a, ref) and torch.equal(b, ref)
     # numpy integers and arrays (and tensors) of ids, as Python ints; bools are not ids
     import numpy as np
-    for form in (np.array(ids), [np.int64(t) for t in ids], [np.array(ids)], torch.tensor(ids)):
+    for form in (np.array(ids), [np.int64(t) for t in ids], [np.array(ids)], torch.tensor(ids),
+                 list(torch.tensor(ids)), [list(torch.tensor(ids))], list(np.array(ids))):  # (0-d tensors: ids too)
         out = llm.generate(form, greedy(5))[0]
         assert out.outputs[0].token_ids == want and all(type(t) is int for t in out.prompt_token_ids)
         assert torch.equal(llm.score(form)[0], ref)  # (score took only a tensor or lists)
     for two in (np.array([ids, ids]), [np.array(ids), np.array(ids)], torch.tensor([ids, ids])):
         assert len(got := llm.score(two)) == 2 and all(torch.equal(g, ref) for g in got)
+    s = llm.session(list(torch.tensor(ids)))
+    assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
+    s.close()
     s = llm.session(np.array(ids))
     try:
         assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
