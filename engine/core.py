@@ -9,6 +9,8 @@ its parent's logits (that is how n samples share one prompt).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .runner import ModelRunner
@@ -96,11 +98,18 @@ class EngineCore:
                              "write it without that token.")
         return ids
 
-    def check_params(self, p: SamplingParams):
-        """Refuse, before any work, parameters under which no token could ever be sampled:
+    def call_params(self, p) -> SamplingParams:
+        """``p`` checked, as a copy of its own for one engine call (the engine reads its params
+        at every token, and the caller's object changed while the call runs, by a stream
+        callback or another Python thread setting up its next call with it, reached the
+        running request: max_tokens raised past its reserved pages, a stop string set).
+        Refused before any work: parameters under which no token could ever be sampled:
         min_tokens forbids the stop tokens (stop_token_ids, and the EOS ids unless ignore_eos)
         until then, and those may be the whole vocabulary (a tiny model's: every row of the
         first step was -inf, reported as NaN logits from the weights)."""
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
+        p.verify()
         if p.min_tokens > 0:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
             if len(stops) >= self.vocab_size and all(i in stops for i in range(self.vocab_size)):
@@ -108,6 +117,7 @@ class EngineCore:
                 raise ValueError(f"SamplingParams(min_tokens={p.min_tokens}) forbids the stop tokens until then, but "
                                  f"stop_token_ids{eos} cover the model's whole vocabulary of {self.vocab_size} "
                                  "tokens: no token could be sampled. Set min_tokens=0, or stop on fewer tokens.")
+        return dataclasses.replace(p)
 
     def at_context_end(self, t: Thread) -> bool:
         """``t``'s next token would sit at or past the model's context: it samples no more."""

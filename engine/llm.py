@@ -6,7 +6,6 @@ Flow of one step (Scheduler.step; each arrow one object):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -475,19 +474,10 @@ class LLM:
         plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
         if len(plist) != len(items):
             raise ValueError(f"Got {len(plist)} SamplingParams for {len(items)} prompts.")
-        # Each distinct object checked once, and the call runs on its own copy of it: the engine
-        # reads its params at every token, and the caller's object changed while the call runs
-        # (a stream callback, another Python thread setting up its next call with it) reached
-        # the running request (max_tokens raised past its reserved pages: "engine bug" KV cache
-        # full; a stop string set: AttributeError; max_tokens=None: TypeError).
-        own: dict[int, SamplingParams] = {}
+        own: dict[int, SamplingParams] = {}  # each distinct object checked and copied once (EngineCore.call_params)
         for p in plist:
             if id(p) not in own:  # (a list of prompts mostly shares one object)
-                if not isinstance(p, SamplingParams):
-                    raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
-                p.verify()
-                self.core.check_params(p)
-                own[id(p)] = dataclasses.replace(p)
+                own[id(p)] = self.core.call_params(p)
         plist = [own[id(p)] for p in plist]
         if protocol is None:
             protocol = ParallelSampling()
