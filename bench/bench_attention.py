@@ -43,8 +43,6 @@ then every byte at the read bandwidth; bench/overlap_probe.cpp measures how far 
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import platform
 import random
@@ -56,11 +54,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
-# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
-if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
-    sys.path.insert(0, _ROOT)
+import _loom_path  # noqa: E402,F401  (which Loom: the checkout's, or an installed one)
 
 from engine import _ops  # noqa: E402
 from engine.attention.plan import ThreadStep, build_plan_py  # noqa: E402

@@ -22,19 +22,13 @@ each method must read, and GB/s = bytes / time.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import platform
 import statistics
 import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
-# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
-if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
-    sys.path.insert(0, _ROOT)
+import _loom_path  # noqa: E402,F401  (which Loom: the checkout's, or an installed one)
 
 
 def parse_args(argv=None):

@@ -18,8 +18,6 @@ distribution as Loom first.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import platform
 import statistics
@@ -29,11 +27,7 @@ import time
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
-# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
-if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
-    sys.path.insert(0, _ROOT)
+import _loom_path  # noqa: E402,F401  (which Loom: the checkout's, or an installed one)
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.cache import kv_token_bytes  # noqa: E402

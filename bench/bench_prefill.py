@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
-import importlib.util
 import os
 import statistics
 import sys
@@ -23,11 +21,7 @@ import time
 
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the checkout's engine when it has its compiled ops (an editable install, build_ext --inplace), else
-# an installed Loom (pip install ., a wheel: a checkout or sdist beside it has no engine._C), else the checkout
-if glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None:
-    sys.path.insert(0, _ROOT)
+import _loom_path  # noqa: E402,F401  (which Loom: the checkout's, or an installed one)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_generate import MODEL, machine_info  # noqa: E402

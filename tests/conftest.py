@@ -23,11 +23,12 @@ import sys
 import pytest
 import torch
 
-# the engine package lives at the repo root; make it importable however pytest is launched,
-# unless Loom is installed (`pip install .`, a wheel): then the tests run the installed package,
-# whose engine._C the source tree (of an sdist, say) does not have
+# the engine package lives at the repo root; the tests run it however pytest is launched when
+# it has its compiled ops (an editable install, build_ext --inplace), else an installed Loom
+# (`pip install .`, a wheel: the source tree of an sdist has no engine._C), else the source
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if (glob.glob(os.path.join(_ROOT, "engine", "_C*")) or importlib.util.find_spec("engine") is None) and _ROOT not in sys.path:
+_BUILT = glob.glob(os.path.join(_ROOT, "engine", "_C*"))
+if (_BUILT or importlib.util.find_spec("engine") is None) and _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
