@@ -3,8 +3,11 @@
 A step that feeds more than ``max_forward_tokens`` tokens (a long prompt, a big join's
 re-prefill, a long ``score``) runs as several forward passes, so that a pass's
 temporaries (activations, MLP hidden states: tens of KB a token) stay bounded whatever
-the prompt's length. ``split_passes`` says what may be split without changing what any
-query row sees.
+the prompt's length. So does a step whose attention would keep more than
+``MAX_ATTENTION_STATE_BYTES`` of partial states: one (o, lse) per query row and segment of
+its view, every query head (a 1,000-token join header over 1,000 segments asked for 16 GB
+on a 7B model). ``split_passes`` says what may be split without changing what any query
+row sees.
 """
 from __future__ import annotations
 
@@ -22,12 +25,18 @@ from .model import CausalLM, ForwardBatch
 from .step import StepBatch, StepItem
 
 DEFAULT_MAX_FORWARD_TOKENS = 2048
+# A pass's attention partial states: float32 (o, lse) per (query row, view segment, query
+# head). 1 GiB lets a 7B model (32 heads of 128) decode 1,000 threads with views of 60
+# segments in one pass; wider steps (a long header over hundreds of segments) are split.
+MAX_ATTENTION_STATE_BYTES = 1 << 30
 
 
-def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int, int]]] | None:
-    """How to run one step's items as forward passes of at most ``budget`` tokens each:
-    a list of passes, each a list of (item index, first token, token count), or None when
-    the step runs as one pass (it fits, or cannot be split).
+def split_passes(items: list[StepItem], budget: int,
+                 entry_budget: int | None = None) -> list[list[tuple[int, int, int]]] | None:
+    """How to run one step's items as forward passes of at most ``budget`` tokens and at
+    most ``entry_budget`` attention entries (query row x segment of its view) each: a list
+    of passes, each a list of (item index, first token, token count), or None when the
+    step runs as one pass (it fits, or cannot be split).
 
     Within a step every query row sees the tokens all items write in that step (DESIGN.md
     §2: appends come before attention). So an item that reads a segment another item of
@@ -35,37 +44,50 @@ def split_passes(items: list[StepItem], budget: int) -> list[list[tuple[int, int
     last: it still sees that segment complete. An item runs its own earlier tokens before
     its later ones, which read them causally as in one pass. Items that read each other
     (Hogwild! workers) cannot be ordered: each such group runs whole in one pass, which
-    exceeds the budget when the group does. Every other pass holds at most ``budget``
-    tokens: the items are packed in order (writers pulled ahead of their readers), an
-    item split wherever a pass fills up."""
-    if sum(len(it.token_ids) for it in items) <= budget:
+    exceeds the budgets when the group does, as does a single token whose view alone has
+    more than ``entry_budget`` segments. Every other pass keeps within both budgets: the
+    items are packed in order (writers pulled ahead of their readers), an item split
+    wherever a pass fills up."""
+    limit = entry_budget if entry_budget is not None else 1 << 62
+    width = [max(1, len(it.view)) for it in items]  # entries per token
+    if (sum(len(it.token_ids) for it in items) <= budget
+            and sum(len(it.token_ids) * w for it, w in zip(items, width)) <= limit):
         return None
     writer = {it.own.id: i for i, it in enumerate(items)}
     deps = [[j for s, _ in it.view if (j := writer.get(s.id, i)) != i] for i, it in enumerate(items)]
     groups = _groups_in_order(deps) if any(deps) else [[i] for i in range(len(items))]
-    passes, cur, used = [], [], 0
+    passes, cur, used, used_e = [], [], 0, 0
     for g in groups:
         if len(g) > 1:  # read each other: whole, in one pass
             size = sum(len(items[i].token_ids) for i in g)
-            if cur and used + size > budget:
+            size_e = sum(len(items[i].token_ids) * width[i] for i in g)
+            if cur and (used + size > budget or used_e + size_e > limit):
                 passes.append(cur)
-                cur, used = [], 0
+                cur, used, used_e = [], 0, 0
             cur += [(i, 0, len(items[i].token_ids)) for i in g]
             used += size
-            if used >= budget:
+            used_e += size_e
+            if used >= budget or used_e >= limit:
                 passes.append(cur)
-                cur, used = [], 0
+                cur, used, used_e = [], 0, 0
         else:
             i, start = g[0], 0
-            n = len(items[i].token_ids)
+            n, w = len(items[i].token_ids), width[i]
             while start < n:
-                take = min(n - start, budget - used)
+                take = min(n - start, budget - used, (limit - used_e) // w)
+                if take < 1:  # not one more token's entries fit: close the pass
+                    if cur:
+                        passes.append(cur)
+                        cur, used, used_e = [], 0, 0
+                        continue
+                    take = 1  # one token whose view alone exceeds the budget: alone
                 cur.append((i, start, take))
                 start += take
                 used += take
-                if used >= budget:
+                used_e += take * w
+                if used >= budget or used_e >= limit:
                     passes.append(cur)
-                    cur, used = [], 0
+                    cur, used, used_e = [], 0, 0
     if cur:
         passes.append(cur)
     return passes if len(passes) > 1 else None
@@ -146,6 +168,10 @@ class ModelRunner:
                  max_forward_tokens: int = DEFAULT_MAX_FORWARD_TOKENS):
         self.model, self.cache = model, cache
         self.max_forward_tokens = max_forward_tokens
+        # Attention entries (query row x view segment) a pass may have: their partial states
+        # take (head_dim + 2) floats per query head each.
+        cfg = model.cfg
+        self.max_pass_entries = max(1, MAX_ATTENTION_STATE_BYTES // (4 * cfg.num_heads * (cfg.head_dim + 2)))
         self.device = model.device
         self.backend_name, attn_fn = attention.get_backend(backend, self.device)
         model.attention = attn_fn
@@ -175,7 +201,7 @@ class ModelRunner:
         cache.begin_append()
         try:
             DEFERRED.check()  # a waiting Ctrl-C: here (or between layers), as a failed forward
-            passes = split_passes(batch.items, self.max_forward_tokens)
+            passes = split_passes(batch.items, self.max_forward_tokens, self.max_pass_entries)
             out = self._run(batch) if passes is None else self._run_passes(batch, passes)
         except BaseException:
             cache.rollback_append()

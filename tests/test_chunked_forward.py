@@ -1,4 +1,6 @@
-"""Steps longer than ``max_forward_tokens`` run as several forward passes (engine.runner).
+"""Steps longer than ``max_forward_tokens``, or with more attention entries (query row x
+view segment) than a pass may keep partial states for, run as several forward passes
+(engine.runner).
 
 * ``split_passes`` on random steps: every token once, in order; an item that reads a
   segment another item of the step writes runs after that item's last pass; only groups
@@ -286,3 +288,94 @@ def test_a_group_that_fills_the_budget_closes_its_pass():
     from engine.runner import split_passes
     passes = split_passes(_items([(0, 5, [1]), (1, 5, [0]), (2, 4, [])]), 10)
     assert passes == [[(0, 0, 5), (1, 0, 5)], [(2, 0, 4)]], passes
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_split_passes_keeps_attention_entries_within_their_budget(seed):
+    """Entries (query row x view segment: the attention's partial states) bound a pass as
+    tokens do: every token once and in order, readers after their writers, and a pass over
+    either budget only for a group of items that read each other, or one token whose view
+    alone is wider than the entry budget."""
+    rng = random.Random(1000 + seed)
+    items = _random_step(rng)
+    budget, entry_budget = rng.randint(1, 80), rng.randint(1, 60)
+    width = [len(it.view) for it in items]
+    n = len(items)
+    owner = {it.own.id: i for i, it in enumerate(items)}
+    edge = [[False] * n for _ in range(n)]  # edge[r][w]: item r reads item w's segment
+    for r, it in enumerate(items):
+        for s, _ in it.view:
+            if owner.get(s.id, r) != r:
+                edge[r][owner[s.id]] = True
+    reach = [row[:] for row in edge]
+    for k in range(n):
+        for a in range(n):
+            for b in range(n):
+                reach[a][b] = reach[a][b] or (reach[a][k] and reach[k][b])
+    passes = split_passes(items, budget, entry_budget)
+    if passes is None:
+        fits = (sum(len(it.token_ids) for it in items) <= budget
+                and sum(len(it.token_ids) * w for it, w in zip(items, width)) <= entry_budget)
+        assert fits or all(reach[a][b] for a in range(n) for b in range(n) if a != b) and n > 1
+        return
+    next_token, first_pass, last_pass = [0] * n, [None] * n, [None] * n
+    for p, pieces in enumerate(passes):
+        for i, start, count in pieces:
+            assert count >= 1 and start == next_token[i]
+            next_token[i] += count
+            first_pass[i] = p if first_pass[i] is None else first_pass[i]
+            last_pass[i] = p
+        tokens = sum(c for _, _, c in pieces)
+        entries = sum(c * width[i] for i, _, c in pieces)
+        if tokens > budget or entries > entry_budget:
+            alone = len(pieces) == 1 and pieces[0][2] == 1 and width[pieces[0][0]] > entry_budget
+            group = len(pieces) > 1 and all(reach[a][b] for a, _, _ in pieces for b, _, _ in pieces if a != b)
+            assert alone or group, (p, pieces, budget, entry_budget, width)
+    assert next_token == [len(it.token_ids) for it in items]
+    for r in range(n):
+        for w in range(n):
+            if edge[r][w] and not reach[w][r]:
+                assert first_pass[r] >= last_pass[w], f"item {r} reads item {w} before it is complete"
+
+
+def test_a_wide_step_is_split_by_its_attention_entries():
+    """200 tokens over a 50-segment view with room for 1,000 entries a pass: five passes of
+    20 tokens, then the rest; a step of narrow views is not split by entries."""
+    seg = {i: SimpleNamespace(id=i) for i in range(60)}
+    wide = StepItem(seg[0], list(range(200)), [(seg[i], 0) for i in range(1, 50)] + [(seg[0], 0)])
+    passes = split_passes([wide], 4096, 1000)
+    assert [p[0][2] for p in passes] == [20] * 10, passes
+    narrow = [StepItem(seg[i], [1], [(seg[i], 0)]) for i in range(50)]
+    assert split_passes(narrow, 4096, 1000) is None
+
+
+def test_a_join_over_many_segments_in_passes_bounded_by_entries_matches_one_pass(pair, monkeypatch):
+    """A session join whose header reads 12 children's segments, with room for 60 attention
+    entries a pass (the engine's bound is 1 GiB of partial states): split into passes of a
+    few tokens, it samples and scores as one pass does, and leaves no page held."""
+    one = pair[0]
+    V = one.config.vocab_size
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
+
+    def run(llm):
+        with llm.session(random_ids(9, V, 21)) as s:
+            kids = s.fork(s.root, [random_ids(3, V, 30 + i) for i in range(12)])
+            s.generate(kids, greedy)
+            j = s.join(kids, header=random_ids(25, V, 22))
+            sizes = count_passes(llm, monkeypatch)
+            out, = s.generate([j], greedy)
+            monkeypatch.undo()
+        return sizes, out
+
+    (s1, a) = run(one)
+    one_entries = one.runner.max_pass_entries
+    assert one_entries > 10 ** 5  # (float32, 4 heads of 32: ~2 million)
+    try:
+        one.runner.max_pass_entries = 60
+        (s2, b) = run(one)
+    finally:
+        one.runner.max_pass_entries = one_entries
+    assert s1[0] == 37 and len(s2) > len(s1) and max(s2) < 37, (s1, s2)  # 25 + the children's last tokens
+    assert a.token_ids == b.token_ids
+    assert max(abs(x[t] - y[t]) for x, y in zip(a.logprobs, b.logprobs) for t in x) < 1e-4
+    assert one.cache_stats()["pages_used"] == 0
