@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -44,6 +45,9 @@ class SamplingParams:
         a single stop string / token id becomes a list, numpy numbers Python ones."""
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.stop, (set, frozenset)):  # (a dict falls to _as_list's refusal)
+            raise ValueError(f"SamplingParams.stop={self.stop!r} is invalid: a set has no order, and the first stop "
+                             "string of the list found ends a completion; give a list.")
         self.stop = _as_list(self.stop, "stop", "a non-empty string or a list of non-empty strings")
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
@@ -154,7 +158,7 @@ def _as_list(value, name: str, what: str) -> list:
     """value (None, or an iterable that is not a string) as a new list; else one clear error."""
     if value is None:
         return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    if isinstance(value, (str, bytes, Mapping)) or not hasattr(value, "__iter__"):
         raise ValueError(f"SamplingParams.{name}={value!r} is invalid: must be {what}.")
     return list(value)
 

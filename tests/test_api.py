@@ -68,6 +68,7 @@ BAD_PARAMS = [
     ("logprobs", -1), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
     ("stop_token_ids", "7"), ("stop_token_ids", 2.5), ("temperature", 100.5), ("max_total_tokens", 0),
     ("skip_special_tokens", "no"), ("ignore_eos", 1), ("include_stop_str_in_output", None),
+    ("stop", {"x": 1}), ("stop", {"x", "y"}), ("stop_token_ids", {3: "a"}),
 ]
 
 
@@ -86,7 +87,10 @@ def test_sampling_params_valid_edges():
         SP(**kw)
     assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
     assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
-    assert SP(stop=("x", "y")).stop == ["x", "y"]
+    assert SP(stop=("x", "y")).stop == ["x", "y"] and SP(stop=iter(["x"])).stop == ["x"]
+    assert sorted(SP(stop_token_ids={4, 3}).stop_token_ids) == [3, 4]  # (ids have no order to keep)
+    with pytest.raises(ValueError, match=r"a set has no order, .* give a list"):
+        SP(stop={"x", "y"})
     # vLLM's spellings: top_k=0 (its default) disables top-k as -1 does; seed=-1 is no seed
     assert SP(top_k=0).top_k == -1 and SP(seed=-1).seed is None
     import numpy as np
