@@ -43,6 +43,10 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
                              "download it again with the checkpoint.") from None
         weight_map = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
         files = sorted(set(weight_map.values()))
+        odd = [p for p in files if os.path.exists(p) and not os.path.isfile(p)]
+        if odd:
+            raise ValueError(f"Shard {odd[0]} named in {index} is not a regular file (a directory, FIFO or "
+                             "device); put the checkpoint's shard there.")
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"Shard {missing[0]} named in {index} is missing; "
@@ -50,6 +54,10 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
         return files, weight_map
     others = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if others:
+        odd = [p for p in others if not os.path.isfile(p)]  # (opening a FIFO waits for a writer forever)
+        if odd:
+            raise ValueError(f"{odd[0]} is not a regular file (a directory, FIFO or device named like a "
+                             "checkpoint file); remove it, or copy the checkpoint's files there.")
         return others, None
     pickled = [p for pat in _PICKLED for p in glob.glob(os.path.join(model_dir, pat))]
     if pickled:

@@ -180,6 +180,33 @@ def test_every_pickled_spelling_is_named(tmp_path, model_dir, fname):
         LLM(d, kv_cache_tokens=256)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_named(tmp_path, model_dir, kind, layout):
+    """A FIFO named like a checkpoint file blocked the open until something wrote to it
+    (safetensors holds the GIL there: a process writes after 20 s so that the old behaviour
+    fails instead of hanging); a directory so named failed in safetensors. Both: one error
+    naming the file."""
+    import subprocess
+    from engine import LLM
+    d = _copy(tmp_path, model_dir, f"odd_{kind}_{layout}")
+    w = load_file(os.path.join(d, "model.safetensors"))
+    os.remove(os.path.join(d, "model.safetensors"))
+    odd = os.path.join(d, "model-00001-of-00001.safetensors" if layout == "sharded" else "weights.safetensors")
+    if layout == "sharded":
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": {k: os.path.basename(odd) for k in w}}, f)
+    os.mkfifo(odd) if kind == "fifo" else os.mkdir(odd)
+    writer = subprocess.Popen(["sh", "-c", 'sleep 20; : > "$0"', odd]) if kind == "fifo" else None
+    try:
+        with pytest.raises(ValueError, match=f"{os.path.basename(odd)} .*is not a regular file"):
+            LLM(d, kv_cache_tokens=256)
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait()
+
+
 def test_a_missing_shard_is_named(tmp_path, model_dir):
     from engine import LLM
     d = _copy(tmp_path, model_dir, "missing_shard")
