@@ -49,10 +49,10 @@ def split_passes(items: list[StepItem], budget: int,
     items are packed in order (writers pulled ahead of their readers), an item split
     wherever a pass fills up."""
     limit = entry_budget if entry_budget is not None else 1 << 62
-    width = [max(1, len(it.view)) for it in items]  # entries per token
     if (sum(len(it.token_ids) for it in items) <= budget
-            and sum(len(it.token_ids) * w for it, w in zip(items, width)) <= limit):
+            and (entry_budget is None or sum(len(it.token_ids) * len(it.view) for it in items) <= limit)):
         return None
+    width = [max(1, len(it.view)) for it in items]  # entries per token
     writer = {it.own.id: i for i, it in enumerate(items)}
     deps = [[j for s, _ in it.view if (j := writer.get(s.id, i)) != i] for i, it in enumerate(items)]
     groups = _groups_in_order(deps) if any(deps) else [[i] for i in range(len(items))]
