@@ -61,17 +61,28 @@ class Tokenizer:
         self._tok.no_padding()
         cfg_path = os.path.join(model_dir, "tokenizer_config.json")
         self.config: dict = read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
-        # chat_template.jinja first, as transformers (newer checkpoints keep it there and an
+        # chat_template.jinja and additional_chat_templates/NAME.jinja first, as transformers
+        # (newer checkpoints keep them there, the former as the one named 'default', and an
         # older copy may linger in tokenizer_config.json)
         self.chat_template = self.config.get("chat_template")
+        files = {}
         tmpl_path = os.path.join(model_dir, "chat_template.jinja")
         if os.path.isfile(tmpl_path):
+            files["default"] = tmpl_path
+        extra_dir = os.path.join(model_dir, "additional_chat_templates")
+        if os.path.isdir(extra_dir):
+            files.update({name[:-len(".jinja")]: os.path.join(extra_dir, name)
+                          for name in sorted(os.listdir(extra_dir)) if name.endswith(".jinja")})
+        for name, path in files.items():
             try:
-                with open(tmpl_path, encoding="utf-8") as f:
-                    self.chat_template = f.read()
+                with open(path, encoding="utf-8") as f:
+                    files[name] = f.read()
             except UnicodeDecodeError as e:
-                raise ValueError(f"{tmpl_path} is not UTF-8 text ({e.reason} at byte {e.start}); download it "
+                raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); download it "
                                  "again, or save it as UTF-8.") from None
+        if files:
+            self.chat_template = files["default"] if list(files) == ["default"] else \
+                [{"name": name, "template": text} for name, text in files.items()]
         # The special tokens: tokenizer_config.json's, overridden by special_tokens_map.json's
         # (as transformers reads them); chat templates see all of them.
         named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}

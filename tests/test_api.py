@@ -1816,6 +1816,29 @@ def test_chat_template_sources_and_tags(tmp_path, model_dir):
     assert got == want and got.split("#")[1:5] == [tc["bos_token"], tc["bos_token"], tc["bos_token"], tc["eos_token"]]
 
 
+def test_chat_templates_saved_as_files_by_transformers(tmp_path, model_dir):
+    """Several templates, as transformers saves them: chat_template.jinja ('default') and
+    additional_chat_templates/NAME.jinja; 'tool_use' when tools are given, and chat_template=
+    picks one by name, as transformers. (The folder was ignored: tools got the default
+    template, and chat_template='tool_use' rendered the text 'tool_use'.)"""
+    from transformers import AutoTokenizer
+    from engine.tokenizer import Tokenizer
+    d = _copy_model(tmp_path, model_dir, "tmpl_files")
+    hf = AutoTokenizer.from_pretrained(d)
+    hf.chat_template = {"default": "D{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                        "tool_use": "T{{ tools | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}
+    hf.save_pretrained(d)
+    assert os.path.isfile(os.path.join(d, "additional_chat_templates", "tool_use.jinja"))
+    hf, tok = AutoTokenizer.from_pretrained(d), Tokenizer(d)
+    conv, tools = [{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f"}}]
+    for kw in ({}, {"tools": tools}, {"chat_template": "tool_use", "tools": []}, {"chat_template": "default"}):
+        want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **kw)
+        assert tok.apply_chat_template(conv, **kw) == want, kw
+    os.remove(os.path.join(d, "chat_template.jinja"))  # (named templates only: none is the default)
+    with pytest.raises(ValueError, match="several chat templates \\(tool_use\\) and none named 'default'"):
+        Tokenizer(d).apply_chat_template(conv)
+
+
 def test_chat_template_kwargs(tmp_path, model_dir):
     """chat_template_kwargs are more variables for the template, as transformers' keyword
     arguments (Qwen3's enable_thinking); LLM.chat passes them; bad ones are refused."""
