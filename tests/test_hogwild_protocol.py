@@ -222,6 +222,30 @@ def test_collaboration_prompt_uses_chat_template(make_llm):
     assert "Alice, Bob, Carol" in text and "What is 2+2?" in text and "<|im_start|>" in text
 
 
+
+def test_collaboration_prompt_with_a_template_without_system_role(tmp_path, model_dir):
+    """A chat template that refuses a system message (Mistral-Instruct v0.1 / v0.2, Gemma) gets
+    the collaboration prompt in the user message, before the problem (generate(text,
+    protocol=Hogwild()) failed with the template's 'Conversation roles must alternate')."""
+    import shutil
+    from conftest import read_json, write_json
+    from engine.tokenizer import Tokenizer
+    d = str(tmp_path / "no_system")
+    shutil.copytree(model_dir("qwen3"), d)
+    cfg = read_json(f"{d}/tokenizer_config.json")
+    cfg["chat_template"] = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                            "{{ raise_exception('Conversation roles must alternate user/assistant/...') }}{% endif %}"
+                            "[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    write_json(f"{d}/tokenizer_config.json", cfg)
+    tok = Tokenizer(d)
+    hw = Hogwild(workers=2, names=["Alice", "Bob"])
+    text = tok.decode(hw.prepare_prompt(tok, "What is 2+2?", []), skip_special_tokens=False)
+    assert text.startswith("[INST] You are Alice, Bob: 2 assistants") and text.endswith("\n\nWhat is 2+2? [/INST]")
+    cfg["chat_template"] = "{{ raise_exception('no chats') }}"  # (a template that refuses both: its error)
+    write_json(f"{d}/tokenizer_config.json", cfg)
+    with pytest.raises(ValueError, match="^chat template error: no chats$"):
+        hw.prepare_prompt(Tokenizer(d), "What is 2+2?", [])
+
 def test_compaction_keeps_its_tensors_on_the_pools_device():
     """Compaction built its index and angle tensors on the CPU and mixed them with the
     pools' (a CUDA run failed at its first compaction). 'meta' pools stand in for a GPU:

@@ -135,7 +135,15 @@ class Hogwild(Protocol):
         system = self.collab_prompt.format(names=", ".join(self.names), n=self.workers)
         if tokenizer.chat_template:
             msgs = [{"role": "system", "content": system}, {"role": "user", "content": text}]
-            return tokenizer.encode(tokenizer.apply_chat_template(msgs), add_special_tokens=False)
+            try:
+                rendered = tokenizer.apply_chat_template(msgs)
+            except ValueError as e:
+                if not str(e).startswith("chat template error"):
+                    raise
+                # a template with no system role (Mistral-Instruct v0.1 / v0.2, Gemma) refuses one:
+                # the collaboration prompt goes in the user message, before the problem
+                rendered = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{text}"}])
+            return tokenizer.encode(rendered, add_special_tokens=False)
         return tokenizer.encode(f"{system}\n\nProblem: {text}\n")
 
     def need_text(self, params):
