@@ -543,10 +543,10 @@ class LLM:
         template's; ``continue_final_message=True`` (with ``add_generation_prompt=False``):
         the model continues the last message; ``chat_template``: a template's text or the name
         of one of the model's, instead of its default; ``stream`` as in generate()."""
-        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
             convs = [messages]
-        elif isinstance(messages, list) and messages and all(isinstance(c, list) for c in messages):
-            convs = messages
+        elif isinstance(messages, (list, tuple)) and messages and all(isinstance(c, (list, tuple)) for c in messages):
+            convs = list(messages)  # (tuples too, as transformers' apply_chat_template takes them)
         else:
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
                              "or a list of conversations.")

@@ -1034,6 +1034,18 @@ def test_chat_renders_template_and_generates(llm, model_dir):
     assert_no_leak(llm)
 
 
+
+def test_chat_takes_tuples(llm):
+    """A conversation, or a batch of them, given as a tuple is taken as the list is, as
+    transformers' apply_chat_template takes it (it was refused: 'messages must be a
+    conversation (a list of ...)')."""
+    want = llm.chat(CONV, greedy(3))[0]
+    for given in (tuple(CONV), [tuple(CONV)], (CONV, CONV2)):
+        out = llm.chat(given, greedy(3))[0]
+        assert (out.prompt, list(out.outputs[0].token_ids)) == (want.prompt, list(want.outputs[0].token_ids)), given
+    assert len(llm.chat((CONV, tuple(CONV2)), greedy(3))) == 2
+    assert_no_leak(llm)
+
 def test_chat_without_template_raises(make_llm):
     eng = make_llm("mistral", kv_cache_tokens=1024)
     with pytest.raises(ValueError):
