@@ -54,7 +54,7 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
         return files, weight_map
     others = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if others:
-        odd = [p for p in others if not os.path.isfile(p)]  # (opening a FIFO waits for a writer forever)
+        odd = [p for p in others if os.path.exists(p) and not os.path.isfile(p)]  # (a FIFO: waits forever)
         if odd:
             raise ValueError(f"{odd[0]} is not a regular file (a directory, FIFO or device named like a "
                              "checkpoint file); remove it, or copy the checkpoint's files there.")
