@@ -575,3 +575,40 @@ def test_a_collaboration_prompt_past_the_context_says_so(make_llm):
     with pytest.raises(ValueError, match=r"^The prompt has 2050 tokens but the model's context is 2048"):
         llm.generate([[5] * 2050], SamplingParams(max_tokens=1), protocol=hw)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_worker_that_ended_is_laid_out_in_the_history_at_once(make_llm):
+    """Bob stops on EOS mid-step while Alice and Carol write on without ending a step: his step
+    is in the shared history now, and their next views lay it out there, before the steps in
+    progress (prompt, history, others, own). It stayed in its old place among the steps in
+    progress until some worker next ended a step (Carol read Alice's step before Bob's)."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    eos = llm.eos_ids[0]
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    names = ["Alice", "Bob", "Carol"]
+    scripts = {"Alice": enc("I take one and more and more and more"), "Bob": enc("I take two,") + [eos],
+               "Carol": enc("I check it all and more and more and more")}
+    typed, views = {}, []
+
+    def src(threads):
+        out, ended = [], typed.get("Bob", 0) == len(scripts["Bob"])  # (in an earlier step)
+        for t in threads:
+            name = next(n for n in names if n in llm.tokenizer.decode(t.tokens[:t.header_len]))
+            if ended:
+                views.append((name, [llm.tokenizer.decode(u.tokens).split(":")[0] for u in t.live[1:]]))
+            typed[name] = typed.get(name, 0) + 1
+            sc = scripts[name]
+            out.append(sc[min(typed[name], len(sc)) - 1])
+        return out
+    llm.core.token_source = src
+    try:
+        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=12),
+                           protocol=Hogwild(workers=3, names=names, finisher=False,
+                                            stop_on_answer=False))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert [w["steps"] for w in out.workers] == [1, 1, 1] and out.workers[1]["generated"] == len(scripts["Bob"])
+    assert len(views) >= 8
+    for name, v in views:
+        assert v == ["Bob"] + [n for n in ("Alice", "Carol") if n != name], (name, v)
+    assert llm.cache_stats()["pages_used"] == 0

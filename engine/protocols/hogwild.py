@@ -255,6 +255,7 @@ class HogwildRun(ProtocolRun):
         if t.finished:
             w.done = True
             self._commit(w)
+            self._update_views()  # (its step is history now: the others' layouts show it there)
         elif not changed:  # (the same text as at its last token: neither check can change)
             pass
         elif self.proto.stop_on_answer and last_boxed(text) is not None:
@@ -324,16 +325,19 @@ class HogwildRun(ProtocolRun):
         self.activate(self.finisher, fp)
 
     def samplers(self) -> list[Thread]:
+        ended = False
         for w in self.workers:  # the view laid out reaches the model's context: this worker ends
             if not w.done and not w.current.finished and self.core.at_context_end(w.current):
-                w.current.finish_reason, w.done = "length", True
+                w.current.finish_reason, w.done, ended = "length", True, True
                 self._commit(w)
         ws = [w.current for w in self.workers if not w.done and not w.current.finished]
         left = max(self.max_total - self.total, 0)
         for t in ws[left:]:  # the total budget cannot give these workers another token
             w = next(w for w in self.workers if w.current is t)
-            t.finish_reason, w.done = "length", True
+            t.finish_reason, w.done, ended = "length", True, True
             self._commit(w)
+        if ended:
+            self._update_views()
         if all(w.done for w in self.workers) and self.finisher is None:
             self._finish()  # (its header is fed by this step: the scheduler feeds after asking)
         if self.finisher is not None and not self.finisher.finished and self.core.at_context_end(self.finisher):
