@@ -612,3 +612,26 @@ def test_a_worker_that_ended_is_laid_out_in_the_history_at_once(make_llm):
     for name, v in views:
         assert v == ["Bob"] + [n for n in ("Alice", "Carol") if n != name], (name, v)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_min_tokens_counts_over_a_workers_steps(make_llm, monkeypatch):
+    """min_tokens forbids a worker's EOS until it has sampled that many tokens over all its
+    steps (as max_tokens counts them); it forbade EOS at the start of every step (a step
+    thread's count starts at 0): here the first 5 tokens of each of Alice's short steps."""
+    import torch
+
+    import engine.core
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    eos, dot = llm.eos_ids[0], llm.tokenizer.encode("A.\n\n", add_special_tokens=False)
+    sample, masked = engine.core.sample, []
+
+    def scripted(table, params, generators, raw=None):  # Alice writes "A.\n\n" forever
+        tokens, logprobs = sample(table, params, generators, raw=raw)
+        masked.append(bool(torch.isinf(table[0, eos])))
+        return [dot[(len(masked) - 1) % len(dot)]], logprobs
+    monkeypatch.setattr(engine.core, "sample", scripted)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=12, min_tokens=5, temperature=0),
+                       protocol=Hogwild(workers=1, collab_prompt=None, finisher=False))[0].outputs[0]
+    assert out.workers[0]["steps"] >= 3 and out.workers[0]["generated"] == 12, out.workers
+    assert masked == [True] * 5 + [False] * 7, masked
+    assert llm.cache_stats()["pages_used"] == 0

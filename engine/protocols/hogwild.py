@@ -206,6 +206,14 @@ class HogwildRun(ProtocolRun):
             self.activate(t, self.step_params)
         self._update_views()
 
+    def _step_params(self, w: Worker) -> SamplingParams:
+        """A worker's next step's params: min_tokens, like max_tokens, counts over all its steps
+        (a step thread's own count starts at 0)."""
+        left = max(self.params.min_tokens - w.generated, 0)
+        if left == self.step_params.min_tokens:
+            return self.step_params
+        return SamplingParams(**{**vars(self.step_params), "min_tokens": left})
+
     # ---- views -----------------------------------------------------------------------------
     def _header(self, w: Worker) -> list[int]:
         text = self.proto.header.format(name=w.name)
@@ -270,7 +278,7 @@ class HogwildRun(ProtocolRun):
             self._commit(w)
             nxt = self.tree.spawn([self.tree.root], self._header(w))
             w.steps.append(nxt)
-            self.activate(nxt, self.step_params)
+            self.activate(nxt, self._step_params(w))
             self._update_views()
             self._maybe_compact()
         if all(o.done for o in self.workers) and self.finisher is None:
