@@ -214,6 +214,23 @@ def test_hogwild_arguments_are_validated():
         Hogwild(checkin_every=0)
 
 
+def test_header_and_collaboration_prompt_templates_are_validated():
+    """header and collab_prompt are str.format templates: a stray brace (a prompt asking for
+    \\boxed{answer}, a misspelt {nam}) is refused when the protocol is made, naming the argument
+    (generate failed with a bare KeyError: 'answer')."""
+    with pytest.raises(ValueError, match=r"collab_prompt=.* may use \{names\}, \{n\} only \(KeyError: 'answer'\)"):
+        Hogwild(collab_prompt="You are {names}. Write \\boxed{answer}.")
+    with pytest.raises(ValueError, match=r"header='\{nam\}: ' .* may use \{name\} only"):
+        Hogwild(header="{nam}: ")
+    for bad in ("{0}: ", "{name!x}", "{"):
+        with pytest.raises(ValueError, match="header="):
+            Hogwild(header=bad)
+    hw = Hogwild(collab_prompt="You are {names} ({n}): write \\boxed{{answer}}.")
+    hw.header = "{who}: "  # (changed after construction: checked again by generate's check_config)
+    with pytest.raises(ValueError, match="header="):
+        hw.check_config()
+
+
 def test_collaboration_prompt_uses_chat_template(make_llm):
     llm = make_llm("qwen3", attention_backend="cpu")
     hw = Hogwild(workers=3)

@@ -70,6 +70,16 @@ def _header_optional(workers: int, layout: str) -> bool:
     return workers == 1 and layout == "contiguous"
 
 
+def _check_template(arg: str, text: str, **fields):
+    """``text`` formats with ``fields`` alone, or a ValueError says which argument and how."""
+    try:
+        text.format(**fields)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        names = ", ".join("{" + f + "}" for f in fields)
+        raise ValueError(f"{arg}={text!r} is a str.format template that may use {names} only ({type(e).__name__}: "
+                         f"{e}); write a literal brace doubled, as in '\\boxed{{{{answer}}}}'.") from None
+
+
 def _default_names(workers: int = 64) -> list[str]:
     return NAMES + [f"Worker{i}" for i in range(9, max(workers, 64) + 1)]
 
@@ -115,6 +125,10 @@ class Hogwild(Protocol):
                              "sampled after it, seeing the collaboration so far), e.g. '{name}: '.")
         if self.collab_prompt is not None and not isinstance(self.collab_prompt, str):
             raise ValueError(f"collab_prompt={self.collab_prompt!r} must be a string or None.")
+        # (both are str.format templates: a stray brace failed in generate as a bare KeyError 'answer')
+        _check_template("header", header, name=self.names[0] if self.names else "")
+        if self.collab_prompt is not None:
+            _check_template("collab_prompt", self.collab_prompt, names=", ".join(self.names), n=workers)
         if not isinstance(self.checkin, str):
             raise ValueError(f"checkin={self.checkin!r} must be a string.")
         if self.checkin_every is not None:
