@@ -16,7 +16,7 @@ Layouts (every worker's view, read as one contiguous text through shifts):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
@@ -226,7 +226,7 @@ class HogwildRun(ProtocolRun):
         left = max(self.params.min_tokens - w.generated, 0)
         if left == self.step_params.min_tokens:
             return self.step_params
-        return SamplingParams(**{**vars(self.step_params), "min_tokens": left})
+        return replace(self.step_params, min_tokens=left)
 
     # ---- views -----------------------------------------------------------------------------
     def _header(self, w: Worker) -> list[int]:
