@@ -737,6 +737,19 @@ def test_tags_must_not_be_empty():
     assert Tags(**ok).fork == "<F>"
 
 
+@pytest.mark.parametrize("header", ["<P{nm}>", "<P{}>", "<P{0}>", "<P{num", "<P}"])
+def test_a_path_header_that_is_not_a_template_of_num_and_i_is_refused(header):
+    """Tags.path_header is a str.format template of {num} and {i}: a stray brace or another
+    field failed mid-run with a bare KeyError / IndexError (ParaThinker at its fork, the tagged
+    protocols when the model wrote the fork tag); now Tags refuses it, naming it."""
+    ok = dict(fork="<F>", path_close="</P>", join_header="<J>")
+    with pytest.raises(ValueError, match=r"Tags.path_header=.* is a str.format template that may use \{num\} "
+                                         r"and \{i\} only \(.*\); write a literal brace doubled"):
+        Tags(**ok, path_header=header)
+    for fine in ("<P{num}>", "<P{i}:{num}>", "<P{num:>3}>", "{{{i}}}", "<P>"):
+        assert Tags(**ok, path_header=fine).path_header == fine
+
+
 def test_default_tags_are_each_instances_own():
     """A protocol made with its default tags has its own copy: changing one instance's tags
     (``Multiverse().tags.join_header = ...``) used to change the class's DEFAULT_TAGS object, so

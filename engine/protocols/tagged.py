@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 
 from ..threads import Thread
@@ -34,6 +35,14 @@ class Tags:
                 raise ValueError(f"Tags.{k} must be a non-empty string.")
         if (self.block_open is None) != (self.item is None):
             raise ValueError("Tags.block_open and Tags.item go together (both or neither).")
+        try:  # (a str.format template: a stray brace failed mid-run as a bare KeyError 'nm')
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.path_header) if f is not None}
+            wrong = sorted(f for f in fields if re.split(r"[.\[]", f)[0] not in ("num", "i"))
+            if wrong:
+                raise ValueError(f"unknown field {{{wrong[0]}}}")
+        except ValueError as e:
+            raise ValueError(f"Tags.path_header={self.path_header!r} is a str.format template that may use {{num}} "
+                             f"and {{i}} only ({e}); write a literal brace doubled, as in '{{{{'.") from None
 
 
 MAX_ITEM_DIGITS = 6  # an item number the model writes longer than this is not copied to headers
