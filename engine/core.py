@@ -210,6 +210,8 @@ class EngineCore:
         for t in samplers:  # the repetition context: its view as it samples its first token of the call
             if t.penalties is None and t.params.penalized:
                 t.penalties = Penalties(t.params, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
+                if t.carried_counts is not None:
+                    t.penalties.counts += t.carried_counts
                 self._penalized.append(t)
         pen = [i for i, t in enumerate(samplers) if t.penalties is not None]
         if self.token_source is not None:
@@ -249,7 +251,7 @@ class EngineCore:
         t.generated, t.finish_reason, t.stop_reason, t.stop_token, t.stop_text = [], None, None, None, None
         t.text_context = context_tail(t, self.tokenizer.CONTEXT_TOKENS)
         t.text_stream = TextStream(self.tokenizer, params.skip_special_tokens, t.text_context) if params.stop else None
-        t.penalties = None  # (made at its first sample: step)
+        t.penalties = t.carried_counts = None  # (made at its first sample: step)
         t.logprobs = [] if params.logprobs is not None else None
 
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:

@@ -51,6 +51,8 @@ class Thread:
     text_stream: object = None                # its sampled text so far, for stop strings
     text_context: list[int] = field(default_factory=list)  # the last tokens before this call's (decoding)
     penalties: object = None                  # sampler.Penalties when its params penalize repeats
+    carried_counts: torch.Tensor | None = None  # sampled-token counts it continues (a Hogwild! worker's
+                                              # earlier steps): presence / frequency penalties count them
     tag: object = None                        # free slot for the protocol driving it
     live: "list[Thread] | None" = None        # live view: these threads' segments, laid out
                                               # one after another, then its own (Hogwild!)

@@ -652,3 +652,27 @@ def test_min_tokens_counts_over_a_workers_steps(make_llm, monkeypatch):
     assert out.workers[0]["steps"] >= 3 and out.workers[0]["generated"] == 12, out.workers
     assert masked == [True] * 5 + [False] * 7, masked
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_presence_and_frequency_penalties_count_over_a_workers_steps(make_llm, monkeypatch):
+    """A worker's presence / frequency penalties count the tokens it sampled in all its steps,
+    as min_tokens and max_tokens do (each step thread started from zero counts: a worker
+    could repeat its earlier steps' tokens unpenalized)."""
+    import engine.core
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    dot = llm.tokenizer.encode("A.\n\n", add_special_tokens=False)
+    sample, penalty = engine.core.sample, []
+
+    def scripted(table, params, generators, raw=None):  # Alice writes "A.\n\n" forever
+        tokens, logprobs = sample(table, params, generators, raw=raw)
+        penalty.append([round(float(raw[0, t] - table[0, t]), 4) for t in dot])
+        return [dot[(len(penalty) - 1) % len(dot)]], logprobs
+    monkeypatch.setattr(engine.core, "sample", scripted)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=10, frequency_penalty=1.0, presence_penalty=0.5),
+                       protocol=Hogwild(workers=1, collab_prompt=None, finisher=False))[0].outputs[0]
+    assert out.workers[0]["steps"] >= 3 and out.workers[0]["generated"] == 10, out.workers
+    for k, row in enumerate(penalty):  # before its k-th token: each of dot's tokens sampled so often
+        sampled = [dot[i % len(dot)] for i in range(k)]
+        want = [sampled.count(t) * 1.0 + 0.5 * (t in sampled) for t in dot]
+        assert row == want, (k, row, want)
+    assert llm.cache_stats()["pages_used"] == 0

@@ -293,6 +293,8 @@ class HogwildRun(ProtocolRun):
             nxt = self.tree.spawn([self.tree.root], self._header(w))
             w.steps.append(nxt)
             self.activate(nxt, self._step_params(w))
+            # presence / frequency penalties count the worker's tokens over all its steps
+            nxt.carried_counts = t.penalties.counts if t.penalties is not None else t.carried_counts
             self._update_views()
             self._maybe_compact()
         if all(o.done for o in self.workers) and self.finisher is None:
