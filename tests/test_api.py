@@ -516,6 +516,19 @@ def test_parallel_sampling_page_accounting(P, n, max_tokens, page_size, llm, mak
     assert_no_leak(eng)
 
 
+def test_max_total_tokens_bounds_plain_samplings_pages(make_llm):
+    """Plain sampling's admission counts SamplingParams(max_total_tokens=...): n=3 x
+    max_tokens=60 over a 16-token prompt needs 1 + 3 x 4 pages, but with max_total_tokens=5 its
+    threads hold at most 5 tokens' pages; a 10-page cache runs it (it was refused, 'can never fit')."""
+    eng = make_llm(NAME, kv_cache_tokens=160, page_size=PS)
+    prompt = random_ids(16, VOCAB, seed=2)
+    with pytest.raises(ValueError, match="can never fit"):
+        eng.generate([prompt], SP(n=3, max_tokens=60, ignore_eos=True))
+    res = eng.generate([prompt], SP(n=3, max_tokens=60, max_total_tokens=5, ignore_eos=True, seed=0))[0]
+    assert sum(len(o.token_ids) for o in res.outputs) == 5 and res.metrics.kv_pages_peak <= 10
+    assert_no_leak(eng)
+
+
 def test_stream_adds_up_to_the_outputs(llm):
     """generate(stream=fn): the pieces of each completion add up to its text, arrive while
     it is generated, and never include text a stop string then cuts (held back while it may

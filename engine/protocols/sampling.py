@@ -55,11 +55,21 @@ class ParallelSampling(Protocol):
         return self.n if self.n is not None else params.n
 
     def need_text(self, params):
-        return f"n={self._n(params)} x max_tokens={params.max_tokens}"
+        total = f", max_total_tokens={params.max_total_tokens}" if params.max_total_tokens else ""
+        return f"n={self._n(params)} x max_tokens={params.max_tokens}{total}"
+
+    def need_fix(self):
+        return "lower max_tokens / n, or set SamplingParams(max_total_tokens=...)"
 
     def pages_needed(self, cache, prompt_len, params, max_positions):
         gen = min(params.max_tokens, max(max_positions - prompt_len, 1))
-        return cache.pages_for(prompt_len) + self._n(params) * cache.pages_for(gen - 1)
+        n = self._n(params)
+        kids = n * cache.pages_for(gen - 1)
+        if params.max_total_tokens is not None:
+            # the threads' tokens sum to at most max_total_tokens: their pages to at most that
+            # many tokens' pages plus one part-filled page per thread that has tokens
+            kids = min(kids, cache.pages_for(params.max_total_tokens) + min(n, params.max_total_tokens))
+        return cache.pages_for(prompt_len) + kids
 
     def start(self, tree, core, params, make_generator):
         return _SamplingRun(self, tree, core, params, make_generator)
