@@ -585,6 +585,12 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     plain = _run_tokens(llm, {1: seq}, params)
     tree = _run_tokens(llm, {1: seq}, params, Multiverse())
     assert plain.text == tree.text == "x", (plain.text, tree.text)
+    # a stop string written before min_tokens does not stop it: the text is cut at the one that did
+    for incl, want in ((False, "hello STOP x "), (True, "hello STOP x STOP")):
+        params = SamplingParams(max_tokens=40, stop=["STOP"], min_tokens=10, include_stop_str_in_output=incl)
+        plain = _run_tokens(llm, {1: enc("hello STOP x STOP more")}, params)
+        tree = _run_tokens(llm, {1: enc("hello STOP x STOP more")}, params, Multiverse())
+        assert plain.text == tree.text == want, (incl, plain.text, tree.text)
     # ParaThinker's headers take the path number as an int: a format spec for it works
     tags = Tags(fork="<think>", path_header="<think{num:02d}>", path_close="</think>", join_header="\n<summary>\n")
     c = _run_tokens(llm, {"path": enc("4</think>")}, SamplingParams(max_tokens=20), ParaThinker(paths=2, tags=tags))

@@ -256,7 +256,16 @@ class TreeRun(ProtocolRun):
             n = len(last.generated)
             if n and ids[-n:] == last.generated:
                 head = self.tok.completion_text(ctx, ids[:-n], skip_special_tokens=False)
-                j = text.find(last.stop_reason, len(head))
+                # the occurrence that ended it: as many come before it here as in the thread's own
+                # text (those before min_tokens did not stop it)
+                stop, mine = last.stop_reason, last.text_stream.text
+                at = len(last.stop_text) - (len(stop) if self.params.include_stop_str_in_output else 0)
+                j, i = len(head) - 1, mine.find(stop)
+                while True:
+                    j = text.find(stop, j + 1)
+                    if j < 0 or not 0 <= i < at:
+                        break
+                    i = mine.find(stop, i + 1)
                 # (not found: the match spans special tokens, skipped in the engine's stop
                 # text and spelled out here: the engine's text before the stop)
                 keep = len(last.stop_reason) if self.params.include_stop_str_in_output else 0
