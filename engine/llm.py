@@ -545,8 +545,9 @@ class LLM:
         of one of the model's, instead of its default; ``stream`` as in generate()."""
         if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
             convs = [messages]
-        elif isinstance(messages, (list, tuple)) and messages and all(isinstance(c, (list, tuple)) for c in messages):
-            convs = list(messages)  # (tuples too, as transformers' apply_chat_template takes them)
+        elif isinstance(messages, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in messages):
+            convs = list(messages)  # (tuples too, as transformers' apply_chat_template takes them;
+            #                          none: no outputs, as generate())
         else:
             raise ValueError("messages must be a conversation (a list of {'role', 'content'} dicts) "
                              "or a list of conversations.")

@@ -1044,6 +1044,7 @@ def test_chat_renders_template_and_generates(llm, model_dir):
     r2 = hf_tok.apply_chat_template(CONV2, tokenize=False, add_generation_prompt=True)
     assert list(both[1].prompt_token_ids) == hf_tok(r2).input_ids
     assert (res[0].prompt, both[1].prompt) == (rendered, r2)  # the rendered conversation
+    assert llm.chat([], greedy(8)) == []  # (no conversations: no outputs, as generate([]))
     assert_no_leak(llm)
 
 
