@@ -597,6 +597,22 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     assert c.text.startswith("<think01>4</think><think02>4</think>"), c.text
 
 
+def test_a_stop_string_that_writes_a_paths_close_tag_closes_it_once(llm):
+    """A stop string that ends a path where the path wrote its close tag (the tag itself, or
+    its end) closes the path as the tag does: the close tag was injected once more
+    ('</Path></Path>') and the path reported as unclosed."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    lists = {1: enc("go <Parallel>"), "path": enc(" p</Path> more")}
+    want = "go <Parallel>\n<Path>\n p</Path>\n<Path>\n p</Path>\n</Parallel>\n<Summary>\n"
+    for stop in ("</Path>", "Path>", "th>"):
+        c = _run_tokens(llm, lists, SamplingParams(max_tokens=40, stop=[stop]), ParallelR1(num_paths=2))
+        assert (c.text, kinds(c)) == (want, ["fork", "join"]), (stop, c.text, c.events)
+    c = _run_tokens(llm, {"path": enc(" p</think> more")}, SamplingParams(max_tokens=20, stop=["</think>"]),
+                    ParaThinker(paths=2))
+    assert c.text.startswith("<think1> p</think><think2> p</think>\n<summary>"), c.text
+    assert "unclosed_path" not in kinds(c), c.events
+
+
 def test_a_stop_token_is_cut_from_the_text_everywhere(llm):
     """A stop token (stop_token_ids) ends the text before it in plain sampling, a tree
     protocol and a session's generate alike, and is named by stop_reason; the token itself

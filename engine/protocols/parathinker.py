@@ -28,7 +28,7 @@ class ParaThinkerRun(TreeRun):
             self.drop_eos(t)
             self.total += 1
             t.tag.text += t.tag.next_text(self.tok, tok)
-            if not t.finished or t.finish_reason == "length":  # (a close tag on the budget's last token)
+            if self.scans(t):
                 self.scan(t, t.tag)
             if t.finished and self.first_len is None:
                 self.first_len = len(t.generated)

@@ -126,7 +126,7 @@ class TreeRun(ProtocolRun):
         self.total += 1
         st: ThreadState = t.tag
         st.text += st.next_text(self.tok, tok)
-        if not t.finished or t.finish_reason == "length":  # (a close tag may end on the budget's last token)
+        if self.scans(t):
             self.scan(t, st)
         if self.total >= self.max_total:
             for a in self.samplers():
@@ -137,6 +137,14 @@ class TreeRun(ProtocolRun):
 
     def scan(self, t: Thread, st: ThreadState):
         raise NotImplementedError
+
+    @staticmethod
+    def scans(t: Thread) -> bool:
+        """Whether ``t``'s newest text is scanned for tags: while it samples, and when that
+        token ended it by the budget or, in a path, by a stop string (a close tag written up to
+        it closes the path: the close tag injected too made it twice)."""
+        return not t.finished or t.finish_reason == "length" or \
+            (t.tag.role == "path" and t.finish_reason == "stop" and t.stop_token is None)
 
     def drop_eos(self, t: Thread):
         """A path that ends on EOS: the EOS is not written (the join must not see it; the
