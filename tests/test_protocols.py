@@ -629,6 +629,13 @@ def test_a_stop_token_is_cut_from_the_text_everywhere(llm):
     kept = SamplingParams(max_tokens=40, stop_token_ids=[dot], include_stop_str_in_output=True)  # (vLLM's)
     for c in (_run_tokens(llm, {1: seq}, kept), _run_tokens(llm, {1: seq}, kept, Multiverse())):
         assert (c.text, c.stop_reason) == ("hello world.", dot), c
+    # the EOS kept: its text is a special token's, which skip_special_tokens leaves out in both
+    eos = llm.eos_ids[0]
+    for skip in (True, False):
+        kept = SamplingParams(max_tokens=40, include_stop_str_in_output=True, skip_special_tokens=skip)
+        plain, tree = _run_tokens(llm, {1: seq + [eos]}, kept), _run_tokens(llm, {1: seq + [eos]}, kept, Multiverse())
+        want = "hello world. more" + ("" if skip else llm.tokenizer.decode([eos], skip_special_tokens=False))
+        assert plain.text == tree.text == want, (skip, plain.text, tree.text)
     llm.core.token_source = lambda threads: [seq[len(t.generated)] for t in threads]
     try:
         with llm.session("q") as s:

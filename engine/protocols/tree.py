@@ -255,8 +255,11 @@ class TreeRun(ProtocolRun):
                    "max_parallel_threads": self.metrics.max_parallel_threads, "threads": len(threads)}
         last = self.main
         reason = "length" if last is None or last.finish_reason == "length" else "stop"
-        shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] and \
-            not self.params.include_stop_str_in_output else ids
+        # the stop token's text: kept with include_stop_str_in_output, unless it is a special token
+        # that skip_special_tokens leaves out (as plain sampling's)
+        kept = self.params.include_stop_str_in_output and not (
+            self.params.skip_special_tokens and ids and ids[-1] in self.tok.special_ids)
+        shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] and not kept else ids
         ctx = self.tree.root.tokens  # (the text follows the prompt: Tokenizer.completion_text)
         text = self.tok.completion_text(ctx, shown, skip_special_tokens=False)
         if last is not None and last.stop_token is None and last.stop_text is not None:
