@@ -597,6 +597,18 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     assert c.text.startswith("<think01>4</think><think02>4</think>"), c.text
 
 
+def test_min_tokens_counts_a_trees_critical_path(llm):
+    """min_tokens, as max_tokens, counts the critical path: a summary whose path has min_tokens
+    tokens already stops on its first EOS (it was counted per thread: the summary had to write
+    min_tokens of its own, EOS masked, a scripted EOS written into the text)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    lists = {1: enc("go <Parallel>"), "path": enc(" p</Path>")}
+    want = "go <Parallel>\n<Path>\n p</Path>\n<Path>\n p</Path>\n</Parallel>\n<Summary>\n"
+    for min_tokens in (0, len(lists[1])):
+        c = _run_tokens(llm, lists, SamplingParams(max_tokens=40, min_tokens=min_tokens), ParallelR1(num_paths=2))
+        assert (c.text, c.finish_reason, kinds(c)) == (want, "stop", ["fork", "join"]), (min_tokens, c.text)
+
+
 def test_a_stop_string_that_writes_a_paths_close_tag_closes_it_once(llm):
     """A stop string that ends a path where the path wrote its close tag (the tag itself, or
     its end) closes the path as the tag does: the close tag was injected once more

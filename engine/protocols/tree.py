@@ -100,6 +100,14 @@ class TreeRun(ProtocolRun):
         self.events.append(e)
         t.events.append(e)
 
+    def activate(self, t: Thread, params: SamplingParams | None = None):
+        """As ProtocolRun's; min_tokens, as max_tokens, counts the critical path: a path or a
+        continuation owes what the threads before it on that path have not written."""
+        params = params or self.params
+        if params.min_tokens and t.path_tokens:
+            params = dataclasses.replace(params, min_tokens=max(params.min_tokens - t.path_tokens, 0))
+        super().activate(t, params)
+
     def spawn_main(self, header: list[int]) -> Thread:
         (m,) = self.tree.fork(self.tree.root, [header])
         m.tag = ThreadState("main", 0)
