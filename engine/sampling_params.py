@@ -25,7 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
-    max_total_tokens: int | None = None   # protocols: bound on tokens sampled over all threads
+    max_total_tokens: int | None = None   # protocols, Session.generate: bound on tokens sampled over all threads
     min_tokens: int = 0                   # as vLLM: no EOS, stop token or stop string ends a
     #                                       completion before it has this many tokens
     include_stop_str_in_output: bool = False  # as vLLM: the stop string (a stop token's text) kept

@@ -712,3 +712,16 @@ def test_handles_read_from_another_python_thread_during_a_fork(make_llm, monkeyp
     s.generate([read[0], b], greedy(2))
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_session_generate_bounds_its_total_tokens(make_llm):
+    """SamplingParams(max_total_tokens=...) bounds the tokens a session's generate samples over
+    all its threads, as a protocol's: the first threads take what is left, the others end
+    ("length") there (it was ignored: 10 + 10 tokens for max_total_tokens=5)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    with llm.session(random_ids(9, llm.config.vocab_size, seed=4)) as s:
+        a, b, c = s.fork(s.root, [[], [5], [6]])
+        outs = s.generate([a, b, c], SamplingParams(max_tokens=10, max_total_tokens=7, ignore_eos=True, seed=0))
+        assert [len(o.token_ids) for o in outs] == [3, 2, 2] and {o.finish_reason for o in outs} == {"length"}
+        assert [len(o.token_ids) for o in s.generate([a], greedy(4))] == [4]  # (not the next call's bound)
+    assert llm.cache_stats()["pages_used"] == 0
