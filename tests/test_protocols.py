@@ -610,15 +610,20 @@ def test_min_tokens_counts_a_trees_critical_path(llm):
 
 
 def test_a_stop_string_that_writes_a_paths_close_tag_closes_it_once(llm):
-    """A stop string that ends a path where the path wrote its close tag (the tag itself, or
-    its end) closes the path as the tag does: the close tag was injected once more
-    ('</Path></Path>') and the path reported as unclosed."""
+    """A stop string or a stop token that ends a path where the path wrote its close tag (the
+    tag itself, or its end) closes the path as the tag does: the close tag was injected once
+    more ('</Path></Path>') and the path reported as unclosed."""
     enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     lists = {1: enc("go <Parallel>"), "path": enc(" p</Path> more")}
     want = "go <Parallel>\n<Path>\n p</Path>\n<Path>\n p</Path>\n</Parallel>\n<Summary>\n"
     for stop in ("</Path>", "Path>", "th>"):
         c = _run_tokens(llm, lists, SamplingParams(max_tokens=40, stop=[stop]), ParallelR1(num_paths=2))
         assert (c.text, kinds(c)) == (want, ["fork", "join"]), (stop, c.text, c.events)
+    # a stop token the path keeps (not an EOS: that is not written) that completes the tag
+    tags = Tags(fork="<Parallel>", path_header="\n<Path>\n", path_close="END!", join_header="\n<Summary>\n")
+    c = _run_tokens(llm, {1: enc("go <Parallel>"), "path": enc(" p END! more")},
+                    SamplingParams(max_tokens=40, stop_token_ids=enc("!")), ParallelR1(num_paths=2, tags=tags))
+    assert (c.text, kinds(c)) == ("go <Parallel>\n<Path>\n p END!\n<Path>\n p END!\n<Summary>\n", ["fork", "join"]), c
     c = _run_tokens(llm, {"path": enc(" p</think> more")}, SamplingParams(max_tokens=20, stop=["</think>"]),
                     ParaThinker(paths=2))
     assert c.text.startswith("<think1> p</think><think2> p</think>\n<summary>"), c.text

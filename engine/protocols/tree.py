@@ -146,13 +146,13 @@ class TreeRun(ProtocolRun):
     def scan(self, t: Thread, st: ThreadState):
         raise NotImplementedError
 
-    @staticmethod
-    def scans(t: Thread) -> bool:
+    def scans(self, t: Thread) -> bool:
         """Whether ``t``'s newest text is scanned for tags: while it samples, and when that
-        token ended it by the budget or, in a path, by a stop string (a close tag written up to
-        it closes the path: the close tag injected too made it twice)."""
+        token ended it by the budget or, in a path, by a stop string or a stop token it keeps
+        (a close tag written up to it closes the path: the close tag injected too made it
+        twice; an EOS is not written, drop_eos)."""
         return not t.finished or t.finish_reason == "length" or \
-            (t.tag.role == "path" and t.finish_reason == "stop" and t.stop_token is None)
+            (t.tag.role == "path" and t.finish_reason == "stop" and t.stop_token not in self.core.eos_ids)
 
     def drop_eos(self, t: Thread):
         """A path that ends on EOS: the EOS is not written (the join must not see it; the
