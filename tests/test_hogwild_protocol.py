@@ -203,6 +203,19 @@ def test_finisher_asks_for_the_answer(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_workers_text_keeps_special_tokens_as_the_outputs_does(make_llm):
+    """A worker's text is its tokens' text, special tokens included, as the output's text and a
+    tree's threads' are (it was decoded with skip_special_tokens: a header's special token
+    was in the output's text but not in the worker's)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    out = llm.generate("hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       protocol=Hogwild(workers=2, header="<|im_start|>{name}: ", finisher=False))[0].outputs[0]
+    for w in out.workers:
+        assert w["text"].startswith(f"<|im_start|>{w['name']}: "), w["text"]
+        assert w["text"] == llm.tokenizer.decode(w["token_ids"], skip_special_tokens=False)
+        assert w["text"] in out.text
+
+
 def test_hogwild_arguments_are_validated():
     with pytest.raises(ValueError, match="workers"):
         Hogwild(workers=0)

@@ -385,7 +385,7 @@ class HogwildRun(ProtocolRun):
         if answer is None and self.finisher is not None and self.finisher.generated:
             answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")
         workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
-                    "text": self.tok.decode([x for s in w.steps for x in s.tokens]),
+                    "text": self.tok.decode([x for s in w.steps for x in s.tokens], skip_special_tokens=False),
                     "steps": len(w.steps), "generated": w.generated,
                     # log-prob of each sampled token (when SamplingParams.logprobs is set)
                     "logprobs": [d[tok] for s in w.steps
