@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="a system message before each prompt (implies --chat)")
     g.add_argument("--chat-template-kwargs", metavar="JSON",
                    help="more variables for the chat template (implies --chat), e.g. '{\"enable_thinking\": false}'")
-    g.add_argument("-n", type=int, default=1, help="completions per prompt (threads)")
+    g.add_argument("-n", type=int, default=1, help="completions per prompt (threads; default 1)")
     g.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1.0)")
     g.add_argument("--top-p", type=float, default=1.0, help="default 1.0: off")
     g.add_argument("--top-k", type=int, default=-1, help="default -1: off")
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the Triton kernels)")
     g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="default 2 GiB of K/V or 262,144 tokens, whichever is fewer")
+                   help="default 2 GiB of K/V or 262,144 tokens, whichever is fewer (and at most half the "
+                        "available memory)")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--paths", type=int, help="parallel-r1 / parathinker: paths per fork (default 2 / 4)")
     g.add_argument("--workers", type=int, help="hogwild: workers (default 2)")
     g.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
-                   help="tokens per forward pass; a longer prompt is prefilled in chunks")
+                   help=f"tokens per forward pass; a longer prompt is prefilled in chunks (default "
+                        f"{DEFAULT_MAX_FORWARD_TOKENS})")
     g.set_defaults(fn=_cmd_generate)
     d = sub.add_parser("demo", help="the shipped demo model solves problems with fork/join threads")
     d.add_argument("--problems", type=int, default=5, help="fresh problems, solved together (as the cache allows)")

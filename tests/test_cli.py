@@ -230,7 +230,8 @@ def test_help_shows_the_defaults(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     for opt, default in (("--max-tokens", "128"), ("--temperature", "1.0"), ("--page-size", "16"),
-                         ("--top-k", "-1"), ("--kv-cache-tokens", "2 GiB")):
+                         ("--top-k", "-1"), ("--kv-cache-tokens", "2 GiB"), ("-n", "1"),
+                         ("--max-forward-tokens", "2048")):
         assert re.search(rf"{opt} \S+\s+[^-]*default {re.escape(default)}", out), (opt, out)
 
 
