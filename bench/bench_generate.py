@@ -248,7 +248,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the model's weights and activations, in every engine")
     ap.add_argument("--kv-cache-dtype", default="auto",
-                    help="Loom's KV cache: auto (float32, the model's) or bfloat16 / float16")
+                    help="Loom's KV cache: auto (the model's, --dtype) or, with a float32 model, "
+                         "bfloat16 / float16")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--limits", action="store_true", help="also compare with the machine's limits")
     ap.add_argument("--llama-cpp", choices=["auto", "on", "off"], default="auto",
