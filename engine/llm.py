@@ -277,7 +277,17 @@ locked = engine_method(False)      # reads, or frees (Session.close, which the g
 
 class LLM:
     """The engine over one model. Safe to call from several Python threads: the calls
-    (generate, chat, score, session verbs) run one after another, in the order they came."""
+    (generate, chat, score, session verbs) run one after another, in the order they came.
+
+    ``model``: a local Hugging Face checkpoint directory (config.json, safetensors,
+    tokenizer files). ``device``: "cpu" or "cuda[:N]". ``dtype``: "auto" (config.json's),
+    "float32", "bfloat16" or "float16". ``kv_cache_tokens``: the KV cache's size (None: 2 GiB
+    of K/V or 262,144 tokens, whichever is fewer, and at most half the available memory), in
+    pages of ``page_size`` tokens. ``attention_backend``: "auto" (the device's: "cpu" or
+    "triton"), "cpu", "torch" or "triton". ``seed``: draws the random generators of requests
+    without a seed (None: random). ``kv_cache_dtype``: "auto" (the model's dtype) or, for a
+    float32 model, "bfloat16" / "float16". ``max_forward_tokens``: the most tokens one forward
+    pass feeds (a longer prompt is prefilled in chunks of that many)."""
 
     def __init__(self, model: str, device: str = "cpu", dtype="auto", kv_cache_tokens: int | None = None,
                  page_size: int = 16, attention_backend: str = "auto", seed: int | None = None,

@@ -14,6 +14,14 @@ GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's sampling epsil
 
 @dataclass
 class SamplingParams:
+    """How each completion is sampled, with vLLM's field names and meanings: ``n``
+    completions per prompt; ``temperature`` (below 1e-5: greedy), ``top_p``, ``top_k`` (-1 or
+    0: off) and ``min_p`` (applied first); ``max_tokens`` (default 256) and ``min_tokens``;
+    ``stop`` strings, ``stop_token_ids``, ``include_stop_str_in_output``,
+    ``skip_special_tokens``, ``ignore_eos``; ``seed`` (None or -1: none); ``logprobs`` (the
+    top-k log-probs of each sampled token, before penalties); presence, frequency and
+    repetition penalties. ``max_total_tokens`` (Loom's): a protocol's bound on the tokens
+    sampled over all its threads. Every field is checked when made and at each call."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
