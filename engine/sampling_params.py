@@ -136,6 +136,7 @@ _VLLM_ONLY = {
     "truncate_prompt_tokens": (None, "truncate the prompt's token ids yourself"),
     "guided_decoding": (None, "not supported"),
     "structured_outputs": (None, "not supported"),
+    "extra_args": (None, "not supported"),
 }
 
 

@@ -103,11 +103,11 @@ def test_vllm_fields_loom_lacks():
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
     instead; an unknown name lists the fields (both were a bare 'unexpected keyword')."""
     import dataclasses
-    sp = SP(n=2, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None)
+    sp = SP(n=2, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None, extra_args=None)
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
     for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
                         (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
-                        (dict(logit_bias={1: 2.0}), "not supported")):
+                        (dict(logit_bias={1: 2.0}), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
             SP(**kw)
