@@ -85,6 +85,10 @@ locked = engine_method(False, lambda session: session._llm)
 
 
 class Session:
+    """A thread tree over one prompt (``llm.session(prompt)``; ``root``: the prompt's thread).
+    Verbs: fork, join, spawn, set_view, inject, generate; ``close()`` (or a ``with`` block)
+    frees every page the session holds. Their rules: engine/DESIGN.md, section 5."""
+
     def __init__(self, llm, prompt_ids: list[int]):
         self._llm = llm
         self.tree = ThreadTree(llm.cache, max_positions=llm.config.max_position_embeddings,
