@@ -85,6 +85,18 @@ def _default_names(workers: int = 64) -> list[str]:
 
 
 class Hogwild(Protocol):
+    """``workers`` collaborating workers (named by ``names``: Alice, Bob, ... by default) that
+    sample side by side, each seeing the others' tokens as they are written, in the
+    ``layout`` "combined" or "contiguous" (module docstring). ``header``: each step's first
+    text, a template of ``{name}``; ``collab_prompt``: put around a text prompt (as a system
+    message when the model has a chat template; None: the prompt as it is), a template of
+    ``{names}`` and ``{n}``; ``checkin``: added to a worker's header every ``checkin_every``
+    steps (None: never); ``compact_after``: module docstring; ``stop_on_answer``: a worker's
+    ``\\boxed{}`` ends the collaboration; ``finisher``: when the workers end without an
+    answer, one more thread asks for it and samples up to ``finisher_tokens`` tokens.
+    ``SamplingParams.max_tokens`` bounds each worker's tokens over all its steps. One
+    output per prompt: its text (the steps in commit order), ``.answer``, ``.workers``,
+    ``.events`` (commits) and ``.metrics``."""
     name = "hogwild"
 
     def __init__(self, workers: int = 2, layout: str = "combined", names: list[str] | None = None,

@@ -37,6 +37,10 @@ from .sampling import last_boxed
 
 @dataclass
 class TreeLimits:
+    """A tree protocol's bounds: forks nested ``max_depth`` deep, ``max_paths`` children a
+    fork, ``max_threads`` threads a request, no fork within ``fork_margin`` tokens of the
+    budget. Without SamplingParams.max_total_tokens, ``max_paths`` x ``max_tokens`` bounds
+    the tokens a request samples over all its threads."""
     max_depth: int = 2            # nesting levels of forks
     max_paths: int = 8            # children per fork
     max_threads: int = 64         # threads per request
