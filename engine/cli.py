@@ -16,10 +16,12 @@ PROTOCOLS = {
     "threadweaver": lambda p, a: p.ThreadWeaver(),
     "parallel-r1": lambda p, a: p.ParallelR1(**_given(num_paths=a.paths)),
     "parathinker": lambda p, a: p.ParaThinker(**_given(paths=a.paths)),
-    "hogwild": lambda p, a: p.Hogwild(**_given(workers=a.workers)),
+    "hogwild": lambda p, a: p.Hogwild(**_given(workers=a.workers), **({"collab_prompt": None}
+                                                                      if a.no_collab_prompt else {})),
 }
 # the protocols each protocol option applies to
-PROTOCOL_OPTIONS = {"select": ("sampling",), "paths": ("parallel-r1", "parathinker"), "workers": ("hogwild",)}
+PROTOCOL_OPTIONS = {"select": ("sampling",), "paths": ("parallel-r1", "parathinker"), "workers": ("hogwild",),
+                    "no_collab_prompt": ("hogwild",)}
 
 
 def _given(**kw) -> dict:
@@ -30,7 +32,7 @@ def _protocol(a):
     """The protocol --protocol names, built with its options; None without --protocol."""
     for opt, names in PROTOCOL_OPTIONS.items():
         if getattr(a, opt) is not None and a.protocol not in names:
-            raise ValueError(f"--{opt} applies to --protocol {' / '.join(names)}, not to "
+            raise ValueError(f"--{opt.replace('_', '-')} applies to --protocol {' / '.join(names)}, not to "
                              f"{'--protocol ' + a.protocol if a.protocol else 'plain sampling'}.")
     if a.protocol is None:
         return None
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "answer)")
     g.add_argument("--paths", type=int, help="parallel-r1 / parathinker: paths per fork (default 2 / 4)")
     g.add_argument("--workers", type=int, help="hogwild: workers (default 2)")
+    g.add_argument("--no-collab-prompt", action="store_const", const=True, default=None,
+                   help="hogwild: the prompt as it is, without the collaboration instructions put around it")
     g.add_argument("--max-forward-tokens", type=int, default=DEFAULT_MAX_FORWARD_TOKENS,
                    help=f"tokens per forward pass; a longer prompt is prefilled in chunks (default "
                         f"{DEFAULT_MAX_FORWARD_TOKENS})")

@@ -508,8 +508,9 @@ class LLM:
                 if len(full) + 1 > maxpos and len(ids) + 1 <= maxpos:  # (the protocol's text made it too long)
                     raise ValueError(f"The prompt has {len(ids)} tokens, {len(full)} with the text "
                                      f"{type(protocol).__name__} puts around it, but the model's context is {maxpos} "
-                                     f"({self.config.context_source}); shorten that text (Hogwild: collab_prompt=None "
-                                     "leaves the prompt as it is; its default lists every worker's name).")
+                                     f"({self.config.context_source}); shorten that text (Hogwild: collab_prompt=None, "
+                                     "loom generate --no-collab-prompt, leaves the prompt as it is; its default "
+                                     "lists every worker's name).")
         reqs = []
         for (text, ids), p in zip(items, plist):
             need = self._check_fits(ids, p, protocol)

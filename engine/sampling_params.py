@@ -20,8 +20,8 @@ class SamplingParams:
     ``stop`` strings, ``stop_token_ids``, ``include_stop_str_in_output``,
     ``skip_special_tokens``, ``ignore_eos``; ``seed`` (None or -1: none); ``logprobs`` (the
     top-k log-probs of each sampled token, before penalties); presence, frequency and
-    repetition penalties. ``max_total_tokens`` (Loom's): a protocol's bound on the tokens
-    sampled over all its threads. Every field is checked when made and at each call."""
+    repetition penalties. ``max_total_tokens`` (Loom's): a protocol's (or a
+    ``Session.generate`` call's) bound on the tokens sampled over all its threads. Every field is checked when made and at each call."""
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0

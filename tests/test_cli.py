@@ -202,6 +202,11 @@ def test_answers_are_printed_and_bad_logits_exit_1(model, capsys, monkeypatch):
     (["--paths", "3"], "--paths applies to --protocol parallel-r1 / parathinker, not to plain sampling"),
     (["--protocol", "multiverse", "--workers", "2"],
      "--workers applies to --protocol hogwild, not to --protocol multiverse"),
+    (["--protocol", "multiverse", "--no-collab-prompt"],
+     "--no-collab-prompt applies to --protocol hogwild, not to --protocol multiverse"),
+    (["--protocol", "hogwild", "--workers", "300"],  # (the collaboration prompt lists 300 names)
+     "with the text Hogwild puts around it, but the model's context is 2048"),
+    (["--protocol", "hogwild", "--workers", "300"], "loom generate --no-collab-prompt, leaves the prompt as it is"),
     (["--protocol", "sampling", "--select", "best"], "select='best' must be one of"),
     (["--protocol", "parathinker", "--paths", "0"], "paths=0 must be an integer >= 1"),
 
@@ -223,6 +228,23 @@ def test_generate_errors_exit_2_with_one_line(model, capsys, args, message):
     assert main(["generate", "--model", model, "--prompt", "x", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loom: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_hogwild_without_its_collaboration_prompt(model, capsys, monkeypatch):
+    """--no-collab-prompt is Hogwild(collab_prompt=None) (the error for a prompt that the
+    collaboration text makes too long named only that Python argument: the CLI had no way)."""
+    from engine import LLM
+    seen = []
+    real = LLM.generate
+
+    def spy(self, prompts, params=None, *args, protocol=None, **kw):
+        seen.append(protocol.collab_prompt)
+        return real(self, prompts, params, *args, protocol=protocol, **kw)
+    monkeypatch.setattr(LLM, "generate", spy)
+    for flag in ([], ["--no-collab-prompt"]):
+        assert main(["generate", "--model", model, "--prompt", "hi", "--protocol", "hogwild", "--max-tokens", "3",
+                     *flag]) == 0
+    assert seen[0] and seen[1] is None, seen
 
 
 def test_help_shows_the_defaults(capsys):
