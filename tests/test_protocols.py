@@ -783,6 +783,32 @@ def test_tags_must_not_be_empty():
     assert Tags(**ok).fork == "<F>"
 
 
+def test_tags_the_model_text_is_scanned_for_must_be_told_apart(llm):
+    """A fork tag equal to the path close tag (or a block open tag equal to either) acts as
+    only one of them: with fork == path_close every fork tag was taken for an ignored stray
+    close, so the model never forked (block_open == fork: never; block_open == path_close: no
+    path ever closed). Refused, naming both; ParaThinker, which scans for its close tag only,
+    is not concerned."""
+    mine = dict(path_header="\n{num}", join_header="J")
+    bad = [(ParallelR1, dict(fork="<P>", path_close="<P>"), r"Tags.fork='<P>' equals Tags.path_close='<P>'"),
+           (Multiverse, dict(fork="<B>", path_close="</P>", block_open="<B>", item="-"),
+            r"Tags.fork='<B>' equals Tags.block_open='<B>'"),
+           (ThreadWeaver, dict(fork="</B>", path_close="<X>", block_open="<X>", item="-"),
+            r"Tags.path_close='<X>' equals Tags.block_open='<X>'")]
+    for cls, kw, msg in bad:
+        with pytest.raises(ValueError, match=f"{cls.__name__}: {msg}: the model's text is scanned for both"):
+            cls(tags=Tags(**mine, **kw))
+    p = ParallelR1(tags=Tags(**mine, fork="<F>", path_close="</P>"))
+    p.tags.fork = "</P>"  # (changed after construction: refused at the call, before any work)
+    with pytest.raises(ValueError, match="equals Tags.path_close"):
+        llm.generate("Q", SamplingParams(max_tokens=4), protocol=p)
+    assert llm.cache_stats()["pages_used"] == 0
+    ParaThinker(paths=2, tags=Tags(**mine, fork="</P>", path_close="</P>"))  # (its fork tag is not scanned)
+    for cls in (Multiverse, ThreadWeaver, ParallelR1):
+        cls()  # (the defaults are fine)
+    ParallelR1(tags=Tags(**mine, fork="\n\n", path_close="\n"))  # (one ending another: works, in a main thread)
+
+
 @pytest.mark.parametrize("header", ["<P{nm}>", "<P{}>", "<P{0}>", "<P{num", "<P}"])
 def test_a_path_header_that_is_not_a_template_of_num_and_i_is_refused(header):
     """Tags.path_header is a str.format template of {num} and {i}: a stray brace or another

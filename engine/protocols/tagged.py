@@ -135,6 +135,20 @@ class Multiverse(TagTreeProtocol):
     def check_config(self):
         super().check_config()
         _itemized(self.tags, type(self).__name__)
+        _scanned_apart(self.tags, type(self).__name__)
+
+
+def _scanned_apart(tags: Tags, name: str) -> None:
+    """The tags the model's text is scanned for (fork, path close, block open) must differ:
+    one string in two roles acts in one only (fork == path_close: every fork tag was an
+    ignored stray close, no fork ever; block_open == fork: no fork; block_open == path_close:
+    no path ever closed)."""
+    scanned = [(k, getattr(tags, k)) for k in ("fork", "path_close", "block_open") if getattr(tags, k) is not None]
+    for i, (k, a) in enumerate(scanned):
+        for k2, b in scanned[i + 1:]:
+            if a == b:
+                raise ValueError(f"{name}: Tags.{k}={a!r} equals Tags.{k2}={b!r}: the model's text is scanned for "
+                                 "both, and one string can act as only one of them; give them different tags.")
 
 
 def _itemized(tags: Tags | None, name: str) -> Tags | None:
@@ -162,6 +176,7 @@ class ThreadWeaver(TagTreeProtocol):
     def check_config(self):
         super().check_config()
         _itemized(self.tags, type(self).__name__)
+        _scanned_apart(self.tags, type(self).__name__)
 
 
 class ParallelR1(TagTreeProtocol):
@@ -179,6 +194,7 @@ class ParallelR1(TagTreeProtocol):
 
     def check_config(self):
         super().check_config()
+        _scanned_apart(self.tags, type(self).__name__)
         self.num_paths = int_arg("num_paths", self.num_paths, 1)
         if self.num_paths > self.limits.max_paths:
             raise ValueError(f"num_paths={self.num_paths} exceeds limits.max_paths={self.limits.max_paths}.")
