@@ -142,6 +142,21 @@ def test_multiverse_nested_and_depth_limit(llm):
     assert "depth_limit" in kinds(c) and kinds(c).count("fork") == 1
 
 
+def test_a_threads_events_in_the_tree_record_each_fork_once(llm):
+    """A thread's "events" in the output tree held each of its forks twice (the thread tree's
+    record and the protocol's), so counting them gave twice the forks the request made."""
+    scripts = dict(MV)
+    scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    scripts["\n<Path>\n1:"] = " x</Path>"
+    for proto in (Multiverse(), ParaThinker(paths=2)):
+        c, _ = run(llm, {**scripts, "<think": " t</think>", "<summary>": "s"}, proto)
+        forks = [e for e in c.events if e["event"] == "fork"]
+        assert len({e["thread"] for e in forks}) == len(forks) == (2 if isinstance(proto, Multiverse) else 1)
+        for e in forks:
+            (mine,) = [x for x in c.tree[e["thread"]]["events"] if x["event"] == "fork"]
+            assert mine["children"] == e["children"]
+
+
 @pytest.mark.parametrize("case,script,expect", [
     ("stray_close", {"": "text </Path> more"}, "stray_close"),
     ("empty_outline", {"": "<Goal>nothing</Goal> go on"}, "empty_outline"),

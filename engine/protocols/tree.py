@@ -99,10 +99,11 @@ class TreeRun(ProtocolRun):
     def encode(self, text: str) -> list[int]:
         return self.core.encode_text(text)
 
-    def event(self, kind: str, t: Thread, **kw):
+    def event(self, kind: str, t: Thread, thread_too: bool = True, **kw):
         e = {"event": kind, "thread": t.id, **kw}
         self.events.append(e)
-        t.events.append(e)
+        if thread_too:  # (a fork is in its thread's events already: ThreadTree.fork records it there)
+            t.events.append(e)
 
     def activate(self, t: Thread, params: SamplingParams | None = None):
         """As ProtocolRun's; min_tokens, as max_tokens, counts the critical path: a path or a
@@ -198,7 +199,7 @@ class TreeRun(ProtocolRun):
         for k in kids:
             k.tag = ThreadState("path", st.depth + 1, group=g)
             self.activate(k)
-        self.event("fork", t, children=[k.id for k in kids])
+        self.event("fork", t, thread_too=False, children=[k.id for k in kids])
         return kids
 
     def maybe_join(self, g: ForkGroup):
