@@ -142,6 +142,15 @@ def test_multiverse_nested_and_depth_limit(llm):
     assert "depth_limit" in kinds(c) and kinds(c).count("fork") == 1
 
 
+def test_the_prompt_is_the_trees_prompt_thread_in_every_tree_protocol(llm):
+    """ParaThinker forks its paths from the prompt itself, which it tags as the main role: its
+    output tree called the prompt "main" (the tagged protocols call it "prompt"), so the main
+    line read from the tree by role began with the prompt's text."""
+    c, _ = run(llm, {"": "x", "<think": " t</think>", "<summary>": "s"}, ParaThinker(paths=2))
+    assert [t["role"] for t in c.tree] == ["prompt", "path", "path", "main"]
+    assert c.tree[0]["text"] == "Q: 1+2, 3*4?" and c.tree[0]["parent"] is None
+
+
 def test_a_threads_events_in_the_tree_record_each_fork_once(llm):
     """A thread's "events" in the output tree held each of its forks twice (the thread tree's
     record and the protocol's), so counting them gave twice the forks the request made."""
