@@ -719,6 +719,21 @@ def test_a_close_tag_on_the_budgets_last_token_closes_the_path(llm):
     assert heads[0].startswith("\n<Path>\n1.1:") and heads[1].startswith("\n<Path>\n1.2:"), heads
 
 
+def test_a_fork_tag_on_the_budgets_last_token_is_a_budget_event(llm):
+    """A fork tag completed by the thread's last budgeted token (main or path) is refused as any
+    fork without room ("budget"); it used to be dropped with no event, the one fork tag the
+    events did not account for."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main = "<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    for margin in (0, 16):
+        c, _ = run(llm, {"": main}, Multiverse(limits=TreeLimits(fork_margin=margin)), max_tokens=len(enc(main)))
+        assert kinds(c) == ["budget"] and c.text == main and c.finish_reason == "length", (margin, kinds(c))
+    path = " again<Goal><Outline>7: x</Outline></Goal>"
+    c, _ = run(llm, {"": main, "1:": path, "2:": " y</Path>", "<Conclusion>": "c"},
+               Multiverse(limits=TreeLimits(fork_margin=0)), max_tokens=len(enc(main)) + len(enc(path)))
+    assert kinds(c) == ["fork", "budget", "unclosed_path", "join"], kinds(c)
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long

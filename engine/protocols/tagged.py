@@ -94,8 +94,6 @@ class TaggedRun(TreeRun):
         return nums
 
     def on_fork_tag(self, t: Thread, st: ThreadState, end: int) -> bool:
-        if t.finished:  # (scanned for its close tag only: the budget ended it on this token)
-            return False
         nums = self.items(st, end)
         if nums is None:
             self.event("unbalanced", t, tag=self.proto.tags.fork, action="ignored")

@@ -19,7 +19,7 @@ Malformed output never crashes or hangs; each case is recorded in the output's
 | fork tag with no outline items | ``empty_outline``: continue sequentially |
 | more items than ``max_paths`` | ``too_many_items``: fork the first ``max_paths`` |
 | fork at depth ``max_depth`` | ``depth_limit``: continue sequentially |
-| fork within ``fork_margin`` of the budget or past ``max_threads`` | ``budget``: continue sequentially |
+| fork within ``fork_margin`` of the budget (or on its last token) or past ``max_threads`` | ``budget``: continue sequentially |
 | path ends without its close tag (EOS, budget) | ``unclosed_path``: close tag injected, then join |
 | item number longer than 6 digits | ``long_item_number``: the child is numbered by position |
 """
@@ -183,7 +183,8 @@ class TreeRun(ProtocolRun):
         # (threads: those made, this fork's k children and continuation, and the continuation
         # each fork still open will make)
         owed = sum(g.cont is None for gs in self.forks_of.values() for g in gs)
-        if left < self.limits.fork_margin or len(self.tree.threads) + k + 1 + owed > self.limits.max_threads:
+        # (a thread its budget ended on the fork tag's token has no room, whatever fork_margin)
+        if t.finished or left < self.limits.fork_margin or len(self.tree.threads) + k + 1 + owed > self.limits.max_threads:
             self.event("budget", t, action="continue sequentially")
             return False
         return True
