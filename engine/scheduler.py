@@ -65,8 +65,13 @@ class Scheduler:
                 #        to wait until nothing else ran, and every request queued behind it too)
             if not self.cache.can_reserve(req.pages_needed):
                 break  # FIFO: later requests wait behind the head
+            res = self.cache.reserve(req.pages_needed)
+            try:
+                req.tree = ThreadTree(self.cache, res)
+            except BaseException:  # (a MemoryError: the reservation back, not held for good)
+                self.cache.release(res)
+                raise
             self.waiting.popleft()
-            req.tree = ThreadTree(self.cache, self.cache.reserve(req.pages_needed))
             self.running.append(req)  # (first: abort_all closes its tree if start() raises)
             req.tree.new_root(req.prompt_ids)
             # (bound to this request's params, not the request: a cycle through its run; nor a

@@ -211,3 +211,21 @@ def test_a_session_join_or_spawn_that_fails_changes_nothing(make_llm, verb):
     want = run(False)
     assert run(True) == want
     assert whole(llm) == (0, 0, 0)
+
+
+def test_a_request_failing_to_make_its_tree_gives_its_reservation_back(make_llm):
+    """The scheduler reserved a request's pages, then made its thread tree outside anything
+    that gives them back: an error there (a MemoryError) kept the reservation for good."""
+    import engine.scheduler
+    from engine import SamplingParams
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    ids = random_ids(9, llm.config.vocab_size, 2)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = llm.generate([ids], greedy)[0].outputs[0].token_ids
+    for k in (1, 2):  # the first request's tree, the second's
+        with failing(engine.scheduler, "ThreadTree", k) as calls:
+            with pytest.raises(MemoryError):
+                llm.generate([ids, ids], greedy)
+        assert len(calls) == k
+        assert whole(llm) == (0, 0, 0)
+    assert llm.generate([ids], greedy)[0].outputs[0].token_ids == want
