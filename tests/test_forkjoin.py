@@ -725,3 +725,15 @@ def test_session_generate_bounds_its_total_tokens(make_llm):
         assert [len(o.token_ids) for o in outs] == [3, 2, 2] and {o.finish_reason for o in outs} == {"length"}
         assert [len(o.token_ids) for o in s.generate([a], greedy(4))] == [4]  # (not the next call's bound)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_fork_with_no_headers_is_refused(make_llm):
+    """fork(parent, []) would make no children: it is refused with one clear error, and
+    nothing changes (the parent has no children and may still grow)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    s = llm.session(random_ids(5, llm.config.vocab_size, 1))
+    with pytest.raises(ValueError, match="fork\\(\\) needs at least one child header"):
+        s.fork(s.root, [])
+    assert s.root.children == [] and len(s.tree.threads) == 1
+    s.inject(s.root, [3])  # (not forked: it may still grow)
+    s.close()
