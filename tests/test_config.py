@@ -505,3 +505,28 @@ def test_a_tokenizer_files_truncation_and_padding_are_ignored_as_transformers_do
     assert len(llm.tokenizer.encode_continuation(text)) == len(want)
     out = llm.generate(text, SamplingParams(max_tokens=2, temperature=0))[0]
     assert out.prompt_token_ids == want
+
+
+@pytest.mark.parametrize("fields,msg", [
+    (dict(head_dim=15), "head_dim=15 must be even for rotary embeddings"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported; Loom implements 'silu'"),
+    (dict(num_attention_heads=3, num_key_value_heads=2, head_dim=16),
+     "num_attention_heads=3 must be a multiple of num_key_value_heads=2"),
+])
+def test_a_config_loom_cannot_run_is_refused(fields, msg):
+    """A model whose rotary halves, activation or head grouping Loom's kernels do not
+    implement is refused when its config is read, naming the field."""
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", **fields))
+    ModelConfig.from_dict(_raw("LlamaForCausalLM", hidden_act="swish"))  # (silu's other name)
+
+
+def test_a_single_file_checkpoint_wins_over_a_stale_index(tmp_path):
+    """model.safetensors is read even beside a model.safetensors.index.json (as transformers:
+    an index may be left over from a sharded save), which is not looked at."""
+    from engine.loader import safetensor_files
+    d = str(tmp_path)
+    open(os.path.join(d, "model.safetensors"), "wb").close()
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}, f)
+    assert safetensor_files(d) == [os.path.join(d, "model.safetensors")]
