@@ -530,3 +530,16 @@ def test_a_single_file_checkpoint_wins_over_a_stale_index(tmp_path):
     with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}, f)
     assert safetensor_files(d) == [os.path.join(d, "model.safetensors")]
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00001.safetensors"], "model-00001-of-00001.safetensors", None])
+def test_an_index_whose_weight_map_is_not_an_object_is_named(tmp_path, weight_map):
+    """A weight_map that is not an object (a list, a string, null) gives the one clear
+    'not a valid safetensors index' error, not an AttributeError from reading it."""
+    from engine.loader import safetensor_files
+    d = str(tmp_path)
+    open(os.path.join(d, "model-00001-of-00001.safetensors"), "wb").close()
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with pytest.raises(ValueError, match="is not a valid safetensors index .*weight_map is not an object"):
+        safetensor_files(d)
