@@ -543,3 +543,16 @@ def test_an_index_whose_weight_map_is_not_an_object_is_named(tmp_path, weight_ma
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     with pytest.raises(ValueError, match="is not a valid safetensors index .*weight_map is not an object"):
         safetensor_files(d)
+
+
+def test_config_number_fields_at_their_bounds():
+    """The edges of config.json's number checks: a JSON true is not a size (Python's bool is
+    an int), rms_norm_eps may be 0, rope_theta must be above 1 (1 makes every rotation 0)."""
+    with pytest.raises(ValueError, match="config.json's vocab_size=True must be a positive integer"):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", vocab_size=True))
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rms_norm_eps=0)).rms_norm_eps == 0
+    with pytest.raises(ValueError, match="rms_norm_eps=-1e-06 must be a number >= 0"):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", rms_norm_eps=-1e-6))
+    with pytest.raises(ValueError, match="rope_theta=1 must be a number > 1"):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1))
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1.5)).rope_theta == 1.5
