@@ -556,3 +556,13 @@ def test_config_number_fields_at_their_bounds():
     with pytest.raises(ValueError, match="rope_theta=1 must be a number > 1"):
         ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1))
     assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1.5)).rope_theta == 1.5
+
+
+def test_a_window_wider_than_the_context_leaves_the_context():
+    """A sliding window caps the context only when it is smaller: a Mistral window of 4096
+    (its default) over a 128-token context leaves 128 (it must not raise it)."""
+    for raw in (_raw("MistralForCausalLM"), _raw("MistralForCausalLM", sliding_window=4096)):
+        cfg = ModelConfig.from_dict(raw)
+        assert (cfg.max_position_embeddings, cfg.context_source) == (128, "max_position_embeddings")
+    cfg = ModelConfig.from_dict(_raw("MistralForCausalLM", sliding_window=64))
+    assert cfg.max_position_embeddings == 64 and cfg.context_source.startswith("sliding_window")
