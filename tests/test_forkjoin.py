@@ -737,3 +737,14 @@ def test_a_fork_with_no_headers_is_refused(make_llm):
     assert s.root.children == [] and len(s.tree.threads) == 1
     s.inject(s.root, [3])  # (not forked: it may still grow)
     s.close()
+
+
+def test_a_fork_given_one_string_is_refused(make_llm):
+    """fork() takes a list of headers, one per child: a single string is refused (iterated,
+    it forked one child per character), and nothing changes."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    s = llm.session(random_ids(5, llm.config.vocab_size, 1))
+    with pytest.raises(ValueError, match=r"fork\(\) takes a list of headers, one per child"):
+        s.fork(s.root, "ab")
+    assert s.root.children == [] and len(s.tree.threads) == 1
+    s.close()
