@@ -375,3 +375,20 @@ def test_live_thread_bookkeeping(make_llm):
     assert len(seg.pages) == -(-seg.length // 4)
     s.close()
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_spawn_without_a_header_reads_only_the_root(make_llm):
+    """A spawned thread's first token is sampled after its header, seeing its view; with no
+    header it would be sampled from the root's logits, so a headerless spawn is refused
+    unless its view is just the root (and nothing changes)."""
+    llm = make_llm("qwen3", attention_backend="torch")
+    s = llm.session([1, 2, 3])
+    a = s.spawn(view=[s.root], header=[4])
+    for view in ([a], [s.root, a]):
+        with pytest.raises(ValueError, match=r"spawn\(\) needs a non-empty header unless the view is just the root"):
+            s.spawn(view=view)
+        assert len(s.tree.threads) == 2
+    bare = s.spawn(view=[s.root])
+    assert bare.parent is s.root
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
