@@ -748,3 +748,17 @@ def test_a_fork_given_one_string_is_refused(make_llm):
         s.fork(s.root, "ab")
     assert s.root.children == [] and len(s.tree.threads) == 1
     s.close()
+
+
+def test_a_session_generate_takes_one_forward_pass_a_step(make_llm):
+    """generate() advances its threads together: one batched forward pass per step, counted
+    in Session.forward_steps (threads of different lengths included)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    s = llm.session(random_ids(5, llm.config.vocab_size, 1))
+    a, b = s.fork(s.root, [[1], [2, 3, 4]])
+    assert s.forward_steps == 0
+    s.generate([a, b], greedy(3))
+    assert s.forward_steps == 3
+    s.generate([a], greedy(2))
+    assert s.forward_steps == 5
+    s.close()
