@@ -688,4 +688,19 @@ def test_presence_and_frequency_penalties_count_over_a_workers_steps(make_llm, m
         sampled = [dot[i % len(dot)] for i in range(k)]
         want = [sampled.count(t) * 1.0 + 0.5 * (t in sampled) for t in dot]
         assert row == want, (k, row, want)
+
+
+def test_the_finisher_writes_at_most_finisher_tokens(make_llm):
+    """The finisher samples with its own budget, finisher_tokens, not the workers' max_tokens:
+    a finisher that never closes its \\boxed{ stops after that many tokens."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    prompt = random_ids(10, llm.config.vocab_size, 8)
+    llm.core.token_source = _scripted(llm, {"Alice": "Thinking. Hard.\n\n" * 9, "Bob": "Me too.\n\n" * 9})
+    try:  # (the finisher, named by neither script, writes "7" forever)
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                           protocol=Hogwild(workers=2, finisher_tokens=3))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert out.text.endswith("the final answer is \\boxed{777") and out.answer == "777"
+    assert out.metrics["total_tokens"] == sum(w["generated"] for w in out.workers) + 3
     assert llm.cache_stats()["pages_used"] == 0
