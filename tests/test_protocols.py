@@ -927,3 +927,32 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
     p.paths = 3
     c, _ = run(llm, {"": "a</think>"}, p, max_tokens=8)
     assert kinds(c).count("first_finish") == 1 and sum(t["role"] == "path" for t in c.tree) == 3
+
+
+def test_a_sample_that_stops_gives_its_pages_back_at_once(llm):
+    """ParallelSampling frees a sample's pages when it stops, not when the request ends: a
+    short sample beside a long one leaves the request's peak at the long one's alone."""
+    table = {}
+
+    def src(threads):
+        out = []
+        for t in threads:
+            if t.id not in table:
+                table[t.id] = llm.tokenizer.encode(texts.pop(0), add_special_tokens=False)
+            toks = table[t.id]
+            out.append(toks[len(t.generated)] if len(t.generated) < len(toks) else llm.eos_ids[0])
+        return out
+
+    peaks = []
+    for samples in (["short answer", "a long one " * 8], ["a long one " * 8]):
+        texts = list(samples)
+        table.clear()
+        llm.core.token_source = src
+        try:
+            out = llm.generate("Q", SamplingParams(max_tokens=200), protocol=ParallelSampling(len(samples)))[0]
+        finally:
+            llm.core.token_source = None
+        assert out.outputs[-1].text == "a long one " * 8
+        peaks.append(out.metrics.kv_pages_peak)
+    assert peaks[0] == peaks[1] > 0
+    assert llm.cache_stats()["pages_used"] == 0
