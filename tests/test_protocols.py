@@ -956,3 +956,15 @@ def test_a_sample_that_stops_gives_its_pages_back_at_once(llm):
         peaks.append(out.metrics.kv_pages_peak)
     assert peaks[0] == peaks[1] > 0
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_path_that_stops_on_a_stop_token_keeps_it(llm):
+    """A path ended by a stop token (stop_token_ids) keeps that token, written where the join
+    sees it (as plain sampling keeps it in token_ids); only an EOS is left unwritten."""
+    dot = next(t for t in llm.tokenizer.encode("3.", add_special_tokens=False)
+               if llm.tokenizer.decode([t]) == ".")
+    s = dict(MV, **{"1:": " 1+2=3. more</Path>"})
+    c, _ = run(llm, s, Multiverse(), stop_token_ids=[dot])
+    path = c.tree[2]
+    assert path["role"] == "path" and "1: 1+2=3.</Path>" in path["text"], path["text"]
+    assert "unclosed_path" in kinds(c) and "1: 1+2=3.</Path>" in c.text
