@@ -968,3 +968,11 @@ def test_a_path_that_stops_on_a_stop_token_keeps_it(llm):
     path = c.tree[2]
     assert path["role"] == "path" and "1: 1+2=3.</Path>" in path["text"], path["text"]
     assert "unclosed_path" in kinds(c) and "1: 1+2=3.</Path>" in c.text
+
+
+def test_parathinker_limits_must_hold_its_paths_and_two_more_threads():
+    """ParaThinker's threads are the prompt, its paths and the summary: paths + 2 of them,
+    which limits.max_threads must allow."""
+    with pytest.raises(ValueError, match=r"paths=3 exceeds .* needs more than limits.max_threads=4 threads \(paths \+ 2\)"):
+        ParaThinker(paths=3, limits=TreeLimits(max_threads=4))
+    assert ParaThinker(paths=3, limits=TreeLimits(max_threads=5)).limits.max_threads == 5
