@@ -976,3 +976,18 @@ def test_parathinker_limits_must_hold_its_paths_and_two_more_threads():
     with pytest.raises(ValueError, match=r"paths=3 exceeds .* needs more than limits.max_threads=4 threads \(paths \+ 2\)"):
         ParaThinker(paths=3, limits=TreeLimits(max_threads=4))
     assert ParaThinker(paths=3, limits=TreeLimits(max_threads=5)).limits.max_threads == 5
+
+
+def test_threadweaver_and_parallel_r1_join_sequentially_by_default(llm):
+    """ThreadWeaver and Parallel-R1 lay their threads out one after another unless told
+    otherwise (positions="sequential"); Multiverse's paths all start at the fork ("max")."""
+    tw = {"": "<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>",
+          "1:": " first</Thread>", "2:": " second</Thread>", "</Parallel>": "after"}
+    r1 = {"": "think <Parallel>", "<Path>": " idea</Path>", "<Summary>": "sum"}
+    for proto, script, want in ((ThreadWeaver(), tw, "sequential"), (ParallelR1(), r1, "sequential"),
+                                (Multiverse(), MV, "max")):
+        c, _ = run(llm, script, proto)
+        joins = [e for e in c.events if e["event"] == "join"]
+        assert [e["positions"] for e in joins] == [want], (type(proto).__name__, c.events)
+        cont = c.tree[joins[0]["into"]]
+        assert any(sh != 0 for _, sh in cont["view"]) == (want == "sequential"), cont["view"]
