@@ -991,3 +991,13 @@ def test_threadweaver_and_parallel_r1_join_sequentially_by_default(llm):
         assert [e["positions"] for e in joins] == [want], (type(proto).__name__, c.events)
         cont = c.tree[joins[0]["into"]]
         assert any(sh != 0 for _, sh in cont["view"]) == (want == "sequential"), cont["view"]
+
+
+def test_a_reopened_block_counts_only_its_own_items(llm):
+    """A block opened again before its fork tag (the model starts its outline over) forks one
+    child per item of the last block, not of both."""
+    s = {"": "<Goal><Outline>1: a</Outline> no, again <Goal><Outline>1: x</Outline><Outline>2: y</Outline></Goal>",
+         "1:": " X</Path>", "2:": " Y</Path>", "<Conclusion>": "done"}
+    c, _ = run(llm, s, Multiverse())
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert [p["text"].split(":")[0].split()[-1] for p in paths] == ["1", "2"], [p["text"] for p in paths]
