@@ -379,3 +379,29 @@ def test_a_join_over_many_segments_in_passes_bounded_by_entries_matches_one_pass
     assert a.token_ids == b.token_ids
     assert max(abs(x[t] - y[t]) for x, y in zip(a.logprobs, b.logprobs) for t in x) < 1e-4
     assert one.cache_stats()["pages_used"] == 0
+
+
+def test_a_session_step_that_fails_in_a_later_pass_is_redone_whole(pair, monkeypatch):
+    """A session outlives a failed step: after a failure in the fourth of a prompt's passes,
+    every pass's appends are undone (one segment grown four times, rolled back to before
+    the first), so the next generate writes the prompt once, at its positions."""
+    _, chunked = pair
+    prompt = random_ids(40, chunked.config.vocab_size, 11)
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    with chunked.session(prompt) as s:
+        want = s.generate([s.root], greedy)[0].token_ids
+    real, calls = chunked.model.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    s = chunked.session(prompt)
+    monkeypatch.setattr(chunked.model, "forward", failing)
+    with pytest.raises(KeyboardInterrupt):
+        s.generate([s.root], greedy)
+    monkeypatch.setattr(chunked.model, "forward", real)
+    assert s.generate([s.root], greedy)[0].token_ids == want
+    s.close()
+    assert chunked.cache_stats()["pages_used"] == 0
