@@ -1001,3 +1001,13 @@ def test_a_reopened_block_counts_only_its_own_items(llm):
     c, _ = run(llm, s, Multiverse())
     paths = [t for t in c.tree if t["role"] == "path"]
     assert [p["text"].split(":")[0].split()[-1] for p in paths] == ["1", "2"], [p["text"] for p in paths]
+
+
+@pytest.mark.parametrize("max_threads,forks", [(4, False), (5, True)])
+def test_a_fork_counts_its_continuation_against_max_threads(llm, max_threads, forks):
+    """A fork of k children makes k + 1 threads (its continuation too): with the prompt and
+    the main thread, a two-item fork needs max_threads >= 5; below that it is refused
+    ('budget': continue sequentially) and the tree never outgrows max_threads."""
+    c, _ = run(llm, MV, Multiverse(limits=TreeLimits(max_threads=max_threads)))
+    assert ("fork" in kinds(c)) == forks and ("budget" in kinds(c)) != forks, kinds(c)
+    assert len(c.tree) <= max_threads
