@@ -1011,3 +1011,24 @@ def test_a_fork_counts_its_continuation_against_max_threads(llm, max_threads, fo
     c, _ = run(llm, MV, Multiverse(limits=TreeLimits(max_threads=max_threads)))
     assert ("fork" in kinds(c)) == forks and ("budget" in kinds(c)) != forks, kinds(c)
     assert len(c.tree) <= max_threads
+
+
+def test_parathinkers_default_limits_grow_with_its_paths():
+    """Without limits, ParaThinker(paths=P) takes limits that hold its P paths and P + 2
+    threads, however many that is (fixed defaults of 8 paths / 64 threads refused P > 8)."""
+    for paths in (9, 70):
+        p = ParaThinker(paths=paths)
+        assert (p.limits.max_paths, p.limits.max_threads) == (max(paths, 8), max(64, paths + 2))
+
+
+def test_an_item_number_of_six_digits_is_kept_and_of_seven_is_not(llm):
+    """The item-number cap is 6 digits: a 6-digit number is copied into its path's header, a
+    7-digit one numbers the path by position (long_item_number)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    for num, kept in (("123456", True), ("1234567", False)):
+        main = enc(f"<Goal><Outline>{num}: a</Outline><Outline>12: b</Outline></Goal>")
+        c = _run_tokens(llm, {1: main, "path": enc(" done</Path>")}, SamplingParams(max_tokens=400),
+                        Multiverse())
+        assert ("long_item_number" in kinds(c)) != kept, c.events
+        head = next(t["text"] for t in c.tree if t["role"] == "path")
+        assert head.startswith(f"\n<Path>\n{num if kept else 1}:"), head
