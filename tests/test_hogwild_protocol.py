@@ -704,3 +704,22 @@ def test_the_finisher_writes_at_most_finisher_tokens(make_llm):
     assert out.text.endswith("the final answer is \\boxed{777") and out.answer == "777"
     assert out.metrics["total_tokens"] == sum(w["generated"] for w in out.workers) + 3
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_an_empty_step_header_is_allowed_only_for_one_contiguous_worker():
+    """A step's first token is sampled after its header: only one worker in the contiguous
+    layout (its view stays the prompt) may have none."""
+    assert Hogwild(workers=1, layout="contiguous", header="").header == ""
+    for kw in (dict(workers=1, layout="combined"), dict(workers=2, layout="contiguous")):
+        with pytest.raises(ValueError, match="header='' must be a non-empty string"):
+            Hogwild(header="", **kw)
+
+
+def test_check_ins_are_priced_only_when_they_are_made(long_model):
+    """Without checkin_every no check-in is ever injected: the admission bound does not
+    depend on the check-in text."""
+    from engine import LLM
+    cache = LLM(long_model, page_size=16, kv_cache_tokens=1 << 16).cache
+    p = SamplingParams(max_tokens=120)
+    need = [Hogwild(workers=2, checkin=c).pages_needed(cache, 50, p, 1 << 20) for c in ("", "x" * 400)]
+    assert need[0] == need[1]
