@@ -1032,3 +1032,16 @@ def test_an_item_number_of_six_digits_is_kept_and_of_seven_is_not(llm):
         assert ("long_item_number" in kinds(c)) != kept, c.events
         head = next(t["text"] for t in c.tree if t["role"] == "path")
         assert head.startswith(f"\n<Path>\n{num if kept else 1}:"), head
+
+
+def test_a_max_tokens_past_the_context_is_bounded_by_the_context(llm):
+    """Parallel samples stop at the model's context, so their admission bound is the
+    context, not max_tokens: a max_tokens far past it is admitted (bounded by max_tokens,
+    it would be refused as a request that can never fit the KV cache)."""
+    llm.core.token_source = lambda threads: [llm.eos_ids[0] for _ in threads]
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=10**7), protocol=ParallelSampling(2))[0]
+    finally:
+        llm.core.token_source = None
+    assert [o.finish_reason for o in out.outputs] == ["stop", "stop"]
+    assert llm.cache_stats()["pages_used"] == 0
