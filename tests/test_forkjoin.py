@@ -762,3 +762,20 @@ def test_a_session_generate_takes_one_forward_pass_a_step(make_llm):
     s.generate([a], greedy(2))
     assert s.forward_steps == 5
     s.close()
+
+
+def test_a_closed_session_says_so(make_llm):
+    """After close() every verb, and pack(), names the session as closed (not one of its
+    threads), and close() may be called again."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    s = llm.session(random_ids(5, llm.config.vocab_size, 1))
+    (a,) = s.fork(s.root, [[1]])
+    s.close()
+    for call in (lambda: s.fork(a, [[1]]), lambda: s.inject(a, [1]), lambda: s.generate([a], greedy(1)),
+                 lambda: s.spawn([s.root], header=[2])):
+        with pytest.raises(ValueError, match="This session is closed"):
+            call()
+    with pytest.raises(ValueError, match=r"pack\(\) needs an open session .*this session is closed"):
+        pack(s)
+    s.close()
+    assert s.pages_held() == 0 and llm.cache_stats()["pages_used"] == 0
