@@ -423,7 +423,6 @@ def test_pack_of_a_deep_chain_and_a_wide_join(make_llm):
     sees each of their tokens and not a sibling's own, and the rows of a thread stay
     causal among themselves."""
     llm = make_llm("qwen3", attention_backend="cpu", kv_cache_tokens=8192)
-    V = llm.config.vocab_size
     with llm.session([1, 2, 3]) as s:
         t = s.root
         for i in range(300):
