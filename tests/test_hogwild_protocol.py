@@ -60,6 +60,21 @@ def _scripted(llm, scripts):
     return src
 
 
+def _typed(typed: dict, scripts: dict, name: str) -> int:
+    """Worker ``name``'s next token of its script (token ids), its last one repeated after."""
+    typed[name] = typed.get(name, 0) + 1
+    return scripts[name][min(typed[name], len(scripts[name])) - 1]
+
+
+def _run_with(llm, src, params, protocol):
+    """The one output of ``protocol`` on a fixed 9-token prompt, with ``src`` choosing the tokens."""
+    llm.core.token_source = src
+    try:
+        return llm.generate([random_ids(9, llm.config.vocab_size, 5)], params, protocol=protocol)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+
+
 SCRIPTS = {"Alice": "I take part one. It is 3.\n\nThen part three. It is 5.\n\nMore. Yes.\n\n" * 2,
            "Bob": "I take part two. It is 4.\n\nChecking Alice. Fine.\n\nGood. Go.\n\n" * 2,
            "Carol": "I verify. All good.\n\nStill checking. Ok.\n\n" * 3}
@@ -127,8 +142,7 @@ def test_a_worker_that_ends_early_leaves_the_others_running(make_llm):
         for t in threads:
             head = llm.tokenizer.decode(t.tokens[:t.header_len])
             name = next(n for n in scripts if n in head)
-            typed[name] = typed.get(name, 0) + 1
-            out.append(scripts[name][min(typed[name], len(scripts[name])) - 1])
+            out.append(_typed(typed, scripts, name))
         return out
 
     p = SamplingParams(temperature=0, max_tokens=50, logprobs=0)
@@ -461,17 +475,10 @@ def test_a_worker_that_ended_is_seen_once_in_the_others_views(make_llm, alice):
                 fresh.add(t.id)
             if t.id in fresh:
                 views.append([llm.tokenizer.decode(s.tokens[:s.length]) for s, _ in t.view[:-1]])
-            typed[name] = typed.get(name, 0) + 1
-            sc = scripts[name]
-            out.append(sc[min(typed[name], len(sc)) - 1])
+            out.append(_typed(typed, scripts, name))
         return out
-    llm.core.token_source = src
-    try:
-        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40),
-                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], finisher=False,
-                                            stop_on_answer=False))[0].outputs[0]
-    finally:
-        llm.core.token_source = None
+    out = _run_with(llm, src, SamplingParams(max_tokens=40),
+                    Hogwild(workers=2, names=["Alice", "Bob"], finisher=False, stop_on_answer=False))
     a, bob = out.workers
     assert a["generated"] == len(scripts["Alice"]) and bob["generated"] == 40 and bob["steps"] >= 4
     assert len(fresh) >= 2 and len(views) > 8 and all(alice in "".join(v) for v in views), views[-1]
@@ -626,17 +633,10 @@ def test_a_worker_that_ended_is_laid_out_in_the_history_at_once(make_llm):
             name = next(n for n in names if n in llm.tokenizer.decode(t.tokens[:t.header_len]))
             if ended:
                 views.append((name, [llm.tokenizer.decode(u.tokens).split(":")[0] for u in t.live[1:]]))
-            typed[name] = typed.get(name, 0) + 1
-            sc = scripts[name]
-            out.append(sc[min(typed[name], len(sc)) - 1])
+            out.append(_typed(typed, scripts, name))
         return out
-    llm.core.token_source = src
-    try:
-        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=12),
-                           protocol=Hogwild(workers=3, names=names, finisher=False,
-                                            stop_on_answer=False))[0].outputs[0]
-    finally:
-        llm.core.token_source = None
+    out = _run_with(llm, src, SamplingParams(max_tokens=12),
+                    Hogwild(workers=3, names=names, finisher=False, stop_on_answer=False))
     assert [w["steps"] for w in out.workers] == [1, 1, 1] and out.workers[1]["generated"] == len(scripts["Bob"])
     assert len(views) >= 8
     for name, v in views:
