@@ -734,6 +734,19 @@ def test_a_fork_tag_on_the_budgets_last_token_is_a_budget_event(llm):
     assert kinds(c) == ["fork", "budget", "unclosed_path", "join"], kinds(c)
 
 
+def test_a_fork_tag_in_a_paths_stop_string_is_no_budget_event(llm):
+    """A path that a stop string (or a kept stop token) ends on the token completing a fork tag
+    has no fork, and no "budget" event either: nothing ran out (it was scanned for its close
+    tag, and the fork tag taken as one on the budget's last token)."""
+    main = "<Parallel><Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    path = " again<Goal><Outline>7: x</Outline></Goal> more</Path>"
+    scripts = {"": main, "1:": path, "2:": " y</Path>", "<Conclusion>": "c"}
+    # (skip_special_tokens=False: the stop string is matched on the tags' text when they are special)
+    c, _ = run(llm, scripts, Multiverse(), stop=["x</Outline></Goal>"], skip_special_tokens=False)
+    assert kinds(c) == ["fork", "unclosed_path", "join"], c.events
+    assert "7: x</Outline></Goal></Path>\n<Path>\n2: y</Path>" in c.text, c.text
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long

@@ -94,6 +94,10 @@ class TaggedRun(TreeRun):
         return nums
 
     def on_fork_tag(self, t: Thread, st: ThreadState, end: int) -> bool:
+        if t.finished and t.finish_reason != "length":
+            # (a stop string / stop token ended it on this token: scanned for its close tag only;
+            # the stop, not a budget, ends it here, as a main thread's stop, which is not scanned)
+            return False
         nums = self.items(st, end)
         if nums is None:
             self.event("unbalanced", t, tag=self.proto.tags.fork, action="ignored")
