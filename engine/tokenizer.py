@@ -80,9 +80,15 @@ class Tokenizer:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); download it "
                                  "again, or save it as UTF-8.") from None
+        self._templates_from = "tokenizer_config.json"  # (named in errors about them)
         if files:
             self.chat_template = files["default"] if list(files) == ["default"] else \
                 [{"name": name, "template": text} for name, text in files.items()]
+            self._templates_from = "additional_chat_templates/" if "default" not in files else \
+                "chat_template.jinja and additional_chat_templates/"
+            if "default" not in files and self.config.get("chat_template") is not None:
+                self._templates_from += (" (tokenizer_config.json's chat_template is not used beside them, as "
+                                         "transformers reads them)")
         # The special tokens: tokenizer_config.json's, overridden by special_tokens_map.json's
         # (as transformers reads them); chat templates see all of them.
         named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}
@@ -264,7 +270,7 @@ class Tokenizer:
             if tools is not None and "tool_use" in named:
                 return named["tool_use"]
             if "default" not in named:
-                raise ValueError(f"tokenizer_config.json has several chat templates ({', '.join(named)}) "
+                raise ValueError(f"{self._templates_from} has several chat templates ({', '.join(named)}) "
                                  "and none named 'default'; pick one with chat_template='name'.")
             t = named["default"]
         if not isinstance(t, str):

@@ -1861,8 +1861,16 @@ def test_chat_templates_saved_as_files_by_transformers(tmp_path, model_dir):
         want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, **kw)
         assert tok.apply_chat_template(conv, **kw) == want, kw
     os.remove(os.path.join(d, "chat_template.jinja"))  # (named templates only: none is the default)
-    with pytest.raises(ValueError, match="several chat templates \\(tool_use\\) and none named 'default'"):
+    with pytest.raises(ValueError, match="^additional_chat_templates/ has several chat templates \\(tool_use\\) and "
+                       "none named 'default'"):  # (it named tokenizer_config.json, which held none)
         Tokenizer(d).apply_chat_template(conv)
+    # a template in tokenizer_config.json is not read beside them (as transformers): said so
+    tc = read_json(os.path.join(d, "tokenizer_config.json"))
+    write_json(os.path.join(d, "tokenizer_config.json"), {**tc, "chat_template": "C{{ messages[0]['content'] }}"})
+    with pytest.raises(ValueError, match="tokenizer_config.json's chat_template is not used beside them"):
+        Tokenizer(d).apply_chat_template(conv)
+    with pytest.raises(ValueError, match="no default specified"):
+        AutoTokenizer.from_pretrained(d).apply_chat_template(conv, tokenize=False)
 
 
 def test_chat_template_kwargs(tmp_path, model_dir):
