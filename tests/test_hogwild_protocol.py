@@ -252,6 +252,8 @@ def test_header_and_collaboration_prompt_templates_are_validated():
     for bad in ("{0}: ", "{name!x}", "{"):
         with pytest.raises(ValueError, match="header="):
             Hogwild(header=bad)
+    with pytest.raises(ValueError, match=r"header='\{name\[2\]\}: ' .*IndexError"):  # (Alice's fits, Bo's does not)
+        Hogwild(names=["Alice", "Bo"], header="{name[2]}: ")
     hw = Hogwild(collab_prompt="You are {names} ({n}): write \\boxed{{answer}}.")
     hw.header = "{who}: "  # (changed after construction: checked again by generate's check_config)
     with pytest.raises(ValueError, match="header="):

@@ -138,7 +138,8 @@ class Hogwild(Protocol):
         if self.collab_prompt is not None and not isinstance(self.collab_prompt, str):
             raise ValueError(f"collab_prompt={self.collab_prompt!r} must be a string or None.")
         # (both are str.format templates: a stray brace failed in generate as a bare KeyError 'answer')
-        _check_template("header", header, name=self.names[0] if self.names else "")
+        for name in self.names or [""]:  # (each worker's: '{name[2]}' fits 'Alice', not 'Bo')
+            _check_template("header", header, name=name)
         if self.collab_prompt is not None:
             _check_template("collab_prompt", self.collab_prompt, names=", ".join(self.names), n=workers)
         if not isinstance(self.checkin, str):
