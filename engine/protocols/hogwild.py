@@ -89,7 +89,8 @@ class Hogwild(Protocol):
     sample side by side, each seeing the others' tokens as they are written, in the
     ``layout`` "combined" or "contiguous" (module docstring). ``header``: each step's first
     text, a template of ``{name}``; ``collab_prompt``: put around a text prompt (as a system
-    message when the model has a chat template; None: the prompt as it is), a template of
+    message when the model has a chat template, before the prompt in the user message when
+    that template refuses a system role; None: the prompt as it is), a template of
     ``{names}`` and ``{n}``; ``checkin``: added to a worker's header every ``checkin_every``
     steps (None: never); ``compact_after``: module docstring; ``stop_on_answer``: a worker's
     ``\\boxed{}`` ends the collaboration; ``finisher``: when the workers end without an
