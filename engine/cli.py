@@ -178,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the Triton kernels)")
     g.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     g.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="default 2 GiB of K/V or 262,144 tokens, whichever is fewer (and at most half the "
-                        "available memory)")
+                   help="default 2 GiB of K/V or 262,144 tokens, whichever is fewer (and on the CPU at most half "
+                        "the available memory)")
     g.add_argument("--kv-cache-dtype", default="auto",
                    help="auto (the model's dtype), or bfloat16 / float16 for a float32 model")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")

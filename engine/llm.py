@@ -282,7 +282,7 @@ class LLM:
     ``model``: a local Hugging Face checkpoint directory (config.json, safetensors,
     tokenizer files). ``device``: "cpu" or "cuda[:N]". ``dtype``: "auto" (config.json's),
     "float32", "bfloat16" or "float16". ``kv_cache_tokens``: the KV cache's size (None: 2 GiB
-    of K/V or 262,144 tokens, whichever is fewer, and at most half the available memory), in
+    of K/V or 262,144 tokens, whichever is fewer, and on the CPU at most half the available memory), in
     pages of ``page_size`` tokens. ``attention_backend``: "auto" (the device's: "cpu" or
     "triton"), "cpu", "torch" or "triton". ``seed``: draws the random generators of requests
     without a seed (None: random). ``kv_cache_dtype``: "auto" (the model's dtype) or, for a
