@@ -874,6 +874,22 @@ def test_a_path_header_that_is_not_a_template_of_num_and_i_is_refused(header):
         assert Tags(**ok, path_header=fine).path_header == fine
 
 
+def test_a_path_header_whose_format_does_not_fit_num_is_refused_by_the_protocol():
+    """{num} is the item number as the model wrote it (text) in the tagged protocols, an int in
+    ParaThinker: a format spec for the other type ('{num:02d}' with text) passed Tags' field check
+    and failed mid-run with a bare 'Unknown format code' when the model wrote the fork tag."""
+    ok = dict(fork="<F>", path_close="</P>", join_header="<J>")
+    for cls, extra in ((Multiverse, dict(block_open="<B>", item="<I>")), (ParallelR1, {})):
+        for header in ("<P{num:02d}>", "<P{num.real}>", "<P{i[0]}>"):
+            with pytest.raises(ValueError, match=rf"^{cls.__name__}: Tags.path_header=.* does not format with "
+                                                 r"\{num\} \(the item number as written, a string\)"):
+                cls(tags=Tags(**ok, **extra, path_header=header))
+        cls(tags=Tags(**ok, **extra, path_header="<P{num:>3}{i:02d}>"))
+    ParaThinker(tags=Tags(**ok, path_header="<think{num:02d}>"))  # (an int there: fine)
+    with pytest.raises(ValueError, match=r"^ParaThinker: .* \{num\} \(an int\)"):
+        ParaThinker(tags=Tags(**ok, path_header="<P{i[0]}>"))
+
+
 def test_default_tags_are_each_instances_own():
     """A protocol made with its default tags has its own copy: changing one instance's tags
     (``Multiverse().tags.join_header = ...``) used to change the class's DEFAULT_TAGS object, so

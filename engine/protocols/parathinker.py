@@ -56,6 +56,7 @@ class ParaThinker(TagTreeProtocol):
     thread attends every path (``max`` positions, no padding of paths)."""
     name = "parathinker"
     run_cls = ParaThinkerRun
+    HEADER_NUM = 1  # (its {num} is the path's number, an int)
     DEFAULT_TAGS = Tags(fork="<think>", path_header="<think{i}>", path_close="</think>",
                         join_header="\n<summary>\n")
 

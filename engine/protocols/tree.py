@@ -304,6 +304,7 @@ class TreeRun(ProtocolRun):
 class TagTreeProtocol(Protocol):
     """Base of tag-triggered tree protocols (see TreeRun)."""
     run_cls = None
+    HEADER_NUM: str | int = "1"  # a path header's {num}: the item number as the model wrote it (text)
 
     def __init__(self, tags, positions: str, limits: TreeLimits | None):
         if tags is getattr(type(self), "DEFAULT_TAGS", None):
@@ -322,6 +323,13 @@ class TagTreeProtocol(Protocol):
         for part in (self.limits, self.tags):  # (their own checks, again)
             if isinstance(part, (TreeLimits, Tags)):
                 part.verify()
+        if isinstance(self.tags, Tags):  # (a format spec may not fit {num}'s type: '{num:02d}' and text)
+            try:
+                self.tags.path_header.format(num=self.HEADER_NUM, i=1)
+            except (ValueError, KeyError, IndexError, AttributeError, TypeError) as e:
+                what = "the item number as written, a string" if isinstance(self.HEADER_NUM, str) else "an int"
+                raise ValueError(f"{type(self).__name__}: Tags.path_header={self.tags.path_header!r} does not format "
+                                 f"with {{num}} ({what}) and {{i}} (an int): {type(e).__name__}: {e}.") from None
 
     def need_text(self, params):
         L = self.limits
