@@ -7,7 +7,6 @@ the script unless it ends with ``...`` (then the filler repeats until a budget).
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 
@@ -22,8 +21,8 @@ TAGS = ["<Parallel>", "</Parallel>", "<Goal>", "</Goal>", "<Outline>", "</Outlin
 
 
 @pytest.fixture(scope="module", params=["plain", "special"])
-def llm(request):
-    d = tempfile.mkdtemp()
+def llm(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("protocols_model"))  # (pytest removes it: a mkdtemp one stayed in /tmp)
     make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
     if request.param == "special":  # the tags as special tokens of the tokenizer
         from engine.demo import write_byte_tokenizer
@@ -253,9 +252,9 @@ def test_a_path_that_ends_on_eos_before_the_others_is_joined_without_it(llm):
 
 
 @pytest.fixture(scope="module")
-def short_llm():
+def short_llm(tmp_path_factory):
     """A model whose context is 64 positions."""
-    d = tempfile.mkdtemp()
+    d = str(tmp_path_factory.mktemp("short_model"))
     make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, max_pos=64)
     return LLM(d, attention_backend="cpu", page_size=4, seed=0)
 
@@ -375,11 +374,11 @@ def test_hogwild_writes_no_eos_into_the_shared_history(llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
-def test_nested_reprefill_joins_stay_within_the_reservation(short_llm):
+def test_nested_reprefill_joins_stay_within_the_reservation(short_llm, tmp_path):
     """Each nesting level of reprefill joins writes the inner paths' text once more (the paths,
     the inner continuation, the outer one): the request's reservation counts 1 + max_depth
     copies (it counted 2, and a cache of just that size failed mid-request)."""
-    d = tempfile.mkdtemp()
+    d = str(tmp_path)
     make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
     K, lim = 500, TreeLimits(max_depth=2, max_paths=2, max_threads=11, fork_margin=0)
     proto = ParallelR1(num_paths=2, positions="reprefill", limits=lim)
