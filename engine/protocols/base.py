@@ -7,6 +7,8 @@ sample (``samplers``) and tells each sampled token (``on_token``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..core import EngineCore
 from ..outputs import CompletionOutput, RequestMetrics
 from ..sampling_params import SamplingParams, _is_int
@@ -45,6 +47,15 @@ def tokens_at_most(text: str) -> int:
     """A bound on the tokens ``text`` encodes to, for admission bounds made without the
     tokenizer: a token covers at least one byte, plus a few for tokenizers that add a marker."""
     return len(text.encode()) + 8
+
+
+def min_tokens_owed(params: SamplingParams, done: int) -> SamplingParams:
+    """``params`` for a thread that continues ``done`` tokens already written toward its
+    min_tokens (a Hogwild! worker's earlier steps, a tree's critical path): min_tokens, as
+    max_tokens, counts over all of them."""
+    if not params.min_tokens or not done:
+        return params
+    return replace(params, min_tokens=max(params.min_tokens - done, 0))
 
 
 def one_output_only(protocol: Protocol, params: SamplingParams, threads: str) -> None:

@@ -16,13 +16,13 @@ Layouts (every worker's view, read as one contiguous text through shifts):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread, layout_end
 from ..tokenizer import TextStream
-from .base import Protocol, ProtocolRun, bool_arg, int_arg, one_output_only, tokens_at_most
+from .base import Protocol, ProtocolRun, bool_arg, int_arg, min_tokens_owed, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Eve", "Frank", "Grace", "Heidi"]
@@ -234,14 +234,6 @@ class HogwildRun(ProtocolRun):
             self.activate(t, self.step_params)
         self._update_views()
 
-    def _step_params(self, w: Worker) -> SamplingParams:
-        """A worker's next step's params: min_tokens, like max_tokens, counts over all its steps
-        (a step thread's own count starts at 0)."""
-        left = max(self.params.min_tokens - w.generated, 0)
-        if left == self.step_params.min_tokens:
-            return self.step_params
-        return replace(self.step_params, min_tokens=left)
-
     # ---- views -----------------------------------------------------------------------------
     def _header(self, w: Worker) -> list[int]:
         text = self.proto.header.format(name=w.name)
@@ -306,7 +298,7 @@ class HogwildRun(ProtocolRun):
             self._commit(w)
             nxt = self.tree.spawn([self.tree.root], self._header(w))
             w.steps.append(nxt)
-            self.activate(nxt, self._step_params(w))
+            self.activate(nxt, min_tokens_owed(self.step_params, w.generated))
             # presence / frequency penalties count the worker's tokens over all its steps
             nxt.carried_counts = t.penalties.counts if t.penalties is not None else t.carried_counts
             self._update_views()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
-from .base import Protocol, ProtocolRun, int_arg, one_output_only, tokens_at_most
+from .base import Protocol, ProtocolRun, int_arg, min_tokens_owed, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
 
@@ -108,10 +108,7 @@ class TreeRun(ProtocolRun):
     def activate(self, t: Thread, params: SamplingParams | None = None):
         """As ProtocolRun's; min_tokens, as max_tokens, counts the critical path: a path or a
         continuation owes what the threads before it on that path have not written."""
-        params = params or self.params
-        if params.min_tokens and t.path_tokens:
-            params = dataclasses.replace(params, min_tokens=max(params.min_tokens - t.path_tokens, 0))
-        super().activate(t, params)
+        super().activate(t, min_tokens_owed(params or self.params, t.path_tokens))
 
     def spawn_main(self, header: list[int]) -> Thread:
         (m,) = self.tree.fork(self.tree.root, [header])
