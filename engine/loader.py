@@ -43,10 +43,7 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
                              "download it again with the checkpoint.") from None
         weight_map = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
         files = sorted(set(weight_map.values()))
-        odd = [p for p in files if os.path.exists(p) and not os.path.isfile(p)]
-        if odd:
-            raise ValueError(f"Shard {odd[0]} named in {index} is not a regular file (a directory, FIFO or "
-                             "device); put the checkpoint's shard there.")
+        _regular_only(files, f" (named in {index})")
         missing = [p for p in files if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"Shard {missing[0]} named in {index} is missing; "
@@ -54,10 +51,7 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
         return files, weight_map
     others = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if others:
-        odd = [p for p in others if os.path.exists(p) and not os.path.isfile(p)]  # (a FIFO: waits forever)
-        if odd:
-            raise ValueError(f"{odd[0]} is not a regular file (a directory, FIFO or device named like a "
-                             "checkpoint file); remove it, or copy the checkpoint's files there.")
+        _regular_only(others)
         return others, None
     pickled = [p for pat in _PICKLED for p in glob.glob(os.path.join(model_dir, pat))]
     if pickled:
@@ -66,6 +60,16 @@ def _checkpoint(model_dir: str) -> tuple[list[str], dict | None]:
             "safetensors (pickles can run arbitrary code). Convert it, e.g. with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True).")
     raise FileNotFoundError(f"No model.safetensors (or model.safetensors.index.json) in {model_dir!r}.")
+
+
+def _regular_only(paths: list[str], named_by: str = "") -> None:
+    """A ValueError naming the first of ``paths`` that exists but is not a regular file (a
+    directory, FIFO or device: opening a FIFO waits for a writer forever). A link to nothing
+    passes, to be named unreadable when opened."""
+    odd = next((p for p in paths if os.path.exists(p) and not os.path.isfile(p)), None)
+    if odd is not None:
+        raise ValueError(f"{odd}{named_by} is not a regular file (a directory, FIFO or device named like a "
+                         "checkpoint file); remove it, or put the checkpoint's file there.")
 
 
 def iter_tensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
