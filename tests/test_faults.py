@@ -38,6 +38,14 @@ def whole(llm) -> tuple:
     return st["pages_used"], st["pages_reserved"], st["segments"]
 
 
+def same_with_and_without_the_fault(llm, run) -> None:
+    """``run(fail)`` gives the same with the injected fault as without, and leaves the
+    engine whole."""
+    want = run(False)
+    assert run(True) == want
+    assert whole(llm) == (0, 0, 0)
+
+
 def test_score_failing_to_make_its_segment_gives_its_reservation_back(make_llm):
     """score() reserved its pages, then made its segment outside the try that releases the
     reservation: an error there (a MemoryError) left the pages reserved for good, and every
@@ -77,9 +85,7 @@ def test_a_fork_that_fails_partway_leaves_its_parent_unforked(make_llm):
         out = [o.token_ids for o in s.generate([a, b], seeded)], (a.id, b.id)
         s.close()
         return out
-    want = run(False)
-    assert run(True) == want
-    assert whole(llm) == (0, 0, 0)
+    same_with_and_without_the_fault(llm, run)
 
 
 def _points(llm):
@@ -208,9 +214,7 @@ def test_a_session_join_or_spawn_that_fails_changes_nothing(make_llm, verb):
         out = [o.token_ids for o in s.generate([c], seeded)], c.id
         s.close()
         return out
-    want = run(False)
-    assert run(True) == want
-    assert whole(llm) == (0, 0, 0)
+    same_with_and_without_the_fault(llm, run)
 
 
 def test_a_request_failing_to_make_its_tree_gives_its_reservation_back(make_llm):
