@@ -123,6 +123,21 @@ class EngineCore:
         """``t``'s next token would sit at or past the model's context: it samples no more."""
         return effective_end(t) >= self.max_positions
 
+    def samplers_of(self, threads: list[Thread], left: int | None = None) -> list[Thread]:
+        """Which of ``threads`` sample this step: those not finished whose next token is inside
+        the model's context (the others end, "length"); with a total budget that leaves
+        ``left`` tokens (None: none), the first ``left`` of them, the others ending here."""
+        for t in threads:
+            if not t.finished and self.at_context_end(t):
+                t.finish_reason = "length"
+        s = [t for t in threads if not t.finished]
+        if left is not None and len(s) > left:
+            left = max(left, 0)
+            for t in s[left:]:
+                t.finish_reason = "length"
+            s = s[:left]
+        return s
+
     # ---- one step --------------------------------------------------------------------------
     def _check_room(self, feed: list[Thread]):
         c = self.cache

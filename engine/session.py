@@ -220,15 +220,7 @@ class Session:
         left = p.max_total_tokens  # (tokens this call may still sample over all its threads)
         try:
             while True:
-                for t in ts:  # its next token would sit at or past the model's context
-                    if not t.finished and core.at_context_end(t):
-                        t.finish_reason = "length"
-                active = [t for t in ts if not t.finished]
-                if left is not None and len(active) > left:
-                    # (as a protocol's: the first threads take what is left, the others end here)
-                    for t in active[left:]:
-                        t.finish_reason = "length"
-                    active = active[:left]
+                active = core.samplers_of(ts, left)  # (as a protocol's)
                 if not active:
                     break
                 if left is not None:

@@ -82,18 +82,9 @@ class ProtocolRun:
         self.active.append(t)
 
     def samplers(self) -> list[Thread]:
-        for t in self.active:  # (a thread that starts at the model's context end, e.g. a join past it)
-            if not t.finished and self.core.at_context_end(t):
-                t.finish_reason = "length"
-        s = [t for t in self.active if not t.finished]
-        if self.max_total is not None and len(s) > self.max_total - self.total:
-            # The total budget cannot cover one more token for every thread: the first
-            # ones (in creation order) take what is left, the others end here.
-            left = max(self.max_total - self.total, 0)
-            for t in s[left:]:
-                t.finish_reason = "length"
-            s = s[:left]
-        return s
+        # (a thread may start at the model's context end, e.g. a join past it; the total budget
+        # may not cover one more token for every thread: the first ones, in creation order)
+        return self.core.samplers_of(self.active, None if self.max_total is None else self.max_total - self.total)
 
     def on_token(self, t: Thread, tok: int):
         raise NotImplementedError
