@@ -417,6 +417,15 @@ def test_cache_stats_shape(llm):
     assert s["pages_total"] >= 4096 // PS
 
 
+def test_cache_bytes_per_token_is_what_the_cache_holds(llm):
+    # The memory check and the default cache size (2 GiB of K/V) divide by bytes_per_token:
+    # it must be the bytes the K and V tensors hold for one token, over all layers.
+    c = llm.cache
+    held = sum(t.numel() * t.element_size() for t in c.k + c.v)
+    assert held == c.bytes_per_token * c.num_pages * c.page_size
+    assert len(c.k) == len(c.v) == llm.config.num_layers
+
+
 # ---------------------------------------------------------------------------------------------
 # seeds and parallel sampling
 # ---------------------------------------------------------------------------------------------
