@@ -283,7 +283,8 @@ class LLM:
     tokenizer files). ``device``: "cpu" or "cuda[:N]". ``dtype``: "auto" (config.json's),
     "float32", "bfloat16" or "float16". ``kv_cache_tokens``: the KV cache's size (None: 2 GiB
     of K/V or 262,144 tokens, whichever is fewer, and on the CPU at most half the available memory), in
-    pages of ``page_size`` tokens. ``attention_backend``: "auto" (the device's: "cpu" or
+    pages of ``page_size`` tokens (a size between two whole pages is rounded up; ``llm.kv_cache_tokens``
+    is the size made). ``attention_backend``: "auto" (the device's: "cpu" or
     "triton"), "cpu", "torch" or "triton". ``seed``: draws the random generators of requests
     without a seed (None: random). ``kv_cache_dtype``: "auto" (the model's dtype) or, for a
     float32 model, "bfloat16" / "float16". ``max_forward_tokens``: the most tokens one forward
@@ -331,7 +332,8 @@ class LLM:
         if seed is not None and not _is_int(seed):
             raise ValueError(f"seed={seed!r} must be an integer or None.")
         page_size = int(page_size)  # (numpy integers pass as Python's)
-        kv_cache_tokens = None if kv_cache_tokens is None else int(kv_cache_tokens)
+        asked = kv_cache_tokens  # (the cache holds whole pages: a size between two is rounded up)
+        kv_cache_tokens = None if kv_cache_tokens is None else -(-int(kv_cache_tokens) // page_size) * page_size
         seed = None if seed is None else int(seed)
         self.tokenizer = Tokenizer(model)
         self.eos_ids = self._eos_ids(model)
@@ -353,15 +355,17 @@ class LLM:
                                      f"(at least one page) would get the process killed when it fills; lower "
                                      f"page_size (at most {avail // per_tok:,}).")
         elif avail is not None and kv_cache_tokens * per_tok > avail:
-            raise ValueError(f"kv_cache_tokens={kv_cache_tokens:,} ({per_tok:,} bytes a token: "
+            whole = "" if kv_cache_tokens == asked else f" ({kv_cache_tokens:,} in whole pages of {page_size})"
+            raise ValueError(f"kv_cache_tokens={asked:,}{whole} ({per_tok:,} bytes a token: "
                              f"{kv_cache_tokens * per_tok / 2**30:,.1f} GiB) is more than this machine's available "
                              f"memory ({avail / 2**30:,.1f} GiB): the process would be killed when the cache fills; "
-                             f"lower kv_cache_tokens (at most {avail // per_tok:,}).")
+                             f"lower kv_cache_tokens (at most {avail // per_tok // page_size * page_size:,}).")
         if kv_cache_tokens < page_size:  # (the default, for a model of huge tokens)
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
                              f"({page_size}).")
         self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
                              self.config.num_kv_heads, self.config.head_dim, self.kv_cache_dtype, self.device)
+        self.kv_cache_tokens = self.cache.num_pages * page_size  # (the cache's real size, whole pages)
         self.runner = ModelRunner(self.model, self.cache, attention_backend, int(max_forward_tokens))
         self.attention_backend = self.runner.backend_name
         if self.kv_cache_dtype != self.dtype and self.attention_backend not in ("cpu", "torch"):

@@ -1376,6 +1376,17 @@ def test_unsupported_device(model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_kv_cache_tokens_between_pages_rounded_up(model_dir):
+    """kv_cache_tokens between two whole pages: the cache holds at least that many tokens (it
+    held the pages below it: 100 tokens asked, 96 made, a 100-token score refused), and says
+    what it made."""
+    from engine import LLM
+    small = LLM(model_dir(NAME), kv_cache_tokens=100, page_size=PS)
+    assert (small.cache.num_pages, small.kv_cache_tokens) == (7, 112)
+    assert small.score(random_ids(100, VOCAB, seed=1))[0].shape == (100, VOCAB)
+    assert LLM(model_dir(NAME), kv_cache_tokens=96, page_size=PS).kv_cache_tokens == 96
+
+
 def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
     import engine.llm as L
     from engine import LLM
@@ -1383,9 +1394,11 @@ def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
     # taken as they are written: the process was killed when the cache filled)
     per_tok = llm.cache.bytes_per_token
     monkeypatch.setattr(L, "available_memory", lambda: 1000 * per_tok)
-    with pytest.raises(ValueError, match=r"kv_cache_tokens=1,001 .* is more than this machine's available memory "
-                                         r".*lower kv_cache_tokens \(at most 1,000\)"):
+    with pytest.raises(ValueError, match=r"kv_cache_tokens=1,001 \(1,008 in whole pages of 16\) .* is more than this "
+                                         r"machine's available memory .*lower kv_cache_tokens \(at most 992\)"):
         LLM(model_dir(NAME), kv_cache_tokens=1001)
+    with pytest.raises(ValueError, match=r"kv_cache_tokens=1,008 \(\d"):  # (whole pages already: said once)
+        LLM(model_dir(NAME), kv_cache_tokens=1008)
     assert LLM(model_dir(NAME), kv_cache_tokens=992).cache.num_pages == 62
     assert LLM(model_dir(NAME)).cache.num_pages * PS <= 500  # (the default: at most half of it)
     # the default cache is at least one page: a page larger than the available memory was made
