@@ -580,11 +580,17 @@ class LLM:
     @serialized
     def score(self, token_ids) -> list[torch.Tensor]:
         """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
-        is the next-token distribution after token i."""
+        is the next-token distribution after token i. No sequences (an empty list): no outputs,
+        as generate()."""
+        if isinstance(token_ids, (list, tuple)) and not token_ids:
+            return []
         token_ids = _as_list(token_ids)  # (a tensor or numpy array; or a list of them)
         if isinstance(token_ids, (list, tuple)):
             token_ids = [_as_list(x) for x in token_ids]
         many = isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple))
+        if any(isinstance(x, (list, tuple)) and not x for x in (token_ids if many else [token_ids])):
+            raise ValueError("score() got an empty sequence: its result's row i is the distribution after "
+                             "token i, so a sequence needs at least one token (no sequences: score([]) -> []).")
         seqs = self._normalize_prompts(list(token_ids) if many else [token_ids])
         outs = []
         for _, ids in seqs:

@@ -2069,6 +2069,17 @@ def test_score_takes_the_whole_context(make_llm):
         eng.generate([ids], greedy(1))
 
 
+def test_score_of_no_sequences_and_of_an_empty_one(llm, baseline):
+    """score([]) is no sequences: no outputs, as generate([]) (it was taken as one empty
+    sequence and refused as 'a prompt'); an empty sequence, alone or in a list, is refused
+    with what to give instead."""
+    assert llm.score([]) == [] and llm.score(()) == []
+    for empty in ([[]], [random_ids(3, VOCAB, seed=1), []], torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"score\(\) got an empty sequence: .* at least one token"):
+            llm.score(empty)
+    assert_still_works(llm, baseline)
+
+
 def test_request_that_can_never_fit(small, llm):
     total = small.cache_stats()["pages_total"]
     assert total >= 3
