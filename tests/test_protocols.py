@@ -860,6 +860,17 @@ def test_tags_the_model_text_is_scanned_for_must_be_told_apart(llm):
     ParallelR1(tags=Tags(**mine, fork="\n\n", path_close="\n"))  # (one ending another: works, in a main thread)
 
 
+def test_of_tags_ending_at_one_place_the_longest_is_the_one_written(llm):
+    """fork 'Goal>' and path_close '</Goal>': the model's '</Goal>' in the main thread is a
+    stray close tag, not also a fork (both matched and acted, in string order: it forked
+    there); its later 'Goal>' forks, and the paths' '</Goal>' closes them."""
+    tags = Tags(fork="Goal>", path_close="</Goal>", path_header="\n<P>{i}", join_header="\nJ\n")
+    scripts = {"": "a</Goal> b Goal>", "<P>1": " x</Goal>", "<P>2": " yy</Goal>", "\nJ": " done"}
+    c, _ = run(llm, scripts, ParallelR1(num_paths=2, tags=tags))
+    assert kinds(c) == ["stray_close", "fork", "join"], c.events
+    assert c.text.startswith("a</Goal> b Goal>\n<P>1 x</Goal>") and c.text.endswith("\nJ\n done"), c.text
+
+
 @pytest.mark.parametrize("header", ["<P{nm}>", "<P{}>", "<P{0}>", "<P{num", "<P}"])
 def test_a_path_header_that_is_not_a_template_of_num_and_i_is_refused(header):
     """Tags.path_header is a str.format template of {num} and {i}: a stray brace or another

@@ -53,15 +53,19 @@ class TaggedRun(TreeRun):
         self.spawn_main([])
 
     def _new_tags(self, st: ThreadState) -> list[tuple[int, str]]:
-        """(end index, tag) of tags completed since the last scan, in text order."""
+        """(end index, tag) of tags completed since the last scan, in text order. Of tags that
+        end at one index (one the other's end: fork '</Goal>', path_close 'Goal>'), the longest
+        is the one written (it was the first in string order: '</Goal>' forked, and with the
+        two swapped, '</Goal>' in a main thread was a stray close and a fork)."""
         tg = self.proto.tags
-        found = []
+        found: dict[int, str] = {}
         for tag in {tg.fork, tg.path_close, tg.block_open} - {None}:
             i = max(0, st.scan - len(tag) + 1)
             while (j := st.text.find(tag, i)) >= 0:
-                found.append((j + len(tag), tag))
+                if len(tag) > len(found.get(j + len(tag), "")):
+                    found[j + len(tag)] = tag
                 i = j + 1
-        return sorted(found)
+        return sorted(found.items())
 
     def scan(self, t: Thread, st: ThreadState):
         tg = self.proto.tags

@@ -7,7 +7,8 @@ request) or ``path`` (a child of a fork; it ends at the path close tag, EOS, or
 its budget). When every child of a fork has ended, they are joined into a
 continuation that takes over the parent's role. Tags are plain strings matched
 on decoded text, so they work whether the tokenizer has them as special tokens
-or spells them out.
+or spells them out; where two end at one place (one the other's end), the longer
+is the tag written.
 
 Malformed output never crashes or hangs; each case is recorded in the output's
 ``events`` with what was done:
