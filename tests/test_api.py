@@ -2528,3 +2528,20 @@ def test_chat_templates_refuse_a_jinja2_whose_sandbox_leaks(model_dir, monkeypat
     with pytest.raises(ValueError, match=r"jinja2 3\.1\.5 is installed; chat templates need jinja2 >= 3\.1\.6 .*"
                                          r"pip install -U 'jinja2>=3\.1\.6'"):
         tok.apply_chat_template(msgs, chat_template=leak + " ")  # (a template not compiled before)
+
+
+def test_pybind11_is_a_build_requirement_only():
+    """pybind11 was a run-time dependency of the package, installed with every `pip install`,
+    though nothing imports it (engine._C is compiled with the copy of its headers that torch
+    ships): it is a build requirement."""
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11+)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    if not os.path.isfile(path):
+        pytest.skip("no pyproject.toml beside the tests")
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+    assert "pybind11" not in names(cfg["project"]["dependencies"])
+    assert "pybind11" in names(cfg["build-system"]["requires"])
