@@ -537,8 +537,14 @@ class LLM:
                     streamer.step()
                 if use_tqdm:
                     print(f"\rloom: {len(done)}/{len(reqs)} requests done", end="", file=sys.stderr)
-        except BaseException:
+        except BaseException as e:
             sched.abort_all()
+            which = [i for i, r in enumerate(reqs) if r.id in getattr(e, "request_ids", ())]
+            if isinstance(e, FloatingPointError) and which and e.args:
+                many = len(which) > 1
+                e.args = (f"{e.args[0]} They come from prompt{'s' * many} {', '.join(map(str, which))} of this "
+                          "call (0-based); the call gives no outputs: run the other prompts without "
+                          f"{'them' if many else 'it'}.", *e.args[1:])
             raise
         if use_tqdm:
             print(file=sys.stderr)

@@ -160,10 +160,12 @@ def _check_finite(rows: list[int], best: torch.Tensor):
     chosen from it (argmax would silently return token 0 for a NaN row)."""
     bad = [r for r, v in zip(rows, best.tolist()) if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(
+        err = FloatingPointError(
             f"The model's logits are not finite (NaN or inf) in batch rows {bad[:8]}: no token can be chosen. "
             "The weights may hold NaN / inf, or float16 activations overflowed (try dtype='bfloat16' or "
             "'float32').")
+        err.rows = bad  # (the scheduler names the requests they belong to)
+        raise err
 
 
 def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

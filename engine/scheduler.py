@@ -102,7 +102,11 @@ class Scheduler:
             if self.waiting:  # nothing runs, so nothing this call does can free pages: sessions hold them
                 raise sessions_hold_pages(self.cache, self.waiting[0].pages_needed, "A request")
             return []
-        tokens = self.core.step(feed, samplers)
+        try:
+            tokens = self.core.step(feed, samplers)
+        except FloatingPointError as e:  # (non-finite logits: the sampler's rows are these samplers)
+            e.request_ids = sorted({owner[r].id for r in getattr(e, "rows", ())})
+            raise
         for req in self.running:
             req.metrics.kv_pages_peak = max(req.metrics.kv_pages_peak, req.tree.pages_held())
         for req, t, tok in zip(owner, samplers, tokens):

@@ -1365,6 +1365,29 @@ def test_non_finite_logits(tmp_path, model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_non_finite_logits_name_the_prompts_they_come_from(tmp_path, model_dir):
+    """NaN logits from some prompts only (a NaN embedding row: the prompts with that token)
+    fail the call, as any: the error said 'batch rows [...]', an index the caller never saw;
+    it names the prompts of the call they come from. The engine is whole after it."""
+    from engine import LLM
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "nan_row"
+    shutil.copytree(model_dir("llama"), d)  # (untied: the NaN row is not also the lm_head's)
+    w = load_file(str(d / "model.safetensors"))
+    w["model.embed_tokens.weight"][7] = float("nan")
+    save_file(w, str(d / "model.safetensors"))
+    bad = LLM(str(d), kv_cache_tokens=1024)
+    good = [[5, 6, 8], [9, 10]]
+    want = [o.outputs[0].token_ids for o in bad.generate(good, greedy(3))]
+    with pytest.raises(FloatingPointError, match=r"not finite .* They come from prompt 1 of this call \(0-based\); "
+                                                 r"the call gives no outputs: run the other prompts without it\.$"):
+        bad.generate([good[0], [5, 7, 8], good[1]], greedy(3))
+    with pytest.raises(FloatingPointError, match=r"They come from prompts 0, 2 of this call .* without them\.$"):
+        bad.generate([[7], good[0], [7, 5]], SP(n=2, temperature=1.0, max_tokens=3, seed=0))
+    assert_no_leak(bad)
+    assert [o.outputs[0].token_ids for o in bad.generate(good, greedy(3))] == want
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
