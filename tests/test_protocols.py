@@ -620,6 +620,26 @@ def test_tree_protocols_match_non_ascii_tags_and_cut_stop_strings(llm):
     assert c.text.startswith("<think01>4</think><think02>4</think>"), c.text
 
 
+def test_a_trees_text_is_cut_where_its_stop_string_is_not_in_a_special_tokens_text(llm):
+    """A stop string is matched on the text as skip_special_tokens makes it (the default: without
+    special tokens' text), a tree's text spells special tokens out: it is cut where the stop
+    string that ended the request is, with the special tokens before it. It was cut where the
+    stop string's letters first read in the spelled-out text: inside the EOS's "<|im_end|>",
+    "a<|im_end|>b <|im" with stop "<|im" gave "a" ("a<|im" with include_stop_str_in_output)."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    eos = llm.eos_ids[0]
+    eos_text = llm.tokenizer.decode([eos], skip_special_tokens=False)
+    assert eos_text == "<|im_end|>"
+    seq = enc("a") + [eos] + enc("b <|im more")
+    for incl, want in ((False, "b "), (True, "b <|im")):
+        params = SamplingParams(max_tokens=40, stop=["<|im"], ignore_eos=True, include_stop_str_in_output=incl)
+        plain = _run_tokens(llm, {1: seq}, params)
+        tree = _run_tokens(llm, {1: seq}, params, Multiverse())
+        assert (plain.text, plain.stop_reason) == ("a" + want, "<|im"), (incl, plain)
+        assert (tree.text, tree.stop_reason) == ("a" + eos_text + want, "<|im"), (incl, tree.text)
+        assert tree.token_ids == plain.token_ids == seq[:len(enc("ab <|im")) + 1]
+
+
 def test_min_tokens_counts_a_trees_critical_path(llm):
     """min_tokens, as max_tokens, counts the critical path: a summary whose path has min_tokens
     tokens already stops on its first EOS (it was counted per thread: the summary had to write

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
+from ..tokenizer import TextStream
 from .base import Protocol, ProtocolRun, int_arg, min_tokens_owed, one_output_only, tokens_at_most
 from .sampling import last_boxed
 
@@ -278,25 +279,25 @@ class TreeRun(ProtocolRun):
             # a stop string: cut before it, as plain sampling
             n = len(last.generated)
             if n and ids[-n:] == last.generated:
-                head = self.tok.completion_text(ctx, ids[:-n], skip_special_tokens=False)
-                # the occurrence that ended it: as many come before it here as in the thread's own
-                # text (those before min_tokens did not stop it)
-                stop, mine = last.stop_reason, last.text_stream.text
-                at = len(last.stop_text) - (len(stop) if self.params.include_stop_str_in_output else 0)
-                j, i = len(head) - 1, mine.find(stop)
-                while True:
-                    j = text.find(stop, j + 1)
-                    if j < 0 or not 0 <= i < at:
-                        break
-                    i = mine.find(stop, i + 1)
-                # (not found: the match spans special tokens, skipped in the engine's stop
-                # text and spelled out here: the engine's text before the stop)
-                keep = len(last.stop_reason) if self.params.include_stop_str_in_output else 0
-                text = text[:j + keep] if j >= 0 else head + last.stop_text
+                text = self.tok.completion_text(ctx, ids[:-n], skip_special_tokens=False) + self._stop_cut(last)
         out = CompletionOutput(0, text, ids, reason, None, last.stop_reason if last is not None else None,
                                answer=last_boxed(text))
         out.tree, out.metrics, out.events = tree, metrics, list(self.events)
         return [out]
+
+    def _stop_cut(self, t: Thread) -> str:
+        """The text of ``t``'s sampled tokens, special tokens spelled out, cut before the stop string
+        that ended it (after it, with include_stop_str_in_output). The stop was found in its own
+        text, special tokens as skip_special_tokens says: the cut is mapped from there token by
+        token (a special token's text read inside the stop's letters here is not where it is)."""
+        cut, inc = len(t.stop_text), self.params.include_stop_str_in_output
+        own = TextStream(self.tok, self.params.skip_special_tokens, t.text_context)
+        spelled = TextStream(self.tok, False, t.text_context)
+        for tok in t.generated:
+            a, b = own.push(tok), spelled.push(tok)
+            if len(own.text) > cut or (inc and len(own.text) >= cut):  # (the cut is in this token's text)
+                return spelled.text[:len(spelled.text) - len(b) + min(cut - (len(own.text) - len(a)), len(b))]
+        return t.stop_text
 
 
 class TagTreeProtocol(Protocol):
