@@ -34,11 +34,11 @@ def logits_source(t: Thread) -> Thread:
     return t
 
 
-def context_tail(t: Thread, k: int) -> list[int]:
+def context_tail(t: Thread, k: int, own: bool = True) -> list[int]:
     """The last ``k`` tokens of the text ``t``'s next token follows: its own, then those of
-    the segments before it in its view."""
+    the segments before it in its view (``own`` False: those only, the text its own follows)."""
     out: list[int] = []
-    for seg, _ in reversed(t.view):
+    for seg, _ in reversed(t.view if own else t.view[:-1]):
         toks = t.tokens if seg is t.seg else (seg.tokens or [])
         out[:0] = toks[-(k - len(out)):]
         if len(out) >= k:
@@ -313,6 +313,14 @@ class EngineCore:
         t.finish_reason, t.stop_reason = "stop", s
         t.stop_text = text[:pos + len(s)] if p.include_stop_str_in_output else text[:pos]
         return True
+
+    def own_text(self, t: Thread) -> str:
+        """The text of ``t``'s own segment (header, injected and sampled tokens, special tokens
+        spelled out), read after the text before it in its view, as a completion's: decoded
+        alone, a SentencePiece decoder stripped its first space (a fork's header " Draft A:" read
+        "Draft A:")."""
+        return self.tokenizer.completion_text(context_tail(t, self.tokenizer.CONTEXT_TOKENS, own=False), t.tokens,
+                                              skip_special_tokens=False)
 
     def text_of(self, t: Thread) -> str:
         if t.stop_text is not None:

@@ -31,7 +31,7 @@ class ThreadHandle:
 
     def __init__(self, session: "Session", thread: Thread):
         self._session, self._t = weakref.ref(session), thread
-        self._tokenizer = session._llm.tokenizer
+        self._core = session._llm.core
 
     def __copy__(self):  # a handle names one thread of one live session: copies are the handle
         return self
@@ -61,7 +61,8 @@ class ThreadHandle:
 
     @property
     def text(self) -> str:
-        return self._tokenizer.decode(self._t.tokens, skip_special_tokens=False)
+        """The text of its tokens (EngineCore.own_text)."""
+        return self._core.own_text(self._t)
 
     @property
     def parent(self) -> "ThreadHandle | None":

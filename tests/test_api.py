@@ -2189,6 +2189,35 @@ def test_headers_and_injected_text_get_no_word_start_space(tmp_path, model_dir, 
     assert eng.cache_stats()["pages_used"] == 0
 
 
+def test_a_threads_text_reads_after_the_text_before_it(tmp_path, model_dir):
+    """A thread's text (ThreadHandle.text, a tree protocol's .tree entries) is read after the
+    text before it in its view, as a completion's: decoded alone, a SentencePiece decoder
+    stripped its first space, so a fork's header " world" read "world" and a Multiverse main
+    thread that sampled " world" read "world" in .tree while the output's text had " world"."""
+    from engine import LLM
+    from engine.protocols import Multiverse
+    d = _copy_model(tmp_path, model_dir, "sp_thread_text", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    _sentencepiece_style_tokenizer("legacy", V).save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=8192)
+    world = eng.tokenizer.encode_continuation(" world")
+    assert eng.tokenizer.decode(world) == "world"  # (alone: the space stripped)
+    with eng.session("Hello") as s:
+        a, b = s.fork(s.root, [" world", "!"])
+        assert (s.root.text, a.text, b.text) == ("Hello", " world", "!")
+        s.inject(b, " world")
+        assert b.text == "! world"
+    seq = iter(world)
+    eng.core.token_source = lambda threads: [next(seq, eng.eos_ids[0]) for _ in threads]
+    try:
+        c = eng.generate("Hello", SP(max_tokens=len(world)), protocol=Multiverse())[0].outputs[0]
+    finally:
+        eng.core.token_source = None
+    main = next(t for t in c.tree if t["role"] == "main")
+    assert c.text == main["text"] == " world", (c.text, main["text"])
+    assert eng.cache_stats()["pages_used"] == 0
+
+
 def test_completion_text_reads_after_its_prompt(tmp_path, model_dir):
     """A SentencePiece decoder strips the space of a sequence's first word: a completion
     whose first token is '▁erpo' read 'erpo', so prompt + text was 'The caterpo' and a stop

@@ -256,7 +256,7 @@ class TreeRun(ProtocolRun):
         owner = {id(t.seg): t.id for t in threads}  # (segment ids are the cache's: shared by all requests, reused)
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": "prompt" if t is self.tree.root or t.tag is None else t.tag.role,
-                 "text": self.tok.decode(t.tokens, skip_special_tokens=False),
+                 "text": self.core.own_text(t),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
                  "joined_into": t.joined_into.id if t.joined_into else None,
                  "view": [[owner[id(s)], sh] for s, sh in t.view], "events": list(t.events),
