@@ -212,6 +212,11 @@ def main(argv=None) -> int:
         ap.print_help(sys.stderr)
         return 2
     args = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        # (the model's text on an output that cannot encode all of it, e.g. a pipe in a latin-1 locale:
+        # those characters as escapes; a UnicodeEncodeError ended the command, a traceback or the
+        # streamed text cut off, after the whole generation)
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.fn(args)
     except KeyboardInterrupt:

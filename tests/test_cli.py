@@ -344,6 +344,28 @@ def test_streamed_output_closed_by_its_reader_is_not_an_error(model, monkeypatch
     assert "loom: error" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n", ["1", "2"])  # (streamed, printed at the end)
+def test_text_an_output_cannot_encode_is_printed_escaped(tmp_path, monkeypatch, n):
+    """An output whose encoding cannot write every character of the text (a pipe in a latin-1
+    locale; here U+FFFD and CJK from a byte tokenizer's random model): those characters are
+    printed as escapes. A UnicodeEncodeError ended the command: a traceback after the whole
+    generation, or, streamed, 'loom: error: ...' and the text cut off."""
+    from engine.demo import make_random_model
+    d = make_random_model(str(tmp_path / "bytes"), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16,
+                          intermediate=64)
+    sp = SamplingParams(n=int(n), temperature=1.5, max_tokens=12, seed=0)
+    want = LLM(d).generate(["x"], sp)[0].outputs
+    assert any(max(map(ord, c.text), default=0) > 0xFF for c in want)  # (latin-1 cannot write them)
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="latin-1")
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["generate", "--model", d, "--prompt", "x", "-n", n, "--temperature", "1.5",
+                 "--max-tokens", "12", "--seed", "0"]) == 0
+    out.flush()
+    got = completions(raw.getvalue().decode("latin-1"))
+    assert [t for _, _, t in got] == [c.text.encode("latin-1", "backslashreplace").decode("latin-1") for c in want]
+
+
 def test_interrupt_while_the_command_loads_exits_130_quietly():
     """A Ctrl-C in the ~2 s the `loom` command spends importing torch (before its own
     handler runs) ends it as one later would: 'loom: interrupted', exit 130, no traceback.
