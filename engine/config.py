@@ -142,6 +142,13 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"Architecture {arch!r} is not supported by Loom; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}.")
+        mt = raw.get("model_type")
+        if archs and mt is not None and (not isinstance(mt, str) or _MODEL_TYPES.get(mt) != arch):
+            # (transformers' AutoModelForCausalLM builds the model that model_type names, whatever
+            # architectures says: e.g. "mistral" over ["LlamaForCausalLM"] adds Mistral's window)
+            raise ValueError(f"config.json's model_type={mt!r} and architectures={archs!r} name different models "
+                             f"(transformers builds the model_type's); which one the weights are is unclear: use "
+                             "the config.json that came with the weights.")
         q = raw.get("quantization_config")
         if q:
             method = q.get("quant_method", "?") if isinstance(q, dict) else "?"

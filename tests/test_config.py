@@ -566,3 +566,20 @@ def test_a_window_wider_than_the_context_leaves_the_context():
         assert (cfg.max_position_embeddings, cfg.context_source) == (128, "max_position_embeddings")
     cfg = ModelConfig.from_dict(_raw("MistralForCausalLM", sliding_window=64))
     assert cfg.max_position_embeddings == 64 and cfg.context_source.startswith("sliding_window")
+
+
+@pytest.mark.parametrize("mt,arch", [("mistral", "LlamaForCausalLM"), ("llama", "Qwen2ForCausalLM"),
+                                     ("gemma", "LlamaForCausalLM"), (["llama"], "LlamaForCausalLM")])
+def test_a_model_type_that_names_another_model_than_architectures_is_refused(mt, arch):
+    """transformers' AutoModelForCausalLM builds the model model_type names, not architectures':
+    model_type "mistral" over LlamaForCausalLM weights runs them with Mistral's sliding window,
+    which Loom, reading architectures, did not apply (logits off by ~5 past the window)."""
+    import transformers as tf
+    if isinstance(mt, str) and mt != "gemma":
+        hf = tf.AutoConfig.for_model(**{k: v for k, v in _raw(arch, sliding_window=8).items() if k != "architectures"}
+                                     | {"model_type": mt})
+        assert tf.MODEL_FOR_CAUSAL_LM_MAPPING[type(hf)].__name__ != arch  # (the class transformers builds)
+    with pytest.raises(ValueError, match=r"model_type=.* and architectures=.* name different models"):
+        ModelConfig.from_dict(_raw(arch, model_type=mt, sliding_window=8))
+    assert ModelConfig.from_dict(_raw(arch, model_type={"LlamaForCausalLM": "llama",
+                                                       "Qwen2ForCausalLM": "qwen2"}[arch])).architecture == arch
