@@ -310,7 +310,14 @@ def _sliding_window(raw: dict, arch: str, num_layers: int) -> int | None:
     types = raw.get("layer_types")
     if types is None:
         first = raw.get("max_window_layers", 28)
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise ValueError(f"config.json's max_window_layers={first!r} must be an integer (the first layer with "
+                             "the sliding window); use the config.json that came with the weights.")
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    elif not (isinstance(types, list) and all(isinstance(t, str) for t in types) and len(types) == num_layers):
+        raise ValueError(f"config.json's layer_types={types!r} must be a list of num_hidden_layers={num_layers} "
+                         "names (\"full_attention\" / \"sliding_attention\"); use the config.json that came with "
+                         "the weights.")
     return window if "sliding_attention" in types else None
 
 

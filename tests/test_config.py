@@ -583,3 +583,21 @@ def test_a_model_type_that_names_another_model_than_architectures_is_refused(mt,
         ModelConfig.from_dict(_raw(arch, model_type=mt, sliding_window=8))
     assert ModelConfig.from_dict(_raw(arch, model_type={"LlamaForCausalLM": "llama",
                                                        "Qwen2ForCausalLM": "qwen2"}[arch])).architecture == arch
+
+
+@pytest.mark.parametrize("fields,msg", [
+    (dict(max_window_layers=None), "max_window_layers=None must be an integer"),
+    (dict(max_window_layers="2"), "max_window_layers='2' must be an integer"),
+    (dict(layer_types="sliding_attention"), "layer_types='sliding_attention' must be a list of num_hidden_layers=3"),
+    (dict(layer_types=["sliding_attention"]), "must be a list of num_hidden_layers=3 names"),
+])
+def test_window_layer_fields_of_the_wrong_type_are_named(fields, msg):
+    """A Qwen window's max_window_layers / layer_types that transformers' config refuses: a null or
+    string max_window_layers crashed with a TypeError ('>=' not supported), a string layer_types
+    was searched as text; now one ValueError naming the field."""
+    raw = _raw("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, **fields)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ModelConfig.from_dict(raw)
+    ok = _raw("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, max_window_layers=-1,
+              layer_types=["full_attention", "sliding_attention", "full_attention"])
+    assert ModelConfig.from_dict(ok).max_position_embeddings == 8
