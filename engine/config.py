@@ -138,7 +138,8 @@ class ModelConfig:
             arch = archs[0]
         else:  # (as transformers: the model type names the architecture)
             mt = raw.get("model_type")
-            arch = _MODEL_TYPES.get(mt, f"model_type={mt!r}" if mt is not None else "<missing>")
+            name = f"model_type={mt!r}" if mt is not None else "<missing>"
+            arch = _MODEL_TYPES.get(mt, name) if isinstance(mt, str) else name  # (a list is no dict key)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"Architecture {arch!r} is not supported by Loom; supported: "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}.")

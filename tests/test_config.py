@@ -96,6 +96,16 @@ def test_model_type_names_the_architecture(mt, arch):
     assert cfg.max_position_embeddings == (8 if arch == "MistralForCausalLM" else 128)  # Mistral's window only
 
 
+@pytest.mark.parametrize("mt", [["llama"], {"llama": 1}])
+def test_a_model_type_that_is_not_a_name_is_refused_without_architectures(mt):
+    """A model_type that is a list / object (no architectures to read instead) crashed with a
+    TypeError (unhashable type) from the lookup of its architecture."""
+    raw = _raw("LlamaForCausalLM", model_type=mt)
+    del raw["architectures"]
+    with pytest.raises(ValueError, match=re.escape(f"model_type={mt!r}") + ".? is not supported by Loom"):
+        ModelConfig.from_dict(raw)
+
+
 def test_qwen_window_is_off_unless_use_sliding_window():
     raw = _raw("Qwen2ForCausalLM", sliding_window=8, max_window_layers=0)
     hf = _hf("Qwen2ForCausalLM", raw)
