@@ -372,3 +372,20 @@ def test_yarn_edge_configs_are_transformers(theta, rope):
     cfg = ModelConfig.from_dict(raw)
     assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
     assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
+
+
+def test_a_head_larger_than_the_fused_ops_take_runs_as_transformers(tmp_path):
+    """csrc/fused_cpu.cpp's q/k prep holds a head row in a 1,024-float buffer: a config with
+    head_dim 1,026 loaded, then every call failed with 'RuntimeError: qkv_prep: head_dim must be
+    even and <= 1024'. Such a model takes the ATen ops instead, and equals transformers."""
+    from conftest import build_model_dir, hf_model
+    from engine import LLM
+    spec = dict(arch="Qwen3ForCausalLM", vocab=260, hidden=16, heads=2, kv_heads=1, head_dim=1026, layers=1,
+                inter=32, tie=False, rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = build_model_dir(str(tmp_path / "big_head"), spec, seed=5)
+    ids = random_ids(20, 260, 6)
+    llm = LLM(d, dtype="float32", kv_cache_tokens=64)
+    ref = hf_model(d)
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), "head_dim 1026")
+    out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
+    _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, "head_dim 1026 greedy")
