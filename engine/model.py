@@ -37,6 +37,7 @@ LOGITS_BLOCK_ROWS = 256  # rows per block of CausalLM.logits (a block of the hea
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what csrc/linear_cpu.cpp packs
 FUSED_MAX_HEAD_DIM = 1024  # csrc/fused_cpu.cpp's qkv_prep: a head row in a stack buffer
+FUSED_MAX_HIDDEN = 16384  # csrc/fused_cpu.cpp's norms (kMaxRow): a hidden row in a stack buffer
 
 
 class Linear:
@@ -117,7 +118,8 @@ class CausalLM:
         self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype in PACKED_DTYPES
         # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition, for the head sizes
         # they take; False -> ATen ops.
-        self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep") and cfg.head_dim <= FUSED_MAX_HEAD_DIM
+        self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep") and cfg.head_dim <= FUSED_MAX_HEAD_DIM \
+            and cfg.hidden_size <= FUSED_MAX_HIDDEN
         self._build(weights)
 
     # ---- loading ---------------------------------------------------------------------------

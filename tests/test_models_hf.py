@@ -389,3 +389,27 @@ def test_a_head_larger_than_the_fused_ops_take_runs_as_transformers(tmp_path):
     _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), "head_dim 1026")
     out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
     _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, "head_dim 1026 greedy")
+
+
+def test_a_hidden_size_larger_than_the_fused_norms_take_runs_as_transformers(tmp_path):
+    """csrc/fused_cpu.cpp's RMSNorms hold a hidden row in a 16,384-float buffer: a config with
+    hidden_size 16,386 loaded, then every call failed with 'RuntimeError: rms_norm: at most 16384
+    features'. Such a model takes the ATen ops instead, and equals transformers. (The head's
+    weights are scaled down: logits of ~25 from 16k-term sums would round at ~1e-4 in float32.)"""
+    import os
+    from safetensors.torch import load_file, save_file
+    from conftest import build_model_dir, hf_model
+    from engine import LLM
+    spec = dict(arch="LlamaForCausalLM", vocab=260, hidden=16386, heads=1, kv_heads=1, head_dim=16, layers=1,
+                inter=8, tie=False, rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = build_model_dir(str(tmp_path / "wide"), spec, seed=5)
+    path = os.path.join(d, "model.safetensors")
+    w = load_file(path)
+    w["lm_head.weight"] *= 0.05
+    save_file(w, path, metadata={"format": "pt"})
+    ids = random_ids(20, 260, 6)
+    llm = LLM(d, dtype="float32", kv_cache_tokens=64)
+    ref = hf_model(d)
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), "hidden_size 16386")
+    out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
+    _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, "hidden_size 16386 greedy")
