@@ -498,6 +498,7 @@ class LLM:
         if not isinstance(protocol, Protocol):
             raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
         protocol.check_config()  # (its settings may have changed since it was made)
+        protocol = protocol.for_call()  # (the call's own copy: a change made while it runs does not reach it)
         if stream is not None and not callable(stream):
             raise ValueError(f"stream={stream!r} must be a function (prompt_index, completion_index, text).")
         if stream is not None and not (isinstance(protocol, ParallelSampling) and protocol.select == "all"):

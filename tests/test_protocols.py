@@ -115,6 +115,39 @@ def test_a_trees_views_name_its_threads_whatever_runs_with_it(llm):
     assert [v[0] for v in alone.tree[4]["view"]] == [0, 1, 2, 3, 4]  # prompt, main, both paths, itself
 
 
+def test_a_protocol_changed_while_its_call_runs_does_not_reach_the_call(llm):
+    """A run read its protocol's settings at every step from the caller's object: a change made
+    while the call ran (by a stream callback, or another Python thread setting up its next call
+    with the same object) reached the running request."""
+    proto = Multiverse()
+    want, _ = run(llm, MV, proto)
+
+    class Changing(Script):  # (the change made inside the call, at its second step)
+        calls = 0
+
+        def __call__(self, threads):
+            self.calls += 1
+            if self.calls == 2:
+                proto.limits.max_paths = 1
+                proto.tags.join_header = "\n<Other>\n"
+            return super().__call__(threads)
+    llm.core.token_source = Changing(llm, MV)
+    try:
+        got = llm.generate("Q: 1+2, 3*4?", SamplingParams(max_tokens=400), protocol=proto)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert (got.text, kinds(got)) == (want.text, kinds(want))
+    assert proto.limits.max_paths == 1  # (the caller's object as it was changed: the next call's)
+    sampling = ParallelSampling()
+    params = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=4, ignore_eos=True)
+    want = llm.generate("Q: 1+2?", params, protocol=sampling)[0].outputs
+
+    def change(i, j, piece):
+        sampling.select = "first_finish"
+    got = llm.generate("Q: 1+2?", params, protocol=sampling, stream=change)[0].outputs
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
 def test_multiverse_nested_and_depth_limit(llm):
     scripts = dict(MV)
     scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"

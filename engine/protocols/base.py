@@ -7,6 +7,8 @@ sample (``samplers``) and tells each sampled token (``on_token``).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import replace
 
 from ..core import EngineCore
@@ -37,6 +39,19 @@ class Protocol:
         generate() at each call: the attributes may have been changed since, and a run reads
         them as they are (a ParaThinker whose ``paths`` outgrew its limits ran more threads
         than its request's reserved pages hold)."""
+
+    def for_call(self) -> "Protocol":
+        """A copy of this protocol for one engine call, with its settings as they are now (its
+        dataclass settings, a tree's ``limits`` and ``tags``, copied too). A run reads them
+        at every step, and the caller's object changed while the call ran (by a stream
+        callback, or another Python thread setting up its next call with it) reached the
+        running request: a tree's limits lowered under its forks, a Hogwild! finisher_tokens
+        raised past its reserved pages."""
+        c = copy.copy(self)
+        for k, v in vars(self).items():
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):
+                setattr(c, k, replace(v))
+        return c
 
     def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
               make_generator) -> "ProtocolRun":
