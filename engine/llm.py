@@ -244,6 +244,7 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
                                        "the same thread (e.g. from a protocol's callback); call it after that "
                                        "call returns.")
                 llm._busy = fn.__qualname__
+                llm._undo = None
                 try:
                     out = fn(*args, **kwargs)
                 finally:
@@ -251,10 +252,14 @@ def engine_call(llm, fn, args, kwargs, exclusive: bool):
                     llm.core.settle()  # (nothing of the call's last step stays referenced)
                 if DEFERRED._depth == 1:
                     DEFERRED.check()  # (a Ctrl-C deferred to the call's end: raised where the rng goes back)
+                llm._undo = None  # (it holds the session: a session dropped after its verb was kept)
                 return out
             except BaseException:
                 if rng is not None and not llm._rng_kept:
                     llm._rng.set_state(rng)
+                if rng is not None and llm._undo is not None:  # (a session verb that ended: see _undo)
+                    undo, llm._undo = llm._undo, None
+                    undo()
                 raise
         finally:
             llm._lock.release()
@@ -296,6 +301,9 @@ class LLM:
         self._lock = EngineLock()  # (see engine_call)
         self._busy = None               # the exclusive call running, if any
         self._rng_kept = False          # the running call keeps tokens drawn from _rng (see engine_call)
+        self._undo = None               # how to take back what the running session verb made, if a
+        #                                 Ctrl-C deferred to its end is raised: the caller never gets
+        #                                 its result (e.g. a join's continuation, of no parent)
         self._dropped = []              # trees of sessions dropped while another Python thread ran a
         #                                 call, for the next call to close (Session.__del__)
         model = os.fspath(model)

@@ -143,6 +143,13 @@ class Session:
         if self.tree is None:
             raise ValueError("This session is closed.")
 
+    def _unmake(self, made: list[Thread]):
+        """Take back threads a verb made (a Ctrl-C deferred to its end: the caller never got
+        them), their handles included."""
+        for t in made:
+            self._handles.pop(t.id, None)
+        self.tree._unmake(made)
+
     # ---- verbs -----------------------------------------------------------------------------
     @serialized
     def fork(self, parent: ThreadHandle, headers) -> list[ThreadHandle]:
@@ -152,8 +159,15 @@ class Session:
         self._check_open()
         if isinstance(headers, (str, int)) or not isinstance(headers, (list, tuple)):
             raise ValueError("fork() takes a list of headers, one per child.")
-        kids = self.tree.fork(self._thread(parent), [self._tokens(h) for h in headers])
-        return [self._handle(k) for k in kids]
+        p = self._thread(parent)
+        kids = self.tree.fork(p, [self._tokens(h) for h in headers])
+        hs = [self._handle(k) for k in kids]
+
+        def undo():
+            p.events.pop()  # (its "fork" event)
+            self._unmake(kids)
+        self._llm._undo = undo
+        return hs
 
     @serialized
     def join(self, threads: list[ThreadHandle], header=None, positions: str = "max") -> ThreadHandle:
@@ -167,8 +181,17 @@ class Session:
         if not hdr:
             raise ValueError("join() needs a non-empty header (e.g. '<Conclusion>') so that the "
                              "continuation's first token is computed with every joined thread in view.")
-        t = self.tree.join(self._threads(threads, "join"), hdr, positions)
-        return self._handle(t)
+        ts = self._threads(threads, "join")
+        t = self.tree.join(ts, hdr, positions)
+        h = self._handle(t)
+
+        def undo():
+            for u in ts:
+                u.joined_into = None
+                u.events.pop()  # (its "join" event)
+            self._unmake([t])
+        self._llm._undo = undo
+        return h
 
     @serialized
     def spawn(self, view: list[ThreadHandle], header=None) -> ThreadHandle:
@@ -178,7 +201,9 @@ class Session:
         if not isinstance(view, (list, tuple)) or not view:
             raise ValueError("spawn() needs a non-empty view: a list of this session's threads.")
         t = self.tree.spawn([self._thread(h) for h in view], self._tokens(header))
-        return self._handle(t)
+        h = self._handle(t)
+        self._llm._undo = lambda: self._unmake([t])
+        return h
 
     @serialized
     def set_view(self, thread: ThreadHandle, view: list[ThreadHandle]):
@@ -188,13 +213,28 @@ class Session:
         if t.live is None:
             raise ValueError(f"thread {t.id} was not spawned with a live view; only spawn()ed "
                              "threads can change their view.")
+        old = t.live, t.view
         self.tree.set_view(t, self._threads(view, "set_view"))
+
+        def undo():
+            c = self._llm.cache
+            for s, _ in old[1][:-1]:
+                c.retain(s)
+            for s, _ in t.view[:-1]:
+                c.release_segment(s)
+            t.live, t.view = old
+        self._llm._undo = undo
 
     @serialized
     def inject(self, thread: ThreadHandle, tokens):
         """Append tokens (str or ids) to a thread; written by the next step's extend pass."""
         self._check_open()
-        self.tree.inject(self._thread(thread), self._tokens(tokens, "injected text"))
+        t, ids = self._thread(thread), self._tokens(tokens, "injected text")
+        self.tree.inject(t, ids)
+
+        def undo():
+            del t.tokens[len(t.tokens) - len(ids):], t.pending[len(t.pending) - len(ids):]
+        self._llm._undo = undo
 
     @serialized
     def generate(self, threads: list[ThreadHandle], sampling_params: SamplingParams | None = None

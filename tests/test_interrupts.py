@@ -132,6 +132,71 @@ def test_ctrl_c_anywhere_leaves_the_engine_whole(make_llm, kind):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _session_state(s):
+    return [(t.id, list(t.tokens), list(t.pending), [k.id for k in t.children],
+             t.joined_into and t.joined_into.id, list(t.events), t.live and [u.id for u in t.live],
+             [seg.id for seg, _ in t.view]) for t in s.tree.threads], sorted(s._handles)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("verb", ["fork", "join", "spawn", "set_view", "inject"])
+def test_a_ctrl_c_during_a_session_verb_leaves_the_session_as_it_was(make_llm, verb):
+    """A session verb has no safe point: a Ctrl-C during it is raised at its end, and the
+    caller never gets its result. The verb had been made all the same: a fork's parent took
+    no more tokens, the threads of a join were joined into a continuation of no parent,
+    which no handle reached (their branch of the session was lost)."""
+    llm = make_llm("qwen3", kv_cache_tokens=8192)
+
+    def setup():  # a session, and the verb's call on it
+        s = llm.session(random_ids(9, llm.config.vocab_size, 3))
+        a, b = s.fork(s.root, [[5], [6, 7]])
+        x, = s.fork(a, [[9]])
+        w = s.spawn([s.root, b], header=[4])
+        call = {"fork": lambda: s.fork(b, [[1], [2]]), "join": lambda: s.join([x, b], header=[8]),
+                "spawn": lambda: s.spawn([x, b], header=[3]), "set_view": lambda: s.set_view(w, [x]),
+                "inject": lambda: s.inject(x, [1, 2, 3])}[verb]
+        return s, [x, b, w], call
+    params = SamplingParams(temperature=1.0, seed=1, max_tokens=3)
+    s, ts, call = setup()
+    before, pages = _session_state(s), llm.cache_stats()
+    want = [c.token_ids for c in s.generate(ts, params)]
+    s.close()
+    # every line up to the call's last safe point (engine_call's final DEFERRED.check(); see
+    # test_a_stopped_call_leaves_the_random_generator), counted in each run (a verb taken back
+    # leaves the cache's free segment ids, which a line more or less reuses)
+    src, first = inspect.getsourcelines(engine_call)
+    final = f"llm.py:{first + next(i for i, line in enumerate(src) if 'DEFERRED.check()' in line)}"
+    s, ts, call = setup()
+    probed = 0
+    for k in range(1, 1000):
+        seen = []
+
+        def local(frame, event, arg):
+            if event == "line":
+                seen.append(f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}")
+                if len(seen) == k:
+                    signal.raise_signal(signal.SIGINT)
+            return local
+        sys.settrace(lambda frame, event, arg: local if "/engine/" in frame.f_code.co_filename else None)
+        try:
+            call()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        if len(seen) < k or final in seen[:k - 1]:  # (it ran through, or was stopped after its last safe point)
+            break
+        probed += 1
+        assert (_session_state(s), llm.cache_stats()) == (before, pages), (k, seen[k - 1])
+    assert probed > 50
+    assert [c.token_ids for c in s.generate(ts, params)] == want
+    s.close()
+    s, ts, call = setup()
+    call()
+    del s, ts, call  # (nothing keeps a session dropped after its verb: it is closed at once)
+    assert llm.cache.stats()["segments"] == 0
+
+
 def test_a_second_ctrl_c_is_raised_at_once():
     """While one Ctrl-C waits for a safe point, a second one is raised where it lands."""
     reached = []
