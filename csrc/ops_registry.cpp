@@ -41,6 +41,7 @@ static PyObject* cpu_isa(PyObject*, PyObject* args) {
 
 namespace loom {
 PyObject* decoder_layer_py(PyObject* self, PyObject* args);  // csrc/layer_cpu.cpp
+PyObject* uniform_draws_py(PyObject* self, PyObject* arg);     // csrc/rand_cpu.cpp
 }
 
 static PyMethodDef kMethods[] = {
@@ -48,6 +49,9 @@ static PyMethodDef kMethods[] = {
     {"decoder_layer", loom::decoder_layer_py, METH_VARARGS,
      "decoder_layer(h, x, layer, step, k_pool, v_pool, next_ln) -> Tensor: one fused CPU decoder layer "
      "(see csrc/layer_cpu.cpp)."},
+    {"uniform_draws", loom::uniform_draws_py, METH_O,
+     "uniform_draws(generators) -> float32 Tensor: one torch.rand number from each CPU generator, in order "
+     "(see csrc/rand_cpu.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",

@@ -456,13 +456,13 @@ def test_a_seeded_session_thread_draws_anew_on_each_call(llm, monkeypatch):
     from engine import sampler
     prompt = random_ids(9, VOCAB, seed=3)
     uniforms = []
-    real_rand = torch.rand
+    real_draws = sampler.uniform_draws
 
-    def rand(*a, **kw):
-        out = real_rand(*a, **kw)
-        uniforms.append(out.item())
+    def draws(generators):  # (every row's uniform number: one call a step)
+        out = real_draws(generators)
+        uniforms.extend(out.tolist())
         return out
-    monkeypatch.setattr(sampler.torch, "rand", rand)
+    monkeypatch.setattr(sampler, "uniform_draws", draws)
 
     def one_by_one(calls):
         s = llm.session(prompt)

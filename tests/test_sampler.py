@@ -266,3 +266,27 @@ def test_pick_where_the_block_sum_rounds_up_takes_the_blocks_last_token():
     assert got.tolist() == [255]
     p[0, 255] = 0.0
     assert torch.ops.loom.pick_from_probs(p, torch.tensor([1 - 2 ** -24])).tolist() == [254]
+
+
+def test_uniform_draws_are_torch_rands():
+    """engine._C.uniform_draws (the sampler's one call for every row's number) draws what
+    torch.rand(1, generator=g) draws, from the same state, and leaves each generator in
+    the state those calls leave it: a seeded thread's tokens do not depend on which path drew."""
+    seeds = [0, 1, 7, 2**31 + 5, 123456789, 2**62 + 3] * 3  # (a generator listed more than once too)
+    mine = {s: torch.Generator().manual_seed(s) for s in set(seeds)}
+    ref = {s: torch.Generator().manual_seed(s) for s in set(seeds)}
+    for step in range(50):
+        got = sampler.uniform_draws([mine[s] for s in seeds])
+        want = torch.cat([torch.rand(1, generator=ref[s]) for s in seeds])
+        assert got.dtype == torch.float32 and got.shape == (len(seeds),)
+        assert torch.equal(got, want), step
+        if step % 7 == 3:  # other draws in between, from torch itself
+            for s in mine:
+                torch.randn(5, generator=mine[s]), torch.randn(5, generator=ref[s])
+    for s in mine:
+        assert torch.equal(mine[s].get_state(), ref[s].get_state())
+    assert sampler.uniform_draws([]).shape == (0,)
+    import engine._ops as ops
+    with pytest.raises(TypeError):
+        ops._C.uniform_draws([torch.Generator(), 3])
+
