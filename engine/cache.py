@@ -173,14 +173,16 @@ class KVCache:
         """Grow ``seg`` by ``n`` tokens; return their flat slot indices (page * page_size + off)."""
         if self._journal is not None:
             self._journal[1].append((seg, seg.length, len(seg.pages)))
-        slots = []
-        ps = self.page_size
-        for i in range(seg.length, seg.length + n):
-            if i // ps == len(seg.pages):
-                seg.pages.append(self._take_page(seg.owner_reservation))
-            slots.append(seg.pages[i // ps] * ps + i % ps)
-        seg.length += n
-        return slots
+        ps, first, pages = self.page_size, seg.length, seg.pages
+        end = first + n
+        # the pages up to the last token's, in order (a segment may hold a page past its
+        # length already: a re-written token's)
+        for _ in range(-(-end // ps) - len(pages)):
+            pages.append(self._take_page(seg.owner_reservation))
+        seg.length = end
+        if n == 1:  # (a decode step's)
+            return [pages[first // ps] * ps + first % ps]
+        return [pages[i // ps] * ps + i % ps for i in range(first, end)]
 
     def save_slot(self, seg: Segment, i: int):
         """A copy of the K/V of ``seg``'s token ``i`` over every layer (restore_slot puts it back)."""

@@ -121,16 +121,20 @@ class EngineCore:
 
     def at_context_end(self, t: Thread) -> bool:
         """``t``'s next token would sit at or past the model's context: it samples no more."""
-        return effective_end(t) >= self.max_positions
+        return (t.seg.base + len(t.tokens) if t.live is None else effective_end(t)) >= self.max_positions
 
     def samplers_of(self, threads: list[Thread], left: int | None = None) -> list[Thread]:
         """Which of ``threads`` sample this step: those not finished whose next token is inside
         the model's context (the others end, "length"); with a total budget that leaves
         ``left`` tokens (None: none), the first ``left`` of them, the others ending here."""
+        # (one pass, the context check inline: every step asks it of every thread, twice)
+        mp, s = self.max_positions, []
         for t in threads:
-            if not t.finished and self.at_context_end(t):
-                t.finish_reason = "length"
-        s = [t for t in threads if not t.finished]
+            if t.finish_reason is None:
+                if (t.seg.base + len(t.tokens) if t.live is None else effective_end(t)) >= mp:
+                    t.finish_reason = "length"
+                else:
+                    s.append(t)
         if left is not None and len(s) > left:
             left = max(left, 0)
             for t in s[left:]:
@@ -141,10 +145,11 @@ class EngineCore:
     # ---- one step --------------------------------------------------------------------------
     def _check_room(self, feed: list[Thread]):
         c = self.cache
-        need, reserved = 0, {}
+        need, reserved, ps = 0, {}, c.page_size
         for t in feed:
-            need += c.pages_for(t.seg.length + len(t.pending)) - len(t.seg.pages)
-            res = t.seg.owner_reservation
+            seg = t.seg
+            need += -(-(seg.length + len(t.pending)) // ps) - len(seg.pages)  # (c.pages_for, inline)
+            res = seg.owner_reservation
             if res is not None:
                 reserved[id(res)] = res.pages
         have = c.pages_unreserved + sum(reserved.values())
@@ -157,8 +162,9 @@ class EngineCore:
     def step(self, feed: list[Thread], samplers: list[Thread]) -> list[int]:
         """Feed ``feed``'s pending tokens, then sample one token for each of ``samplers``
         (returned in order; the caller applies them with ``accept``)."""
+        mp = self.max_positions
         for t in samplers:
-            if self.at_context_end(t):
+            if (t.seg.base + len(t.tokens) if t.live is None else effective_end(t)) >= mp:
                 raise RuntimeError(f"thread {t.id} would sample at position {effective_end(t)}, past the "
                                    f"model's context of {self.max_positions} (engine bug: its caller "
                                    "ends such threads first)")
@@ -205,36 +211,44 @@ class EngineCore:
                     t.pending = []
                 raise
             self.forward_steps += 1
-            views = logits.unbind(0)  # all row views in one call
-            for i, t in enumerate(feed):
+            row_views = self._row_views
+            for i, (t, row) in enumerate(zip(feed, logits.unbind(0))):  # (all row views in one call)
                 t.pending = []
                 row_of[id(t)] = i
-                t.logits_stale = t.live is not None and id(t) not in sampling
-                # Keep a private copy for idle threads (a view would pin the whole batch).
-                t.last_logits = views[i] if id(t) in sampling else views[i].clone()
                 if id(t) in sampling:
-                    self._row_views.append((t, views[i]))
+                    t.logits_stale = False
+                    t.last_logits = row
+                    row_views.append((t, row))
+                else:
+                    t.logits_stale = t.live is not None
+                    t.last_logits = row.clone()  # a private copy for idle threads (a view would pin
+                    #                              the whole batch)
         if not samplers:
             return []
-        srcs = [logits_source(t) for t in samplers]
+        srcs = [t if t.tokens else logits_source(t) for t in samplers]
         for src in srcs:
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
         table = self._logits_rows(srcs, logits, row_of)
-        params = [t.params for t in samplers]
-        for t in samplers:  # the repetition context: its view as it samples its first token of the call
-            if t.penalties is None and t.params.penalized:
-                t.penalties = Penalties(t.params, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
+        params, pen, early = [], [], []
+        for i, t in enumerate(samplers):
+            p = t.params
+            params.append(p)
+            if t.penalties is None and p.penalized:  # the repetition context: its view as it samples
+                #                                      its first token of the call
+                t.penalties = Penalties(p, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
                 if t.carried_counts is not None:
                     t.penalties.counts += t.carried_counts
                 self._penalized.append(t)
-        pen = [i for i, t in enumerate(samplers) if t.penalties is not None]
+            if t.penalties is not None:
+                pen.append(i)
+            if len(t.generated) < p.min_tokens:
+                early.append(i)
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
             logprobs = table.log_softmax(-1)
         else:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
             penalized = apply_penalties(table, pen, [samplers[i].penalties for i in pen]) if pen else table
-            early = [i for i, t in enumerate(samplers) if len(t.generated) < t.params.min_tokens]
             if early:  # (as vLLM's min_tokens: its stop tokens cannot be drawn yet)
                 penalized = penalized.clone() if penalized is table else penalized
                 for i in early:
@@ -242,8 +256,12 @@ class EngineCore:
                     stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
                     penalized[i, [s for s in stops if s < penalized.shape[1]]] = float("-inf")
             tokens, logprobs = sample(penalized, params, [t.generator for t in samplers], raw=table)
-        for i, t in enumerate(samplers):
-            t._lp_row = logprobs[i] if logprobs is not None else None
+        if logprobs is None:
+            for t in samplers:
+                t._lp_row = None
+        else:
+            for t, row in zip(samplers, logprobs.unbind(0)):
+                t._lp_row = row
         return tokens
 
     @staticmethod
@@ -272,7 +290,8 @@ class EngineCore:
     def accept(self, t: Thread, tok: int, path_limit: int | None = None) -> None:
         """Append a sampled token and apply the stop rules of ``t.params``."""
         p: SamplingParams = t.params
-        check_growable(t)
+        if t.joined_into is not None or t.children:  # (else nothing to refuse: the check, inline)
+            check_growable(t)
         t.tokens.append(tok)
         t.pending.append(tok)
         t.generated.append(tok)
@@ -293,7 +312,8 @@ class EngineCore:
                                                          else t.generated[:-1], p.skip_special_tokens)
         elif p.stop and self._stop_string(t, p):
             pass
-        elif len(t.generated) >= p.max_tokens or self.at_context_end(t) or \
+        elif len(t.generated) >= p.max_tokens or \
+                (t.seg.base + len(t.tokens) if t.live is None else effective_end(t)) >= self.max_positions or \
                 (path_limit is not None and t.path_tokens >= path_limit):
             t.finish_reason = "length"
 

@@ -244,14 +244,20 @@ class ModelRunner:
         ids, pos, slots, logits_rows = [], [], [], []
         row, max_pos = 0, -1
         for it in batch.items:
-            n = len(it.token_ids)
+            toks, own = it.token_ids, it.own
+            n = len(toks)
             if n == 0:
                 raise ValueError("StepItem with no new tokens")
-            start = it.own.base + it.own.length
-            slots.extend(cache.append_slots(it.own, n))
-            ids.extend(it.token_ids)
-            pos.extend(range(start, start + n))
-            max_pos = max(max_pos, start + n - 1)
+            start = own.base + own.length
+            slots += cache.append_slots(own, n)
+            if n == 1:  # (a decode step's item)
+                ids.append(toks[0])
+                pos.append(start)
+            else:
+                ids += toks
+                pos += range(start, start + n)
+            if start + n - 1 > max_pos:
+                max_pos = start + n - 1
             if it.all_logits:
                 logits_rows.extend(range(row, row + n))
             elif it.want_logits:
