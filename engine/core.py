@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from .runner import ModelRunner
-from .sampler import Penalties, apply_penalties, sample, top_logprobs
+from .sampler import Penalties, apply_penalties, sample, top_logprobs, top_logprobs_rows
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
 from .threads import Thread, check_growable, effective_end, refresh_view
@@ -251,17 +251,28 @@ class EngineCore:
             penalized = apply_penalties(table, pen, [samplers[i].penalties for i in pen]) if pen else table
             if early:  # (as vLLM's min_tokens: its stop tokens cannot be drawn yet)
                 penalized = penalized.clone() if penalized is table else penalized
+                rows, cols = [], []  # (one index_put for every early row: one each cost ~10 us)
                 for i in early:
                     p = samplers[i].params
-                    stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-                    penalized[i, [s for s in stops if s < penalized.shape[1]]] = float("-inf")
+                    stops = [s for s in set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+                             if s < penalized.shape[1]]
+                    rows += [i] * len(stops)
+                    cols += stops
+                if rows:
+                    dev = penalized.device
+                    penalized[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = float("-inf")
             tokens, logprobs = sample(penalized, params, [t.generator for t in samplers], raw=table)
         if logprobs is None:
             for t in samplers:
-                t._lp_row = None
+                t._lp_row = t._lp_entry = None
         else:
-            for t, row in zip(samplers, logprobs.unbind(0)):
+            want = [i for i, t in enumerate(samplers) if t.logprobs is not None]
+            entries = dict(zip(want, top_logprobs_rows(logprobs, want, [tokens[i] for i in want],
+                                                       [samplers[i].params.logprobs for i in want]))) if want else {}
+            for i, (t, row) in enumerate(zip(samplers, logprobs.unbind(0))):
                 t._lp_row = row
+                e = entries.get(i)
+                t._lp_entry = (tokens[i], e) if e is not None else None  # (accept's, for this token)
         return tokens
 
     @staticmethod
@@ -300,8 +311,9 @@ class EngineCore:
             t.penalties.add(tok)
         lp = getattr(t, "_lp_row", None)
         if t.logprobs is not None and lp is not None:
-            t.logprobs.append(top_logprobs(lp, tok, p.logprobs))
-        t._lp_row = None
+            e = getattr(t, "_lp_entry", None)  # (step's, made for all its threads at once)
+            t.logprobs.append(e[1] if e is not None and e[0] == tok else top_logprobs(lp, tok, p.logprobs))
+        t._lp_row = t._lp_entry = None
         eos = not p.ignore_eos and tok in self.eos_ids
         early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)
         if not early and (eos or tok in p.stop_token_ids):

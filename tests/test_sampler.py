@@ -290,3 +290,20 @@ def test_uniform_draws_are_torch_rands():
     with pytest.raises(TypeError):
         ops._C.uniform_draws([torch.Generator(), 3])
 
+
+def test_top_logprobs_rows_are_each_rows_top_logprobs():
+    """The step's log-prob entries for all its threads at once (one topk per distinct k, one
+    compare for the ranks) are each row's own top_logprobs: same tokens, values, ranks,
+    order, ties included (rows of equal values, a chosen token inside and outside the top k)."""
+    g = torch.Generator().manual_seed(3)
+    lp = torch.randn(9, 50, generator=g).log_softmax(-1)
+    lp[2] = lp[2].round(decimals=0)  # ties
+    lp[5, :] = lp[5, 0]  # all tied
+    rows = [0, 2, 5, 8, 3, 2]
+    chosen = [int(lp[0].argmax()), 7, 11, 49, int(lp[3].argmin()), 0]
+    ks = [0, 1, 3, 20, 2, 50]
+    got = sampler.top_logprobs_rows(lp, rows, chosen, ks)
+    for (r, c, k), d in zip(zip(rows, chosen, ks), got):
+        want = sampler.top_logprobs(lp[r], c, k)
+        assert list(d.items()) == list(want.items())
+        assert [x.rank for x in d.values()] == [x.rank for x in want.values()]
