@@ -106,6 +106,7 @@ class Tokenizer:
         self._byte_values: dict[int, int] | None = None
         self._kinds: dict[str, bool] | None = None
         self._continuation: _HFTokenizer | None = None
+        self._one: dict[tuple[int, bool], str] = {}  # decode_one's texts
 
     @property
     def vocab_size(self) -> int:
@@ -170,6 +171,23 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = list(ids)
         return _rust(lambda: self._tok.decode(ids, skip_special_tokens=skip_special_tokens), "these tokens")
+
+    ONE_CACHE = 1 << 16  # decode_one's texts kept at most (then it starts over)
+
+    def decode_one(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """``decode(ids)``, its text kept when ``ids`` is one token: a TextStream decodes
+        each new token's context, most often the one token before it, at every token (a
+        Rust call and its Python around it, ~2-4 us: a fifth of a tree protocol's step)."""
+        if len(ids) != 1:
+            return self.decode(ids, skip_special_tokens)
+        key = (ids[0], skip_special_tokens)
+        text = self._one.get(key)
+        if text is None:
+            text = self.decode(ids, skip_special_tokens)
+            if len(self._one) >= self.ONE_CACHE:
+                self._one.clear()
+            self._one[key] = text
+        return text
 
     CONTEXT_TOKENS = 8  # tokens of context a continuation's text is decoded after (a character's
     #                     bytes may take 4 of them: see _context)
@@ -473,7 +491,7 @@ class TextStream:
     def _show(self, held_ok: bool = False) -> str:
         """The text of ids[read:] after its context; "" while it may still be an unfinished
         character (``held_ok``; up to MAX_HELD tokens)."""
-        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        before = self.tok.decode_one(self.ids[self.prefix:self.read], self.skip)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
         done = len(after) > len(before) and not after.endswith("\ufffd")
         if held_ok and not done and len(self.ids) - self.read < self.MAX_HELD:

@@ -305,6 +305,23 @@ def test_text_stream_pieces_add_up_to_the_decoded_text(llm, tmp_path):
                 assert "\ufffd" not in "".join(pieces[:len(ids) - 7]), pieces  # (split characters held)
 
 
+def test_decode_one_is_decode(llm, tmp_path, monkeypatch):
+    """Tokenizer.decode_one (a TextStream's per-token context decode, kept per token) gives
+    decode()'s text for one token and for longer lists, skip flag apart, also after its
+    store fills and starts over."""
+    byte_tok = _byte_level_tokenizer(str(tmp_path / "bytes"))
+    for tok in (llm.tokenizer, byte_tok):
+        monkeypatch.setattr(tok, "ONE_CACHE", 5)
+        ids = list(range(min(tok.vocab_size, 300)))
+        for _ in range(2):  # (the second time from the store)
+            for i in ids:
+                for skip in (True, False):
+                    assert tok.decode_one([i], skip) == tok.decode([i], skip_special_tokens=skip)
+            assert len(tok._one) <= 5
+        assert tok.decode_one(ids[:3], False) == tok.decode(ids[:3], skip_special_tokens=False)
+        assert tok.decode_one([], True) == tok.decode([])
+
+
 def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
     """With a SentencePiece-style tokenizer (Llama-2's decoder strips the first space of a
     decode), pieces are decoded after their context: "Hello" + many special tokens + " world"
