@@ -135,12 +135,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     row's own generator. (An exponential race would need V random numbers per row: on a
     CPU drawing them cost more than the whole forward pass of a small model.)
     """
-    want_lp = any(p.logprobs is not None for p in params)
+    # (a request's threads share one params object: its properties are read once, not per row)
+    distinct = list({id(p): p for p in params}.values())
+    want_lp = any(p.logprobs is not None for p in distinct)
     logprobs = (logits if raw is None else raw).log_softmax(-1) if want_lp else None
     tokens = [0] * len(params)
     # (top_k=1 is not greedy: as vLLM, tokens tied at the top stay in and are drawn evenly)
-    greedy = [r for r, p in enumerate(params) if p.greedy]
-    rows = [r for r, p in enumerate(params) if not p.greedy]
+    if len(distinct) == 1:
+        every = list(range(len(params)))
+        greedy, rows = (every, []) if distinct[0].greedy else ([], every)
+    else:
+        greedy = [r for r, p in enumerate(params) if p.greedy]
+        rows = [r for r, p in enumerate(params) if not p.greedy]
     if greedy:
         best, idx = _take_rows(logits, greedy).max(-1)  # (max, not argmax: a NaN row shows in best)
         _check_finite(greedy, best)
@@ -149,21 +155,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if not rows:
         return tokens, logprobs
     u = uniform_draws([generators[r] for r in rows])  # [len(rows)], in rows' order
-    at = {r: i for i, r in enumerate(rows)}
     # Each row's path depends on its own parameters only (not on its batch): the fused draw
     # and the filtered one may round a probability differently, so a seeded row that took
     # one path alone and the other in a batch could pick another token.
     plain, filtered = [], []
-    for r in rows:
-        p = params[r]
-        (plain if p.top_k == -1 and p.top_p >= 1.0 and p.min_p == 0.0 else filtered).append(r)
+    if len(distinct) == 1:
+        p = distinct[0]
+        plain, filtered = (rows, []) if p.top_k == -1 and p.top_p >= 1.0 and p.min_p == 0.0 else ([], rows)
+    else:
+        for r in rows:
+            p = params[r]
+            (plain if p.top_k == -1 and p.top_p >= 1.0 and p.min_p == 0.0 else filtered).append(r)
+    at = None if plain is rows else {r: i for i, r in enumerate(rows)}  # (a row's place in u)
     picked: list[int] = []
     try:
         if plain:
-            temps = torch.tensor([params[r].temperature for r in plain], dtype=torch.float32,
-                                 device=logits.device)
+            temps = torch.tensor([params[r].temperature for r in plain] if len(distinct) > 1 else
+                                 [distinct[0].temperature] * len(plain), dtype=torch.float32, device=logits.device)
             sub = _take_rows(logits, plain)
-            up = _take_rows(u, [at[r] for r in plain]).to(logits.device)
+            up = (u if plain is rows else _take_rows(u, [at[r] for r in plain])).to(logits.device)
             op = _loom_op("pick_from_logits")
             if op is not None and sub.device.type == "cpu" and sub.dtype == torch.float32:
                 picked += op(sub, temps, up).tolist()  # softmax(x / T) and the draw in one pass
