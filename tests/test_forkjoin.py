@@ -445,6 +445,21 @@ def test_pack_of_a_deep_chain_and_a_wide_join(make_llm):
         assert j is not None
 
 
+def test_pack_refuses_a_live_thread_only_once_it_has_tokens(make_llm):
+    """A live thread (spawn) has no packed view, and pack() refuses it once it has tokens; one
+    spawned without a header that has sampled nothing yet holds no token: the tree packs as
+    without it."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    with llm.session([1, 2, 3]) as s:
+        a, b = s.fork(s.root, [[4], [5, 6]])
+        want = [x.tolist() for x in pack(s)]
+        w = s.spawn([s.root])  # (no header: it reads the root alone, and has no tokens yet)
+        assert [x.tolist() for x in pack(s)] == want
+        s.generate([w], greedy(1))
+        with pytest.raises(ValueError, match="live view"):
+            pack(s)
+
+
 def test_fork_of_a_child_with_no_tokens(make_llm):
     """A fork child with an empty header, forked again with an empty header: the grandchild
     sees the prompt alone and samples from its logits, as a direct child does (it found no
