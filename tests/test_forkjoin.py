@@ -460,6 +460,20 @@ def test_pack_refuses_a_live_thread_only_once_it_has_tokens(make_llm):
             pack(s)
 
 
+def test_a_join_is_a_child_of_its_threads_parent_only_when_they_share_it(make_llm):
+    """A join of one fork's children is that parent's child; a join of threads of different
+    parents has no parent, and is no one's child (it was made the first thread's parent's)."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    with llm.session([1, 2, 3]) as s:
+        a, b = s.fork(s.root, [[4], [5]])
+        (c,) = s.fork(a, [[6]])
+        j = s.join([c, b], header=[7])
+        assert j.parent is None and a.children == [c] and s.root.children == [a, b]
+        d, e = s.fork(s.root, [[8], [9]])
+        k = s.join([d, e], header=[10])
+        assert k.parent is s.root and s.root.children == [a, b, d, e, k]
+
+
 def test_fork_of_a_child_with_no_tokens(make_llm):
     """A fork child with an empty header, forked again with an empty header: the grandchild
     sees the prompt alone and samples from its logits, as a direct child does (it found no
