@@ -855,6 +855,26 @@ def test_no_fork_without_room_before_the_models_context(short_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_fork_whose_paths_have_no_room_for_their_headers_ends_on_length(short_llm):
+    """A fork with fork_margin positions left whose paths' headers reach the model's context:
+    the paths end without a token, are joined, and the continuation (at the context too) ends
+    the request with finish_reason "length" (it ended with the continuation never sampled nor
+    ended, reported as "stop")."""
+    llm, M = short_llm, short_llm.config.max_position_embeddings
+    left = 5  # (less than ParallelR1's "\n<Path>\n" header)
+    main = "x" * (M - len(llm.tokenizer.encode("Q")) - len("<Parallel>") - left) + "<Parallel>"
+    llm.core.token_source = Script(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"})
+    try:
+        out = llm.generate("Q", SamplingParams(max_tokens=200),
+                           protocol=ParallelR1(limits=TreeLimits(fork_margin=left)))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert kinds(out) == ["fork", "unclosed_path", "unclosed_path", "join"], out.events
+    assert [t["generated"] for t in out.tree if t["role"] == "path"] == [0, 0]
+    assert out.finish_reason == "length"
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_refused_fork_closes_its_block(llm):
     """A fork tag ends the block it closes even when the fork is refused ("budget"): a
     later fork tag with no block open is "unbalanced" (ignored), not a second try at the
