@@ -725,3 +725,24 @@ def test_check_ins_are_priced_only_when_they_are_made(long_model):
     p = SamplingParams(max_tokens=120)
     need = [Hogwild(workers=2, checkin=c).pages_needed(cache, 50, p, 1 << 20) for c in ("", "x" * 400)]
     assert need[0] == need[1]
+
+
+def test_workers_whose_last_budgeted_token_is_eos_stop(make_llm):
+    """A worker whose max_tokens-th token is its EOS stopped on it, as a plain completion
+    does: the collaboration's finish_reason is "stop", not "length" (nothing was cut)."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    eos = llm.eos_ids[0]
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    scripts = {"Alice": enc("I take one") + [eos], "Bob": enc("I take one") + [eos]}
+    typed = {}
+
+    def src(threads):
+        return [_typed(typed, scripts, next(n for n in scripts if n in llm.tokenizer.decode(t.tokens[:t.header_len])))
+                for t in threads]
+    for budget, want in ((len(scripts["Alice"]), "stop"), (len(scripts["Alice"]) - 1, "length")):
+        typed.clear()
+        out = _run_with(llm, src, SamplingParams(max_tokens=budget),
+                        Hogwild(workers=2, names=["Alice", "Bob"], finisher=False))
+        assert [w["generated"] for w in out.workers] == [budget, budget]
+        assert out.finish_reason == want, (budget, out.finish_reason)
+    assert llm.cache_stats()["pages_used"] == 0
