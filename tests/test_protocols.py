@@ -835,6 +835,26 @@ def test_max_total_tokens_ends_the_threads_it_cannot_cover(llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_parallel_sampling_under_a_total_budget_runs_in_a_cache_of_its_bound(tmp_path):
+    """ParallelSampling's pages under max_total_tokens: the total's pages plus a part-filled
+    page for each sample that has tokens; a cache of just that bound runs the request (without
+    the per-sample pages the bound was too small, and the request failed mid-call)."""
+    d = str(tmp_path)
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+    proto, p = ParallelSampling(4), SamplingParams(max_tokens=10, max_total_tokens=8)
+    probe = LLM(d, attention_backend="cpu", page_size=4, seed=0)
+    need = proto.pages_needed(probe.cache, 4, p, probe.config.max_position_embeddings)
+    llm = LLM(d, attention_backend="cpu", page_size=4, seed=0, kv_cache_tokens=4 * need)  # just the bound
+    words = llm.tokenizer.encode("a b c d e f g h", add_special_tokens=False)
+    llm.core.token_source = lambda threads: [words[len(t.generated)] for t in threads]
+    try:
+        outs = llm.generate([[65] * 4], p, protocol=proto)[0].outputs
+    finally:
+        llm.core.token_source = None
+    assert [len(o.token_ids) for o in outs] == [2, 2, 2, 2]
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_no_fork_without_room_before_the_models_context(short_llm):
     """A fork needs fork_margin tokens of room on every budget, the model's context
     included: the fork tag written with exactly fork_margin positions left forks, with one
