@@ -799,6 +799,14 @@ def test_a_fork_tag_in_a_paths_stop_string_is_no_budget_event(llm):
     assert "7: x</Outline></Goal></Path>\n<Path>\n2: y</Path>" in c.text, c.text
 
 
+def test_a_main_threads_stop_string_is_not_scanned_for_tags(llm):
+    """A stop string that ends the main thread ends the request there: its text is not scanned
+    for tags (a close tag in it made a "stray_close" event; a path's stop is scanned, for its
+    close tag)."""
+    c, _ = run(llm, {"": "hello </Path> more"}, Multiverse(), stop=["</Path>"], skip_special_tokens=False)
+    assert (c.text, c.stop_reason, kinds(c)) == ("hello ", "</Path>", []), (c.text, c.events)
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long
