@@ -807,6 +807,20 @@ def test_a_main_threads_stop_string_is_not_scanned_for_tags(llm):
     assert (c.text, c.stop_reason, kinds(c)) == ("hello ", "</Path>", []), (c.text, c.events)
 
 
+def test_no_fork_within_fork_margin_of_the_total_budget(llm):
+    """fork_margin holds for max_total_tokens too: a fork tag written with fewer total tokens
+    left than the margin (max_tokens far off) is a "budget" event, and the main thread goes on
+    to the total budget; with the margin left, it forks."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main = "<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    s = {"": main + " on and on...", "1:": " x</Path>", "2:": " y</Path>", "<Conclusion>": "c"}
+    c, _ = run(llm, s, Multiverse(), max_tokens=400, max_total_tokens=len(enc(main)) + 15)
+    assert kinds(c) == ["budget"] and c.finish_reason == "length", c.events
+    assert c.metrics["total_tokens"] == len(enc(main)) + 15
+    c, _ = run(llm, s, Multiverse(), max_tokens=400, max_total_tokens=len(enc(main)) + 16)
+    assert kinds(c)[0] == "fork", c.events
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long
