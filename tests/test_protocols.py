@@ -223,6 +223,11 @@ def test_multiverse_too_many_items(llm):
     c, _ = run(llm, s, Multiverse(limits=TreeLimits(max_paths=3)))
     assert "too_many_items" in kinds(c)
     assert sum(t["role"] == "path" for t in c.tree) == 3
+    # exactly max_paths items are not too many
+    s = {"": "<Goal>" + "".join(f"<Outline>{i}: x</Outline>" for i in range(1, 4)) + "</Goal>",
+         "1:": " a</Path>", "2:": " b</Path>", "3:": " c</Path>", "<Conclusion>": "done"}
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(max_paths=3)))
+    assert kinds(c) == ["fork", "join"] and sum(t["role"] == "path" for t in c.tree) == 3, c.events
 
 
 def test_budgets_bound_critical_path_and_total(llm):
