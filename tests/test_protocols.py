@@ -826,6 +826,17 @@ def test_no_fork_within_fork_margin_of_the_total_budget(llm):
     assert kinds(c)[0] == "fork", c.events
 
 
+def test_parathinker_joins_a_path_that_ended_on_eos_without_it(llm):
+    """A ParaThinker path that ends on EOS while another goes on: its EOS is not written (the
+    summary must not read it); its close tag is added instead, as a tagged protocol's path's."""
+    eos = llm.eos_ids[0]
+    s = {"<think1>": " short", "<think2>": " a much longer path than the first</think>", "<summary>": "s"}
+    c, _ = run(llm, s, ParaThinker(paths=2, cutoff_ratio=10.0))
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert all(eos not in t["token_ids"] for t in paths), [t["text"] for t in paths]
+    assert paths[0]["text"].endswith(" short</think>") and "unclosed_path" in kinds(c), (paths[0]["text"], c.events)
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long
