@@ -837,6 +837,15 @@ def test_parathinker_joins_a_path_that_ended_on_eos_without_it(llm):
     assert paths[0]["text"].endswith(" short</think>") and "unclosed_path" in kinds(c), (paths[0]["text"], c.events)
 
 
+def test_a_path_header_numbers_its_paths_from_one(llm):
+    """Tags.path_header's {i} is the path's 1-based position in its fork."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    tags = Tags(fork="<Parallel>", path_header="\n<Path i={i}>\n", path_close="</Path>", join_header="\n<Summary>\n")
+    c = _run_tokens(llm, {1: enc("go <Parallel>"), "path": enc("p</Path>")}, SamplingParams(max_tokens=40),
+                    ParallelR1(num_paths=2, tags=tags))
+    assert c.text == "go <Parallel>\n<Path i=1>\np</Path>\n<Path i=2>\np</Path>\n<Summary>\n", c.text
+
+
 def test_a_join_continues_the_longest_paths_budget(llm):
     """max_tokens bounds every chain of sampled tokens root..leaf: a join's continuation
     starts from its longest path's count (the critical path), so after a short and a long
