@@ -746,3 +746,25 @@ def test_workers_whose_last_budgeted_token_is_eos_stop(make_llm):
         assert [w["generated"] for w in out.workers] == [budget, budget]
         assert out.finish_reason == want, (budget, out.finish_reason)
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_the_finishers_answer_is_whole_and_the_collaboration_stops(make_llm):
+    """Workers that ran out of budget without an answer, then the finisher's answer: the
+    output stops ("stop": it has an answer, nothing is cut), and the finisher writes its
+    answer whole, up to its closing brace, whatever the request's stop strings (they are the
+    workers')."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    answer = enc("42}")
+    workers = _scripted(llm, {"Alice": "Thinking. Hard.\n\n" * 9, "Bob": "Me too.\n\n" * 9})
+
+    def src(threads):
+        fin = [t for t in threads if "All workers" in llm.tokenizer.decode(t.tokens[:t.header_len])]
+        got = dict(zip(map(id, threads), workers(threads)))
+        return [answer[len(t.generated)] if t in fin else got[id(t)] for t in threads]
+    out = _run_with(llm, src, SamplingParams(max_tokens=12, ignore_eos=True, stop=["2"]),
+                    Hogwild(workers=2, names=["Alice", "Bob"], finisher_tokens=5))
+    assert all(w["generated"] == 12 for w in out.workers)
+    assert out.text.endswith("the final answer is \\boxed{42}"), out.text
+    assert (out.answer, out.finish_reason) == ("42", "stop")
+    assert llm.cache_stats()["pages_used"] == 0
