@@ -148,6 +148,12 @@ def test_a_protocol_changed_while_its_call_runs_does_not_reach_the_call(llm):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
+def test_a_trees_joined_threads_name_their_join(llm):
+    """Each thread of the output tree names the continuation it was joined into (None: not joined)."""
+    c, _ = run(llm, MV, Multiverse())
+    assert [t["joined_into"] for t in c.tree] == [None, None, 4, 4, None], [(t["id"], t["role"]) for t in c.tree]
+
+
 def test_multiverse_nested_and_depth_limit(llm):
     scripts = dict(MV)
     scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
