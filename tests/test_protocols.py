@@ -684,6 +684,17 @@ def test_a_trees_text_is_cut_where_its_stop_string_is_not_in_a_special_tokens_te
         assert tree.token_ids == plain.token_ids == seq[:len(enc("ab <|im")) + 1]
 
 
+def test_a_trees_text_is_cut_at_the_stop_string_that_stopped_it_from_its_first_character(llm):
+    """A stop string let pass by min_tokens at the very start of the main thread's text, then a
+    special token, then the one that stopped it: the text (special tokens spelled out) is cut
+    before the second. (The first character was not searched, and the cut fell back to the
+    engine's text, which leaves special tokens out.)"""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    params = SamplingParams(max_tokens=40, stop=["STOP"], min_tokens=5)
+    c = _run_tokens(llm, {1: enc("STOP<Path>x STOP more")}, params, Multiverse())
+    assert (c.text, c.stop_reason) == ("STOP<Path>x ", "STOP"), c.text
+
+
 def test_min_tokens_counts_a_trees_critical_path(llm):
     """min_tokens, as max_tokens, counts the critical path: a summary whose path has min_tokens
     tokens already stops on its first EOS (it was counted per thread: the summary had to write
