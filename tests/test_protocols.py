@@ -919,6 +919,26 @@ def test_parallel_sampling_under_a_total_budget_runs_in_a_cache_of_its_bound(tmp
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_tree_protocol_runs_in_a_cache_of_its_bound_with_large_pages(tmp_path):
+    """A tree protocol's bound holds a part-filled page for each thread: with pages larger than
+    a header's allowance, a cache of just the bound runs the request (without them the bound
+    was too small, and the request failed mid-call)."""
+    d = str(tmp_path)
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+    proto = ParallelR1(num_paths=4, limits=TreeLimits(max_paths=4, max_threads=7, fork_margin=0))
+    p = SamplingParams(max_tokens=40)
+    probe = LLM(d, attention_backend="cpu", page_size=128, seed=0)
+    need = proto.pages_needed(probe.cache, 4, p, probe.config.max_position_embeddings)
+    llm = LLM(d, attention_backend="cpu", page_size=128, seed=0, kv_cache_tokens=128 * need)  # just the bound
+    llm.core.token_source = Script(llm, {"": "go <Parallel>", "<Path>": " p</Path>", "<Summary>": "s"})
+    try:
+        c = llm.generate([[65] * 4], p, protocol=proto)[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert kinds(c) == ["fork", "join"] and c.text.endswith("<Summary>\ns"), c.text
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_no_fork_without_room_before_the_models_context(short_llm):
     """A fork needs fork_margin tokens of room on every budget, the model's context
     included: the fork tag written with exactly fork_margin positions left forks, with one
