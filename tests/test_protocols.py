@@ -693,6 +693,9 @@ def test_a_trees_text_is_cut_at_the_stop_string_that_stopped_it_from_its_first_c
     params = SamplingParams(max_tokens=40, stop=["STOP"], min_tokens=5)
     c = _run_tokens(llm, {1: enc("STOP<Path>x STOP more")}, params, Multiverse())
     assert (c.text, c.stop_reason) == ("STOP<Path>x ", "STOP"), c.text
+    params = SamplingParams(max_tokens=40, stop=["STOP"], min_tokens=5, include_stop_str_in_output=True)
+    c = _run_tokens(llm, {1: enc("STOP<Path>x STOP more")}, params, Multiverse())
+    assert (c.text, c.stop_reason) == ("STOP<Path>x STOP", "STOP"), c.text
 
 
 def test_min_tokens_counts_a_trees_critical_path(llm):
@@ -1248,6 +1251,26 @@ def test_an_item_number_of_six_digits_is_kept_and_of_seven_is_not(llm):
         assert ("long_item_number" in kinds(c)) != kept, c.events
         head = next(t["text"] for t in c.tree if t["role"] == "path")
         assert head.startswith(f"\n<Path>\n{num if kept else 1}:"), head
+
+
+def test_only_the_items_over_six_digits_are_numbered_by_position(llm):
+    """Of a block's items, those over 6 digits are numbered by their position; a 6-digit one
+    beside them keeps its number."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main = enc("<Goal><Outline>123456: a</Outline><Outline>1234567: b</Outline></Goal>")
+    c = _run_tokens(llm, {1: main, "path": enc(" done</Path>")}, SamplingParams(max_tokens=400), Multiverse())
+    heads = [t["text"] for t in c.tree if t["role"] == "path"]
+    assert heads[0].startswith("\n<Path>\n123456:") and heads[1].startswith("\n<Path>\n2:"), heads
+
+
+def test_parallel_r1_numbers_its_paths_from_one(llm):
+    """ParallelR1's paths have no items: a path_header's {num}, as its {i}, is the path's
+    1-based number."""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    tags = Tags(fork="<Parallel>", path_header="\n<Path n={num}>\n", path_close="</Path>", join_header="\n<S>\n")
+    c = _run_tokens(llm, {1: enc("go <Parallel>"), "path": enc("p</Path>")}, SamplingParams(max_tokens=40),
+                    ParallelR1(num_paths=2, tags=tags))
+    assert c.text == "go <Parallel>\n<Path n=1>\np</Path>\n<Path n=2>\np</Path>\n<S>\n", c.text
 
 
 def test_a_max_tokens_past_the_context_is_bounded_by_the_context(llm):
