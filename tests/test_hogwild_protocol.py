@@ -768,3 +768,16 @@ def test_the_finishers_answer_is_whole_and_the_collaboration_stops(make_llm):
     assert out.text.endswith("the final answer is \\boxed{42}"), out.text
     assert (out.answer, out.finish_reason) == ("42", "stop")
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_the_contiguous_layout_has_no_steps(make_llm):
+    """In the contiguous layout a worker writes one stream: a paragraph break after a sentence
+    end opens no new step (steps, their headers and commits are the combined layout's)."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    src = _scripted(llm, {"Alice": SCRIPTS["Alice"], "Bob": SCRIPTS["Bob"]})
+    out = _run_with(llm, src, SamplingParams(max_tokens=30, ignore_eos=True),
+                    Hogwild(workers=2, names=["Alice", "Bob"], layout="contiguous", finisher=False,
+                            stop_on_answer=False))
+    assert [w["steps"] for w in out.workers] == [1, 1] and out.metrics["steps_committed"] == 2
+    assert out.workers[0]["text"].count("Alice: ") == 1 and "It is 3.\n\nThen" in out.workers[0]["text"]
+    assert llm.cache_stats()["pages_used"] == 0
