@@ -416,6 +416,18 @@ def test_session_verbs_refuse_what_they_cannot_do(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_header_of_exactly_the_whole_cache_is_taken(make_llm):
+    """Only a header that needs more pages than the whole cache is refused: one of exactly its
+    pages is taken (it can be written once nothing else holds pages)."""
+    llm = make_llm("qwen3", attention_backend="cpu", kv_cache_tokens=256, page_size=4)
+    with llm.session(random_ids(6, llm.config.vocab_size, seed=1)) as s:
+        (a,) = s.fork(s.root, [[4] * 256])
+        assert len(a.token_ids) == 256
+        with pytest.raises(ValueError, match="would need 65 pages of the KV cache, which has 64"):
+            s.fork(s.root, [[4] * 257])
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_pack_of_a_deep_chain_and_a_wide_join(make_llm):
     """pack() builds each thread's rows from its view's column ranges at once (a slice
     assignment per range took 17 s on a 1,500-deep chain): a 300-deep chain of one-token
