@@ -230,6 +230,47 @@ def test_a_workers_text_keeps_special_tokens_as_the_outputs_does(make_llm):
         assert w["text"] in out.text
 
 
+def _sentencepiece_llm(tmp_path, model_dir):
+    """An LLM on the tiny model with a Llama-2-style (SentencePiece, Prepend) tokenizer."""
+    import os
+    from conftest import read_json
+    from engine import LLM
+    from test_api import _copy_model, _sentencepiece_style_tokenizer
+    d = _copy_model(tmp_path, model_dir, "sp_hogwild", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    _sentencepiece_style_tokenizer("legacy", V).save(os.path.join(d, "tokenizer.json"))
+    return LLM(d, kv_cache_tokens=8192)
+
+
+def _scripted_ids(llm, scripts):
+    """Each worker (by name in its header) writes its script (token ids), then EOS."""
+    typed = {}
+
+    def src(threads):
+        out = []
+        for t in threads:
+            head = llm.tokenizer.decode(t.tokens[:t.header_len])
+            name = next(n for n in scripts if n in head)
+            out.append(_typed(typed, scripts, name))
+        return out
+    return src
+
+
+def test_a_workers_text_reads_after_the_prompt(tmp_path, model_dir):
+    """A worker's text is read after the prompt, as the output's text: decoded alone, a
+    SentencePiece decoder stripped its first space, so with header=" {name}:" a worker's text
+    read "Alice: ..." while the output's text had " Alice: ..."."""
+    llm = _sentencepiece_llm(tmp_path, model_dir)
+    enc, eos = llm.tokenizer.encode_continuation, llm.eos_ids[0]
+    scripts = {"Alice": enc(" I add. It is 5.\n\n") + [eos], "Bob": enc(" Fine.\n\n") + [eos]}
+    out = _run_with(llm, _scripted_ids(llm, scripts), SamplingParams(max_tokens=30),
+                    Hogwild(workers=2, header=" {name}:", collab_prompt=None, finisher=False))
+    texts = {w["name"]: w["text"] for w in out.workers}
+    assert texts == {"Alice": " Alice: I add. It is 5.\n\n Alice:", "Bob": " Bob: Fine.\n\n Bob:"}, texts
+    assert " Alice: I add. It is 5.\n\n" in out.text and " Bob: Fine.\n\n" in out.text, out.text
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_hogwild_arguments_are_validated():
     with pytest.raises(ValueError, match="workers"):
         Hogwild(workers=0)

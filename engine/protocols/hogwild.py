@@ -390,8 +390,11 @@ class HogwildRun(ProtocolRun):
         answer = last_boxed(text)
         if answer is None and self.finisher is not None and self.finisher.generated:
             answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")
+        # a worker's text is read after the prompt, as the output's: decoded alone, a SentencePiece
+        # decoder stripped its first space (header " {name}:" read "Alice:" against " Alice:")
         workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
-                    "text": self.tok.decode([x for s in w.steps for x in s.tokens], skip_special_tokens=False),
+                    "text": self.tok.completion_text(self.tree.root.tokens, [x for s in w.steps for x in s.tokens],
+                                                     skip_special_tokens=False),
                     "steps": len(w.steps), "generated": w.generated,
                     # log-prob of each sampled token (when SamplingParams.logprobs is set)
                     "logprobs": [d[tok] for s in w.steps
