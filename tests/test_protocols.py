@@ -1284,3 +1284,28 @@ def test_a_max_tokens_past_the_context_is_bounded_by_the_context(llm):
         llm.core.token_source = None
     assert [o.finish_reason for o in out.outputs] == ["stop", "stop"]
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_a_space_led_tag_at_a_threads_start_is_found(tmp_path):
+    """A thread's text is scanned for tags as read after the text before it (a main thread's
+    after the prompt, a path's after its header): decoded alone, a SentencePiece decoder
+    stripped its first space, so a tag that begins with one (Tags(fork=" <Parallel>"),
+    path_close=" </Path>" or ParaThinker's " </think>") written first by a thread was never found
+    (no fork; a path closed only by EOS, its close tag injected)."""
+    from test_api import _sentencepiece_style_tokenizer
+    d = str(tmp_path)
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, vocab_size=384)
+    _sentencepiece_style_tokenizer("legacy", 384).save(os.path.join(d, "tokenizer.json"))
+    sp = LLM(d, attention_backend="torch", kv_cache_tokens=8192)
+    enc = sp.tokenizer.encode_continuation
+    tags = Tags(fork=" <Parallel>", path_header="\n<Path>\n", path_close=" </Path>", join_header="\n<Summary>\n")
+    main, path = enc(" <Parallel>"), enc(" </Path>")
+    assert sp.tokenizer.decode(main) == "<Parallel>"  # (alone: the space stripped)
+    c = _run_tokens(sp, {1: main, "path": path, 4: enc(" ok")}, SamplingParams(max_tokens=30),
+                    ParallelR1(num_paths=2, tags=tags))
+    assert [e["event"] for e in c.events] == ["fork", "join"], c.events
+    assert c.text == " <Parallel>\n<Path>\n </Path>\n<Path>\n </Path>\n<Summary>\n ok", c.text
+    think = Tags(fork="<think>", path_header="<think{i}>", path_close=" </think>", join_header="\n<summary>\n")
+    c = _run_tokens(sp, {"path": enc(" </think>")}, SamplingParams(max_tokens=30), ParaThinker(paths=2, tags=think))
+    assert "unclosed_path" not in kinds(c), c.events  # (each path closed by its tag, not by EOS)
+    assert sp.cache_stats()["pages_used"] == 0

@@ -27,7 +27,7 @@ class ParaThinkerRun(TreeRun):
             self.core.accept(t, tok, path_limit=self.params.max_tokens)
             self.drop_eos(t)
             self.total += 1
-            t.tag.text += t.tag.next_text(self.tok, tok)
+            t.tag.text += t.tag.next_text(self.tok, tok, t.text_context)
             if self.scans(t):
                 self.scan(t, t.tag)
             if t.finished and self.first_len is None:

@@ -68,11 +68,13 @@ class ThreadState:
     skip: int = 0                 # leading own tokens that re-read joined text (reprefill)
     group: "ForkGroup | None" = None  # the fork this thread is a child of
 
-    def next_text(self, tokenizer, tok: int) -> str:
-        """The text ``tok`` completes (special tokens spelled out: tags may be special)."""
+    def next_text(self, tokenizer, tok: int, context=()) -> str:
+        """The text ``tok`` completes (special tokens spelled out: tags may be special), read
+        after ``context`` (the tokens the thread's text follows: decoded alone, a SentencePiece
+        decoder stripped its first space, and a tag beginning with one was missed there)."""
         if self.stream is None:
             from ..tokenizer import TextStream
-            self.stream = TextStream(tokenizer, skip_special_tokens=False)
+            self.stream = TextStream(tokenizer, skip_special_tokens=False, context=context)
         return self.stream.push(tok)
 
 
@@ -137,7 +139,7 @@ class TreeRun(ProtocolRun):
         self.drop_eos(t)
         self.total += 1
         st: ThreadState = t.tag
-        st.text += st.next_text(self.tok, tok)
+        st.text += st.next_text(self.tok, tok, t.text_context)
         if self.scans(t):
             self.scan(t, st)
         if self.total >= self.max_total:
