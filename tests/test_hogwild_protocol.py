@@ -271,6 +271,19 @@ def test_a_workers_text_reads_after_the_prompt(tmp_path, model_dir):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_stop_string_ends_only_the_worker_that_writes_it(make_llm):
+    """As README says: a stop string ends the worker that samples it, the others go on; the
+    output's and the worker's texts keep it, and the output's stop_reason is None."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    src = _scripted(llm, {"Alice": "I add STOP then more.\n\n", "Bob": "Bob works on and on and on.\n\n"})
+    out = _run_with(llm, src, SamplingParams(max_tokens=12, stop=["STOP"], ignore_eos=True),
+                    Hogwild(workers=2, finisher=False, stop_on_answer=False))
+    alice, bob = out.workers
+    assert alice["text"].endswith("STOP") and alice["generated"] < 12 and bob["generated"] == 12
+    assert alice["text"] in out.text and out.stop_reason is None
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_hogwild_arguments_are_validated():
     with pytest.raises(ValueError, match="workers"):
         Hogwild(workers=0)
