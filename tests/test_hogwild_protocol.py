@@ -230,15 +230,21 @@ def test_a_workers_text_keeps_special_tokens_as_the_outputs_does(make_llm):
         assert w["text"] in out.text
 
 
-def _sentencepiece_llm(tmp_path, model_dir):
-    """An LLM on the tiny model with a Llama-2-style (SentencePiece, Prepend) tokenizer."""
+def _sentencepiece_llm(tmp_path, model_dir, byte_fallback: bool = False):
+    """An LLM on the tiny model with a Llama-2-style (SentencePiece, Prepend) tokenizer (with
+    its 256 byte-fallback tokens '<0x..>': ``byte_fallback``)."""
+    import json
     import os
+    from tokenizers import Tokenizer
     from conftest import read_json
     from engine import LLM
     from test_api import _copy_model, _sentencepiece_style_tokenizer
     d = _copy_model(tmp_path, model_dir, "sp_hogwild", "qwen3")
     V = read_json(os.path.join(d, "config.json"))["vocab_size"]
-    _sentencepiece_style_tokenizer("legacy", V).save(os.path.join(d, "tokenizer.json"))
+    spec = json.loads(_sentencepiece_style_tokenizer("legacy", V - 256 * byte_fallback).to_str())
+    for b in range(256 * byte_fallback):
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    Tokenizer.from_str(json.dumps(spec)).save(os.path.join(d, "tokenizer.json"))
     return LLM(d, kv_cache_tokens=8192)
 
 
@@ -268,6 +274,20 @@ def test_a_workers_text_reads_after_the_prompt(tmp_path, model_dir):
     texts = {w["name"]: w["text"] for w in out.workers}
     assert texts == {"Alice": " Alice: I add. It is 5.\n\n Alice:", "Bob": " Bob: Fine.\n\n Bob:"}, texts
     assert " Alice: I add. It is 5.\n\n" in out.text and " Bob: Fine.\n\n" in out.text, out.text
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_the_finishers_answer_is_read_as_the_outputs_text(tmp_path, model_dir):
+    """A finisher cut before its closing brace gives the answer it wrote so far, read as the
+    output's text reads it: decoded alone, a character its last byte-fallback tokens left
+    unfinished read U+FFFD in .answer ("5\ufffd") while the output's text left it out."""
+    llm = _sentencepiece_llm(tmp_path, model_dir, byte_fallback=True)
+    enc, eos, tid = llm.tokenizer.encode_continuation, llm.eos_ids[0], llm.tokenizer.token_to_id
+    scripts = {"Alice": enc(" Done.\n\n") + [eos], "Bob": [eos], "final answer": enc("5") + [tid("<0xC3>")]}
+    fin = len(scripts["final answer"])
+    out = _run_with(llm, _scripted_ids(llm, scripts), SamplingParams(max_tokens=30),
+                    Hogwild(workers=2, header=" {name}:", collab_prompt=None, finisher_tokens=fin))
+    assert out.text.endswith("\\boxed{5") and out.answer == "5", (out.text, out.answer)
     assert llm.cache_stats()["pages_used"] == 0
 
 

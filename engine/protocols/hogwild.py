@@ -389,7 +389,8 @@ class HogwildRun(ProtocolRun):
         text = self.tok.completion_text(self.tree.root.tokens, ids, skip_special_tokens=False)  # (after the prompt)
         answer = last_boxed(text)
         if answer is None and self.finisher is not None and self.finisher.generated:
-            answer = last_boxed(self.tok.decode(self.finisher.tokens) + "}")
+            # (cut before its closing brace: the text ends with the finisher's, read as it reads)
+            answer = last_boxed(text + "}")
         # a worker's text is read after the prompt, as the output's: decoded alone, a SentencePiece
         # decoder stripped its first space (header " {name}:" read "Alice:" against " Alice:")
         workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
