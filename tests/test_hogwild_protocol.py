@@ -291,6 +291,21 @@ def test_the_finishers_answer_is_read_as_the_outputs_text(tmp_path, model_dir):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_no_finisher_after_an_answer_the_outputs_text_has(tmp_path, model_dir):
+    """The finisher runs only when the output's text has no answer, read as the output reads
+    it: decoded alone, an invalid byte-fallback byte before a worker's closing brace turned
+    the brace into U+FFFD too, so the answer that ended the collaboration (stop_on_answer) was
+    not seen, the finisher ran and its answer replaced the worker's."""
+    llm = _sentencepiece_llm(tmp_path, model_dir, byte_fallback=True)
+    enc, eos, tid = llm.tokenizer.encode_continuation, llm.eos_ids[0], llm.tokenizer.token_to_id
+    scripts = {"Alice": enc(" So \\boxed{5") + [tid("<0xC3>"), tid("<0x7D>"), eos], "Bob": enc(" Hm hm hm hm hm"),
+               "final answer": enc("7}")}
+    out = _run_with(llm, _scripted_ids(llm, scripts), SamplingParams(max_tokens=30),
+                    Hogwild(workers=2, header=" {name}:", collab_prompt=None))
+    assert "All workers have stopped" not in out.text and out.answer == "5\ufffd", (out.text, out.answer)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_stop_string_ends_only_the_worker_that_writes_it(make_llm):
     """As README says: a stop string ends the worker that samples it, the others go on; the
     output's and the worker's texts keep it, and the output's stop_reason is None."""

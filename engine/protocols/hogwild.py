@@ -339,7 +339,10 @@ class HogwildRun(ProtocolRun):
         self.compactions += 1
 
     def _finish(self):
-        transcript = self.tok.decode([x for _, t in self.commits for x in t.tokens])
+        # (the output's text as outputs() reads it: decoded alone, an invalid byte-fallback byte
+        # before a worker's closing brace hid the answer that ended the collaboration)
+        transcript = self.tok.completion_text(self.tree.root.tokens, [x for _, t in self.commits for x in t.tokens],
+                                              skip_special_tokens=False)
         if not self.proto.finisher or last_boxed(transcript) is not None:
             return
         if self.proto.layout == "contiguous":
