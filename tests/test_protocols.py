@@ -154,6 +154,34 @@ def test_a_trees_joined_threads_name_their_join(llm):
     assert [t["joined_into"] for t in c.tree] == [None, None, 4, 4, None], [(t["id"], t["role"]) for t in c.tree]
 
 
+def test_a_protocols_list_changed_while_its_call_runs_does_not_reach_the_call(tmp_path):
+    """Protocol.for_call copied a protocol's dataclass settings, not its lists: a Hogwild!'s
+    names appended to while its call ran (by another Python thread setting up its next call)
+    gave the call's requests admitted after that (a cache that holds one at a time) a worker
+    more than they were checked with."""
+    make_random_model(str(tmp_path), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64)
+    hw = Hogwild(workers=2, collab_prompt=None, finisher=False)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    prompts = ["Q: 1+2?", "Q: 3+4?"]
+    probe = LLM(str(tmp_path), attention_backend="torch", page_size=4, seed=0)
+    need = probe._check_fits(probe.tokenizer.encode(prompts[0]), probe.core.call_params(params), hw)
+    llm = LLM(str(tmp_path), attention_backend="torch", page_size=4, seed=0, kv_cache_tokens=4 * need + 4)
+    steps = []
+
+    def source(threads):  # (the change made inside the call, at its first step)
+        steps.append(len(threads))
+        if len(steps) == 1:
+            hw.names.append("Zed")
+        return [ord("a")] * len(threads)
+    llm.core.token_source = lambda threads: [ord("a")] * len(threads)
+    want = [o.outputs[0].text for o in llm.generate(prompts, params, protocol=hw)]
+    llm.core.token_source = source
+    got = [o.outputs[0].text for o in llm.generate(prompts, params, protocol=hw)]
+    assert steps[0] == 2 and "Zed" not in want[1]  # (one request ran at first: the other waited)
+    assert got == want, got
+    assert hw.names == ["Alice", "Bob", "Zed"]  # (the caller's object as it was changed: the next call's)
+
+
 def test_multiverse_nested_and_depth_limit(llm):
     scripts = dict(MV)
     scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"

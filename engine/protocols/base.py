@@ -46,11 +46,15 @@ class Protocol:
         at every step, and the caller's object changed while the call ran (by a stream
         callback, or another Python thread setting up its next call with it) reached the
         running request: a tree's limits lowered under its forks, a Hogwild! finisher_tokens
-        raised past its reserved pages."""
-        c = copy.copy(self)
+        raised past its reserved pages. Its lists, dicts and sets are copied as well (a
+        Hogwild!'s ``names`` appended to while the call ran gave the call's requests admitted
+        after that one worker more)."""
+        c, copies = copy.copy(self), {}  # (one copy of a container two settings share: names is _default_names)
         for k, v in vars(self).items():
             if dataclasses.is_dataclass(v) and not isinstance(v, type):
                 setattr(c, k, replace(v))
+            elif isinstance(v, (list, dict, set)):
+                setattr(c, k, copies.setdefault(id(v), copy.copy(v)))
         return c
 
     def start(self, tree: ThreadTree, core: EngineCore, params: SamplingParams,
