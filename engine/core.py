@@ -34,6 +34,16 @@ def logits_source(t: Thread) -> Thread:
     return t
 
 
+def own_text(tokenizer, t: Thread) -> str:
+    """The text of ``t``'s own segment (header, injected and sampled tokens, special tokens
+    spelled out), read after the text before it in its view, as a completion's: decoded
+    alone, a SentencePiece decoder stripped its first space (a fork's header " Draft A:" read
+    "Draft A:"). A tokenizer's, not an EngineCore's: a session's thread handle reads it with
+    its LLM's tokenizer alone (an EngineCore kept the LLM's weights and KV cache)."""
+    return tokenizer.completion_text(context_tail(t, tokenizer.CONTEXT_TOKENS, own=False), t.tokens,
+                                     skip_special_tokens=False)
+
+
 def context_tail(t: Thread, k: int, own: bool = True) -> list[int]:
     """The last ``k`` tokens of the text ``t``'s next token follows: its own, then those of
     the segments before it in its view (``own`` False: those only, the text its own follows)."""
@@ -345,14 +355,6 @@ class EngineCore:
         t.finish_reason, t.stop_reason = "stop", s
         t.stop_text = text[:pos + len(s)] if p.include_stop_str_in_output else text[:pos]
         return True
-
-    def own_text(self, t: Thread) -> str:
-        """The text of ``t``'s own segment (header, injected and sampled tokens, special tokens
-        spelled out), read after the text before it in its view, as a completion's: decoded
-        alone, a SentencePiece decoder stripped its first space (a fork's header " Draft A:" read
-        "Draft A:")."""
-        return self.tokenizer.completion_text(context_tail(t, self.tokenizer.CONTEXT_TOKENS, own=False), t.tokens,
-                                              skip_special_tokens=False)
 
     def text_of(self, t: Thread) -> str:
         if t.stop_text is not None:

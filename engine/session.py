@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 
+from .core import own_text
 from .interrupts import DEFERRED
 from .llm import _as_list, engine_method
 from .outputs import CompletionOutput
@@ -31,7 +32,8 @@ class ThreadHandle:
 
     def __init__(self, session: "Session", thread: Thread):
         self._session, self._t = weakref.ref(session), thread
-        self._core = session._llm.core
+        self._tokenizer = session._llm.tokenizer  # (not the LLM's core: a handle kept after its LLM
+        #                                            was dropped kept the weights and KV cache)
 
     def __copy__(self):  # a handle names one thread of one live session: copies are the handle
         return self
@@ -61,8 +63,8 @@ class ThreadHandle:
 
     @property
     def text(self) -> str:
-        """The text of its tokens (EngineCore.own_text)."""
-        return self._core.own_text(self._t)
+        """The text of its tokens (engine.core.own_text)."""
+        return own_text(self._tokenizer, self._t)
 
     @property
     def parent(self) -> "ThreadHandle | None":

@@ -425,6 +425,26 @@ def test_a_deleted_llm_is_freed_at_once(model_dir):
         gc.enable()
 
 
+
+def test_a_thread_handle_kept_does_not_keep_its_llm(model_dir):
+    """A session's thread handle kept after its session was closed and its LLM deleted reads
+    its text still, and holds neither the LLM's KV cache nor its weights (it held the LLM's
+    EngineCore, for its text: `del llm` freed nothing while a handle was kept)."""
+    import gc
+    import weakref
+    from engine import LLM
+    eng = LLM(model_dir(NAME), kv_cache_tokens=2048)
+    with eng.session("x") as s:
+        a, = s.fork(s.root, [" a"])
+        s.generate([a], SP(max_tokens=2, seed=0))
+        text = a.text
+    del s
+    alive = weakref.ref(eng), weakref.ref(eng.cache.k[0]), weakref.ref(eng.core)
+    del eng
+    gc.collect()
+    assert [r() is None for r in alive] == [True, True, True]
+    assert a.text == text and text.startswith(" a")
+
 def test_cache_stats_shape(llm):
     s = llm.cache_stats()
     for k in ("pages_total", "pages_free", "pages_used", "page_size"):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..core import own_text
 from ..outputs import CompletionOutput
 from ..sampling_params import SamplingParams
 from ..threads import Thread
@@ -258,7 +259,7 @@ class TreeRun(ProtocolRun):
         owner = {id(t.seg): t.id for t in threads}  # (segment ids are the cache's: shared by all requests, reused)
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": "prompt" if t is self.tree.root or t.tag is None else t.tag.role,
-                 "text": self.core.own_text(t),
+                 "text": own_text(self.tok, t),
                  "token_ids": list(t.tokens), "generated": len(t.generated),
                  "joined_into": t.joined_into.id if t.joined_into else None,
                  "view": [[owner[id(s)], sh] for s, sh in t.view], "events": list(t.events),
