@@ -212,11 +212,13 @@ def main(argv=None) -> int:
         ap.print_help(sys.stderr)
         return 2
     args = ap.parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):
+    out, errors = sys.stdout, getattr(sys.stdout, "errors", None)
+    if hasattr(out, "reconfigure"):
         # (the model's text on an output that cannot encode all of it, e.g. a pipe in a latin-1 locale:
         # those characters as escapes; a UnicodeEncodeError ended the command, a traceback or the
-        # streamed text cut off, after the whole generation)
-        sys.stdout.reconfigure(errors="backslashreplace")
+        # streamed text cut off, after the whole generation). Put back at the end: main() called
+        # from Python leaves the process's stdout as it found it.
+        out.reconfigure(errors="backslashreplace")
     try:
         return args.fn(args)
     except KeyboardInterrupt:
@@ -228,6 +230,12 @@ def main(argv=None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    finally:
+        if hasattr(out, "reconfigure") and errors is not None:
+            try:
+                out.reconfigure(errors=errors)
+            except (ValueError, OSError):  # (closed)
+                pass
 
 
 if __name__ == "__main__":

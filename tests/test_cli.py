@@ -364,6 +364,7 @@ def test_text_an_output_cannot_encode_is_printed_escaped(tmp_path, monkeypatch, 
     out.flush()
     got = completions(raw.getvalue().decode("latin-1"))
     assert [t for _, _, t in got] == [c.text.encode("latin-1", "backslashreplace").decode("latin-1") for c in want]
+    assert out.errors == "strict"  # (main() called from Python leaves stdout's error handler as it was)
 
 
 def test_interrupt_while_the_command_loads_exits_130_quietly():
