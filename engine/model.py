@@ -117,7 +117,7 @@ class CausalLM:
         self.layer_step: Callable | None = None
         self.pack = _packed_linear_available() and self.device.type == "cpu" and dtype in PACKED_DTYPES
         # Fused element-wise ops (csrc/fused_cpu.cpp) on the same condition, for the head sizes
-        # they take; False -> ATen ops.
+        # and hidden sizes their buffers take; False -> ATen ops.
         self.fused = self.pack and hasattr(torch.ops.loom, "qkv_prep") and cfg.head_dim <= FUSED_MAX_HEAD_DIM \
             and cfg.hidden_size <= FUSED_MAX_HIDDEN
         self._build(weights)

@@ -382,13 +382,10 @@ def check_growable(t: Thread):
                          "cannot take more tokens; to continue its text, fork one more child of it.")
 
 
-def written_after_step(t: Thread) -> int:
-    """Tokens ``t``'s segment holds once this step's pending tokens are written."""
-    return len(t.tokens) if not t.closed else t.seg.length
-
-
 def layout_end(view: list[Thread]) -> int:
-    # (written_after_step inline: a live thread asks it over its whole view several times a step)
+    """Where a live view laid out ends once this step's pending tokens are written: each viewed
+    thread counts what its segment will hold (an open thread: its tokens; a closed one: its
+    segment's length)."""
     return (view[0].seg.base if view else 0) + sum([u.seg.length if u.closed else len(u.tokens) for u in view])
 
 
@@ -408,6 +405,6 @@ def refresh_view(t: Thread):
     starts = []
     for u in t.live:
         starts.append(pos)
-        pos += u.seg.length if u.closed else len(u.tokens)  # (written_after_step, inline)
+        pos += u.seg.length if u.closed else len(u.tokens)  # (as layout_end counts it)
     own = pos - t.seg.base
     t.view = tuple([(u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)]) + ((t.seg, 0),)
