@@ -22,17 +22,21 @@ pytestmark = pytest.mark.skipif(threading.current_thread() is not threading.main
                                 reason="SIGINT is delivered to the main thread")
 
 
-def _sigint_at(call, k: int) -> str | None:
+def _sigint_at(call, k: int, seen: list | None = None) -> str | None:
     """Run ``call`` with SIGINT raised at the k-th engine line; the line, or None if the
-    call ran fewer lines."""
+    call ran fewer lines. ``seen``: a list to append every engine line run to ('file.py:N')."""
     state = {"n": 0, "where": None}
 
     def local(frame, event, arg):
         if event == "line":
             state["n"] += 1
-            if state["n"] == k:
-                state["where"] = f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}"
-                signal.raise_signal(signal.SIGINT)
+            if seen is not None or state["n"] == k:
+                line = f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}"
+                if seen is not None:
+                    seen.append(line)
+                if state["n"] == k:
+                    state["where"] = line
+                    signal.raise_signal(signal.SIGINT)
         return local
 
     def tracer(frame, event, arg):
@@ -170,24 +174,11 @@ def test_a_ctrl_c_during_a_session_verb_leaves_the_session_as_it_was(make_llm, v
     probed = 0
     for k in range(1, 1000):
         seen = []
-
-        def local(frame, event, arg):
-            if event == "line":
-                seen.append(f"{frame.f_code.co_filename.rsplit('/engine/', 1)[1]}:{frame.f_lineno}")
-                if len(seen) == k:
-                    signal.raise_signal(signal.SIGINT)
-            return local
-        sys.settrace(lambda frame, event, arg: local if "/engine/" in frame.f_code.co_filename else None)
-        try:
-            call()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            sys.settrace(None)
-        if len(seen) < k or final in seen[:k - 1]:  # (it ran through, or was stopped after its last safe point)
+        where, _ = _sigint_at(call, k, seen)
+        if where is None or final in seen[:k - 1]:  # (it ran through, or was stopped after its last safe point)
             break
         probed += 1
-        assert (_session_state(s), llm.cache_stats()) == (before, pages), (k, seen[k - 1])
+        assert (_session_state(s), llm.cache_stats()) == (before, pages), (k, where)
     assert probed > 50
     assert [c.token_ids for c in s.generate(ts, params)] == want
     s.close()

@@ -374,21 +374,27 @@ def test_yarn_edge_configs_are_transformers(theta, rope):
     assert attention_scaling(cfg) == pytest.approx(scale_hf, rel=1e-12)
 
 
+def _runs_as_transformers(d: str, what: str):
+    """The float32 model in ``d``: a 20-token prompt's log-probs and 4 greedy tokens as transformers'."""
+    from conftest import hf_model
+    from engine import LLM
+    ids = random_ids(20, 260, 6)
+    llm = LLM(d, dtype="float32", kv_cache_tokens=64)
+    ref = hf_model(d)
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), what)
+    out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
+    _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, f"{what} greedy")
+
+
 def test_a_head_larger_than_the_fused_ops_take_runs_as_transformers(tmp_path):
     """csrc/fused_cpu.cpp's q/k prep holds a head row in a 1,024-float buffer: a config with
     head_dim 1,026 loaded, then every call failed with 'RuntimeError: qkv_prep: head_dim must be
     even and <= 1024'. Such a model takes the ATen ops instead, and equals transformers."""
-    from conftest import build_model_dir, hf_model
-    from engine import LLM
+    from conftest import build_model_dir
     spec = dict(arch="Qwen3ForCausalLM", vocab=260, hidden=16, heads=2, kv_heads=1, head_dim=1026, layers=1,
                 inter=32, tie=False, rope={"rope_type": "default", "rope_theta": 10000.0})
     d = build_model_dir(str(tmp_path / "big_head"), spec, seed=5)
-    ids = random_ids(20, 260, 6)
-    llm = LLM(d, dtype="float32", kv_cache_tokens=64)
-    ref = hf_model(d)
-    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), "head_dim 1026")
-    out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
-    _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, "head_dim 1026 greedy")
+    _runs_as_transformers(d, "head_dim 1026")
 
 
 def test_a_hidden_size_larger_than_the_fused_norms_take_runs_as_transformers(tmp_path):
@@ -398,8 +404,7 @@ def test_a_hidden_size_larger_than_the_fused_norms_take_runs_as_transformers(tmp
     weights are scaled down: logits of ~25 from 16k-term sums would round at ~1e-4 in float32.)"""
     import os
     from safetensors.torch import load_file, save_file
-    from conftest import build_model_dir, hf_model
-    from engine import LLM
+    from conftest import build_model_dir
     spec = dict(arch="LlamaForCausalLM", vocab=260, hidden=16386, heads=1, kv_heads=1, head_dim=16, layers=1,
                 inter=8, tie=False, rope={"rope_type": "default", "rope_theta": 10000.0})
     d = build_model_dir(str(tmp_path / "wide"), spec, seed=5)
@@ -407,9 +412,4 @@ def test_a_hidden_size_larger_than_the_fused_norms_take_runs_as_transformers(tmp
     w = load_file(path)
     w["lm_head.weight"] *= 0.05
     save_file(w, path, metadata={"format": "pt"})
-    ids = random_ids(20, 260, 6)
-    llm = LLM(d, dtype="float32", kv_cache_tokens=64)
-    ref = hf_model(d)
-    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(ref, ids), "hidden_size 16386")
-    out = llm.generate([ids], _greedy(max_tokens=4))[0].outputs[0]
-    _assert_same_tokens(list(out.token_ids), hf_greedy(ref, ids, 4), ref, ids, "hidden_size 16386 greedy")
+    _runs_as_transformers(d, "hidden_size 16386")
