@@ -40,24 +40,27 @@ def test_one_worker_contiguous_is_plain_greedy(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def _per_worker(llm, names, next_token):
+    """A token source: each thread's token is ``next_token(name)``, ``name`` the one of ``names``
+    in its header (None: none is)."""
+    def src(threads):
+        return [next_token(next((n for n in names if n in llm.tokenizer.decode(t.tokens[:t.header_len])), None))
+                for t in threads]
+    return src
+
+
 def _scripted(llm, scripts):
     """Each worker (by name in its header) types its script across steps, then '.' forever."""
     typed = {}
 
-    def src(threads):
-        out = []
-        for t in threads:
-            head = llm.tokenizer.decode(t.tokens[:t.header_len])
-            name = next((n for n in scripts if n in head), None)
-            if name is None:
-                out.append(llm.tokenizer.encode("7", add_special_tokens=False)[0])
-                continue
-            toks = llm.tokenizer.encode(scripts[name], add_special_tokens=False)
-            i = typed.get(name, 0)
-            typed[name] = i + 1
-            out.append(toks[i] if i < len(toks) else toks[-2])
-        return out
-    return src
+    def next_token(name):
+        if name is None:
+            return llm.tokenizer.encode("7", add_special_tokens=False)[0]
+        toks = llm.tokenizer.encode(scripts[name], add_special_tokens=False)
+        i = typed.get(name, 0)
+        typed[name] = i + 1
+        return toks[i] if i < len(toks) else toks[-2]
+    return _per_worker(llm, scripts, next_token)
 
 
 def _typed(typed: dict, scripts: dict, name: str) -> int:
@@ -251,15 +254,7 @@ def _sentencepiece_llm(tmp_path, model_dir, byte_fallback: bool = False):
 def _scripted_ids(llm, scripts):
     """Each worker (by name in its header) writes its script (token ids), then EOS."""
     typed = {}
-
-    def src(threads):
-        out = []
-        for t in threads:
-            head = llm.tokenizer.decode(t.tokens[:t.header_len])
-            name = next(n for n in scripts if n in head)
-            out.append(_typed(typed, scripts, name))
-        return out
-    return src
+    return _per_worker(llm, scripts, lambda name: _typed(typed, scripts, name))
 
 
 def test_a_workers_text_reads_after_the_prompt(tmp_path, model_dir):
