@@ -18,8 +18,11 @@ from engine.interrupts import DEFERRED
 from engine.llm import engine_call
 from engine.protocols import Multiverse, ParallelSampling
 
-pytestmark = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                                reason="SIGINT is delivered to the main thread")
+pytestmark = [pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                 reason="SIGINT is delivered to the main thread"),
+              pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                                 reason="SIGINT does not raise KeyboardInterrupt in this process (e.g. started "
+                                 "in the background by a shell, which ignores it): run in the foreground")]
 
 
 def _sigint_at(call, k: int, seen: list | None = None) -> str | None:
