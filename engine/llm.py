@@ -505,8 +505,13 @@ class LLM:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):
             raise ValueError(f"protocol must be an engine.protocols.Protocol, got {type(protocol).__name__}.")
-        protocol.check_config()  # (its settings may have changed since it was made)
-        protocol = protocol.for_call()  # (the call's own copy: a change made while it runs does not reach it)
+        # Its settings may have changed since it was made: checked (and normalised, as its
+        # constructor does) on the caller's object, then on the call's own copy (a change made
+        # while the call runs does not reach it; one made by another Python thread between the
+        # first check and the copy would have reached the call unchecked).
+        protocol.check_config()
+        protocol = protocol.for_call()
+        protocol.check_config()
         if stream is not None and not callable(stream):
             raise ValueError(f"stream={stream!r} must be a function (prompt_index, completion_index, text).")
         if stream is not None and not (isinstance(protocol, ParallelSampling) and protocol.select == "all"):

@@ -115,6 +115,24 @@ def test_a_trees_views_name_its_threads_whatever_runs_with_it(llm):
     assert [v[0] for v in alone.tree[4]["view"]] == [0, 1, 2, 3, 4]  # prompt, main, both paths, itself
 
 
+def test_the_protocol_a_call_runs_is_the_one_it_checked(llm, monkeypatch):
+    """generate() checks the protocol's settings, and runs a copy of it: the check is the copy's.
+    (The caller's object was checked, then copied: a change made in between, by another Python
+    thread, reached the call unchecked: here a ParaThinker given more paths than its limits.)"""
+    from engine.protocols.base import Protocol
+    proto = ParaThinker(paths=2)
+    copy_of = Protocol.for_call
+
+    def changed_then_copied(self):
+        if self is proto:
+            self.paths = 100  # (another thread's change, landing just before the copy)
+        return copy_of(self)
+    monkeypatch.setattr(Protocol, "for_call", changed_then_copied)
+    with pytest.raises(ValueError, match="paths=100 exceeds limits.max_paths"):
+        llm.generate("Q", SamplingParams(max_tokens=8), protocol=proto)
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_protocol_changed_while_its_call_runs_does_not_reach_the_call(llm):
     """A run read its protocol's settings at every step from the caller's object: a change made
     while the call ran (by a stream callback, or another Python thread setting up its next call
