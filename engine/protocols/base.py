@@ -3,7 +3,10 @@
 A ``Protocol`` is user-facing configuration (``Multiverse()``, ``ParallelSampling(8)``);
 ``Protocol.start(tree, core, params, make_generator)`` returns a per-request
 ``ProtocolRun``, a state machine the scheduler asks each step which threads
-sample (``samplers``) and tells each sampled token (``on_token``).
+sample (``samplers``) and tells each sampled token (``on_token``). Each generate()
+call runs its own copy of the protocol (``Protocol.for_call``): a subclass keeps
+per-request state on its run, not on ``self`` (what a call writes to its copy
+does not come back to the caller's object).
 """
 from __future__ import annotations
 
