@@ -903,13 +903,16 @@ def test_parathinker_joins_a_path_that_ended_on_eos_without_it(llm):
     assert paths[0]["text"].endswith(" short</think>") and "unclosed_path" in kinds(c), (paths[0]["text"], c.events)
 
 
-def test_a_path_header_numbers_its_paths_from_one(llm):
-    """Tags.path_header's {i} is the path's 1-based position in its fork."""
+@pytest.mark.parametrize("field", ["i", "num"])
+def test_a_path_header_numbers_its_paths_from_one(llm, field):
+    """Tags.path_header's {i} is the path's 1-based position in its fork; ParallelR1's paths
+    have no items, so its {num} is that number too."""
     enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    tags = Tags(fork="<Parallel>", path_header="\n<Path i={i}>\n", path_close="</Path>", join_header="\n<Summary>\n")
+    tags = Tags(fork="<Parallel>", path_header=f"\n<Path n={{{field}}}>\n", path_close="</Path>",
+                join_header="\n<Summary>\n")
     c = _run_tokens(llm, {1: enc("go <Parallel>"), "path": enc("p</Path>")}, SamplingParams(max_tokens=40),
                     ParallelR1(num_paths=2, tags=tags))
-    assert c.text == "go <Parallel>\n<Path i=1>\np</Path>\n<Path i=2>\np</Path>\n<Summary>\n", c.text
+    assert c.text == "go <Parallel>\n<Path n=1>\np</Path>\n<Path n=2>\np</Path>\n<Summary>\n", c.text
 
 
 def test_a_join_continues_the_longest_paths_budget(llm):
@@ -1307,16 +1310,6 @@ def test_only_the_items_over_six_digits_are_numbered_by_position(llm):
     c = _run_tokens(llm, {1: main, "path": enc(" done</Path>")}, SamplingParams(max_tokens=400), Multiverse())
     heads = [t["text"] for t in c.tree if t["role"] == "path"]
     assert heads[0].startswith("\n<Path>\n123456:") and heads[1].startswith("\n<Path>\n2:"), heads
-
-
-def test_parallel_r1_numbers_its_paths_from_one(llm):
-    """ParallelR1's paths have no items: a path_header's {num}, as its {i}, is the path's
-    1-based number."""
-    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
-    tags = Tags(fork="<Parallel>", path_header="\n<Path n={num}>\n", path_close="</Path>", join_header="\n<S>\n")
-    c = _run_tokens(llm, {1: enc("go <Parallel>"), "path": enc("p</Path>")}, SamplingParams(max_tokens=40),
-                    ParallelR1(num_paths=2, tags=tags))
-    assert c.text == "go <Parallel>\n<Path n=1>\np</Path>\n<Path n=2>\np</Path>\n<S>\n", c.text
 
 
 def test_a_max_tokens_past_the_context_is_bounded_by_the_context(llm):
