@@ -171,6 +171,8 @@ class ModelConfig:
         # config class (a null kv heads / head_dim field: derived, as there)
         defaults = _ABSENT_DEFAULTS[arch]
         absent = {k: v for k, v in defaults.items() if k not in raw}
+        if arch == "MistralForCausalLM" and type(raw.get("head_dim")) is int and raw["head_dim"] == 0:
+            raw = {**raw, "head_dim": None}  # (Mistral's modules take `head_dim or hidden_size // heads`)
         cfg = dict(
             architecture=arch,
             vocab_size=size("vocab_size"),

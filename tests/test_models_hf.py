@@ -413,3 +413,17 @@ def test_a_hidden_size_larger_than_the_fused_norms_take_runs_as_transformers(tmp
     w["lm_head.weight"] *= 0.05
     save_file(w, path, metadata={"format": "pt"})
     _runs_as_transformers(d, "hidden_size 16386")
+
+
+def test_a_mistral_head_dim_of_0_is_derived_as_transformers_does(tmp_path):
+    """Mistral's attention and RoPE take `head_dim or hidden_size // num_attention_heads`, so
+    transformers runs a config.json with "head_dim": 0 as hidden / heads; Loom refused it
+    ('head_dim=0 must be a positive integer')."""
+    import json
+    from conftest import build_model_dir
+    spec = dict(arch="MistralForCausalLM", vocab=260, hidden=64, heads=4, kv_heads=2, layers=1, inter=32,
+                tie=False, rope={"rope_type": "default", "rope_theta": 10000.0})
+    d = build_model_dir(str(tmp_path / "m"), spec, seed=3)
+    path = tmp_path / "m" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "head_dim": 0}))
+    _runs_as_transformers(d, "Mistral head_dim 0")
