@@ -218,11 +218,8 @@ class ModelConfig:
                                  "the config.json that came with the weights.")
         if rtype in ("yarn", "llama3"):
             # as transformers 5 fills it: the top-level field first, then the scaling's, then the context
+            # (absent too: then the architecture's default context)
             orig = raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-            if orig is None and raw.get("max_position_embeddings") is None:
-                raise ValueError(f"config.json's rope scaling {rtype!r} needs original_max_position_embeddings "
-                                 "(the pretraining context its frequencies come from) or max_position_embeddings; "
-                                 "the config is incomplete.")
             orig = orig or cfg["max_position_embeddings"]
             if not _positive_number(orig):
                 raise ValueError(f"config.json's original_max_position_embeddings={orig!r} must be a number > 0.")

@@ -611,3 +611,21 @@ def test_window_layer_fields_of_the_wrong_type_are_named(fields, msg):
     ok = _raw("Qwen2ForCausalLM", use_sliding_window=True, sliding_window=8, max_window_layers=-1,
               layer_types=["full_attention", "sliding_attention", "full_attention"])
     assert ModelConfig.from_dict(ok).max_position_embeddings == 8
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}])
+def test_scaled_rope_without_any_context_field_takes_the_architectures_default(arch, rope):
+    """yarn / llama3 with neither original_max_position_embeddings nor max_position_embeddings:
+    transformers fills the class's default context for both (Llama 2,048, Qwen 32,768, Mistral
+    131,072), and so does Loom (it refused such a config as incomplete)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from engine.rope import compute_inv_freq
+    raw = _raw(arch, sliding_window=None, rope_parameters={**rope, "rope_theta": 1e4})
+    del raw["max_position_embeddings"]
+    hf, cfg = _hf(arch, raw), ModelConfig.from_dict(copy.deepcopy(raw))
+    assert cfg.rope_scaling["original_max_position_embeddings"] == hf.rope_parameters["original_max_position_embeddings"] \
+        == hf.max_position_embeddings
+    inv_hf, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
+    assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
