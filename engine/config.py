@@ -205,9 +205,19 @@ class ModelConfig:
             raise ValueError(f"config.json's rope_type={rtype!r} must be a string, e.g. 'yarn'.")
         partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
         if partial not in (None, 1, 1.0):
-            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads. "
-                             "transformers' Llama / Qwen / Mistral code rotates part of each head by it in "
-                             "4.x and ignores it in 5.x, so which the model was trained with is unclear; "
+            if not _positive_number(partial) or partial > 1:
+                raise ValueError(f"config.json's partial_rotary_factor={partial!r} must be a number in (0, 1] "
+                                 "(the part of each head RoPE rotates); use the config.json that came with the "
+                                 "weights.")
+            # (transformers 5's default RoPE for these architectures never reads the field; its
+            # scaled ones make int(head_dim x factor)-wide cos / sin, which q * cos cannot take)
+            if rtype in (None, "default"):
+                how = ("as transformers 5's Llama / Qwen / Mistral code does with default RoPE (it ignores the "
+                       "field), which is wrong for a model trained rotating part of each head")
+            else:
+                how = (f"and transformers 5's Llama / Qwen / Mistral code fails on it with rope scaling {rtype!r} "
+                       "(it makes cos / sin for part of each head, which its attention cannot apply)")
+            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads, {how}; "
                              "remove the field if the checkpoint rotates whole heads.")
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
         for k in ("factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",

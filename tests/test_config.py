@@ -629,3 +629,32 @@ def test_scaled_rope_without_any_context_field_takes_the_architectures_default(a
         == hf.max_position_embeddings
     inv_hf, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
     assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0}])
+def test_partial_rotary_factor_refusal_says_what_transformers_does(rope):
+    """A partial_rotary_factor below 1 is refused saying what transformers 5 does with it, which
+    depends on the RoPE type: default RoPE ignores it (whole heads rotated), the scaled types
+    fail on it (q * cos over a head and a part of it). The message claimed, for every type, that
+    transformers 5 ignores it and 4.x rotated part of each head (4.x's Llama code never did:
+    it ignored the field, or, once its RoPE functions read it, failed as 5.x's scaled types do)."""
+    import transformers as tf
+    raw = _raw("LlamaForCausalLM", rope_parameters={**rope, "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    config = tf.LlamaConfig(**{k: v for k, v in copy.deepcopy(raw).items() if k != "architectures"})
+    model = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        if rope["rope_type"] == "default":
+            model(torch.tensor([[1, 2, 3]]))  # (it runs: the field is ignored)
+            msg = "partial_rotary_factor=0.5: Loom rotates whole heads, as transformers 5's .* ignores the field"
+        else:
+            with pytest.raises(RuntimeError, match="must match the size"):
+                model(torch.tensor([[1, 2, 3]]))
+            msg = f"transformers 5's .* fails on it with rope scaling '{rope['rope_type']}'"
+    with pytest.raises(ValueError, match=msg):
+        ModelConfig.from_dict(raw)
+    for bad in (1.5, 0, "0.5"):
+        with pytest.raises(ValueError, match=re.escape(f"partial_rotary_factor={bad!r} must be a number in (0, 1]")):
+            ModelConfig.from_dict(_raw("LlamaForCausalLM", partial_rotary_factor=bad))
