@@ -210,16 +210,21 @@ class ModelConfig:
                                  "(the part of each head RoPE rotates); use the config.json that came with the "
                                  "weights.")
             # (transformers 5's default RoPE for these architectures never reads the field; its
-            # scaled ones make int(head_dim x factor)-wide cos / sin, which q * cos cannot take)
-            if rtype in (None, "default"):
-                how = ("as transformers 5's Llama / Qwen / Mistral code does with default RoPE (it ignores the "
-                       "field), which is wrong for a model trained rotating part of each head")
-            else:
-                how = (f"and transformers 5's Llama / Qwen / Mistral code fails on it with rope scaling {rtype!r} "
-                       "(it makes cos / sin for part of each head, which its attention cannot apply)")
-            raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads, {how}; "
-                             "remove the field if the checkpoint rotates whole heads.")
+            # scaled ones make int(head_dim x factor)-wide cos / sin, which q * cos cannot take;
+            # 'proportional' gives the other pairs frequency 0, as engine/rope.py does too)
+            if rtype != "proportional":
+                if rtype in (None, "default"):
+                    how = ("as transformers 5's Llama / Qwen / Mistral code does with default RoPE (it ignores "
+                           "the field), which is wrong for a model trained rotating part of each head")
+                else:
+                    how = (f"and transformers 5's Llama / Qwen / Mistral code fails on it with rope scaling "
+                           f"{rtype!r} (it makes cos / sin for part of each head, which its attention cannot "
+                           "apply)")
+                raise ValueError(f"config.json's partial_rotary_factor={partial!r}: Loom rotates whole heads, "
+                                 f"{how}; remove the field if the checkpoint rotates whole heads.")
         scaling = None if rtype in (None, "default") else {**rope, "rope_type": rtype}
+        if rtype == "proportional":
+            scaling["partial_rotary_factor"] = partial
         for k in ("factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             v = (scaling or {}).get(k)

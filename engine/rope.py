@@ -1,10 +1,11 @@
 """Rotary position embeddings: ``inv_freq`` per scaling scheme, and rotation.
 
 Only schemes whose rotation is one fixed ``inv_freq`` are supported, because Loom
-rotates queries by extra angles in-kernel (DESIGN.md §3): default, linear, llama3 and
+rotates queries by extra angles in-kernel (DESIGN.md §3): default, linear, llama3,
 yarn (whose attention factor scales every cos / sin alike: a fixed factor on the
-logits, which a rotation by an extra angle keeps). Schemes that change with the
-sequence's length (dynamic NTK, longrope) are refused.
+logits, which a rotation by an extra angle keeps) and proportional (transformers 5's
+partial rotation: the frequencies past ``partial_rotary_factor`` of each head are 0).
+Schemes that change with the sequence's length (dynamic NTK, longrope) are refused.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .config import ModelConfig
 
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
 
 
 def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -41,6 +42,12 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
     if kind == "linear":
         return inv / field("factor")
+    if kind == "proportional":
+        # the first partial_rotary_factor of each head's frequency pairs as default RoPE, the
+        # others 0 (not rotated); all divided by factor (absent: 1)
+        angles = int(float(sc.get("partial_rotary_factor") or 1.0) * d // 2)
+        inv = torch.cat([inv[:angles], torch.zeros(d // 2 - angles)])
+        return inv / float(sc.get("factor") or 1.0)
     if kind == "yarn":
         # YaRN (Peng et al. 2023): dimensions that turn more than beta_fast times over the
         # pretraining context keep their frequency, those under beta_slow turns are

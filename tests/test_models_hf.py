@@ -430,3 +430,20 @@ def test_a_mistral_head_dim_of_0_is_derived_as_transformers_does(tmp_path):
     path = tmp_path / "m" / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "head_dim": 0}))
     _runs_as_transformers(d, "Mistral head_dim 0")
+
+
+@pytest.mark.parametrize("arch,rope", [
+    ("LlamaForCausalLM", {"partial_rotary_factor": 0.5}),
+    ("Qwen3ForCausalLM", {"partial_rotary_factor": 0.25, "factor": 2.0}),
+    ("MistralForCausalLM", {}),  # (all pairs rotated: linear RoPE of factor 1)
+])
+def test_proportional_rope_rotates_part_of_each_head_as_transformers(tmp_path, arch, rope):
+    """transformers 5's 'proportional' RoPE (Gemma 4's, which its Llama / Qwen / Mistral code
+    runs too) rotates the first partial_rotary_factor of each head's frequency pairs and leaves
+    the others; Loom refused it ('not supported'), and with a partial_rotary_factor said
+    transformers fails on it."""
+    from conftest import build_model_dir
+    spec = dict(arch=arch, vocab=260, hidden=64, heads=4, kv_heads=2, head_dim=16, layers=1, inter=32, tie=False,
+                rope={"rope_type": "proportional", "rope_theta": 10000.0, **rope})
+    d = build_model_dir(str(tmp_path / "p"), spec, seed=4)
+    _runs_as_transformers(d, f"proportional RoPE {rope}")
