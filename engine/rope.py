@@ -3,9 +3,11 @@
 Only schemes whose rotation is one fixed ``inv_freq`` are supported, because Loom
 rotates queries by extra angles in-kernel (DESIGN.md §3): default, linear, llama3,
 yarn (whose attention factor scales every cos / sin alike: a fixed factor on the
-logits, which a rotation by an extra angle keeps) and proportional (transformers 5's
-partial rotation: the frequencies past ``partial_rotary_factor`` of each head are 0).
-Schemes that change with the sequence's length (dynamic NTK, longrope) are refused.
+logits, which a rotation by an extra angle keeps), proportional (transformers 5's
+partial rotation: the frequencies past ``partial_rotary_factor`` of each head are 0) and
+dynamic NTK, which changes the frequencies only past ``max_position_embeddings``, where
+Loom never places a token: inside it, plain RoPE (as transformers computes it there).
+longrope, whose frequencies depend on the sequence's length inside the context, is refused.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from .config import ModelConfig
 
-SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "proportional", "dynamic")
 
 
 def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -29,7 +31,7 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     if kind not in SUPPORTED_ROPE:
         raise ValueError(f"rope scaling {kind!r} is not supported; Loom supports "
                          f"{', '.join(SUPPORTED_ROPE)} (schemes that depend on sequence length, "
-                         "such as dynamic NTK, cannot be applied by per-segment query rotation).")
+                         "such as longrope, cannot be applied by per-segment query rotation).")
     def field(name: str) -> float:
         try:
             return float(sc[name])
@@ -42,6 +44,12 @@ def compute_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
     if kind == "linear":
         return inv / field("factor")
+    if kind == "dynamic":
+        # transformers' base x ((factor x seq_len / max_pos) - (factor - 1)) ^ (d / (d - 2)) with
+        # seq_len = max(seq_len, max_pos): the base itself while seq_len <= max_pos, the only
+        # lengths Loom runs (positions are capped at max_position_embeddings)
+        field("factor")
+        return inv
     if kind == "proportional":
         # the first partial_rotary_factor of each head's frequency pairs as default RoPE, the
         # others 0 (not rotated); all divided by factor (absent: 1)

@@ -317,6 +317,32 @@ def test_yarn_extends_the_context_as_qwen_configures_it(tmp_path):
     _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(hf_model(d), ids), "yarn over the default context")
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_dynamic_ntk_runs_as_transformers_inside_the_context(tmp_path, legacy):
+    """Dynamic NTK RoPE (Llama-2-era fine-tunes; {"type": "dynamic"} or transformers 5's
+    rope_parameters) changes the frequencies only for sequences longer than
+    max_position_embeddings, which Loom never runs: inside it the model is plain RoPE, and its
+    log-probs are transformers' up to the last position (it was refused as length-dependent)."""
+    import json
+    from conftest import hf_model
+    from engine import LLM
+    d, path, raw = _tiny_qwen2(tmp_path, "dynamic", seed=3)
+    rope = {"rope_type": "dynamic", "factor": 4.0}
+    if legacy:
+        raw.pop("rope_parameters", None)
+        raw.update(rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 4.0})
+    else:
+        raw["rope_parameters"] = {**rope, "rope_theta": 10000.0}
+    raw["max_position_embeddings"] = 96
+    path.write_text(json.dumps(raw))
+    ids = random_ids(96, 320, 4)
+    llm = LLM(d)
+    assert llm.config.max_position_embeddings == 96
+    _assert_close_logprobs(llm.score(ids)[0], hf_logprobs(hf_model(d), ids), "dynamic NTK inside the context")
+    with pytest.raises(ValueError, match="context is 96"):
+        llm.score(random_ids(97, 320, 5))
+
+
 @pytest.mark.parametrize("name,raw,context,rope_type", [
     # the fields of published checkpoints' config.json that set the context and RoPE
     ("Llama-3.1-8B", dict(architectures=["LlamaForCausalLM"], max_position_embeddings=131072, rope_theta=500000.0,
