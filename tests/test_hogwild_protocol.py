@@ -301,6 +301,22 @@ def test_no_finisher_after_an_answer_the_outputs_text_has(tmp_path, model_dir):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_the_finisher_stops_at_a_closing_brace_the_outputs_text_has(tmp_path, model_dir):
+    """The finisher stops at the "}" of its text read as the output's text reads it (after its
+    header, whole characters): decoded alone, a byte-fallback "}" after an unfinished
+    character's byte turned into U+FFFD with it, so the finisher wrote on to finisher_tokens,
+    its text running on past the brace ("\\boxed{5\ufffd}}}}")."""
+    llm = _sentencepiece_llm(tmp_path, model_dir, byte_fallback=True)
+    enc, eos, tid = llm.tokenizer.encode_continuation, llm.eos_ids[0], llm.tokenizer.token_to_id
+    scripts = {"Alice": enc(" Done.\n\n") + [eos], "Bob": [eos],
+               "final answer": enc("5") + [tid("<0xC3>"), tid("<0x7D>")]}  # (then "}" again, and again)
+    out = _run_with(llm, _scripted_ids(llm, scripts), SamplingParams(max_tokens=30),
+                    Hogwild(workers=2, header=" {name}:", collab_prompt=None, finisher_tokens=8))
+    assert out.text.endswith("\\boxed{5\ufffd}") and out.answer == "5\ufffd", (out.text, out.answer)
+    assert out.metrics["total_tokens"] == sum(w["generated"] for w in out.workers) + 3
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_stop_string_ends_only_the_worker_that_writes_it(make_llm):
     """As README says: a stop string ends the worker that samples it, the others go on; the
     output's and the worker's texts keep it, and the output's stop_reason is None."""

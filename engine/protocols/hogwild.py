@@ -264,7 +264,11 @@ class HogwildRun(ProtocolRun):
         if t is self.finisher:
             self.core.accept(t, tok)
             self.drop_unwritten_eos(t)  # (as a tree's path's)
-            if "}" in self.tok.decode(t.generated):
+            # its text as the output's reads it, after its header (decoded alone, a byte-fallback
+            # "}" after an unfinished character's byte read U+FFFD: it wrote on to finisher_tokens)
+            if t.tag is None:
+                t.tag = TextStream(self.tok, context=t.text_context)
+            if "}" in t.tag.push(tok):
                 t.finish_reason = "stop"
             return
         w = next(w for w in self.workers if w.current is t)
