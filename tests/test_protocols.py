@@ -1348,3 +1348,46 @@ def test_a_space_led_tag_at_a_threads_start_is_found(tmp_path):
     c = _run_tokens(sp, {"path": enc(" </think>")}, SamplingParams(max_tokens=30), ParaThinker(paths=2, tags=think))
     assert "unclosed_path" not in kinds(c), c.events  # (each path closed by its tag, not by EOS)
     assert sp.cache_stats()["pages_used"] == 0
+
+
+def test_a_fork_joins_on_the_token_its_last_path_ends(llm, monkeypatch):
+    """A tree run looks at the thread that got the token, not at every active thread (that
+    was O(paths) a token, paths^2 a step): after each token, and each samplers(), no fork
+    whose paths have all ended (none of them forked) is left unjoined; paths ending by close
+    tag, EOS, budget, a nested fork's continuation, the total budget, ParaThinker's cut-off."""
+    from engine.protocols.parathinker import ParaThinkerRun
+    from engine.protocols.tree import TreeRun
+    checked = []
+
+    def check(run):
+        for gs in run.forks_of.values():
+            for g in gs:
+                ended = all(c.finished and c.finish_reason != "fork" for c in g.children)
+                assert g.cont is not None or not ended, [(c.id, c.finish_reason) for c in g.children]
+        checked.append(1)
+    for cls in (TreeRun, ParaThinkerRun):
+        for name in ("on_token", "samplers"):
+            def wrapped(self, *a, _f=getattr(cls, name)):
+                out = _f(self, *a)
+                check(self)
+                return out
+            monkeypatch.setattr(cls, name, wrapped)
+    outline = "<Goal>" + "".join(f"<Outline>{i}: x</Outline>" for i in range(1, 6)) + "</Goal>"
+    nested = " n<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    s = {"": "<Parallel>" + outline, "1:": " a</Path>", "2:": " bb bb bb</Path>", "3:": " ccc",  # (EOS)
+         "4:": nested, "5:": " e" * 60 + "</Path>", "\n<Path>\n1:": " x" * 20 + "</Path>",
+         "\n<Path>\n2:": " y" * 25 + "</Path>", "<Conclusion>": "done"}
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(max_paths=5, fork_margin=4)), max_tokens=300)
+    assert kinds(c).count("fork") == 2 and kinds(c).count("join") == 2, c.events
+    assert c.text.endswith("<Conclusion>\ndone"), c.text
+    total = c.metrics["total_tokens"] - 80  # (ends both forks' paths mid-way)
+    c, _ = run(llm, s, Multiverse(limits=TreeLimits(max_paths=5, fork_margin=4)), max_tokens=300,
+               max_total_tokens=total)
+    assert c.metrics["total_tokens"] == total and kinds(c)[-1] == "join", (c.metrics, c.events)
+    # ParaThinker: path 3 ends first; paths 1 and 2, as long when it does, are cut at once
+    p = {"<think1>": " long...", "<think2>": " longer...", "<think3>": " a</think>", "<think4>": " b...",
+         "<summary>": "final"}
+    c, _ = run(llm, p, ParaThinker(paths=4, cutoff_ratio=1.0))
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert len({t["generated"] for t in paths}) == 1 and kinds(c).count("cutoff") == 3, (paths, c.events)
+    assert c.text.endswith("<summary>\nfinal") and len(checked) > 100

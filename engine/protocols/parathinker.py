@@ -30,12 +30,15 @@ class ParaThinkerRun(TreeRun):
             t.tag.text += t.tag.next_text(self.tok, tok, t.text_context)
             if self.scans(t):
                 self.scan(t, t.tag)
-            if t.finished and self.first_len is None:
+            first = t.finished and self.first_len is None
+            if first:
                 self.first_len = len(t.generated)
                 self.event("first_finish", t, tokens=self.first_len)
             if self.first_len is not None:
                 cut = self.proto.cutoff_ratio * self.first_len
-                for p in self.paths:
+                # (the first finish cuts every path that long; after it a path grows by its own
+                # tokens only, so only t can reach the cut: all paths were O(paths) a token)
+                for p in self.paths if first else (t,):
                     if not p.finished and len(p.generated) >= cut:
                         p.finish_reason = "length"
                         self.event("cutoff", p, tokens=len(p.generated))
@@ -43,7 +46,7 @@ class ParaThinkerRun(TreeRun):
                 for a in self.samplers():
                     a.finish_reason = a.finish_reason or "length"
             g = t.tag.group
-            if g is not None:
+            if g is not None and t.finished:  # (its paths join when the last one ends, t among them)
                 self.maybe_join(g)
         else:
             super().on_token(t, tok)

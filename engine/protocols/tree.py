@@ -144,11 +144,12 @@ class TreeRun(ProtocolRun):
         if self.scans(t):
             self.scan(t, st)
         if self.total >= self.max_total:
-            for a in self.samplers():
+            for a in self.samplers():  # (with no budget left it ends every thread, joining their forks)
                 a.finish_reason = a.finish_reason or "length"
-        for a in list(self.active):
-            if a.finished and a.tag.role == "path" and a.tag.group is not None:
-                self.maybe_join(a.tag.group)
+        # A fork joins when its last path ends: on that path's token (here), or in samplers().
+        # (Only t: every active thread, looked at for each token, was paths^2 a step.)
+        if t.finished and t.tag.role == "path" and t.tag.group is not None:
+            self.maybe_join(t.tag.group)
 
     def scan(self, t: Thread, st: ThreadState):
         raise NotImplementedError
