@@ -34,6 +34,11 @@ def logits_source(t: Thread) -> Thread:
     return t
 
 
+def logits_of(t: Thread) -> torch.Tensor:
+    """``t``'s next-token logits [V] (``last_logits``, or its row of them: Thread.logits_row)."""
+    return t.last_logits if t.logits_row is None else t.last_logits[t.logits_row]
+
+
 def own_text(tokenizer, t: Thread) -> str:
     """The text of ``t``'s own segment (header, injected and sampled tokens, special tokens
     spelled out), read after the text before it in its view, as a completion's: decoded
@@ -71,7 +76,7 @@ class EngineCore:
         self.forward_steps = 0
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
         self.token_source = None
-        # (thread, its row of the last step's logits) for the threads that sampled in it
+        # (thread, the last step's logits: Thread.logits_row its row) for the threads that sampled in it
         self._row_views: list[tuple[Thread, torch.Tensor]] = []
         self._penalized: list[Thread] = []  # threads holding a Penalties state
 
@@ -86,9 +91,9 @@ class EngineCore:
         more memory in them than in its pages). A thread that stopped sampling (accept's stop
         rules, or its protocol's: a fork, a step's end, a budget) drops its [vocab] penalty
         state; at a call's end every thread does."""
-        for t, row in self._row_views:
-            if t.last_logits is row and (fed is None or id(t) not in fed):
-                t.last_logits = None if t.pending else row.clone()
+        for t, logits in self._row_views:
+            if t.last_logits is logits and t.logits_row is not None and (fed is None or id(t) not in fed):
+                t.last_logits, t.logits_row = None if t.pending else logits[t.logits_row].clone(), None
         self._row_views = []
         keep = [t for t in self._penalized if fed is not None and t.finish_reason is None and not t.closed]
         kept = {id(t) for t in keep}
@@ -222,17 +227,17 @@ class EngineCore:
                 raise
             self.forward_steps += 1
             row_views = self._row_views
-            for i, (t, row) in enumerate(zip(feed, logits.unbind(0))):  # (all row views in one call)
+            for i, t in enumerate(feed):
                 t.pending = []
                 row_of[id(t)] = i
-                if id(t) in sampling:
+                if id(t) in sampling:  # (its row by index, no view: most are fed again next step)
                     t.logits_stale = False
-                    t.last_logits = row
-                    row_views.append((t, row))
+                    t.last_logits, t.logits_row = logits, i
+                    row_views.append((t, logits))
                 else:
                     t.logits_stale = t.live is not None
-                    t.last_logits = row.clone()  # a private copy for idle threads (a view would pin
-                    #                              the whole batch)
+                    t.last_logits, t.logits_row = logits[i].clone(), None  # a private copy for idle
+                    #                                       threads (a view would pin the whole batch)
         if not samplers:
             return []
         srcs = [t if t.tokens else logits_source(t) for t in samplers]
@@ -279,8 +284,8 @@ class EngineCore:
             want = [i for i, t in enumerate(samplers) if t.logprobs is not None]
             entries = dict(zip(want, top_logprobs_rows(logprobs, want, [tokens[i] for i in want],
                                                        [samplers[i].params.logprobs for i in want]))) if want else {}
-            for i, (t, row) in enumerate(zip(samplers, logprobs.unbind(0))):
-                t._lp_row = row
+            for i, t in enumerate(samplers):
+                t._lp_row = (logprobs, i)  # (its row by index: accept reads it only for a token not drawn here)
                 e = entries.get(i)
                 t._lp_entry = (tokens[i], e) if e is not None else None  # (accept's, for this token)
         return tokens
@@ -295,7 +300,7 @@ class EngineCore:
             if idx == list(range(logits.shape[0])):
                 return logits
             return logits.index_select(0, torch.tensor(idx, device=logits.device))
-        return torch.stack([s.last_logits for s in srcs])
+        return torch.stack([logits_of(s) for s in srcs])
 
     # ---- applying a sampled token ----------------------------------------------------------
     def begin(self, t: Thread, params: SamplingParams, generator: torch.Generator):
@@ -322,7 +327,7 @@ class EngineCore:
         lp = getattr(t, "_lp_row", None)
         if t.logprobs is not None and lp is not None:
             e = getattr(t, "_lp_entry", None)  # (step's, made for all its threads at once)
-            t.logprobs.append(e[1] if e is not None and e[0] == tok else top_logprobs(lp, tok, p.logprobs))
+            t.logprobs.append(e[1] if e is not None and e[0] == tok else top_logprobs(lp[0][lp[1]], tok, p.logprobs))
         t._lp_row = t._lp_entry = None
         eos = not p.ignore_eos and tok in self.eos_ids
         early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)

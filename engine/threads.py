@@ -34,6 +34,9 @@ class Thread:
     header_len: int = 0                       # leading tokens that were injected, not sampled
     path_tokens: int = 0                      # sampled tokens on the chain root..this thread
     last_logits: torch.Tensor | None = None   # next-token logits after the last written token
+    # (a thread that sampled in the last step: that step's logits [R, V], this thread's its row
+    # logits_row, until EngineCore.settle; a view a thread and step cost ~1-2 us: core.logits_of)
+    logits_row: int | None = None
     # (live views) last_logits were computed in a step where this thread did not sample:
     # its view may have grown since, so its next sample re-feeds its last token first
     logits_stale: bool = False
@@ -338,7 +341,7 @@ class ThreadTree:
         th.closed = True
         del self.open[th.id]
         del self.by_seg[th.seg.id]
-        th.last_logits = th.penalties = None
+        th.last_logits = th.logits_row = th.penalties = None
         for s, _ in th.view:
             self.cache.release_segment(s)
 

@@ -617,6 +617,61 @@ def test_threads_that_stop_at_different_steps_keep_one_logits_row_each(make_llm)
     assert ref() is None
 
 
+def test_a_sampled_threads_logits_are_its_steps_row_by_index_until_settled(make_llm, monkeypatch):
+    """A thread that sampled in a step keeps that step's logits and its row index, not a view
+    of its row (one view a thread and step cost ~1-2 us: most threads are fed again the next
+    step and never read it); core.logits_of reads the row. settle() then leaves a thread fed
+    again as it is, and gives one that is not its own copy of the row (None when its sampled
+    token is pending); the sampler's rows of threads not in the step are those rows."""
+    from engine.core import EngineCore, logits_of
+    llm = make_llm("qwen3")
+    core, seen = llm.core, []
+    settle = core.settle
+
+    def check_then_settle(fed=None):  # (the last step's samplers, as the step left them)
+        for t, logits in core._row_views:
+            assert t.last_logits is logits and logits.dim() == 2 and t.logits_row is not None
+            assert torch.equal(logits_of(t), logits[t.logits_row])
+            seen.append(t.id)
+        return settle(fed)
+    monkeypatch.setattr(core, "settle", check_then_settle)
+    with llm.session(random_ids(8, llm.config.vocab_size, 3)) as s:
+        a, b, c = s.fork(s.root, [[], [], []])
+        s.generate([a, b, c], SamplingParams(temperature=0.7, seed=1, max_tokens=3, ignore_eos=True))
+        assert sorted(set(seen)) == sorted(k._t.id for k in (a, b, c))
+        ts = [k._t for k in (a, b, c)]
+        assert all(t.last_logits is None and t.logits_row is None for t in ts)  # (their tokens pending)
+    # settle on its own: a thread fed again keeps the step's row; one not fed gets its copy
+    batch = torch.randn(3, 7)
+    with llm.session(random_ids(8, llm.config.vocab_size, 3)) as s:
+        ts = [k._t for k in s.fork(s.root, [[], [], []])]
+        for i, t in enumerate(ts):
+            t.last_logits, t.logits_row, t.pending = batch, i, []
+        ts[2].pending = [5]
+        core._row_views = [(t, batch) for t in ts]
+        settle(fed={id(ts[0])})
+        assert ts[0].last_logits is batch and ts[0].logits_row == 0
+        assert torch.equal(ts[1].last_logits, batch[1]) and ts[1].logits_row is None
+        assert ts[1].last_logits.untyped_storage().data_ptr() != batch.untyped_storage().data_ptr()
+        assert ts[2].last_logits is None and ts[2].logits_row is None
+        # the sampler's table: a row of this step's logits, one held by index, one held as a copy
+        step, root = torch.randn(2, 7), s.root._t
+        root.last_logits, root.logits_row = step, 1  # (as the step leaves a thread it fed, that samples)
+        table = EngineCore._logits_rows([ts[0], ts[1], root], step, {id(root): 1})
+        assert torch.equal(table, torch.stack([batch[0], batch[1], step[1]]))
+        for t in ts + [root]:
+            t.pending, t.last_logits, t.logits_row = [], None, None
+    # a protocol that accepts another token than the one drawn: its log-prob from the step's row
+    from engine.protocols.sampling import _SamplingRun
+    on_token = _SamplingRun.on_token
+    monkeypatch.setattr(_SamplingRun, "on_token", lambda self, t, tok: on_token(self, t, 7))
+    prompts = [random_ids(8, llm.config.vocab_size, 4), random_ids(5, llm.config.vocab_size, 5)]
+    for prompt, r in zip(prompts, llm.generate(prompts, SamplingParams(max_tokens=1, logprobs=1))):
+        (o,) = r.outputs
+        want = torch.log_softmax(llm.score(prompt)[0][-1].float(), -1)[7].item()
+        assert o.token_ids == [7] and abs(o.logprobs[0][7].logprob - want) < 1e-4, (o.logprobs, want)
+
+
 def test_feed_and_pages_held_match_their_plain_definitions(make_llm, monkeypatch):
     """Session._feed (the threads a step writes: the samplers and what their views read,
     transitively) and ThreadTree.pages_held (the pages of the open threads' views) avoid
