@@ -110,6 +110,24 @@ def test_linear_packed_opcheck():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K", [(1, 1), (17, 3), (33, 64), (100, 7), (16, 16)])
+def test_packed_weight_is_the_documented_layout(dtype, N, K):
+    """pack_linear_weight's panels, element for element: float32 [N/16, K, 16], bfloat16
+    [N/16, K/2, 16 x 2] (k, k + 1 of an output side by side), N and an odd K padded with
+    zeros (bfloat16 is packed as 32-bit words: the same layout, moved faster)."""
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N * 100 + K)).to(dtype)
+    Np = -(-N // 16) * 16
+    wp = torch.ops.loom.pack_linear_weight(w)
+    if dtype == torch.float32:
+        ref = F.pad(w, (0, 0, 0, Np - N)).view(Np // 16, 16, K).transpose(1, 2)
+    else:
+        Kp = K + K % 2
+        ref = F.pad(w, (0, Kp - K, 0, Np - N)).view(Np // 16, 16, Kp // 2, 2).permute(0, 2, 1, 3)
+        ref = ref.reshape(Np // 16, Kp // 2, 32)
+    assert wp.dtype == dtype and wp.is_contiguous() and torch.equal(wp, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 3), (33, 64), (100, 7), (16, 16)])
 def test_rows_read_from_the_packed_panels(dtype, N, K):
     """Linear.rows (a tied model's token lookup in its packed head) gives W[ids] exactly,
     for any N and K the packing pads, as a new contiguous tensor."""
