@@ -251,9 +251,8 @@ class EngineCore:
             params.append(p)
             if t.penalties is None and p.penalized:  # the repetition context: its view as it samples
                 #                                      its first token of the call
-                t.penalties = Penalties(p, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device)
-                if t.carried_counts is not None:
-                    t.penalties.counts += t.carried_counts
+                t.penalties = Penalties(p, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device,
+                                        t.carried_counts)
                 self._penalized.append(t)
             if t.penalties is not None:
                 pen.append(i)

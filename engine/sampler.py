@@ -38,9 +38,12 @@ class Penalties:
     """A thread's state for SamplingParams' penalties (as vLLM's): how often it sampled each
     token in this call (presence / frequency) and which tokens its context holds
     (repetition: its view's tokens when it samples its first token of the call, then what
-    it samples)."""
+    it samples). ``carried``: sampled-token counts it continues (a Hogwild! worker's).
+    ``ids()`` are the tokens whose logits a penalty can change (seen or counted): a step
+    penalizes those, not the whole vocabulary."""
 
-    def __init__(self, params: SamplingParams, vocab: int, context: list[list[int]], device):
+    def __init__(self, params: SamplingParams, vocab: int, context: list[list[int]], device,
+                 carried: torch.Tensor | None = None):
         self.params = params
         self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -48,26 +51,49 @@ class Penalties:
             for ids in context:
                 if ids:
                     self.seen[torch.tensor(ids, device=device)] = True
+        if carried is not None:
+            self.counts += carried
+        self._ids = (self.seen | (self.counts != 0)).nonzero()[:, 0]
+        self._new: list[int] = []  # touched since _ids was made
 
     def add(self, tok: int):
+        if not (self.seen[tok] or self.counts[tok]):  # (its first touch)
+            self._new.append(tok)
         self.counts[tok] += 1
         self.seen[tok] = True
+
+    def ids(self) -> torch.Tensor:
+        """int64 [n]: the tokens seen or counted, each once."""
+        if self._new:
+            self._ids = torch.cat([self._ids, torch.tensor(self._new, dtype=torch.long, device=self._ids.device)])
+            self._new = []
+        return self._ids
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[int], states: list[Penalties]) -> torch.Tensor:
     """``logits`` [R, V] with each row of ``rows`` penalized by its state (a new tensor):
     a token of the context has a positive logit divided by repetition_penalty, a negative
     one multiplied by it; a token sampled c times loses c x frequency_penalty, and
-    presence_penalty once (the order of vLLM's penalties, before temperature)."""
-    idx = torch.tensor(rows, device=logits.device)
-    x = logits.index_select(0, idx)  # (float32, as every logits table)
-    counts = torch.stack([s.counts for s in states])
+    presence_penalty once (the order of vLLM's penalties, before temperature). Only each
+    state's ``ids()`` are computed (the others are left as they are: the penalties' terms
+    are 0 there), the same arithmetic per entry as over whole rows (which, 15 passes over
+    [R, vocab], took 31 ms of a 236 ms decode step at n=8 and a 152k vocabulary)."""
+    dev = logits.device
+    ids = [s.ids() for s in states]
+    lens = torch.tensor([len(i) for i in ids], device=dev)
+    c = torch.cat(ids)
+    r = torch.tensor(rows, device=dev).repeat_interleave(lens)
     col = lambda name: torch.tensor([getattr(s.params, name) for s in states], dtype=torch.float32,  # noqa: E731
-                                    device=logits.device)[:, None]
+                                    device=dev).repeat_interleave(lens)
+    x = logits[r, c]  # (float32, as every logits table)
+    counts = torch.cat([s.counts[i] for s, i in zip(states, ids)])
+    seen = torch.cat([s.seen[i] for s, i in zip(states, ids)])
     rep = col("repetition_penalty")
-    x = torch.where(torch.stack([s.seen for s in states]), torch.where(x > 0, x / rep, x * rep), x)
+    x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     x = x - counts * col("frequency_penalty") - (counts > 0) * col("presence_penalty")
-    return logits.index_copy(0, idx, x)
+    out = logits.clone()
+    out[r, c] = x
+    return out
 
 
 def _loom_op(name: str):

@@ -197,6 +197,37 @@ def test_penalties_arithmetic():
     torch.testing.assert_close(out[0], torch.tensor([1.0, -4.0, 0.5 - 1.0 - 0.3, 0.25 - 0.5 - 0.3, 4.0]))
 
 
+def test_penalties_touch_only_seen_or_counted_tokens():
+    """apply_penalties computes only each state's ids() (tokens seen or counted, carried
+    counts included): those are every entry whose penalties are not all 0, and the result is
+    the whole-row arithmetic's, bit for bit."""
+    from engine.sampling_params import SamplingParams as SP
+    V, g = 300, torch.Generator().manual_seed(0)
+    carried = torch.zeros(V)
+    carried[[5, 77, 299]] = torch.tensor([1.0, 3.0, 2.0])
+    states = [sampler.Penalties(SP(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=-0.2), V,
+                                [[1, 2, 2, 9], [], [9, 250]], "cpu"),
+              sampler.Penalties(SP(presence_penalty=0.7), V, [[3, 4]], "cpu", carried),
+              sampler.Penalties(SP(repetition_penalty=0.8), V, [[0]], "cpu")]
+    for k, st in enumerate(states):
+        for tok in torch.randint(0, V, (20,), generator=g).tolist() + [2, 2, 77]:
+            st.add(tok)
+        if k == 1:
+            st.ids()  # (made, then grown)
+            st.add(123)
+        ids = st.ids().tolist()
+        assert len(ids) == len(set(ids)) and set(ids) == set((st.seen | (st.counts != 0)).nonzero()[:, 0].tolist())
+    logits = torch.randn(5, V, generator=g) * 3
+    rows = [4, 0, 2]
+    out = sampler.apply_penalties(logits, rows, states)
+    ref = logits.clone()
+    for r, st in zip(rows, states):
+        p, x = st.params, logits[r]
+        x = torch.where(st.seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        ref[r] = x - st.counts * p.frequency_penalty - (st.counts > 0) * p.presence_penalty
+    assert torch.equal(out, ref) and torch.equal(logits[[1, 3]], out[[1, 3]])
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan")])
 @pytest.mark.parametrize("temperature,top_k", [(1.0, -1), (0.0, -1), (0.8, 3)])
 def test_rows_without_a_finite_logit_raise(fill, temperature, top_k):
