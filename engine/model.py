@@ -188,6 +188,10 @@ class CausalLM:
         # Tied and packed: tokens are looked up in the head's panels (one copy of the table,
         # not two: 0.6 GB of a 0.6B model's 2.8 in float32).
         self.embed = None if lm is None and self.lm_head.packed else embed
+        # (not held while the layers load: a table the head's panels replace, or a head's
+        # unpacked weight, is a copy when the run's dtype is not the checkpoint's; 0.6 GB of
+        # a 0.6B model's peak in float32 from bfloat16)
+        del embed, lm
         self.layers: list[Layer] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."

@@ -149,6 +149,32 @@ def test_a_tied_model_keeps_one_copy_of_its_table(make_llm):
         assert m.embed_tokens(ids).shape == (5, m.cfg.hidden_size)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_unpacked_head_is_not_held_while_the_layers_load(tmp_path, monkeypatch, tied):
+    """A packed head's unpacked weight (a tied model's table) is dropped once packed: in
+    another dtype than the checkpoint's it is a copy, which was held until every layer had
+    loaded (0.6 GB of a 0.6B model's peak, float32 from bfloat16)."""
+    import weakref
+    from engine import LLM, model as M
+    from engine.demo import make_random_model
+    d = make_random_model(str(tmp_path / "m"), hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16,
+                          intermediate=128, tie_word_embeddings=tied)  # (a float32 checkpoint)
+    refs, alive = {}, []
+    take = M.CausalLM._take
+
+    def spy(self, w, name, *args, **kwargs):
+        if name == "model.layers.0.self_attn.q_proj.weight":
+            alive.extend(n for n, r in refs.items() if r() is not None)
+        t = take(self, w, name, *args, **kwargs)
+        if name in ("model.embed_tokens.weight", "lm_head.weight") and t is not None:
+            refs[name] = weakref.ref(t)
+        return t
+    monkeypatch.setattr(M.CausalLM, "_take", spy)
+    m = LLM(d, dtype="bfloat16", kv_cache_tokens=64).model
+    assert m.lm_head.packed and len(refs) == (1 if tied else 2)
+    assert alive == ([] if tied else ["model.embed_tokens.weight"])  # (an untied table is the model's)
+
+
 def test_linear_packed_refuses_mixed_devices():
     wp = torch.ops.loom.pack_linear_weight(torch.randn(40, 24))
     with pytest.raises(RuntimeError, match="different devices"):
