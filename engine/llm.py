@@ -317,6 +317,12 @@ class LLM:
             raise ValueError(f"device={device!r} is not supported; Loom runs on 'cpu' or 'cuda' (e.g. 'cuda:1').")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu'.")
+        if self.device.type == "cuda" and self.device.index is not None \
+                and self.device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f"device={device!r} but torch sees {n} CUDA device{'s' if n != 1 else ''} "
+                             f"(cuda:0{f' .. cuda:{n - 1}' if n > 1 else ''}); pick one of them "
+                             "(CUDA_VISIBLE_DEVICES renumbers the GPUs it lists from 0).")
         if (dtype is None or dtype == "auto") and self.config.torch_dtype is None:
             raise ValueError(f"config.json's torch_dtype {self.config.unsupported_dtype!r} is not one Loom runs; "
                              "pass dtype='float32', 'bfloat16' or 'float16'.")

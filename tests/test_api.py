@@ -1436,6 +1436,20 @@ def test_unsupported_device(model_dir, llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_cuda_device_index_past_the_visible_gpus(model_dir, monkeypatch):
+    """device='cuda:1' on a machine where torch sees one GPU: one clear error before the
+    checkpoint is opened (was CUDA's 'invalid device ordinal', with its CUDA_LAUNCH_BLOCKING
+    advice, from the first tensor moved there). One GPU is faked: only the refusal runs."""
+    from engine import LLM
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"device='cuda:1' but torch sees 1 CUDA device \(cuda:0\); pick one"):
+        LLM(model_dir(NAME), device="cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device='cuda:5' but torch sees 2 CUDA devices \(cuda:0 \.\. cuda:1\)"):
+        LLM(model_dir(NAME), device="cuda:5")
+
+
 def test_kv_cache_tokens_between_pages_rounded_up(model_dir):
     """kv_cache_tokens between two whole pages: the cache holds at least that many tokens (it
     held the pages below it: 100 tokens asked, 96 made, a 100-token score refused), and says
