@@ -334,6 +334,46 @@ def test_append_never_writes_or_reads_outside_its_tensors():
     torch.testing.assert_close(kbuf[:3].cpu(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(not tk.INTERPRET or sys.platform != "linux",
+                    reason="CPU pools mapped from a sparse file (Linux), run by the Triton interpreter")
+def test_pools_past_2_31_elements_are_addressed_in_int64(tmp_path):
+    """Page and slot offsets are int64 in every kernel: a layer's pool passes 2^31 elements at
+    2^31 / (Hkv x D) tokens (2.1M tokens for 8 kv heads of 128; 524k for 32), where int32
+    offsets wrap. No small pool shows it: here the pools are mapped from a sparse file
+    (nothing stored but the pages written), with pages past element 2^31 and 2^31 zeros
+    before the pools, where wrapped offsets land. K/V written there by append_kv (int32
+    slots) and read back by segment_attention (direct, and split then merged) must be the
+    tokens themselves. (Test only: the kernels already widen; with any of the three int64
+    casts removed this test fails.)"""
+    H, D, ps, Hq, T = 1, 16, 4, 2, 10
+    page = ps * H * D
+    far = 2**31 // page + 5                 # pages from here on start past element 2^31
+    N, pad = far + 3, 2**31
+    path = tmp_path / "pools"
+    with open(path, "wb") as f:
+        f.truncate((pad + 2 * N * page) * 4)
+    flat = torch.from_file(str(path), shared=True, size=pad + 2 * N * page, dtype=torch.float32)
+    path.unlink()  # (the mapping stays; no ~24 GB sparse file is left behind)
+    k_pool, v_pool = flat[pad:].view(2, N, ps, H, D)
+    g = torch.Generator().manual_seed(90)
+    k, v = torch.randn(2, T, H, D, generator=g)
+    pages = [far + 2, 1, far]
+    slots = torch.tensor([pages[i // ps] * ps + i % ps for i in range(T)], dtype=torch.int32)
+    tk.append_kv(k_pool, v_pool, k, v, slots)
+    at = slots.long()
+    assert torch.equal(k_pool.view(-1, H, D)[at], k) and torch.equal(v_pool.view(-1, H, D)[at], v)
+    q = torch.randn(3, Hq, D, generator=g)
+    plan = build_plan_py([ThreadStep([(0, 0)], 0, 3)], {0: T}, {0: pages})
+    small_k, small_v = torch.zeros(2, 3 * ps, H, D)
+    small_k[:T], small_v[:T] = k, v
+    ref = R.segment_attention_torch(q, small_k.view(3, ps, H, D), small_v.view(3, ps, H, D),
+                                    build_plan_py([ThreadStep([(0, 0)], 0, 3)], {0: T}, {0: [0, 1, 2]}),
+                                    inv_freq_of(D), 0.25)
+    for chunk in (None, 4):
+        out = tk.segment_attention(q, k_pool, v_pool, plan, inv_freq_of(D), 0.25, kv_chunk=chunk)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 # ---- launcher checks ------------------------------------------------------------------------------
 
 def test_every_launch_runs_under_its_tensors_device(monkeypatch):
