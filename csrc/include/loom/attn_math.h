@@ -1,4 +1,6 @@
-// Framework-free attention math shared by the CPU and CUDA kernels.
+// Framework-free attention math for the CPU kernels. (__host__ __device__ under nvcc, but no
+// CUDA source includes it: the GPU attention is triton_kernels/. The online softmax, merge_state
+// and rope_rotate below are the scalar forms of what the kernels do vectorised; nothing calls them.)
 //
 // Everything here works on one float32 vector at a time and uses the natural log
 // throughout: a partial softmax state is (o, lse) with o already normalised and
