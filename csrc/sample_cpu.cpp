@@ -10,10 +10,20 @@
 // pick_from_logits(logits [R, V] float32, temperature [R] > 0, u [R]) -> int64 [R]: the
 // same draw from softmax(logits / temperature), with the exponentials computed in one
 // pass per row into a scratch row (no [R, V] probability tensor, no normalisation).
+//
+// top_logits(logits [R, V] float32, k) -> (values [R, k] float32, indices [R, k] int64):
+// each row's first k entries when sorted by value, descending, equal values in index
+// order (a stable sort's first k, so ties at the k-th value keep the lowest indices). One
+// pass per row instead of torch.topk's: blocks of 16 whose max is not above the current
+// threshold are skipped; candidates above it collect in a buffer, cut back to the best k
+// (which raises the threshold) when it fills. A row with a NaN gets NaN as its first value.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <utility>
 #include <vector>
 
 #include "loom/attn_math.h"
@@ -124,9 +134,72 @@ at::Tensor pick_from_probs(const at::Tensor& probs, const at::Tensor& u) {
   return out;
 }
 
+using Cand = std::pair<float, int64_t>;
+
+bool ranks_before(const Cand& a, const Cand& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+
+void top_row(const float* x, int64_t V, int64_t k, float* ov, int64_t* oi, std::vector<Cand>& buf) {
+  const size_t cap = static_cast<size_t>(std::max<int64_t>(2 * k, 256));
+  buf.clear();
+  bool cut = false;  // after the first cut: buf holds the best k so far, thr the k-th's value
+  float thr = -INFINITY;
+  for (int64_t i0 = 0; i0 < V; i0 += 16) {
+    const int64_t i1 = std::min(V, i0 + 16);
+    float m = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan)
+    for (int64_t i = i0; i < i1; ++i) {
+      m = x[i] > m ? x[i] : m;
+      nan += x[i] != x[i];
+    }
+    if (nan) {  // (the caller reports the row)
+      for (int64_t j = 0; j < k; ++j) ov[j] = NAN, oi[j] = 0;
+      return;
+    }
+    if (cut && !(m > thr)) continue;
+    // (a later value equal to thr ranks after every kept one: its index is larger)
+    for (int64_t i = i0; i < i1; ++i)
+      if (!cut || x[i] > thr) buf.emplace_back(x[i], i);
+    if (buf.size() >= cap) {
+      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), ranks_before);
+      buf.resize(k);
+      thr = std::min_element(buf.begin(), buf.end(), [](const Cand& a, const Cand& b) { return a.first < b.first; })->first;
+      cut = true;
+    }
+  }
+  if (buf.size() > static_cast<size_t>(k)) {
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), ranks_before);
+    buf.resize(k);
+  }
+  std::sort(buf.begin(), buf.end(), ranks_before);
+  for (int64_t j = 0; j < k; ++j) ov[j] = buf[j].first, oi[j] = buf[j].second;
+}
+
+std::tuple<at::Tensor, at::Tensor> top_logits(const at::Tensor& logits, int64_t k) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == at::kFloat,
+              "top_logits: logits must be a float32 CPU tensor");
+  TORCH_CHECK(logits.dim() == 2, "top_logits: logits must be [rows, vocab], got ", logits.sizes());
+  const int64_t R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= V, "top_logits: k must be in [1, vocab] (", V, "), got ", k);
+  at::Tensor x = logits.contiguous();
+  at::Tensor values = at::empty({R, k}, x.options());
+  at::Tensor indices = at::empty({R, k}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<Cand> buf;
+    for (int64_t r = r0; r < r1; ++r) top_row(xp + r * V, V, k, vp + r * k, ip + r * k, buf);
+  });
+  return {values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(loom, m) {
+  m.def("top_logits(Tensor logits, int k) -> (Tensor, Tensor)");
   m.def("pick_from_probs(Tensor probs, Tensor u) -> Tensor");
   m.def("pick_from_logits(Tensor logits, Tensor temperature, Tensor u) -> Tensor");
 }
@@ -134,6 +207,7 @@ TORCH_LIBRARY_FRAGMENT(loom, m) {
 TORCH_LIBRARY_IMPL(loom, CPU, m) {
   m.impl("pick_from_probs", &pick_from_probs);
   m.impl("pick_from_logits", &pick_from_logits);
+  m.impl("top_logits", &top_logits);
 }
 
 }  // namespace loom

@@ -1,6 +1,6 @@
 """Fake (meta) kernels for the model-layer ops of csrc/linear_cpu.cpp (packed GEMM) and
 csrc/fused_cpu.cpp (RMSNorm, residual + RMSNorm, q/k/v preparation with RoPE, SiLU-gate)
-and csrc/sample_cpu.cpp (inverse-CDF picks),
+and csrc/sample_cpu.cpp (inverse-CDF picks, a row's largest logits),
 so that ``torch.compile`` can trace a model that uses them. Importing loads engine._C."""
 from __future__ import annotations
 
@@ -63,3 +63,9 @@ def _pick_from_probs_fake(probs, u):
 def _pick_from_logits_fake(logits, temperature, u):
     _one_device("pick_from_logits", logits, temperature, u)
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("loom::top_logits")
+def _top_logits_fake(logits, k):
+    _one_device("top_logits", logits)
+    return logits.new_empty((logits.shape[0], k)), logits.new_empty((logits.shape[0], k), dtype=torch.int64)

@@ -34,6 +34,90 @@ def _filtered_logprobs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return x.log_softmax(-1)
 
 
+def _filtered_rows(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """_filtered_logprobs for rows [n, V] that share ``p``, without sorting the vocabulary:
+    (ids [n, W], log-probs [n, W]), each row's kept tokens in increasing id order, then
+    padding (log-prob -inf). min-p, top-k and top-p each keep a prefix of the row sorted by
+    logit, so a row looks at its K largest logits (``_top_logits``; K = top_k + 1, else
+    _WINDOW, then _GROW times more while the window does not show where the prefix ends;
+    past V / 4 the reference itself). The tokens above the window's smallest logit are
+    the row's tokens above it; the prefix ends inside them when min-p cuts that smallest
+    logit, when they hold top-k's k tokens, or (top-p alone, whose mass is the whole row's
+    softmax) when top-p drops the first token at that logit.
+    min-p compares logits, x < x_max + log(min_p), for p < min_p * p_max (no softmax of
+    the row). The same kept set but at float rounding edges (that comparison; top-p's
+    softmax adds its sum in another order) and for ties at top-p's cut: the reference
+    keeps those its unstable sort puts first, this the lowest ids (as many). A row's path
+    depends on its own logits and ``p`` only."""
+    n, V = logits.shape
+    dev = logits.device
+    top_k = p.top_k if p.top_k != -1 and p.top_k < V else 0
+    # (top-p alone: its probabilities are the whole row's softmax)
+    full = (logits / p.temperature).softmax(-1) if not top_k and p.min_p == 0.0 else None
+    ninf = float("-inf")
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (row numbers, ids, log-probs)
+    rows = torch.arange(n, device=dev)
+    K = top_k + 1 if top_k else _WINDOW
+    while rows.numel():
+        if K > V // 4:  # (the window would be much of the row: the reference)
+            lp = torch.stack([_filtered_logprobs(logits[r], p) for r in rows.tolist()])
+            out.append((rows, torch.arange(V, device=dev).expand(len(rows), V), lp))
+            break
+        vals, idx = _top_logits(logits if len(rows) == n else logits.index_select(0, rows), K)
+        if not vals[:, 0].isfinite().all():  # (NaN / +inf come first: reported by the caller)
+            raise RuntimeError("a row has a NaN / inf logit, or no finite one")
+        vals = vals / p.temperature  # (x's values: the same division)
+        inside = vals > vals[:, -1:]
+        done = vals[:, -1] == ninf  # (every finite logit is in the window)
+        if p.min_p > 0.0:  # (p < min_p * p_max in logits: no softmax of the row)
+            cut = vals < vals[:, :1] + math.log(p.min_p)
+            vals = vals.masked_fill(cut, ninf)
+            done |= cut[:, -1]
+        if top_k:
+            done |= inside.sum(1) >= top_k
+            vals = vals.masked_fill(vals < vals[:, top_k - 1:top_k], ninf)
+        if p.top_p < 1.0:
+            if full is None:
+                ps = vals.softmax(-1)
+            else:
+                ps = (full if len(rows) == n else full.index_select(0, rows)).gather(1, idx)
+            cut = (ps.cumsum(1) - ps) >= p.top_p
+            if full is not None:
+                done |= (cut | inside).all(1)
+            vals = vals.masked_fill(cut, ninf)
+        if done.any():
+            d = done.nonzero()[:, 0]
+            vals, idx = vals.index_select(0, d), idx.index_select(0, d)
+            o = idx.masked_fill(vals == ninf, V).argsort(1)  # (kept tokens first, in id order)
+            out.append((rows.index_select(0, d), idx.gather(1, o), vals.gather(1, o).log_softmax(-1)))
+        rows = rows[~done]
+        K *= _GROW
+    if len(out) == 1 and len(out[0][0]) == n:  # (every row's prefix in the first window)
+        return out[0][1], out[0][2]
+    W = max(ids.shape[1] for _, ids, _ in out)
+    ids = torch.zeros(n, W, dtype=torch.long, device=dev)
+    lp = torch.full((n, W), ninf, dtype=logits.dtype, device=dev)
+    for r, i, v in out:
+        ids[r, :i.shape[1]], lp[r, :v.shape[1]] = i, v
+    return ids, lp
+
+
+_WINDOW, _GROW = 64, 16  # (tests make them small)
+
+
+def _top_logits(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first k logits sorted by value, descending, equal values in id order (and
+    their ids): engine._C's top_logits (one pass a row), else torch.topk and two sorts of its
+    k (which of the values tied at the k-th it keeps may differ)."""
+    op = _loom_op("top_logits")
+    if op is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        return op(x, k)
+    vals, idx = x.topk(k)
+    idx, o = idx.sort(dim=1)
+    vals, o = vals.gather(1, o).sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, o)
+
+
 class Penalties:
     """A thread's state for SamplingParams' penalties (as vLLM's): how often it sampled each
     token in this call (presence / frequency) and which tokens its context holds
@@ -207,7 +291,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                 picked += pick((sub / temps[:, None].to(sub.dtype)).softmax(-1), up)
         if filtered:
             uf = _take_rows(u, [at[r] for r in filtered]).to(logits.device)
-            picked += pick(torch.stack([_filtered_logprobs(logits[r], params[r]) for r in filtered]).exp(), uf)
+            # (rows sharing a params object, as a request's threads do, filter together)
+            groups: dict[int, list[int]] = {}
+            for j, r in enumerate(filtered):
+                groups.setdefault(id(params[r]), []).append(j)
+            got = [0] * len(filtered)
+            for js in groups.values():
+                rs = [filtered[j] for j in js]
+                ids, lp = _filtered_rows(_take_rows(logits, rs), params[rs[0]])
+                pos = torch.tensor(pick(lp.exp(), uf if len(js) == len(filtered) else _take_rows(uf, js)))
+                for j, tok in zip(js, ids.gather(1, pos[:, None].to(ids.device))[:, 0].tolist()):
+                    got[j] = tok
+            picked += got
         # (the torch fallback's searchsorted on a NaN row lands past the end instead of raising)
         failed = any(not 0 <= tok < logits.shape[1] for tok in picked)
     except RuntimeError:  # (the C++ draws refuse a row with no finite logit)

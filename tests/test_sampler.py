@@ -229,14 +229,16 @@ def test_penalties_touch_only_seen_or_counted_tokens():
 
 
 @pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan")])
-@pytest.mark.parametrize("temperature,top_k", [(1.0, -1), (0.0, -1), (0.8, 3)])
-def test_rows_without_a_finite_logit_raise(fill, temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.0, -1, 1.0), (0.8, 3, 1.0), (0.8, -1, 0.9)])
+@pytest.mark.parametrize("V", [8, 3000])
+def test_rows_without_a_finite_logit_raise(fill, temperature, top_k, top_p, V):
     """A row whose logits are all -inf / inf / NaN (float16 overflow, NaN weights) raises
-    one FloatingPointError, greedy, sampled or filtered (argmax would return token 0)."""
+    one FloatingPointError, greedy, sampled or filtered (argmax would return token 0; at
+    V=3000 the filters look at a window of the largest logits, not the whole row)."""
     from engine.sampling_params import SamplingParams as SP
-    logits = torch.randn(3, 8)
+    logits = torch.randn(3, V)
     logits[1] = fill
-    params = [SP(temperature=temperature, top_k=top_k, seed=1)] * 3
+    params = [SP(temperature=temperature, top_k=top_k, top_p=top_p, seed=1)] * 3
     with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in batch rows \[1\]"):
         sampler.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
 
@@ -338,3 +340,145 @@ def test_top_logprobs_rows_are_each_rows_top_logprobs():
         want = sampler.top_logprobs(lp[r], c, k)
         assert list(d.items()) == list(want.items())
         assert [x.rank for x in d.values()] == [x.rank for x in want.values()]
+
+
+_COMBOS = [{"temperature": 0.6, "top_p": 0.95, "top_k": 20}, {"temperature": 0.7, "top_p": 0.8}, {"top_k": 20},
+           {"min_p": 0.05}, {"min_p": 0.1, "top_k": 5}, {"min_p": 0.05, "top_p": 0.9}, {"top_k": 1},
+           {"temperature": 1.3, "top_k": 3, "top_p": 0.5}, {"min_p": 1.0}, {"top_p": 0.3},
+           {"min_p": 0.2, "top_k": 7, "top_p": 0.7}, {"top_p": 0.999}, {"temperature": 0.4, "top_k": 300}]
+
+
+def _rows(V: int, g: torch.Generator) -> torch.Tensor:
+    """8 rows of V logits: flat to peaked, ties (whole numbers, quarters), -inf tokens."""
+    x = torch.randn(8, V, generator=g) * torch.tensor([0.3, 1, 2, 4, 8, 3, 3, 3])[:, None]
+    x[5] = x[5].round()
+    x[6] = (x[6] * 4).round() / 4
+    x[7, ::3] = float("-inf")
+    x[4, :V // 2] = float("-inf")
+    return x
+
+
+@pytest.fixture(params=["op", "torch"])
+def windows(request, monkeypatch):
+    """Both _top_logits (engine._C's op, torch.topk): the default windows on the first
+    pass, then windows of 2, 4, 8, ... (every step of the growth)."""
+    if request.param == "torch":
+        monkeypatch.setitem(sampler._OPS, "top_logits", None)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_filtered_rows_keep_the_references_tokens(windows, small):
+    """The filtered rows' kept tokens (sample's path, which does not sort the vocabulary)
+    are _filtered_logprobs' (the reference): a prefix of the row sorted by tempered logit,
+    as many tokens as the reference keeps (ties at top-p's cut: the lowest ids, where the
+    reference keeps those its unstable sort puts first), or for top-p, between the
+    reference's at top_p -/+ 1e-5 (the softmax's sum may round differently)."""
+    from engine.sampling_params import SamplingParams as SP
+    if small:
+        windows.setattr(sampler, "_WINDOW", 2)
+        windows.setattr(sampler, "_GROW", 2)
+    g = torch.Generator().manual_seed(11)
+
+    def count(row, c):
+        return int(sampler._filtered_logprobs(row, SP(**c)).isfinite().sum())
+
+    inexact = 0
+    for V in (1, 7, 97, 1000, 4097, 20011):
+        for c in _COMBOS:
+            p = SP(**c)
+            x = _rows(V, g)
+            ids, lp = sampler._filtered_rows(x, p)
+            for r in range(8):
+                got = ids[r][lp[r].isfinite()]
+                assert got.tolist() == sorted(set(got.tolist())), (V, c, r)
+                xt = x[r] / p.temperature
+                assert torch.equal(xt[got].sort(descending=True).values,
+                                   xt.sort(descending=True).values[:len(got)]), (V, c, r)
+                want = count(x[r], c)
+                if len(got) != want:
+                    inexact += 1
+                    assert "top_p" in c, (V, c, r, len(got), want)
+                    lo = count(x[r], {**c, "top_p": c["top_p"] - 1e-5})
+                    hi = count(x[r], {**c, "top_p": c["top_p"] + 1e-5})
+                    assert lo <= len(got) <= hi, (V, c, r, len(got), want)
+                torch.testing.assert_close(lp[r][lp[r].isfinite()], xt[got].log_softmax(-1))
+    assert inexact <= 5
+
+
+def test_filtered_draws_are_the_references(windows):
+    """sample's filtered rows draw the reference's token (pick over _filtered_logprobs'
+    whole row) with the same uniform number, but where u lies within float rounding of a
+    kept token's cumulative probability (the sum over the kept tokens, in id order, adds
+    the same terms)."""
+    from engine.sampling_params import SamplingParams as SP
+    g = torch.Generator().manual_seed(12)
+    edges = 0
+    for V in (300, 5001, 20011):
+        for c in _COMBOS:
+            p = SP(**c)
+            x = torch.randn(8, V, generator=g) * torch.tensor([0.5, 1, 2, 3, 4, 5, 6, 8])[:, None]
+            x[:, :3] += 6.0  # (a few likely tokens, as a model's)
+            for seed in range(2):
+                seeds = [100 * seed + r for r in range(8)]
+                got, _ = sampler.sample(x, [p] * 8, [torch.Generator().manual_seed(s) for s in seeds])
+                u = torch.cat([torch.rand(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
+                ref = torch.stack([sampler._filtered_logprobs(row, p) for row in x]).exp()
+                want = sampler.pick(ref, u)
+                for r, (a, b) in enumerate(zip(got, want)):
+                    if a != b:
+                        edges += 1
+                        cdf = ref[r].double().cumsum(0)
+                        assert ref[r, a] > 0 and (cdf[min(a, b)] - u[r].double() * cdf[-1]).abs() < 1e-5, (V, c, r)
+    assert edges <= 3
+
+
+def _gens(seeds) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_filtered_rows_draw_as_alone_in_any_batch():
+    """A seeded filtering row draws the same token alone, among rows sharing its params
+    object (which filter together), and among rows of other params, on 1 or 2 threads
+    (min-p then top-p from a window; top-p alone, whose probabilities are the row's softmax)."""
+    from engine.sampling_params import SamplingParams as SP
+    g = torch.Generator().manual_seed(13)
+    V = 30011
+    x = torch.randn(6, V, generator=g) * 3
+    x[:, 7] += 9.0
+    others = [SP(temperature=0.6, top_p=0.95, top_k=20), SP(top_k=3), SP(temperature=0.9)]
+    for mine in (SP(temperature=0.7, top_p=0.8, min_p=0.01), SP(temperature=0.8, top_p=0.9)):
+        for threads in (1, 2):
+            with torch_threads(threads):
+                for seed in range(4):
+                    seeds = range(seed, seed + 6)
+                    alone = [sampler.sample(x[r:r + 1], [mine], _gens([s]))[0][0] for r, s in enumerate(seeds)]
+                    shared = sampler.sample(x, [mine] * 6, _gens(seeds))[0]
+                    mixed = sampler.sample(x, [mine, others[0], mine, others[1], mine, others[2]], _gens(seeds))[0]
+                    assert shared == alone and mixed[::2] == alone[::2], (mine, threads, seed)
+
+
+@pytest.mark.parametrize("V", [1, 5, 16, 17, 300, 5000])
+def test_top_logits_is_a_stable_sorts_first_k(V):
+    """engine._C's top_logits: a row's first k of a stable descending sort (ties at the
+    k-th value: the lowest ids), for every k; NaN rows start with NaN; errors; opcheck."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(6, V, generator=g) * 3
+    x[1] = x[1].round()  # ties
+    x[2, ::2] = float("-inf")
+    x[3] = 1.0
+    x[4] = torch.arange(V, dtype=torch.float32)  # (ascending: every value a new candidate)
+    x[5, V // 2] = float("inf")
+    want_v, want_i = x.sort(dim=1, descending=True, stable=True)
+    for k in sorted({1, min(2, V), min(3, V), V // 3 or 1, V // 2 or 1, V - 1 or 1, V}):
+        v, i = torch.ops.loom.top_logits(x, k)
+        assert torch.equal(v, want_v[:, :k]) and torch.equal(i, want_i[:, :k]), k
+    y = x.clone()
+    y[2, V - 1] = float("nan")
+    v, _ = torch.ops.loom.top_logits(y, 1)
+    assert v[2, 0].isnan() and not v[[0, 1, 3, 4, 5], 0].isnan().any()
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, vocab\]"):
+        torch.ops.loom.top_logits(x, V + 1)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        torch.ops.loom.top_logits(x.double(), 1)
+    torch.library.opcheck(torch.ops.loom.top_logits, (x, min(3, V)))
