@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA source (csrc/cuda/*.cu) with nvcc for sm_90, when nvcc exists,
+# Compile-check every CUDA source (csrc/cuda/*.cu, and tests/csrc/attn_math_device.cu: the shared
+# math header from device code) with nvcc for sm_90, when nvcc exists,
 # and the op's host registration (csrc/cuda/*.cpp) against the installed torch's headers
 # (a CPU torch ships c10/cuda's headers but not the one its CMake generates: a stand-in
 # is written for the check). Nothing runs on a GPU here: this only proves they build.
@@ -20,6 +21,9 @@ for src in "${sources[@]}"; do
   echo "check_cuda: $src compiles for sm_90"
 done
 echo "check_cuda: ${#sources[@]} CUDA source(s) OK"
+# The shared math header used from device code (tests/csrc: a check, not part of engine._C).
+"$NVCC" -arch=sm_90 -std=c++17 -O3 -Icsrc/include -c tests/csrc/attn_math_device.cu -o "$out/attn_math_device.o"
+echo "check_cuda: csrc/include/loom/attn_math.h compiles as device code (tests/csrc/attn_math_device.cu)"
 TORCH_INC=$(python -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null || true)
 CUDA_INC=
 for d in "${CUDA_HOME:-}/include" "$(dirname "$(dirname "$NVCC")")/include" /usr/local/cuda/include; do

@@ -1,6 +1,8 @@
 // Framework-free attention math for the CPU kernels. (__host__ __device__ under nvcc, but no
-// CUDA source includes it: the GPU attention is triton_kernels/. The online softmax, merge_state
-// and rope_rotate below are the scalar forms of what the kernels do vectorised; nothing calls them.)
+// CUDA source of engine._C includes it: the GPU attention is triton_kernels/. The online
+// softmax, merge_state and rope_rotate below are the scalar forms of what the CPU kernels do
+// vectorised, kept for a CUDA kernel to reuse: tests/test_attn_math.py checks them against
+// torch, and .ci/check_cuda.sh compiles them as device code, tests/csrc/attn_math_device.cu.)
 //
 // Everything here works on one float32 vector at a time and uses the natural log
 // throughout: a partial softmax state is (o, lse) with o already normalised and
