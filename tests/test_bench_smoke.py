@@ -167,3 +167,12 @@ def test_bench_prefill_smallest():
     rows = re.findall(r"^\s+(one pass \(40\)|chunks of 16)\s+[\d.]+\s+[\d.]+x\s+(\d+|n/a)\s+\d+$", out, flags=re.M)
     assert [r[0] for r in rows] == ["one pass (40)", "chunks of 16"], out
     assert "same first token from every method: yes" in out, out
+
+
+def test_bench_sampler_smallest():
+    """bench_sampler.py prints one row per setting, row kind and n, with both paths' times,
+    and its two paths draw the same tokens (else the row says so)."""
+    out = run("bench/bench_sampler.py", "--vocab", "3000", "--n", "1", "3", "--repeats", "1")
+    rows = re.findall(r"^(.+?)\s+(peaked|flat)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x(.*)$", out, flags=re.M)
+    assert len(rows) == 4 * 2 * 2 and {r[2] for r in rows} == {"1", "3"}, out
+    assert all(r[3] == "" for r in rows), out
