@@ -158,7 +158,12 @@ class EngineLock:
 
     def acquire(self, blocking: bool = True) -> bool:
         me = threading.get_ident()
-        with self._cv:
+        # (not blocking: nor for the condition's own lock, which this thread may hold already: the
+        # garbage collector runs a dropped session's __del__ wherever it runs, in this bookkeeping
+        # too, and its close waited here for good, and every engine call behind it)
+        if not self._cv.acquire(blocking):
+            return False
+        try:
             if self._orphaned:
                 if not blocking:  # (a dropped session's close: hands its tree over, harmless)
                     return False
@@ -186,6 +191,8 @@ class EngineLock:
             self._line.popleft()
             self._owner, self._depth = me, 1
             return True
+        finally:
+            self._cv.release()
 
     def release(self):
         with self._cv:

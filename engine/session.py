@@ -321,8 +321,9 @@ class Session:
             self.tree = None
 
     def _close_or_hand_over(self):
-        """close(), unless another Python thread runs an engine call: then the LLM's next call
-        closes the tree (engine_call), and this returns at once. (A dropped session waited for
+        """close(), unless another Python thread runs an engine call (or this one is inside the
+        engine lock's own bookkeeping, where the garbage collector may run this): then the LLM's
+        next call closes the tree (engine_call), and this returns at once. (A dropped session waited for
         that call to end, in whatever thread dropped it: a server thread stalled for a whole
         generate, and in the main thread a Ctrl-C meanwhile was lost, a second one left the
         session's pages held for good.)"""

@@ -1215,6 +1215,44 @@ def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_a_session_the_garbage_collector_frees_inside_the_engine_locks_bookkeeping(make_llm):
+    """The collector runs a dropped session's __del__ wherever it runs, also while the thread
+    is inside the engine lock's own bookkeeping (holding its condition: at an allocation there,
+    or on Python 3.12+ at any call there, a trace function's or a signal handler's too). The
+    session's close tried that lock again and waited for it forever: every engine call of
+    every thread hung. It is handed over instead, and the next call closes it."""
+    import gc
+    import threading
+
+    llm = make_llm(NAME, kv_cache_tokens=4096, seed=11)  # (its own: a hang would leave it held)
+    s = llm.session(random_ids(20, VOCAB, seed=3))
+    s.generate([s.root], greedy(2))
+    s.cycle = s  # (a reference cycle: only the collector frees it)
+    del s
+    cv, notify_all = llm._lock._cv, llm._lock._cv.notify_all
+    ran = []
+
+    def collect_then_notify():  # (the collector lands here, as the call lets go of the lock)
+        if not ran:
+            ran.append(gc.collect())
+        notify_all()
+    cv.notify_all = collect_then_notify
+    gc_was = gc.isenabled()
+    gc.disable()  # (so that it runs there and not before)
+    try:
+        t = threading.Thread(target=llm.cache_stats, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the session's close waited for the engine lock's condition it held"
+    finally:
+        del cv.notify_all
+        if gc_was:
+            gc.enable()
+    assert ran and ran[0] > 0
+    assert llm.cache_stats()["segments"] == 0  # (handed over, then closed by this call)
+    assert_no_leak(llm)
+
+
 def test_threads_take_turns_in_the_order_they_came(llm, baseline):
     """Python threads get the engine first come, first served: a thread that ends a call and
     asks at once for the next waits behind the threads already waiting (with a plain RLock
