@@ -29,6 +29,15 @@ def test_step_boundaries_after_closing_marks_and_in_display_math():
     assert not step_ended('He said "it is 7"\n\n')
 
 
+def test_a_closed_display_math_block_ends_a_step():
+    """A paragraph break after closed $$ display math (two $$) is a step's end, as after a closed
+    code fence; an odd count (one still open) is not. (A mutation counting $$ modulo 3 passed
+    the suite: a step after "$$ ... $$" never ended.)"""
+    assert step_ended("$$\na = b\n$$\nSo a is b.\n\n")
+    assert step_ended("$$ a = b $$ holds. $$ c = d $$ too.\n\n")
+    assert not step_ended("$$ a = b $$ holds. $$ c = d.\n\n")
+
+
 def test_one_worker_contiguous_is_plain_greedy(make_llm):
     llm = make_llm("qwen3", attention_backend="cpu")
     prompt = random_ids(12, llm.config.vocab_size, 4)
