@@ -200,6 +200,24 @@ def test_a_protocols_list_changed_while_its_call_runs_does_not_reach_the_call(tm
     assert hw.names == ["Alice", "Bob", "Zed"]  # (the caller's object as it was changed: the next call's)
 
 
+def test_a_calls_copy_of_a_protocol_has_its_own_lists_dicts_and_sets():
+    """Protocol.for_call copies a protocol's lists, dicts and sets, a custom protocol's too (whose
+    check_config, unlike Hogwild's for its names, does not rebuild them), one copy of a container
+    two settings share. (A mutation leaving the containers shared passed the suite: Hogwild's
+    check_config made the call's names a new list anyway.)"""
+    from engine.protocols.base import Protocol
+
+    class Custom(Protocol):
+        def __init__(self):
+            self.words, self.weights, self.seen = ["a"], {"x": 1}, {1}
+            self.same_words = self.words
+    proto = Custom()
+    c = proto.for_call()
+    proto.words.append("b"), proto.weights.update(y=2), proto.seen.add(2)
+    assert (c.words, c.weights, c.seen) == (["a"], {"x": 1}, {1})
+    assert c.same_words is c.words and proto.same_words is proto.words
+
+
 def test_multiverse_nested_and_depth_limit(llm):
     scripts = dict(MV)
     scripts["2:"] = " split<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
