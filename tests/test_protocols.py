@@ -268,6 +268,20 @@ def test_a_threads_events_in_the_tree_record_each_fork_once(llm):
             assert mine["children"] == e["children"]
 
 
+def test_a_trees_events_are_in_their_threads_events_too(llm):
+    """Each event of a tree protocol's output (a stray close, an unclosed path, a join) is also
+    in the "events" of its thread in the output tree, once. (A mutation recording them in the
+    request's events only passed the suite.)"""
+    scripts = {"": "a </Path> b<Goal><Outline>1: x</Outline><Outline>2: y</Outline></Goal>",
+               "1:": " never closes", "2:": " done</Path>", "<Conclusion>": "ok"}
+    c, _ = run(llm, scripts, Multiverse(), max_tokens=200)
+    assert kinds(c) == ["stray_close", "fork", "unclosed_path", "join"], kinds(c)
+    for e in c.events:
+        if e["event"] != "fork":  # (a fork is in its thread's events as ThreadTree.fork records it)
+            assert c.tree[e["thread"]]["events"].count(e) == 1, (e, c.tree[e["thread"]]["events"])
+    assert [e["event"] for e in c.tree[1]["events"]] == ["stray_close", "fork", "join"]
+
+
 @pytest.mark.parametrize("case,script,expect", [
     ("stray_close", {"": "text </Path> more"}, "stray_close"),
     ("empty_outline", {"": "<Goal>nothing</Goal> go on"}, "empty_outline"),
