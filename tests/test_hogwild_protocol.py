@@ -1,6 +1,8 @@
 """The Hogwild protocol: layouts, step commits, compaction, budgets, pages."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import pages, random_ids
@@ -348,6 +350,23 @@ def test_hogwild_arguments_are_validated():
         Hogwild(workers=3, names=["A"])
     with pytest.raises(ValueError, match="checkin_every"):
         Hogwild(checkin_every=0)
+
+
+def test_hogwild_argument_types_are_validated():
+    """Each of Hogwild's settings of the wrong type is refused when the protocol is made, naming
+    it: a string of names (not split into letters), a number of names, a flag not a bool, a
+    header, collab_prompt or checkin not a string. (Mutations dropping the stop_on_answer check
+    and the string-of-names check passed the suite.)"""
+    for kw, msg in ((dict(stop_on_answer="yes"), "stop_on_answer='yes' must be True or False"),
+                    (dict(workers=2, names="AB"), "names='AB' must be a list of the workers' names"),
+                    (dict(names=2), "names=2 must be a list of the workers' names"),
+                    (dict(header=None), "header=None must be a non-empty string"),
+                    (dict(header=""), "header='' must be a non-empty string"),
+                    (dict(collab_prompt=5), "collab_prompt=5 must be a string or None"),
+                    (dict(checkin=None), "checkin=None must be a string")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            Hogwild(**kw)
+    assert Hogwild(workers=1, layout="contiguous", header="").header == ""  # (one contiguous worker: optional)
 
 
 def test_header_and_collaboration_prompt_templates_are_validated():
