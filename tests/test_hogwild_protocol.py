@@ -388,6 +388,14 @@ def test_header_and_collaboration_prompt_templates_are_validated():
         hw.check_config()
 
 
+def test_a_header_template_that_fits_every_workers_name_is_taken():
+    """The header is checked with each worker's name: "{name[0]}" (an initial) fits every name
+    and is taken. (A mutation checking it with an empty name only, which has no initial, passed
+    the suite.)"""
+    hw = Hogwild(workers=2, names=["Alice", "Bob"], header="{name[0]}: ")
+    assert hw.header == "{name[0]}: " and hw.names == ["Alice", "Bob"]
+
+
 def test_collaboration_prompt_uses_chat_template(make_llm):
     llm = make_llm("qwen3", attention_backend="cpu")
     hw = Hogwild(workers=3)
