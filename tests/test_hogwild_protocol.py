@@ -428,6 +428,28 @@ def test_collaboration_prompt_with_a_template_without_system_role(tmp_path, mode
     with pytest.raises(ValueError, match="^chat template error: no chats$"):
         hw.prepare_prompt(Tokenizer(d), "What is 2+2?", [])
 
+
+def test_a_rendered_collaboration_prompt_gets_no_bos_added(tmp_path, model_dir):
+    """The chat template renders the whole prompt, special tokens included: its text is encoded
+    without adding any (as LLM.chat does), also when tokenizer_config says add_bos_token; a
+    prompt without a chat template is encoded as a plain prompt, BOS added. (A mutation adding
+    special tokens to the rendered prompt passed the suite: no test tokenizer added a BOS.)"""
+    import shutil
+    from conftest import BOS_ID, read_json, write_json
+    from engine.tokenizer import Tokenizer
+    d = str(tmp_path / "add_bos")
+    shutil.copytree(model_dir("qwen3"), d)
+    cfg = read_json(f"{d}/tokenizer_config.json")
+    write_json(f"{d}/tokenizer_config.json", {**cfg, "add_bos_token": True})
+    tok = Tokenizer(d)
+    hw = Hogwild(workers=2, names=["Alice", "Bob"])
+    ids = hw.prepare_prompt(tok, "What is 2+2?", [])
+    assert BOS_ID not in ids and tok.decode(ids, skip_special_tokens=False).startswith("<|im_start|>system\nYou are")
+    write_json(f"{d}/tokenizer_config.json", {**cfg, "add_bos_token": True, "chat_template": None})
+    ids = hw.prepare_prompt(Tokenizer(d), "What is 2+2?", [])
+    assert ids[0] == BOS_ID and ids.count(BOS_ID) == 1
+
+
 def test_compaction_keeps_its_tensors_on_the_pools_device():
     """Compaction built its index and angle tensors on the CPU and mixed them with the
     pools' (a CUDA run failed at its first compaction). 'meta' pools stand in for a GPU:
