@@ -721,6 +721,23 @@ def test_finisher_needs_a_position_after_its_header(tmp_path):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("total", [5, 6])
+def test_a_total_budget_the_workers_cannot_share_evenly(make_llm, total):
+    """SamplingParams.max_total_tokens bounds the workers' tokens together: when it cannot give
+    every worker one more token, the first ones take what is left and the others end there,
+    "length"; exactly max_total_tokens are sampled. (No test ran Hogwild under a total budget:
+    mutations of that cut-off passed the suite.)"""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    a = llm.tokenizer.encode("a", add_special_tokens=False)[0]
+    out = _run_with(llm, lambda threads: [a] * len(threads), SamplingParams(max_tokens=10, max_total_tokens=total),
+                    Hogwild(workers=2, names=["Alice", "Bob"], finisher=False))
+    assert [w["generated"] for w in out.workers] == ([3, 2] if total == 5 else [3, 3]), out.workers
+    assert out.metrics["total_tokens"] == total and out.finish_reason == "length"
+    # (the steps in commit order: Bob's ended a step before Alice's when the budget was odd)
+    assert out.text == ("Bob: aaAlice: aaa" if total == 5 else "Alice: aaaBob: aaa"), out.text
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_many_workers_with_the_default_compact_after(make_llm):
     """compact_after left unset fits the workers: 40 workers were refused with "compact_after=32
     must be an integer >= 42", a setting the caller never made (and `loom generate --protocol
