@@ -924,6 +924,21 @@ def test_no_fork_within_fork_margin_of_the_total_budget(llm):
     assert kinds(c)[0] == "fork", c.events
 
 
+def test_no_fork_within_fork_margin_of_the_threads_own_budget(llm):
+    """fork_margin holds against max_tokens, counted from the tokens the thread's chain has
+    sampled: a fork tag written with fewer of them left than the margin is a "budget" event and
+    the main thread goes on to max_tokens; with the margin left, it forks. (A mutation adding
+    the sampled tokens to max_tokens instead passed the suite.)"""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    main = "<Goal><Outline>1: a</Outline><Outline>2: b</Outline></Goal>"
+    s = {"": main + " on and on...", "1:": " x</Path>", "2:": " y</Path>", "<Conclusion>": "c"}
+    c, _ = run(llm, s, Multiverse(), max_tokens=len(enc(main)) + 15)
+    assert kinds(c) == ["budget"] and c.finish_reason == "length", c.events
+    assert c.metrics["total_tokens"] == len(enc(main)) + 15
+    c, _ = run(llm, s, Multiverse(), max_tokens=len(enc(main)) + 16)
+    assert kinds(c)[0] == "fork", c.events
+
+
 def test_parathinker_joins_a_path_that_ended_on_eos_without_it(llm):
     """A ParaThinker path that ends on EOS while another goes on: its EOS is not written (the
     summary must not read it); its close tag is added instead, as a tagged protocol's path's."""
