@@ -669,6 +669,66 @@ def test_checkins_start_from_a_workers_third_step(make_llm):
     assert "\n\nBob: " + CHECKIN + "Goo" in bob["text"], bob["text"]  # (his third step)
 
 
+def test_checkin_every_step_starts_from_a_workers_second_step(make_llm):
+    """checkin_every=1: every step after a worker's first opens with the check-in (its first has
+    the plain header). (A mutation counting from the second step, 'len(steps) > 1', passed the
+    suite: checkin_every=2 cannot tell them apart.)"""
+    from engine.protocols.hogwild import CHECKIN
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    llm.core.token_source = _scripted(llm, {n: SCRIPTS[n] for n in ("Alice", "Bob")})
+    try:
+        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40, ignore_eos=True),
+                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], checkin_every=1, finisher=False,
+                                            stop_on_answer=False))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    alice, bob = out.workers
+    assert alice["text"].startswith("Alice: I take part one.") and bob["text"].startswith("Bob: I take part two.")
+    assert (alice["steps"], bob["steps"]) == (2, 3)
+    assert alice["text"].count(CHECKIN) == 1 and bob["text"].count(CHECKIN) == 2, (alice["text"], bob["text"])
+    assert "\n\nAlice: " + CHECKIN + "Then" in alice["text"], alice["text"]
+
+
+def test_workers_see_each_other_from_their_first_token(make_llm):
+    """Each worker's view holds the other workers' steps from the first step on (the views are
+    laid out when the workers are made, not at the first commit). (A mutation dropping that
+    first layout passed the suite.)"""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    a, first = llm.tokenizer.encode("a", add_special_tokens=False)[0], []
+
+    def src(threads):
+        if not first:
+            first.append([(t.seg.id, sorted(s.id for s, _ in t.view)) for t in threads])
+        return [a] * len(threads)
+    out = _run_with(llm, src, SamplingParams(max_tokens=2), Hogwild(workers=3, finisher=False))
+    assert len(first[0]) == 3 and out.metrics["total_tokens"] == 6
+    for own, view in first[0]:
+        assert {o for o, _ in first[0]} <= set(view), first[0]
+    assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_the_finishers_eos_is_not_in_the_output(make_llm):
+    """A finisher that ends on EOS: the EOS is not written, as a worker's is not: neither the
+    output's token ids nor its text or answer hold it. (A mutation dropping the finisher's own
+    EOS drop passed the suite.)"""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    a, seven = (llm.tokenizer.encode(x, add_special_tokens=False)[0] for x in ("a", "7"))
+    eos = llm.eos_ids[0]
+
+    def src(threads):
+        out = []
+        for t in threads:
+            if "final answer" in llm.tokenizer.decode(t.tokens[:t.header_len]):
+                out.append(seven if not t.generated else eos)
+            else:
+                out.append(a)
+        return out
+    out = _run_with(llm, src, SamplingParams(max_tokens=2), Hogwild(workers=2, collab_prompt=None))
+    assert eos not in out.token_ids and out.token_ids[-1] == seven, out.token_ids
+    assert out.text.endswith("the final answer is \\boxed{7") and out.answer == "7", out.text
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_compaction_starts_past_compact_after_segments(make_llm):
     """Views are compacted when they would hold more than compact_after segments: with
     compact_after=6 two workers' views grow to exactly 6 segments and are left alone; with 5,
