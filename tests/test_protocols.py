@@ -776,6 +776,20 @@ def test_a_trees_text_is_cut_at_the_stop_string_that_stopped_it_from_its_first_c
     assert (c.text, c.stop_reason) == ("STOP<Path>x STOP", "STOP"), c.text
 
 
+def test_a_trees_text_cut_at_a_stop_string_keeps_the_special_tokens_before_it(llm):
+    """A tree's text spells special tokens out up to the stop string that ended it: a special
+    token right before the stop string (not in the text the stop was matched on) stays, and so
+    do the joined paths' special tags before a conclusion's stop. (Mutations cutting at the
+    first token that reaches the stop's offset, and reading the joined text before the
+    conclusion without special tokens, passed the suite.)"""
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    c = _run_tokens(llm, {1: enc("go x<Path>STOP more")}, SamplingParams(max_tokens=40, stop=["STOP"]), Multiverse())
+    assert (c.text, c.stop_reason, c.index) == ("go x<Path>", "STOP", 0), c.text
+    want, _ = run(llm, MV, Multiverse())
+    c, _ = run(llm, {**MV, "<Conclusion>": "3 and 12 STOP more"}, Multiverse(), stop=["STOP"])
+    assert (c.text, c.stop_reason) == (want.text[:want.text.index("3 and 12")] + "3 and 12 ", "STOP"), c.text
+
+
 def test_min_tokens_counts_a_trees_critical_path(llm):
     """min_tokens, as max_tokens, counts the critical path: a summary whose path has min_tokens
     tokens already stops on its first EOS (it was counted per thread: the summary had to write
