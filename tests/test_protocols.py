@@ -1161,6 +1161,33 @@ def test_of_tags_ending_at_one_place_the_longest_is_the_one_written(llm):
     assert c.text.startswith("a</Goal> b Goal>\n<P>1 x</Goal>") and c.text.endswith("\nJ\n done"), c.text
 
 
+class _Hashed(str):
+    """A tag string with a chosen hash: it fixes where a set of tags puts it, the scan order."""
+    def __new__(cls, text, h):
+        self = super().__new__(cls, text)
+        self.h = h
+        return self
+
+    def __hash__(self):
+        return self.h
+
+
+def test_of_tags_ending_at_one_place_the_longest_is_written_whatever_the_scan_order(llm):
+    """As above, with the two tags scanned in either order (a set's order, fixed by the strings'
+    hashes: here chosen): where both end, '</Goal>' is the tag written. (A mutation comparing
+    with the tag found at another index, the last one scanned winning, passed the suite under
+    half the hash seeds.)"""
+    scripts = {"": "a</Goal> b Goal>", "<P>1": " x</Goal>", "<P>2": " yy</Goal>", "\nJ": " done"}
+    for fork_hash, close_hash in ((1, 2), (2, 1)):
+        tags = Tags(fork=_Hashed("Goal>", fork_hash), path_close=_Hashed("</Goal>", close_hash),
+                    path_header="\n<P>{i}", join_header="\nJ\n")
+        assert list({tags.fork, tags.path_close}) == ([tags.fork, tags.path_close] if fork_hash == 1 else
+                                                      [tags.path_close, tags.fork])
+        c, _ = run(llm, scripts, ParallelR1(num_paths=2, tags=tags))
+        assert kinds(c) == ["stray_close", "fork", "join"], (fork_hash, c.events)
+        assert c.text == "a</Goal> b Goal>\n<P>1 x</Goal>\n<P>2 yy</Goal>\nJ\n done", (fork_hash, c.text)
+
+
 @pytest.mark.parametrize("header", ["<P{nm}>", "<P{}>", "<P{0}>", "<P{num", "<P}"])
 def test_a_path_header_that_is_not_a_template_of_num_and_i_is_refused(header):
     """Tags.path_header is a str.format template of {num} and {i}: a stray brace or another
