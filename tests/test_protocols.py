@@ -1161,6 +1161,18 @@ def test_of_tags_ending_at_one_place_the_longest_is_the_one_written(llm):
     assert c.text.startswith("a</Goal> b Goal>\n<P>1 x</Goal>") and c.text.endswith("\nJ\n done"), c.text
 
 
+def test_items_are_counted_before_the_fork_tag_only(llm):
+    """A fork's items are the item tags between the block's open tag and its fork tag: a fork
+    tag that holds the item word ('</Items>', items 'Item') adds none. (A mutation counting
+    items up to past the fork tag passed the suite.)"""
+    tags = Tags(fork="</Items>", block_open="<Items>", item="Item", path_header="\n<P>{num}:", path_close="</P>",
+                join_header="\nJ\n")
+    scripts = {"": "<Items>Item 1 a Item 2 b</Items>", "<P>1:": " x</P>", "<P>2:": " y</P>", "\nJ": " done"}
+    c, _ = run(llm, scripts, Multiverse(tags=tags))
+    assert kinds(c) == ["fork", "join"] and sum(t["role"] == "path" for t in c.tree) == 2, c.events
+    assert c.text == scripts[""] + "\n<P>1: x</P>\n<P>2: y</P>\nJ\n done", c.text
+
+
 class _Hashed(str):
     """A tag string with a chosen hash: it fixes where a set of tags puts it, the scan order."""
     def __new__(cls, text, h):
