@@ -1173,6 +1173,16 @@ def test_items_are_counted_before_the_fork_tag_only(llm):
     assert c.text == scripts[""] + "\n<P>1: x</P>\n<P>2: y</P>\nJ\n done", c.text
 
 
+def test_items_without_numbers_are_numbered_from_one(llm):
+    """An item tag the model writes without a number gets its position in the block, from 1,
+    in its path's header; a numbered one keeps its number. (A mutation numbering them from -1
+    passed the suite.)"""
+    main = "<Goal><Outline> add</Outline><Outline>7: mul</Outline><Outline> sub</Outline></Goal>"
+    scripts = {"": main, "1:": " a</Path>", "7:": " m</Path>", "3:": " s</Path>", "<Conclusion>": "c"}
+    c, _ = run(llm, scripts, Multiverse())
+    assert c.text == main + "\n<Path>\n1: a</Path>\n<Path>\n7: m</Path>\n<Path>\n3: s</Path>\n<Conclusion>\nc", c.text
+
+
 class _Hashed(str):
     """A tag string with a chosen hash: it fixes where a set of tags puts it, the scan order."""
     def __new__(cls, text, h):
