@@ -649,44 +649,28 @@ def test_a_worker_that_ended_is_seen_once_in_the_others_views(make_llm, alice):
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
 
 
-def test_checkins_start_from_a_workers_third_step(make_llm):
-    """checkin_every=2: the check-in opens every second step after the first (steps 3, 5,
-    ...); a worker's first step starts with its plain header (the check-in asks about the
-    others' work, of which there is none yet)."""
+@pytest.mark.parametrize("every,counts,seen", [
+    (2, (0, 1), "\n\nBob: {CHECKIN}Goo"),     # steps 3, 5, ...: Bob's third step
+    (1, (1, 2), "\n\nAlice: {CHECKIN}Then"),  # every step from the second (a mutation counting
+])                                              # from the second, 'len(steps) > 1', passed with 2 only)
+def test_checkins_start_after_a_workers_first_step(make_llm, every, counts, seen):
+    """checkin_every=k: the check-in opens every k-th step after a worker's first; its first step
+    starts with its plain header (the check-in asks about the others' work, of which there is
+    none yet)."""
     from engine.protocols.hogwild import CHECKIN
     llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
     llm.core.token_source = _scripted(llm, {n: SCRIPTS[n] for n in ("Alice", "Bob")})
     try:
         out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40, ignore_eos=True),
-                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], checkin_every=2, finisher=False,
+                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], checkin_every=every, finisher=False,
                                             stop_on_answer=False))[0].outputs[0]
     finally:
         llm.core.token_source = None
     alice, bob = out.workers
     assert alice["text"].startswith("Alice: I take part one.") and bob["text"].startswith("Bob: I take part two.")
     assert (alice["steps"], bob["steps"]) == (2, 3)
-    assert CHECKIN not in alice["text"] and bob["text"].count(CHECKIN) == 1
-    assert "\n\nBob: " + CHECKIN + "Goo" in bob["text"], bob["text"]  # (his third step)
-
-
-def test_checkin_every_step_starts_from_a_workers_second_step(make_llm):
-    """checkin_every=1: every step after a worker's first opens with the check-in (its first has
-    the plain header). (A mutation counting from the second step, 'len(steps) > 1', passed the
-    suite: checkin_every=2 cannot tell them apart.)"""
-    from engine.protocols.hogwild import CHECKIN
-    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
-    llm.core.token_source = _scripted(llm, {n: SCRIPTS[n] for n in ("Alice", "Bob")})
-    try:
-        out = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40, ignore_eos=True),
-                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], checkin_every=1, finisher=False,
-                                            stop_on_answer=False))[0].outputs[0]
-    finally:
-        llm.core.token_source = None
-    alice, bob = out.workers
-    assert alice["text"].startswith("Alice: I take part one.") and bob["text"].startswith("Bob: I take part two.")
-    assert (alice["steps"], bob["steps"]) == (2, 3)
-    assert alice["text"].count(CHECKIN) == 1 and bob["text"].count(CHECKIN) == 2, (alice["text"], bob["text"])
-    assert "\n\nAlice: " + CHECKIN + "Then" in alice["text"], alice["text"]
+    assert (alice["text"].count(CHECKIN), bob["text"].count(CHECKIN)) == counts, (alice["text"], bob["text"])
+    assert seen.format(CHECKIN=CHECKIN) in alice["text"] + bob["text"], (alice["text"], bob["text"])
 
 
 def test_workers_see_each_other_from_their_first_token(make_llm):
