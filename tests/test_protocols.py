@@ -60,11 +60,11 @@ class Script:
         return out
 
 
-def run(llm, scripts, protocol, **sp):
+def run(llm, scripts, protocol, prompt="Q: 1+2, 3*4?", **sp):
     llm.core.token_source = Script(llm, scripts)
     try:
         params = SamplingParams(max_tokens=sp.pop("max_tokens", 400), **sp)
-        out = llm.generate("Q: 1+2, 3*4?", params, protocol=protocol)[0]
+        out = llm.generate(prompt, params, protocol=protocol)[0]
     finally:
         llm.core.token_source = None
     assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
@@ -1062,12 +1062,8 @@ def test_no_fork_without_room_before_the_models_context(short_llm):
     left = M - len(llm.tokenizer.encode("Q")) - len(llm.tokenizer.encode(main, add_special_tokens=False))
     assert 4 < left < 200 - M  # (the context is the tightest budget)
     for margin, expect in ((left, ["fork", "join"]), (left + 1, ["budget"])):
-        llm.core.token_source = Script(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"})
-        try:
-            out = llm.generate("Q", SamplingParams(max_tokens=200),
-                               protocol=ParallelR1(limits=TreeLimits(fork_margin=margin)))[0].outputs[0]
-        finally:
-            llm.core.token_source = None
+        out, _ = run(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"},
+                     ParallelR1(limits=TreeLimits(fork_margin=margin)), prompt="Q", max_tokens=200)
         assert kinds(out) == expect, (margin, left, out.events)
     assert llm.cache_stats()["pages_used"] == 0
 
@@ -1080,12 +1076,8 @@ def test_a_fork_whose_paths_have_no_room_for_their_headers_ends_on_length(short_
     llm, M = short_llm, short_llm.config.max_position_embeddings
     left = 5  # (less than ParallelR1's "\n<Path>\n" header)
     main = "x" * (M - len(llm.tokenizer.encode("Q")) - len("<Parallel>") - left) + "<Parallel>"
-    llm.core.token_source = Script(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"})
-    try:
-        out = llm.generate("Q", SamplingParams(max_tokens=200),
-                           protocol=ParallelR1(limits=TreeLimits(fork_margin=left)))[0].outputs[0]
-    finally:
-        llm.core.token_source = None
+    out, _ = run(llm, {"": main + " go on...", "<Path>": " p</Path>", "<Summary>": "s"},
+                 ParallelR1(limits=TreeLimits(fork_margin=left)), prompt="Q", max_tokens=200)
     assert kinds(out) == ["fork", "unclosed_path", "unclosed_path", "join"], out.events
     assert [t["generated"] for t in out.tree if t["role"] == "path"] == [0, 0]
     assert out.finish_reason == "length"
@@ -1287,19 +1279,11 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
     # a valid change takes effect, checked as the constructor checks it
     h = Hogwild(workers=2, finisher=False)
     h.names = ["Ann", "Ben", "Cy"]  # (more names than workers: the first `workers` of them)
-    llm.core.token_source = Script(llm, {"": "x. ..."})
-    try:
-        out = llm.generate("Q", SamplingParams(max_tokens=3), protocol=h)[0].outputs[0]
-    finally:
-        llm.core.token_source = None
+    out, _ = run(llm, {"": "x. ..."}, h, prompt="Q", max_tokens=3)
     assert [w["name"] for w in out.workers] == ["Ann", "Ben"] and h.names == ["Ann", "Ben"]
     h = Hogwild(workers=2, finisher=False)  # (the default names: as many as workers asks for)
     h.workers = 3
-    llm.core.token_source = Script(llm, {"": "x. ..."})
-    try:
-        out = llm.generate("Q", SamplingParams(max_tokens=3), protocol=h)[0].outputs[0]
-    finally:
-        llm.core.token_source = None
+    out, _ = run(llm, {"": "x. ..."}, h, prompt="Q", max_tokens=3)
     assert [w["name"] for w in out.workers] == ["Alice", "Bob", "Carol"]
     p = ParaThinker(paths=2)
     p.paths = 3
