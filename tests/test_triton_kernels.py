@@ -180,6 +180,32 @@ def test_plan_is_reused_across_layers():
     assert not torch.equal(a, b)
 
 
+def test_plan_checks_run_once_per_plan(monkeypatch):
+    """What is the same for every layer of a step (the plan's index tensors against q's rows
+    and device, inv_freq) is checked on the plan's first call, not on every layer's; q with
+    other rows, another inv_freq or a plan tensor replaced since is checked again."""
+    from triton_kernels import _common as Cm
+    checked = []
+    real = Cm.check_index
+    monkeypatch.setattr(Cm, "check_index", lambda name, *a, **kw: (checked.append(name), real(name, *a, **kw)))
+    q, k_pool, v_pool, plan = random_case(87, 4, 2, 64, 16, torch.float32, threads=2)
+    q, k_pool, v_pool, plan = q.to(DEVICE), k_pool.to(DEVICE), v_pool.to(DEVICE), plan.to(DEVICE)
+    inv = inv_freq_of(64).to(DEVICE)
+    a = tk.segment_attention(q, k_pool, v_pool, plan, inv, 0.125)
+    assert len(checked) == 9
+    b = tk.segment_attention(q, k_pool.clone(), v_pool.clone(), plan, inv, 0.125)  # the next layer
+    assert len(checked) == 9 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="rows"):
+        tk.segment_attention(q[:-1], k_pool, v_pool, plan, inv, 0.125)
+    with pytest.raises(ValueError, match="inv_freq"):
+        tk.segment_attention(q, k_pool, v_pool, plan, inv[:5], 0.125)
+    plan.q_rows = plan.q_rows.long()
+    with pytest.raises(ValueError, match="q_rows"):
+        tk.segment_attention(q, k_pool, v_pool, plan, inv, 0.125)
+    with pytest.raises(ValueError, match="support CUDA"):
+        Cm.check_device("x", torch.empty(1, device="meta"))
+
+
 # ---- work decomposition (host side) -------------------------------------------------------------
 
 def test_build_work_items_cover_every_entry_once():

@@ -17,6 +17,7 @@ it writes the final output directly instead.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import triton
@@ -161,7 +162,13 @@ def _segment_attn_kernel(
         tl.store(lse_part_ptr + st * stride_lt + head * stride_lh, lse, mask=valid)
 
 
-def _check(q, k_pool, v_pool, plan: AttentionPlan, inv_freq, scale):
+_PLAN_INDEX = ("kv_indptr", "kv_page_ids", "kv_len", "q_indptr", "q_rows", "shift", "causal_limit",
+               "merge_indptr", "merge_entries")
+_plan_index = operator.attrgetter(*_PLAN_INDEX)
+
+
+def _check_layer(q, k_pool, v_pool):
+    """What each layer brings (q, its pools): metadata only, checked on every call."""
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}.")
     C.check_pools(k_pool, v_pool, q.device, q.dtype)
@@ -176,15 +183,28 @@ def _check(q, k_pool, v_pool, plan: AttentionPlan, inv_freq, scale):
         raise ValueError(f"head_dim={D} must be even (RoPE pairs dims i and i + D/2).")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads.")
-    for f in ("kv_indptr", "kv_page_ids", "kv_len", "q_indptr", "q_rows", "shift",
-              "causal_limit", "merge_indptr", "merge_entries"):
-        C.check_index(f"plan.{f}", getattr(plan, f), device=q.device)
+    return T, Hq, D, Hkv
+
+
+def _check_step(plan: AttentionPlan, inv_freq, T: int, D: int, device: torch.device) -> torch.Tensor:
+    """What is the same for every layer of a step: the plan's index tensors (against q's
+    rows and device) and inv_freq, returned as the kernel reads it. Checked once per plan
+    (rows, head dim, device, inv_freq) and remembered on the plan, as its work split is; a
+    plan whose tensors were replaced since is checked again."""
+    tensors = _plan_index(plan)
+    seen = plan.__dict__.get("_triton_checked")
+    if seen is not None and seen[0] == (T, D, device) and seen[1] is inv_freq \
+            and all(map(operator.is_, seen[2], tensors)):
+        return seen[3]
+    for f, t in zip(_PLAN_INDEX, tensors):
+        C.check_index(f"plan.{f}", t, device=device)
     if plan.merge_indptr.numel() != T + 1:
         raise ValueError(f"plan.merge_indptr has {plan.merge_indptr.numel()} entries but q has "
                          f"{T} rows (expected T + 1); was the plan built for this step?")
-    if not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale={scale!r} must be a positive float.")
-    return T, Hq, D, Hkv
+    inv = C.check_inv_freq(inv_freq, D, device)
+    if inv is inv_freq:  # (a converted copy is not kept: inv_freq could change in place)
+        plan.__dict__["_triton_checked"] = ((T, D, device), inv_freq, tensors, inv)
+    return inv
 
 
 def _target_programs(device: torch.device) -> int:
@@ -200,10 +220,12 @@ def segment_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tenso
     -> o [T, Hq, D] in q's dtype. ``kv_chunk`` forces split-K/V chunks of that many
     tokens (default: segments longer than a fair share of the step's work per program
     are split, see ``work.build_work``)."""
-    T, Hq, D, Hkv = _check(q, k_pool, v_pool, plan, inv_freq, scale)
+    T, Hq, D, Hkv = _check_layer(q, k_pool, v_pool)
+    inv_freq = _check_step(plan, inv_freq, T, D, q.device)
+    if not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale={scale!r} must be a positive float.")
     group, half = Hq // Hkv, D // 2
     half_pad = max(16, C.next_pow2(half))
-    inv_freq = C.check_inv_freq(inv_freq, D, q.device)
     fp32 = q.dtype == torch.float32
     work: WorkPlan = cached_work(
         plan, (Hkv, group, half_pad, kv_chunk, q.device, fp32),
