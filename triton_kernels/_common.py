@@ -22,6 +22,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a launch grid (``triton.cdiv`` is a ``ConstexprFunction``: several
+    microseconds a call from the host, on every launch)."""
+    return -(-a // b)
+
+
 def maybe_autotune(configs: list, key: list[str]):
     """``triton.autotune`` on real GPUs, its choices kept in Triton's on-disk cache (each
     process tuned every key again, compiling every config in the middle of a forward); a
@@ -48,16 +54,19 @@ def device_guard(device: torch.device):
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    # (t.is_cuda / t.is_cpu, not t.device.type: ~1 us a read, and these checks run on every launch)
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; "
                          "move every input to one device.")
-    if t.device.type == "cpu" and not INTERPRET:
+    if t.is_cuda:
+        return
+    if not t.is_cpu:
+        raise ValueError(f"{name} is on {t.device}; Triton kernels support CUDA (and CPU under "
+                         "TRITON_INTERPRET=1).")
+    if not INTERPRET:
         raise ValueError(f"{name} is a CPU tensor: Triton kernels run on CUDA tensors, or on the "
                          "CPU only under the Triton interpreter (set TRITON_INTERPRET=1 before "
                          "Python imports triton).")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} is on {t.device}; Triton kernels support CUDA (and CPU under "
-                         "TRITON_INTERPRET=1).")
 
 
 def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
@@ -81,7 +90,7 @@ def check_index(name: str, t: torch.Tensor, dtypes=(torch.int32,), device=None) 
 
 
 def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.stride(-1) != 1:
+    if t.stride()[-1] != 1:  # (t.stride(-1) parses its argument: twice the time)
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                          f"{t.stride()}; call .contiguous() first.")
 
