@@ -265,7 +265,7 @@ class CausalLM:
                 k = rms_norm(k, L.k_norm, c.rms_norm_eps)
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
-            self.append_kv(k_pools[li], v_pools[li], k, v.contiguous(), batch.slots)
+            self.append_kv(k_pools[li], v_pools[li], k, v, batch.slots)  # (v: a view, no copy)
             o = self.attention(q, k_pools[li], v_pools[li], batch.plan, self.inv_freq, self.scale)
             h = h + L.o(o.reshape(T, qd))
             x = rms_norm(h, L.ln2, c.rms_norm_eps)
