@@ -273,10 +273,18 @@ class Session:
                 llm._rng_kept = True  # (the threads keep these tokens even if the call fails later)
                 for t, tok in zip(active, tokens):
                     core.accept(t, tok)
-        except BaseException:
+        except BaseException as e:
             for t in ts:  # leave the threads consistent: stopped where they are
                 if not t.finished:
                     t.finish_reason = "abort"
+            rows = getattr(e, "rows", ())  # (non-finite logits: indices into the step's samplers)
+            if isinstance(e, FloatingPointError) and rows and e.args:
+                bad = [active[r] for r in rows]
+                at = [i for i, t in enumerate(ts) if any(t is b for b in bad)]
+                many = len(at) > 1
+                e.args = (f"{e.args[0]} They come from the thread{'s' * many} at position{'s' * many} "
+                          f"{', '.join(map(str, at))} of this call's list (0-based; thread id{'s' * many} "
+                          f"{', '.join(str(ts[i].id) for i in at)}).", *e.args[1:])
             raise
         return [CompletionOutput(i, core.text_of(t), list(t.generated), t.finish_reason,
                                  t.logprobs, t.stop_reason) for i, t in enumerate(ts)]

@@ -1463,6 +1463,28 @@ def test_non_finite_logits_name_the_prompts_they_come_from(tmp_path, model_dir):
     assert [o.outputs[0].token_ids for o in bad.generate(good, greedy(3))] == want
 
 
+def test_non_finite_logits_in_a_session_name_the_threads_of_the_call(tmp_path, model_dir):
+    """A session's generate whose threads give NaN logits names them by their place in the
+    call's list (and their ids): the error said only 'batch rows [1]', an index into the threads
+    still sampling at that step, here not the caller's (its first thread ended at once)."""
+    from engine import LLM
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "nan_row_short"
+    shutil.copytree(model_dir("llama"), d)
+    w = load_file(str(d / "model.safetensors"))
+    w["model.embed_tokens.weight"][7] = float("nan")
+    save_file(w, str(d / "model.safetensors"))
+    cfg = read_json(str(d / "config.json"))
+    write_json(str(d / "config.json"), {**cfg, "max_position_embeddings": 32})
+    bad = LLM(str(d), kv_cache_tokens=1024)
+    with bad.session([5, 6, 8]) as s:
+        full, good, nan = s.fork(s.root, [[9] * 29, [10], [7]])  # (full: no room for a token)
+        with pytest.raises(FloatingPointError, match=r"not finite .* They come from the thread at position 2 of "
+                                                     rf"this call's list \(0-based; thread id {nan.id}\)\.$"):
+            s.generate([full, good, nan], greedy(3))
+    assert_no_leak(bad)
+
+
 def test_unsupported_device(model_dir, llm, baseline):
     from engine import LLM
     for dev in ("tpu", "mps", "meta", 3.5):
