@@ -103,6 +103,21 @@ def test_a_rows_draw_does_not_depend_on_its_batch():
         assert batch[1] in logits[1].topk(5).indices.tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_logits_draw_as_their_float32_values(dtype):
+    """16-bit logits sample (and give log-probs) as the same values in float32: a softmax
+    and prefix sums taken in 16 bits drew from another distribution (bfloat16: tokens of the
+    flat tail far too often)."""
+    from engine.sampling_params import SamplingParams as SP
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(64, 5003, generator=g) * 2).to(dtype)
+    params = [SP(temperature=1.0, seed=1, logprobs=2), SP(temperature=0.7, top_p=0.9), SP(top_k=50, min_p=0.01)]
+    params = [params[r % 3] for r in range(64)]
+    tokens, lp = sampler.sample(x, params, _gens(range(64)))
+    want, want_lp = sampler.sample(x.float(), params, _gens(range(64)))
+    assert tokens == want and lp.dtype == torch.float32 and torch.equal(lp, want_lp)
+
+
 @pytest.mark.parametrize("V", [1, 255, 4097, 32768])
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 def test_pick_from_logits_is_softmax_then_pick(V, temperature):
