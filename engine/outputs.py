@@ -20,8 +20,10 @@ class Logprob(float):
     """A token's log-prob: a float, with vLLM's ``Logprob`` fields ``.logprob`` (the same
     value) and ``.rank`` (1: the most likely token of its position)."""
 
+    __slots__ = ("rank",)  # (no per-object dict: a step with log-probs builds k + 1 of these a thread)
+
     def __new__(cls, value: float, rank: int | None = None):
-        obj = super().__new__(cls, value)
+        obj = float.__new__(cls, value)
         obj.rank = rank
         return obj
 
