@@ -1107,6 +1107,36 @@ def test_parathinker_cut_off_counts_from_the_first_path_to_finish(llm):
     assert c.text.endswith("<summary>\nfinal")
 
 
+def test_a_numpy_cutoff_ratio_cuts_off_as_the_float_it_equals(llm):
+    """cutoff_ratio is taken as the Python float it equals (a numpy float16's own arithmetic
+    would round ratio x the first path's length, here down to the whole number just below it,
+    and cut the other paths a token early)."""
+    import numpy as np
+    enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    first = " a</think>"
+    n = len(enc(first))
+    # (a float16 ratio whose product with n rounds, in float16, down to a whole number)
+    r = next(r for r in (np.float16(1 + i / 1024) for i in range(1, 1024))
+             if float(r * n) == int(float(r * n)) < float(r) * n)
+    s = {"<think1>": first, "<think2>": " long...", "<summary>": "final"}
+    c, _ = run(llm, s, ParaThinker(paths=2, cutoff_ratio=r))
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert [p["generated"] for p in paths] == [n, int(float(r) * n) + 1], (float(r), n, paths)
+
+
+def test_parathinker_paths_count_toward_the_total_budget_and_end_at_it(llm):
+    """Every token of ParaThinker's paths counts toward max_total_tokens; when they reach it
+    mid-way, every path ends there ("length", its close tag added) and the summary, joined,
+    has nothing left: exactly max_total_tokens are sampled."""
+    s = {"<think1>": " long...", "<think2>": " longer...", "<summary>": "final"}
+    c, _ = run(llm, s, ParaThinker(paths=2), max_tokens=100, max_total_tokens=11)
+    paths = [t for t in c.tree if t["role"] == "path"]
+    assert sorted(p["generated"] for p in paths) == [5, 6], paths
+    assert c.metrics["total_tokens"] == 11 and c.tree[-1]["generated"] == 0, c.metrics
+    assert kinds(c).count("unclosed_path") == 2 and kinds(c)[-1] == "join", c.events
+    assert c.text.endswith("</think>\n<summary>\n") and c.finish_reason == "length", c.text
+
+
 def test_tags_must_not_be_empty():
     """An empty fork, close or join tag would match everywhere (or inject nothing): refused."""
     ok = dict(fork="<F>", path_header="<P>", path_close="</P>", join_header="<J>")
@@ -1272,6 +1302,7 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
         r"Multiverse forks one child per item")
     bad(lambda: ParallelR1(num_paths=2), "num_paths", 100, r"num_paths=100 exceeds limits.max_paths=8")
     bad(lambda: ParaThinker(paths=2), "paths", 150, r"paths=150 exceeds limits.max_paths=8")
+    bad(lambda: ParaThinker(paths=2), "paths", 0, r"paths=0 must be an integer >= 1")
     bad(lambda: ParaThinker(paths=2), "cutoff_ratio", 0.5, r"cutoff_ratio=0.5 must be a number >= 1.0")
     bad(lambda: Hogwild(workers=2, names=["A", "B"]), "workers", 5, r"5 workers need 5 names, got 2")
     bad(lambda: Hogwild(workers=2), "compact_after", 1, r"compact_after=1 must be an integer >= 4")
@@ -1289,6 +1320,9 @@ def test_protocol_settings_changed_after_construction_are_checked_at_each_call(l
     p.paths = 3
     c, _ = run(llm, {"": "a</think>"}, p, max_tokens=8)
     assert kinds(c).count("first_finish") == 1 and sum(t["role"] == "path" for t in c.tree) == 3
+    p.paths = 1  # (one path is a ParaThinker too: its summary reads that path)
+    c, _ = run(llm, {"": "a</think>"}, p, max_tokens=8)
+    assert kinds(c).count("first_finish") == 1 and sum(t["role"] == "path" for t in c.tree) == 1
 
 
 def test_a_sample_that_stops_gives_its_pages_back_at_once(llm):
@@ -1377,10 +1411,13 @@ def test_a_fork_counts_its_continuation_against_max_threads(llm, max_threads, fo
 
 def test_parathinkers_default_limits_grow_with_its_paths():
     """Without limits, ParaThinker(paths=P) takes limits that hold its P paths and P + 2
-    threads, however many that is (fixed defaults of 8 paths / 64 threads refused P > 8)."""
+    threads, however many that is (fixed defaults of 8 paths / 64 threads refused P > 8);
+    ParaThinker() has 4 paths (as the README and --paths' help say) and those defaults."""
     for paths in (9, 70):
         p = ParaThinker(paths=paths)
         assert (p.limits.max_paths, p.limits.max_threads) == (max(paths, 8), max(64, paths + 2))
+    p = ParaThinker()
+    assert (p.paths, p.limits.max_paths, p.limits.max_threads) == (4, 8, 64)
 
 
 def test_an_item_number_of_six_digits_is_kept_and_of_seven_is_not(llm):
