@@ -964,6 +964,32 @@ def test_parathinker_joins_a_path_that_ended_on_eos_without_it(llm):
     assert paths[0]["text"].endswith(" short</think>") and "unclosed_path" in kinds(c), (paths[0]["text"], c.events)
 
 
+def test_samplers_looks_at_each_fork_once_however_many_of_its_paths_ended(llm, monkeypatch):
+    """A tree run's samplers() asks once per fork whether it can join, not once per ended path
+    (each ask looks at the fork's paths: paths^2 a step, twice a step, while paths end one by
+    one, as ParaThinker's do with a cutoff_ratio past 1)."""
+    from engine.protocols.tree import TreeRun
+    calls, most = [0], [0]
+    join, samplers = TreeRun.maybe_join, TreeRun.samplers
+
+    def counted_join(self, g):
+        calls[0] += 1
+        return join(self, g)
+
+    def counted_samplers(self):
+        calls[0] = 0
+        out = samplers(self)
+        most[0] = max(most[0], calls[0])
+        return out
+    monkeypatch.setattr(TreeRun, "maybe_join", counted_join)
+    monkeypatch.setattr(TreeRun, "samplers", counted_samplers)
+    s = {f"<think{i}>": " a" * i + "</think>" for i in range(1, 7)}
+    c, _ = run(llm, dict(s, **{"<think7>": " a" * 20 + "</think>", "<summary>": "final"}),
+               ParaThinker(paths=7, cutoff_ratio=100.0))
+    assert kinds(c).count("join") == 1 and c.text.endswith("<summary>\nfinal"), c.events
+    assert most[0] == 1, most  # (one fork; it was 6: one ask per ended path, each step)
+
+
 @pytest.mark.parametrize("field", ["i", "num"])
 def test_a_path_header_numbers_its_paths_from_one(llm, field):
     """Tags.path_header's {i} is the path's 1-based position in its fork; ParallelR1's paths

@@ -128,10 +128,12 @@ class TreeRun(ProtocolRun):
             s = super().samplers()
             # paths that ended here (the total budget, or the model's context) are joined as
             # any ended path; a join's continuation may end at once too, so until nothing moves
+            # (each fork once: once per ended path, each time looking at all of the fork's
+            # paths, was paths^2 a step while they end one by one)
             n = len(self.tree.threads)
-            for a in list(self.active):
-                if a.finished and a.tag is not None and a.tag.role == "path" and a.tag.group is not None:
-                    self.maybe_join(a.tag.group)
+            for g in dict.fromkeys(a.tag.group for a in self.active if a.finished and a.tag is not None
+                                   and a.tag.role == "path" and a.tag.group is not None):
+                self.maybe_join(g)
             if len(self.tree.threads) == n:
                 return s
 
