@@ -20,6 +20,8 @@ import torch
 from conftest import hf_logprobs, random_ids
 from engine import SamplingParams
 from engine.attention.reference import rotate_by
+from engine.cache import KVCache
+from engine.threads import ThreadTree, effective_end
 from engine.trie import pack
 
 ATOL = 1e-4
@@ -874,3 +876,52 @@ def test_a_closed_session_says_so(make_llm):
         pack(s)
     s.close()
     assert s.pages_held() == 0 and llm.cache_stats()["pages_used"] == 0
+
+
+def _tree(**kw) -> ThreadTree:
+    # Tree verbs take no pages (a step does), so a one-page cache builds any tree.
+    return ThreadTree(KVCache(1, 1, 1, 1, 2, torch.float32, "cpu"), **kw)
+
+
+def test_tree_verbs_keep_header_lengths_path_tokens_and_events():
+    """What protocols read off the tree: header_len (injected, not sampled: a reprefill
+    continuation's whole re-read text), path_tokens (a fork child's and a continuation's
+    sampled path so far) and the fork / join events."""
+    tree = _tree()
+    root = tree.new_root([1, 2, 3])
+    tree.inject(root, [4])
+    assert (root.header_len, root.path_tokens) == (3, 0)
+    root.path_tokens = 5
+    a, b = tree.fork(root, [[7], [8, 9]])
+    assert (a.header_len, b.header_len, a.path_tokens, b.path_tokens) == (1, 2, 5, 5)
+    assert root.events == [{"event": "fork", "children": [a.id, b.id]}]
+    b.path_tokens = 9
+    c = tree.join([b, a], [10, 11])
+    assert (c.header_len, c.path_tokens) == (2, 9)
+    assert a.events == b.events == [{"event": "join", "into": c.id, "positions": "max"}]
+    d, e = tree.fork(c, [[12], [13, 14]])
+    r = tree.join([d, e], [15], positions="reprefill")
+    assert r.tokens == [12, 13, 14, 15] and r.header_len == 4 and r.path_tokens == 9
+
+
+def test_a_reprefill_join_starts_after_a_shifted_common_context():
+    """The common context's end counts its segments at their shifted positions (here a
+    sequential join's second thread, placed after the first)."""
+    tree = _tree()
+    root = tree.new_root([1, 2])
+    a, b = tree.fork(root, [[3, 4, 5], [6, 7]])
+    c = tree.join([a, b], [], positions="sequential")  # (no header: b's shifted end is the context's)
+    assert c.view[2] == (b.seg, 3) and c.seg.base == 7
+    d, e = tree.fork(c, [[8], [9]])
+    assert tree.join([d, e], [10], positions="reprefill").seg.base == 7
+
+
+def test_a_live_thread_with_an_empty_view_is_laid_out_from_zero():
+    """A live view lays its threads out from the first one's base, then the thread's own
+    tokens: with no thread in view, its next token's position is its own length."""
+    tree = _tree()
+    root = tree.new_root([1, 2, 3])
+    th = tree.spawn([root], [4, 5])
+    assert effective_end(th) == 5
+    tree.set_view(th, [])
+    assert effective_end(th) == 2 and th.view == ((th.seg, 0),)
