@@ -904,6 +904,23 @@ def test_tree_verbs_keep_header_lengths_path_tokens_and_events():
     assert r.tokens == [12, 13, 14, 15] and r.header_len == 4 and r.path_tokens == 9
 
 
+def test_tree_verbs_refuse_a_discarded_thread():
+    """Protocols discard threads (a session closes them all at once): a discarded thread lets
+    go of its logits (a view of its step's), and no verb takes it."""
+    tree = _tree()
+    root = tree.new_root([1, 2])
+    a, b = tree.fork(root, [[3], [4]])
+    a.last_logits, a.logits_row = torch.zeros(2, 8), 1  # (a step's logits: its row 1)
+    tree.discard(a)
+    assert a.last_logits is None and a.logits_row is None
+    for call in (lambda: tree.join([b, a], [5]), lambda: tree.fork(a, [[5]]), lambda: tree.inject(a, [5]),
+                 lambda: tree.spawn([root, a], [5]), lambda: tree.set_view(a, [root]),
+                 lambda: tree.check_growable(a)):
+        with pytest.raises(ValueError, match=f"thread {a.id} is closed"):
+            call()
+    assert [t.id for t in tree.threads] == [root.id, a.id, b.id] and b.joined_into is None
+
+
 def test_a_reprefill_join_starts_after_a_shifted_common_context():
     """The common context's end counts its segments at their shifted positions (here a
     sequential join's second thread, placed after the first)."""
@@ -916,6 +933,20 @@ def test_a_reprefill_join_starts_after_a_shifted_common_context():
     assert tree.join([d, e], [10], positions="reprefill").seg.base == 7
 
 
+def test_tree_growth_checks_count_the_whole_segment():
+    """inject() refuses a segment that would outgrow the whole cache (its tokens so far
+    included), and check_growable() a forked thread."""
+    tree = ThreadTree(KVCache(1, 2, 2, 1, 2, torch.float32, "cpu"), max_positions=100)
+    root = tree.new_root([1, 2, 3])
+    tree.inject(root, [4])  # (4 tokens: the cache's 2 pages)
+    with pytest.raises(ValueError, match="Injecting 1 tokens into thread 0 would need 3 pages"):
+        tree.inject(root, [5])
+    tree.check_growable(root)
+    tree.fork(root, [[5]])
+    with pytest.raises(ValueError, match="thread 0 was forked"):
+        tree.check_growable(root)
+
+
 def test_a_live_thread_with_an_empty_view_is_laid_out_from_zero():
     """A live view lays its threads out from the first one's base, then the thread's own
     tokens: with no thread in view, its next token's position is its own length."""
@@ -925,3 +956,20 @@ def test_a_live_thread_with_an_empty_view_is_laid_out_from_zero():
     assert effective_end(th) == 5
     tree.set_view(th, [])
     assert effective_end(th) == 2 and th.view == ((th.seg, 0),)
+
+
+def test_drop_view_lets_a_finished_written_thread_read_only_itself():
+    """(Hogwild! history steps) drop_view() takes only a finished thread with nothing left to
+    write; its view becomes its own segment, no longer live, and the segments it read are let go."""
+    tree = _tree()
+    root = tree.new_root([1, 2])
+    th = tree.spawn([root], [3])
+    refs = root.seg.refs
+    for finished, pending in ((None, []), ("step", [3]), (None, [3])):
+        th.finish_reason, th.pending = finished, pending
+        with pytest.raises(ValueError, match=f"thread {th.id} may still need its view"):
+            tree.drop_view(th)
+    th.finish_reason, th.pending = "step", []
+    tree.drop_view(th)
+    assert th.view == ((th.seg, 0),) and th.live is None and effective_end(th) == th.end == 3
+    assert root.seg.refs == refs - 1
