@@ -973,3 +973,22 @@ def test_drop_view_lets_a_finished_written_thread_read_only_itself():
     tree.drop_view(th)
     assert th.view == ((th.seg, 0),) and th.live is None and effective_end(th) == th.end == 3
     assert root.seg.refs == refs - 1
+
+
+def test_a_join_that_fails_queueing_its_header_changes_nothing(monkeypatch):
+    """A continuation made but not handed back (here a MemoryError queueing its header) is
+    taken back: its place in the tree, its references and its id."""
+    tree = _tree()
+    root = tree.new_root([1, 2])
+    a, b = tree.fork(root, [[3], [4]])
+    refs = [s.refs for s in (root.seg, a.seg, b.seg)]
+
+    def fail(th, tokens, header=False):
+        raise MemoryError
+    monkeypatch.setattr(tree, "inject", fail)
+    with pytest.raises(MemoryError):
+        tree.join([a, b], [5])
+    monkeypatch.undo()
+    assert tree.threads == [root, a, b] and list(tree.open) == [0, 1, 2] and root.children == [a, b]
+    assert [s.refs for s in (root.seg, a.seg, b.seg)] == refs and a.joined_into is None
+    assert tree.join([a, b], [5]).id == 3
