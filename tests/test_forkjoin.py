@@ -992,3 +992,28 @@ def test_a_join_that_fails_queueing_its_header_changes_nothing(monkeypatch):
     assert tree.threads == [root, a, b] and list(tree.open) == [0, 1, 2] and root.children == [a, b]
     assert [s.refs for s in (root.seg, a.seg, b.seg)] == refs and a.joined_into is None
     assert tree.join([a, b], [5]).id == 3
+
+
+def test_compact_returns_a_finished_thread_with_the_keys_rerotated():
+    """compact() writes the threads' K/V once into one new segment at ``base``: V copied, K
+    turned from each token's old home position to its new one; the thread it returns is
+    finished (it never samples)."""
+    cache = KVCache(1, 8, 2, 1, 4, torch.float32, "cpu")
+    k, v = cache.k[0].view(-1, 1, 4), cache.v[0].view(-1, 1, 4)
+    tree = ThreadTree(cache)
+    root = tree.new_root([1, 2, 3])
+    (a,) = tree.fork(root, [[4, 5]])
+    g = torch.Generator().manual_seed(0)
+    for t in (root, a):
+        slots = torch.tensor(cache.append_slots(t.seg, len(t.tokens)))
+        k[slots], v[slots] = torch.randn(2, len(slots), 1, 4, generator=g)
+        t.pending.clear()
+
+    def slots_of(seg):
+        return torch.tensor([seg.pages[i // 2] * 2 + i % 2 for i in range(seg.length)])
+    old_k, old_v = (torch.cat([x[slots_of(t.seg)] for t in (root, a)]) for x in (k, v))
+    inv_freq = torch.tensor([1.0, 0.1])
+    m = tree.compact([root, a], 7, inv_freq)
+    assert m.finish_reason == "compacted" and m.tokens == [1, 2, 3, 4, 5] and (m.seg.base, m.seg.length) == (7, 5)
+    assert torch.equal(v[slots_of(m.seg)], old_v)
+    assert torch.allclose(k[slots_of(m.seg)], rotate_by(old_k, torch.full((5,), 7), inv_freq), atol=1e-6)
