@@ -473,6 +473,50 @@ def test_filtered_rows_draw_as_alone_in_any_batch():
                     assert shared == alone and mixed[::2] == alone[::2], (mine, threads, seed)
 
 
+def test_filtered_rows_stop_at_the_first_window_that_shows_the_prefix(windows):
+    """A row whose kept tokens are among its largest logits comes back in the first
+    window's width (top_k + 1, else _WINDOW), not the vocabulary's: min-p's cut, top-k's k
+    tokens and top-p's mass (alone: the whole row's softmax) each show where the prefix
+    ends, so the row neither grows its window nor falls back to the reference (a sort of
+    the row). Its kept tokens are the reference's."""
+    from engine.sampling_params import SamplingParams as SP
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 4096, generator=g)
+    x[:, :5] += 12.0  # (a few likely tokens, as a model's)
+    for c, width in (({"top_p": 0.9}, 64), ({"min_p": 0.05}, 64), ({"top_k": 20}, 21),
+                     ({"top_k": 20, "top_p": 0.9, "min_p": 0.01}, 21), ({"min_p": 0.05, "top_p": 0.9}, 64)):
+        ids, lp = sampler._filtered_rows(x, SP(**c))
+        assert ids.shape == lp.shape == (3, width), c
+        for r in range(3):
+            want = sampler._filtered_logprobs(x[r], SP(**c)).isfinite().nonzero()[:, 0]
+            assert ids[r][lp[r].isfinite()].tolist() == want.tolist(), (c, r)
+    y = torch.full((1, 4096), -20.0)  # (min-p cuts the window's last logit only)
+    y[0, :63] = 0.0
+    y[0, 63] = -10.0
+    ids, lp = sampler._filtered_rows(y, SP(min_p=0.01))
+    assert ids.shape == (1, 64) and ids[0][lp[0].isfinite()].tolist() == list(range(63))
+
+
+def test_filtered_rows_of_few_finite_logits():
+    """Rows where most logits are -inf (masked): the first window shows every finite one
+    (its last logit is -inf), even for top-k with more tokens than the row has. From a
+    window too, top-p keeps the smallest prefix whose mass reaches top_p: two tokens of
+    probability 0.5 each at top_p=0.5 keep one, the lower id (the whole row's softmax for
+    top-p alone, the window's with min-p or top-k). A row of one finite logit draws it."""
+    from engine.sampling_params import SamplingParams as SP
+    x = torch.full((3, 300), float("-inf"))
+    x[:2, [3, 7]] = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    x[2, 11] = -5.0
+    for c, width in (({"top_p": 0.5}, 64), ({"top_p": 0.5, "min_p": 0.01}, 64), ({"top_p": 0.5, "top_k": 5}, 6),
+                     ({"top_k": 20}, 21)):
+        ids, lp = sampler._filtered_rows(x, SP(**c))
+        assert ids.shape == (3, width), c
+        want = [[3], [3], [11]] if "top_p" in c else [[3, 7], [3, 7], [11]]
+        assert [ids[r][lp[r].isfinite()].tolist() for r in range(3)] == want, c
+        tok, _ = sampler.sample(x, [SP(**c)] * 3, _gens([0, 1, 2]))
+        assert tok[0] in want[0] and tok[1] in want[1] and tok[2] == 11, c
+
+
 @pytest.mark.parametrize("V", [1, 5, 16, 17, 300, 5000])
 def test_top_logits_is_a_stable_sorts_first_k(V):
     """engine._C's top_logits: a row's first k of a stable descending sort (ties at the
