@@ -258,7 +258,7 @@ def test_rows_without_a_finite_logit_raise(fill, temperature, top_k, top_p, V):
         sampler.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
 
 
-@pytest.mark.parametrize("op", ["probs", "logits"])
+@pytest.mark.parametrize("op", ["probs", "logits", "fallback"])
 def test_pick_at_an_exact_prefix_sum_takes_the_next_token(op):
     """u * total equal to a prefix sum (here inside a 256-token block, and at the end of
     one): the first prefix sum that exceeds it is the next token's. Uniform rows of 512,
@@ -266,8 +266,10 @@ def test_pick_at_an_exact_prefix_sum_takes_the_next_token(op):
     u = torch.tensor([0.25, 0.5, 0.75, 0.0])
     if op == "probs":
         got = torch.ops.loom.pick_from_probs(torch.ones(4, 512), u)
-    else:
+    elif op == "logits":
         got = torch.ops.loom.pick_from_logits(torch.zeros(4, 512), torch.ones(4), u)
+    else:  # (pick's torch fallback: float64 rows)
+        got = torch.tensor(sampler.pick(torch.ones(4, 512, dtype=torch.float64), u))
     assert got.tolist() == [128, 256, 384, 0]
 
 
@@ -337,6 +339,14 @@ def test_uniform_draws_are_torch_rands():
     import engine._ops as ops
     with pytest.raises(TypeError):
         ops._C.uniform_draws([torch.Generator(), 3])
+
+
+def test_uniform_draws_without_engine_c_are_torch_rands(monkeypatch):
+    """Without engine._C's uniform_draws, one torch.rand each: the same numbers."""
+    monkeypatch.setattr(sampler, "_UNIFORM", [None])
+    want = torch.cat([torch.rand(1, generator=g) for g in _gens([3, 4, 3])])
+    assert torch.equal(sampler.uniform_draws(_gens([3, 4, 3])), want)
+    assert sampler.uniform_draws([]).shape == (0,)
 
 
 def test_top_logprobs_rows_are_each_rows_top_logprobs():
@@ -515,6 +525,30 @@ def test_filtered_rows_of_few_finite_logits():
         assert [ids[r][lp[r].isfinite()].tolist() for r in range(3)] == want, c
         tok, _ = sampler.sample(x, [SP(**c)] * 3, _gens([0, 1, 2]))
         assert tok[0] in want[0] and tok[1] in want[1] and tok[2] == 11, c
+
+
+def test_cpu_float32_rows_take_engine_cs_ops(monkeypatch):
+    """With engine._C built, float32 CPU rows go through its ops (the one-pass draws and
+    top_logits, and one call for every row's uniform number), other dtypes through torch:
+    the fallbacks draw the same tokens, so only a count of the calls tells the paths apart."""
+    from engine.sampling_params import SamplingParams as SP
+    calls = []
+
+    def spy(name, op):
+        def f(*args):
+            calls.append(name)
+            return op(*args)
+        return f
+    for name in ("pick_from_probs", "pick_from_logits", "top_logits"):
+        assert sampler._loom_op(name) is getattr(torch.ops.loom, name)
+        monkeypatch.setitem(sampler._OPS, name, spy(name, getattr(torch.ops.loom, name)))
+    monkeypatch.setattr(sampler, "_UNIFORM", [spy("uniform_draws", sampler._uniform_op())])
+    x = torch.randn(2, 400, generator=torch.Generator().manual_seed(15))
+    for dtype in (torch.float32, torch.float64):
+        calls.clear()
+        sampler.sample(x.to(dtype), [SP(seed=1), SP(top_k=30, seed=2)], _gens([1, 2]))
+        assert sorted(calls) == (["pick_from_logits", "pick_from_probs", "top_logits", "uniform_draws"]
+                                 if dtype == torch.float32 else ["uniform_draws"]), dtype
 
 
 @pytest.mark.parametrize("V", [1, 5, 16, 17, 300, 5000])
