@@ -84,6 +84,25 @@ def test_sample_mixes_greedy_and_random_rows():
     assert sampler.sample(logits, params, gens)[0] == tokens  # same generators, same draw
 
 
+def test_each_row_of_a_mixed_batch_draws_as_alone():
+    """Greedy, plain and filtering rows of different params in one batch (all five kinds,
+    in either order, or two of them): each row takes its own params' path and draws its
+    token alone (a greedy row its argmax, a random row its own draw)."""
+    from engine.sampling_params import SamplingParams as SP
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(16))
+    x[1:3] = 0.0  # (nearly uniform: an unfiltered draw is seldom the argmax)
+    x[2, 5] = 0.5
+    params = [SP(temperature=0), SP(temperature=1.0), SP(temperature=1.0, top_k=1),
+              SP(temperature=0.8, top_p=0.5), SP(temperature=1.2, min_p=0.3)]
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [0, 1], [1, 0], [1, 3], [3, 1], [2, 4]):
+        got = sampler.sample(x[order], [params[r] for r in order], _gens(order))[0]
+        alone = [sampler.sample(x[r:r + 1], [params[r]], _gens([r]))[0][0] for r in order]
+        assert got == alone, order
+        if len(order) == 5:
+            assert alone[order.index(0)] == int(x[0].argmax()) and alone[order.index(2)] == int(x[2].argmax())
+            assert alone[order.index(1)] != 0
+
+
 def test_a_rows_draw_does_not_depend_on_its_batch():
     """A seeded row draws the same token alone or batched with rows that filter (top-k /
     top-p / min-p): its path is chosen by its own parameters. (The whole batch used to take
