@@ -93,8 +93,10 @@ def test_each_row_of_a_mixed_batch_draws_as_alone():
     x[1:3] = 0.0  # (nearly uniform: an unfiltered draw is seldom the argmax)
     x[2, 5] = 0.5
     params = [SP(temperature=0), SP(temperature=1.0), SP(temperature=1.0, top_k=1),
-              SP(temperature=0.8, top_p=0.5), SP(temperature=1.2, min_p=0.3)]
-    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [0, 1], [1, 0], [1, 3], [3, 1], [2, 4]):
+              SP(temperature=0.8, top_p=0.5), SP(temperature=1.2, min_p=0.3), SP(temperature=0.05)]
+    x = torch.cat([x, x[1:2]])
+    x[5, 9] = 0.5  # (at a low temperature, mostly token 9; at 1.0, seldom)
+    for order in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [0, 1], [1, 0], [1, 3], [3, 1], [2, 4], [1, 5], [5, 1]):
         got = sampler.sample(x[order], [params[r] for r in order], _gens(order))[0]
         alone = [sampler.sample(x[r:r + 1], [params[r]], _gens([r]))[0][0] for r in order]
         assert got == alone, order
@@ -275,6 +277,17 @@ def test_rows_without_a_finite_logit_raise(fill, temperature, top_k, top_p, V):
     params = [SP(temperature=temperature, top_k=top_k, top_p=top_p, seed=1)] * 3
     with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in batch rows \[1\]"):
         sampler.sample(logits, params, [torch.Generator().manual_seed(i) for i in range(3)])
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("nan")])
+def test_rows_without_a_finite_logit_raise_on_torchs_path(fill):
+    """The same error from the torch fallback (float64 logits), whose search lands past the
+    row's end on a NaN row instead of raising; the other rows' params still filter."""
+    from engine.sampling_params import SamplingParams as SP
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    logits[1] = fill
+    with pytest.raises(FloatingPointError, match=r"not finite \(NaN or inf\) in batch rows \[1\]"):
+        sampler.sample(logits, [SP(seed=1), SP(temperature=0.5), SP(top_k=3)], _gens([0, 1, 2]))
 
 
 @pytest.mark.parametrize("op", ["probs", "logits", "fallback"])
@@ -563,11 +576,13 @@ def test_cpu_float32_rows_take_engine_cs_ops(monkeypatch):
         monkeypatch.setitem(sampler._OPS, name, spy(name, getattr(torch.ops.loom, name)))
     monkeypatch.setattr(sampler, "_UNIFORM", [spy("uniform_draws", sampler._uniform_op())])
     x = torch.randn(2, 400, generator=torch.Generator().manual_seed(15))
+    tokens = []
     for dtype in (torch.float32, torch.float64):
         calls.clear()
-        sampler.sample(x.to(dtype), [SP(seed=1), SP(top_k=30, seed=2)], _gens([1, 2]))
+        tokens.append(sampler.sample(x.to(dtype), [SP(seed=1), SP(top_k=30, seed=2)], _gens([1, 2]))[0])
         assert sorted(calls) == (["pick_from_logits", "pick_from_probs", "top_logits", "uniform_draws"]
                                  if dtype == torch.float32 else ["uniform_draws"]), dtype
+    assert tokens[0] == tokens[1]
 
 
 @pytest.mark.parametrize("V", [1, 5, 16, 17, 300, 5000])
