@@ -68,7 +68,7 @@ BAD_PARAMS = [
     ("logprobs", -1), ("logprobs", 101), ("stop_token_ids", [-1]), ("stop", 5), ("stop", [""]), ("stop", ["x", 3]),
     ("stop_token_ids", "7"), ("stop_token_ids", 2.5), ("temperature", 100.5), ("max_total_tokens", 0),
     ("skip_special_tokens", "no"), ("ignore_eos", 1), ("include_stop_str_in_output", None),
-    ("stop", {"x": 1}), ("stop", {"x", "y"}), ("stop_token_ids", {3: "a"}),
+    ("stop", {"x": 1}), ("stop", {"x", "y"}), ("stop_token_ids", {3: "a"}), ("seed", 1.5), ("seed", "3"),
 ]
 
 
