@@ -235,9 +235,12 @@ def _uniform_op():
 _UNIFORM: list = []
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
            raw: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor | None]:
-    """logits [R, V] (float32; 16-bit logits are converted) -> (one token per row, raw log-probs [R, V], or None when no
+    """logits [R, V] (float32; 16-bit logits are converted, float64 kept) -> (one token per row, raw log-probs [R, V], or None when no
     row asked for log-probs). ``raw``: the logits the log-probs come from when ``logits``
     are not the model's (penalized), else ``logits`` themselves.
 
@@ -245,9 +248,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     row's own generator. (An exponential race would need V random numbers per row: on a
     CPU drawing them cost more than the whole forward pass of a small model.)
     """
-    if logits.dtype != torch.float32:  # (a softmax and prefix sums in 16 bits draw from another distribution)
+    if logits.dtype in _HALF:  # (a softmax and prefix sums in 16 bits draw from another distribution)
         logits = logits.float()
-    if raw is not None and raw.dtype != torch.float32:
+    if raw is not None and raw.dtype in _HALF:
         raw = raw.float()
     # (a request's threads share one params object: its properties are read once, not per row)
     distinct = list({id(p): p for p in params}.values())
