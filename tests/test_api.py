@@ -83,9 +83,13 @@ def test_sampling_params_invalid(param, value, llm, baseline):
 def test_sampling_params_valid_edges():
     for kw in [dict(temperature=0.0), dict(top_p=1.0), dict(top_p=1e-6), dict(top_k=-1), dict(top_k=1),
                dict(min_p=0.0), dict(min_p=1.0), dict(max_tokens=1), dict(n=1), dict(logprobs=0),
-               dict(stop="x"), dict(stop=["x", "y"]), dict(stop_token_ids=[3]), dict(seed=0), dict(max_total_tokens=1)]:
+               dict(stop="x"), dict(stop=["x", "y"]), dict(stop_token_ids=[3]), dict(seed=0), dict(max_total_tokens=1),
+               dict(max_total_tokens=4), dict(temperature=100.0)]:
         SP(**kw)
-    assert SP().max_tokens == 256  # (the documented default)
+    d = SP()  # (the documented defaults, as vLLM's)
+    assert (d.n, d.max_tokens, d.min_tokens, d.temperature, d.skip_special_tokens) == (1, 256, 0, 1.0, True)
+    with pytest.raises(ValueError, match=r"SamplingParams\.n=0 is invalid"):
+        SP(n=0)  # (at construction, not at the first call)
     assert SP(stop_token_ids=3).stop_token_ids == [3]  # one id, as one string is one stop
     assert SP(temperature=1e-6).greedy and SP(temperature=0).greedy and not SP(temperature=1e-4).greedy
     assert SP(stop=("x", "y")).stop == ["x", "y"] and SP(stop=iter(["x"])).stop == ["x"]
