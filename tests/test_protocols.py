@@ -1058,6 +1058,26 @@ def test_parallel_sampling_under_a_total_budget_runs_in_a_cache_of_its_bound(tmp
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_parallel_samplings_bound_is_exact_up_to_the_context(tmp_path):
+    """ParallelSampling's bound: the prompt's pages plus, per sample, the pages of max_tokens - 1
+    tokens (a sample's last token is never written), or of the context left after the prompt
+    less one when that is shorter. A cache of just the bound runs the request, one page less
+    is refused naming it (a bound off by a token either way went unnoticed)."""
+    d = str(tmp_path)
+    make_random_model(d, hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64, max_pos=32)
+    # (prompt, max_tokens, the bound in pages of 4, each sample's tokens)
+    for P, max_tokens, need, gen in [(4, 5, 1 + 3 * 1, 5), (4, 6, 1 + 3 * 2, 6),
+                                      (4, 10**6, 1 + 3 * 7, 28), (31, 5, 8 + 3 * 0, 1)]:
+        p = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        llm = LLM(d, attention_backend="cpu", page_size=4, seed=0, kv_cache_tokens=4 * need)
+        outs = llm.generate([[65] * P], p, protocol=ParallelSampling(3))[0].outputs
+        assert [len(o.token_ids) for o in outs] == [gen] * 3 and llm.cache_stats()["pages_used"] == 0
+        if need - 1 >= -(-P // 4):  # (fewer pages than the prompt's own is another error)
+            small = LLM(d, attention_backend="cpu", page_size=4, seed=0, kv_cache_tokens=4 * (need - 1))
+            with pytest.raises(ValueError, match=rf"can never fit the KV cache: it needs up to {need} pages"):
+                small.generate([[65] * P], p, protocol=ParallelSampling(3))
+
+
 def test_a_tree_protocol_runs_in_a_cache_of_its_bound_with_large_pages(tmp_path):
     """A tree protocol's bound holds a part-filled page for each thread: with pages larger than
     a header's allowance, a cache of just the bound runs the request (without them the bound
