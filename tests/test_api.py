@@ -120,6 +120,30 @@ def test_vllm_fields_loom_lacks():
         SP(tempreature=0.5)
 
 
+def test_sampling_params_range_ends_and_vllm_defaults():
+    """Each range's ends (the documented bounds are inclusive), min_tokens' range, a bool or
+    a string for a number (one ValueError, not a TypeError), the derived flags, and vLLM's
+    fields Loom lacks at their defaults (else refused): checked by construction alone."""
+    for kw in [dict(presence_penalty=-2.0, frequency_penalty=2.0), dict(presence_penalty=2, frequency_penalty=-2),
+               dict(repetition_penalty=0.01), dict(repetition_penalty=100.0), dict(stop_token_ids=[0]),
+               dict(logprobs=100), dict(max_tokens=5, min_tokens=5), dict(min_tokens=0)]:
+        SP(**kw)
+    for kw in [dict(min_tokens=-1), dict(max_tokens=4, min_tokens=5), dict(min_tokens=1.5),
+               dict(repetition_penalty=100.5), dict(presence_penalty=-2.5), dict(temperature=True),
+               dict(top_p="1"), dict(repetition_penalty=True), dict(min_p="0")]:
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{next(iter(kw.keys() - {'max_tokens'}))}="):
+            SP(**kw)
+    assert SP(temperature=0).greedy and not SP(temperature=1e-5).greedy  # ("below 1e-5: greedy")
+    assert not SP().penalized and not SP(temperature=0).penalized
+    for kw in [dict(presence_penalty=0.5), dict(frequency_penalty=-0.5), dict(repetition_penalty=1.2)]:
+        assert SP(**kw).penalized, kw
+    sp = SP(use_beam_search=False, spaces_between_special_tokens=True, best_of=1, truncate_prompt_tokens=None)
+    assert sp == SP()
+    for kw in [dict(use_beam_search=True), dict(best_of=2), dict(best_of=0), dict(n=2, best_of=3)]:
+        with pytest.raises(ValueError, match=rf"SamplingParams\({next(iter(kw.keys() - {'n'}))}=.*Loom does not support"):
+            SP(**kw)
+
+
 def test_sampling_params_changed_after_construction(llm, baseline):
     """generate() checks the fields again: one stop string set later is one stop (it used to
     be taken character by character), a bad type a ValueError."""
