@@ -13,13 +13,12 @@ both paths are checked to draw the same tokens with the same uniform numbers fir
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import _loom_path  # noqa: E402,F401  (which Loom: the checkout's, or an installed one)
 
+from bench_attention import timed  # noqa: E402
 from bench_generate import machine_info  # noqa: E402
 from engine import SamplingParams  # noqa: E402
 from engine.sampler import _filtered_logprobs, pick, sample  # noqa: E402
@@ -47,13 +46,7 @@ def baseline(logits: torch.Tensor, p: SamplingParams, u: torch.Tensor) -> list[i
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return timed(fn, repeats, warmup=1) * 1e3
 
 
 def main():
