@@ -279,8 +279,8 @@ class Session:
                     t.finish_reason = "abort"
             rows = getattr(e, "rows", ())  # (non-finite logits: indices into the step's samplers)
             if isinstance(e, FloatingPointError) and rows and e.args:
-                bad = [active[r] for r in rows]
-                at = [i for i, t in enumerate(ts) if any(t is b for b in bad)]
+                bad = {id(active[r]) for r in rows}
+                at = [i for i, t in enumerate(ts) if id(t) in bad]
                 many = len(at) > 1
                 e.args = (f"{e.args[0]} They come from the thread{'s' * many} at position{'s' * many} "
                           f"{', '.join(map(str, at))} of this call's list (0-based; thread id{'s' * many} "
