@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from .runner import ModelRunner
-from .sampler import Penalties, apply_penalties, sample, top_logprobs, top_logprobs_rows
+from .sampler import Penalties, apply_penalties, logit_processed, sample, top_logprobs, top_logprobs_rows
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
 from .threads import Thread, check_growable, effective_end, refresh_view
@@ -125,13 +125,33 @@ class EngineCore:
         if not isinstance(p, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}.")
         p.verify()
+        V = self.vocab_size
+        for name, ids in (("logit_bias", p.logit_bias or ()), ("allowed_token_ids", p.allowed_token_ids or ())):
+            out = [i for i in ids if i >= V]
+            if out:
+                raise ValueError(f"SamplingParams.{name} has token id {out[0]}, outside the model's vocabulary "
+                                 f"[0, {V}); give ids below {V}.")
+        banned = {i for i, b in (p.logit_bias or {}).items() if b == float("-inf")}
+
+        def none_left(forbidden: set) -> bool:  # (every token forbidden: no token can be sampled)
+            if p.allowed_token_ids is not None:
+                return all(i in forbidden for i in p.allowed_token_ids)
+            return len(forbidden) >= V and all(i in forbidden for i in range(V))
+        if banned and none_left(banned):
+            of = "allowed_token_ids" if p.allowed_token_ids is not None else f"the model's vocabulary of {V}"
+            raise ValueError(f"SamplingParams.logit_bias (-inf) forbids every token of {of}: no token could be "
+                             "sampled. Forbid fewer tokens.")
         if p.min_tokens > 0:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-            if len(stops) >= self.vocab_size and all(i in stops for i in range(self.vocab_size)):
+            if none_left(stops | banned):
                 eos = "" if p.ignore_eos else " and the EOS ids"
+                if p.allowed_token_ids is None and not banned:
+                    what = f"cover the model's whole vocabulary of {V} tokens"
+                else:
+                    what = "cover every token " + ("logit_bias and " if banned else "") + "allowed_token_ids leave"
                 raise ValueError(f"SamplingParams(min_tokens={p.min_tokens}) forbids the stop tokens until then, but "
-                                 f"stop_token_ids{eos} cover the model's whole vocabulary of {self.vocab_size} "
-                                 "tokens: no token could be sampled. Set min_tokens=0, or stop on fewer tokens.")
+                                 f"stop_token_ids{eos} {what}: no token could be sampled. Set min_tokens=0, "
+                                 "or stop on fewer tokens.")
         return dataclasses.replace(p)
 
     def at_context_end(self, t: Thread) -> bool:
@@ -245,10 +265,12 @@ class EngineCore:
             if src.last_logits is None:
                 raise AssertionError(f"thread {src.id} has no logits: feed it first")
         table = self._logits_rows(srcs, logits, row_of)
-        params, pen, early = [], [], []
+        params, pen, early, shaped = [], [], [], []
         for i, t in enumerate(samplers):
             p = t.params
             params.append(p)
+            if p.logit_bias or p.allowed_token_ids is not None:
+                shaped.append(i)
             if t.penalties is None and p.penalized:  # the repetition context: its view as it samples
                 #                                      its first token of the call
                 t.penalties = Penalties(p, self.vocab_size, [s.tokens for s, _ in t.view], self.runner.device,
@@ -261,8 +283,9 @@ class EngineCore:
         if self.token_source is not None:
             tokens = [int(x) for x in self.token_source(samplers)]
             logprobs = table.log_softmax(-1)
-        else:  # (log-probs stay the model's, before penalties: vLLM's raw log-probs)
-            penalized = apply_penalties(table, pen, [samplers[i].penalties for i in pen]) if pen else table
+        else:  # (log-probs stay the model's, before logit_bias and penalties: vLLM's raw log-probs)
+            biased = logit_processed(table, shaped, [params[i] for i in shaped]) if shaped else table
+            penalized = apply_penalties(biased, pen, [samplers[i].penalties for i in pen]) if pen else biased
             if early:  # (as vLLM's min_tokens: its stop tokens cannot be drawn yet)
                 penalized = penalized.clone() if penalized is table else penalized
                 rows, cols = [], []  # (one index_put for every early row: one each cost ~10 us)

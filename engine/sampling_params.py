@@ -44,6 +44,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # as vLLM: added to the logits before the penalties
+    allowed_token_ids: list[int] | None = None  # as vLLM: every other token is forbidden
 
     def __post_init__(self):
         self.verify()
@@ -109,6 +111,24 @@ class SamplingParams:
                      "repetition_penalty"):
             setattr(self, name, float(getattr(self, name)))
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                bad("logit_bias", "must be None or a dict {token id: bias}")
+            if any(not _is_int(k) or k < 0 for k in self.logit_bias):
+                bad("logit_bias", "its keys must be non-negative integer token ids (JSON's string keys: int(key))")
+            if any(not _is_num(v) or not (-1e30 <= v <= 1e30 or v == float("-inf")) for v in self.logit_bias.values()):
+                bad("logit_bias", "its biases must be numbers in [-1e30, 1e30], or -inf (the token is never sampled)")
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            if _is_int(self.allowed_token_ids):
+                self.allowed_token_ids = [self.allowed_token_ids]
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids",
+                                              "None or a non-empty list of token ids")
+            if any(not _is_int(t) or t < 0 for t in self.allowed_token_ids):
+                bad("allowed_token_ids", "must be None or a non-empty list of non-negative token ids")
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "would forbid every token: give at least one id, or None (every token allowed)")
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
 
     @property
     def penalized(self) -> bool:
@@ -129,9 +149,7 @@ _VLLM_ONLY = {
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
     "detokenize": (True, "the text costs little next to a step; ignore output.text"),
-    "logit_bias": (None, "not supported"),
-    "allowed_token_ids": (None, "not supported"),
-    "bad_words": (None, "not supported"),
+    "bad_words": (None, "not supported; logit_bias={id: -inf} forbids single tokens"),
     "logits_processors": (None, "not supported"),
     "truncate_prompt_tokens": (None, "truncate the prompt's token ids yourself"),
     "guided_decoding": (None, "not supported"),
@@ -148,7 +166,9 @@ def _init_with_vllm_names(init):
     def __init__(self, *args, **kwargs):
         for name in [k for k in kwargs if k in _VLLM_ONLY]:
             value, (loom, instead) = kwargs.pop(name), _VLLM_ONLY[name]
-            same = value == loom or value is None or (name == "best_of" and value in (1, kwargs.get("n", 1)))
+            same = (value is None or (name == "best_of" and value in (1, kwargs.get("n", 1)))
+                    or (loom is None and isinstance(value, (list, tuple, dict)) and not value)  # (empty: no-op)
+                    or (loom is not None and value == loom))
             if not same:
                 raise ValueError(f"SamplingParams({name}={value!r}): Loom does not support vLLM's {name} "
                                  f"({instead}); leave it out or at {loom!r}.")

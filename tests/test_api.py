@@ -69,6 +69,11 @@ BAD_PARAMS = [
     ("stop_token_ids", "7"), ("stop_token_ids", 2.5), ("temperature", 100.5), ("max_total_tokens", 0),
     ("skip_special_tokens", "no"), ("ignore_eos", 1), ("include_stop_str_in_output", None),
     ("stop", {"x": 1}), ("stop", {"x", "y"}), ("stop_token_ids", {3: "a"}), ("seed", 1.5), ("seed", "3"),
+    ("logit_bias", [1]), ("logit_bias", {"3": 1.0}), ("logit_bias", {-1: 1.0}), ("logit_bias", {2.0: 1.0}),
+    ("logit_bias", {3: float("nan")}), ("logit_bias", {3: float("inf")}), ("logit_bias", {3: 1e31}),
+    ("logit_bias", {3: "1"}), ("logit_bias", {3: True}), ("logit_bias", {VOCAB: 1.0}),
+    ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", [1.5]), ("allowed_token_ids", "7"),
+    ("allowed_token_ids", {1: 2}), ("allowed_token_ids", [3, VOCAB]),
 ]
 
 
@@ -108,11 +113,13 @@ def test_vllm_fields_loom_lacks():
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
     instead; an unknown name lists the fields (both were a bare 'unexpected keyword')."""
     import dataclasses
-    sp = SP(n=2, detokenize=True, best_of=2, prompt_logprobs=None, logit_bias=None, extra_args=None)
+    sp = SP(n=2, detokenize=True, best_of=2, prompt_logprobs=None, bad_words=None, extra_args=None)
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
+    # (empty lists / dicts are no-ops, as in vLLM)
+    assert SP(bad_words=[], logits_processors=[], extra_args={}) == SP() == SP(logit_bias={})
     for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
                         (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
-                        (dict(logit_bias={1: 2.0}), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
+                        (dict(bad_words=["x"]), r"logit_bias=\{id: -inf\}"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
             SP(**kw)
@@ -2590,13 +2597,19 @@ def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_d
 # penalties (presence, frequency, repetition), as vLLM
 # ---------------------------------------------------------------------------------------------
 
-def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequency=0.0, repetition=1.0):
+def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequency=0.0, repetition=1.0,
+                         bias=None, allowed=None):
     """Greedy decoding by transformers' forward with the penalties applied by hand: vLLM's
-    definitions (repetition over prompt + output, presence / frequency over the output)."""
+    definitions (repetition over prompt + output, presence / frequency over the output),
+    after vLLM's allowed token ids and logit bias."""
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(new):
             x = hf(torch.tensor([ids])).logits[0, -1].float()
+            if allowed is not None:
+                x = torch.full_like(x, float("-inf")).index_copy(0, torch.tensor(allowed), x[torch.tensor(allowed)])
+            for t, b in (bias or {}).items():
+                x[t] += b
             seen = torch.zeros_like(x, dtype=torch.bool)
             seen[torch.tensor(ids)] = True
             x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
@@ -2737,3 +2750,126 @@ def test_pybind11_is_a_build_requirement_only():
         return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
     assert "pybind11" not in names(cfg["project"]["dependencies"])
     assert "pybind11" in names(cfg["build-system"]["requires"])
+
+
+# ---------------------------------------------------------------------------------------------
+# logit_bias and allowed_token_ids, as vLLM
+# ---------------------------------------------------------------------------------------------
+
+def test_logit_bias_and_allowed_token_ids_forms():
+    import numpy as np
+    sp = SP(logit_bias={np.int64(3): np.float32(1.5), 4: -2, 5: float("-inf"), 6: 1e30}, allowed_token_ids=np.int64(4))
+    assert sp.logit_bias == {3: 1.5, 4: -2.0, 5: float("-inf"), 6: 1e30} and sp.allowed_token_ids == [4]
+    assert [type(k) for k in sp.logit_bias] == [int] * 4 and [type(v) for v in sp.logit_bias.values()] == [float] * 4
+    assert type(sp.allowed_token_ids[0]) is int and SP(allowed_token_ids=(7, 2)).allowed_token_ids == [7, 2]
+    assert SP(logit_bias={}).logit_bias is None and SP().allowed_token_ids is None
+
+
+def test_logit_processed_matches_its_definition():
+    from engine.sampler import logit_processed
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 37, generator=g)
+    ps = [SP(logit_bias={3: 2.5, 36: -1.0}), SP(allowed_token_ids=[0, 9, 9, 36]),
+          SP(allowed_token_ids=[9, 4], logit_bias={4: 0.5, 7: 3.0, 9: float("-inf")})]
+    rows = [0, 2, 4]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        got = logit_processed(x.to(dtype), rows, ps)
+        want = x.to(dtype).to(torch.float64 if dtype == torch.float64 else torch.float32).clone()
+        for r, p in zip(rows, ps):
+            if p.allowed_token_ids is not None:
+                keep = torch.zeros(37, dtype=torch.bool)
+                keep[p.allowed_token_ids] = True
+                want[r] = want[r].masked_fill(~keep, float("-inf"))
+            for t, b in (p.logit_bias or {}).items():
+                want[r, t] += b
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(x, torch.randn(5, 37, generator=torch.Generator().manual_seed(0)))  # (not changed in place)
+
+
+@pytest.mark.parametrize("kw", [dict(bias={0: 4.0, 1: 2.5, 2: -3.0}), dict(allowed=list(range(40, 80, 3))),
+                                dict(bias={41: 2.0, 44: float("-inf")}, allowed=list(range(40, 80, 3)), repetition=1.6)])
+def test_logit_bias_and_allowed_token_ids_match_their_definition(llm, hf_ref, kw):
+    """Greedy tokens are the argmax of the model's logits with tokens outside
+    allowed_token_ids forbidden and logit_bias added, before the penalties (vLLM's order);
+    the log-probs stay the model's."""
+    prompt = random_ids(11, VOCAB, seed=7)
+    want = _hf_greedy_penalized(hf_ref(NAME), prompt, 12, **kw)
+    sp = greedy(12, logit_bias=kw.get("bias"), allowed_token_ids=kw.get("allowed"),
+                repetition_penalty=kw.get("repetition", 1.0), logprobs=0)
+    out = llm.generate([prompt], sp)[0].outputs[0]
+    assert out.token_ids == want, (kw, out.token_ids, want)
+    assert out.token_ids != llm.generate([prompt], greedy(12))[0].outputs[0].token_ids  # (they change it)
+    ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
+    got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
+    torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
+    assert_no_leak(llm)
+
+
+def test_allowed_token_ids_and_a_forbidden_token_when_sampling(llm, baseline):
+    """Sampled threads (plain and filtered, mixed in one step with threads without them)
+    draw only allowed tokens, never a -inf one, whatever their model probability."""
+    prompt, top = baseline[0], baseline[1][0]  # (the greedy first token: the likeliest)
+    allowed = [top, 5, 17, 200]
+    for kw in (dict(), dict(top_p=0.9), dict(top_k=2), dict(min_p=0.05)):
+        outs = llm.generate([prompt, prompt], [SP(n=4, seed=1, max_tokens=6, ignore_eos=True, temperature=1.5, **kw,
+                                                   allowed_token_ids=allowed, logit_bias={top: float("-inf")}),
+                                                SP(n=2, seed=2, max_tokens=6, ignore_eos=True)])
+        toks = [t for o in outs[0].outputs for t in o.token_ids]
+        assert set(toks) <= {5, 17, 200}, (kw, toks)
+        assert all(len(o.token_ids) == 6 for o in outs[1].outputs)
+    assert_no_leak(llm)
+
+
+def test_logit_bias_and_allowed_token_ids_that_leave_no_token_are_refused(llm, baseline):
+    prompt = baseline[0]
+    ninf = float("-inf")
+    for kw, msg in ((dict(logit_bias={i: ninf for i in range(VOCAB)}), r"logit_bias \(-inf\) forbids every token of "
+                     rf"the model's vocabulary of {VOCAB}: no token could be sampled"),
+                    (dict(allowed_token_ids=[3, 4], logit_bias={3: ninf, 4: ninf}),
+                     r"forbids every token of allowed_token_ids"),
+                    (dict(allowed_token_ids=[3, EOS_ID], stop_token_ids=[3], min_tokens=2),
+                     r"min_tokens=2\) forbids the stop tokens .* cover every token allowed_token_ids leave"),
+                    (dict(allowed_token_ids=[3, 4], logit_bias={4: ninf}, stop_token_ids=[3], min_tokens=1),
+                     r"cover every token logit_bias and allowed_token_ids leave")):
+        with pytest.raises(ValueError, match=msg):
+            llm.generate([prompt], SP(max_tokens=4, **kw))
+        assert_still_works(llm, baseline)
+    # the same without min_tokens, or with an allowed token that is not a stop: taken
+    out = llm.generate([prompt], SP(max_tokens=2, allowed_token_ids=[3, EOS_ID], stop_token_ids=[3]))[0].outputs[0]
+    assert len(out.token_ids) == 1 and out.finish_reason == "stop"
+    out = llm.generate([prompt], SP(max_tokens=3, allowed_token_ids=[3, 4], stop_token_ids=[3], min_tokens=3))
+    assert out[0].outputs[0].token_ids == [4, 4, 4]
+
+
+def test_logit_bias_in_a_session_and_a_protocol(llm, baseline):
+    """Session.generate and a protocol's threads take them too."""
+    from engine.protocols import ParallelSampling
+    prompt, top = baseline[0], baseline[1][0]
+    with llm.session(prompt) as s:
+        got = s.generate([s.root], greedy(3, logit_bias={top: -1e4}))[0].token_ids
+    assert got[0] != top and len(got) == 3
+    out = llm.generate([prompt], greedy(3, allowed_token_ids=[7, 8]), protocol=ParallelSampling(3))[0]
+    assert {t for o in out.outputs for t in o.token_ids} <= {7, 8}
+    assert_no_leak(llm)
+
+
+def test_logit_bias_comes_before_the_repetition_penalty(llm, hf_ref):
+    """vLLM's order: a seen token's biased logit is divided by repetition_penalty (the
+    bias is divided too). The bias is chosen where the two orders pick different tokens."""
+    prompt = random_ids(11, VOCAB, seed=7)
+    with torch.no_grad():
+        x = hf_ref(NAME)(torch.tensor([prompt])).logits[0, -1].double()
+    r, t = 1.6, prompt[0]
+    seen = torch.zeros_like(x, dtype=torch.bool)
+    seen[torch.tensor(prompt)] = True
+    pen = lambda v: torch.where(seen, torch.where(v > 0, v / r, v * r), v)  # noqa: E731
+    for b in (k * 0.05 for k in range(1, 400)):
+        bias = torch.zeros_like(x)
+        bias[t] = b
+        first, other = int(pen(x + bias).argmax()), int((pen(x) + bias).argmax())
+        if first != other:
+            break
+    assert first != other, "no bias tells the two orders apart"
+    out = llm.generate([prompt], greedy(1, logit_bias={t: b}, repetition_penalty=r))[0].outputs[0]
+    assert out.token_ids == [first], (b, first, other)
