@@ -74,6 +74,7 @@ class EngineCore:
         self.primary_eos = tokenizer.token_to_id(eos) if eos is not None else None
         self.max_positions = max_positions
         self.forward_steps = 0
+        self._bad_ids: dict[tuple[str, ...], list[list[int]]] = {}  # (bad_word_ids')
         # Tests and tools may script the tokens: fn(threads) -> one token per thread.
         self.token_source = None
         # (thread, the last step's logits: Thread.logits_row its row) for the threads that sampled in it
@@ -113,6 +114,38 @@ class EngineCore:
                              "write it without that token.")
         return ids
 
+    def bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """The token ids ``SamplingParams.bad_words`` forbid (vLLM's two forms of each word:
+        as written after other text, and as a new word, a space before it), distinct,
+        checked against the model's vocabulary; remembered per list of words."""
+        key = tuple(words)
+        got = self._bad_ids.get(key)
+        if got is None:
+            got = []
+            for w in words:
+                for text in (w.lstrip(), " " + w.lstrip()):
+                    ids = self.tokenizer.encode_continuation(text)
+                    out = [i for i in ids if not 0 <= i < self.vocab_size]
+                    if out:
+                        raise ValueError(f"SamplingParams.bad_words: {text!r:.60} encodes to token id {out[0]}, "
+                                         f"outside the model's vocabulary [0, {self.vocab_size}); leave that word out.")
+                    if ids and ids not in got:
+                        got.append(ids)
+            if len(self._bad_ids) >= 256:
+                self._bad_ids.clear()
+            self._bad_ids[key] = got
+        return got
+
+    def _bad_tokens(self, t: Thread) -> list[int]:
+        """The tokens ``t``'s bad_words forbid now: each word's last token when the tokens
+        ``t`` sampled in the call end with the rest of it (vLLM's rule)."""
+        g, out = t.generated, []
+        for ids in self.bad_word_ids(t.params.bad_words):
+            k = len(ids) - 1
+            if k == 0 or (k <= len(g) and g[len(g) - k:] == ids[:-1]):
+                out.append(ids[-1])
+        return out
+
     def call_params(self, p) -> SamplingParams:
         """``p`` checked, as a copy of its own for one engine call (the engine reads its params
         at every token, and the caller's object changed while the call runs, by a stream
@@ -132,6 +165,9 @@ class EngineCore:
                 raise ValueError(f"SamplingParams.{name} has token id {out[0]}, outside the model's vocabulary "
                                  f"[0, {V}); give ids below {V}.")
         banned = {i for i, b in (p.logit_bias or {}).items() if b == float("-inf")}
+        if p.bad_words:
+            banned |= {ids[0] for ids in self.bad_word_ids(p.bad_words) if len(ids) == 1}
+        by = " and ".join(n for n, on in (("logit_bias (-inf)", p.logit_bias), ("bad_words", p.bad_words)) if on)
 
         def none_left(forbidden: set) -> bool:  # (every token forbidden: no token can be sampled)
             if p.allowed_token_ids is not None:
@@ -139,8 +175,7 @@ class EngineCore:
             return len(forbidden) >= V and all(i in forbidden for i in range(V))
         if banned and none_left(banned):
             of = "allowed_token_ids" if p.allowed_token_ids is not None else f"the model's vocabulary of {V}"
-            raise ValueError(f"SamplingParams.logit_bias (-inf) forbids every token of {of}: no token could be "
-                             "sampled. Forbid fewer tokens.")
+            raise ValueError(f"SamplingParams' {by} leave no token of {of} to sample. Forbid fewer tokens.")
         if p.min_tokens > 0:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
             if none_left(stops | banned):
@@ -148,7 +183,9 @@ class EngineCore:
                 if p.allowed_token_ids is None and not banned:
                     what = f"cover the model's whole vocabulary of {V} tokens"
                 else:
-                    what = "cover every token " + ("logit_bias and " if banned else "") + "allowed_token_ids leave"
+                    what = "cover every token " + " and ".join(
+                        n for n, on in (("logit_bias", p.logit_bias), ("bad_words", p.bad_words),
+                                        ("allowed_token_ids", p.allowed_token_ids is not None)) if on) + " leave"
                 raise ValueError(f"SamplingParams(min_tokens={p.min_tokens}) forbids the stop tokens until then, but "
                                  f"stop_token_ids{eos} {what}: no token could be sampled. Set min_tokens=0, "
                                  "or stop on fewer tokens.")
@@ -269,7 +306,7 @@ class EngineCore:
         for i, t in enumerate(samplers):
             p = t.params
             params.append(p)
-            if p.logit_bias or p.allowed_token_ids is not None:
+            if p.logit_bias or p.allowed_token_ids is not None or p.bad_words:
                 shaped.append(i)
             if t.penalties is None and p.penalized:  # the repetition context: its view as it samples
                 #                                      its first token of the call
@@ -284,7 +321,9 @@ class EngineCore:
             tokens = [int(x) for x in self.token_source(samplers)]
             logprobs = table.log_softmax(-1)
         else:  # (log-probs stay the model's, before logit_bias and penalties: vLLM's raw log-probs)
-            biased = logit_processed(table, shaped, [params[i] for i in shaped]) if shaped else table
+            biased = logit_processed(table, shaped, [params[i] for i in shaped],
+                                     [self._bad_tokens(samplers[i]) if params[i].bad_words else ()
+                                      for i in shaped]) if shaped else table
             penalized = apply_penalties(biased, pen, [samplers[i].penalties for i in pen]) if pen else biased
             if early:  # (as vLLM's min_tokens: its stop tokens cannot be drawn yet)
                 penalized = penalized.clone() if penalized is table else penalized

@@ -238,11 +238,12 @@ _UNIFORM: list = []
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def logit_processed(logits: torch.Tensor, rows: list[int], params: list[SamplingParams]) -> torch.Tensor:
+def logit_processed(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
+                    banned: list | None = None) -> torch.Tensor:
     """``logits`` [R, V] with each row of ``rows`` shaped by its params (a new float32 or
-    float64 tensor): tokens outside ``allowed_token_ids`` at -inf, then ``logit_bias``
-    added (vLLM's order, before the penalties). One masked fill and one indexed add for all
-    the rows."""
+    float64 tensor): tokens outside ``allowed_token_ids`` and the row's ``banned`` tokens
+    (its bad words' now) at -inf, then ``logit_bias`` added (vLLM's order, before the
+    penalties). One masked fill, one indexed fill and one indexed add for all the rows."""
     x = logits.float() if logits.dtype in _HALF else logits.clone()
     dev, V = x.device, x.shape[1]
     allow = [(r, p.allowed_token_ids) for r, p in zip(rows, params) if p.allowed_token_ids is not None]
@@ -252,6 +253,9 @@ def logit_processed(logits: torch.Tensor, rows: list[int], params: list[Sampling
              torch.tensor([i for _, ids in allow for i in ids])] = True
         idx = torch.tensor([r for r, _ in allow], device=dev)
         x[idx] = x[idx].masked_fill(~keep.to(dev), float("-inf"))
+    if banned is not None and any(banned):
+        x[torch.tensor([r for r, b in zip(rows, banned) for _ in b], device=dev),
+          torch.tensor([i for b in banned for i in b], device=dev)] = float("-inf")
     bias = [(r, p.logit_bias) for r, p in zip(rows, params) if p.logit_bias]
     if bias:
         r = torch.tensor([r for r, b in bias for _ in b], device=dev)

@@ -19,8 +19,11 @@ class SamplingParams:
     0: off) and ``min_p`` (applied first); ``max_tokens`` (default 256) and ``min_tokens``;
     ``stop`` strings, ``stop_token_ids``, ``include_stop_str_in_output``,
     ``skip_special_tokens``, ``ignore_eos``; ``seed`` (None or -1: none); ``logprobs`` (the
-    top-k log-probs of each sampled token, before penalties); presence, frequency and
-    repetition penalties. ``max_total_tokens`` (Loom's): a protocol's (or a
+    top-k log-probs of each sampled token, the model's: before penalties and logit_bias);
+    presence, frequency and repetition penalties; ``logit_bias`` ({token id: bias} added to
+    the logits, -inf forbids a token), ``allowed_token_ids`` (only these can be sampled) and
+    ``bad_words`` (never written: a word's last token is forbidden when the thread's tokens
+    end with the rest of it), before the penalties. ``max_total_tokens`` (Loom's): a protocol's (or a
     ``Session.generate`` call's) bound on the tokens sampled over all its threads. Every field is checked when made and at each call."""
     n: int = 1
     temperature: float = 1.0
@@ -46,6 +49,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # as vLLM: added to the logits before the penalties
     allowed_token_ids: list[int] | None = None  # as vLLM: every other token is forbidden
+    # as vLLM: each word's tokens, as written after other text and as a new word (a space
+    # before it), are never all sampled in a row in the call
+    bad_words: str | list[str] | None = None
 
     def __post_init__(self):
         self.verify()
@@ -59,6 +65,14 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.stop={self.stop!r} is invalid: a set has no order, and the first stop "
                              "string of the list found ends a completion; give a list.")
         self.stop = _as_list(self.stop, "stop", "a non-empty string or a list of non-empty strings")
+        if self.bad_words is not None:
+            if isinstance(self.bad_words, str):
+                self.bad_words = [self.bad_words]
+            self.bad_words = _as_list(self.bad_words, "bad_words", "None or a list of words (non-blank strings)")
+            if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+                raise ValueError(f"SamplingParams.bad_words={self.bad_words!r} is invalid: must be None or a list "
+                                 "of words (non-blank strings).")
+            self.bad_words = self.bad_words or None
         if _is_int(self.stop_token_ids):
             self.stop_token_ids = [self.stop_token_ids]
         self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of non-negative token ids")
@@ -149,7 +163,6 @@ _VLLM_ONLY = {
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
     "detokenize": (True, "the text costs little next to a step; ignore output.text"),
-    "bad_words": (None, "not supported; logit_bias={id: -inf} forbids single tokens"),
     "logits_processors": (None, "not supported"),
     "truncate_prompt_tokens": (None, "truncate the prompt's token ids yourself"),
     "guided_decoding": (None, "not supported"),

@@ -74,6 +74,7 @@ BAD_PARAMS = [
     ("logit_bias", {3: "1"}), ("logit_bias", {3: True}), ("logit_bias", {VOCAB: 1.0}),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", [1.5]), ("allowed_token_ids", "7"),
     ("allowed_token_ids", {1: 2}), ("allowed_token_ids", [3, VOCAB]),
+    ("bad_words", [""]), ("bad_words", [" \n"]), ("bad_words", ["x", 3]), ("bad_words", 5), ("bad_words", {"x": 1}),
 ]
 
 
@@ -119,7 +120,7 @@ def test_vllm_fields_loom_lacks():
     assert SP(bad_words=[], logits_processors=[], extra_args={}) == SP() == SP(logit_bias={})
     for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
                         (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
-                        (dict(bad_words=["x"]), r"logit_bias=\{id: -inf\}"), (dict(extra_args={"k": 1}), "not supported")):
+                        (dict(logits_processors=[abs]), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
             SP(**kw)
@@ -2588,6 +2589,9 @@ def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_d
             s.inject(s.root, "<|extra|>")
         with pytest.raises(ValueError, match="outside the model's vocabulary"):
             s.fork(s.root, ["a<|extra|>"])
+        with pytest.raises(ValueError, match=r"bad_words: '<\|extra\|>' encodes to token id \d+, outside the model's "
+                                             r"vocabulary \[0, \d+\); leave that word out"):
+            s.generate([s.root], SP(max_tokens=2, bad_words=["no", "<|extra|>"]))
         out = s.generate([s.root], SP(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
         assert len(out.token_ids) == 3
     assert eng.cache_stats()["pages_used"] == 0
@@ -2598,7 +2602,7 @@ def test_injected_text_outside_the_model_vocabulary_is_refused(tmp_path, model_d
 # ---------------------------------------------------------------------------------------------
 
 def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequency=0.0, repetition=1.0,
-                         bias=None, allowed=None):
+                         bias=None, allowed=None, bad=None):
     """Greedy decoding by transformers' forward with the penalties applied by hand: vLLM's
     definitions (repetition over prompt + output, presence / frequency over the output),
     after vLLM's allowed token ids and logit bias."""
@@ -2608,6 +2612,10 @@ def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequenc
             x = hf(torch.tensor([ids])).logits[0, -1].float()
             if allowed is not None:
                 x = torch.full_like(x, float("-inf")).index_copy(0, torch.tensor(allowed), x[torch.tensor(allowed)])
+            for word in bad or ():  # (vLLM's rule: over the tokens sampled so far)
+                k = len(word) - 1
+                if k == 0 or (k <= len(out) and out[len(out) - k:] == word[:-1]):
+                    x[word[-1]] = float("-inf")
             for t, b in (bias or {}).items():
                 x[t] += b
             seen = torch.zeros_like(x, dtype=torch.bool)
@@ -2763,6 +2771,8 @@ def test_logit_bias_and_allowed_token_ids_forms():
     assert [type(k) for k in sp.logit_bias] == [int] * 4 and [type(v) for v in sp.logit_bias.values()] == [float] * 4
     assert type(sp.allowed_token_ids[0]) is int and SP(allowed_token_ids=(7, 2)).allowed_token_ids == [7, 2]
     assert SP(logit_bias={}).logit_bias is None and SP().allowed_token_ids is None
+    assert SP(bad_words="x y").bad_words == ["x y"] and SP(bad_words=("a", "b")).bad_words == ["a", "b"]
+    assert SP(bad_words=[]).bad_words is None
 
 
 def test_logit_processed_matches_its_definition():
@@ -2824,10 +2834,10 @@ def test_allowed_token_ids_and_a_forbidden_token_when_sampling(llm, baseline):
 def test_logit_bias_and_allowed_token_ids_that_leave_no_token_are_refused(llm, baseline):
     prompt = baseline[0]
     ninf = float("-inf")
-    for kw, msg in ((dict(logit_bias={i: ninf for i in range(VOCAB)}), r"logit_bias \(-inf\) forbids every token of "
-                     rf"the model's vocabulary of {VOCAB}: no token could be sampled"),
+    for kw, msg in ((dict(logit_bias={i: ninf for i in range(VOCAB)}), r"logit_bias \(-inf\) leave no token of "
+                     rf"the model's vocabulary of {VOCAB} to sample"),
                     (dict(allowed_token_ids=[3, 4], logit_bias={3: ninf, 4: ninf}),
-                     r"forbids every token of allowed_token_ids"),
+                     r"logit_bias \(-inf\) leave no token of allowed_token_ids to sample"),
                     (dict(allowed_token_ids=[3, EOS_ID], stop_token_ids=[3], min_tokens=2),
                      r"min_tokens=2\) forbids the stop tokens .* cover every token allowed_token_ids leave"),
                     (dict(allowed_token_ids=[3, 4], logit_bias={4: ninf}, stop_token_ids=[3], min_tokens=1),
@@ -2873,3 +2883,51 @@ def test_logit_bias_comes_before_the_repetition_penalty(llm, hf_ref):
     assert first != other, "no bias tells the two orders apart"
     out = llm.generate([prompt], greedy(1, logit_bias={t: b}, repetition_penalty=r))[0].outputs[0]
     assert out.token_ids == [first], (b, first, other)
+
+
+def _word_forms(llm, word: str) -> list[list[int]]:
+    """vLLM's forms of a bad word: as written after other text, and as a new word."""
+    forms = []
+    for text in (word.lstrip(), " " + word.lstrip()):
+        ids = llm.tokenizer.encode_continuation(text)
+        if ids not in forms:
+            forms.append(ids)
+    return forms
+
+
+def test_bad_words_match_their_definition(llm, hf_ref):
+    """A bad word's last token is forbidden where the thread's sampled tokens end with the
+    rest of it (one-token words: always), in both its forms; greedy tokens against
+    transformers' logits with that rule applied by hand; the log-probs stay the model's."""
+    prompt = random_ids(11, VOCAB, seed=7)
+    base = llm.generate([prompt], greedy(16))[0].outputs[0].token_ids
+    tok = llm.tokenizer
+    one = next(tok.decode([t]) for t in base if len(_word_forms(llm, tok.decode([t]))[0]) == 1)
+    # a two-token word whose last token, forbidden always, would change more than the rule does
+    hf = hf_ref(NAME)
+    two = next(text for text in (tok.decode(base[i:i + 2]) for i in range(1, 15))
+               if len(_word_forms(llm, text)[-1]) == 2
+               and _hf_greedy_penalized(hf, prompt, 16, bad=_word_forms(llm, text))
+               != _hf_greedy_penalized(hf, prompt, 16, bad=[f[-1:] for f in _word_forms(llm, text)]))
+    for words in ([one], [two], [one, two]):
+        forms = [f for w in words for f in _word_forms(llm, w)]
+        want = _hf_greedy_penalized(hf_ref(NAME), prompt, 16, bad=forms)
+        out = llm.generate([prompt], greedy(16, bad_words=words, logprobs=0))[0].outputs[0]
+        assert out.token_ids == want != base, (words, forms, out.token_ids, want)
+        ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
+        got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
+        torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
+    assert_no_leak(llm)
+
+
+def test_bad_words_that_leave_no_token_are_refused(llm, baseline):
+    tok = llm.tokenizer
+    singles = [t for t in range(2, VOCAB) if _word_forms(llm, tok.decode([t]))[0] == [t]][:2]
+    assert len(singles) == 2
+    with pytest.raises(ValueError, match=r"SamplingParams' bad_words leave no token of allowed_token_ids to sample"):
+        llm.generate([baseline[0]], SP(max_tokens=2, allowed_token_ids=singles,
+                                       bad_words=[tok.decode([t]) for t in singles]))
+    assert_still_works(llm, baseline)
+    out = llm.generate([baseline[0]], SP(max_tokens=4, ignore_eos=True, allowed_token_ids=singles,
+                                         bad_words=[tok.decode([singles[0]])]))[0].outputs[0]
+    assert out.token_ids == [singles[1]] * 4
