@@ -25,6 +25,7 @@ from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import DEFAULT_MAX_FORWARD_TOKENS, ModelRunner
+from .sampler import top_logprobs_rows
 from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
@@ -549,7 +550,42 @@ class LLM:
             req.metrics.prompt_tokens = len(ids)
             self._next_id += 1
             reqs.append(req)
-        return self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
+        # (before the requests: nothing else holds pages now; a pass of its own over each prompt)
+        plp = [None if r.params.prompt_logprobs is None else self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs)
+               for r in reqs]
+        outs = self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
+        for out, lp in zip(outs, plp):
+            out.prompt_logprobs = lp
+        return outs
+
+    PROMPT_LOGPROBS_ROWS = 256  # _prompt_logprobs' rows a forward pass ([rows, vocab] logits at once)
+
+    @torch.inference_mode()
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list:
+        """SamplingParams.prompt_logprobs of one prompt (vLLM's): None, then for each token
+        after the first its Logprob after the tokens before it and the top-k there. The prompt
+        but its last token is fed into a segment of its own in passes of PROMPT_LOGPROBS_ROWS
+        tokens, each pass's [rows, vocab] logits reduced before the next."""
+        c, out = self.cache, [None]
+        if len(ids) < 2:
+            return out
+        need = c.pages_for(len(ids) - 1)
+        if not c.can_reserve(need):  # (generate checked that the request fits: only sessions hold pages)
+            raise sessions_hold_pages(c, need, "prompt_logprobs' pass over the prompt")
+        res = c.reserve(need)
+        try:
+            seg = c.new_segment(0, res)
+            try:
+                for a in range(0, len(ids) - 1, self.PROMPT_LOGPROBS_ROWS):
+                    b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
+                    logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
+                    out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
+                                             [k] * (b - a))
+            finally:
+                c.release_segment(seg)
+        finally:
+            c.release(res)
+        return out
 
     def _run(self, reqs: list[Request], use_tqdm: bool, streamer=None) -> list[RequestOutput]:
         sched = self.scheduler

@@ -69,3 +69,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     finished: bool = True
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then each token's
+    # {token id: Logprob} (itself and the top-k after the tokens before it); else None
+    prompt_logprobs: list | None = None

@@ -23,7 +23,8 @@ class SamplingParams:
     presence, frequency and repetition penalties; ``logit_bias`` ({token id: bias} added to
     the logits, -inf forbids a token), ``allowed_token_ids`` (only these can be sampled) and
     ``bad_words`` (never written: a word's last token is forbidden when the thread's tokens
-    end with the rest of it), before the penalties. ``max_total_tokens`` (Loom's): a protocol's (or a
+    end with the rest of it), before the penalties; ``prompt_logprobs`` (the prompt tokens'
+    log-probs and the top-k at each: RequestOutput.prompt_logprobs). ``max_total_tokens`` (Loom's): a protocol's (or a
     ``Session.generate`` call's) bound on the tokens sampled over all its threads. Every field is checked when made and at each call."""
     n: int = 1
     temperature: float = 1.0
@@ -52,6 +53,9 @@ class SamplingParams:
     # as vLLM: each word's tokens, as written after other text and as a new word (a space
     # before it), are never all sampled in a row in the call
     bad_words: str | list[str] | None = None
+    # as vLLM: RequestOutput.prompt_logprobs, for each prompt token after the first its
+    # log-prob and rank after the tokens before it, and the top-k there
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         self.verify()
@@ -116,7 +120,11 @@ class SamplingParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 100):
             # (vLLM's -1, every token's, it also refuses by default: a 150k-entry dict a token)
             bad("logprobs", "must be None or an integer in [0, 100] (whole distributions: LLM.score)")
-        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "max_total_tokens", "logprobs"):
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= 100):
+            bad("prompt_logprobs", "must be None or an integer in [0, 100] (whole distributions: LLM.score)")
+        for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "max_total_tokens", "logprobs",
+                     "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         if self.top_k == 0:  # (vLLM's default spelling of "disabled")
@@ -158,7 +166,6 @@ class SamplingParams:
 # vLLM fields Loom does not have: the value that is Loom's behaviour (accepted: code that
 # spells vLLM's defaults runs unchanged), and what to do instead.
 _VLLM_ONLY = {
-    "prompt_logprobs": (None, "LLM.score(token_ids) gives every position's log-probs"),
     "best_of": (None, "n samples, selected by a protocol: engine.protocols.ParallelSampling(n, select=...)"),
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),

@@ -249,6 +249,9 @@ class Session:
         if p.n != 1:
             raise ValueError("Session.generate runs each given thread once (n=1); fork the thread "
                              "to get several samples.")
+        if p.prompt_logprobs is not None:
+            raise ValueError("SamplingParams.prompt_logprobs applies to LLM.generate's prompts; a session's "
+                             "threads have none: LLM.score(token_ids) gives the log-probs of any tokens.")
         ts = self._threads(threads, "generate")
         if len({t.id for t in ts}) != len(ts):
             raise ValueError("A thread appears twice in generate().")

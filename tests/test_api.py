@@ -74,6 +74,7 @@ BAD_PARAMS = [
     ("logit_bias", {3: "1"}), ("logit_bias", {3: True}), ("logit_bias", {VOCAB: 1.0}),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", [1.5]), ("allowed_token_ids", "7"),
     ("allowed_token_ids", {1: 2}), ("allowed_token_ids", [3, VOCAB]),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 101), ("prompt_logprobs", 1.5),
     ("bad_words", [""]), ("bad_words", [" \n"]), ("bad_words", ["x", 3]), ("bad_words", 5), ("bad_words", {"x": 1}),
 ]
 
@@ -118,7 +119,7 @@ def test_vllm_fields_loom_lacks():
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
     # (empty lists / dicts are no-ops, as in vLLM)
     assert SP(bad_words=[], logits_processors=[], extra_args={}) == SP() == SP(logit_bias={})
-    for kw, instead in ((dict(prompt_logprobs=0), r"LLM\.score"),
+    for kw, instead in ((dict(truncate_prompt_tokens=5), r"truncate the prompt's token ids yourself"),
                         (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
                         (dict(logits_processors=[abs]), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
@@ -2931,3 +2932,50 @@ def test_bad_words_that_leave_no_token_are_refused(llm, baseline):
     out = llm.generate([baseline[0]], SP(max_tokens=4, ignore_eos=True, allowed_token_ids=singles,
                                          bad_words=[tok.decode([singles[0]])]))[0].outputs[0]
     assert out.token_ids == [singles[1]] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt_logprobs, as vLLM
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_prompt_logprobs_are_the_models(llm, hf_ref, monkeypatch, k):
+    """None for the first prompt token, then each token's log-prob and rank after the
+    tokens before it, and the top-k there: transformers' log-probs, over passes of a few
+    rows (7: odd, the prompt not a multiple of it); the completion as without them; no
+    pages kept."""
+    from engine import LLM
+    monkeypatch.setattr(LLM, "PROMPT_LOGPROBS_ROWS", 7)
+    prompt = random_ids(31, VOCAB, seed=12)
+    ref = hf_logprobs(hf_ref(NAME), prompt)[:-1]  # [30, V]: after tokens 0..29
+    out = llm.generate([prompt], greedy(4, prompt_logprobs=k))[0]
+    assert out.outputs[0].token_ids == llm.generate([prompt], greedy(4))[0].outputs[0].token_ids
+    pl = out.prompt_logprobs
+    assert len(pl) == len(prompt) and pl[0] is None
+    for i in range(1, len(prompt)):
+        row, tok, entry = ref[i - 1], prompt[i], pl[i]
+        v = float(row[tok])
+        assert abs(entry[tok].logprob - v) < 2e-4
+        assert int((row > v + 1e-4).sum()) + 1 <= entry[tok].rank <= int((row >= v - 1e-4).sum())
+        top = sorted(entry.values(), key=lambda e: e.rank)[:k]  # (the prompt token's, if not among them, last)
+        assert [e.rank for e in top] == list(range(1, k + 1)) and len(entry) == k + (tok not in row.topk(k).indices)
+        torch.testing.assert_close(torch.tensor([e.logprob for e in top]), row.topk(k).values, atol=2e-4, rtol=0)
+    assert_no_leak(llm)
+
+
+def test_prompt_logprobs_per_request(llm):
+    """Only the requests that ask get them (None otherwise); a one-token prompt gets [None];
+    n > 1 and a protocol's request get one list."""
+    from engine.protocols import ParallelSampling
+    a, b = random_ids(9, VOCAB, seed=1), [5]
+    outs = llm.generate([a, b, a], [greedy(2, prompt_logprobs=1), greedy(2, prompt_logprobs=2), greedy(2)])
+    assert len(outs[0].prompt_logprobs) == 9 and outs[1].prompt_logprobs == [None] and outs[2].prompt_logprobs is None
+    out = llm.generate([a], SP(n=3, max_tokens=2, prompt_logprobs=0), protocol=ParallelSampling())[0]
+    assert len(out.outputs) == 3 and [list(e) for e in out.prompt_logprobs[1:]] == [[t] for t in a[1:]]
+    assert [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], a[1:])] == \
+        [e[t].logprob for e, t in zip(outs[0].prompt_logprobs[1:], a[1:])]
+    with llm.session(a) as s:
+        with pytest.raises(ValueError, match=r"prompt_logprobs applies to LLM\.generate's prompts; .* LLM\.score"):
+            s.generate([s.root], greedy(2, prompt_logprobs=0))
+        assert len(s.generate([s.root], greedy(2))[0].token_ids) == 2
+    assert_no_leak(llm)
