@@ -515,6 +515,10 @@ class LLM:
             if id(p) not in own:  # (a list of prompts mostly shares one object)
                 own[id(p)] = self.core.call_params(p)
         plist = [own[id(p)] for p in plist]
+        maxpos = self.config.max_position_embeddings
+        items = [(text, ids if p.truncate_prompt_tokens is None else
+                  ids[-(max(maxpos - 1, 1) if p.truncate_prompt_tokens == -1 else p.truncate_prompt_tokens):])
+                 for (text, ids), p in zip(items, plist)]  # (as vLLM: the last tokens, the text as given)
         if protocol is None:
             protocol = ParallelSampling()
         if not isinstance(protocol, Protocol):

@@ -24,7 +24,8 @@ class SamplingParams:
     the logits, -inf forbids a token), ``allowed_token_ids`` (only these can be sampled) and
     ``bad_words`` (never written: a word's last token is forbidden when the thread's tokens
     end with the rest of it), before the penalties; ``prompt_logprobs`` (the prompt tokens'
-    log-probs and the top-k at each: RequestOutput.prompt_logprobs). ``max_total_tokens`` (Loom's): a protocol's (or a
+    log-probs and the top-k at each: RequestOutput.prompt_logprobs); ``truncate_prompt_tokens``
+    (the prompt's last k token ids kept). ``max_total_tokens`` (Loom's): a protocol's (or a
     ``Session.generate`` call's) bound on the tokens sampled over all its threads. Every field is checked when made and at each call."""
     n: int = 1
     temperature: float = 1.0
@@ -56,6 +57,9 @@ class SamplingParams:
     # as vLLM: RequestOutput.prompt_logprobs, for each prompt token after the first its
     # log-prob and rank after the tokens before it, and the top-k there
     prompt_logprobs: int | None = None
+    # as vLLM: generate() keeps the prompt's last k token ids (-1: as many as the model's
+    # context holds with one position to generate)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         self.verify()
@@ -123,8 +127,13 @@ class SamplingParams:
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
                                                  or not 0 <= self.prompt_logprobs <= 100):
             bad("prompt_logprobs", "must be None or an integer in [0, 100] (whole distributions: LLM.score)")
+        if self.truncate_prompt_tokens is not None and (not _is_int(self.truncate_prompt_tokens) or
+                                                        not (self.truncate_prompt_tokens >= 1
+                                                             or self.truncate_prompt_tokens == -1)):
+            bad("truncate_prompt_tokens", "must be None, an integer >= 1 (the prompt's last tokens kept), or -1 "
+                "(as many as the model's context holds)")
         for name in ("n", "top_k", "max_tokens", "min_tokens", "seed", "max_total_tokens", "logprobs",
-                     "prompt_logprobs"):
+                     "prompt_logprobs", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         if self.top_k == 0:  # (vLLM's default spelling of "disabled")
@@ -171,7 +180,6 @@ _VLLM_ONLY = {
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
     "detokenize": (True, "the text costs little next to a step; ignore output.text"),
     "logits_processors": (None, "not supported"),
-    "truncate_prompt_tokens": (None, "truncate the prompt's token ids yourself"),
     "guided_decoding": (None, "not supported"),
     "structured_outputs": (None, "not supported"),
     "extra_args": (None, "not supported"),

@@ -252,6 +252,9 @@ class Session:
         if p.prompt_logprobs is not None:
             raise ValueError("SamplingParams.prompt_logprobs applies to LLM.generate's prompts; a session's "
                              "threads have none: LLM.score(token_ids) gives the log-probs of any tokens.")
+        if p.truncate_prompt_tokens is not None:
+            raise ValueError("SamplingParams.truncate_prompt_tokens applies to LLM.generate's prompts; a "
+                             "session's threads have none: give LLM.session the prompt's last tokens.")
         ts = self._threads(threads, "generate")
         if len({t.id for t in ts}) != len(ts):
             raise ValueError("A thread appears twice in generate().")

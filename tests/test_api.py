@@ -75,6 +75,7 @@ BAD_PARAMS = [
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", [1.5]), ("allowed_token_ids", "7"),
     ("allowed_token_ids", {1: 2}), ("allowed_token_ids", [3, VOCAB]),
     ("prompt_logprobs", -1), ("prompt_logprobs", 101), ("prompt_logprobs", 1.5),
+    ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2), ("truncate_prompt_tokens", 2.0),
     ("bad_words", [""]), ("bad_words", [" \n"]), ("bad_words", ["x", 3]), ("bad_words", 5), ("bad_words", {"x": 1}),
 ]
 
@@ -119,7 +120,7 @@ def test_vllm_fields_loom_lacks():
     assert sp == SP(n=2) and dataclasses.replace(sp, n=3).n == 3
     # (empty lists / dicts are no-ops, as in vLLM)
     assert SP(bad_words=[], logits_processors=[], extra_args={}) == SP() == SP(logit_bias={})
-    for kw, instead in ((dict(truncate_prompt_tokens=5), r"truncate the prompt's token ids yourself"),
+    for kw, instead in ((dict(use_beam_search=True), r"n samples with a protocol"),
                         (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
                         (dict(logits_processors=[abs]), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
@@ -2977,5 +2978,28 @@ def test_prompt_logprobs_per_request(llm):
     with llm.session(a) as s:
         with pytest.raises(ValueError, match=r"prompt_logprobs applies to LLM\.generate's prompts; .* LLM\.score"):
             s.generate([s.root], greedy(2, prompt_logprobs=0))
+        with pytest.raises(ValueError, match=r"truncate_prompt_tokens applies to LLM\.generate's prompts"):
+            s.generate([s.root], greedy(2, truncate_prompt_tokens=3))
         assert len(s.generate([s.root], greedy(2))[0].token_ids) == 2
+    assert_no_leak(llm)
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm, make_llm):
+    """As vLLM: the prompt's last k token ids (the output's prompt_token_ids; a text prompt's
+    text as given), per request; -1: as many as the context holds with room for one token."""
+    a = random_ids(40, VOCAB, seed=3)
+    outs = llm.generate([a, a, a], [greedy(3, truncate_prompt_tokens=9), greedy(3, truncate_prompt_tokens=40),
+                                    greedy(3, truncate_prompt_tokens=1000)])
+    assert [o.prompt_token_ids for o in outs] == [a[-9:], a, a]
+    assert outs[0].outputs[0].token_ids == llm.generate([a[-9:]], greedy(3))[0].outputs[0].token_ids
+    assert outs[0].metrics.prompt_tokens == 9
+    out = llm.generate(TEXT, greedy(2, truncate_prompt_tokens=2))[0]
+    assert out.prompt == TEXT and out.prompt_token_ids == llm.tokenizer.encode(TEXT)[-2:]
+    maxpos = read_json(os.path.join(llm.model_dir, "config.json"))["max_position_embeddings"]
+    long = random_ids(maxpos + 5, VOCAB, seed=4)
+    with pytest.raises(ValueError, match="shorten the prompt"):
+        llm.generate([long], greedy(1))
+    out = llm.generate([long], greedy(1, truncate_prompt_tokens=-1, prompt_logprobs=0))[0]
+    assert out.prompt_token_ids == long[-(maxpos - 1):] and len(out.prompt_logprobs) == maxpos - 1
+    assert len(out.outputs[0].token_ids) == 1
     assert_no_leak(llm)
