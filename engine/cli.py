@@ -69,8 +69,9 @@ def _print_outputs(outs, show_tokens: bool = False, streamed: bool = False):
                       f" events={len(c.events or [])}")
             if show_tokens:
                 print(f"token ids: {c.token_ids}")
+        shared = f" shared_prompt_tokens={m.shared_prompt_tokens}" if m.shared_prompt_tokens else ""
         print(f"=== metrics: forward_steps={m.forward_steps} generated_tokens={m.generated_tokens} "
-              f"kv_pages_peak={m.kv_pages_peak} wall_s={m.wall_s:.3f} "
+              f"kv_pages_peak={m.kv_pages_peak}{shared} wall_s={m.wall_s:.3f} "
               f"tokens/s={m.generated_tokens / max(m.wall_s, 1e-9):.1f}")
 
 

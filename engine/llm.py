@@ -99,6 +99,24 @@ class _Streamer:
                     self.fn(i, j, piece)
 
 
+def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
+    """How many first tokens ``a`` and ``b`` share, at most ``cap``: slices compared (in C)
+    over growing steps, then halved, not a Python loop over tokens."""
+    lo, step = 0, 16
+    while lo < cap:
+        hi = min(lo + step, cap)
+        if a[lo:hi] != b[lo:hi]:
+            while hi - lo > 1:  # (a[:lo] == b[:lo], a[:hi] != b[:hi])
+                mid = (lo + hi) // 2
+                if a[lo:mid] == b[lo:mid]:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
+        lo, step = hi, step * 2
+    return cap
+
+
 def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """log_softmax over the last dim, in place, a block of rows at a time: score()'s [P, vocab]
     logits become its log-probs without a second [P, vocab] tensor (512 MB at 4k x 32k)."""
@@ -557,10 +575,105 @@ class LLM:
         # (before the requests: nothing else holds pages now; a pass of its own over each prompt)
         plp = [None if r.params.prompt_logprobs is None else self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs)
                for r in reqs]
-        outs = self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
+        shared = self._share_prefixes(reqs) if self.share_prompt_prefixes and protocol.shares_prompt_prefix else None
+        try:
+            outs = self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
+        finally:
+            if shared is not None:
+                self._release_shared(*shared)
         for out, lp in zip(outs, plp):
             out.prompt_logprobs = lp
         return outs
+
+    # Prompts of one generate call that begin with the same MIN_SHARED_PREFIX or more tokens
+    # share them: written once, in segments every such request's root reads (its own segment
+    # holds the rest of its prompt), so they are prefilled once and each decode step reads
+    # them once for all those requests' threads. share_prompt_prefixes=False: each request
+    # writes its whole prompt (the tokens and log-probs are the same up to float rounding).
+    share_prompt_prefixes = True
+    MIN_SHARED_PREFIX = 16
+
+    def _share_prefixes(self, reqs: list[Request]):
+        """Write the prompt prefixes ``reqs`` share (plain sampling: the protocol's
+        shares_prompt_prefix) and set each sharing request's ``prefix`` and its
+        ``pages_needed`` (less the prompt pages it no longer writes). The prefixes are the
+        lcp intervals of the sorted prompts (each a range of them sharing l >= MIN_SHARED_PREFIX
+        tokens), nested: a segment for an interval holds the tokens past its enclosing
+        interval's, kept when they are MIN_SHARED_PREFIX or more; each request keeps at least
+        its last prompt token. Returns (segments, reservation) for _release_shared, or None:
+        nothing shared, or the prefixes' pages with the largest request's need would not fit
+        the free pages (each request must still be able to run alone beside them)."""
+        c, M = self.cache, self.MIN_SHARED_PREFIX
+        order = sorted((r for r in reqs if len(r.prompt_ids) > M), key=lambda r: r.prompt_ids)
+        if len(order) < 2:
+            return None
+        lcp = [_common_prefix(a.prompt_ids, b.prompt_ids, min(len(a.prompt_ids), len(b.prompt_ids)) - 1)
+               for a, b in zip(order, order[1:])]
+        # The lcp-interval tree (one bottom-up pass with a stack): a node [l, lb, rb, children]
+        # is a range of the sorted prompts whose first l tokens are equal, its children the
+        # ranges within it that share more.
+        stack = [[0, 0, len(order) - 1, []]]
+        for i, l in enumerate(lcp + [0]):  # (l: between order[i] and order[i + 1]; then a sentinel)
+            lb, last = i, None
+            while l < stack[-1][0]:
+                last = stack.pop()
+                last[2], lb = i, last[1]
+                if l <= stack[-1][0]:
+                    stack[-1][3].append(last)
+                    last = None
+            if l > stack[-1][0]:
+                stack.append([l, lb, None, [last] if last is not None else []])
+        # Top down: a node becomes a segment when it shares MIN_SHARED_PREFIX tokens or more past
+        # the last segment above it; a request reads the segments of the deepest one over it.
+        kept, chain_of = [], [()] * len(order)  # (chain: (l, start, key) of each segment, outermost first)
+        todo = [(stack[0], ())]
+        while todo:
+            (l, lb, rb, children), chain = todo.pop()
+            start = chain[-1][0] if chain else 0
+            if l >= M and l - start >= M:
+                chain = chain + ((l, start, len(kept)),)
+                kept.append((order[lb].prompt_ids[start:l], chain))
+                for k in range(lb, rb + 1):
+                    chain_of[k] = chain
+            todo += [(child, chain) for child in children]
+        if not kept:
+            return None
+        total = sum(c.pages_for(len(toks)) for toks, _ in kept)
+        need = {id(r): r.pages_needed for r in reqs}
+        for r, chain in zip(order, chain_of):
+            if chain:
+                P = len(r.prompt_ids)
+                need[id(r)] = r.pages_needed - c.pages_for(P) + c.pages_for(P - chain[-1][0])
+        if not c.can_reserve(total + max(need.values())):
+            return None
+        res = c.reserve(total)
+        segs = []
+        try:
+            for toks, chain in kept:
+                segs.append(c.new_segment(chain[-1][1], res))
+                segs[-1].tokens = list(toks)
+            # outer prefixes before the ones that read them: one forward per nesting depth
+            for d in range(max(len(chain) for _, chain in kept)):
+                with torch.inference_mode():
+                    self.runner.run(StepBatch([StepItem(segs[chain[-1][2]], segs[chain[-1][2]].tokens,
+                                                        [(segs[key], 0) for _, _, key in chain], want_logits=False)
+                                               for _, chain in kept if len(chain) == d + 1]))
+        except BaseException:
+            self._release_shared(segs, res)
+            raise
+        for r, chain in zip(order, chain_of):
+            if chain:
+                r.prefix = tuple((segs[key], 0) for _, _, key in chain)
+                r.pages_needed = need[id(r)]
+                r.metrics.shared_prompt_tokens = chain[-1][0]
+        return segs, res
+
+    def _release_shared(self, segs: list, res):
+        """The call's references to its shared prefixes (the requests' trees hold theirs while
+        they run), and what is left of their reservation."""
+        for seg in segs:
+            self.cache.release_segment(seg)
+        self.cache.release(res)
 
     PROMPT_LOGPROBS_ROWS = 256  # _prompt_logprobs' rows a forward pass ([rows, vocab] logits at once)
 

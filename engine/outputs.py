@@ -10,10 +10,13 @@ class RequestMetrics:
                                   # forward pass, or several when it feeds more than
                                   # max_forward_tokens tokens)
     generated_tokens: int = 0     # tokens sampled over all its threads
-    kv_pages_peak: int = 0        # most KV pages the request held at once
+    kv_pages_peak: int = 0        # most KV pages the request held at once (a shared prompt
+                                  # prefix's included)
     wall_s: float = 0.0           # admission to finish
     prompt_tokens: int = 0
     max_parallel_threads: int = 0 # most threads sampling in one step
+    shared_prompt_tokens: int = 0 # its prompt's first tokens, written once for several
+                                  # requests of the call (LLM.share_prompt_prefixes)
 
 
 class Logprob(float):

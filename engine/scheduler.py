@@ -39,6 +39,7 @@ class Request:
     run: object = None                # the protocol's per-request run
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     t_start: float = 0.0
+    prefix: tuple = ()                # (segment, 0) entries of a shared prompt prefix (LLM.generate)
 
 
 class Scheduler:
@@ -73,7 +74,7 @@ class Scheduler:
                 raise
             self.waiting.popleft()
             self.running.append(req)  # (first: abort_all closes its tree if start() raises)
-            req.tree.new_root(req.prompt_ids)
+            req.tree.new_root(req.prompt_ids, req.prefix)
             # (bound to this request's params, not the request: a cycle through its run; nor a
             # lambda over this loop's variable: every request admitted in this step would draw
             # its later threads from the last one's params)

@@ -84,6 +84,7 @@ class ThreadTree:
         self._segs: list[Segment] = []        # segments this tree made (pages_held: the live ones)
         self._ids = itertools.count()
         self.root: Thread | None = None
+        self._prefix: list[Segment] = []     # new_root's prefix segments (others made them)
         # When set (sessions): tokens placed past this position are refused up front (the
         # model's context; a Mistral window cap keeps Loom exact only inside it).
         self.max_positions = max_positions
@@ -133,9 +134,16 @@ class ThreadTree:
         self.inject(th, header, header=True)
         return th
 
-    def new_root(self, prompt_ids: list[int]) -> Thread:
+    def new_root(self, prompt_ids: list[int], prefix: tuple = ()) -> Thread:
+        """The prompt's thread. ``prefix``: (segment, 0) entries holding the prompt's first
+        tokens, written by others (LLM.generate's shared prompt prefixes, each segment after
+        the one before it); the root reads them and writes the rest of the prompt after them."""
         assert self.root is None, "a tree has one root"
-        self.root = self._new_thread(0, [], None, list(prompt_ids), what=f"The {len(prompt_ids)}-token prompt")
+        base = prefix[-1][0].base + prefix[-1][0].length if prefix else 0
+        assert 0 <= base < len(prompt_ids), "a shared prefix leaves the root at least one token"
+        self._prefix = [s for s, _ in prefix]
+        self.root = self._new_thread(base, list(prefix), None, list(prompt_ids[base:]),
+                                     what=f"The {len(prompt_ids)}-token prompt")
         return self.root
 
     def fork(self, parent: Thread, headers: list[list[int]]) -> list[Thread]:
@@ -370,7 +378,10 @@ class ThreadTree:
         made (a segment lives while a view holds it, and only this tree's views name its
         segments). O(live segments), not O(threads x view): the scheduler asks every step."""
         self._segs = [s for s in self._segs if s.refs > 0]
-        return sum(len(s.pages) for s in self._segs)
+        held = sum(len(s.pages) for s in self._segs)
+        if self._prefix and self.open:  # (a shared prompt prefix its open threads read)
+            held += sum(len(s.pages) for s in self._prefix)
+        return held
 
 
 def check_growable(t: Thread):

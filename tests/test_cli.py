@@ -39,6 +39,19 @@ def test_generate_prints_what_the_api_returns(model, capsys):
     assert re.search(r"=== metrics: forward_steps=\d+ generated_tokens=\d+ kv_pages_peak=\d+", out), out
 
 
+def test_generate_prints_a_shared_prompt_prefix(model, capsys):
+    """Prompts that begin alike: each request's metrics line says how many of its prompt's
+    tokens it read from the prefix written once."""
+    head = "a preamble every prompt of this call begins with, long enough to share. "
+    args = ["generate", "--model", model, "--max-tokens", "3", "--temperature", "0",
+            "--prompt", head + "One", "--prompt", head + "Two", "--prompt", "Alone"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    shared = [int(m) if m else 0 for m in re.findall(r"^=== metrics: .*?kv_pages_peak=\d+(?: shared_prompt_tokens=(\d+))? wall_s",
+                                                   out, flags=re.M)]
+    assert len(shared) == 3 and shared[0] == shared[1] >= 16 and shared[2] == 0, out
+
+
 def test_generate_in_chunked_passes_prints_the_same(model, capsys):
     prompt = "a prompt of more tokens than one pass takes " * 3
     args = ["generate", "--model", model, "--prompt", prompt, "--max-tokens", "5", "--temperature", "0"]

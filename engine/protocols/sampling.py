@@ -32,6 +32,7 @@ class ParallelSampling(Protocol):
     and its pages are shared. ``select``: "all" (every sample), "first_finish" (the first
     sample to stop; the others are cut off), "majority" (all, the majority answer first)."""
     name = "parallel_sampling"
+    shares_prompt_prefix = True
 
     def __init__(self, n: int | None = None, select: str = "all", extract_answer=last_boxed):
         self.n, self.select, self.extract_answer = n, select, extract_answer
