@@ -176,3 +176,13 @@ def test_bench_sampler_smallest():
     rows = re.findall(r"^(.+?)\s+(peaked|flat)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+x(.*)$", out, flags=re.M)
     assert len(rows) == 4 * 2 * 2 and {r[2] for r in rows} == {"1", "3"}, out
     assert all(r[3] == "" for r in rows), out
+
+
+def test_bench_prefix_smallest():
+    """bench_prefix.py: both settings' rows; shared feeds the preamble once (3 x 16 + 40 own and
+    prompt tokens + 3 x 3 decode tokens, vs 3 x 56 + 9) and both give the same tokens."""
+    out = run("bench/bench_prefix.py", "--prefix-len", "40", "--requests", "3", "--new-tokens", "4",
+              "--repeats", "1")
+    rows = re.findall(r"^\s+(shared|per request)\s+[\d.]+\s+[\d.]+\s+([\d,]+)\s+\d+$", out, flags=re.M)
+    assert rows == [("shared", str(40 + 3 * 16 + 3 * 3)), ("per request", str(3 * 56 + 3 * 3))], out
+    assert re.search(r"^shared / per request: [\d.]+x faster; same tokens: True$", out, flags=re.M), out
