@@ -60,7 +60,9 @@ class Scheduler:
         budget = self.max_batched_tokens
         while self.waiting:
             req = self.waiting[0]
-            P = len(req.prompt_ids)
+            P = len(req.prompt_ids)  # (the tokens it prefills: past a shared prefix, written already)
+            if req.prefix:
+                P -= req.prefix[-1][0].base + req.prefix[-1][0].length
             if P > budget and budget < self.max_batched_tokens:
                 break  # (next step; a longer prompt than the budget is admitted alone: it used
                 #        to wait until nothing else ran, and every request queued behind it too)

@@ -190,3 +190,14 @@ def test_random_prompt_families(llm, monkeypatch, seed):
     assert any(prefix for _, prefix in roots)
     stats = llm.cache_stats()
     assert stats["pages_used"] == 0 and stats["segments"] == 0
+
+
+def test_admission_counts_only_the_tokens_past_the_shared_prefix(llm, monkeypatch):
+    """A step admits requests while their prefill fits max_batched_tokens: a request whose
+    prompt is mostly a shared prefix prefills only its rest, so all eight start together."""
+    prompts = [random_ids(60, VOCAB, seed=1) + random_ids(4, VOCAB, seed=k) for k in range(10, 18)]
+    monkeypatch.setattr(llm.scheduler, "max_batched_tokens", 100)
+    log = _fed(llm, monkeypatch)
+    outs = llm.generate(prompts, SP(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert [len(t) for t, _ in log[0]] == [60] and [len(t) for t, _ in log[1]] == [4] * 8
+    assert all(o.metrics.forward_steps == 3 for o in outs)
