@@ -83,6 +83,22 @@ def test_greedy_generate_matches_torch_backend(pair):
     assert [c.token_ids for c in a[0].outputs] == [c.token_ids for c in b[0].outputs]
 
 
+def test_shared_prompt_prefixes_match_torch_backend(pair):
+    """Requests whose prompts begin alike read their common prefix from segments written
+    once (nested: 21 bytes shared by three prompts, 22 more by two): the roots' views
+    start with them, through the Triton kernels as through torch's (tests/test_prefix_sharing.py:
+    as unshared)."""
+    ref, tri = pair
+    head = "a preamble all three "
+    prompts = [head + "share, then more two do", head + "share, then more two do!", head + "end"]
+    sp = SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True)
+    a, b = ref.generate(prompts, sp), tri.generate(prompts, sp)
+    # (byte tokens, no BOS: the first prompt keeps its last byte, the third shares the head)
+    assert [o.metrics.shared_prompt_tokens for o in b] == [len(prompts[0]) - 1, len(prompts[0]) - 1, len(head)]
+    for x, y in zip(a, b):
+        assert [o.token_ids for o in x.outputs] == [o.token_ids for o in y.outputs]
+
+
 def _fork_join_run(llm):
     sp = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     s = llm.session("Write two drafts.")
