@@ -242,8 +242,8 @@ class Tokenizer:
             table = _byte_level_table()
             if all(c in table for c in t):
                 return bytes(table[c] for c in t)
-            return None
-        return t.encode("utf-8") if "\ufffd" not in t else None
+            return t.encode("utf-8")  # (a token the alphabet does not spell, an added one: its text, as the decoder)
+        return t.encode("utf-8")  # (its text, whole characters: a U+FFFD in it is one of its own)
 
     def completion_text(self, context, ids, skip_special_tokens: bool = True) -> str:
         """A completion's text: what ``ids`` add after ``context`` (as vLLM's detokenizer,

@@ -2440,6 +2440,50 @@ def test_completion_text_of_a_prompt_ending_inside_a_character(tmp_path, model_d
     assert eng.cache_stats()["pages_used"] == 0
 
 
+def test_completion_text_after_a_context_ending_with_its_own_u_fffd(tmp_path):
+    """A context whose text ends with a U+FFFD of its own (a token that spells it) hands no
+    character on: the completion reads " ok", not "\ufffd ok" (the fallback that guesses an
+    unfinished character's tokens from the text took it for one). Tokens of known bytes only: a
+    SentencePiece-style tokenizer's '\ufffd' piece (byte fallback or not) is its text, and so
+    is a byte-level tokenizer's added token that the byte alphabet does not spell ('<｜x｜>', as
+    DeepSeek's); a context that ends inside a character after one still hands it on."""
+    import json
+    from tokenizers import AddedToken, Tokenizer as HFTok, decoders, models, normalizers, trainers
+    from engine.tokenizer import TextStream, Tokenizer
+    cases = []
+    for fallback in (False, True):
+        d = tmp_path / f"sp{fallback}"
+        d.mkdir()
+        t = HFTok(models.BPE(byte_fallback=fallback, unk_token="<unk>", fuse_unk=True))
+        t.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        t.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                       decoders.Strip(" ", 1, 0)])
+        t.train_from_iterator(["Hello world caf\ufffd ok. " * 3] * 20, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256) if fallback]))
+        t.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+        tok = Tokenizer(str(d))
+        lit = tok.encode("Hello caf\ufffd", add_special_tokens=False)
+        assert tok.token_to_id("\ufffd") == lit[-1]
+        ok = tok.encode("Hello ok", add_special_tokens=False)[1:]
+        cases.append((tok, lit, ok, tok.decode(lit + ok)[len("Hello caf\ufffd"):]))
+    d = str(tmp_path / "added")
+    _byte_level_tokenizer(d)
+    hf = HFTok.from_file(os.path.join(d, "tokenizer.json"))
+    hf.add_tokens([AddedToken("<｜x｜>", special=False)])
+    hf.save(os.path.join(d, "tokenizer.json"))
+    tok = Tokenizer(d)
+    ok = tok.encode(" ok", add_special_tokens=False)
+    lit = tok.encode("<｜x｜>caf\ufffd", add_special_tokens=False)
+    cafe = tok.encode("<｜x｜>café", add_special_tokens=False)
+    assert tok.token_to_id("<｜x｜>") in lit and tok.decode(cafe[:-1]).endswith("\ufffd")  # ('é': two tokens)
+    cases += [(tok, lit, ok, " ok"), (tok, cafe[:-1], cafe[-1:] + ok, "é ok")]
+    for tok, ctx, ids, want in cases:
+        assert tok.decode(ctx).endswith("\ufffd") and want.endswith("ok") and "\ufffd" not in want
+        for skip in (True, False):
+            stream = TextStream(tok, skip, ctx)
+            assert tok.completion_text(ctx, ids, skip) == "".join(stream.push(i) for i in ids) == want, (ctx, skip)
+
 def _byte_fallback_llm(tmp_path, model_dir):
     """An LLM on the tiny model with a SentencePiece-style tokenizer that has all 256
     byte-fallback tokens ('<0x0A>', as Llama 2 / Mistral spell a newline)."""
