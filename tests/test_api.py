@@ -1954,6 +1954,26 @@ def test_chat_prompt_has_the_templates_bos_only(tmp_path, model_dir):
     assert list(out.prompt_token_ids) == want
 
 
+def test_special_tokens_as_added_token_objects_and_from_special_tokens_map(tmp_path):
+    """tokenizer_config.json may spell a special token as an AddedToken object ({"content":
+    "<s>", ...}, Llama 2 / Mistral files) and special_tokens_map.json overrides its tokens: bos /
+    eos, BOS added by add_bos_token and the tokens a chat template sees are the ones
+    transformers reads from these files (its AutoTokenizer: "<s>|</s>|</s>|</s>|hi")."""
+    from engine.tokenizer import Tokenizer
+    d = str(tmp_path / "special")
+    _byte_level_tokenizer(d)
+    added = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": False, "rstrip": False,
+                       "single_word": False}
+    write_json(os.path.join(d, "tokenizer_config.json"), {
+        "bos_token": added("<s>"), "eos_token": added("<s>"), "unk_token": "</s>", "add_bos_token": True,
+        "chat_template": "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}|{{ messages[0]['content'] }}"})
+    write_json(os.path.join(d, "special_tokens_map.json"), {"eos_token": added("</s>"), "pad_token": "</s>"})
+    tok = Tokenizer(d)
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    assert tok.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "</s>"}
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>|</s>|</s>|</s>|hi"
+    assert tok.encode("hi") == [tok.token_to_id("<s>")] + tok.encode("hi", add_special_tokens=False)
+
 def test_chat_template_sources_and_tags(tmp_path, model_dir):
     """As transformers: chat_template.jinja before tokenizer_config.json's template; named
     templates need a 'default'; {% generation %} blocks render their body; tojson takes
