@@ -2504,6 +2504,35 @@ def test_completion_text_after_a_context_ending_with_its_own_u_fffd(tmp_path):
             stream = TextStream(tok, skip, ctx)
             assert tok.completion_text(ctx, ids, skip) == "".join(stream.push(i) for i in ids) == want, (ctx, skip)
 
+def test_completion_text_after_a_context_ending_with_an_id_the_tokenizer_lacks(tmp_path):
+    """A context that ends with an id past the tokenizer's vocabulary (a model's padded rows;
+    the decoder drops it) after part of a character: its bytes are not all known, so the
+    character's tokens are found from the text (up to 4 tokens back: the 3 tokens of '🙂''s
+    first bytes and the unknown id) and the completion starts with the whole character, as
+    after the context without the id."""
+    from engine.tokenizer import TextStream
+    tok = _byte_level_tokenizer(str(tmp_path / "bytes"))
+    unknown = tok.vocab_size + 5
+    assert tok.decode([unknown]) == ""
+    inside = 0
+    for text in ("The café ok", "The 東京 ok", "The 🙂 ok"):
+        ids = tok.encode(text, add_special_tokens=False)
+        for cut in range(1, len(ids)):
+            ctx = ids[:cut] + [unknown]
+            head = tok.decode(ids[:cut])
+            inside += head.endswith("\ufffd")
+            want = text[len(head.rstrip("\ufffd")):]
+            stream = TextStream(tok, True, ctx)
+            assert tok.completion_text(ctx, ids[cut:]) == "".join(stream.push(i) for i in ids[cut:]) == want, (text, cut)
+    assert inside >= 6
+    # no character boundary within 4 tokens back ('é''s first byte, 4 unknown ids): as if no context
+    ids = tok.encode("The café ok", add_special_tokens=False)
+    cut = next(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    ctx = ids[:cut] + [unknown] * 4
+    stream = TextStream(tok, True, ctx)
+    assert tok.completion_text(ctx, ids[cut:]) == "".join(stream.push(i) for i in ids[cut:]) == "\ufffd ok"
+
+
 def _byte_fallback_llm(tmp_path, model_dir):
     """An LLM on the tiny model with a SentencePiece-style tokenizer that has all 256
     byte-fallback tokens ('<0x0A>', as Llama 2 / Mistral spell a newline)."""
