@@ -361,6 +361,20 @@ def test_decode_one_is_decode(llm, tmp_path, monkeypatch):
         assert tok.decode_one([], True) == tok.decode([])
 
 
+def test_decoding_skips_special_tokens_by_default(llm):
+    """Tokenizer.decode / decode_one / completion_text and TextStream drop special tokens'
+    text unless asked (skip_special_tokens=True, as transformers' decode and vLLM)."""
+    from engine.tokenizer import TextStream
+    t = llm.tokenizer
+    ids = t.encode(TEXT, add_special_tokens=False)[:4]
+    eos_text = t.decode([EOS_ID], skip_special_tokens=False)
+    assert eos_text and t.decode([EOS_ID]) == t.decode_one([EOS_ID]) == ""
+    assert t.decode(ids + [EOS_ID]) == t.decode(ids) != t.decode(ids + [EOS_ID], skip_special_tokens=False)
+    stream = TextStream(t, context=ids[:1])
+    assert "".join(stream.push(i) for i in ids[1:] + [EOS_ID]) == t.completion_text(ids[:1], ids[1:] + [EOS_ID]) \
+        == t.decode(ids)[len(t.decode(ids[:1])):]
+
+
 def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
     """With a SentencePiece-style tokenizer (Llama-2's decoder strips the first space of a
     decode), pieces are decoded after their context: "Hello" + many special tokens + " world"
