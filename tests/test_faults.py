@@ -168,14 +168,18 @@ def test_an_error_at_any_call_leaves_the_engine_whole(make_llm, kind):
     assert landed >= 10
 
 
-def test_a_session_that_fails_to_start_holds_nothing(make_llm):
+@pytest.mark.parametrize("where", ["queueing the prompt", "making the root's handle"])
+def test_a_session_that_fails_to_start_holds_nothing(make_llm, where):
     """llm.session() failing as it makes its root (a MemoryError queueing the prompt) left the
     root's segment in the cache for as long as the error was kept (its traceback holds the
-    half-made Session: an `except ... as e` block, a REPL's last error)."""
+    half-made Session: an `except ... as e` block, a REPL's last error). So does a failure
+    after the root was made (making its handle): the session frees the tree itself."""
+    from engine.session import ThreadHandle
     from engine.threads import ThreadTree
     llm = make_llm("qwen3", kv_cache_tokens=2048)
     ids = random_ids(9, llm.config.vocab_size, 4)
-    with failing(ThreadTree, "inject", 1):
+    obj, name = (ThreadTree, "inject") if where == "queueing the prompt" else (ThreadHandle, "__init__")
+    with failing(obj, name, 1):
         with pytest.raises(MemoryError) as info:
             llm.session(ids)
     assert info.value.__traceback__ is not None

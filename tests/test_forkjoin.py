@@ -398,6 +398,9 @@ def test_session_verbs_refuse_what_they_cannot_do(make_llm):
     for call in (lambda: s.fork(a, [5, 6]), lambda: s.join(a, header=[3]), lambda: s.generate(a, greedy(1))):
         with pytest.raises(ValueError):
             call()
+    for headers in (None, ([h] for h in (5, 6)), {(5,): 1}):  # (not a list or tuple of headers)
+        with pytest.raises(ValueError, match="fork\\(\\) takes a list of headers"):
+            s.fork(a, headers)
     with pytest.raises(ValueError, match=rf"injected text \[{V}\] must be a string or token ids in \[0, {V}\)"):
         s.inject(b, [V])
     with pytest.raises(ValueError, match="twice"):
@@ -869,7 +872,8 @@ def test_a_closed_session_says_so(make_llm):
     (a,) = s.fork(s.root, [[1]])
     s.close()
     for call in (lambda: s.fork(a, [[1]]), lambda: s.inject(a, [1]), lambda: s.generate([a], greedy(1)),
-                 lambda: s.spawn([s.root], header=[2])):
+                 lambda: s.spawn([s.root], header=[2]), lambda: s.join([a], header=[2]),
+                 lambda: s.set_view(a, [s.root])):
         with pytest.raises(ValueError, match="This session is closed"):
             call()
     with pytest.raises(ValueError, match=r"pack\(\) needs an open session .*this session is closed"):
