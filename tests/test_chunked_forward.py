@@ -250,10 +250,21 @@ def test_max_forward_tokens_is_validated(model_dir, bad):
 
 def test_default_budget_is_one_pass_for_the_usual_prompt(make_llm):
     llm = make_llm(NAME, kv_cache_tokens=4096)
-    assert llm.runner.max_forward_tokens == DEFAULT_MAX_FORWARD_TOKENS
+    assert llm.runner.max_forward_tokens == DEFAULT_MAX_FORWARD_TOKENS == 2048  # (README, DESIGN.md)
     items = [StepItem(SimpleNamespace(id=0), list(range(DEFAULT_MAX_FORWARD_TOKENS)),
                        [(SimpleNamespace(id=0), 0)])]
     assert split_passes(items, DEFAULT_MAX_FORWARD_TOKENS) is None
+
+
+def test_a_pass_keeps_at_most_1_gib_of_attention_partial_states(make_llm):
+    """A pass's attention entries (query row x view segment) are bounded so that their
+    float32 partial states, (o, lse): head_dim + 2 floats per query head each, take at most
+    1 GiB (README, DESIGN.md)."""
+    from engine.runner import MAX_ATTENTION_STATE_BYTES
+    llm = make_llm(NAME, kv_cache_tokens=4096)
+    cfg = llm.model.cfg
+    assert MAX_ATTENTION_STATE_BYTES == 1 << 30
+    assert llm.runner.max_pass_entries == (1 << 30) // (4 * cfg.num_heads * (cfg.head_dim + 2))
 
 
 def test_max_position_is_the_largest_position(make_llm, monkeypatch):
@@ -288,6 +299,32 @@ def test_a_group_that_fills_the_budget_closes_its_pass():
     from engine.runner import split_passes
     passes = split_passes(_items([(0, 5, [1]), (1, 5, [0]), (2, 4, [])]), 10)
     assert passes == [[(0, 0, 5), (1, 0, 5)], [(2, 0, 4)]], passes
+
+
+# (token budget, entry budget, items as _items takes them, the passes): each pass as full as its
+# budgets allow, a group of items that read each other (0 and 1) whole; a pass closed before a
+# group, or by it, starts the next one empty
+PACKED = [
+    (10, None, [(2, 4, []), (0, 3, [1]), (1, 3, [0]), (3, 5, [])],
+     [[(0, 0, 4), (1, 0, 3), (2, 0, 3)], [(3, 0, 5)]]),  # (the group fills the first pass exactly)
+    (10, None, [(2, 8, []), (0, 3, [1]), (1, 3, [0]), (3, 5, [])],
+     [[(0, 0, 8)], [(1, 0, 3), (2, 0, 3), (3, 0, 4)], [(3, 4, 1)]]),
+    (10, None, [(0, 5, [1]), (1, 5, [0]), (2, 10, [])], [[(0, 0, 5), (1, 0, 5)], [(2, 0, 10)]]),
+    (100, 16, [(2, 4, []), (0, 3, [1]), (1, 3, [0]), (3, 5, [])],
+     [[(0, 0, 4), (1, 0, 3), (2, 0, 3)], [(3, 0, 5)]]),
+    (100, 16, [(2, 8, []), (0, 3, [1]), (1, 3, [0]), (3, 5, [])],
+     [[(0, 0, 8)], [(1, 0, 3), (2, 0, 3), (3, 0, 4)], [(3, 4, 1)]]),
+    (100, 20, [(0, 5, [1]), (1, 5, [0]), (2, 20, [])], [[(0, 0, 5), (1, 0, 5)], [(2, 0, 20)]]),
+    # not one more token's entries fit (3 x 3 of 10 taken, a token of the next item takes 2)
+    (4, 10, [(0, 3, [5, 6]), (1, 4, [7])], [[(0, 0, 3)], [(1, 0, 4)]]),
+    (6, 10, [(0, 3, [5, 6]), (1, 5, [7])], [[(0, 0, 3)], [(1, 0, 5)]]),
+    (100, 10, [(0, 30, [])], [[(0, 0, 10)], [(0, 10, 10)], [(0, 20, 10)]]),  # (one entry a token)
+]
+
+
+@pytest.mark.parametrize("budget,entry_budget,spec,want", PACKED)
+def test_split_passes_packs_each_pass_as_full_as_its_budgets_allow(budget, entry_budget, spec, want):
+    assert split_passes(_items(spec), budget, entry_budget) == want
 
 
 @pytest.mark.parametrize("seed", range(200))

@@ -199,6 +199,12 @@ def test_segment_table_and_smallest_free_ids():
         assert list(lens) == [cache.segments[i].length if i in some else -1 for i in range(n)]
         assert list(pages) == [p for i in sorted(some) for p in cache.segments[i].pages]
         assert all(indptr[i + 1] - indptr[i] == (len(cache.segments[i].pages) if i in some else 0) for i in range(n))
+        gone = max(live, default=-1) + 2  # (a view naming a freed segment, the largest id: -1, no pages)
+        lens, indptr, pages = segment_table(cache.segments, some | {gone})
+        assert len(lens) == gone + 1 and len(indptr) == gone + 2 and lens[gone] == -1
+        assert list(pages) == [p for i in sorted(some) for p in cache.segments[i].pages]
+        assert all(indptr[i + 1] - indptr[i] == (len(cache.segments[i].pages) if i in some else 0)
+                   for i in range(gone + 1))
     for s in segs:
         cache.release_segment(s)
     assert cache.new_segment(0, res).id == 0
