@@ -712,6 +712,35 @@ def test_a_steps_new_prompt_tokens_stay_within_max_batched_tokens(llm):
     assert_no_leak(llm)
 
 
+def test_a_requests_wall_time_is_within_its_call(llm):
+    """metrics.wall_s runs from the request's admission to its end: more than nothing, and
+    no more than the whole call took."""
+    import time
+    t0 = time.perf_counter()
+    m = llm.generate([TEXT], greedy(2))[0].metrics
+    assert 0 < m.wall_s <= time.perf_counter() - t0
+
+
+def test_a_prompt_that_fills_the_steps_prefill_budget_exactly_is_admitted(llm):
+    """A prompt of exactly the prefill budget left is admitted in that step: 20-token prompts
+    with 40 tokens of budget are admitted two per step (the first step's 40, not 20)."""
+    sched, real = llm.scheduler, llm.core.step
+    prompts = [random_ids(20, VOCAB, seed=40 + s) for s in range(3)]
+    prefill = []
+
+    def step(feed, samplers):
+        prefill.append(sum(len(t.pending) for t in feed if len(t.pending) > 1))
+        return real(feed, samplers)
+    old, sched.max_batched_tokens, llm.core.step = sched.max_batched_tokens, 40, step
+    try:
+        llm.generate(prompts, greedy(2))
+    finally:
+        sched.max_batched_tokens = old
+        del llm.core.step
+    assert prefill[:2] == [40, 20], prefill
+    assert_no_leak(llm)
+
+
 def test_kv_pages_peak_is_the_requests_most_pages(llm):
     """kv_pages_peak is the most pages the request held at once: two samples that grow
     together until one stops (its pages go back at once) keep the peak of when both were
