@@ -858,6 +858,28 @@ def test_min_tokens_as_vllm(llm, baseline):
     assert_no_leak(llm)
 
 
+def test_stop_strings_where_they_start_and_end_against_the_new_text(llm):
+    """A stop string at the very start of the text, one that ends on the first character of
+    a token's text, and one written by the min_tokens-th token (not found then: vLLM looks
+    from the next token on, and then only in the text each token adds, with the stop
+    string's length before it)."""
+    t = llm.tokenizer
+    ids = t.encode(" one two three four five", add_special_tokens=False)
+    text = [t.decode(ids[:i + 1]) for i in range(len(ids))]  # the text after each token
+    assert len(ids) >= 4 and all(len(a) < len(b) for a, b in zip(text, text[1:]))
+    c = _scripted(llm, ids, stop=[text[0][:2]])
+    assert (list(c.token_ids), c.finish_reason, c.text) == (ids[:1], "stop", "")
+    stop = text[0][-2:] + text[1][len(text[0])]  # (its last character the second token's first)
+    c = _scripted(llm, ids, stop=[stop])
+    assert (list(c.token_ids), c.finish_reason, c.text) == (ids[:2], "stop", text[0][:-2])
+    assert text[-1].count(text[1]) == 1  # (the first two tokens' text, found once)
+    c = _scripted(llm, ids, stop=[text[1]], min_tokens=2)
+    assert (list(c.token_ids), c.finish_reason, c.text) == (ids, "length", text[-1])
+    c = _scripted(llm, ids, stop=[text[1]], min_tokens=1)
+    assert (list(c.token_ids), c.finish_reason, c.text) == (ids[:2], "stop", "")
+    assert_no_leak(llm)
+
+
 def test_min_tokens_over_a_vocabulary_of_stop_tokens_is_refused_first(llm, baseline):
     """min_tokens masks the stop tokens until then; when they (with the EOS ids, unless
     ignore_eos) are the whole vocabulary (a tiny model's), no token can be sampled: refused
@@ -2400,6 +2422,19 @@ def test_headers_and_injected_text_get_no_word_start_space(tmp_path, model_dir, 
         a, = s.fork(s.root, ["\n<Path>"])
         assert s.root.text == "Hello\nworld" and a.text == "\n<Path>", (s.root.text, a.text)
     assert eng.cache_stats()["pages_used"] == 0
+
+
+def test_context_tail_takes_the_last_tokens_of_the_view_in_order():
+    """context_tail: the last k tokens of a thread's view, its own segment's last (own=False:
+    the segments before it only), across segments, in order, no more than k."""
+    from types import SimpleNamespace as NS
+    from engine.core import context_tail
+    a, b, own = NS(tokens=[1, 2, 3]), NS(tokens=None), NS(tokens=None)
+    c = NS(tokens=[4, 5])
+    t = NS(seg=own, tokens=[6, 7], view=[(a, 0), (b, 0), (c, 0), (own, 0)])
+    assert [context_tail(t, k) for k in (1, 2, 3, 4, 5, 6, 9)] == [
+        [7], [6, 7], [5, 6, 7], [4, 5, 6, 7], [3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]]
+    assert [context_tail(t, k, own=False) for k in (1, 2, 3, 9)] == [[5], [4, 5], [3, 4, 5], [1, 2, 3, 4, 5]]
 
 
 def test_a_threads_text_reads_after_the_text_before_it(tmp_path, model_dir):

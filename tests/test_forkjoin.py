@@ -507,6 +507,22 @@ def test_fork_of_a_child_with_no_tokens(make_llm):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_an_empty_header_child_of_a_child_with_tokens_samples_after_them(make_llm):
+    """A fork child with an empty header samples from its nearest ancestor that has tokens:
+    its parent's, after the parent's own tokens, not the prompt's."""
+    llm = make_llm("qwen3", attention_backend="cpu")
+    V = llm.config.vocab_size
+    prompt = random_ids(9, V, seed=6)
+    want = llm.generate([prompt], greedy(6))[0].outputs[0].token_ids
+    s = llm.session(prompt)
+    (a,) = s.fork(s.root, [[]])
+    assert s.generate([a], greedy(3))[0].token_ids == want[:3]
+    (b,) = s.fork(a, [[]])
+    assert s.generate([b], greedy(3))[0].token_ids == want[3:]
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_a_pending_header_that_does_not_fit_now_blocks_only_its_thread(make_llm):
     """generate() writes the pending tokens of the threads it samples and of what they read,
     not every pending token of the session: a thread whose header cannot fit the cache now
