@@ -858,6 +858,25 @@ def test_min_tokens_as_vllm(llm, baseline):
     assert_no_leak(llm)
 
 
+def test_min_tokens_over_stop_ids_is_refused_only_when_they_cover_the_vocabulary(llm, baseline):
+    """The refusal's edges: min_tokens=1 over the whole vocabulary is refused; min_tokens=0
+    is not (the first token stops the call); as many stop ids as the vocabulary has tokens,
+    one of them past it, leave one token, which is drawn until min_tokens, then any token,
+    which stops it."""
+    prompt, _ = baseline
+    V = llm.config.vocab_size
+    with pytest.raises(ValueError, match=r"SamplingParams\(min_tokens=1\) forbids the stop tokens"):
+        llm.generate([prompt], SP(max_tokens=3, min_tokens=1, ignore_eos=True, stop_token_ids=list(range(V))))
+    got = llm.generate([prompt], SP(max_tokens=3, temperature=0, stop_token_ids=list(range(V))))[0].outputs[0]
+    assert (len(got.token_ids), got.finish_reason) == (1, "stop")
+    x = 7
+    p = SP(max_tokens=3, min_tokens=2, temperature=0, stop_token_ids=[i for i in range(V) if i != x] + [V])
+    got = llm.generate([prompt], p)[0].outputs[0]
+    assert list(got.token_ids[:2]) == [x, x] and got.token_ids[2] != x
+    assert (len(got.token_ids), got.finish_reason, got.stop_reason) == (3, "stop", got.token_ids[2])
+    assert_no_leak(llm)
+
+
 def test_stop_strings_where_they_start_and_end_against_the_new_text(llm):
     """A stop string at the very start of the text, one that ends on the first character of
     a token's text, and one written by the min_tokens-th token (not found then: vLLM looks
@@ -878,6 +897,22 @@ def test_stop_strings_where_they_start_and_end_against_the_new_text(llm):
     c = _scripted(llm, ids, stop=[text[1]], min_tokens=1)
     assert (list(c.token_ids), c.finish_reason, c.text) == (ids[:2], "stop", "")
     assert_no_leak(llm)
+
+
+def test_scripted_tokens_get_the_models_log_probs(llm, baseline):
+    """With the tokens scripted (core.token_source), the log-probs are still the model's
+    (a log-softmax over each row's vocabulary)."""
+    prompt, want = baseline
+    ref = llm.generate([prompt], greedy(4, logprobs=0))[0].outputs[0]
+    seq = iter(want[:4])
+    llm.core.token_source = lambda ths: [next(seq) for _ in ths]
+    try:
+        got = llm.generate([prompt], SP(max_tokens=4, ignore_eos=True, logprobs=0))[0].outputs[0]
+    finally:
+        llm.core.token_source = None
+    assert list(got.token_ids) == list(ref.token_ids) == want[:4]
+    for a, b, tok in zip(got.logprobs, ref.logprobs, want):
+        assert abs(a[tok].logprob - b[tok].logprob) < 1e-4 and b[tok].logprob < -1e-3
 
 
 def test_min_tokens_over_a_vocabulary_of_stop_tokens_is_refused_first(llm, baseline):
@@ -2435,6 +2470,18 @@ def test_context_tail_takes_the_last_tokens_of_the_view_in_order():
     assert [context_tail(t, k) for k in (1, 2, 3, 4, 5, 6, 9)] == [
         [7], [6, 7], [5, 6, 7], [4, 5, 6, 7], [3, 4, 5, 6, 7], [2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]]
     assert [context_tail(t, k, own=False) for k in (1, 2, 3, 9)] == [[5], [4, 5], [3, 4, 5], [1, 2, 3, 4, 5]]
+
+
+def test_a_step_refuses_a_sampler_whose_next_token_is_past_the_context(llm):
+    """EngineCore.step refuses (an engine bug: callers end such threads first) a thread whose
+    next token would sit at the model's context, before any work."""
+    from types import SimpleNamespace as NS
+    M = llm.core.max_positions
+    t = NS(id=3, seg=NS(base=M - 2), tokens=[1, 2], live=None, end=M)
+    steps = llm.core.forward_steps
+    with pytest.raises(RuntimeError, match=rf"thread 3 would sample at position {M}, past the model's context of {M}"):
+        llm.core.step([], [t])
+    assert llm.core.forward_steps == steps
 
 
 def test_a_threads_text_reads_after_the_text_before_it(tmp_path, model_dir):
