@@ -168,6 +168,36 @@ def test_an_error_at_any_call_leaves_the_engine_whole(make_llm, kind):
     assert landed >= 10
 
 
+def test_a_live_threads_rewritten_last_token_is_put_back_when_its_step_fails(make_llm):
+    """A spawned thread written in a step where it did not sample, whose view then grew, has
+    its last token written again (same slot) when it next samples; a fault in that step's
+    forward after its layers wrote it puts the slot back as it was (a thread that reads it
+    then sees what it saw before) and the token is no longer pending."""
+    from engine import SamplingParams
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    prompt = random_ids(7, llm.config.vocab_size, 5)
+    g = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=0)
+
+    def run(fail: bool):
+        s = llm.session(prompt)
+        (a,) = s.fork(s.root, [[5]])
+        w = s.spawn([a], header=[6])
+        s.generate([a, w], g)
+        x = s.spawn([w], header=[7])
+        s.generate([x], g)  # (w's pending token is written for x: w did not sample)
+        s.generate([a], g)  # (w's view grows)
+        if fail:
+            with failing(llm.model, "logits", 1):  # (after every layer wrote the slot again)
+                with pytest.raises(MemoryError):
+                    s.generate([w], g)
+            assert w._t.pending == [] and w._t.logits_stale
+        out = s.generate([x], g)[0]
+        res = list(out.token_ids), [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)]
+        s.close()
+        return res
+    same_with_and_without_the_fault(llm, run)
+
+
 @pytest.mark.parametrize("where", ["queueing the prompt", "making the root's handle"])
 def test_a_session_that_fails_to_start_holds_nothing(make_llm, where):
     """llm.session() failing as it makes its root (a MemoryError queueing the prompt) left the
