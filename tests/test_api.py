@@ -1690,6 +1690,27 @@ def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
     assert_still_works(llm, baseline)
 
 
+def test_default_cache_size_is_as_documented(model_dir, monkeypatch):
+    """kv_cache_tokens=None: 2 GiB of K/V or 262,144 tokens, whichever is fewer, and on the CPU at
+    most half the available memory, in whole pages; available_memory() is MemAvailable in bytes."""
+    import engine.llm as L
+    from engine import LLM
+    import io
+    meminfo = "MemTotal:       16337724 kB\nMemFree:         1048576 kB\nMemAvailable:    7654321 kB\n"
+    monkeypatch.setattr(L, "open", lambda path: io.StringIO(meminfo if path == "/proc/meminfo" else ""),
+                        raising=False)
+    assert L.available_memory() == 7654321 * 1024
+    monkeypatch.delattr(L, "open")
+    assert L.available_memory() > 0  # (this machine's)
+    monkeypatch.setattr(L, "available_memory", lambda: None)
+    tiny = LLM(model_dir(NAME))  # (512 bytes a token: 2 GiB would be 4M tokens)
+    assert tiny.cache.bytes_per_token * 262_144 < 2 << 30 and tiny.kv_cache_tokens == 262_144
+    monkeypatch.setattr(L, "kv_token_bytes", lambda *a: 3 << 13)  # (2 GiB: 87,381.3 tokens)
+    assert LLM(model_dir(NAME)).kv_cache_tokens == 87_381 // PS * PS
+    monkeypatch.setattr(L, "available_memory", lambda: 1000 * (3 << 13))  # (half: 500 tokens)
+    assert LLM(model_dir(NAME)).kv_cache_tokens == 500 // PS * PS
+
+
 def test_unsupported_architecture(tmp_path, model_dir, llm, baseline):
     from engine import LLM
     d = str(tmp_path / "gpt2")
