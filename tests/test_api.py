@@ -669,6 +669,31 @@ def test_stream_adds_up_to_the_outputs(llm):
     assert_no_leak(llm)
 
 
+def test_stream_holds_back_only_what_may_start_a_stop_string(llm):
+    """After each step the streamed text is the completion's text so far, less the last
+    len(longest stop string) - 1 characters (all of it without stop strings: a one-thread
+    completion and one of n=2, which make their own text streams)."""
+    prompt = random_ids(7, VOCAB, seed=11)
+    T = 8
+    upto = [""] + [llm.generate([prompt], greedy(t))[0].outputs[0].text for t in range(1, T + 1)]
+    assert len(set(upto)) > 4, upto
+    for stop, n in (([], 1), ([], 2), (["zzq", "q"], 1)):  # ("zzq": never written, 2 held back)
+        hold = max((len(s) for s in stop), default=1) - 1
+        want, sent = [], ""
+        for t in range(1, T):
+            end = max(len(upto[t]) - hold, len(sent))
+            if end > len(sent):
+                sent = upto[t][:end]
+                want.append(sent)
+        want.append(upto[T])
+        got: dict[int, list[str]] = {}
+
+        def fn(i, j, piece):
+            got.setdefault(j, []).append((got[j][-1] if got.get(j) else "") + piece)
+        llm.generate([prompt], greedy(T, n=n, stop=stop or None), stream=fn)
+        assert [got[j] for j in range(n)] == [want] * n, (stop, n)
+
+
 def test_prompts_longer_than_a_steps_prefill_budget_share_steps(llm):
     """The scheduler admits at most max_batched_tokens of new prompt per step, but a longer
     prompt is admitted alone (one per step), not after every running request has ended:
