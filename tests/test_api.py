@@ -1516,6 +1516,33 @@ def test_a_process_forked_while_another_thread_calls_raises_instead_of_waiting(l
     assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict)) == 0  # (no call running)
     with lock:  # this thread's own call: the child holds the lock as its forking thread did
         assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict) and lock._depth == 1) == 0
+    # a thread waiting in line, or inside the lock's bookkeeping, at the fork: the child has
+    # neither; its calls do not wait for them
+    import threading
+
+    def let_go_and_call():
+        lock.release()
+        return isinstance(llm.cache_stats(), dict) and lock.acquire(blocking=False)
+    with lock:
+        waiter = threading.Thread(target=llm.cache_stats)
+        waiter.start()
+        assert wait_in_line(lock, 1)
+        assert child_exit_code(let_go_and_call) == 0
+    waiter.join(10)
+    inside, leave = threading.Event(), threading.Event()
+
+    def in_bookkeeping():
+        with lock._cv:
+            inside.set()
+            leave.wait(10)
+    t = threading.Thread(target=in_bookkeeping)
+    t.start()
+    try:
+        assert inside.wait(10)
+        assert child_exit_code(lambda: isinstance(llm.cache_stats(), dict)) == 0
+    finally:
+        leave.set()
+        t.join(10)
     assert_still_works(llm, baseline)
 
 
