@@ -539,6 +539,20 @@ def test_seed_reproducibility(llm, make_llm):
     assert run(None, engine=a) == run(None, engine=b)
 
 
+def test_seeds_of_any_size_give_each_thread_its_own_generator(make_llm):
+    """A seeded request's threads each draw from their own generator, for any integer seed
+    (negative, past 64 bits); the LLM's seed too: two seeds, two streams."""
+    from engine.llm import ThreadGenerators
+    gen = ThreadGenerators(torch.Generator().manual_seed(0))
+    seeds = [gen(SP(seed=s), i).initial_seed() for s in (0, 1, 2, -7, 2**70 + 5, 2**100 + 9) for i in range(64)]
+    assert len(set(seeds)) == len(seeds)
+    prompt = random_ids(9, VOCAB, seed=3)
+    drawn = [list(make_llm(NAME, kv_cache_tokens=256, seed=s).generate(
+        [prompt], SP(temperature=1.0, max_tokens=16, ignore_eos=True))[0].outputs[0].token_ids)
+        for s in (2, 3, -3, 2**100)]
+    assert len({tuple(t) for t in drawn}) == len(drawn), drawn
+
+
 def test_a_seeded_session_thread_draws_anew_on_each_call(llm, monkeypatch):
     """A seed reused over Session.generate calls on one thread gives the same tokens for the
     same thread state, and new draws for a new state (each call used to restart the same random
