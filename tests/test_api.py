@@ -402,6 +402,21 @@ def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
         assert "".join(stream.push(i) for i in ids) == tok.decode(ids) == "Hello world caf\u00e9", gap
 
 
+def test_prompts_that_are_neither_text_nor_ids_are_refused_and_ids_span_the_vocabulary(llm):
+    """generate() of a number, a dict or None is refused (a dict's keys were prompts); token
+    ids 0 and vocab_size - 1 are ids, -1 and vocab_size are not."""
+    for bad in (5, {"prompt": "hi"}, None):
+        with pytest.raises(ValueError, match="prompts must be a string, a list of strings"):
+            llm.generate(bad, greedy(2))
+    outs = llm.generate([[0, 5], [VOCAB - 1, 3]], greedy(2))
+    assert [o.prompt_token_ids for o in outs] == [[0, 5], [VOCAB - 1, 3]]
+    assert llm.score([0, VOCAB - 1])[0].shape == (2, VOCAB)
+    for bad in (-1, VOCAB):
+        with pytest.raises(ValueError, match=rf"Token id {bad} is outside the vocabulary \[0, {VOCAB}\)\.$"):
+            llm.generate([[5, bad]], greedy(2))
+    assert_no_leak(llm)
+
+
 def test_prompt_forms_agree(llm):
     ids = llm.tokenizer.encode(TEXT)
     assert ids and all(isinstance(t, int) for t in ids)
@@ -417,7 +432,7 @@ def test_prompt_forms_agree(llm):
     out = a[0].outputs[0]
     assert out.text == llm.tokenizer.decode(out.token_ids)
     m = a[0].metrics
-    assert m.generated_tokens == 10 and m.wall_s >= 0 and m.forward_steps >= 10
+    assert m.generated_tokens == 10 and m.wall_s >= 0 and m.forward_steps >= 10 and m.prompt_tokens == len(ids)
     assert llm.generate([], greedy(10)) == [] == llm.generate((), greedy(10))  # no prompts: no outputs
     assert_no_leak(llm)
 
@@ -2436,7 +2451,8 @@ def test_prompt_longer_than_cache(small, llm, baseline):
 
 def test_score_takes_the_whole_context(make_llm):
     """score() of exactly max_position_embeddings tokens works (positions 0 .. M-1; only
-    generation needs one position more); one token more is refused."""
+    generation needs one position more); one token more is refused. A prompt of M - 1 tokens
+    generates one token."""
     eng = make_llm("qwen3", attention_backend="cpu")
     M, V = eng.config.max_position_embeddings, eng.config.vocab_size
     ids = random_ids(M, V, seed=3)
@@ -2447,6 +2463,10 @@ def test_score_takes_the_whole_context(make_llm):
         eng.score(ids + [1])
     with pytest.raises(ValueError, match=f"The prompt has {M} tokens"):
         eng.generate([ids], greedy(1))
+    with pytest.raises(ValueError, match=f"The prompt has {M} tokens"):
+        eng.session(ids)
+    out = eng.generate([ids[:-1]], greedy(3))[0].outputs[0]  # (room for one token)
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"
 
 
 def test_score_of_no_sequences_and_of_an_empty_one(llm, baseline):
