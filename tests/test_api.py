@@ -417,6 +417,16 @@ def test_prompts_that_are_neither_text_nor_ids_are_refused_and_ids_span_the_voca
     assert_no_leak(llm)
 
 
+def test_progress_goes_to_stderr_only_when_asked(llm, capsys):
+    """use_tqdm=True: a line of requests done on stderr; by default (generate, chat) nothing."""
+    llm.generate(["a", "b"], greedy(2))
+    llm.chat([{"role": "user", "content": "hi"}], greedy(2))
+    assert capsys.readouterr() == ("", "")
+    llm.generate(["a", "b"], greedy(2), use_tqdm=True)
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith("\rloom: 2/2 requests done\n"), err
+
+
 def test_prompt_forms_agree(llm):
     ids = llm.tokenizer.encode(TEXT)
     assert ids and all(isinstance(t, int) for t in ids)
