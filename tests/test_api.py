@@ -417,6 +417,35 @@ def test_prompts_that_are_neither_text_nor_ids_are_refused_and_ids_span_the_voca
     assert_no_leak(llm)
 
 
+def test_a_prompt_the_protocols_text_takes_past_the_context_says_so(llm):
+    """A protocol's prepare_prompt (Hogwild's collaboration prompt) may make a prompt longer:
+    up to the context less one position it runs; past it the error names the text the protocol
+    adds, unless the prompt alone is too long (then the plain prompt-length error)."""
+    from engine.protocols import ParallelSampling
+    M = llm.config.max_position_embeddings
+
+    class Padded(ParallelSampling):
+        pad = 0
+
+        def prepare_prompt(self, tokenizer, text, ids):
+            return list(ids) + [7] * self.pad
+
+    def run(ids, pad):
+        proto = Padded()
+        proto.pad = pad
+        return llm.generate([ids], greedy(2), protocol=proto)[0]
+    short = random_ids(5, VOCAB, seed=1)
+    out = run(short, M - 1 - len(short))
+    assert len(out.prompt_token_ids) == M - 1 and len(out.outputs[0].token_ids) == 1
+    for ids in (short, random_ids(M - 1, VOCAB, seed=2)):
+        with pytest.raises(ValueError, match=rf"^The prompt has {len(ids)} tokens, {M} with the text Padded puts "
+                                             rf"around it, but the model's context is {M} "):
+            run(ids, M - len(ids))
+    with pytest.raises(ValueError, match=rf"^The prompt has {M + 1} tokens but the model's context is {M} "):
+        run(random_ids(M, VOCAB, seed=3), 1)
+    assert_no_leak(llm)
+
+
 def test_progress_goes_to_stderr_only_when_asked(llm, capsys):
     """use_tqdm=True: a line of requests done on stderr; by default (generate, chat) nothing."""
     llm.generate(["a", "b"], greedy(2))
@@ -1307,6 +1336,9 @@ def test_chat_takes_tuples(llm):
         out = llm.chat(given, greedy(3))[0]
         assert (out.prompt, list(out.outputs[0].token_ids)) == (want.prompt, list(want.outputs[0].token_ids)), given
     assert len(llm.chat((CONV, tuple(CONV2)), greedy(3))) == 2
+    for bad in ("hi", ["hi"], [CONV, CONV2[0]], CONV[0]):  # (neither a conversation nor a list of them)
+        with pytest.raises(ValueError, match=r"^messages must be a conversation \(a list of"):
+            llm.chat(bad, greedy(3))
     assert_no_leak(llm)
 
 def test_chat_without_template_raises(make_llm):
@@ -1691,6 +1723,16 @@ def test_non_finite_logits_name_the_prompts_they_come_from(tmp_path, model_dir):
         bad.generate([[7], good[0], [7, 5]], SP(n=2, temperature=1.0, max_tokens=3, seed=0))
     assert_no_leak(bad)
     assert [o.outputs[0].token_ids for o in bad.generate(good, greedy(3))] == want
+    # a FloatingPointError of the caller's own code (an answer extractor's) is raised as it was
+    from engine.protocols import ParallelSampling
+
+    def extract(text):
+        raise FloatingPointError("overflow in the extractor", 2)
+    with pytest.raises(FloatingPointError) as e:
+        bad.generate(good, SP(n=2, max_tokens=2, seed=0), protocol=ParallelSampling(select="majority",
+                                                                                      extract_answer=extract))
+    assert e.value.args == ("overflow in the extractor", 2)
+    assert_no_leak(bad)
 
 
 def test_non_finite_logits_in_a_session_name_the_threads_of_the_call(tmp_path, model_dir):
