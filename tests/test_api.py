@@ -2521,6 +2521,23 @@ def test_score_takes_the_whole_context(make_llm):
     assert len(out.token_ids) == 1 and out.finish_reason == "length"
 
 
+def test_a_score_whose_forward_fails_gives_its_pages_back(llm, baseline, monkeypatch):
+    """score() reserves its sequence's pages and makes a segment: a forward pass that raises
+    (here after writing the K/V) leaves neither behind."""
+    real = llm.runner.run
+
+    def fails(batch):
+        real(batch)
+        raise RuntimeError("the forward failed")
+    monkeypatch.setattr(llm.runner, "run", fails)
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        llm.score(random_ids(40, VOCAB, seed=1))
+    monkeypatch.undo()
+    stats = llm.cache_stats()
+    assert stats["pages_reserved"] == 0 and stats["segments"] == 0, stats
+    assert_still_works(llm, baseline)
+
+
 def test_score_of_no_sequences_and_of_an_empty_one(llm, baseline):
     """score([]) is no sequences: no outputs, as generate([]) (it was taken as one empty
     sequence and refused as 'a prompt'); an empty sequence, alone or in a list, is refused
