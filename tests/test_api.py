@@ -2509,7 +2509,7 @@ def test_score_takes_the_whole_context(make_llm):
     M, V = eng.config.max_position_embeddings, eng.config.vocab_size
     ids = random_ids(M, V, seed=3)
     lp = eng.score(ids)[0]
-    assert lp.shape[0] == M
+    assert lp.shape[0] == M and lp.logsumexp(-1).abs().max() < 1e-4  # (every row a distribution)
     assert torch.allclose(lp[:-1], eng.score(ids[:-1])[0], atol=1e-5)
     with pytest.raises(ValueError, match=f"The sequence has {M + 1} tokens but the model's context is {M}"):
         eng.score(ids + [1])
