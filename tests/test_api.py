@@ -737,6 +737,20 @@ def test_stream_adds_up_to_the_outputs(llm):
     assert_no_leak(llm)
 
 
+def test_a_stream_callback_may_read_the_cache_and_close_a_session(llm):
+    """Reads and frees (cache_stats, Session.close) are not engine calls that step it: a stream
+    callback may make them (the lock is re-entrant)."""
+    s = llm.session([5, 6, 7])
+    seen = []
+
+    def fn(i, j, piece):
+        s.close()
+        seen.append(llm.cache_stats()["pages_total"])
+    outs = llm.generate([[5, 6]], greedy(3), stream=fn)
+    assert seen and len(outs[0].outputs[0].token_ids) == 3
+    assert_no_leak(llm)
+
+
 def test_stream_holds_back_only_what_may_start_a_stop_string(llm):
     """After each step the streamed text is the completion's text so far, less the last
     len(longest stop string) - 1 characters (all of it without stop strings: a one-thread
