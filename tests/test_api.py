@@ -3040,21 +3040,27 @@ def _hf_greedy_penalized(hf, prompt: list[int], new: int, presence=0.0, frequenc
     return out
 
 
-@pytest.mark.parametrize("kw", [dict(repetition=1.3), dict(repetition=0.8), dict(presence=1.5),
-                                dict(frequency=0.7), dict(presence=-0.5, frequency=0.4, repetition=1.2)])
-def test_penalties_match_their_definition(llm, hf_ref, kw):
-    prompt = random_ids(11, VOCAB, seed=7)
-    want = _hf_greedy_penalized(hf_ref(NAME), prompt, 24, **kw)
-    sp = greedy(24, presence_penalty=kw.get("presence", 0.0), frequency_penalty=kw.get("frequency", 0.0),
-                repetition_penalty=kw.get("repetition", 1.0), logprobs=0)
+def _greedy_as_hf(llm, hf_ref, prompt: list[int], new: int, sp, **kw):
+    """llm's greedy output under ``sp`` is _hf_greedy_penalized's under ``kw`` and differs
+    from plain greedy decoding; its log-probs are the model's (before the penalties and
+    logit_bias: vLLM's raw log-probs). Returns the output."""
+    want = _hf_greedy_penalized(hf_ref(NAME), prompt, new, **kw)
     out = llm.generate([prompt], sp)[0].outputs[0]
     assert out.token_ids == want, (kw, out.token_ids, want)
-    assert out.token_ids != llm.generate([prompt], greedy(24))[0].outputs[0].token_ids  # (they change it)
-    # log-probs are the model's, before the penalties (vLLM's raw log-probs)
+    assert out.token_ids != llm.generate([prompt], greedy(new))[0].outputs[0].token_ids  # (they change it)
     ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
     got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
     torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
     assert_no_leak(llm)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(repetition=1.3), dict(repetition=0.8), dict(presence=1.5),
+                                dict(frequency=0.7), dict(presence=-0.5, frequency=0.4, repetition=1.2)])
+def test_penalties_match_their_definition(llm, hf_ref, kw):
+    sp = greedy(24, presence_penalty=kw.get("presence", 0.0), frequency_penalty=kw.get("frequency", 0.0),
+                repetition_penalty=kw.get("repetition", 1.0), logprobs=0)
+    _greedy_as_hf(llm, hf_ref, random_ids(11, VOCAB, seed=7), 24, sp, **kw)
 
 
 def test_penalties_are_per_thread_and_see_the_thread_context(llm, hf_ref):
@@ -3213,17 +3219,9 @@ def test_logit_bias_and_allowed_token_ids_match_their_definition(llm, hf_ref, kw
     """Greedy tokens are the argmax of the model's logits with tokens outside
     allowed_token_ids forbidden and logit_bias added, before the penalties (vLLM's order);
     the log-probs stay the model's."""
-    prompt = random_ids(11, VOCAB, seed=7)
-    want = _hf_greedy_penalized(hf_ref(NAME), prompt, 12, **kw)
     sp = greedy(12, logit_bias=kw.get("bias"), allowed_token_ids=kw.get("allowed"),
                 repetition_penalty=kw.get("repetition", 1.0), logprobs=0)
-    out = llm.generate([prompt], sp)[0].outputs[0]
-    assert out.token_ids == want, (kw, out.token_ids, want)
-    assert out.token_ids != llm.generate([prompt], greedy(12))[0].outputs[0].token_ids  # (they change it)
-    ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
-    got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
-    torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
-    assert_no_leak(llm)
+    _greedy_as_hf(llm, hf_ref, random_ids(11, VOCAB, seed=7), 12, sp, **kw)
 
 
 def test_allowed_token_ids_and_a_forbidden_token_when_sampling(llm, baseline):
@@ -3321,13 +3319,7 @@ def test_bad_words_match_their_definition(llm, hf_ref):
                != _hf_greedy_penalized(hf, prompt, 16, bad=[f[-1:] for f in _word_forms(llm, text)]))
     for words in ([one], [two], [one, two]):
         forms = [f for w in words for f in _word_forms(llm, w)]
-        want = _hf_greedy_penalized(hf_ref(NAME), prompt, 16, bad=forms)
-        out = llm.generate([prompt], greedy(16, bad_words=words, logprobs=0))[0].outputs[0]
-        assert out.token_ids == want != base, (words, forms, out.token_ids, want)
-        ref = hf_logprobs(hf_ref(NAME), prompt + out.token_ids)[len(prompt) - 1:-1]
-        got = torch.tensor([lp[t] for lp, t in zip(out.logprobs, out.token_ids)])
-        torch.testing.assert_close(got, ref.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0], atol=2e-4, rtol=0)
-    assert_no_leak(llm)
+        _greedy_as_hf(llm, hf_ref, prompt, 16, greedy(16, bad_words=words, logprobs=0), bad=forms)
 
 
 def test_bad_words_that_leave_no_token_are_refused(llm, baseline):
