@@ -1037,3 +1037,24 @@ def test_compact_returns_a_finished_thread_with_the_keys_rerotated():
     assert m.finish_reason == "compacted" and m.tokens == [1, 2, 3, 4, 5] and (m.seg.base, m.seg.length) == (7, 5)
     assert torch.equal(v[slots_of(m.seg)], old_v)
     assert torch.allclose(k[slots_of(m.seg)], rotate_by(old_k, torch.full((5,), 7), inv_freq), atol=1e-6)
+
+
+def test_live_threads_that_see_each_other_generate(make_llm):
+    """Two live threads whose views name each other (Hogwild!'s workers, by hand), read by a
+    third: a step finds the threads its samplers read through live views once each, not
+    round the cycle for good, and writes each pending header once."""
+    from engine import SamplingParams
+    llm = make_llm("qwen3")
+    V = llm.config.vocab_size
+    with llm.session(random_ids(6, V, seed=1)) as s:
+        a = s.spawn([s.root], header=[1 % V])
+        b = s.spawn([s.root, a], header=[2 % V])
+        s.set_view(a, [s.root, b])  # (a sees b, b sees a: both headers pending)
+        x = s.spawn([a], header=[3 % V])  # (x reads the cycle from outside it)
+        outs = s.generate([x], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(outs[0].token_ids) == 3
+        assert [len(s._thread(t).tokens) for t in (a, b)] == [1, 1]  # (headers written once, for x)
+        assert s._thread(a).pending == [] == s._thread(b).pending
+        outs = s.generate([a, b], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        assert [len(o.token_ids) for o in outs] == [2, 2]
+    assert llm.cache_stats()["pages_used"] == 0
