@@ -6,6 +6,7 @@ Flow of one step (Scheduler.step; each arrow one object):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -689,20 +690,29 @@ class LLM:
         need = c.pages_for(len(ids) - 1)
         if not c.can_reserve(need):  # (generate checked that the request fits: only sessions hold pages)
             raise sessions_hold_pages(c, need, "prompt_logprobs' pass over the prompt")
-        res = c.reserve(need)
+        with self._scratch_segment(need) as seg:
+            for a in range(0, len(ids) - 1, self.PROMPT_LOGPROBS_ROWS):
+                b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
+                logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
+                out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
+                                         [k] * (b - a))
+        return out
+
+    @contextlib.contextmanager
+    def _scratch_segment(self, pages: int):
+        """A segment at position 0 on a reservation of ``pages`` (the caller checked that
+        they are free), for a pass outside any request (score, prompt_logprobs): its pages
+        and the reservation back whatever fails, making the segment included."""
+        c = self.cache
+        res = c.reserve(pages)
         try:
             seg = c.new_segment(0, res)
             try:
-                for a in range(0, len(ids) - 1, self.PROMPT_LOGPROBS_ROWS):
-                    b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
-                    logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
-                    out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
-                                             [k] * (b - a))
+                yield seg
             finally:
                 c.release_segment(seg)
         finally:
             c.release(res)
-        return out
 
     def _run(self, reqs: list[Request], use_tqdm: bool, streamer=None) -> list[RequestOutput]:
         sched = self.scheduler
@@ -791,16 +801,9 @@ class LLM:
                 raise ValueError(f"score() of {len(ids)} tokens needs {need} free pages but open sessions "
                                  f"hold the cache ({c.pages_unreserved} free); close them, or raise "
                                  "kv_cache_tokens.")
-            res = c.reserve(need)
-            try:  # (the reservation back whatever fails, making the segment included)
-                seg = c.new_segment(0, res)
-                try:
-                    batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
-                    outs.append(_log_softmax_(self.runner.run(batch)))
-                finally:
-                    c.release_segment(seg)
-            finally:
-                c.release(res)
+            with self._scratch_segment(need) as seg:
+                batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
+                outs.append(_log_softmax_(self.runner.run(batch)))
         return outs
 
     @serialized

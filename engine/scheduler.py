@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .core import EngineCore
 from .outputs import RequestMetrics, RequestOutput
 from .sampling_params import SamplingParams
-from .threads import ThreadTree
+from .threads import ThreadTree, prefix_end
 
 
 def sessions_hold_pages(cache, need: int, what: str) -> ValueError:
@@ -60,9 +60,7 @@ class Scheduler:
         budget = self.max_batched_tokens
         while self.waiting:
             req = self.waiting[0]
-            P = len(req.prompt_ids)  # (the tokens it prefills: past a shared prefix, written already)
-            if req.prefix:
-                P -= req.prefix[-1][0].base + req.prefix[-1][0].length
+            P = len(req.prompt_ids) - prefix_end(req.prefix)  # (it prefills past a shared prefix, written already)
             if P > budget and budget < self.max_batched_tokens:
                 break  # (next step; a longer prompt than the budget is admitted alone: it used
                 #        to wait until nothing else ran, and every request queued behind it too)

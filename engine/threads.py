@@ -139,7 +139,7 @@ class ThreadTree:
         tokens, written by others (LLM.generate's shared prompt prefixes, each segment after
         the one before it); the root reads them and writes the rest of the prompt after them."""
         assert self.root is None, "a tree has one root"
-        base = prefix[-1][0].base + prefix[-1][0].length if prefix else 0
+        base = prefix_end(prefix)
         assert 0 <= base < len(prompt_ids), "a shared prefix leaves the root at least one token"
         self._prefix = [s for s, _ in prefix]
         self.root = self._new_thread(base, list(prefix), None, list(prompt_ids[base:]),
@@ -382,6 +382,11 @@ class ThreadTree:
         if self._prefix and self.open:  # (a shared prompt prefix its open threads read)
             held += sum(len(s.pages) for s in self._prefix)
         return held
+
+
+def prefix_end(prefix) -> int:
+    """The position after a (segment, 0) chain of prompt-prefix segments (0: none)."""
+    return prefix[-1][0].base + prefix[-1][0].length if prefix else 0
 
 
 def check_growable(t: Thread):

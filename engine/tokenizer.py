@@ -242,8 +242,9 @@ class Tokenizer:
             table = _byte_level_table()
             if all(c in table for c in t):
                 return bytes(table[c] for c in t)
-            return t.encode("utf-8")  # (a token the alphabet does not spell, an added one: its text, as the decoder)
-        return t.encode("utf-8")  # (its text, whole characters: a U+FFFD in it is one of its own)
+        # (its text, as the decoders read it: a byte-level token its alphabet does not spell,
+        # an added one; whole characters, a U+FFFD in it one of its own)
+        return t.encode("utf-8")
 
     def completion_text(self, context, ids, skip_special_tokens: bool = True) -> str:
         """A completion's text: what ``ids`` add after ``context`` (as vLLM's detokenizer,
