@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import sys
 import threading
@@ -127,6 +128,14 @@ def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
     return x
 
 
+def seed_of(*key: int) -> int:
+    """A 63-bit generator seed from integers of any size: a hash of all their digits, so
+    that keys differing anywhere give different seeds (seeds that differ by a multiple of
+    2**63 used to collide, as did (seed, thread 1,000,003) and (seed + 1, thread 0))."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8, person=b"loom-seed").digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class ThreadGenerators:
     """A thread's random generator: from (seed, thread index) when its params have a seed,
     else from the LLM's own generator. (An object the scheduler holds, not a bound method
@@ -138,7 +147,7 @@ class ThreadGenerators:
 
     def __call__(self, params: SamplingParams, i: int) -> torch.Generator:
         if params.seed is not None:
-            seed = (params.seed * 1_000_003 + i) & ((1 << 63) - 1)
+            seed = seed_of(params.seed, i)
         else:
             seed = int(torch.randint(0, 1 << 62, (1,), generator=self.rng))
         return torch.Generator().manual_seed(seed)
@@ -415,7 +424,7 @@ class LLM:
                              "cache in the model's dtype); use kv_cache_dtype='auto'.")
         self.core = EngineCore(self.runner, self.tokenizer, self.eos_ids,
                                self.config.max_position_embeddings, self.config.vocab_size)
-        self._rng = torch.Generator().manual_seed(seed & ((1 << 63) - 1) if seed is not None else
+        self._rng = torch.Generator().manual_seed(seed_of(seed) if seed is not None else
                                                   int.from_bytes(os.urandom(8), "little") >> 1)
         self._thread_generator = ThreadGenerators(self._rng)
         self.scheduler = Scheduler(self.core, self._thread_generator)
