@@ -89,13 +89,27 @@ class Tokenizer:
             if "default" not in files and self.config.get("chat_template") is not None:
                 self._templates_from += (" (tokenizer_config.json's chat_template is not used beside them, as "
                                          "transformers reads them)")
-        # The special tokens: tokenizer_config.json's, overridden by special_tokens_map.json's
-        # (as transformers reads them); chat templates see all of them.
-        named = {name: self.config.get(name) for name in _TEMPLATE_TOKENS}
+        # The named special tokens, as transformers reads them; chat templates see all of them:
+        # tokenizer_config.json's seven standard ones, any other "*_token" key holding a token
+        # (a string or an AddedToken object) and extra_special_tokens given as {name: token};
+        # special_tokens_map.json only beside a config without added_tokens_decoder (older
+        # files; transformers ignores it otherwise): its standard ones override the config's
+        # (null removes one), its other "*_token" keys add names the config's do not hold.
+        cfg = self.config
+        named = {name: cfg.get(name) for name in _TEMPLATE_TOKENS}
+        own = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in named
+               and (isinstance(v, str) or isinstance(v, dict) and v.get("__type") == "AddedToken")}
+        if isinstance(cfg.get("extra_special_tokens"), dict):
+            own.update(cfg["extra_special_tokens"])
         map_path = os.path.join(model_dir, "special_tokens_map.json")
-        if os.path.isfile(map_path):
+        if "added_tokens_decoder" not in cfg and os.path.isfile(map_path):
             smap = read_json_object(map_path)
-            named.update({k: v for k, v in smap.items() if k in named and v is not None})
+            named.update({k: v for k, v in smap.items() if k in named})
+            if isinstance(smap.get("extra_special_tokens"), dict):
+                own.update(smap["extra_special_tokens"])
+            own = {**{k: v for k, v in smap.items() if k.endswith("_token") and k not in named
+                      and isinstance(v, (str, dict))}, **own}
+        named.update({k: v for k, v in own.items() if k not in named})
         self.special_tokens = {k: t for k, v in named.items() if isinstance(t := _token_str(v), str)}
         self.bos_token = self.special_tokens.get("bos_token")
         self.eos_token = self.special_tokens.get("eos_token")

@@ -2245,6 +2245,45 @@ def test_special_tokens_as_added_token_objects_and_from_special_tokens_map(tmp_p
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>|</s>|</s>|</s>|hi"
     assert tok.encode("hi") == [tok.token_to_id("<s>")] + tok.encode("hi", add_special_tokens=False)
 
+NAMED_TOKENS_TEMPLATE = ("{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}|{{ my_token }}|"
+                         "{{ img_token }}|{{ messages[0]['content'] }}")
+_ADDED = {"__type": "AddedToken", "content": "</s>", "lstrip": False, "normalized": False, "rstrip": False,
+          "single_word": False}
+_DECODER = {"added_tokens_decoder": {"1": {**{k: v for k, v in _ADDED.items() if k != "__type"}, "special": True}}}
+
+
+@pytest.mark.parametrize("cfg,smap", [
+    ({}, {"bos_token": None}),                                   # null removes the config's BOS
+    (_DECODER, {"bos_token": "</s>"}),                           # a config with added_tokens_decoder:
+    (_DECODER, {"bos_token": None, "my_token": "<m>"}),          # transformers ignores the map
+    ({}, {"my_token": "<m>", "img_token": {"content": "<i>"}}),  # other *_token names, as text or object
+    ({"my_token": "<c>", "img_token": _ADDED}, None),
+    ({"my_token": "<c>"}, {"my_token": "<m>"}),                  # the config's name wins over the map's
+    ({"my_token": 5, "mytoken": "<x>", "img_token": {"content": "<i>"}}, None),  # not tokens: undefined
+    ({"extra_special_tokens": {"img_token": "<i>"}}, {"extra_special_tokens": {"my_token": "<m>"}}),
+    ({"extra_special_tokens": ["<i>"]}, {"additional_special_tokens": ["<m>"], "unk_token": "<u>"}),
+])
+def test_named_special_tokens_read_as_transformers_reads_them(tmp_path, cfg, smap):
+    """The tokens a chat template sees, and BOS / EOS, come from tokenizer_config.json and
+    special_tokens_map.json as transformers reads them: the map only beside a config without
+    added_tokens_decoder, a null there removing the config's token (it was ignored, and the map
+    was read beside any config); other "*_token" names and extra_special_tokens {name: token}
+    are seen too (a template naming one failed: 'my_token' is undefined)."""
+    from transformers import AutoTokenizer
+    from engine.tokenizer import Tokenizer
+    d = str(tmp_path / "named")
+    _byte_level_tokenizer(d)
+    write_json(os.path.join(d, "tokenizer_config.json"), {
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": NAMED_TOKENS_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast", **cfg})
+    if smap is not None:
+        write_json(os.path.join(d, "special_tokens_map.json"), smap)
+    msgs = [{"role": "user", "content": "hi"}]
+    hf, tok = AutoTokenizer.from_pretrained(d), Tokenizer(d)
+    assert tok.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (tok.bos_token, tok.eos_token) == (hf.bos_token, hf.eos_token)
+
+
 def test_chat_template_sources_and_tags(tmp_path, model_dir):
     """As transformers: chat_template.jinja before tokenizer_config.json's template; named
     templates need a 'default'; {% generation %} blocks render their body; tojson takes
