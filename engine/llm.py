@@ -455,7 +455,8 @@ class LLM:
         return ids
 
     # ---- inputs ----------------------------------------------------------------------------
-    def _normalize_prompts(self, prompts) -> list[tuple[str | None, list[int]]]:
+    def _normalize_prompts(self, prompts, empty: str = "A prompt is empty (no tokens); give at least one "
+                           "token.") -> list[tuple[str | None, list[int]]]:
         prompts = _as_list(prompts)
         if isinstance(prompts, (list, tuple)):  # (a 0-d tensor's id as an int: list(torch.tensor(ids)))
             prompts = [_as_list(x) for x in prompts]
@@ -478,7 +479,7 @@ class LLM:
         V = self.config.vocab_size
         for text, ids in out:
             if not ids:
-                raise ValueError("A prompt is empty (no tokens); give at least one token.")
+                raise ValueError(empty)
             bad = [t for t in ids if not 0 <= t < V]
             if bad:
                 why = ""
@@ -785,18 +786,16 @@ class LLM:
     @serialized
     def score(self, token_ids) -> list[torch.Tensor]:
         """Teacher-forced log-probs: for each sequence a float32 [P, vocab] tensor whose row i
-        is the next-token distribution after token i. No sequences (an empty list): no outputs,
-        as generate()."""
+        is the next-token distribution after token i. Sequences in the forms generate() takes
+        prompts (a text, token ids, or a list of them); no sequences (an empty list): no outputs."""
         if isinstance(token_ids, (list, tuple)) and not token_ids:
             return []
-        token_ids = _as_list(token_ids)  # (a tensor or numpy array; or a list of them)
-        if isinstance(token_ids, (list, tuple)):
-            token_ids = [_as_list(x) for x in token_ids]
-        many = isinstance(token_ids, (list, tuple)) and token_ids and isinstance(token_ids[0], (list, tuple))
-        if any(isinstance(x, (list, tuple)) and not x for x in (token_ids if many else [token_ids])):
-            raise ValueError("score() got an empty sequence: its result's row i is the distribution after "
-                             "token i, so a sequence needs at least one token (no sequences: score([]) -> []).")
-        seqs = self._normalize_prompts(list(token_ids) if many else [token_ids])
+        empty = ("score() got an empty sequence: its result's row i is the distribution after token i, so a "
+                 "sequence needs at least one token (no sequences: score([]) -> []).")
+        token_ids = _as_list(token_ids)  # (a tensor or numpy array: an empty one is one empty sequence)
+        if isinstance(token_ids, list) and not token_ids:
+            raise ValueError(empty)
+        seqs = self._normalize_prompts(token_ids, empty=empty)  # (the forms generate() takes)
         outs = []
         for _, ids in seqs:
             self._check_prompt_len(len(ids), room=0)

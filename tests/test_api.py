@@ -228,6 +228,15 @@ def test_prompt_and_score_input_forms(llm, baseline):
         assert torch.equal(llm.score(form)[0], ref)  # (score took only a tensor or lists)
     for two in (np.array([ids, ids]), [np.array(ids), np.array(ids)], torch.tensor([ids, ids])):
         assert len(got := llm.score(two)) == 2 and all(torch.equal(g, ref) for g in got)
+    # the forms generate() takes, no others (texts in a list were refused, a bare id scored as [id])
+    text = llm.tokenizer.decode(ids)
+    assert llm.tokenizer.encode(text) == ids
+    got = llm.score([text, ids, text])
+    assert len(got) == 3 and all(torch.equal(g, ref) for g in got)
+    for one in (3, torch.tensor(3), np.int64(3)):
+        for call in (llm.score, lambda x: llm.generate(x, greedy(1))):
+            with pytest.raises(ValueError, match="prompts must be a string, a list of strings, or a list of token-id"):
+                call(one)
     s = llm.session(list(torch.tensor(ids)))
     assert s.root.token_ids == ids and all(type(t) is int for t in s.root.token_ids)
     s.close()
