@@ -404,15 +404,17 @@ class LLM:
                                      f"available memory ({avail / 2**30:,.1f} GiB) holds: the default KV cache "
                                      f"(at least one page) would get the process killed when it fills; lower "
                                      f"page_size (at most {avail // per_tok:,}).")
+            elif kv_cache_tokens < page_size:  # (a device whose free memory is not known here)
+                raise ValueError(f"page_size={page_size:,} is more than the default KV cache holds "
+                                 f"({kv_cache_tokens:,} tokens: {DEFAULT_KV_BYTES / 2**30:g} GiB at {per_tok:,} "
+                                 f"bytes a token, at most {DEFAULT_KV_TOKENS_MAX:,}); lower page_size, or give "
+                                 "kv_cache_tokens (at least one page).")
         elif avail is not None and kv_cache_tokens * per_tok > avail:
             whole = "" if kv_cache_tokens == asked else f" ({kv_cache_tokens:,} in whole pages of {page_size})"
             raise ValueError(f"kv_cache_tokens={asked:,}{whole} ({per_tok:,} bytes a token: "
                              f"{kv_cache_tokens * per_tok / 2**30:,.1f} GiB) is more than this machine's available "
                              f"memory ({avail / 2**30:,.1f} GiB): the process would be killed when the cache fills; "
                              f"lower kv_cache_tokens (at most {avail // per_tok // page_size * page_size:,}).")
-        if kv_cache_tokens < page_size:  # (the default, for a model of huge tokens)
-            raise ValueError(f"kv_cache_tokens={kv_cache_tokens!r} must be an integer >= page_size "
-                             f"({page_size}).")
         self.cache = KVCache(self.config.num_layers, kv_cache_tokens // page_size, page_size,
                              self.config.num_kv_heads, self.config.head_dim, self.kv_cache_dtype, self.device)
         self.kv_cache_tokens = self.cache.num_pages * page_size  # (the cache's real size, whole pages)

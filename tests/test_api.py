@@ -1868,6 +1868,14 @@ def test_default_cache_size_is_as_documented(model_dir, monkeypatch):
     assert LLM(model_dir(NAME)).kv_cache_tokens == 87_381 // PS * PS
     monkeypatch.setattr(L, "available_memory", lambda: 1000 * (3 << 13))  # (half: 500 tokens)
     assert LLM(model_dir(NAME)).kv_cache_tokens == 500 // PS * PS
+    # a page larger than the default cache, where the free memory is not known (a GPU): the
+    # page size named, not a kv_cache_tokens the caller did not give
+    monkeypatch.setattr(L, "available_memory", lambda: None)
+    with pytest.raises(ValueError, match=r"^page_size=131,072 is more than the default KV cache holds \(87,381 "
+                                         r"tokens: 2 GiB at 24,576 bytes a token, at most 262,144\); lower "
+                                         r"page_size, or give kv_cache_tokens \(at least one page\)\.$"):
+        LLM(model_dir(NAME), page_size=1 << 17)
+    assert LLM(model_dir(NAME), page_size=1 << 17, kv_cache_tokens=1 << 17).cache.num_pages == 1
 
 
 def test_unsupported_architecture(tmp_path, model_dir, llm, baseline):
