@@ -194,7 +194,10 @@ def _init_with_vllm_names(init):
     def __init__(self, *args, **kwargs):
         for name in [k for k in kwargs if k in _VLLM_ONLY]:
             value, (loom, instead) = kwargs.pop(name), _VLLM_ONLY[name]
-            same = (value is None or (name == "best_of" and value in (1, kwargs.get("n", 1)))
+            if name == "best_of" and _is_int(value) and _is_int(n := kwargs.get("n", 1)) and 1 <= value < n:
+                raise ValueError(f"SamplingParams(best_of={value!r}) is below n={n!r}: best_of must be >= n "
+                                 "(as vLLM); leave it out.")
+            same = (value is None or (name == "best_of" and value == kwargs.get("n", 1))
                     or (loom is None and isinstance(value, (list, tuple, dict)) and not value)  # (empty: no-op)
                     or (loom is not None and value == loom))
             if not same:

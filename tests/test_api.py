@@ -152,6 +152,10 @@ def test_sampling_params_range_ends_and_vllm_defaults():
     for kw in [dict(use_beam_search=True), dict(best_of=2), dict(best_of=0), dict(n=2, best_of=3)]:
         with pytest.raises(ValueError, match=rf"SamplingParams\({next(iter(kw.keys() - {'n'}))}=.*Loom does not support"):
             SP(**kw)
+    # best_of below n: vLLM refuses it (it was taken as a no-op)
+    with pytest.raises(ValueError, match=r"^SamplingParams\(best_of=1\) is below n=2: best_of must be >= n"):
+        SP(n=2, best_of=1)
+    assert SP(n=3, best_of=3) == SP(n=3)
 
 
 def test_sampling_params_changed_after_construction(llm, baseline):
