@@ -146,6 +146,15 @@ class ThreadTree:
                                      what=f"The {len(prompt_ids)}-token prompt")
         return self.root
 
+    @property
+    def prompt_prefix(self) -> list[Segment]:
+        """The shared prompt-prefix segments the root reads before its own (new_root's)."""
+        return self._prefix
+
+    def prompt_ids(self) -> list[int]:
+        """The root's whole prompt: its shared prefix segments' tokens, then its own."""
+        return [x for s in self._prefix for x in s.tokens] + self.root.tokens
+
     def fork(self, parent: Thread, headers: list[list[int]]) -> list[Thread]:
         """k children of ``parent``: each sees the parent's view (its own segment included)
         and starts at the parent's end position with its header pending."""

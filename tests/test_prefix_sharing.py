@@ -98,7 +98,7 @@ def test_shared_prefixes_give_the_same_tokens(llm, monkeypatch):
 
 def test_only_plain_sampling_shares(llm, monkeypatch):
     """Protocols that read the prompt by other means than forks of the root (Hogwild's live
-    views, a tree's output) write their own prompts."""
+    views) write their own prompts. (Fork/join trees share: tests/test_protocols.py.)"""
     from engine.protocols import Hogwild
     prompts = _prompts()[:2]
     log = _fed(llm, monkeypatch)

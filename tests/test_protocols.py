@@ -1568,3 +1568,47 @@ def test_a_fork_joins_on_the_token_its_last_path_ends(llm, monkeypatch):
     paths = [t for t in c.tree if t["role"] == "path"]
     assert len({t["generated"] for t in paths}) == 1 and kinds(c).count("cutoff") == 3, (paths, c.events)
     assert c.text.endswith("<summary>\nfinal") and len(checked) > 100
+
+
+TW = {"": "<Outlines><Outline>1: add</Outline><Outline>2: mul</Outline></Outlines>", "1:": " 1+2=3</Thread>",
+      "2:": " 3*4=12</Thread>", "</Parallel>": " answer \\boxed{15}"}
+
+
+@pytest.mark.parametrize("make,scripts", [
+    (Multiverse, MV), (lambda: Multiverse(positions="reprefill"), MV),
+    (lambda: ParaThinker(paths=2), {"": "x", "<think": " t</think>", "<summary>": "s \\boxed{15}"}), (ThreadWeaver, TW)],
+    ids=["multiverse", "reprefill", "parathinker", "threadweaver"])
+def test_tree_protocols_share_prompt_prefixes_with_the_same_outputs(llm, make, scripts):
+    """The requests of one call whose prompts begin alike read the shared beginning from
+    segments written once (as plain sampling's): the same text, tokens, output tree (the
+    prompt thread's whole prompt, views naming the threads of the request), events and
+    metrics as when each writes its whole prompt; fewer prompt tokens fed."""
+    system = "You add and multiply small numbers, step by step. "  # (a byte per character)
+    prompts = [system + "Q: 1+2, 3*4?", system + "Q: 5+6, 7*8?", "Q: 9+1?", system + "Q: 1+2, 3*4? Twice."]
+    fed = []
+    real = llm.runner.run
+
+    def spy(batch):
+        fed.append(sum(len(it.token_ids) for it in batch.items))
+        return real(batch)
+
+    def call(share):
+        llm.share_prompt_prefixes, fed[:] = share, []
+        llm.core.token_source, llm.runner.run = Script(llm, scripts), spy
+        try:
+            outs = llm.generate(prompts, SamplingParams(max_tokens=400), protocol=make())
+        finally:
+            llm.core.token_source, llm.share_prompt_prefixes = None, True
+            del llm.runner.run
+        assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+        return outs, sum(fed)
+    alone, fed_alone = call(False)
+    shared, fed_shared = call(True)
+    P = len(llm.tokenizer.encode(system))
+    assert [o.metrics.shared_prompt_tokens for o in shared] == [P + 3, P + 3, 0, P + 3]  # (system + "Q: ")
+    assert fed_alone - fed_shared == 2 * (P + 3)  # (written once, not three times)
+    for a, b in zip(alone, shared):
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.text, x.token_ids, x.tree, x.events, x.metrics) == (y.text, y.token_ids, y.tree, y.events, y.metrics)
+        assert x.tree[0]["token_ids"] == a.prompt_token_ids and x.tree[0]["text"] == a.prompt
+        assert len(x.tree) > 3 and x.tree[-1]["view"][0] == [0, 0]

@@ -25,7 +25,7 @@ class Protocol:
     # True: a request's threads read its prompt only through the root's view (forks of the
     # root), and pages_needed counts the prompt as pages_for(prompt_len) of the root's own
     # segment; LLM.generate may then write a prompt prefix that several requests share once,
-    # in segments the roots' views start with (ParallelSampling)
+    # in segments the roots' views start with (ParallelSampling, the fork/join TagTreeProtocols)
     shares_prompt_prefix = False
 
     def pages_needed(self, cache, prompt_len: int, params: SamplingParams, max_positions: int) -> int:

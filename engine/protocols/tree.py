@@ -258,14 +258,19 @@ class TreeRun(ProtocolRun):
         ids: list[int] = []
         fork_of = self.continuations()
         self.flatten(self.tree.root, ids, fork_of)
-        threads = self.tree.threads
+        threads, root = self.tree.threads, self.tree.root
         owner = {id(t.seg): t.id for t in threads}  # (segment ids are the cache's: shared by all requests, reused)
+        # (a prompt prefix shared with other requests is the prompt thread's as much as the rest
+        # of its prompt: left out of views, which name the root's own segment for the prompt)
+        shared = {id(s) for s in self.tree.prompt_prefix}
+        prompt = self.tree.prompt_ids()
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
-                 "role": "prompt" if t is self.tree.root or t.tag is None else t.tag.role,
-                 "text": own_text(self.tok, t),
-                 "token_ids": list(t.tokens), "generated": len(t.generated),
+                 "role": "prompt" if t is root or t.tag is None else t.tag.role,
+                 "text": self.tok.completion_text([], prompt, skip_special_tokens=False) if t is root
+                 else own_text(self.tok, t),
+                 "token_ids": prompt if t is root else list(t.tokens), "generated": len(t.generated),
                  "joined_into": t.joined_into.id if t.joined_into else None,
-                 "view": [[owner[id(s)], sh] for s, sh in t.view], "events": list(t.events),
+                 "view": [[owner[id(s)], sh] for s, sh in t.view if id(s) not in shared], "events": list(t.events),
                  # log-prob of each token it sampled (when SamplingParams.logprobs is set)
                  "logprobs": [d[tok] for tok, d in zip(t.generated, t.logprobs or [])]}
                 for t in threads]
@@ -279,7 +284,7 @@ class TreeRun(ProtocolRun):
         kept = self.params.include_stop_str_in_output and not (
             self.params.skip_special_tokens and ids and ids[-1] in self.tok.special_ids)
         shown = ids[:-1] if ids and last is not None and last.stop_token == ids[-1] and not kept else ids
-        ctx = self.tree.root.tokens  # (the text follows the prompt: Tokenizer.completion_text)
+        ctx = prompt  # (the text follows the prompt: Tokenizer.completion_text)
         text = self.tok.completion_text(ctx, shown, skip_special_tokens=False)
         if last is not None and last.stop_token is None and last.stop_text is not None:
             # a stop string: cut before it, as plain sampling
@@ -309,6 +314,7 @@ class TreeRun(ProtocolRun):
 class TagTreeProtocol(Protocol):
     """Base of tag-triggered tree protocols (see TreeRun)."""
     run_cls = None
+    shares_prompt_prefix = True  # (its threads read the prompt through forks of the root)
     HEADER_NUM: str | int = "1"  # a path header's {num}: the item number as the model wrote it (text)
 
     def __init__(self, tags, positions: str, limits: TreeLimits | None):
