@@ -344,7 +344,8 @@ class EngineCore:
         else:
             want = [i for i, t in enumerate(samplers) if t.logprobs is not None]
             entries = dict(zip(want, top_logprobs_rows(logprobs, want, [tokens[i] for i in want],
-                                                       [samplers[i].params.logprobs for i in want]))) if want else {}
+                                                       [samplers[i].params.logprobs for i in want],
+                                                       self.tokenizer.token_text))) if want else {}
             for i, t in enumerate(samplers):
                 t._lp_row = (logprobs, i)  # (its row by index: accept reads it only for a token not drawn here)
                 e = entries.get(i)
@@ -388,7 +389,8 @@ class EngineCore:
         lp = getattr(t, "_lp_row", None)
         if t.logprobs is not None and lp is not None:
             e = getattr(t, "_lp_entry", None)  # (step's, made for all its threads at once)
-            t.logprobs.append(e[1] if e is not None and e[0] == tok else top_logprobs(lp[0][lp[1]], tok, p.logprobs))
+            t.logprobs.append(e[1] if e is not None and e[0] == tok else
+                              top_logprobs(lp[0][lp[1]], tok, p.logprobs, self.tokenizer.token_text))
         t._lp_row = t._lp_entry = None
         eos = not p.ignore_eos and tok in self.eos_ids
         early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)

@@ -707,7 +707,7 @@ class LLM:
                 b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
                 logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
                 out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
-                                         [k] * (b - a))
+                                         [k] * (b - a), self.tokenizer.token_text)
         return out
 
     @contextlib.contextmanager

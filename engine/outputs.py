@@ -21,13 +21,14 @@ class RequestMetrics:
 
 class Logprob(float):
     """A token's log-prob: a float, with vLLM's ``Logprob`` fields ``.logprob`` (the same
-    value) and ``.rank`` (1: the most likely token of its position)."""
+    value), ``.rank`` (1: the most likely token of its position) and ``.decoded_token`` (the
+    token's text alone, special tokens spelled out, a SentencePiece word-start space kept)."""
 
-    __slots__ = ("rank",)  # (no per-object dict: a step with log-probs builds k + 1 of these a thread)
+    __slots__ = ("rank", "decoded_token")  # (no per-object dict: a step with log-probs builds k + 1 a thread)
 
-    def __new__(cls, value: float, rank: int | None = None):
+    def __new__(cls, value: float, rank: int | None = None, decoded_token: str | None = None):
         obj = float.__new__(cls, value)
-        obj.rank = rank
+        obj.rank, obj.decoded_token = rank, decoded_token
         return obj
 
     @property
@@ -35,10 +36,10 @@ class Logprob(float):
         return float(self)
 
     def __repr__(self) -> str:
-        return f"Logprob(logprob={float(self)!r}, rank={self.rank})"
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank}, decoded_token={self.decoded_token!r})"
 
     def __reduce__(self):
-        return (Logprob, (float(self), self.rank))
+        return (Logprob, (float(self), self.rank, self.decoded_token))
 
 
 @dataclass

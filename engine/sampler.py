@@ -370,21 +370,25 @@ def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
-def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int) -> dict[int, Logprob]:
+def _no_text(i: int) -> None:
+    return None
+
+
+def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int, text=_no_text) -> dict[int, Logprob]:
     """The ``k`` most likely tokens' log-probs and the chosen token's, each a Logprob (a
-    float with vLLM's .logprob and .rank)."""
+    float with vLLM's .logprob, .rank and .decoded_token: ``text(token id)``)."""
     out = {}
     if k > 0:
         vals, idx = torch.topk(logprobs_row, min(k, logprobs_row.numel()))
-        out = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist()))}
+        out = {i: Logprob(v, r + 1, text(i)) for r, (i, v) in enumerate(zip(idx.tolist(), vals.tolist()))}
     if chosen not in out:
         v = logprobs_row[chosen]
-        out[chosen] = Logprob(float(v), int((logprobs_row >= v).sum()))  # (ties count: vLLM v1's rank)
+        out[chosen] = Logprob(float(v), int((logprobs_row >= v).sum()), text(chosen))  # (ties count: vLLM v1's rank)
     return out
 
 
 def top_logprobs_rows(logprobs: torch.Tensor, rows: list[int], chosen: list[int],
-                      ks: list[int]) -> list[dict[int, Logprob]]:
+                      ks: list[int], text=_no_text) -> list[dict[int, Logprob]]:
     """``top_logprobs(logprobs[r], c, k)`` for each (r, c, k) of (rows, chosen, ks), in a few
     tensor calls for all of them (one topk per distinct k, one compare for the ranks) instead
     of a topk, an index and a compare per row (~10 us a row: a step's largest host cost with
@@ -403,8 +407,8 @@ def top_logprobs_rows(logprobs: torch.Tensor, rows: list[int], chosen: list[int]
     for k, js in by_k.items():
         vals, idx = torch.topk(_take_rows(sub, js), min(k, sub.shape[1]))
         for j, iv, vv in zip(js, idx.tolist(), vals.tolist()):
-            out[j] = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(zip(iv, vv))}
+            out[j] = {i: Logprob(v, r + 1, text(i)) for r, (i, v) in enumerate(zip(iv, vv))}
     for j, c in enumerate(chosen):
         if c not in out[j]:
-            out[j][c] = Logprob(cvals[j], ranks[j])  # (ties count: vLLM v1's rank)
+            out[j][c] = Logprob(cvals[j], ranks[j], text(c))  # (ties count: vLLM v1's rank)
     return out

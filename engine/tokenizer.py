@@ -203,6 +203,23 @@ class Tokenizer:
             self._one[key] = text
         return text
 
+    def token_text(self, i: int) -> str:
+        """Token ``i``'s text alone, as vLLM's Logprob.decoded_token: its decode, special
+        tokens spelled out, with the word-start spaces a SentencePiece vocabulary piece
+        begins with ("\u2581Hello": " Hello"; decoding it alone drops the first). Cached."""
+        key = (i, None)
+        text = self._one.get(key)
+        if text is None:
+            text = self.decode([i], skip_special_tokens=False)
+            piece = self._tok.id_to_token(i) or ""
+            marks = len(piece) - len(piece.lstrip("\u2581"))
+            if marks > len(text) - len(text.lstrip(" ")):
+                text = " " * (marks - (len(text) - len(text.lstrip(" ")))) + text
+            if len(self._one) >= self.ONE_CACHE:
+                self._one.clear()
+            self._one[key] = text
+        return text
+
     CONTEXT_TOKENS = 8  # tokens of context a continuation's text is decoded after (a character's
     #                     bytes may take 4 of them: see _context)
 

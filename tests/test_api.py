@@ -2712,6 +2712,39 @@ def test_headers_and_injected_text_get_no_word_start_space(tmp_path, model_dir, 
     assert eng.cache_stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("style", ["byte_level", "legacy", "metaspace"])
+def test_logprobs_name_their_tokens_as_vllm(tmp_path, model_dir, style):
+    """Each Logprob's .decoded_token is vLLM's: the token decoded alone, special tokens
+    spelled out, a SentencePiece piece's word-start space kept (decoding alone drops it),
+    in completions' and prompt log-probs, pickled too (it had no decoded_token)."""
+    import pickle
+    from transformers import AutoTokenizer
+    from engine import LLM
+    d = _copy_model(tmp_path, model_dir, f"lp_{style}", "qwen3")
+    V = read_json(os.path.join(d, "config.json"))["vocab_size"]
+    if style != "byte_level":
+        _sentencepiece_style_tokenizer(style, V).save(os.path.join(d, "tokenizer.json"))
+    eng = LLM(d, kv_cache_tokens=512)
+    hf = AutoTokenizer.from_pretrained(d)
+    out = eng.generate(["Hello world, say more"], SP(temperature=1.0, max_tokens=6, seed=2, logprobs=40,
+                                                    prompt_logprobs=40, ignore_eos=True))[0]
+    entries = [(i, lp) for d_ in out.outputs[0].logprobs + out.prompt_logprobs[1:] for i, lp in d_.items()]
+    assert len(entries) > 200
+    spaced = 0
+    for i, lp in entries:
+        want = hf.decode([i])
+        piece = hf.convert_ids_to_tokens(i)
+        if style != "byte_level" and piece.startswith("\u2581") and not want.startswith(" "):
+            want, spaced = " " + want, spaced + 1
+        assert lp.decoded_token == want, (i, piece, lp.decoded_token, want)
+    assert spaced > 0 or style == "byte_level"
+    eos = eng.eos_ids[0]
+    assert eng.tokenizer.token_text(eos) == hf.decode([eos]) != ""
+    back = pickle.loads(pickle.dumps(out.outputs[0].logprobs))
+    assert [{i: (e.logprob, e.rank, e.decoded_token) for i, e in d_.items()} for d_ in back] == \
+        [{i: (e.logprob, e.rank, e.decoded_token) for i, e in d_.items()} for d_ in out.outputs[0].logprobs]
+
+
 def test_context_tail_takes_the_last_tokens_of_the_view_in_order():
     """context_tail: the last k tokens of a thread's view, its own segment's last (own=False:
     the segments before it only), across segments, in order, no more than k."""
