@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from .runner import ModelRunner
-from .sampler import Penalties, apply_penalties, logit_processed, sample, top_logprobs, top_logprobs_rows
+from .sampler import Penalties, _no_text, apply_penalties, logit_processed, sample, top_logprobs, top_logprobs_rows
 from .sampling_params import SamplingParams
 from .step import StepBatch, StepItem
 from .threads import Thread, check_growable, effective_end, refresh_view
@@ -346,6 +346,10 @@ class EngineCore:
             entries = dict(zip(want, top_logprobs_rows(logprobs, want, [tokens[i] for i in want],
                                                        [samplers[i].params.logprobs for i in want],
                                                        self.tokenizer.token_text))) if want else {}
+            for i in want:  # (as vLLM: no decoded_token without detokenize)
+                if not samplers[i].params.detokenize:
+                    for e in entries[i].values():
+                        e.decoded_token = None
             for i, t in enumerate(samplers):
                 t._lp_row = (logprobs, i)  # (its row by index: accept reads it only for a token not drawn here)
                 e = entries.get(i)
@@ -390,7 +394,8 @@ class EngineCore:
         if t.logprobs is not None and lp is not None:
             e = getattr(t, "_lp_entry", None)  # (step's, made for all its threads at once)
             t.logprobs.append(e[1] if e is not None and e[0] == tok else
-                              top_logprobs(lp[0][lp[1]], tok, p.logprobs, self.tokenizer.token_text))
+                              top_logprobs(lp[0][lp[1]], tok, p.logprobs,
+                                           self.tokenizer.token_text if p.detokenize else _no_text))
         t._lp_row = t._lp_entry = None
         eos = not p.ignore_eos and tok in self.eos_ids
         early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)
@@ -425,6 +430,8 @@ class EngineCore:
         return True
 
     def text_of(self, t: Thread) -> str:
+        if not t.params.detokenize:  # (as vLLM: no text)
+            return ""
         if t.stop_text is not None:
             return t.stop_text
         return self.tokenizer.completion_text(t.text_context, t.generated, t.params.skip_special_tokens)

@@ -27,7 +27,7 @@ from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import DEFAULT_MAX_FORWARD_TOKENS, ModelRunner
-from .sampler import top_logprobs_rows
+from .sampler import _no_text, top_logprobs_rows
 from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
@@ -78,6 +78,8 @@ class _Streamer:
     def step(self):
         core = self.llm.core
         for i, r in enumerate(self.reqs):
+            if not r.params.detokenize:  # (no text to send)
+                continue
             for j, k in enumerate(getattr(r.run, "kids", None) or []):
                 st = self.state.get((i, j))
                 if st is None:
@@ -531,7 +533,7 @@ class LLM:
         ``stream(prompt_index, completion_index, text)``, plain sampling only: called after
         each step with the text each completion added (its pieces add up to the output's
         text; text that may still turn out to start a stop string is held back until it
-        does not). It runs inside the call and must not call the LLM; an exception from it
+        does not; none for SamplingParams(detokenize=False)). It runs inside the call and must not call the LLM; an exception from it
         ends the call as a Ctrl-C does."""
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
@@ -586,8 +588,8 @@ class LLM:
             self._next_id += 1
             reqs.append(req)
         # (before the requests: nothing else holds pages now; a pass of its own over each prompt)
-        plp = [None if r.params.prompt_logprobs is None else self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs)
-               for r in reqs]
+        plp = [None if r.params.prompt_logprobs is None else
+               self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs, r.params.detokenize) for r in reqs]
         shared = self._share_prefixes(reqs) if self.share_prompt_prefixes and protocol.shares_prompt_prefix else None
         try:
             outs = self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
@@ -691,7 +693,7 @@ class LLM:
     PROMPT_LOGPROBS_ROWS = 256  # _prompt_logprobs' rows a forward pass ([rows, vocab] logits at once)
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], k: int) -> list:
+    def _prompt_logprobs(self, ids: list[int], k: int, named: bool = True) -> list:
         """SamplingParams.prompt_logprobs of one prompt (vLLM's): None, then for each token
         after the first its Logprob after the tokens before it and the top-k there. The prompt
         but its last token is fed into a segment of its own in passes of PROMPT_LOGPROBS_ROWS
@@ -707,7 +709,7 @@ class LLM:
                 b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
                 logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
                 out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
-                                         [k] * (b - a), self.tokenizer.token_text)
+                                         [k] * (b - a), self.tokenizer.token_text if named else _no_text)
         return out
 
     @contextlib.contextmanager

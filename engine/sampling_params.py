@@ -60,6 +60,9 @@ class SamplingParams:
     # as vLLM: generate() keeps the prompt's last k token ids (-1: as many as the model's
     # context holds with one position to generate)
     truncate_prompt_tokens: int | None = None
+    # as vLLM: False leaves the outputs' text empty and log-probs' decoded_token None (no stop
+    # strings then: they are found in the text)
+    detokenize: bool = True
 
     def __post_init__(self):
         self.verify()
@@ -109,9 +112,12 @@ class SamplingParams:
             bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be a list of non-negative token ids")
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
+        if not self.detokenize and self.stop:
+            bad("detokenize", f"with stop={self.stop!r}: stop strings are found in the text, as in vLLM; "
+                "use detokenize=True, or stop_token_ids")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be None or an integer")
         if self.seed == -1:  # (as vLLM: no seed)
@@ -178,7 +184,6 @@ _VLLM_ONLY = {
     "best_of": (None, "n samples, selected by a protocol: engine.protocols.ParallelSampling(n, select=...)"),
     "use_beam_search": (False, "n samples with a protocol (engine.protocols)"),
     "spaces_between_special_tokens": (True, "llm.tokenizer.decode(output.token_ids, ...)"),
-    "detokenize": (True, "the text costs little next to a step; ignore output.text"),
     "logits_processors": (None, "not supported"),
     "guided_decoding": (None, "not supported"),
     "structured_outputs": (None, "not supported"),

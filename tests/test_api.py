@@ -121,13 +121,44 @@ def test_vllm_fields_loom_lacks():
     # (empty lists / dicts are no-ops, as in vLLM)
     assert SP(bad_words=[], logits_processors=[], extra_args={}) == SP() == SP(logit_bias={})
     for kw, instead in ((dict(use_beam_search=True), r"n samples with a protocol"),
-                        (dict(best_of=3), "ParallelSampling"), (dict(detokenize=False), "ignore output.text"),
+                        (dict(best_of=3), "ParallelSampling"),
                         (dict(logits_processors=[abs]), "not supported"), (dict(extra_args={"k": 1}), "not supported")):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=rf"Loom does not support vLLM's {name} \(.*{instead}"):
             SP(**kw)
     with pytest.raises(TypeError, match="SamplingParams has no field tempreature; its fields: n, temperature"):
         SP(tempreature=0.5)
+
+
+def test_detokenize_false_as_vllm(llm, baseline):
+    """SamplingParams(detokenize=False), as vLLM: the same tokens and log-probs, no text (empty
+    outputs' text, decoded_token None, nothing streamed); refused with stop strings (found in
+    the text) and by the tree protocols (their tags are text). It was refused outright."""
+    from engine.protocols import Multiverse
+    ids = baseline[0]
+    kw = dict(n=2, temperature=1.0, max_tokens=6, seed=4, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    want, got = (llm.generate([ids], SP(**kw, detokenize=d))[0] for d in (True, False))
+    assert want.outputs[0].text and all(o.text == "" for o in got.outputs)
+    for a, b in zip(want.outputs, got.outputs):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert [{i: float(e) for i, e in d.items()} for d in a.logprobs] == \
+            [{i: float(e) for i, e in d.items()} for d in b.logprobs]
+        assert all(e.decoded_token is None for d in b.logprobs for e in d.values())
+        assert all(e.decoded_token is not None for d in a.logprobs for e in d.values())
+    assert all(e.decoded_token is None for d in got.prompt_logprobs[1:] for e in d.values())
+    sent = []
+    out = llm.generate([ids], SP(max_tokens=4, detokenize=False), stream=lambda *a: sent.append(a))
+    assert sent == [] and out[0].outputs[0].text == "" and len(out[0].outputs[0].token_ids) >= 1
+    with llm.session(ids) as s:
+        assert s.generate([s.root], SP(temperature=0.0, max_tokens=3, detokenize=False))[0].text == ""
+    with pytest.raises(ValueError, match=r"SamplingParams\.detokenize=False .*stop strings are found in the text"):
+        SP(detokenize=False, stop=["x"])
+    assert SP(detokenize=False, stop_token_ids=[3]).stop_token_ids == [3]
+    with pytest.raises(ValueError, match=r"Multiverse reads its threads' text .*detokenize=False"):
+        llm.generate([ids], SP(max_tokens=4, detokenize=False), protocol=Multiverse())
+    with pytest.raises(ValueError, match=r"SamplingParams\.detokenize="):
+        SP(detokenize="no")
+    assert_still_works(llm, baseline)
 
 
 def test_sampling_params_range_ends_and_vllm_defaults():

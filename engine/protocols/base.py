@@ -92,6 +92,9 @@ def one_output_only(protocol: Protocol, params: SamplingParams, threads: str) ->
         raise ValueError(f"{type(protocol).__name__} gives one output per prompt ({threads}); "
                          f"SamplingParams(n={params.n}) asks for {params.n}: pass n=1, or the prompt "
                          f"{params.n} times.")
+    if not params.detokenize:  # (its tags and its output are text)
+        raise ValueError(f"{type(protocol).__name__} reads its threads' text (tags, headers) and gives its output "
+                         "as text; SamplingParams(detokenize=False) is for plain sampling: leave it True.")
 
 
 class ProtocolRun:
