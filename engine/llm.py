@@ -14,6 +14,7 @@ import sys
 import threading
 import weakref
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -464,20 +465,37 @@ class LLM:
         prompts = _as_list(prompts)
         if isinstance(prompts, (list, tuple)):  # (a 0-d tensor's id as an int: list(torch.tensor(ids)))
             prompts = [_as_list(x) for x in prompts]
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, Mapping)):
             prompts = [prompts]
         elif isinstance(prompts, (list, tuple)) and prompts and all(_is_int(x) for x in prompts):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists.")
+            raise ValueError("prompts must be a string, a list of strings, or a list of token-id lists (or of "
+                             "vLLM's prompt dicts: {'prompt': text}, {'prompt_token_ids': ids}).")
         out = []
         for p in prompts:
+            text = None
+            if isinstance(p, Mapping):  # vLLM's TextPrompt {"prompt": ...} / TokensPrompt {"prompt_token_ids": ...}
+                other = sorted(str(k) for k, v in p.items() if k not in ("prompt", "prompt_token_ids") and v is not None)
+                if other:
+                    raise ValueError(f"A prompt dict's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not "
+                                     "supported; Loom takes {'prompt': text} or {'prompt_token_ids': ids} (vLLM's "
+                                     "TextPrompt / TokensPrompt), text-only.")
+                if p.get("prompt_token_ids") is not None:
+                    text, p = p.get("prompt"), _as_list(p["prompt_token_ids"])
+                    if text is not None and not isinstance(text, str):
+                        raise ValueError(f"A prompt dict's 'prompt' must be its text, got {type(text).__name__}.")
+                elif isinstance(p.get("prompt"), str):
+                    p = p["prompt"]
+                else:
+                    raise ValueError(f"A prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (token ids); "
+                                     f"got {p!r:.80}.")
             if isinstance(p, (list, tuple)):
                 p = [_as_list(x) for x in p]
             if isinstance(p, str):
                 out.append((p, self.tokenizer.encode(p)))
             elif isinstance(p, (list, tuple)) and all(_is_int(x) for x in p):
-                out.append((None, [int(x) for x in p]))
+                out.append((text, [int(x) for x in p]))
             else:
                 raise ValueError(f"Prompt {p!r:.60} is neither a string nor a list of token ids.")
         V = self.config.vocab_size
@@ -823,8 +841,8 @@ class LLM:
         """A programmable thread tree over ``prompt`` (str or token ids); see engine.session."""
         from .session import Session
         prompt = _as_list(prompt)
-        if not isinstance(prompt, (str, list, tuple)):
-            raise ValueError(f"session() takes a prompt (a string or a list of token ids), got "
+        if not isinstance(prompt, (str, list, tuple, Mapping)):
+            raise ValueError(f"session() takes a prompt (a string, a list of token ids or a vLLM prompt dict), got "
                              f"{type(prompt).__name__}.")
         (text, ids), = self._normalize_prompts([prompt])
         self._check_prompt_len(len(ids))

@@ -111,6 +111,37 @@ def test_sampling_params_valid_edges():
     assert (type(sp.temperature), type(sp.n), type(sp.seed), type(sp.stop_token_ids[0])) == (float, int, int, int)
 
 
+def test_vllm_prompt_dicts(llm, baseline):
+    """vLLM's TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids} (its text,
+    if given, the output's prompt), alone or in a list with other forms, in generate, score and
+    session; keys for inputs Loom lacks refused by name (a None value ignored). They were
+    refused as 'neither a string nor a list of token ids'."""
+    ids = baseline[0]
+    text = llm.tokenizer.decode(ids)
+    assert llm.tokenizer.encode(text) == ids
+    want = llm.generate([ids], greedy(5))[0].outputs[0].token_ids
+    outs = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}, {"prompt_token_ids": tuple(ids), "prompt": "named"},
+                         text, {"prompt": text, "multi_modal_data": None}], greedy(5))
+    assert [o.outputs[0].token_ids for o in outs] == [want] * 5
+    assert [o.prompt for o in outs] == [text, None, "named", text, text]
+    assert all(o.prompt_token_ids == ids for o in outs)
+    assert llm.generate({"prompt_token_ids": ids}, greedy(5))[0].outputs[0].token_ids == want
+    ref = llm.score(ids)[0]
+    assert all(torch.equal(g, ref) for g in llm.score([{"prompt_token_ids": ids}, {"prompt": text}]))
+    with llm.session({"prompt_token_ids": ids}) as s:
+        assert s.root.token_ids == ids
+    for bad, msg in (({"prompt": text, "multi_modal_data": {"image": 1}}, r"prompt dict's multi_modal_data is not supported"),
+                     ({"prompt_embeds": [1.0], "cache_salt": "x"}, r"prompt dict's cache_salt, prompt_embeds are not"),
+                     ({"text": text}, r"prompt dict's text is not supported"),
+                     ({}, r"prompt dict needs 'prompt' \(a string\) or 'prompt_token_ids'"),
+                     ({"prompt": ids}, r"prompt dict needs 'prompt' \(a string\)"),
+                     ({"prompt_token_ids": ids, "prompt": 3}, r"'prompt' must be its text, got int"),
+                     ({"prompt_token_ids": [1.5]}, r"neither a string nor a list of token ids")):
+        with pytest.raises(ValueError, match=msg):
+            llm.generate([bad], greedy(2))
+    assert_still_works(llm, baseline)
+
+
 def test_vllm_fields_loom_lacks():
     """vLLM's fields that Loom does not have: accepted at the value that is Loom's behaviour
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
