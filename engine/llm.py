@@ -104,6 +104,16 @@ class _Streamer:
                     self.fn(i, j, piece)
 
 
+def _vllm_extras(lora_request, priority):
+    """vLLM's generate() / chat() arguments Loom has no use for: taken at their no-op values."""
+    if lora_request is not None:
+        raise ValueError("lora_request: Loom does not load LoRA adapters; merge the adapter into the "
+                         "weights (e.g. peft's merge_and_unload) and load that checkpoint.")
+    if priority is not None and (not isinstance(priority, (list, tuple)) or any(p != 0 for p in priority)):
+        raise ValueError(f"priority={priority!r}: Loom schedules first come, first served; leave it None "
+                         "(or all 0).")
+
+
 def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
     """How many first tokens ``a`` and ``b`` share, at most ``cap``: slices compared (in C)
     over growing steps, then halved, not a Python loop over tokens."""
@@ -542,7 +552,8 @@ class LLM:
     # ---- generate --------------------------------------------------------------------------
     @serialized
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False, protocol: Protocol | None = None, stream=None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, protocol: Protocol | None = None, stream=None,
+                 lora_request=None, priority: list[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; all threads of all prompts advance in one batched
         forward pass per step. ``protocol`` (engine.protocols) drives each request's
         threads; the default is plain parallel sampling of ``n`` completions. No prompts
@@ -551,8 +562,10 @@ class LLM:
         ``stream(prompt_index, completion_index, text)``, plain sampling only: called after
         each step with the text each completion added (its pieces add up to the output's
         text; text that may still turn out to start a stop string is held back until it
-        does not; none for SamplingParams(detokenize=False)). It runs inside the call and must not call the LLM; an exception from it
-        ends the call as a Ctrl-C does."""
+        does not; none for SamplingParams(detokenize=False)). It runs inside the call and
+        must not call the LLM; an exception from it ends the call as a Ctrl-C does.
+        ``lora_request`` / ``priority``: vLLM's, taken at None (and priorities of 0)."""
+        _vllm_extras(lora_request, priority)
         if isinstance(prompts, (list, tuple)) and not prompts:
             return []
         items = self._normalize_prompts(prompts)
@@ -776,7 +789,8 @@ class LLM:
              add_generation_prompt: bool = True, protocol: Protocol | None = None,
              chat_template_kwargs: dict | None = None, stream=None, tools: list[dict] | None = None,
              documents: list[dict] | None = None, continue_final_message: bool = False,
-             chat_template: str | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, lora_request=None,
+             priority: list[int] | None = None) -> list[RequestOutput]:
         """Generate for a conversation (a list of ``{"role", "content"}`` dicts) or a list of
         conversations, each rendered by the model's chat template; ``protocol`` as in
         generate() (the rendered conversation is the prompt as it is: Hogwild's
@@ -785,7 +799,9 @@ class LLM:
         ``{"enable_thinking": False}``); ``tools`` (JSON schemas) and ``documents``: the
         template's; ``continue_final_message=True`` (with ``add_generation_prompt=False``):
         the model continues the last message; ``chat_template``: a template's text or the name
-        of one of the model's, instead of its default; ``stream`` as in generate()."""
+        of one of the model's, instead of its default; ``stream``, ``lora_request`` and
+        ``priority`` as in generate()."""
+        _vllm_extras(lora_request, priority)
         if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
             convs = [messages]
         elif isinstance(messages, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in messages):
@@ -835,6 +851,11 @@ class LLM:
                 batch = StepBatch([StepItem(seg, ids, [(seg, 0)], all_logits=True)])
                 outs.append(_log_softmax_(self.runner.run(batch)))
         return outs
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, as vLLM's ``LLM.get_tokenizer()``: Loom's own (encode, decode,
+        apply_chat_template as transformers' with tokenize=False / True), not a transformers one."""
+        return self.tokenizer
 
     @serialized
     def session(self, prompt) -> "Session":

@@ -331,14 +331,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
                             documents: list[dict] | None = None, continue_final_message: bool = False,
-                            chat_template: str | None = None) -> str:
+                            chat_template: str | None = None, tokenize: bool = False) -> str | list[int]:
         """The conversation rendered by the model's chat template (as transformers'
-        ``apply_chat_template(..., tokenize=False)``). ``chat_template_kwargs`` are more
+        ``apply_chat_template(..., tokenize=False)``; ``tokenize=True``: its token ids, encoded
+        without special tokens added, as transformers encodes it). ``chat_template_kwargs`` are more
         variables for the template (e.g. Qwen3's ``{"enable_thinking": False}``); ``tools``
         (JSON-schema dicts) and ``documents`` (dicts) are the template's ``tools`` /
         ``documents``; ``continue_final_message`` ends the text inside the last message (the
         model continues it: needs add_generation_prompt=False); ``chat_template`` replaces the
         model's template (its text, or the name of one of the model's named templates)."""
+        if not isinstance(tokenize, bool):
+            raise ValueError(f"tokenize={tokenize!r} must be True (token ids) or False (text).")
         kwargs = {} if chat_template_kwargs is None else chat_template_kwargs
         kwargs = dict(kwargs) if isinstance(kwargs, dict) else kwargs
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
@@ -410,7 +413,7 @@ class Tokenizer:
                 raise ValueError("continue_final_message=True but the chat template does not render the last "
                                  "message's content (or changes it); it cannot be continued with this template.")
             out = out[:j] if out[j:j + len(tag)] == tag else out[:j].rstrip()
-        return out
+        return self.encode(out, add_special_tokens=False) if tokenize else out
 
     @staticmethod
     def _tag_final_message(messages: list[dict], tag: str) -> tuple[list[dict], str]:

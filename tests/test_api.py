@@ -142,6 +142,29 @@ def test_vllm_prompt_dicts(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_vllm_llm_extras(llm, baseline):
+    """vLLM's LLM.get_tokenizer(), generate / chat's lora_request and priority at their no-op
+    values (a TypeError before), refused otherwise; the tokenizer's apply_chat_template takes
+    transformers' tokenize=False / True (a TypeError before)."""
+    ids = baseline[0]
+    tok = llm.get_tokenizer()
+    assert tok is llm.tokenizer and tok.decode(tok.encode("hi there", add_special_tokens=False)) == "hi there"
+    want = llm.generate([ids], greedy(3))[0].outputs[0].token_ids
+    assert llm.generate([ids], greedy(3), lora_request=None, priority=[0])[0].outputs[0].token_ids == want
+    msgs = [{"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == tok.apply_chat_template(msgs)
+    assert tok.apply_chat_template(msgs, tokenize=True) == tok.encode(text, add_special_tokens=False)
+    assert llm.chat(msgs, greedy(2), lora_request=None)[0].prompt == text
+    with pytest.raises(ValueError, match="tokenize='yes' must be True"):
+        tok.apply_chat_template(msgs, tokenize="yes")
+    with pytest.raises(ValueError, match="lora_request: Loom does not load LoRA adapters"):
+        llm.generate([ids], greedy(2), lora_request=object())
+    with pytest.raises(ValueError, match=r"priority=\[1\]: Loom schedules first come, first served"):
+        llm.chat(msgs, greedy(2), priority=[1])
+    assert_still_works(llm, baseline)
+
+
 def test_vllm_fields_loom_lacks():
     """vLLM's fields that Loom does not have: accepted at the value that is Loom's behaviour
     (code spelling vLLM's defaults runs unchanged), else one ValueError saying what to do
