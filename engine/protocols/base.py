@@ -86,8 +86,8 @@ def min_tokens_owed(params: SamplingParams, done: int) -> SamplingParams:
 
 
 def one_output_only(protocol: Protocol, params: SamplingParams, threads: str) -> None:
-    """For protocols whose request is one tree with one output: ``n`` would be silently
-    ignored, so it is refused."""
+    """For protocols whose request is one tree with one text output: ``n`` would be silently
+    ignored, so it is refused; so is ``detokenize=False`` (they read their threads' text)."""
     if params.n != 1:
         raise ValueError(f"{type(protocol).__name__} gives one output per prompt ({threads}); "
                          f"SamplingParams(n={params.n}) asks for {params.n}: pass n=1, or the prompt "
