@@ -59,6 +59,8 @@ class Thread:
     tag: object = None                        # free slot for the protocol driving it
     live: "list[Thread] | None" = None        # live view: these threads' segments, laid out
                                               # one after another, then its own (Hogwild!)
+    lead: tuple = ()                          # segments its text begins with before its own, which a
+                                              # live view of it reads too (a root's shared prompt prefix)
 
     @property
     def end(self) -> int:
@@ -144,6 +146,7 @@ class ThreadTree:
         self._prefix = [s for s, _ in prefix]
         self.root = self._new_thread(base, list(prefix), None, list(prompt_ids[base:]),
                                      what=f"The {len(prompt_ids)}-token prompt")
+        self.root.lead = tuple(self._prefix)
         return self.root
 
     @property
@@ -239,7 +242,7 @@ class ThreadTree:
             raise ValueError("spawn() needs a non-empty header unless the view is just the root.")
         self._check_view(view)
         base = layout_end(view)
-        th = self._new_thread(base, [(u.seg, 0) for u in view],
+        th = self._new_thread(base, [(s, 0) for s in _lead(view)] + [(u.seg, 0) for u in view],
                               self.root if not header else None, list(header), "The spawned thread's header")
         th.live = list(view)
         refresh_view(th)
@@ -258,18 +261,25 @@ class ThreadTree:
                              "tokens into it before changing its view.")
         self._check_room(layout_end(view) + len(th.tokens), len(th.tokens),
                          f"The new view of thread {th.id} (laid out, then its {len(th.tokens)} tokens)")
+        lead = _lead(view)
+        for s in lead:
+            self.cache.retain(s)
         for u in view:
             self.cache.retain(u.seg)
         for s, _ in th.view[:-1]:
             self.cache.release_segment(s)
         th.live = list(view)
-        th.view = tuple((u.seg, 0) for u in view) + ((th.seg, 0),)
+        th.view = tuple((s, 0) for s in lead) + tuple((u.seg, 0) for u in view) + ((th.seg, 0),)
         refresh_view(th)
 
     def _check_view(self, view: list[Thread]):
-        """A live view names open threads, each once."""
+        """A live view names open threads, each once (a thread whose text begins in segments
+        before its own, a root reading a shared prompt prefix, first: laid out from its start)."""
         if len({u.id for u in view}) != len(view):
             raise ValueError("a view names the same thread twice.")
+        if any(u.lead for u in view[1:]):
+            raise ValueError("a thread reading a shared prompt prefix (the root of a request sharing one) must "
+                             "come first in a live view.")
         for u in view:
             self._check_open(u)
 
@@ -410,6 +420,11 @@ def check_growable(t: Thread):
                          "cannot take more tokens; to continue its text, fork one more child of it.")
 
 
+def _lead(view: list[Thread]) -> tuple:
+    """The segments a live view reads before its first thread's own: that thread's lead."""
+    return view[0].lead if view else ()
+
+
 def layout_end(view: list[Thread]) -> int:
     """Where a live view laid out ends once this step's pending tokens are written: each viewed
     thread counts what its segment will hold (an open thread: its tokens; a closed one: its
@@ -435,4 +450,6 @@ def refresh_view(t: Thread):
         starts.append(pos)
         pos += u.seg.length if u.closed else len(u.tokens)  # (as layout_end counts it)
     own = pos - t.seg.base
-    t.view = tuple([(u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)]) + ((t.seg, 0),)
+    # (the first thread's lead sits before it at home positions, as that thread does: its shift)
+    lead = tuple((s, -own) for s in _lead(t.live))
+    t.view = lead + tuple([(u.seg, st - u.seg.base - own) for u, st in zip(t.live, starts)]) + ((t.seg, 0),)

@@ -1058,3 +1058,36 @@ def test_live_threads_that_see_each_other_generate(make_llm):
         outs = s.generate([a, b], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         assert [len(o.token_ids) for o in outs] == [2, 2]
     assert llm.cache_stats()["pages_used"] == 0
+
+
+def test_live_views_of_a_root_reading_a_shared_prefix():
+    """A root whose prompt begins in shared prefix segments (LLM._share_prefixes): a live view
+    starting with it reads those segments first, at the root's shift, and holds them while it
+    does (spawn, set_view, drop_view); a view naming it later than first is refused (its
+    layout would not include the prefix)."""
+    cache = KVCache(1, 8, 4, 1, 2, torch.float32, "cpu")
+    p1, p2 = cache.new_segment(0), cache.new_segment(5)
+    p1.tokens, p2.tokens = [1, 2, 3, 4, 5], [6, 7]
+    p1.length, p2.length = 5, 2  # (as if written: tree verbs take no pages)
+    tree = ThreadTree(cache)
+    root = tree.new_root(list(range(1, 8)) + [8, 9], ((p1, 0), (p2, 0)))
+    assert root.lead == (p1, p2) and root.seg.base == 7 and tree.prompt_ids() == list(range(1, 10))
+    a = tree.spawn([root], [20])
+    assert a.seg.base == 9 and [s for s, _ in a.view] == [p1, p2, root.seg, a.seg]
+    assert [sh for _, sh in a.view] == [0, 0, 0, 0]
+    b = tree.spawn([root, a], [30, 31])
+    tree.inject(a, [21])  # (a grows: b's view lays it out longer, its own tokens later)
+    from engine.threads import refresh_view
+    refresh_view(b)
+    assert [s for s, _ in b.view] == [p1, p2, root.seg, a.seg, b.seg]
+    own = 9 + 2 - b.seg.base  # (the layout's end, prompt then a's two tokens, against b's home)
+    assert [sh for _, sh in b.view][:4] == [-own, -own, -own, -own]
+    refs = (p1.refs, p2.refs)
+    tree.set_view(b, [root])
+    assert (p1.refs, p2.refs) == refs and [s for s, _ in b.view] == [p1, p2, root.seg, b.seg]
+    with pytest.raises(ValueError, match="reading a shared prompt prefix .* must come first in a live view"):
+        tree.set_view(b, [a, root])
+    b.finish_reason = "stop"
+    b.pending.clear()
+    tree.drop_view(b)
+    assert (p1.refs, p2.refs) == (refs[0] - 1, refs[1] - 1)

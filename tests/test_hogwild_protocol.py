@@ -141,6 +141,41 @@ def test_combined_layout_commits_and_compaction_are_exact(make_llm, workers):
             assert abs(lp[pos - 1, tok].item() - got) < 1e-4, k
 
 
+def test_requests_sharing_a_prompt_prefix_commit_and_compact_as_alone(make_llm):
+    """Requests whose prompts begin alike read the shared beginning through their root's lead
+    segments (LLM._share_prefixes): the workers' live views lay them out first, through steps,
+    commits and compactions; the same text, tokens and log-probs as each writing its own."""
+    llm = make_llm("qwen3", page_size=4, attention_backend="cpu")
+    V = llm.config.vocab_size
+    system = random_ids(40, V, 11)
+    prompts = [system + random_ids(5, V, 12), system + random_ids(3, V, 13), random_ids(9, V, 5), system]
+    p = SamplingParams(temperature=0, max_tokens=40, logprobs=0, ignore_eos=True)
+    runs = {}
+    for share in (False, True):
+        llm.share_prompt_prefixes = share
+        scripts = {n: llm.tokenizer.encode(SCRIPTS[n], add_special_tokens=False) for n in ("Alice", "Bob")}
+        typed = {}  # (request's root, worker) -> tokens typed: each request's workers type their scripts
+
+        def src(threads):
+            names = [next(n for n in scripts if n in llm.tokenizer.decode(t.tokens[:t.header_len])) for t in threads]
+            return [_typed(typed, {(id(t.live[0]), n): scripts[n]}, (id(t.live[0]), n)) for t, n in zip(threads, names)]
+        llm.core.token_source = src
+        try:
+            runs[share] = llm.generate(prompts, p, protocol=Hogwild(workers=2, compact_after=4, finisher=False,
+                                                                    stop_on_answer=False, collab_prompt=None))
+        finally:
+            llm.core.token_source, llm.share_prompt_prefixes = None, True
+        assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
+    assert [o.metrics.shared_prompt_tokens for o in runs[True]] == [39, 39, 0, 39]  # (the 40-token prompt keeps its last token)
+    for a, b in zip(runs[False], runs[True]):
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.text, x.token_ids, x.events, x.metrics) == (y.text, y.token_ids, y.events, y.metrics)
+        for u, v in zip(x.workers, y.workers):
+            assert (u["token_ids"], u["text"]) == (v["token_ids"], v["text"])
+            assert max(abs(s - t) for s, t in zip(u["logprobs"], v["logprobs"])) < 1e-4
+    assert all(o.outputs[0].metrics["compactions"] > 0 for o in runs[True])
+
+
 def test_a_worker_that_ends_early_leaves_the_others_running(make_llm):
     """Alice ends (EOS) after one step while Bob goes on committing steps. Her last step
     joins the history once; it used to stay among the live threads too, so Bob's next view

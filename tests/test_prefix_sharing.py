@@ -55,6 +55,14 @@ def _run(llm, prompts, sp, share: bool):
         llm.share_prompt_prefixes = True
 
 
+def _run_proto(llm, prompts, sp, share: bool, protocol):
+    llm.share_prompt_prefixes = share
+    try:
+        return llm.generate(prompts, sp, protocol=protocol)
+    finally:
+        llm.share_prompt_prefixes = True
+
+
 def _assert_same(a, b, tol=1e-4):
     for x, y in zip(a, b):
         assert x.prompt_token_ids == y.prompt_token_ids
@@ -96,14 +104,48 @@ def test_shared_prefixes_give_the_same_tokens(llm, monkeypatch):
     _assert_same(_run(llm, prompts, sampled, share=False), _run(llm, prompts, sampled, share=True))
 
 
-def test_only_plain_sampling_shares(llm, monkeypatch):
-    """Protocols that read the prompt by other means than forks of the root (Hogwild's live
-    views) write their own prompts. (Fork/join trees share: tests/test_protocols.py.)"""
+@pytest.mark.parametrize("layout", ["combined", "contiguous"])
+def test_hogwild_shares_with_the_same_outputs(llm, monkeypatch, layout):
+    """Hogwild!'s workers read the prompt through live views of the root: a root reading a
+    shared prefix is laid out from the prefix's start (ThreadTree.spawn / set_view put the
+    root's lead segments first), so its outputs are those of each request alone; fewer
+    tokens fed. (It wrote its own prompts.)"""
     from engine.protocols import Hogwild
+    prompts = _prompts()
+    sp = SP(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
+    log = _fed(llm, monkeypatch)
+
+    def call(share):
+        log.clear()
+        out = _run_proto(llm, prompts, sp, share, Hogwild(workers=2, layout=layout, collab_prompt=None,
+                                                          compact_after=4))
+        return out, sum(len(t) for step in log for t, _ in step)
+    (alone, fed_alone), (shared, fed_shared) = call(False), call(True)
+    assert [o.metrics.shared_prompt_tokens for o in shared] == [50, 89, 0, 89, 89, 89, 19, 0]
+    assert fed_alone - fed_shared == sum(len(p) for p in prompts) - (19 + 31 + 39) - (5 + 4 + 30 + 8 + 1 + 1 + 1 + 19)
+    for a, b in zip(alone, shared):
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.text, x.token_ids, x.events, x.answer) == (y.text, y.token_ids, y.events, y.answer)
+        assert x.metrics == y.metrics and x.metrics["steps_committed"] >= 2
+        for u, v in zip(x.workers, y.workers):
+            assert (u["token_ids"], u["text"], u["steps"]) == (v["token_ids"], v["text"], v["steps"])
+            assert all(abs(p - q) < 1e-4 for p, q in zip(u["logprobs"], v["logprobs"]))
+    stats = llm.cache_stats()
+    assert stats["pages_used"] == 0 and stats["segments"] == 0 and stats["pages_reserved"] == 0
+
+
+def test_a_protocol_that_does_not_say_it_shares_writes_its_own_prompts(llm, monkeypatch):
+    """Protocol.shares_prompt_prefix False (a custom protocol's default): each request writes
+    its whole prompt."""
+    from engine.protocols import ParallelSampling
+
+    class Own(ParallelSampling):
+        shares_prompt_prefix = False
     prompts = _prompts()[:2]
     log = _fed(llm, monkeypatch)
-    llm.generate(prompts, SP(temperature=0.0, max_tokens=4), protocol=Hogwild(workers=2, collab_prompt=None))
+    out = llm.generate(prompts, SP(temperature=0.0, max_tokens=4), protocol=Own())
     assert sum(len(t) for t, _ in log[0]) >= sum(len(p) for p in prompts)
+    assert [o.metrics.shared_prompt_tokens for o in out] == [0, 0]
     assert llm.cache_stats()["pages_used"] == 0
 
 

@@ -22,10 +22,11 @@ from ..threads import Thread, ThreadTree
 
 class Protocol:
     name = "protocol"
-    # True: a request's threads read its prompt only through the root's view (forks of the
-    # root), and pages_needed counts the prompt as pages_for(prompt_len) of the root's own
-    # segment; LLM.generate may then write a prompt prefix that several requests share once,
-    # in segments the roots' views start with (ParallelSampling, the fork/join TagTreeProtocols)
+    # True: a request's threads read its prompt only through the root (forks of it, live views
+    # starting with it: ThreadTree.spawn), and pages_needed counts the prompt as
+    # pages_for(prompt_len) of the root's own segment; LLM.generate may then write a prompt
+    # prefix that several requests share once, in segments the roots' views start with (every
+    # built-in protocol; False, a custom protocol's default: each request writes its prompt)
     shares_prompt_prefix = False
 
     def pages_needed(self, cache, prompt_len: int, params: SamplingParams, max_positions: int) -> int:

@@ -99,6 +99,7 @@ class Hogwild(Protocol):
     output per prompt: its text (the steps in commit order), ``.answer``, ``.workers``,
     ``.events`` (commits) and ``.metrics``."""
     name = "hogwild"
+    shares_prompt_prefix = True  # (live views read the root's shared prefix before it: ThreadTree.spawn)
 
     def __init__(self, workers: int = 2, layout: str = "combined", names: list[str] | None = None,
                  header: str = "{name}: ", collab_prompt: str | None = COLLAB_PROMPT,
@@ -345,7 +346,7 @@ class HogwildRun(ProtocolRun):
     def _finish(self):
         # (the output's text as outputs() reads it: decoded alone, an invalid byte-fallback byte
         # before a worker's closing brace hid the answer that ended the collaboration)
-        transcript = self.tok.completion_text(self.tree.root.tokens, [x for _, t in self.commits for x in t.tokens],
+        transcript = self.tok.completion_text(self.tree.prompt_ids(), [x for _, t in self.commits for x in t.tokens],
                                               skip_special_tokens=False)
         if not self.proto.finisher or last_boxed(transcript) is not None:
             return
@@ -393,7 +394,7 @@ class HogwildRun(ProtocolRun):
         if self.finisher is not None:
             order.append(self.finisher)
         ids = [x for t in order for x in t.tokens]
-        text = self.tok.completion_text(self.tree.root.tokens, ids, skip_special_tokens=False)  # (after the prompt)
+        text = self.tok.completion_text(self.tree.prompt_ids(), ids, skip_special_tokens=False)  # (after the prompt)
         answer = last_boxed(text)
         if answer is None and self.finisher is not None and self.finisher.generated:
             # (cut before its closing brace: the text ends with the finisher's, read as it reads)
@@ -401,7 +402,7 @@ class HogwildRun(ProtocolRun):
         # a worker's text is read after the prompt, as the output's: decoded alone, a SentencePiece
         # decoder stripped its first space (header " {name}:" read "Alice:" against " Alice:")
         workers = [{"name": w.name, "token_ids": [x for s in w.steps for x in s.tokens],
-                    "text": self.tok.completion_text(self.tree.root.tokens, [x for s in w.steps for x in s.tokens],
+                    "text": self.tok.completion_text(self.tree.prompt_ids(), [x for s in w.steps for x in s.tokens],
                                                      skip_special_tokens=False),
                     "steps": len(w.steps), "generated": w.generated,
                     # log-prob of each sampled token (when SamplingParams.logprobs is set)
