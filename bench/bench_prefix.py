@@ -6,10 +6,12 @@ own (random ids), sampled --new-tokens each (EOS ignored, seeded), in one ``gene
 with ``LLM.share_prompt_prefixes`` on (the preamble written once, read once per step for
 all requests) and off (each request writes and reads its whole prompt). The two settings
 alternate; median seconds of the call, the tokens it fed (prefill + decode), its peak KV
-pages, and whether both gave the same tokens.
+pages, and whether both gave the same tokens. ``--protocol hogwild``: each request is a
+Hogwild! collaboration of two workers (--new-tokens each), which read the prompt through
+live views.
 
     python bench/bench_prefix.py [--prefix-len 1024] [--own-len 16] [--requests 8]
-                                 [--new-tokens 32] [--repeats 3]
+                                 [--new-tokens 32] [--repeats 3] [--protocol sampling|hogwild]
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.demo import make_random_model  # noqa: E402
 
 
-def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, share: bool):
+def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, share: bool, protocol=None):
     """(seconds, tokens fed, peak KV pages used, the tokens) of one generate call."""
     llm.share_prompt_prefixes = share
     fed, peak, run_ = [0], [0], llm.runner.run
@@ -43,7 +45,7 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, share: bool)
     llm.runner.run = counting
     try:
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, protocol=protocol)
         dt = time.perf_counter() - t0
     finally:
         del llm.runner.run
@@ -58,7 +60,10 @@ def main():
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--protocol", choices=["sampling", "hogwild"], default="sampling")
     a = ap.parse_args()
+    from engine.protocols import Hogwild
+    make = (lambda: Hogwild(workers=2, collab_prompt=None, finisher=False)) if a.protocol == "hogwild" else (lambda: None)
     print(machine_info())
     with tempfile.TemporaryDirectory() as d:
         llm = LLM(make_random_model(d, **MODEL), seed=0)
@@ -67,17 +72,19 @@ def main():
         pre = torch.randint(0, V, (a.prefix_len,), generator=g).tolist()
         prompts = [pre + torch.randint(0, V, (a.own_len,), generator=g).tolist() for _ in range(a.requests)]
         params = SamplingParams(temperature=1.0, max_tokens=a.new_tokens, ignore_eos=True, seed=0)
+        workers = 2 if a.protocol == "hogwild" else 1
         print(f"model: Qwen3-shaped random, float32 | {a.requests} requests, each a {a.prefix_len}-token "
-              f"preamble + {a.own_len} tokens of its own, {a.new_tokens} new tokens each, median of {a.repeats}")
-        run(llm, [p[:48] for p in prompts], params, True)  # (warm-up)
+              f"preamble + {a.own_len} tokens of its own, {a.new_tokens} new tokens each"
+              f"{' (a Hogwild! collaboration of 2 workers: each worker)' if workers > 1 else ''}, median of {a.repeats}")
+        run(llm, [p[:48] for p in prompts], params, True, make())  # (warm-up)
         times = {True: [], False: []}
         got = {}
         for _ in range(a.repeats):
             for share in (True, False):
-                dt, fed, peak, toks = run(llm, prompts, params, share)
+                dt, fed, peak, toks = run(llm, prompts, params, share, make())
                 times[share].append(dt)
                 got[share] = (fed, peak, toks)
-        total = a.requests * a.new_tokens
+        total = a.requests * a.new_tokens * workers
         print(f"{'prompt prefix':>14} {'median s':>9} {'tok/s':>8} {'tokens fed':>11} {'peak KV pages':>14}")
         for share in (True, False):
             t = statistics.median(times[share])

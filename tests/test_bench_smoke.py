@@ -186,3 +186,13 @@ def test_bench_prefix_smallest():
     rows = re.findall(r"^\s+(shared|per request)\s+[\d.]+\s+[\d.]+\s+([\d,]+)\s+\d+$", out, flags=re.M)
     assert rows == [("shared", str(40 + 3 * 16 + 3 * 3)), ("per request", str(3 * 56 + 3 * 3))], out
     assert re.search(r"^shared / per request: [\d.]+x faster; same tokens: True$", out, flags=re.M), out
+
+
+def test_bench_prefix_hogwild():
+    """bench_prefix.py --protocol hogwild: the workers read the preamble written once (the
+    per-request setting feeds it twice more for three requests), the same tokens."""
+    out = run("bench/bench_prefix.py", "--prefix-len", "40", "--requests", "3", "--new-tokens", "3",
+              "--repeats", "1", "--protocol", "hogwild")
+    rows = dict(re.findall(r"^\s+(shared|per request)\s+[\d.]+\s+[\d.]+\s+([\d,]+)\s+\d+$", out, flags=re.M))
+    assert int(rows["per request"].replace(",", "")) - int(rows["shared"].replace(",", "")) == 2 * 40, out
+    assert re.search(r"^shared / per request: [\d.]+x faster; same tokens: True$", out, flags=re.M), out
