@@ -57,6 +57,10 @@ class CompletionOutput:
     metrics: dict | None = None                   # protocol runs: critical_path_tokens, ...
     events: list[dict] | None = None              # protocol runs: fork/join/malformed events
 
+    def finished(self) -> bool:
+        """Whether it ended (vLLM's; always, once generate() returned it)."""
+        return self.finish_reason is not None
+
     @property
     def cumulative_logprob(self) -> float | None:
         """The sum of its tokens' log-probs (vLLM's; None without SamplingParams.logprobs)."""

@@ -1385,6 +1385,7 @@ def test_logprobs_as_vllm_gives_them(llm):
     c = llm.generate([prompt], SP(temperature=1.0, max_tokens=3, ignore_eos=True, seed=5, logprobs=0))[0].outputs[0]
     assert all(list(d) == [tok] and d[tok].rank >= 1 for tok, d in zip(c.token_ids, c.logprobs))
     assert llm.generate([prompt], SP(max_tokens=2))[0].outputs[0].cumulative_logprob is None
+    assert c.finished()  # (vLLM's CompletionOutput.finished())
     import copy
     import pickle  # (outputs cross processes: a Logprob keeps its rank)
     for e in (pickle.loads(pickle.dumps(c.logprobs)), copy.deepcopy(c.logprobs)):
