@@ -180,6 +180,29 @@ def test_one_call_per_layer_matches_per_op_forward(name, dtype, make_llm):
     assert got[1] == want[1]
 
 
+def test_the_torch_backend_attends_through_its_own_function_in_the_fused_forward(make_llm):
+    """engine._C.decoder_layer runs the 'cpu' backend's attention: with attention_backend='torch'
+    (the reference the tests compare with) the fused forward goes op by op and every layer
+    attends through segment_attention_torch."""
+    from engine.attention import segment_attention_torch
+
+    llm = make_llm("qwen3", attention_backend="torch")
+    model = llm.model
+    assert model.fused and model.layer_step is None
+    assert model.attention is segment_attention_torch
+    calls = []
+
+    def attention(*args):
+        calls.append(1)
+        return segment_attention_torch(*args)
+    model.attention = attention
+    try:
+        llm.score(list(range(3, 20)))
+    finally:
+        model.attention = segment_attention_torch
+    assert len(calls) == llm.config.num_layers
+
+
 def test_decoder_layer_rejects_bad_arguments():
     from engine import _C
 
