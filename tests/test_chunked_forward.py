@@ -283,6 +283,28 @@ def test_max_position_is_the_largest_position(make_llm, monkeypatch):
     assert seen and all(a == b for a, b in seen), seen
 
 
+@pytest.mark.parametrize("ends", [(4, 5, 4), (9, 3, 8)])
+def test_max_position_is_the_largest_position_whatever_the_items_order(make_llm, monkeypatch, ends):
+    """max_position over items whose last positions rise and fall by one (a larger one after,
+    then a smaller one) is still the largest."""
+    from engine.step import StepBatch
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    seen = []
+    orig = llm.model.forward
+
+    def forward(ids, pos, fb, k, v):
+        seen.append((fb.max_position, int(pos.max())))
+        return orig(ids, pos, fb, k, v)
+    monkeypatch.setattr(llm.model, "forward", forward)
+    segs = [llm.cache.new_segment(0) for _ in ends]
+    try:
+        llm.runner.run(StepBatch([StepItem(s, list(range(3, e + 4)), ((s, 0),)) for s, e in zip(segs, ends)]))
+    finally:
+        for s in segs:
+            llm.cache.release_segment(s)
+    assert seen == [(max(ends), max(ends))]
+
+
 def _items(spec):
     """spec: [(own, n_tokens, [read ids])]"""
     seg = {i: SimpleNamespace(id=i) for i in range(10)}
