@@ -234,6 +234,28 @@ def test_runner_does_not_reuse_the_arrays_of_a_list_view(model_dir):
         cache.release_segment(s)
 
 
+def test_runner_without_the_extension_plans_through_threadstep_lists(model_dir, make_llm, monkeypatch):
+    """Without engine._C (a build that failed: the 'torch' backend's fallback) the runner
+    plans each step with build_plan_py over ThreadStep lists, and samples what the C++
+    plan builder's engine samples (forked threads over a shared prompt)."""
+    import engine.attention
+    from engine import LLM, SamplingParams
+
+    want_llm = make_llm("qwen3", attention_backend="torch")
+    monkeypatch.setattr(engine.attention, "ops_available", lambda: False)
+    llm = LLM(model_dir("qwen3"), attention_backend="torch")
+    monkeypatch.undo()
+    assert llm.runner._plan_arrays is None and llm.runner._build_plan is build_plan_py
+    p = SamplingParams(n=3, temperature=0.9, max_tokens=5, seed=7, logprobs=0, ignore_eos=True)
+    prompts = [list(range(3, 30)), [5, 9]]
+    got, want = llm.generate(prompts, p), want_llm.generate(prompts, p)
+    for g, w in zip(got, want):
+        assert [c.token_ids for c in g.outputs] == [c.token_ids for c in w.outputs]
+        for cg, cw in zip(g.outputs, w.outputs):
+            assert max(abs(a[t].logprob - b[t].logprob) for a, b in zip(cg.logprobs, cw.logprobs) for t in a) < 1e-4
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 def test_build_plan_fake_indptr_sizes():
     """kv_indptr and q_indptr have one more element than kv_len (jobs + 1), symbolically."""
     from torch._subclasses.fake_tensor import FakeTensorMode
