@@ -62,6 +62,15 @@ def test_mlp_bias_is_llamas_only(arch):
     assert not ModelConfig.from_dict(_raw(arch, mlp_bias=True)).mlp_bias
 
 
+def test_llama_without_attention_bias_or_mlp_bias_has_no_biases():
+    """Both fields left out: transformers' LlamaConfig defaults are false (no bias tensors)."""
+    raw = _raw("LlamaForCausalLM")
+    hf, cfg = _hf("LlamaForCausalLM", raw), ModelConfig.from_dict(raw)
+    assert not hf.attention_bias and not hf.mlp_bias
+    assert not cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", mlp_bias=True)).mlp_bias
+
+
 def test_yarn_never_lowers_the_context():
     raw = _raw("Qwen3ForCausalLM", max_position_embeddings=8192,
                rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
@@ -106,6 +115,18 @@ def test_a_model_type_that_is_not_a_name_is_refused_without_architectures(mt):
         ModelConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize("layers", [28, 29])
+def test_qwen_window_defaults_are_transformers(layers):
+    """use_sliding_window with no sliding_window / max_window_layers: transformers' Qwen2 / Qwen3
+    defaults, a 4,096 window from layer 28 on (28 layers: none slides; 29: the last does)."""
+    for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        raw = _raw(arch, use_sliding_window=True, num_hidden_layers=layers, max_position_embeddings=8192)
+        hf = _hf(arch, raw)
+        want = hf.sliding_window if "sliding_attention" in hf.layer_types else 8192
+        assert want == (4096 if layers == 29 else 8192)
+        assert ModelConfig.from_dict(raw).max_position_embeddings == want
+
+
 def test_qwen_window_is_off_unless_use_sliding_window():
     raw = _raw("Qwen2ForCausalLM", sliding_window=8, max_window_layers=0)
     hf = _hf("Qwen2ForCausalLM", raw)
@@ -147,6 +168,20 @@ def test_dtype_over_torch_dtype():
                dtype="bfloat16", torch_dtype="float32")
     assert ModelConfig.from_dict(raw).torch_dtype == _hf("Qwen3ForCausalLM", raw).dtype == torch.bfloat16
     assert ModelConfig.from_dict({**raw, "dtype": None}).torch_dtype == torch.float32
+    del raw["dtype"]
+    raw["torch_dtype"] = "bfloat16"  # (the older name alone)
+    assert ModelConfig.from_dict(raw).torch_dtype == _hf("Qwen3ForCausalLM", raw).dtype == torch.bfloat16
+
+
+def test_token_id_fields_take_id_0_and_refuse_negative_ids():
+    """An id field is an integer >= 0 (0 is many checkpoints' end-of-sequence id), a list of
+    them or null; a negative id is refused naming the field."""
+    from engine.config import token_id_list
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", eos_token_id=0)).eos_token_ids == [0]
+    assert token_id_list([0, 5], "f") == [0, 5] and token_id_list(None, "f") == []
+    for bad in (-1, [2, -1]):
+        with pytest.raises(ValueError, match=re.escape(f"config.json's eos_token_id={bad!r} must be a token id")):
+            ModelConfig.from_dict(_raw("LlamaForCausalLM", eos_token_id=bad))
 
 
 # --- weight files
@@ -484,9 +519,9 @@ def test_a_hugging_face_cache_snapshot_loads_and_its_repository_folder_names_it(
 def test_flags_that_are_not_json_booleans_are_refused(key):
     """"false" as a string is true to Python: attention_bias "false" asked the checkpoint for biases
     (a 'missing tensor q_proj.bias' error), use_sliding_window "false" capped the context."""
-    raw = _raw("Qwen2ForCausalLM", **{key: "false"})
-    with pytest.raises(ValueError, match=f"config.json's {key}='false' must be true or false"):
-        ModelConfig.from_dict(raw)
+    for bad in ("false", 2):  # (2: true to Python too; transformers' strict config refuses it)
+        with pytest.raises(ValueError, match=f"config.json's {key}={bad!r} must be true or false"):
+            ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: bad}))
     assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: False}))
     assert ModelConfig.from_dict(_raw("Qwen2ForCausalLM", **{key: None}))
 
@@ -556,16 +591,44 @@ def test_an_index_whose_weight_map_is_not_an_object_is_named(tmp_path, weight_ma
 
 
 def test_config_number_fields_at_their_bounds():
-    """The edges of config.json's number checks: a JSON true is not a size (Python's bool is
-    an int), rms_norm_eps may be 0, rope_theta must be above 1 (1 makes every rotation 0)."""
+    """The edges of config.json's number checks: a JSON true is not a size or an rms_norm_eps
+    (Python's bool is an int; transformers' strict config classes refuse it too), rms_norm_eps
+    may be 0 but not a string, rope_theta must be above 1 (1 makes every rotation 0), a yarn
+    mscale may be 0 (transformers reads it as absent) but not false."""
     with pytest.raises(ValueError, match="config.json's vocab_size=True must be a positive integer"):
         ModelConfig.from_dict(_raw("LlamaForCausalLM", vocab_size=True))
     assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rms_norm_eps=0)).rms_norm_eps == 0
+    for bad in (True, "1e-6"):
+        with pytest.raises(ValueError, match=re.escape(f"rms_norm_eps={bad!r} must be a number >= 0")):
+            ModelConfig.from_dict(_raw("LlamaForCausalLM", rms_norm_eps=bad))
+    rope = {"rope_type": "yarn", "factor": 4.0}
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_scaling={**rope, "mscale": 0})).rope_scaling["mscale"] == 0
+    with pytest.raises(ValueError, match=re.escape("rope scaling 'yarn': mscale=False must be a number > 0")):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_scaling={**rope, "mscale": False}))
     with pytest.raises(ValueError, match="rms_norm_eps=-1e-06 must be a number >= 0"):
         ModelConfig.from_dict(_raw("LlamaForCausalLM", rms_norm_eps=-1e-6))
     with pytest.raises(ValueError, match="rope_theta=1 must be a number > 1"):
         ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1))
     assert ModelConfig.from_dict(_raw("LlamaForCausalLM", rope_theta=1.5)).rope_theta == 1.5
+
+
+def test_a_hidden_size_smaller_than_the_heads_without_head_dim_is_refused():
+    """No head_dim and hidden_size // num_attention_heads = 0: refused (a head of 0 or 2 dims
+    made up would load, or fail later on the weights); transformers' LlamaConfig refuses a
+    hidden_size that is not a multiple of the heads."""
+    with pytest.raises(ValueError, match="head_dim=1 must be even"):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", hidden_size=4, num_attention_heads=8, num_key_value_heads=8))
+    assert ModelConfig.from_dict(_raw("LlamaForCausalLM", hidden_size=4, num_attention_heads=8,
+                                      num_key_value_heads=8, head_dim=2)).head_dim == 2
+
+
+def test_only_mistrals_head_dim_zero_is_derived():
+    """Mistral's modules take ``head_dim or hidden_size // heads`` (0 runs as hidden / heads:
+    test_models_hf); any other head_dim is kept as written (8, not 32 // 2), and Llama's 0 is
+    refused (its modules take 0 as written)."""
+    assert ModelConfig.from_dict(_raw("MistralForCausalLM", sliding_window=None, head_dim=8)).head_dim == 8
+    with pytest.raises(ValueError, match="config.json's head_dim=0 must be a positive integer"):
+        ModelConfig.from_dict(_raw("LlamaForCausalLM", head_dim=0))
 
 
 def test_a_window_wider_than_the_context_leaves_the_context():
@@ -629,6 +692,20 @@ def test_scaled_rope_without_any_context_field_takes_the_architectures_default(a
         == hf.max_position_embeddings
     inv_hf, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
     assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
+
+
+def test_proportional_rope_takes_a_top_level_partial_rotary_factor():
+    """transformers moves a top-level partial_rotary_factor into the RoPE parameters, which
+    'proportional' RoPE reads (half of each head's pairs rotated here), as Loom does."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from engine.rope import compute_inv_freq
+    raw = _raw("LlamaForCausalLM", partial_rotary_factor=0.5, rope_parameters={"rope_type": "proportional",
+                                                                              "rope_theta": 1e4})
+    hf, cfg = _hf("LlamaForCausalLM", raw), ModelConfig.from_dict(copy.deepcopy(raw))
+    assert cfg.rope_scaling["partial_rotary_factor"] == hf.rope_parameters["partial_rotary_factor"] == 0.5
+    inv_hf, _ = ROPE_INIT_FUNCTIONS["proportional"](hf, "cpu")
+    assert torch.allclose(compute_inv_freq(cfg), inv_hf.float(), rtol=1e-6, atol=0)
+    assert (compute_inv_freq(cfg) == 0).sum() == cfg.head_dim // 4
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"rope_type": "linear", "factor": 2.0},
