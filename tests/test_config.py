@@ -78,6 +78,18 @@ def test_yarn_never_lowers_the_context():
     assert ModelConfig.from_dict(raw).max_position_embeddings == 8192
 
 
+def test_a_yarn_context_equal_to_max_position_embeddings_keeps_its_source():
+    """factor x original_max_position_embeddings raises the context only when above it (its
+    source named in context errors: test_models_hf); equal (a config that writes both), the
+    field itself stays the source."""
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 1024}
+    cfg = ModelConfig.from_dict(_raw("Qwen3ForCausalLM", max_position_embeddings=4096, rope_parameters=rope))
+    assert (cfg.max_position_embeddings, cfg.context_source) == (4096, "max_position_embeddings")
+    # no factor: max_position_embeddings / original_max_position_embeddings, whatever the latter
+    rope = {"rope_type": "yarn", "original_max_position_embeddings": 1}
+    assert ModelConfig.from_dict(_raw("Qwen3ForCausalLM", rope_parameters=rope)).rope_scaling["factor"] == 128
+
+
 def test_parse_dtype_refuses_other_torch_dtypes():
     import torch
     from engine.config import parse_dtype
@@ -515,6 +527,20 @@ def test_a_hugging_face_cache_snapshot_loads_and_its_repository_folder_names_it(
         LLM(str(repo), kv_cache_tokens=256)
 
 
+def test_a_model_directory_with_a_snapshots_folder_and_one_without_config_json(tmp_path):
+    """Only a folder without config.json is taken for a cache's repository folder: a model
+    directory that also holds a 'snapshots' folder reads its config.json, and one with neither
+    says config.json is missing."""
+    d = tmp_path / "model"
+    os.makedirs(d / "snapshots")
+    with open(d / "config.json", "w") as f:
+        json.dump(_raw("LlamaForCausalLM"), f)
+    assert ModelConfig.from_dir(str(d)).architecture == "LlamaForCausalLM"
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json not found: .* is not a Hugging Face model directory"):
+        ModelConfig.from_dir(str(tmp_path / "empty"))
+
+
 @pytest.mark.parametrize("key", ["attention_bias", "mlp_bias", "tie_word_embeddings", "use_sliding_window"])
 def test_flags_that_are_not_json_booleans_are_refused(key):
     """"false" as a string is true to Python: attention_bias "false" asked the checkpoint for biases
@@ -637,6 +663,8 @@ def test_a_window_wider_than_the_context_leaves_the_context():
     for raw in (_raw("MistralForCausalLM"), _raw("MistralForCausalLM", sliding_window=4096)):
         cfg = ModelConfig.from_dict(raw)
         assert (cfg.max_position_embeddings, cfg.context_source) == (128, "max_position_embeddings")
+    cfg = ModelConfig.from_dict(_raw("MistralForCausalLM", sliding_window=128))  # (as wide: nothing capped)
+    assert (cfg.max_position_embeddings, cfg.context_source) == (128, "max_position_embeddings")
     cfg = ModelConfig.from_dict(_raw("MistralForCausalLM", sliding_window=64))
     assert cfg.max_position_embeddings == 64 and cfg.context_source.startswith("sliding_window")
 
