@@ -2623,6 +2623,29 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
     assert_no_leak(llm)
 
 
+def test_continuing_a_last_message_whose_text_part_is_not_last_or_is_empty(tmp_path, model_dir):
+    """continue_final_message over a list content continues its last text part, as transformers
+    does, wherever that part is: the only part, or before a part without text (an image); an
+    empty last message the template renders first continues from the start (the text is '')."""
+    from transformers import AutoTokenizer
+    from engine.tokenizer import Tokenizer
+    d = _copy_model(tmp_path, model_dir, "parts")
+    hf, tok = AutoTokenizer.from_pretrained(d), Tokenizer(d)
+    parts = ("{% for m in messages %}<{{ m.role }}>{% if m.content is string %}{{ m.content }}{% else %}"
+             "{% for p in m.content %}{% if p.type == 'text' %}{{ p.text }}{% else %}[image]{% endif %}"
+             "{% endfor %}{% endif %}</{{ m.role }}>{% endfor %}")
+    user = {"role": "user", "content": "hi"}
+    for content in ([{"type": "text", "text": "Look: "}], [{"type": "text", "text": "Look: "}, {"type": "image"}]):
+        conv = [user, {"role": "assistant", "content": content}]
+        want = hf.apply_chat_template(conv, tokenize=False, continue_final_message=True, chat_template=parts)
+        assert want == "<user>hi</user><assistant>Look: "
+        assert tok.apply_chat_template(conv, False, continue_final_message=True, chat_template=parts) == want
+    bare = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    conv = [{"role": "assistant", "content": ""}]
+    want = hf.apply_chat_template(conv, tokenize=False, continue_final_message=True, chat_template=bare)
+    assert want == "" == tok.apply_chat_template(conv, False, continue_final_message=True, chat_template=bare)
+
+
 @pytest.fixture(scope="module")
 def small(make_llm):
     """An LLM with a deliberately small cache."""
