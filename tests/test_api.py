@@ -501,9 +501,10 @@ def test_text_stream_keeps_spaces_of_decoders_that_strip_them(tmp_path):
 
 
 def test_prompts_that_are_neither_text_nor_ids_are_refused_and_ids_span_the_vocabulary(llm):
-    """generate() of a number, a dict or None is refused (a dict's keys were prompts); token
-    ids 0 and vocab_size - 1 are ids, -1 and vocab_size are not."""
-    for bad in (5, {"prompt": "hi"}, None):
+    """generate() of a number, a set or None is refused (a dict's keys were prompts; a dict is
+    now vLLM's prompt dict: test_vllm_prompt_dicts); token ids 0 and vocab_size - 1 are ids, -1
+    and vocab_size are not."""
+    for bad in (5, {"hi"}, None):
         with pytest.raises(ValueError, match="prompts must be a string, a list of strings"):
             llm.generate(bad, greedy(2))
     outs = llm.generate([[0, 5], [VOCAB - 1, 3]], greedy(2))
