@@ -342,6 +342,10 @@ class Tokenizer:
         model's template (its text, or the name of one of the model's named templates)."""
         if not isinstance(tokenize, bool):
             raise ValueError(f"tokenize={tokenize!r} must be True (token ids) or False (text).")
+        for name, value in (("add_generation_prompt", add_generation_prompt),
+                            ("continue_final_message", continue_final_message)):
+            if not isinstance(value, bool):  # (transformers 5 reads a string as a message field to continue)
+                raise ValueError(f"{name}={value!r} must be True or False.")
         kwargs = {} if chat_template_kwargs is None else chat_template_kwargs
         kwargs = dict(kwargs) if isinstance(kwargs, dict) else kwargs
         if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):

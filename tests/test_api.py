@@ -2601,6 +2601,10 @@ def test_chat_tools_documents_and_continuing_the_last_message(tmp_path, model_di
     for kw, msg in (({"tools": {"name": "f"}}, "tools=.* must be a list of dicts"),
                     ({"documents": ["text"]}, "documents=.* must be a list of dicts"),
                     ({"continue_final_message": True}, "pass add_generation_prompt=False with it"),
+                    # (transformers 5 reads a string as the field to continue; it was taken as True)
+                    ({"continue_final_message": "content", "add_generation_prompt": False},
+                     "continue_final_message='content' must be True or False"),
+                    ({"add_generation_prompt": None}, "add_generation_prompt=None must be True or False"),
                     ({"chat_template": ""}, "must be a template's text or the name"),
                     ({"tools": tools, "chat_template_kwargs": {"tools": tools}}, "tools given twice")):
         with pytest.raises(ValueError, match=msg):
