@@ -90,12 +90,6 @@ class ModelConfig:
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; Loom implements 'silu'.")
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers in the checkpoint's dtype."""
-        from .cache import kv_token_bytes
-        return kv_token_bytes(self.num_layers, self.num_kv_heads, self.head_dim, self.torch_dtype)
-
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":
         path = os.path.join(model_dir, "config.json")
