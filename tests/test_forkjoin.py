@@ -360,8 +360,12 @@ def test_session_tokens_past_the_context_are_refused(make_llm):
         s.spawn([s.root], header=[3] * 5)
     assert s.root.children == [] and len(s.tree.threads) == 1
     (a,) = s.fork(s.root, [[1, 2]])
+    assert not llm.core.at_context_end(a._t)
     out = s.generate([a], greedy(8))[0]
     assert out.finish_reason == "length" and a.position == M  # stops at the context's end
+    # (EngineCore.at_context_end of a thread without a live view, as Hogwild asks it of its
+    # threads: its own end, not only a live view's, counts)
+    assert llm.core.at_context_end(a._t)
     # a header that ends exactly at the context: nothing more is sampled (it used to take one
     # token past the context per call)
     (b,) = s.fork(s.root, [[1] * 4])

@@ -800,6 +800,34 @@ def test_finisher_needs_a_position_after_its_header(tmp_path):
     assert llm.cache_stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_worker_whose_view_grows_to_the_context_ends_before_sampling_there(tmp_path, workers):
+    """A worker's next position grows with the other workers' tokens as well as its own: after
+    a step's accepts it may sit exactly at the model's context, and is ended ("length") before
+    the next step instead of sampling there. Prompts of every length modulo the workers meet it
+    exactly. (A mutation of EngineCore.at_context_end to ">" passed the suite: the step raised
+    "would sample at position 64, past the model's context (engine bug)".)"""
+    from engine import LLM
+    from engine.demo import make_random_model
+    from engine.threads import effective_end
+    make_random_model(str(tmp_path), hidden=32, layers=1, heads=2, kv_heads=1, head_dim=16, intermediate=64,
+                      max_pos=64)
+    llm = LLM(str(tmp_path), attention_backend="cpu", page_size=4, seed=0)
+    a, seen = llm.tokenizer.encode("a", add_special_tokens=False)[0], []
+
+    def src(threads):
+        seen.extend(effective_end(t) for t in threads)
+        return [a] * len(threads)
+    llm.core.token_source = src
+    hw = Hogwild(workers=workers, layout="contiguous", collab_prompt=None, finisher=False)
+    for P in range(20, 20 + workers):
+        seen.clear()
+        out = llm.generate([[65] * P], SamplingParams(max_tokens=200), protocol=hw)[0].outputs[0]
+        assert out.finish_reason == "length" and max(seen) < 64, (P, max(seen))
+    llm.core.token_source = None
+    assert llm.cache_stats()["pages_used"] == 0
+
+
 @pytest.mark.parametrize("total", [5, 6])
 def test_a_total_budget_the_workers_cannot_share_evenly(make_llm, total):
     """SamplingParams.max_total_tokens bounds the workers' tokens together: when it cannot give
