@@ -250,6 +250,38 @@ def test_a_resumed_live_thread_sees_its_view_as_it_is_now(make_llm, backend):
     assert again[0] == fresh[0] and abs(again[1] - fresh[1]) < 1e-5, (fresh, again)
 
 
+def _injected_logprob(llm, stale: bool) -> tuple[int, float]:
+    """w2 reads [root, w1] live; w3 reads [root, w2]. w2 samples 2 tokens; with ``stale`` w3
+    then samples one token, which writes w2's pending token (w2 does not sample in that step);
+    two tokens are injected into w2, which then samples one: (its token, its log-prob)."""
+    s = llm.session([1, 2, 3, 4, 5])
+    (w1,) = s.fork(s.root, [[6]])
+    w2 = s.spawn([s.root, w1], header=[7, 8])
+    w3 = s.spawn([s.root, w2], header=[9])
+    g = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)  # noqa: E731
+    s.generate([w2], g(2))
+    if stale:
+        s.generate([w3], g(1))
+    s.inject(w2, [10, 11])
+    out = s.generate([w2], g(1))[0]
+    assert all(t.seg.length == len(t.tokens) - len(t.pending) for t in s.tree.threads)
+    tok = out.token_ids[0]
+    s.close()
+    assert llm.cache_stats()["pages_used"] == 0
+    return tok, out.logprobs[0][tok]
+
+
+def test_tokens_injected_into_a_stale_live_thread_are_all_written(make_llm):
+    """A live thread written in another thread's step, then given injected tokens, resumes by
+    writing them (its last token is not written again: its next token is after the injected
+    ones): the same token and log-prob as when it was not written before. (A mutation that
+    re-wrote its last token whenever it was stale passed the suite: the injected tokens but the
+    last were dropped and that one written over the thread's last slot.)"""
+    llm = make_llm("qwen3", attention_backend="cpu", page_size=1)
+    fresh, stale = _injected_logprob(llm, False), _injected_logprob(llm, True)
+    assert fresh[0] == stale[0] and abs(fresh[1] - stale[1]) < 1e-5, (fresh, stale)
+
+
 def _reader_after_a_failed_resume(llm, fail: str | None) -> tuple[int, float]:
     """w2 reads [root, w1] live, w3 reads [root, w2]. w3's step writes w2's last token (w2 is
     then stale); w1 grows; w2's resume (which writes that token again) fails with ``fail``
