@@ -2884,6 +2884,19 @@ def test_a_step_refuses_a_sampler_whose_next_token_is_past_the_context(llm):
     assert llm.core.forward_steps == steps
 
 
+def test_a_step_refuses_a_sampler_with_no_logits_to_sample_from(llm):
+    """EngineCore.step refuses (a caller's bug) a thread with no tokens whose nearest ancestor
+    with tokens has no logits and is not fed in the step (a session's prompt not written
+    yet), naming it, before any work. (A mutation of the check to "itself and no logits"
+    passed the suite: an AssertionError from the sampler's table followed.)"""
+    with llm.session([1, 2, 3]) as s:
+        (c,) = s.fork(s.root, [[]])
+        steps = llm.core.forward_steps
+        with pytest.raises(ValueError, match=rf"^thread {c._t.id} has no tokens and no ancestor logits"):
+            llm.core.step([], [c._t])
+        assert llm.core.forward_steps == steps and s.root._t.pending == [1, 2, 3]
+
+
 def test_a_threads_text_reads_after_the_text_before_it(tmp_path, model_dir):
     """A thread's text (ThreadHandle.text, a tree protocol's .tree entries) is read after the
     text before it in its view, as a completion's: decoded alone, a SentencePiece decoder
