@@ -142,9 +142,10 @@ def _log_softmax_(x: torch.Tensor, rows: int = 256) -> torch.Tensor:
 
 
 def seed_of(*key: int) -> int:
-    """A 63-bit generator seed from integers of any size: a hash of all their digits, so
-    that keys differing anywhere give different seeds (seeds that differ by a multiple of
-    2**63 used to collide, as did (seed, thread 1,000,003) and (seed + 1, thread 0))."""
+    """A generator seed from integers of any size: a hash of all their digits, so that keys
+    differing anywhere give different streams. (torch's CPU generator reads only the low 32
+    bits of a seed: seeds that differ by a multiple of 2**32 drew the same tokens, as did
+    (seed, thread 1,000,003) and (seed + 1, thread 0).)"""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8, person=b"loom-seed").digest()
     return int.from_bytes(digest, "little") >> 1
 
