@@ -551,7 +551,9 @@ def test_a_dropped_session_frees_its_pages_at_once(make_llm):
     """No reference cycle between a session and its handles: dropping the session frees
     its pages at once, not when the cycle collector runs (until then generate() was
     refused: 'open sessions hold the pages'); its handles still read their tokens, and
-    the verbs' checks refuse them with a clear error."""
+    the verbs' checks refuse them with a clear error. Its close lets go of the engine's
+    lock: another Python thread's call runs."""
+    import threading
     llm = make_llm("qwen3")
     was = gc.isenabled()
     gc.disable()  # (the cycle collector must not be what frees it)
@@ -562,6 +564,11 @@ def test_a_dropped_session_frees_its_pages_at_once(make_llm):
         text, ids = a.text, a.token_ids
         assert llm.cache_stats()["pages_used"] > 0
         del s
+        assert llm._lock._owner is None  # (its close took the lock and let it go)
+        other = threading.Thread(target=llm.cache_stats, daemon=True)
+        other.start()
+        other.join(60)
+        assert not other.is_alive(), "another thread's call waited for the lock the dropped session took"
         assert llm.cache_stats()["pages_used"] == 0 and llm.cache_stats()["segments"] == 0
         assert a.text == text and a.token_ids == ids and a.position > 0
         with pytest.raises(ValueError, match="session was dropped"):

@@ -302,6 +302,40 @@ def test_a_stopped_call_leaves_the_random_generator(make_llm, kind):
         assert call() == want
 
 
+def test_a_ctrl_c_where_a_dropped_session_closes_frees_it_and_reaches_the_call(make_llm, monkeypatch):
+    """A Ctrl-C raised where a dropped session starts to close (a second one, inside a call
+    with one waiting; or one outside any call) would be dropped by Python with the rest of
+    Session.__del__: the session is closed all the same, and inside a call the Ctrl-C is
+    handed to the call, raised when it ends; outside any call nothing is left pending."""
+    from engine.session import Session
+    llm = make_llm("qwen3", kv_cache_tokens=8192)
+    close, hits = Session._close_or_hand_over, []
+
+    def ctrl_c_first(self):
+        if not hits:
+            hits.append(1)
+            signal.raise_signal(signal.SIGINT)  # (before the lock was tried)
+        close(self)
+    monkeypatch.setattr(Session, "_close_or_hand_over", ctrl_c_first)
+    params = SamplingParams(temperature=0, max_tokens=2)
+    s = llm.session(random_ids(20, llm.config.vocab_size, 1))
+    s.generate([s.root], params)
+    with pytest.raises(KeyboardInterrupt):
+        with DEFERRED:  # (an engine call, with one Ctrl-C waiting: a second one is raised at once)
+            signal.raise_signal(signal.SIGINT)
+            del s
+            inside = (len(hits), llm.cache.stats()["pages_used"], DEFERRED.pending)
+    assert inside == (1, 0, True)  # (asserted out here: the call's Ctrl-C would replace the error)
+    assert not DEFERRED.pending
+    hits.clear()
+    s = llm.session(random_ids(20, llm.config.vocab_size, 2))
+    s.generate([s.root], params)
+    del s  # (outside any call: the Ctrl-C raises where it lands)
+    assert len(hits) == 1 and not DEFERRED.pending  # (before any call: the next one clears it)
+    assert llm.cache_stats()["pages_used"] == 0
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_stale_pending_flag_does_not_interrupt_the_next_call():
     DEFERRED.pending = True  # (left by a Ctrl-C landing inside a previous __exit__)
     try:
