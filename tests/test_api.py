@@ -1872,6 +1872,14 @@ def test_non_finite_logits_in_a_session_name_the_threads_of_the_call(tmp_path, m
         with pytest.raises(FloatingPointError, match=r"not finite .* They come from the thread at position 2 of "
                                                      rf"this call's list \(0-based; thread id {nan.id}\)\.$"):
             s.generate([full, good, nan], greedy(3))
+        # (the threads are left stopped where they are: those the failed step left unfinished
+        # end "abort", the one that had ended keeps its reason)
+        assert [h._t.finish_reason for h in (full, good, nan)] == ["length", "abort", "abort"]
+        nan1, good, nan2 = s.fork(s.root, [[7], [10], [7, 5]])
+        with pytest.raises(FloatingPointError, match=r"not finite .* They come from the threads at positions 0, 2 "
+                                                     rf"of this call's list \(0-based; thread ids {nan1.id}, "
+                                                     rf"{nan2.id}\)\.$"):
+            s.generate([nan1, good, nan2], greedy(3))
     assert_no_leak(bad)
 
 
