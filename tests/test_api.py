@@ -1568,6 +1568,33 @@ def test_a_session_dropped_while_another_thread_runs_a_call(llm, baseline):
     assert_still_works(llm, baseline)
 
 
+def test_a_handed_over_session_whose_close_fails_is_closed_by_the_next_call(llm, baseline):
+    """A session dropped while another thread's call ran is closed first thing in the next
+    call; if that close fails (here a RuntimeError, as a Ctrl-C there would), the call raises
+    it and the session stays handed over: the call after closes it, and its pages are back
+    (they were held for good)."""
+    s = llm.session(random_ids(40, VOCAB, seed=6))
+    s.generate([s.root], greedy(3))
+    tree = s.tree
+    with engine_held(llm):
+        del s  # (closed by the next call: the lock is held)
+        assert llm._dropped == [tree]
+    close, tries = tree.close, []
+
+    def close_once_failing():
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("close failed")
+        close()
+    tree.close = close_once_failing
+    with pytest.raises(RuntimeError, match="close failed"):
+        llm.cache_stats()
+    assert llm._dropped == [tree] and llm.cache.pages_used > 0  # (still held)
+    assert_no_leak(llm)  # (cache_stats: the retried close ran first)
+    assert len(tries) == 2 and llm._dropped == []
+    assert_still_works(llm, baseline)
+
+
 def test_a_session_the_garbage_collector_frees_inside_the_engine_locks_bookkeeping(make_llm):
     """The collector runs a dropped session's __del__ wherever it runs, also while the thread
     is inside the engine lock's own bookkeeping (holding its condition: at an allocation there,
