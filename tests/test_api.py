@@ -1918,6 +1918,8 @@ def test_unsupported_device(model_dir, llm, baseline):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             LLM(model_dir(NAME), device="cuda:0")
+    # a CPU device with an index is the CPU (not checked against the CUDA devices)
+    assert_still_works(LLM(model_dir(NAME), device="cpu:0", kv_cache_tokens=1024), baseline)
     assert_still_works(llm, baseline)
 
 
@@ -1944,6 +1946,8 @@ def test_kv_cache_tokens_between_pages_rounded_up(model_dir):
     assert (small.cache.num_pages, small.kv_cache_tokens) == (7, 112)
     assert small.score(random_ids(100, VOCAB, seed=1))[0].shape == (100, VOCAB)
     assert LLM(model_dir(NAME), kv_cache_tokens=96, page_size=PS).kv_cache_tokens == 96
+    one = LLM(model_dir(NAME), kv_cache_tokens=PS, page_size=PS)  # (the least: one page)
+    assert one.kv_cache_tokens == PS and one.score(random_ids(PS, VOCAB, seed=1))[0].shape == (PS, VOCAB)
 
 
 def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
@@ -1966,6 +1970,8 @@ def test_cache_too_large_to_allocate(model_dir, llm, baseline, monkeypatch):
                                          r"lower page_size \(at most 1,000\)"):
         LLM(model_dir(NAME), page_size=1024)
     assert LLM(model_dir(NAME), page_size=1000).cache.num_pages == 1  # (one page: all of it, as asked)
+    monkeypatch.setattr(L, "available_memory", lambda: 992 * per_tok)
+    assert LLM(model_dir(NAME), kv_cache_tokens=992).cache.num_pages == 62  # (exactly all of it: taken)
     # where the available memory is unknown: petabytes, past the address space of a process
     monkeypatch.setattr(L, "available_memory", lambda: None)
     with pytest.raises(ValueError, match=r"KV cache of [0-9,]+ tokens .* could not be allocated on "

@@ -164,6 +164,20 @@ def test_chunked_generate_matches_one_pass(pair, monkeypatch):
         assert llm.cache_stats()["pages_used"] == 0
 
 
+def test_a_budget_of_one_token_a_pass_is_taken(pair, make_llm, monkeypatch):
+    """max_forward_tokens=1, the least: every pass feeds one token, and the tokens are one pass's."""
+    one = pair[0]
+    tiny = make_llm(NAME, kv_cache_tokens=4096, max_forward_tokens=1)
+    prompts = [random_ids(n, one.config.vocab_size, 20 + n) for n in (6, 3)]
+    p = SamplingParams(n=2, temperature=0.9, max_tokens=3, seed=5, ignore_eos=True)
+    a = one.generate(prompts, p)
+    sizes = count_passes(tiny, monkeypatch)
+    b = tiny.generate(prompts, p)
+    assert set(sizes) == {1} and len(sizes) >= 9, sizes
+    assert [c.token_ids for r in a for c in r.outputs] == [c.token_ids for r in b for c in r.outputs]
+    assert tiny.cache_stats()["pages_used"] == 0
+
+
 def test_chunked_session_with_a_reprefill_join_matches_one_pass(pair, monkeypatch):
     def run(llm):
         V = llm.config.vocab_size
