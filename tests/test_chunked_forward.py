@@ -281,10 +281,8 @@ def test_a_pass_keeps_at_most_1_gib_of_attention_partial_states(make_llm):
     assert llm.runner.max_pass_entries == (1 << 30) // (4 * cfg.num_heads * (cfg.head_dim + 2))
 
 
-def test_max_position_is_the_largest_position(make_llm, monkeypatch):
-    """The rotary tables are extended to max_position (the C++ kernels index them without a
-    bounds check): it must be the step's largest position, not its first."""
-    llm = make_llm("qwen3", kv_cache_tokens=2048)
+def _max_positions(llm, monkeypatch) -> list:
+    """Record each forward's (max_position, largest position fed)."""
     seen = []
     orig = llm.model.forward
 
@@ -292,6 +290,14 @@ def test_max_position_is_the_largest_position(make_llm, monkeypatch):
         seen.append((fb.max_position, int(pos.max())))
         return orig(ids, pos, fb, k, v)
     monkeypatch.setattr(llm.model, "forward", forward)
+    return seen
+
+
+def test_max_position_is_the_largest_position(make_llm, monkeypatch):
+    """The rotary tables are extended to max_position (the C++ kernels index them without a
+    bounds check): it must be the step's largest position, not its first."""
+    llm = make_llm("qwen3", kv_cache_tokens=2048)
+    seen = _max_positions(llm, monkeypatch)
     llm.score(random_ids(40, llm.config.vocab_size, 1))
     llm.generate([random_ids(5, llm.config.vocab_size, 2)], SamplingParams(temperature=0, max_tokens=3))
     assert seen and all(a == b for a, b in seen), seen
@@ -303,13 +309,7 @@ def test_max_position_is_the_largest_position_whatever_the_items_order(make_llm,
     then a smaller one) is still the largest."""
     from engine.step import StepBatch
     llm = make_llm("qwen3", kv_cache_tokens=2048)
-    seen = []
-    orig = llm.model.forward
-
-    def forward(ids, pos, fb, k, v):
-        seen.append((fb.max_position, int(pos.max())))
-        return orig(ids, pos, fb, k, v)
-    monkeypatch.setattr(llm.model, "forward", forward)
+    seen = _max_positions(llm, monkeypatch)
     segs = [llm.cache.new_segment(0) for _ in ends]
     try:
         llm.runner.run(StepBatch([StepItem(s, list(range(3, e + 4)), ((s, 0),)) for s, e in zip(segs, ends)]))
