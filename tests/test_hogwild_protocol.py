@@ -633,11 +633,19 @@ def test_a_token_sampled_by_a_worker_an_answer_ended_is_dropped(make_llm):
     enc = lambda s: llm.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     alice = enc("So x is \\boxed{7}")
     llm.core.token_source = _scripted(llm, {"Alice": "So x is \\boxed{7}", "Bob": "I think about it a lot more"})
+    finish, held = llm.scheduler._finish, []
+
+    def finished(req):  # (the dropped token's thread let go of its step's log-probs: they pinned them)
+        held.extend(t.id for t in req.tree.threads if getattr(t, "_lp_row", None) is not None)
+        return finish(req)
+    llm.scheduler._finish = finished
     try:
-        ro = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40),
+        ro = llm.generate([random_ids(9, llm.config.vocab_size, 5)], SamplingParams(max_tokens=40, logprobs=1),
                           protocol=Hogwild(workers=2, names=["Alice", "Bob"], collab_prompt=None))[0]
     finally:
         llm.core.token_source = None
+        del llm.scheduler._finish
+    assert held == []
     out = ro.outputs[0]
     a, b = out.workers
     assert out.answer == "7" and out.finish_reason == "stop"
