@@ -345,11 +345,7 @@ class EngineCore:
             want = [i for i, t in enumerate(samplers) if t.logprobs is not None]
             entries = dict(zip(want, top_logprobs_rows(logprobs, want, [tokens[i] for i in want],
                                                        [samplers[i].params.logprobs for i in want],
-                                                       self.tokenizer.token_text))) if want else {}
-            for i in want:  # (as vLLM: no decoded_token without detokenize)
-                if not samplers[i].params.detokenize:
-                    for e in entries[i].values():
-                        e.decoded_token = None
+                                                       [self.namer(samplers[i].params) for i in want]))) if want else {}
             for i, t in enumerate(samplers):
                 t._lp_row = (logprobs, i)  # (its row by index: accept reads it only for a token not drawn here)
                 e = entries.get(i)
@@ -394,8 +390,7 @@ class EngineCore:
         if t.logprobs is not None and lp is not None:
             e = getattr(t, "_lp_entry", None)  # (step's, made for all its threads at once)
             t.logprobs.append(e[1] if e is not None and e[0] == tok else
-                              top_logprobs(lp[0][lp[1]], tok, p.logprobs,
-                                           self.tokenizer.token_text if p.detokenize else _no_text))
+                              top_logprobs(lp[0][lp[1]], tok, p.logprobs, self.namer(p)))
         t._lp_row = t._lp_entry = None
         eos = not p.ignore_eos and tok in self.eos_ids
         early = len(t.generated) < p.min_tokens  # (as vLLM: EOS and stop tokens end it from min_tokens on)
@@ -428,6 +423,16 @@ class EngineCore:
         t.finish_reason, t.stop_reason = "stop", s
         t.stop_text = text[:pos + len(s)] if p.include_stop_str_in_output else text[:pos]
         return True
+
+    def namer(self, p: SamplingParams):
+        """Log-probs' decoded_token for ``p``: each token's text alone (none without detokenize, as vLLM)."""
+        return self.tokenizer.token_text if p.detokenize else _no_text
+
+    def drop_token(self, t: Thread):
+        """``t``'s protocol takes no token from the last step (it ended earlier in the step):
+        forget that step's log-prob rows, which accept() would have read (they pin the step's
+        [rows, vocab] log-probs)."""
+        t._lp_row = t._lp_entry = None
 
     def text_of(self, t: Thread) -> str:
         if not t.params.detokenize:  # (as vLLM: no text)

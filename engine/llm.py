@@ -28,7 +28,7 @@ from .interrupts import DEFERRED
 from .outputs import RequestOutput
 from .protocols import ParallelSampling, Protocol
 from .runner import DEFAULT_MAX_FORWARD_TOKENS, ModelRunner
-from .sampler import _no_text, top_logprobs_rows
+from .sampler import top_logprobs_rows
 from .sampling_params import SamplingParams, _is_int
 from .scheduler import Request, Scheduler, sessions_hold_pages
 from .step import StepBatch, StepItem
@@ -112,6 +112,24 @@ def _vllm_extras(lora_request, priority):
     if priority is not None and (not isinstance(priority, (list, tuple)) or any(p != 0 for p in priority)):
         raise ValueError(f"priority={priority!r}: Loom schedules first come, first served; leave it None "
                          "(or all 0).")
+
+
+def _from_prompt_dict(p: Mapping) -> tuple[str | None, object]:
+    """vLLM's TextPrompt {"prompt": text} / TokensPrompt {"prompt_token_ids": ids, "prompt"?}:
+    (the output's prompt text for token ids, None otherwise; the prompt as generate() takes it)."""
+    other = sorted(str(k) for k, v in p.items() if k not in ("prompt", "prompt_token_ids") and v is not None)
+    if other:
+        raise ValueError(f"A prompt dict's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not "
+                         "supported; Loom takes {'prompt': text} or {'prompt_token_ids': ids} (vLLM's "
+                         "TextPrompt / TokensPrompt), text-only.")
+    text = p.get("prompt")
+    if p.get("prompt_token_ids") is not None:
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"A prompt dict's 'prompt' must be its text, got {type(text).__name__}.")
+        return text, _as_list(p["prompt_token_ids"])
+    if isinstance(text, str):
+        return None, text
+    raise ValueError(f"A prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (token ids); got {p!r:.80}.")
 
 
 def _common_prefix(a: list[int], b: list[int], cap: int) -> int:
@@ -485,22 +503,7 @@ class LLM:
                              "vLLM's prompt dicts: {'prompt': text}, {'prompt_token_ids': ids}).")
         out = []
         for p in prompts:
-            text = None
-            if isinstance(p, Mapping):  # vLLM's TextPrompt {"prompt": ...} / TokensPrompt {"prompt_token_ids": ...}
-                other = sorted(str(k) for k, v in p.items() if k not in ("prompt", "prompt_token_ids") and v is not None)
-                if other:
-                    raise ValueError(f"A prompt dict's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not "
-                                     "supported; Loom takes {'prompt': text} or {'prompt_token_ids': ids} (vLLM's "
-                                     "TextPrompt / TokensPrompt), text-only.")
-                if p.get("prompt_token_ids") is not None:
-                    text, p = p.get("prompt"), _as_list(p["prompt_token_ids"])
-                    if text is not None and not isinstance(text, str):
-                        raise ValueError(f"A prompt dict's 'prompt' must be its text, got {type(text).__name__}.")
-                elif isinstance(p.get("prompt"), str):
-                    p = p["prompt"]
-                else:
-                    raise ValueError(f"A prompt dict needs 'prompt' (a string) or 'prompt_token_ids' (token ids); "
-                                     f"got {p!r:.80}.")
+            text, p = _from_prompt_dict(p) if isinstance(p, Mapping) else (None, p)
             if isinstance(p, (list, tuple)):
                 p = [_as_list(x) for x in p]
             if isinstance(p, str):
@@ -621,7 +624,7 @@ class LLM:
             reqs.append(req)
         # (before the requests: nothing else holds pages now; a pass of its own over each prompt)
         plp = [None if r.params.prompt_logprobs is None else
-               self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs, r.params.detokenize) for r in reqs]
+               self._prompt_logprobs(r.prompt_ids, r.params.prompt_logprobs, self.core.namer(r.params)) for r in reqs]
         shared = self._share_prefixes(reqs) if self.share_prompt_prefixes and protocol.shares_prompt_prefix else None
         try:
             outs = self._run(reqs, use_tqdm, _Streamer(self, reqs, stream) if stream is not None else None)
@@ -641,8 +644,8 @@ class LLM:
     MIN_SHARED_PREFIX = 16
 
     def _share_prefixes(self, reqs: list[Request]):
-        """Write the prompt prefixes ``reqs`` share (plain sampling: the protocol's
-        shares_prompt_prefix) and set each sharing request's ``prefix`` and its
+        """Write the prompt prefixes ``reqs`` share (when the protocol's shares_prompt_prefix)
+        and set each sharing request's ``prefix`` and its
         ``pages_needed`` (less the prompt pages it no longer writes). The prefixes are the
         lcp intervals of the sorted prompts (each a range of them sharing l >= MIN_SHARED_PREFIX
         tokens), nested: a segment for an interval holds the tokens past its enclosing
@@ -725,7 +728,7 @@ class LLM:
     PROMPT_LOGPROBS_ROWS = 256  # _prompt_logprobs' rows a forward pass ([rows, vocab] logits at once)
 
     @torch.inference_mode()
-    def _prompt_logprobs(self, ids: list[int], k: int, named: bool = True) -> list:
+    def _prompt_logprobs(self, ids: list[int], k: int, namer) -> list:
         """SamplingParams.prompt_logprobs of one prompt (vLLM's): None, then for each token
         after the first its Logprob after the tokens before it and the top-k there. The prompt
         but its last token is fed into a segment of its own in passes of PROMPT_LOGPROBS_ROWS
@@ -741,7 +744,7 @@ class LLM:
                 b = min(a + self.PROMPT_LOGPROBS_ROWS, len(ids) - 1)
                 logits = self.runner.run(StepBatch([StepItem(seg, ids[a:b], [(seg, 0)], all_logits=True)]))
                 out += top_logprobs_rows(_log_softmax_(logits), list(range(b - a)), ids[a + 1:b + 1],
-                                         [k] * (b - a), self.tokenizer.token_text if named else _no_text)
+                                         [k] * (b - a), [namer] * (b - a))
         return out
 
     @contextlib.contextmanager

@@ -388,12 +388,14 @@ def top_logprobs(logprobs_row: torch.Tensor, chosen: int, k: int, text=_no_text)
 
 
 def top_logprobs_rows(logprobs: torch.Tensor, rows: list[int], chosen: list[int],
-                      ks: list[int], text=_no_text) -> list[dict[int, Logprob]]:
+                      ks: list[int], texts: list | None = None) -> list[dict[int, Logprob]]:
     """``top_logprobs(logprobs[r], c, k)`` for each (r, c, k) of (rows, chosen, ks), in a few
     tensor calls for all of them (one topk per distinct k, one compare for the ranks) instead
     of a topk, an index and a compare per row (~10 us a row: a step's largest host cost with
     many threads asking for log-probs). The same numbers: each row's topk as alone (rows are
-    independent in a batched topk), its chosen token's log-prob and rank counted the same way."""
+    independent in a batched topk), its chosen token's log-prob and rank counted the same way;
+    ``texts``: each row's ``text`` (None: no decoded_token)."""
+    texts = texts or [_no_text] * len(rows)
     sub = _take_rows(logprobs, rows)
     ch = torch.tensor(chosen, dtype=torch.long, device=sub.device)
     cv = sub.gather(1, ch[:, None])
@@ -407,8 +409,8 @@ def top_logprobs_rows(logprobs: torch.Tensor, rows: list[int], chosen: list[int]
     for k, js in by_k.items():
         vals, idx = torch.topk(_take_rows(sub, js), min(k, sub.shape[1]))
         for j, iv, vv in zip(js, idx.tolist(), vals.tolist()):
-            out[j] = {i: Logprob(v, r + 1, text(i)) for r, (i, v) in enumerate(zip(iv, vv))}
+            out[j] = {i: Logprob(v, r + 1, texts[j](i)) for r, (i, v) in enumerate(zip(iv, vv))}
     for j, c in enumerate(chosen):
         if c not in out[j]:
-            out[j][c] = Logprob(cvals[j], ranks[j], text(c))  # (ties count: vLLM v1's rank)
+            out[j][c] = Logprob(cvals[j], ranks[j], texts[j](c))  # (ties count: vLLM v1's rank)
     return out

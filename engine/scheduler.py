@@ -112,7 +112,7 @@ class Scheduler:
             req.metrics.kv_pages_peak = max(req.metrics.kv_pages_peak, req.tree.pages_held())
         for req, t, tok in zip(owner, samplers, tokens):
             if t.finished:  # ended by its protocol earlier in this step: the token is dropped
-                t._lp_row = t._lp_entry = None  # (accept's; it would pin the step's [rows, vocab] log-probs)
+                self.core.drop_token(t)
                 continue
             req.metrics.generated_tokens += 1
             req.run.on_token(t, tok)

@@ -86,7 +86,6 @@ class ThreadTree:
         self._segs: list[Segment] = []        # segments this tree made (pages_held: the live ones)
         self._ids = itertools.count()
         self.root: Thread | None = None
-        self._prefix: list[Segment] = []     # new_root's prefix segments (others made them)
         # When set (sessions): tokens placed past this position are refused up front (the
         # model's context; a Mistral window cap keeps Loom exact only inside it).
         self.max_positions = max_positions
@@ -143,20 +142,14 @@ class ThreadTree:
         assert self.root is None, "a tree has one root"
         base = prefix_end(prefix)
         assert 0 <= base < len(prompt_ids), "a shared prefix leaves the root at least one token"
-        self._prefix = [s for s, _ in prefix]
         self.root = self._new_thread(base, list(prefix), None, list(prompt_ids[base:]),
                                      what=f"The {len(prompt_ids)}-token prompt")
-        self.root.lead = tuple(self._prefix)
+        self.root.lead = tuple(s for s, _ in prefix)  # (segments others made: the tree's prompt prefix)
         return self.root
 
-    @property
-    def prompt_prefix(self) -> list[Segment]:
-        """The shared prompt-prefix segments the root reads before its own (new_root's)."""
-        return self._prefix
-
     def prompt_ids(self) -> list[int]:
-        """The root's whole prompt: its shared prefix segments' tokens, then its own."""
-        return [x for s in self._prefix for x in s.tokens] + self.root.tokens
+        """The root's whole prompt: its shared prefix segments' tokens (its lead), then its own."""
+        return [x for s in self.root.lead for x in s.tokens] + self.root.tokens
 
     def fork(self, parent: Thread, headers: list[list[int]]) -> list[Thread]:
         """k children of ``parent``: each sees the parent's view (its own segment included)
@@ -398,8 +391,8 @@ class ThreadTree:
         segments). O(live segments), not O(threads x view): the scheduler asks every step."""
         self._segs = [s for s in self._segs if s.refs > 0]
         held = sum(len(s.pages) for s in self._segs)
-        if self._prefix and self.open:  # (a shared prompt prefix its open threads read)
-            held += sum(len(s.pages) for s in self._prefix)
+        if self.root is not None and self.root.lead and self.open:  # (a shared prompt prefix its open threads read)
+            held += sum(len(s.pages) for s in self.root.lead)
         return held
 
 

@@ -120,7 +120,7 @@ class Tokenizer:
         self._byte_values: dict[int, int] | None = None
         self._kinds: dict[str, bool] | None = None
         self._continuation: _HFTokenizer | None = None
-        self._one: dict[tuple[int, bool], str] = {}  # decode_one's texts
+        self._one: dict[tuple, str] = {}  # decode_one's and token_text's texts (_kept)
 
     @property
     def vocab_size(self) -> int:
@@ -194,27 +194,24 @@ class Tokenizer:
         Rust call and its Python around it, ~2-4 us: a fifth of a tree protocol's step)."""
         if len(ids) != 1:
             return self.decode(ids, skip_special_tokens)
-        key = (ids[0], skip_special_tokens)
-        text = self._one.get(key)
-        if text is None:
-            text = self.decode(ids, skip_special_tokens)
-            if len(self._one) >= self.ONE_CACHE:
-                self._one.clear()
-            self._one[key] = text
-        return text
+        return self._kept((ids[0], skip_special_tokens), lambda: self.decode(ids, skip_special_tokens))
 
     def token_text(self, i: int) -> str:
         """Token ``i``'s text alone, as vLLM's Logprob.decoded_token: its decode, special
         tokens spelled out, with the word-start spaces a SentencePiece vocabulary piece
-        begins with ("\u2581Hello": " Hello"; decoding it alone drops the first). Cached."""
-        key = (i, None)
-        text = self._one.get(key)
-        if text is None:
+        begins with ("\u2581Hello": " Hello"; decoding it alone drops the first). Kept."""
+        def make():
             text = self.decode([i], skip_special_tokens=False)
             piece = self._tok.id_to_token(i) or ""
-            marks = len(piece) - len(piece.lstrip("\u2581"))
-            if marks > len(text) - len(text.lstrip(" ")):
-                text = " " * (marks - (len(text) - len(text.lstrip(" ")))) + text
+            missing = (len(piece) - len(piece.lstrip("\u2581"))) - (len(text) - len(text.lstrip(" ")))
+            return " " * missing + text if missing > 0 else text
+        return self._kept((i, None), make)
+
+    def _kept(self, key: tuple, make) -> str:
+        """decode_one's / token_text's text for ``key``, made once (ONE_CACHE texts at most)."""
+        text = self._one.get(key)
+        if text is None:
+            text = make()
             if len(self._one) >= self.ONE_CACHE:
                 self._one.clear()
             self._one[key] = text
@@ -340,10 +337,8 @@ class Tokenizer:
         ``documents``; ``continue_final_message`` ends the text inside the last message (the
         model continues it: needs add_generation_prompt=False); ``chat_template`` replaces the
         model's template (its text, or the name of one of the model's named templates)."""
-        if not isinstance(tokenize, bool):
-            raise ValueError(f"tokenize={tokenize!r} must be True (token ids) or False (text).")
         for name, value in (("add_generation_prompt", add_generation_prompt),
-                            ("continue_final_message", continue_final_message)):
+                            ("continue_final_message", continue_final_message), ("tokenize", tokenize)):
             if not isinstance(value, bool):  # (transformers 5 reads a string as a message field to continue)
                 raise ValueError(f"{name}={value!r} must be True or False.")
         kwargs = {} if chat_template_kwargs is None else chat_template_kwargs

@@ -262,7 +262,7 @@ class TreeRun(ProtocolRun):
         owner = {id(t.seg): t.id for t in threads}  # (segment ids are the cache's: shared by all requests, reused)
         # (a prompt prefix shared with other requests is the prompt thread's as much as the rest
         # of its prompt: left out of views, which name the root's own segment for the prompt)
-        shared = {id(s) for s in self.tree.prompt_prefix}
+        shared = {id(s) for s in root.lead}
         prompt = self.tree.prompt_ids()
         tree = [{"id": t.id, "parent": fork_of.get(t.id, t.parent.id if t.parent else None),
                  "role": "prompt" if t is root or t.tag is None else t.tag.role,
